@@ -1,0 +1,290 @@
+//! Policy structs: plain data for every layer the mesh has or will have.
+//!
+//! Defaults follow Envoy's where Envoy has one, so a cluster configured by an
+//! xDS control plane and one configured in code behave alike. Layers that are
+//! not built yet still have their settings here, so the model does not change
+//! shape when they arrive.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::lb::RingHashConfig;
+use crate::{Error, Result};
+
+/// Load-balancing policy of a cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LbPolicy {
+    /// Plain round robin over ready endpoints.
+    RoundRobin,
+    /// Smooth weighted round robin (EDF) using endpoint weights.
+    WeightedRoundRobin,
+    /// Fewest in-flight requests among `choice_count` random candidates.
+    LeastRequest {
+        /// Candidates compared per pick (Envoy default 2).
+        choice_count: u32,
+    },
+    /// Power of two choices over peak-EWMA latency times in-flight requests
+    /// (Finagle/Linkerd semantics).
+    P2cEwma {
+        /// Latency assumed before the first response (Linkerd: 30 ms).
+        default_rtt: Duration,
+        /// Time constant of the moving average (Linkerd: 10 s).
+        decay: Duration,
+    },
+    /// Consistent hashing on a request key (Envoy `RING_HASH`).
+    RingHash {
+        /// Ring size bounds.
+        ring: RingHashConfig,
+        /// What to hash.
+        hash: HashPolicy,
+    },
+}
+
+impl LbPolicy {
+    /// P2C-EWMA with Linkerd's defaults.
+    pub fn p2c_ewma() -> Self {
+        Self::P2cEwma { default_rtt: Duration::from_millis(30), decay: Duration::from_secs(10) }
+    }
+
+    /// Ring hash on a request header, with Envoy's default ring bounds.
+    pub fn ring_hash_header(header: impl Into<String>) -> Self {
+        Self::RingHash { ring: RingHashConfig::default(), hash: HashPolicy::Header(header.into().to_ascii_lowercase()) }
+    }
+
+    /// Short name, as accepted by [`FromStr`].
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round_robin",
+            Self::WeightedRoundRobin => "weighted_round_robin",
+            Self::LeastRequest { .. } => "least_request",
+            Self::P2cEwma { .. } => "p2c_ewma",
+            Self::RingHash { .. } => "ring_hash",
+        }
+    }
+
+    /// Checks ranges (ring bounds, non-zero durations).
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |field, reason: &str| Error::InvalidPolicy { policy: "lb", field, reason: reason.to_owned() };
+        match self {
+            Self::P2cEwma { decay, .. } if decay.is_zero() => Err(invalid("decay", "must be greater than zero")),
+            Self::LeastRequest { choice_count } if *choice_count < 2 => Err(invalid("choice_count", "must be at least 2")),
+            Self::RingHash { ring, .. } => ring.validate().map_err(|e| invalid("ring", &e.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Default for LbPolicy {
+    /// Round robin, the default of Envoy and gRPC.
+    fn default() -> Self {
+        Self::RoundRobin
+    }
+}
+
+impl FromStr for LbPolicy {
+    type Err = Error;
+
+    /// Parses `round_robin`, `weighted_round_robin`, `least_request`,
+    /// `p2c_ewma` or `ring_hash` (hashing the `x-mesh-hash-key` header), with
+    /// default parameters.
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "round_robin" => Self::RoundRobin,
+            "weighted_round_robin" => Self::WeightedRoundRobin,
+            "least_request" => Self::LeastRequest { choice_count: 2 },
+            "p2c_ewma" => Self::p2c_ewma(),
+            "ring_hash" => Self::ring_hash_header(DEFAULT_HASH_HEADER),
+            other => return Err(Error::UnknownLbPolicy(other.to_owned())),
+        })
+    }
+}
+
+/// Header hashed by `ring_hash` when no hash policy is configured.
+pub const DEFAULT_HASH_HEADER: &str = "x-mesh-hash-key";
+
+/// What a hashing load balancer hashes (Envoy `RouteAction.HashPolicy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashPolicy {
+    /// The value of a request header (lower-case name). Requests without it
+    /// get a random hash, as in gRPC.
+    Header(String),
+}
+
+/// Policies applied to every call to a cluster.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterPolicies {
+    /// Connection establishment settings.
+    pub connection: ConnectionPolicy,
+    /// Limits on concurrent work (Envoy circuit breakers).
+    pub circuit_breakers: CircuitBreakers,
+    /// Ejection of misbehaving endpoints; `None` disables it.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Local rate limit; `None` disables it.
+    pub rate_limit: Option<RateLimit>,
+    /// Upstream TLS; `None` means plaintext.
+    pub tls: Option<TlsPolicy>,
+}
+
+/// How connections to endpoints are made and kept.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionPolicy {
+    /// Time allowed for TCP (and TLS) connection setup.
+    pub connect_timeout: Duration,
+    /// Interval of HTTP/2 PINGs on a connection; `None` disables keepalive.
+    pub keepalive_interval: Option<Duration>,
+    /// Time to wait for a PING ack before the connection is declared dead.
+    pub keepalive_timeout: Duration,
+    /// First reconnect backoff after a failure (gRPC: 1 s).
+    pub reconnect_backoff_base: Duration,
+    /// Largest reconnect backoff (gRPC: 120 s; ours is lower for a mesh).
+    pub reconnect_backoff_max: Duration,
+}
+
+impl Default for ConnectionPolicy {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Some(Duration::from_secs(10)),
+            keepalive_timeout: Duration::from_secs(5),
+            reconnect_backoff_base: Duration::from_millis(250),
+            reconnect_backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Envoy circuit-breaker thresholds (defaults as Envoy's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CircuitBreakers {
+    /// Maximum concurrent connections.
+    pub max_connections: u32,
+    /// Maximum queued requests waiting for a connection.
+    pub max_pending_requests: u32,
+    /// Maximum concurrent requests.
+    pub max_requests: u32,
+    /// Maximum concurrent retries.
+    pub max_retries: u32,
+}
+
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        Self { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
+    }
+}
+
+/// Outlier detection (Envoy semantics and defaults).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx / UNAVAILABLE responses that eject an endpoint.
+    pub consecutive_5xx: u32,
+    /// How often ejection is evaluated.
+    pub interval: Duration,
+    /// Base ejection time, multiplied by the number of ejections.
+    pub base_ejection_time: Duration,
+    /// Most endpoints that may be ejected at once, in percent.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
+/// Token-bucket local rate limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Bucket capacity.
+    pub max_tokens: u32,
+    /// Tokens added per fill interval.
+    pub tokens_per_fill: u32,
+    /// Fill interval.
+    pub fill_interval: Duration,
+}
+
+/// Upstream TLS settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPolicy {
+    /// SNI to send.
+    pub server_name: Option<String>,
+    /// Accepted peer identities (SPIFFE IDs); empty accepts any valid chain.
+    pub allowed_identities: Vec<String>,
+}
+
+/// Policies that a route applies to its requests.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoutePolicies {
+    /// Overall deadline of a call, retries included.
+    pub timeout: Option<Duration>,
+    /// Retry policy; `None` means no retries.
+    pub retry: Option<RetryPolicy>,
+    /// Hash key for ring hash; `None` uses the cluster default.
+    pub hash: Option<HashPolicy>,
+    /// Fault injection; `None` means none.
+    pub fault: Option<FaultInjection>,
+}
+
+/// Retries (Envoy/gRPC semantics).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Total attempts, first one included.
+    pub max_attempts: u32,
+    /// gRPC status codes (by name, e.g. `UNAVAILABLE`) that are retried.
+    pub retry_on: Vec<String>,
+    /// Deadline of one attempt.
+    pub per_try_timeout: Option<Duration>,
+    /// First backoff.
+    pub base_backoff: Duration,
+    /// Largest backoff.
+    pub max_backoff: Duration,
+    /// Retries allowed as a fraction of requests (Linkerd budget), e.g. 0.2.
+    pub budget_ratio: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 2,
+            retry_on: vec!["UNAVAILABLE".to_owned()],
+            per_try_timeout: None,
+            base_backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_millis(250),
+            budget_ratio: 0.2,
+        }
+    }
+}
+
+/// Fault injection (Envoy HTTP fault filter).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultInjection {
+    /// Delay added to a share of requests: (delay, percent).
+    pub delay: Option<(Duration, u32)>,
+    /// Abort a share of requests with a gRPC status: (code, percent).
+    pub abort: Option<(i32, u32)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lb_names_round_trip() {
+        for name in ["round_robin", "weighted_round_robin", "least_request", "p2c_ewma", "ring_hash"] {
+            let policy: LbPolicy = name.parse().unwrap();
+            assert_eq!(policy.name(), name);
+            policy.validate().unwrap();
+        }
+        let err = "random".parse::<LbPolicy>().unwrap_err();
+        assert!(err.to_string().contains("\"random\""), "{err}");
+    }
+
+    #[test]
+    fn invalid_policy_names_field() {
+        let err = LbPolicy::LeastRequest { choice_count: 1 }.validate().unwrap_err();
+        assert!(matches!(err, Error::InvalidPolicy { field: "choice_count", .. }), "{err}");
+    }
+}

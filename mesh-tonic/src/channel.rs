@@ -1,0 +1,163 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use mesh_core::{Endpoint, LbPolicy};
+use mesh_tower::balance::{Balancer, BalancerConfig, EndpointStatus, ResponseBody};
+use mesh_tower::discover::dns::{DnsConfig, HickoryResolver, dns};
+use mesh_tower::discover::{self, Discover};
+use tonic::Status;
+use tonic::body::Body;
+
+use crate::{Error, Result, Target};
+
+/// A load-balanced gRPC channel: use it wherever a tonic `Channel` goes.
+///
+/// Cloning is cheap; clones share connections.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    balancer: Balancer<Body>,
+    authority: Authority,
+    timeout: Option<Duration>,
+}
+
+/// Builds a [`Channel`] from a target and settings.
+#[derive(Clone, Debug)]
+pub struct ChannelBuilder {
+    target: String,
+    config: BalancerConfig,
+    timeout: Option<Duration>,
+    dns: DnsConfig,
+}
+
+impl Channel {
+    /// Starts building a channel for `target` (see the crate docs for the forms).
+    pub fn builder(target: impl Into<String>) -> ChannelBuilder {
+        ChannelBuilder { target: target.into(), config: BalancerConfig::default(), timeout: None, dns: DnsConfig::default() }
+    }
+
+    /// A channel with default settings (round robin, 10 s wait for endpoints).
+    pub fn from_target(target: impl Into<String>) -> Result<Self> {
+        Self::builder(target).build()
+    }
+
+    /// The endpoints the channel knows and their state.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        self.balancer.endpoints()
+    }
+
+    /// The underlying balancer.
+    pub fn get_ref(&self) -> &Balancer<Body> {
+        &self.balancer
+    }
+}
+
+impl ChannelBuilder {
+    /// Load-balancing policy (default round robin).
+    pub fn lb(mut self, lb: LbPolicy) -> Self {
+        self.config.lb = lb;
+        self
+    }
+
+    /// Deadline of each call, waiting for an endpoint included; also bounds
+    /// the wait for a ready endpoint. Expired calls fail DEADLINE_EXCEEDED.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self.config.ready_timeout = self.config.ready_timeout.min(timeout);
+        self
+    }
+
+    /// Longest wait for a ready endpoint before a call fails UNAVAILABLE (default 10 s).
+    pub fn ready_timeout(mut self, wait: Duration) -> Self {
+        self.config.ready_timeout = wait;
+        self
+    }
+
+    /// TCP connect timeout per endpoint (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connection.connect_timeout = timeout;
+        self
+    }
+
+    /// DNS re-resolution timing, for `dns://` targets.
+    pub fn dns_config(mut self, dns: DnsConfig) -> Self {
+        self.dns = dns;
+        self
+    }
+
+    /// Builds the channel; starts discovery and connections. Needs a tokio runtime.
+    pub fn build(self) -> Result<Channel> {
+        let target = Target::parse(&self.target)?;
+        let source: discover::BoxDiscover = match &target {
+            Target::Static(addrs) => discover::fixed(addrs.iter().map(|a| Endpoint::new(*a)).collect()),
+            Target::Dns { server, query } => {
+                let resolver = match server {
+                    Some(server) => HickoryResolver::with_name_servers(&[*server])?,
+                    None => HickoryResolver::system()?,
+                };
+                dns(Arc::new(resolver), query.clone(), self.dns.clone())
+            }
+        };
+        let authority = target.authority();
+        self.build_with(&authority, source)
+    }
+
+    /// Builds a channel over a custom discovery source; `authority` is the
+    /// `:authority` requests carry and names the channel in errors.
+    pub fn build_with(self, authority: &str, source: impl Discover) -> Result<Channel> {
+        self.config.lb.validate()?;
+        let authority = authority
+            .parse::<Authority>()
+            .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("authority {authority:?}: {e}") })?;
+        let balancer = Balancer::new(self.target, source, self.config);
+        Ok(Channel { balancer, authority, timeout: self.timeout })
+    }
+}
+
+impl tower::Service<http::Request<Body>> for Channel {
+    type Response = http::Response<ResponseBody>;
+    type Error = Status;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Status>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // Generated clients send path-only URIs; HTTP/2 needs scheme and authority.
+        if request.uri().scheme().is_none() {
+            let mut parts = request.uri().clone().into_parts();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(self.authority.clone());
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+        let call = tower::Service::call(&mut self.balancer, request);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let result = match timeout {
+                Some(limit) => tokio::time::timeout(limit, call)
+                    .await
+                    .map_err(|_| Status::deadline_exceeded(format!("call exceeded the channel timeout of {limit:?}")))?,
+                None => call.await,
+            };
+            result.map_err(status_from)
+        })
+    }
+}
+
+/// Maps a client-stack error to the gRPC status a caller sees.
+pub fn status_from(error: mesh_tower::Error) -> Status {
+    match error {
+        mesh_tower::Error::Upstream { source, addr } => {
+            let status = Status::from_error(Box::new(source));
+            Status::new(status.code(), format!("{addr}: {}", status.message()))
+        }
+        mesh_tower::Error::InvalidTarget { .. } => Status::invalid_argument(error.to_string()),
+        other => Status::unavailable(other.to_string()),
+    }
+}

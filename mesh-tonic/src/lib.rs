@@ -1,0 +1,46 @@
+//! # mesh-tonic
+//!
+//! Glue between the mesh client stack and tonic.
+//!
+//! **What it does:** [`Channel`] is a drop-in replacement for
+//! `tonic::transport::Channel`: generated clients accept it
+//! (`GreeterClient::new(channel)`), and behind it discovery and load
+//! balancing from `mesh-tower` pick an endpoint per call. Targets:
+//!
+//! | target | discovery |
+//! |---|---|
+//! | `static:///10.0.0.1:50051,10.0.0.2:50051` | a fixed list of `ip:port` |
+//! | `dns:///greeter.internal:50051` | A/AAAA records, re-resolved at TTL |
+//! | `dns:///_grpc._tcp.greeter.internal` | SRV records (name starts with `_`, no port) |
+//! | `dns://10.0.0.53:53/greeter.internal:50051` | the same, asking that DNS server |
+//!
+//! `xds:///name` arrives with the xds-client. [`codec::BytesCodec`] sends raw
+//! message bytes, to call any method without its proto.
+//!
+//! **What it does not do:** no server-side glue yet, no TLS yet.
+//!
+//! **Feature flags:** none.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use mesh_tonic::Channel;
+//! use std::time::Duration;
+//!
+//! let channel = Channel::builder("dns:///greeter.internal:50051")
+//!     .lb("p2c_ewma".parse()?)
+//!     .timeout(Duration::from_secs(2))
+//!     .build()?;
+//! // let mut client = GreeterClient::new(channel);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod channel;
+pub mod codec;
+mod error;
+mod target;
+
+pub use channel::{Channel, ChannelBuilder, status_from};
+pub use error::{Error, Result};
+pub use mesh_tower::balance::ServedBy;
+pub use target::Target;

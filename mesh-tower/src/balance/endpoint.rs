@@ -1,0 +1,318 @@
+//! Per-endpoint connection management and the publication of snapshots.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use mesh_core::lb::{PeakEwma, PriorityHealth, RingHash, priority_load};
+use mesh_core::{Endpoint, LbPolicy};
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+
+use super::{RequestBody, Snapshot, State, lock};
+use crate::Error;
+use crate::connect::Connect;
+use crate::discover::Change;
+
+/// Connection state of an endpoint (gRPC's subchannel states, without IDLE:
+/// the mesh keeps connections warm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnState {
+    /// First connection attempt in progress, or reconnecting after a clean close.
+    Connecting,
+    /// Connected; takes traffic.
+    Ready,
+    /// The last connection attempt failed; retrying with backoff.
+    TransientFailure,
+}
+
+impl ConnState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Ready,
+            2 => Self::TransientFailure,
+            _ => Self::Connecting,
+        }
+    }
+}
+
+/// One endpoint's connection and load statistics.
+pub(super) struct Handle<B> {
+    pub(super) addr: SocketAddr,
+    state: AtomicU8,
+    sender: Mutex<Option<SendRequest<B>>>,
+    in_flight: AtomicU64,
+    ewma: Mutex<PeakEwma>,
+    task: Mutex<Option<AbortHandle>>,
+    /// Latest discovery data (weight, locality, metadata) for this address.
+    endpoint: Mutex<Endpoint>,
+}
+
+impl<B> Handle<B> {
+    pub(super) fn state(&self) -> ConnState {
+        ConnState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, state: ConnState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    pub(super) fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A sender for one request, if connected.
+    pub(super) fn sender(&self) -> Option<SendRequest<B>> {
+        lock(&self.sender).clone()
+    }
+
+    pub(super) fn observe(&self, rtt: Duration, now: Duration) {
+        lock(&self.ewma).observe(rtt, now);
+    }
+
+    pub(super) fn ewma_cost(&self) -> f64 {
+        lock(&self.ewma).cost(self.in_flight())
+    }
+
+    /// Stops reconnecting and releases the connection: it closes once the
+    /// requests in flight on it have finished.
+    pub(super) fn stop(&self) {
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+        lock(&self.sender).take();
+    }
+}
+
+impl<B: RequestBody, C: Connect> State<B, C> {
+    pub(super) fn snapshot(&self) -> Arc<Snapshot<B>> {
+        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(super) fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// Applies a discovery change and publishes the new set.
+    pub(super) fn apply(self: &Arc<Self>, change: Change) {
+        let mut endpoints = lock(&self.endpoints);
+        match change {
+            Change::Insert(endpoint) => self.insert(&mut endpoints, endpoint),
+            Change::Remove(addr) => Self::remove(&mut endpoints, addr),
+            Change::Reset(list) => {
+                let keep: HashMap<SocketAddr, Endpoint> = list.into_iter().map(|e| (e.addr, e)).collect();
+                let gone: Vec<SocketAddr> = endpoints.keys().filter(|a| !keep.contains_key(a)).copied().collect();
+                for addr in gone {
+                    Self::remove(&mut endpoints, addr);
+                }
+                for endpoint in keep.into_values() {
+                    self.insert(&mut endpoints, endpoint);
+                }
+            }
+        }
+        self.publish(&endpoints, true);
+    }
+
+    fn insert(self: &Arc<Self>, endpoints: &mut HashMap<SocketAddr, Arc<Handle<B>>>, endpoint: Endpoint) {
+        if let Err(error) = endpoint.validate() {
+            tracing::warn!(target_name = %self.target, %error, "ignoring endpoint");
+            return;
+        }
+        if let Some(handle) = endpoints.get(&endpoint.addr) {
+            *lock(&handle.endpoint) = endpoint;
+            return;
+        }
+        let (default_rtt, decay) = match self.config.lb {
+            LbPolicy::P2cEwma { default_rtt, decay } => (default_rtt, decay),
+            _ => (Duration::from_millis(30), Duration::from_secs(10)),
+        };
+        let handle = Arc::new(Handle {
+            addr: endpoint.addr,
+            state: AtomicU8::new(ConnState::Connecting as u8),
+            sender: Mutex::new(None),
+            in_flight: AtomicU64::new(0),
+            ewma: Mutex::new(PeakEwma::new(default_rtt, decay, self.now())),
+            task: Mutex::new(None),
+            endpoint: Mutex::new(endpoint),
+        });
+        tracing::debug!(target_name = %self.target, addr = %handle.addr, "endpoint added");
+        let task = tokio::spawn(Arc::clone(self).run_endpoint(Arc::clone(&handle))).abort_handle();
+        *lock(&handle.task) = Some(task);
+        endpoints.insert(handle.addr, handle);
+    }
+
+    fn remove(endpoints: &mut HashMap<SocketAddr, Arc<Handle<B>>>, addr: SocketAddr) {
+        if let Some(handle) = endpoints.remove(&addr) {
+            tracing::debug!(%addr, in_flight = handle.in_flight(), "endpoint removed; draining");
+            handle.stop();
+        }
+    }
+
+    /// Re-publishes after a connection state change.
+    fn refresh(&self) {
+        let endpoints = lock(&self.endpoints);
+        self.publish(&endpoints, false);
+    }
+
+    /// Builds and installs a new snapshot. Called with the endpoint lock held,
+    /// so snapshots are published in order.
+    fn publish(&self, endpoints: &HashMap<SocketAddr, Arc<Handle<B>>>, set_changed: bool) {
+        let previous = self.snapshot();
+        let mut list: Vec<(Endpoint, Arc<Handle<B>>)> = endpoints.values().map(|h| (lock(&h.endpoint).clone(), Arc::clone(h))).collect();
+        list.sort_by_key(|(e, _)| e.addr);
+
+        let mut priorities: Vec<u32> = list.iter().map(|(e, _)| e.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let mut levels = vec![Vec::new(); priorities.len()];
+        let mut ready = vec![false; list.len()];
+        let mut health = vec![PriorityHealth { healthy: 0, total: 0 }; priorities.len()];
+        for (i, (endpoint, handle)) in list.iter().enumerate() {
+            let level = priorities.binary_search(&endpoint.priority).unwrap_or(0);
+            health[level].total += 1;
+            if handle.state() == ConnState::Ready && endpoint.health.is_routable() {
+                health[level].healthy += 1;
+                levels[level].push(i);
+                ready[i] = true;
+            }
+        }
+        let ring = if !previous.hashing {
+            None
+        } else if set_changed || previous.ring.is_none() {
+            self.build_ring(&list)
+        } else {
+            previous.ring.clone()
+        };
+        let snapshot = Snapshot {
+            generation: previous.generation + 1,
+            all_failed: !list.is_empty() && list.iter().all(|(_, h)| h.state() == ConnState::TransientFailure),
+            priority_load: priority_load(&health, self.config.overprovisioning_factor),
+            endpoints: list,
+            ready,
+            levels,
+            ring,
+            hashing: previous.hashing,
+        };
+        let generation = snapshot.generation;
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+        self.changed.send_replace(generation);
+    }
+
+    fn build_ring(&self, list: &[(Endpoint, Arc<Handle<B>>)]) -> Option<Arc<RingHash<usize>>> {
+        let LbPolicy::RingHash { ring, .. } = &self.config.lb else { return None };
+        // Ring entries hash the address, so positions survive set changes; the
+        // ring stores indices into this snapshot's list.
+        let items: Vec<(RingKey, u32)> = list.iter().enumerate().map(|(i, (e, _))| (RingKey(i, e.addr), e.weight)).collect();
+        match RingHash::build(&items, ring) {
+            Ok(built) => Some(Arc::new(built.map_keys(|k| k.0))),
+            Err(error) => {
+                tracing::error!(target_name = %self.target, %error, "cannot build hash ring");
+                None
+            }
+        }
+    }
+
+    /// Marks an endpoint whose connection was found closed, so no one picks it
+    /// until it reconnects.
+    pub(super) fn mark_broken(&self, handle: &Handle<B>) {
+        if handle.state() == ConnState::Ready {
+            handle.set_state(ConnState::Connecting);
+            self.refresh();
+        }
+    }
+
+    /// Keeps one endpoint connected until it is removed.
+    async fn run_endpoint(self: Arc<Self>, handle: Arc<Handle<B>>) {
+        let policy = &self.config.connection;
+        let mut backoff = policy.reconnect_backoff_base;
+        loop {
+            let started = Instant::now();
+            match self.connect(handle.addr).await {
+                Ok((sender, closed)) => {
+                    backoff = policy.reconnect_backoff_base;
+                    *lock(&handle.sender) = Some(sender);
+                    handle.set_state(ConnState::Ready);
+                    tracing::debug!(target_name = %self.target, addr = %handle.addr, "endpoint ready");
+                    self.refresh();
+                    let _ = closed.await;
+                    lock(&handle.sender).take();
+                    handle.set_state(ConnState::Connecting);
+                    tracing::debug!(target_name = %self.target, addr = %handle.addr, "connection closed; reconnecting");
+                    self.refresh();
+                    // A connection that dies at once is a failure, not a reason to spin.
+                    if started.elapsed() >= Duration::from_secs(1) {
+                        continue;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(target_name = %self.target, addr = %handle.addr, %error, retry_in = ?backoff, "connect failed");
+                    *lock(&self.last_error) = error.to_string();
+                    handle.set_state(ConnState::TransientFailure);
+                    self.refresh();
+                }
+            }
+            tokio::time::sleep(jitter(backoff, &self.seed)).await;
+            backoff = backoff.mul_f64(1.6).min(policy.reconnect_backoff_max);
+        }
+    }
+
+    /// Opens a connection; the returned receiver fires when it closes.
+    async fn connect(&self, addr: SocketAddr) -> Result<(SendRequest<B>, oneshot::Receiver<()>), Error> {
+        let policy = &self.config.connection;
+        let io = match tokio::time::timeout(policy.connect_timeout, self.connector.connect(addr)).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(source)) => return Err(Error::Connect { addr, source }),
+            Err(_) => {
+                return Err(Error::Connect {
+                    addr,
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out after {:?}", policy.connect_timeout)),
+                });
+            }
+        };
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        if let Some(interval) = policy.keepalive_interval {
+            builder.keep_alive_interval(interval).keep_alive_timeout(policy.keepalive_timeout).keep_alive_while_idle(true);
+        }
+        let (sender, connection) = builder.handshake(io).await.map_err(|source| Error::Handshake { addr, source })?;
+        let (tx, rx) = oneshot::channel();
+        // The connection runs in its own task so that removing the endpoint
+        // (which aborts the reconnect loop) does not cut requests in flight.
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%addr, %error, "connection ended with error");
+            }
+            let _ = tx.send(());
+        });
+        Ok((sender, rx))
+    }
+}
+
+/// Key of a ring entry: hashed by address only.
+#[derive(Clone)]
+struct RingKey(usize, SocketAddr);
+
+impl std::fmt::Display for RingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.1.fmt(f)
+    }
+}
+
+/// Backoff with ±20% jitter, as gRPC's connection backoff.
+fn jitter(backoff: Duration, seed: &AtomicU64) -> Duration {
+    let r = mesh_core::lb::SplitMix64::new(seed.fetch_add(1, Ordering::Relaxed));
+    let unit = mesh_core::lb::Random::next_u64(&mut { r }) as f64 / u64::MAX as f64;
+    backoff.mul_f64(0.8 + 0.4 * unit)
+}

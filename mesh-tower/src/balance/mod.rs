@@ -1,0 +1,274 @@
+//! The load balancer: one service over a changing set of endpoints.
+//!
+//! [`Balancer`] consumes a [`Discover`](crate::discover::Discover) stream and
+//! keeps one HTTP/2 connection per endpoint (multiplexed; connect timeout and
+//! keepalive PINGs from [`ConnectionPolicy`]). Each request is sent to one
+//! *ready* endpoint chosen by the cluster's [`LbPolicy`]:
+//!
+//! - endpoints still connecting, or whose last connect failed, get no traffic;
+//! - when several priority levels exist, traffic is spread over them by
+//!   Envoy's priority load with the overprovisioning factor (1.4 by default),
+//!   so a level that loses health fails over gradually;
+//! - a request whose connection turns out closed before it was written is
+//!   re-picked at once on another endpoint instead of failing;
+//! - adding or removing endpoints never fails a request: a removed endpoint
+//!   takes no new requests and its connection closes once in-flight ones end;
+//! - with no ready endpoint a call waits up to [`BalancerConfig::ready_timeout`]
+//!   and then fails with [`Error::NoReadyEndpoint`]; when every known endpoint
+//!   has failed to connect it fails at once with
+//!   [`Error::AllEndpointsFailed`] (gRPC's fail-fast semantics).
+//!
+//! The endpoint that served a response is in its extensions as [`ServedBy`].
+//!
+//! This module has no `layer.rs`: the balancer is the leaf of the stack, the
+//! service other layers wrap, not a wrapper itself.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use http_body_util::Empty;
+//! use mesh_core::Endpoint;
+//! use mesh_tower::balance::{Balancer, BalancerConfig, ServedBy};
+//! use tower::ServiceExt;
+//!
+//! let endpoints = vec![Endpoint::new("127.0.0.1:50051".parse()?), Endpoint::new("127.0.0.1:50052".parse()?)];
+//! let balancer = Balancer::new("static", mesh_tower::discover::fixed(endpoints), BalancerConfig::default());
+//! let request = http::Request::post("http://greeter/pkg.Svc/Method").body(Empty::<bytes::Bytes>::new())?;
+//! let response = balancer.oneshot(request).await?;
+//! println!("served by {}", response.extensions().get::<ServedBy>().unwrap().0);
+//! # Ok(()) }
+//! ```
+
+mod body;
+mod endpoint;
+mod future;
+mod pick;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use mesh_core::lb::{DEFAULT_OVERPROVISIONING_FACTOR, RingHash, WeightedRoundRobin};
+use mesh_core::policy::ConnectionPolicy;
+use mesh_core::{Endpoint, LbPolicy};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+pub use body::ResponseBody;
+pub use endpoint::ConnState;
+pub use future::ResponseFuture;
+
+use crate::connect::{Connect, TcpConnector};
+use crate::discover::Discover;
+use crate::{BoxError, Error};
+use endpoint::Handle;
+
+/// Settings of a [`Balancer`]: plain data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BalancerConfig {
+    /// How requests are spread.
+    pub lb: LbPolicy,
+    /// Connection setup and keepalive.
+    pub connection: ConnectionPolicy,
+    /// Longest time a call waits for a ready endpoint.
+    pub ready_timeout: Duration,
+    /// Envoy's overprovisioning factor in percent (140 = 1.4).
+    pub overprovisioning_factor: u32,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        Self {
+            lb: LbPolicy::default(),
+            connection: ConnectionPolicy::default(),
+            ready_timeout: Duration::from_secs(10),
+            overprovisioning_factor: DEFAULT_OVERPROVISIONING_FACTOR,
+        }
+    }
+}
+
+/// Response extension naming the endpoint that served the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServedBy(pub SocketAddr);
+
+/// What the balancer knows of one endpoint, for debugging and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointStatus {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// Connection state.
+    pub state: ConnState,
+    /// Requests in flight on it.
+    pub in_flight: u64,
+}
+
+/// A load-balancing HTTP/2 client over a discovered endpoint set.
+///
+/// Cheap to clone: clones share connections and state. Background tasks stop
+/// when the last clone is dropped. Must be created inside a tokio runtime.
+pub struct Balancer<B, C: Connect = TcpConnector> {
+    inner: Arc<Inner<B, C>>,
+}
+
+impl<B, C: Connect> Clone for Balancer<B, C> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+impl<B, C: Connect> fmt::Debug for Balancer<B, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balancer").field("target", &self.inner.state.target).field("lb", &self.inner.state.config.lb.name()).finish()
+    }
+}
+
+struct Inner<B, C: Connect> {
+    state: Arc<State<B, C>>,
+    discovery: AbortHandle,
+}
+
+impl<B, C: Connect> Drop for Inner<B, C> {
+    fn drop(&mut self) {
+        self.discovery.abort();
+        for (_, handle) in self.state.endpoints.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            handle.stop();
+        }
+    }
+}
+
+/// Request bodies the balancer can send.
+pub trait RequestBody: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+impl<T: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static> RequestBody for T {}
+
+impl<B: RequestBody> Balancer<B, TcpConnector> {
+    /// A balancer over plain TCP. `target` names it in errors and logs.
+    pub fn new(target: impl Into<String>, discover: impl Discover, config: BalancerConfig) -> Self {
+        Self::with_connector(target, discover, config, TcpConnector::new())
+    }
+}
+
+impl<B: RequestBody, C: Connect> Balancer<B, C> {
+    /// A balancer using `connector` for its connections (TLS goes here).
+    pub fn with_connector(target: impl Into<String>, discover: impl Discover, config: BalancerConfig, connector: C) -> Self {
+        let ring = matches!(config.lb, LbPolicy::RingHash { .. });
+        let state = Arc::new(State {
+            target: target.into(),
+            config,
+            connector,
+            epoch: Instant::now(),
+            endpoints: Mutex::new(HashMap::new()),
+            snapshot: RwLock::new(Arc::new(Snapshot::empty(ring))),
+            changed: watch::channel(0).0,
+            next: AtomicUsize::new(0),
+            seed: AtomicU64::new(0x5eed),
+            wrr: Mutex::new((u64::MAX, WeightedRoundRobin::new())),
+            last_error: Mutex::new(String::new()),
+        });
+        let weak = Arc::downgrade(&state);
+        let mut discover = Box::pin(discover);
+        let discovery = tokio::spawn(async move {
+            while let Some(change) = discover.next().await {
+                let Some(state) = weak.upgrade() else { return };
+                state.apply(change);
+            }
+        })
+        .abort_handle();
+        Self { inner: Arc::new(Inner { state, discovery }) }
+    }
+
+    /// The target this balancer serves.
+    pub fn target(&self) -> &str {
+        &self.inner.state.target
+    }
+
+    /// The known endpoints and their connection state, sorted by address.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        let snapshot = self.inner.state.snapshot();
+        snapshot
+            .endpoints
+            .iter()
+            .map(|(endpoint, handle)| EndpointStatus { endpoint: endpoint.clone(), state: handle.state(), in_flight: handle.in_flight() })
+            .collect()
+    }
+}
+
+impl<B: RequestBody, C: Connect> tower::Service<http::Request<B>> for Balancer<B, C> {
+    type Response = http::Response<ResponseBody>;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // Waiting for an endpoint happens per call, bounded by ready_timeout.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> ResponseFuture {
+        ResponseFuture::new(Box::pin(self.inner.state.clone().call(request)))
+    }
+}
+
+/// State shared by clones, the discovery task and endpoint tasks.
+struct State<B, C> {
+    target: String,
+    config: BalancerConfig,
+    connector: C,
+    /// Origin of the monotonic clock given to latency estimators.
+    epoch: Instant,
+    /// The authoritative endpoint set. Its lock also orders publications.
+    endpoints: Mutex<HashMap<SocketAddr, Arc<Handle<B>>>>,
+    /// What callers pick from; replaced whole on every change.
+    snapshot: RwLock<Arc<Snapshot<B>>>,
+    /// Generation of the latest snapshot; callers waiting for readiness watch it.
+    changed: watch::Sender<u64>,
+    /// Round-robin position.
+    next: AtomicUsize,
+    /// Seed source for per-pick random generators.
+    seed: AtomicU64,
+    /// Weighted round-robin scheduler and the generation it was built for.
+    wrr: Mutex<(u64, WeightedRoundRobin<SocketAddr>)>,
+    /// Most recent connection error, for error messages.
+    last_error: Mutex<String>,
+}
+
+/// An immutable view of the endpoint set.
+struct Snapshot<B> {
+    generation: u64,
+    /// All endpoints, sorted by address.
+    endpoints: Vec<(Endpoint, Arc<Handle<B>>)>,
+    /// Whether each endpoint may take traffic (connected and routable).
+    ready: Vec<bool>,
+    /// Indices of ready endpoints, per priority level (ascending priority).
+    levels: Vec<Vec<usize>>,
+    /// Share of traffic per level, in percent.
+    priority_load: Vec<u32>,
+    /// Hash ring over all endpoints (indices), for ring-hash policies.
+    ring: Option<Arc<RingHash<usize>>>,
+    /// Endpoints exist and all failed their last connect.
+    all_failed: bool,
+    /// Whether this balancer hashes (ring rebuilt on set changes).
+    hashing: bool,
+}
+
+impl<B> Snapshot<B> {
+    fn empty(hashing: bool) -> Self {
+        Self {
+            generation: 0,
+            endpoints: Vec::new(),
+            ready: Vec::new(),
+            levels: Vec::new(),
+            priority_load: Vec::new(),
+            ring: None,
+            all_failed: false,
+            hashing,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

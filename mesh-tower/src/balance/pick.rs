@@ -1,0 +1,125 @@
+//! Choosing an endpoint for one request, and the request path itself.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use mesh_core::LbPolicy;
+use mesh_core::lb::{LeastRequest, Random, SplitMix64, hash_key, p2c_by, pick_priority};
+use mesh_core::policy::HashPolicy;
+
+use super::body::{InFlight, ResponseBody};
+use super::endpoint::Handle;
+use super::{RequestBody, ServedBy, Snapshot, State, lock};
+use crate::connect::Connect;
+use crate::{Error, Result};
+
+impl<B: RequestBody, C: Connect> State<B, C> {
+    /// Sends one request: pick, send, re-pick when the connection was closed
+    /// before the request was written, wait when nothing is ready.
+    pub(super) async fn call(self: Arc<Self>, mut request: http::Request<B>) -> Result<http::Response<ResponseBody>> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + self.config.ready_timeout);
+        let hash = self.request_hash(&request);
+        let mut changes = None;
+        loop {
+            let snapshot = self.snapshot();
+            if let Some(handle) = self.pick(&snapshot, hash) {
+                let Some(mut sender) = handle.sender() else {
+                    // Raced with a disconnect: the next snapshot will not offer it.
+                    self.mark_broken(handle);
+                    continue;
+                };
+                let guard = InFlight::new(Arc::clone(handle));
+                let sent = Instant::now();
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        handle.observe(sent.elapsed(), self.now());
+                        let (mut parts, body) = response.into_parts();
+                        parts.extensions.insert(ServedBy(handle.addr));
+                        return Ok(http::Response::from_parts(parts, ResponseBody::new(body, guard)));
+                    }
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) => {
+                            tracing::debug!(target_name = %self.target, addr = %handle.addr, "connection closed before send; re-picking");
+                            request = unsent;
+                            self.mark_broken(handle);
+                            continue;
+                        }
+                        None => return Err(Error::Upstream { addr: handle.addr, source: error.into_error() }),
+                    },
+                }
+            }
+            if snapshot.all_failed {
+                return Err(Error::AllEndpointsFailed {
+                    target: self.target.clone(),
+                    count: snapshot.endpoints.len(),
+                    last_error: lock(&self.last_error).clone(),
+                });
+            }
+            // Subscribe before re-reading the snapshot so no change is missed.
+            let Some(rx) = changes.as_mut() else {
+                changes = Some(self.changed.subscribe());
+                continue;
+            };
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(Error::NoReadyEndpoint {
+                    target: self.target.clone(),
+                    waited: started.elapsed(),
+                    known: snapshot.endpoints.len(),
+                });
+            }
+        }
+    }
+
+    fn request_hash(&self, request: &http::Request<B>) -> Option<u64> {
+        let LbPolicy::RingHash { hash: HashPolicy::Header(name), .. } = &self.config.lb else { return None };
+        let hash = match request.headers().get(name) {
+            Some(value) => hash_key(value.as_bytes()),
+            // No key: a random position, as gRPC does.
+            None => self.rng().next_u64(),
+        };
+        Some(hash)
+    }
+
+    fn rng(&self) -> SplitMix64 {
+        SplitMix64::new(self.seed.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Picks a ready endpoint by the configured policy.
+    fn pick<'s>(&self, snapshot: &'s Snapshot<B>, hash: Option<u64>) -> Option<&'s Arc<Handle<B>>> {
+        if let (Some(ring), Some(hash)) = (&snapshot.ring, hash) {
+            let index = ring.pick_where(hash, |&i| snapshot.ready[i])?;
+            return Some(&snapshot.endpoints[*index].1);
+        }
+        let level = match snapshot.levels.len() {
+            0 => return None,
+            1 => 0,
+            _ => pick_priority(&snapshot.priority_load, &mut self.rng())?,
+        };
+        let ready = &snapshot.levels[level];
+        let handle = |i: usize| &snapshot.endpoints[ready[i]].1;
+        let chosen = match &self.config.lb {
+            LbPolicy::RoundRobin | LbPolicy::RingHash { .. } => {
+                (!ready.is_empty()).then(|| self.next.fetch_add(1, Ordering::Relaxed) % ready.len())
+            }
+            LbPolicy::WeightedRoundRobin => {
+                let mut wrr = lock(&self.wrr);
+                let key = snapshot.generation ^ ((level as u64) << 56);
+                if wrr.0 != key {
+                    wrr.1.update(ready.iter().map(|&i| (snapshot.endpoints[i].0.addr, snapshot.endpoints[i].0.weight)));
+                    wrr.0 = key;
+                }
+                let addr = wrr.1.pick()?;
+                ready.iter().position(|&i| snapshot.endpoints[i].0.addr == addr)
+            }
+            LbPolicy::LeastRequest { choice_count: 2 } => p2c_by(ready.len(), &mut self.rng(), |i| handle(i).in_flight() as f64),
+            LbPolicy::LeastRequest { choice_count } => {
+                let loads: Vec<u64> = (0..ready.len()).map(|i| handle(i).in_flight()).collect();
+                LeastRequest::new(*choice_count).pick(&loads, &mut self.rng())
+            }
+            LbPolicy::P2cEwma { .. } => p2c_by(ready.len(), &mut self.rng(), |i| handle(i).ewma_cost()),
+        }?;
+        Some(handle(chosen))
+    }
+}

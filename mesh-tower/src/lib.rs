@@ -1,0 +1,42 @@
+//! # mesh-tower
+//!
+//! The mesh's client stack as tower services: discovery sources, connection
+//! management and load balancing, with more layers (retries, timeouts, circuit
+//! breaking, outlier detection, rate limits, fault injection, telemetry) to be
+//! added one module each.
+//!
+//! **What it does:** turns a changing set of [`mesh_core::Endpoint`]s into a
+//! `tower::Service<http::Request<B>>` that keeps one multiplexed HTTP/2
+//! connection per endpoint and spreads requests over the ready ones with any
+//! [`mesh_core::LbPolicy`]. Endpoints come and go without failing or dropping a
+//! request; a request that finds its connection gone is re-picked.
+//!
+//! **What it does not do:** it knows nothing of gRPC or protobuf (that is
+//! `mesh-tonic`), nor of xDS (that is `xds-client`, which feeds a
+//! [`discover::Discover`] stream).
+//!
+//! **Feature flags:** none yet.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use mesh_core::{Endpoint, LbPolicy};
+//! use mesh_tower::balance::{Balancer, BalancerConfig};
+//! use mesh_tower::discover;
+//!
+//! let endpoints = vec![Endpoint::new("127.0.0.1:50051".parse()?)];
+//! let config = BalancerConfig { lb: LbPolicy::p2c_ewma(), ..BalancerConfig::default() };
+//! let balancer: Balancer<http_body_util::Empty<bytes::Bytes>> =
+//!     Balancer::new("static:///127.0.0.1:50051", discover::fixed(endpoints), config);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod connect;
+pub mod discover;
+mod error;
+
+pub use error::{Error, Result};
+
+/// Boxed error type used for request bodies and transport errors.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

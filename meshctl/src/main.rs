@@ -1,0 +1,44 @@
+//! `meshctl`: the mesh's operator CLI.
+//!
+//! `meshctl call` sends gRPC traffic through the full mesh client stack and
+//! reports what happened. Its flags and JSON output are a contract other tools
+//! rely on: see `call.rs`.
+#![forbid(unsafe_code)]
+
+mod call;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Operator CLI for the mesh.
+#[derive(Debug, Parser)]
+#[command(name = "meshctl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send gRPC calls through the mesh client stack and summarise them.
+    Call(call::CallArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Command::Call(args) => runtime.block_on(call::run(args)),
+    }
+}

@@ -1,0 +1,130 @@
+//! A generic tonic server: every unary call to `/mesh.test.Echo/<any>` is
+//! answered with the server's reply bytes (its address by default) after an
+//! optional delay.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_tonic::codec::BytesCodec;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::body::Body;
+use tonic::server::{Grpc, NamedService, UnaryService};
+
+/// Full method path tests call.
+pub const METHOD: &str = "/mesh.test.Echo/Hello";
+
+/// The echo service.
+#[derive(Clone, Debug)]
+pub struct Echo {
+    reply: Bytes,
+    delay: Duration,
+    calls: Arc<AtomicU64>,
+}
+
+impl Echo {
+    /// Replies `reply` after `delay`.
+    pub fn new(reply: impl Into<Bytes>, delay: Duration) -> Self {
+        Self { reply: reply.into(), delay, calls: Arc::default() }
+    }
+}
+
+impl NamedService for Echo {
+    const NAME: &'static str = "mesh.test.Echo";
+}
+
+impl tower::Service<http::Request<Body>> for Echo {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let handler = Handler(self.clone());
+        Box::pin(async move { Ok(Grpc::new(BytesCodec).unary(handler, request).await) })
+    }
+}
+
+struct Handler(Echo);
+
+impl UnaryService<Bytes> for Handler {
+    type Response = Bytes;
+    type Future = Pin<Box<dyn Future<Output = Result<tonic::Response<Bytes>, tonic::Status>> + Send>>;
+
+    fn call(&mut self, _request: tonic::Request<Bytes>) -> Self::Future {
+        let echo = self.0.clone();
+        Box::pin(async move {
+            echo.calls.fetch_add(1, Ordering::Relaxed);
+            if !echo.delay.is_zero() {
+                tokio::time::sleep(echo.delay).await;
+            }
+            Ok(tonic::Response::new(echo.reply))
+        })
+    }
+}
+
+/// A running in-process echo server.
+#[derive(Debug)]
+pub struct EchoServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    calls: Arc<AtomicU64>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl EchoServer {
+    /// Starts a server on `127.0.0.1:0` replying with its address.
+    pub async fn start(delay: Duration) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0".parse()?, delay).await
+    }
+
+    /// Starts a server on `addr` replying with its address.
+    pub async fn start_on(addr: SocketAddr, delay: Duration) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let echo = Echo::new(addr.to_string(), delay);
+        let calls = echo.calls.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let served = tonic::transport::Server::builder().add_service(echo).serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            });
+            if let Err(error) = served.await {
+                tracing::error!(%error, "echo server failed");
+            }
+        });
+        Ok(Self { addr, calls, shutdown: Some(tx), task })
+    }
+
+    /// Calls this server has answered.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Graceful shutdown: stops accepting, lets in-flight calls finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

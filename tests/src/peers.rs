@@ -1,0 +1,210 @@
+//! Real peers started and stopped by tests, on 127.0.0.1 only.
+//!
+//! Every peer here is installed by the README's test command; a missing one
+//! fails the test with a message saying so (never a silent skip).
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+pub struct Peer {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Peer {
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Spawns `command`, whose first stdout line must be `listening <ip:port>`.
+pub fn spawn_listening(mut command: Command) -> anyhow::Result<Peer> {
+    let program = format!("{:?}", command.get_program());
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().with_context(|| format!("cannot start {program}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let Some(addr) = line.trim().strip_prefix("listening ") else {
+        let _ = child.kill();
+        bail!("{program} did not report its address (got {line:?})");
+    };
+    Ok(Peer { addr: addr.parse().with_context(|| format!("bad address {addr:?}"))?, child })
+}
+
+/// The echo server as a separate process (for tests that kill it).
+pub fn echo_process(test_server_bin: &str, delay_ms: u64) -> anyhow::Result<Peer> {
+    let mut command = Command::new(test_server_bin);
+    command.arg("--delay-ms").arg(delay_ms.to_string());
+    spawn_listening(command)
+}
+
+/// Python from the venv the README's test command creates.
+pub fn python() -> anyhow::Result<PathBuf> {
+    let python = workspace_root().join(".venv/bin/python");
+    if !python.exists() {
+        bail!("{} is missing: run the README's test command (scripts/test.sh), which creates it with grpcio", python.display());
+    }
+    Ok(python)
+}
+
+/// A Python grpcio server with a generic handler: every unary method answers
+/// `py:<port>`.
+pub fn python_grpc_server() -> anyhow::Result<Peer> {
+    let mut command = Command::new(python()?);
+    command.arg(workspace_root().join("tests/peers/py_server.py"));
+    spawn_listening(command)
+}
+
+/// Path of a workspace binary (built on demand), e.g. `meshctl`.
+pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("unexpected test executable location")?;
+    let bin = dir.join(name);
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO")).args(["build", "-p", name, "--bin", name]).current_dir(workspace_root()).status()?;
+        if !status.success() || !bin.exists() {
+            bail!("cannot build {name}");
+        }
+    }
+    Ok(bin)
+}
+
+/// Runs `meshctl` with `args`; returns (exit code, stdout, stderr).
+pub fn meshctl(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let output = Command::new(workspace_bin("meshctl")?).args(args).output()?;
+    Ok((output.status.code().unwrap_or(-1), String::from_utf8(output.stdout)?, String::from_utf8(output.stderr)?))
+}
+
+/// A free UDP+TCP port on 127.0.0.1 (best effort: free when returned).
+pub fn free_port() -> anyhow::Result<u16> {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+/// A real dnsmasq serving records from a hosts file and SRV options, with TTL 1 s.
+#[derive(Debug)]
+pub struct Dnsmasq {
+    child: Child,
+    /// DNS server address.
+    pub addr: SocketAddr,
+    hosts: PathBuf,
+    _dir: TempDir,
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq with `hosts` (`ip name` lines) and `srv` records
+    /// (`_service._proto.name,target,port,priority,weight`).
+    pub fn start(hosts: &[(&str, &str)], srv: &[&str]) -> anyhow::Result<Self> {
+        let binary = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("dnsmasq is not installed: run the README's test command (scripts/test.sh), which installs dnsmasq-base")?;
+        let dir = TempDir::new("dnsmasq")?;
+        let hosts_file = dir.0.join("hosts");
+        write_hosts(&hosts_file, hosts)?;
+        let port = free_port()?;
+        let mut command = Command::new(binary);
+        command.args([
+            "--keep-in-foreground",
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--local-ttl=1",
+            "--auth-ttl=1",
+            "--log-facility=-",
+            "--user=root",
+            "--pid-file",
+        ]);
+        command.arg(format!("--port={port}")).arg(format!("--addn-hosts={}", hosts_file.display()));
+        for record in srv {
+            command.arg(format!("--srv-host={record}"));
+        }
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("cannot start dnsmasq")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // Wait until it answers on TCP (it serves TCP and UDP on the same port).
+        for _ in 0..100 {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                return Ok(Self { child, addr, hosts: hosts_file, _dir: dir });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("dnsmasq did not start on {addr}")
+    }
+
+    /// Rewrites the hosts file and makes dnsmasq reload it (SIGHUP).
+    pub fn set_hosts(&self, hosts: &[(&str, &str)]) -> anyhow::Result<()> {
+        write_hosts(&self.hosts, hosts)?;
+        let status = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status()?;
+        if !status.success() {
+            bail!("cannot signal dnsmasq");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_hosts(path: &Path, hosts: &[(&str, &str)]) -> anyhow::Result<()> {
+    let text: String = hosts.iter().map(|(ip, name)| format!("{ip} {name}\n")).collect();
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let dir = std::env::temp_dir().join(format!("mesh-{prefix}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

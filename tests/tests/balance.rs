@@ -1,0 +1,221 @@
+//! Load balancing against real tonic servers on 127.0.0.1.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_core::{Endpoint, LbPolicy};
+use mesh_tests::echo::{EchoServer, METHOD};
+use mesh_tests::peers;
+use mesh_tonic::codec::BytesCodec;
+use mesh_tonic::{Channel, ServedBy};
+use mesh_tower::balance::ConnState;
+use mesh_tower::discover::{self, Change};
+use tonic::codegen::http::uri::PathAndQuery;
+
+/// One call; returns the endpoint that served it.
+async fn call(channel: &Channel, headers: &[(&'static str, String)]) -> Result<SocketAddr, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    let mut request = tonic::Request::new(Bytes::from_static(b"hi"));
+    for (name, value) in headers {
+        request.metadata_mut().insert(*name, value.parse().unwrap());
+    }
+    let response = grpc.unary(request, PathAndQuery::from_static(METHOD), BytesCodec).await?;
+    let served_by = response.extensions().get::<ServedBy>().expect("ServedBy extension").0;
+    assert_eq!(response.get_ref(), served_by.to_string().as_bytes(), "reply must come from the endpoint named in ServedBy");
+    Ok(served_by)
+}
+
+#[derive(Debug, Default)]
+struct Run {
+    by_endpoint: BTreeMap<SocketAddr, u64>,
+    failures: Vec<String>,
+}
+
+/// `n` calls with `concurrency` workers; `on_progress(done)` runs after each call.
+async fn drive(channel: &Channel, n: u64, concurrency: usize, on_progress: impl Fn(u64) + Send + Sync + 'static) -> Run {
+    let remaining = Arc::new(AtomicU64::new(n));
+    let done = Arc::new(AtomicU64::new(0));
+    let on_progress = Arc::new(on_progress);
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (channel, remaining, done, on_progress) = (channel.clone(), remaining.clone(), done.clone(), on_progress.clone());
+        workers.push(tokio::spawn(async move {
+            let mut run = Run::default();
+            while remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1)).is_ok() {
+                match call(&channel, &[]).await {
+                    Ok(addr) => *run.by_endpoint.entry(addr).or_default() += 1,
+                    Err(status) => run.failures.push(format!("{:?}: {}", status.code(), status.message())),
+                }
+                on_progress(done.fetch_add(1, Ordering::SeqCst) + 1);
+            }
+            run
+        }));
+    }
+    let mut total = Run::default();
+    for worker in workers {
+        let run = worker.await.unwrap();
+        for (addr, n) in run.by_endpoint {
+            *total.by_endpoint.entry(addr).or_default() += n;
+        }
+        total.failures.extend(run.failures);
+    }
+    total
+}
+
+async fn wait_ready(channel: &Channel, n: usize) {
+    for _ in 0..500 {
+        if channel.endpoints().iter().filter(|e| e.state == ConnState::Ready).count() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("endpoints never became ready: {:?}", channel.endpoints());
+}
+
+fn static_target(addrs: &[SocketAddr]) -> String {
+    format!("static:///{}", addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_3000_calls_evenly_over_3_servers() {
+    let servers = [
+        EchoServer::start(Duration::ZERO).await.unwrap(),
+        EchoServer::start(Duration::ZERO).await.unwrap(),
+        EchoServer::start(Duration::ZERO).await.unwrap(),
+    ];
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let channel = Channel::builder(static_target(&addrs)).lb(LbPolicy::RoundRobin).build().unwrap();
+    wait_ready(&channel, 3).await;
+    let run = drive(&channel, 3000, 8, |_| {}).await;
+    assert!(run.failures.is_empty(), "{:?}", run.failures);
+    assert_eq!(run.by_endpoint.len(), 3);
+    for (addr, n) in &run.by_endpoint {
+        assert!((950..=1050).contains(n), "{addr} got {n} of 3000 calls: {:?}", run.by_endpoint);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_ewma_sends_most_calls_to_the_fast_servers() {
+    let fast = Duration::from_millis(2);
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(EchoServer::start(fast).await.unwrap());
+    }
+    let slow = EchoServer::start(fast * 10).await.unwrap();
+    let mut addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    addrs.push(slow.addr);
+    let channel = Channel::builder(static_target(&addrs)).lb(LbPolicy::p2c_ewma()).build().unwrap();
+    wait_ready(&channel, 4).await;
+    let run = drive(&channel, 2000, 8, |_| {}).await;
+    assert!(run.failures.is_empty(), "{:?}", run.failures);
+    let to_slow = run.by_endpoint.get(&slow.addr).copied().unwrap_or(0);
+    let share_fast = 1.0 - to_slow as f64 / 2000.0;
+    assert!(share_fast >= 0.80, "fast servers got {:.1}% (slow got {to_slow}): {:?}", share_fast * 100.0, run.by_endpoint);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_added_and_removed_mid_run_fail_no_call() {
+    let mut servers = Vec::new();
+    for _ in 0..5 {
+        servers.push(EchoServer::start(Duration::from_micros(200)).await.unwrap());
+    }
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let (tx, source) = discover::channel();
+    tx.send(Change::Reset(vec![Endpoint::new(addrs[0]), Endpoint::new(addrs[1])]));
+    let channel = Channel::builder("churn").lb(LbPolicy::p2c_ewma()).build_with("churn", source).unwrap();
+    wait_ready(&channel, 2).await;
+    // Every 200 calls: add the next server, remove the oldest still present.
+    let script = {
+        let addrs = addrs.clone();
+        move |done: u64| {
+            if done.is_multiple_of(200) && done < 2000 {
+                let step = (done / 200) as usize;
+                tx.send(Change::Insert(Endpoint::new(addrs[(step + 1) % addrs.len()])));
+                tx.send(Change::Remove(addrs[(step + 4) % addrs.len()]));
+            }
+        }
+    };
+    let run = drive(&channel, 2000, 8, script).await;
+    assert!(run.failures.is_empty(), "{} failed calls: {:?}", run.failures.len(), &run.failures[..run.failures.len().min(5)]);
+    assert_eq!(run.by_endpoint.values().sum::<u64>(), 2000);
+    assert_eq!(run.by_endpoint.len(), 5, "every server took traffic at some point: {:?}", run.by_endpoint);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_server_causes_no_failed_call_once_its_connect_fails() {
+    let bin = env!("CARGO_BIN_EXE_mesh-test-server");
+    let mut procs = [peers::echo_process(bin, 0).unwrap(), peers::echo_process(bin, 0).unwrap(), peers::echo_process(bin, 0).unwrap()];
+    let addrs: Vec<_> = procs.iter().map(|p| p.addr).collect();
+    let channel = Channel::builder(static_target(&addrs)).lb(LbPolicy::RoundRobin).build().unwrap();
+    wait_ready(&channel, 3).await;
+
+    let before = drive(&channel, 500, 4, |_| {}).await;
+    assert!(before.failures.is_empty(), "{:?}", before.failures);
+    assert_eq!(before.by_endpoint.len(), 3);
+
+    // SIGKILL one server between batches; the mesh has not been told.
+    let victim = procs[1].addr;
+    procs[1].kill();
+    let after = drive(&channel, 1500, 4, |_| {}).await;
+    assert!(
+        after.failures.is_empty(),
+        "{} failed calls after the kill: {:?}",
+        after.failures.len(),
+        &after.failures[..after.failures.len().min(5)]
+    );
+    assert_eq!(after.by_endpoint.values().sum::<u64>(), 1500);
+    assert!(after.by_endpoint.get(&victim).copied().unwrap_or(0) <= 4, "dead server served calls: {:?}", after.by_endpoint);
+    let state = channel.endpoints().into_iter().find(|e| e.endpoint.addr == victim).unwrap().state;
+    assert_ne!(state, ConnState::Ready, "a dead endpoint cannot be ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_is_sticky_and_moves_about_one_nth_of_keys() {
+    let mut servers = Vec::new();
+    for _ in 0..4 {
+        servers.push(EchoServer::start(Duration::ZERO).await.unwrap());
+    }
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let (tx, source) = discover::channel();
+    tx.send(Change::Reset(addrs.iter().map(|a| Endpoint::new(*a)).collect()));
+    let channel = Channel::builder("ring").lb("ring_hash".parse().unwrap()).build_with("ring", source).unwrap();
+    wait_ready(&channel, 4).await;
+
+    // The same key lands on the same endpoint for 1,000 calls.
+    let key = [("x-mesh-hash-key", "user-42".to_owned())];
+    let first = call(&channel, &key).await.unwrap();
+    for _ in 0..999 {
+        assert_eq!(call(&channel, &key).await.unwrap(), first);
+    }
+
+    // 400 keys; remove one endpoint; about a quarter of the keys move, and
+    // only those that were on the removed endpoint.
+    let mut before = HashMap::new();
+    for k in 0..400 {
+        before.insert(k, call(&channel, &[("x-mesh-hash-key", format!("key-{k}"))]).await.unwrap());
+    }
+    let removed = addrs[2];
+    tx.send(Change::Remove(removed));
+    for _ in 0..500 {
+        if channel.endpoints().len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut moved = 0;
+    for k in 0..400 {
+        let now = call(&channel, &[("x-mesh-hash-key", format!("key-{k}"))]).await.unwrap();
+        if now != before[&k] {
+            moved += 1;
+            assert_eq!(before[&k], removed, "key-{k} moved from {} though its endpoint stayed", before[&k]);
+        }
+    }
+    let share = moved as f64 / 400.0;
+    assert!((0.10..=0.40).contains(&share), "{moved} of 400 keys moved ({share:.2}); expected about 1/4");
+    let on_removed = before.values().filter(|a| **a == removed).count();
+    assert_eq!(moved, on_removed, "exactly the removed endpoint's keys move");
+}
