@@ -192,8 +192,11 @@ async fn ring_hash_is_sticky_and_moves_about_one_nth_of_keys() {
         assert_eq!(call(&channel, &key).await.unwrap(), first);
     }
 
-    // 400 keys; remove one endpoint; about a quarter of the keys move, and
-    // only those that were on the removed endpoint.
+    // 400 keys; remove one endpoint. Every key of the removed endpoint moves;
+    // the ring keeps Envoy's (and gRPC's) rescaling to its minimum size, so a
+    // few other keys move too: about 1/N in all, far from modulo hashing's
+    // (N-1)/N. Matching Envoy's ring means a key lands on the same backend
+    // from an Envoy sidecar, a gRPC client and ours.
     let mut before = HashMap::new();
     for k in 0..400 {
         before.insert(k, call(&channel, &[("x-mesh-hash-key", format!("key-{k}"))]).await.unwrap());
@@ -206,16 +209,21 @@ async fn ring_hash_is_sticky_and_moves_about_one_nth_of_keys() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut moved = 0;
+    let (mut moved, mut moved_elsewhere) = (0, 0);
     for k in 0..400 {
         let now = call(&channel, &[("x-mesh-hash-key", format!("key-{k}"))]).await.unwrap();
+        assert_ne!(now, removed, "key-{k} still lands on the removed endpoint");
         if now != before[&k] {
             moved += 1;
-            assert_eq!(before[&k], removed, "key-{k} moved from {} though its endpoint stayed", before[&k]);
+            if before[&k] != removed {
+                moved_elsewhere += 1;
+            }
         }
     }
-    let share = moved as f64 / 400.0;
-    assert!((0.10..=0.40).contains(&share), "{moved} of 400 keys moved ({share:.2}); expected about 1/4");
     let on_removed = before.values().filter(|a| **a == removed).count();
-    assert_eq!(moved, on_removed, "exactly the removed endpoint's keys move");
+    assert!((60..=140).contains(&on_removed), "the removed endpoint held {on_removed} of 400 keys; expected about 1/4");
+    let share = moved as f64 / 400.0;
+    assert!((0.20..=0.45).contains(&share), "{moved} of 400 keys moved ({share:.2}); expected roughly 1/4");
+    let stayed = 1.0 - moved_elsewhere as f64 / (400 - on_removed) as f64;
+    assert!(stayed >= 0.75, "only {:.0}% of the other endpoints' keys stayed put", stayed * 100.0);
 }
