@@ -155,7 +155,9 @@ pub fn status_from(error: mesh_tower::Error) -> Status {
     match error {
         mesh_tower::Error::Upstream { source, addr } => {
             let status = Status::from_error(Box::new(source));
-            Status::new(status.code(), format!("{addr}: {}", status.message()))
+            // A lost connection is UNAVAILABLE in gRPC's status mapping.
+            let code = if status.code() == tonic::Code::Unknown { tonic::Code::Unavailable } else { status.code() };
+            Status::new(code, format!("{addr}: {}", status.message()))
         }
         mesh_tower::Error::InvalidTarget { .. } => Status::invalid_argument(error.to_string()),
         other => Status::unavailable(other.to_string()),

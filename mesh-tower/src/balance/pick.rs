@@ -9,7 +9,7 @@ use mesh_core::lb::{LeastRequest, Random, SplitMix64, hash_key, p2c_by, pick_pri
 use mesh_core::policy::HashPolicy;
 
 use super::body::{InFlight, ResponseBody};
-use super::endpoint::Handle;
+use super::endpoint::{ConnState, Handle};
 use super::{RequestBody, ServedBy, Snapshot, State, lock};
 use crate::connect::Connect;
 use crate::{Error, Result};
@@ -89,8 +89,16 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     /// Picks a ready endpoint by the configured policy.
     fn pick<'s>(&self, snapshot: &'s Snapshot<B>, hash: Option<u64>) -> Option<&'s Arc<Handle<B>>> {
         if let (Some(ring), Some(hash)) = (&snapshot.ring, hash) {
-            let index = ring.pick_where(hash, |&i| snapshot.ready[i])?;
-            return Some(&snapshot.endpoints[*index].1);
+            // gRPC's ring-hash pick (A42): take the first endpoint on the ring
+            // that has not failed; if it is still connecting (or connected but
+            // not yet in this snapshot), wait for it rather than spill its
+            // keys onto a neighbour.
+            let candidate = |i: usize| {
+                let (endpoint, handle) = &snapshot.endpoints[i];
+                snapshot.ready[i] || (handle.state() != ConnState::TransientFailure && endpoint.health.is_routable())
+            };
+            let index = *ring.pick_where(hash, |&i| candidate(i))?;
+            return snapshot.ready[index].then(|| &snapshot.endpoints[index].1);
         }
         let level = match snapshot.levels.len() {
             0 => return None,
