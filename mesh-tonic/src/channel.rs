@@ -82,6 +82,12 @@ impl ChannelBuilder {
         self
     }
 
+    /// HTTP/2 PING keepalive interval (default off; TCP keepalive is on).
+    pub fn http2_keepalive(mut self, interval: Option<Duration>) -> Self {
+        self.config.connection.keepalive_interval = interval;
+        self
+    }
+
     /// DNS re-resolution timing, for `dns://` targets.
     pub fn dns_config(mut self, dns: DnsConfig) -> Self {
         self.dns = dns;
@@ -120,7 +126,7 @@ impl ChannelBuilder {
 impl tower::Service<http::Request<Body>> for Channel {
     type Response = http::Response<ResponseBody>;
     type Error = Status;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Status>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
         Poll::Ready(Ok(()))
@@ -136,17 +142,36 @@ impl tower::Service<http::Request<Body>> for Channel {
                 *request.uri_mut() = uri;
             }
         }
-        let call = tower::Service::call(&mut self.balancer, request);
-        let timeout = self.timeout;
-        Box::pin(async move {
-            let result = match timeout {
-                Some(limit) => tokio::time::timeout(limit, call)
-                    .await
-                    .map_err(|_| Status::deadline_exceeded(format!("call exceeded the channel timeout of {limit:?}")))?,
-                None => call.await,
-            };
-            result.map_err(status_from)
-        })
+        let inner = tower::Service::call(&mut self.balancer, request);
+        ResponseFuture { inner, deadline: self.timeout.map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))) }
+    }
+}
+
+/// Future of a [`Channel`] call.
+pub struct ResponseFuture {
+    inner: mesh_tower::balance::ResponseFuture,
+    deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").field("timeout", &self.deadline.as_ref().map(|d| d.0)).finish()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<http::Response<ResponseBody>, Status>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(result) = Pin::new(&mut self.inner).poll(cx) {
+            return Poll::Ready(result.map_err(status_from));
+        }
+        if let Some((limit, sleep)) = &mut self.deadline
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(Status::deadline_exceeded(format!("call exceeded the channel timeout of {limit:?}"))));
+        }
+        Poll::Pending
     }
 }
 

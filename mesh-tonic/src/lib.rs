@@ -40,7 +40,7 @@ pub mod codec;
 mod error;
 mod target;
 
-pub use channel::{Channel, ChannelBuilder, status_from};
+pub use channel::{Channel, ChannelBuilder, ResponseFuture, status_from};
 pub use error::{Error, Result};
 pub use mesh_tower::balance::ServedBy;
 pub use target::Target;

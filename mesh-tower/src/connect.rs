@@ -8,6 +8,10 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::time::Duration;
+
+use mesh_core::policy::ConnectionPolicy;
+use socket2::{SockRef, TcpKeepalive};
 
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -24,16 +28,38 @@ pub trait Connect: Clone + Send + Sync + 'static {
     fn connect(&self, addr: SocketAddr) -> ConnectFuture<Self::Io>;
 }
 
-/// Plain TCP with `TCP_NODELAY`.
+/// Plain TCP with `TCP_NODELAY`, TCP keepalive and `TCP_USER_TIMEOUT`.
 #[derive(Clone, Debug, Default)]
 pub struct TcpConnector {
-    _private: (),
+    keepalive: Option<Duration>,
+    user_timeout: Option<Duration>,
 }
 
 impl TcpConnector {
-    /// A TCP connector.
+    /// A TCP connector with no keepalive.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A TCP connector with the keepalive settings of `policy`.
+    pub fn from_policy(policy: &ConnectionPolicy) -> Self {
+        Self { keepalive: policy.tcp_keepalive, user_timeout: policy.tcp_user_timeout }
+    }
+
+    fn configure(&self, stream: &TcpStream) -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        let socket = SockRef::from(stream);
+        if let Some(idle) = self.keepalive {
+            let probes = TcpKeepalive::new().with_time(idle).with_interval(idle / 2);
+            #[cfg(any(target_os = "linux", target_os = "macos"))]
+            let probes = probes.with_retries(3);
+            socket.set_tcp_keepalive(&probes)?;
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(timeout) = self.user_timeout {
+            socket.set_tcp_user_timeout(Some(timeout))?;
+        }
+        Ok(())
     }
 }
 
@@ -41,9 +67,10 @@ impl Connect for TcpConnector {
     type Io = TokioIo<TcpStream>;
 
     fn connect(&self, addr: SocketAddr) -> ConnectFuture<Self::Io> {
+        let this = self.clone();
         Box::pin(async move {
             let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
+            this.configure(&stream)?;
             Ok(TokioIo::new(stream))
         })
     }

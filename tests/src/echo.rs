@@ -16,6 +16,7 @@ use mesh_tonic::codec::BytesCodec;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tonic::body::Body;
 use tonic::server::{Grpc, NamedService, UnaryService};
 
@@ -92,13 +93,21 @@ impl EchoServer {
 
     /// Starts a server on `addr` replying with its address.
     pub async fn start_on(addr: SocketAddr, delay: Duration) -> anyhow::Result<Self> {
+        Self::start_with(addr, delay, None).await
+    }
+
+    /// Starts a server on `addr` replying `reply` (its address when `None`).
+    pub async fn start_with(addr: SocketAddr, delay: Duration, reply: Option<Bytes>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let echo = Echo::new(addr.to_string(), delay);
+        let echo = Echo::new(reply.unwrap_or_else(|| addr.to_string().into()), delay);
         let calls = echo.calls.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+                // Without TCP_NODELAY small responses wait for delayed ACKs (~40 ms).
+                stream.and_then(|s| s.set_nodelay(true).map(|()| s))
+            });
             let served = tonic::transport::Server::builder().add_service(echo).serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
             });

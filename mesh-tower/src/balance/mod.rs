@@ -1,8 +1,9 @@
 //! The load balancer: one service over a changing set of endpoints.
 //!
 //! [`Balancer`] consumes a [`Discover`](crate::discover::Discover) stream and
-//! keeps one HTTP/2 connection per endpoint (multiplexed; connect timeout and
-//! keepalive PINGs from [`ConnectionPolicy`]). Each request is sent to one
+//! keeps one HTTP/2 connection per endpoint (multiplexed; connect timeout,
+//! TCP keepalive, `TCP_USER_TIMEOUT` and optional HTTP/2 PINGs from
+//! [`ConnectionPolicy`], so a dead peer is detected idle or busy). Each request is sent to one
 //! *ready* endpoint chosen by the cluster's [`LbPolicy`]:
 //!
 //! - endpoints still connecting, or whose last connect failed, get no traffic;
@@ -148,7 +149,8 @@ impl<T: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 's
 impl<B: RequestBody> Balancer<B, TcpConnector> {
     /// A balancer over plain TCP. `target` names it in errors and logs.
     pub fn new(target: impl Into<String>, discover: impl Discover, config: BalancerConfig) -> Self {
-        Self::with_connector(target, discover, config, TcpConnector::new())
+        let connector = TcpConnector::from_policy(&config.connection);
+        Self::with_connector(target, discover, config, connector)
     }
 }
 

@@ -18,10 +18,10 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     /// Sends one request: pick, send, re-pick when the connection was closed
     /// before the request was written, wait when nothing is ready.
     pub(super) async fn call(self: Arc<Self>, mut request: http::Request<B>) -> Result<http::Response<ResponseBody>> {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + self.config.ready_timeout);
         let hash = self.request_hash(&request);
-        let mut changes = None;
+        let observe = matches!(self.config.lb, LbPolicy::P2cEwma { .. });
+        // Set when the call first has to wait: (receiver, start, deadline).
+        let mut waiting: Option<(tokio::sync::watch::Receiver<u64>, Instant, tokio::time::Instant)> = None;
         loop {
             let snapshot = self.snapshot();
             if let Some(handle) = self.pick(&snapshot, hash) {
@@ -31,10 +31,13 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                     continue;
                 };
                 let guard = InFlight::new(Arc::clone(handle));
-                let sent = Instant::now();
+                let sent = if observe { self.now() } else { Default::default() };
                 match sender.try_send_request(request).await {
                     Ok(response) => {
-                        handle.observe(sent.elapsed(), self.now());
+                        if observe {
+                            let now = self.now();
+                            handle.observe(now.saturating_sub(sent), now);
+                        }
                         let (mut parts, body) = response.into_parts();
                         parts.extensions.insert(ServedBy(handle.addr));
                         return Ok(http::Response::from_parts(parts, ResponseBody::new(body, guard)));
@@ -58,11 +61,13 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                 });
             }
             // Subscribe before re-reading the snapshot so no change is missed.
-            let Some(rx) = changes.as_mut() else {
-                changes = Some(self.changed.subscribe());
+            let Some((rx, started, deadline)) = waiting.as_mut() else {
+                let started = Instant::now();
+                let deadline = tokio::time::Instant::from_std(started + self.config.ready_timeout);
+                waiting = Some((self.changed.subscribe(), started, deadline));
                 continue;
             };
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(*deadline, rx.changed()).await.is_err() {
                 return Err(Error::NoReadyEndpoint {
                     target: self.target.clone(),
                     waited: started.elapsed(),

@@ -13,12 +13,19 @@ struct Args {
     /// Delay before each reply, in milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// Reply with this many bytes instead of the server's address.
+    #[arg(long)]
+    reply_bytes: Option<usize>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let server = mesh_tests::echo::EchoServer::start_on(args.addr, Duration::from_millis(args.delay_ms)).await?;
+    let delay = Duration::from_millis(args.delay_ms);
+    let server = match args.reply_bytes {
+        Some(n) => mesh_tests::echo::EchoServer::start_with(args.addr, delay, Some(vec![b'x'; n].into())).await?,
+        None => mesh_tests::echo::EchoServer::start_on(args.addr, delay).await?,
+    };
     println!("listening {}", server.addr);
     std::future::pending::<()>().await;
     Ok(())

@@ -1,0 +1,219 @@
+//! Benchmark: plain tonic `Channel` vs the mesh channel (static discovery +
+//! P2C-EWMA), unary calls with 1 KiB request and 1 KiB response to one echo
+//! server process on loopback, at concurrency 1 and 64, both in one run.
+//!
+//! `cargo run --release -p mesh-tests --bin bench-channel -- [--seconds S] [--rounds R]`
+//!
+//! Variants alternate round by round so machine noise hits both alike.
+//! Prints a Markdown table: p50/p99 latency, throughput, client CPU per call,
+//! and the mesh/plain ratios.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use mesh_core::LbPolicy;
+use mesh_tests::echo::METHOD;
+use mesh_tests::peers::spawn_listening;
+use mesh_tonic::codec::BytesCodec;
+use std::future::Future;
+use std::pin::Pin;
+use tonic::codegen::http::uri::PathAndQuery;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds measured per variant per round.
+    #[arg(long, default_value_t = 1.5)]
+    seconds: f64,
+    /// Rounds (each runs every variant once).
+    #[arg(long, default_value_t = 8)]
+    rounds: u32,
+    /// Run only variants whose name contains this (for profiling).
+    #[arg(long)]
+    only: Option<String>,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    concurrency: Vec<usize>,
+}
+
+#[derive(Default)]
+struct Sample {
+    latencies_us: Vec<u64>,
+    calls: u64,
+    wall: Duration,
+    cpu: Duration,
+    errors: u64,
+}
+
+fn cpu_time() -> Duration {
+    // utime + stime of this process, in clock ticks (100 Hz on Linux).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// One unary call through some channel; `true` when it succeeded.
+type Caller = Arc<dyn Fn(Bytes) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+macro_rules! caller {
+    ($channel:expr) => {{
+        let channel = $channel;
+        let caller: Caller = Arc::new(move |payload: Bytes| {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            Box::pin(async move {
+                grpc.ready().await.is_ok()
+                    && grpc.unary(tonic::Request::new(payload), PathAndQuery::from_static(METHOD), BytesCodec).await.is_ok()
+            })
+        });
+        caller
+    }};
+}
+
+async fn run(call: Caller, concurrency: usize, seconds: f64) -> Sample {
+    let payload = Bytes::from(vec![7u8; 1024]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = cpu_time();
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (call, payload, stop) = (call.clone(), payload.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut sample = Sample::default();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = call(payload.clone()).await;
+                sample.latencies_us.push(t.elapsed().as_micros() as u64);
+                sample.calls += 1;
+                sample.errors += u64::from(!ok);
+            }
+            sample
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Sample::default();
+    for w in workers {
+        let s = w.await.unwrap();
+        total.latencies_us.extend(s.latencies_us);
+        total.calls += s.calls;
+        total.errors += s.errors;
+    }
+    total.wall = start.elapsed();
+    total.cpu = cpu_time().saturating_sub(cpu0);
+    total
+}
+
+impl Sample {
+    fn clone_stats(&self) -> Sample {
+        Sample { latencies_us: self.latencies_us.clone(), calls: self.calls, wall: self.wall, cpu: self.cpu, errors: self.errors }
+    }
+}
+
+fn merge(into: &mut Sample, s: Sample) {
+    into.latencies_us.extend(s.latencies_us);
+    into.calls += s.calls;
+    into.wall += s.wall;
+    into.cpu += s.cpu;
+    into.errors += s.errors;
+}
+
+#[derive(Default)]
+struct Stats {
+    p50: u64,
+    p99: u64,
+    rps: f64,
+    cpu_us: f64,
+}
+
+fn stats(mut s: Sample) -> Stats {
+    assert_eq!(s.errors, 0, "benchmark calls failed");
+    s.latencies_us.sort_unstable();
+    let pct = |p: f64| s.latencies_us[((p * s.latencies_us.len() as f64) as usize).min(s.latencies_us.len() - 1)];
+    Stats { p50: pct(0.50), p99: pct(0.99), rps: s.calls as f64 / s.wall.as_secs_f64(), cpu_us: s.cpu.as_secs_f64() * 1e6 / s.calls as f64 }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let server_bin: PathBuf = std::env::current_exe()?.with_file_name("mesh-test-server");
+    let mut command = Command::new(&server_bin);
+    command.args(["--reply-bytes", "1024"]);
+    let server = spawn_listening(command)?;
+    let addr = server.addr;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let variants: Vec<(&str, Caller)> = vec![
+            ("tonic Channel", caller!(tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?)),
+            (
+                "mesh Channel (p2c_ewma)",
+                caller!(mesh_tonic::Channel::builder(format!("static:///{addr}")).lb(LbPolicy::p2c_ewma()).build()?),
+            ),
+            (
+                "mesh Channel (p2c_ewma, HTTP/2 PING keepalive 10 s)",
+                caller!(
+                    mesh_tonic::Channel::builder(format!("static:///{addr}"))
+                        .lb(LbPolicy::p2c_ewma())
+                        .http2_keepalive(Some(Duration::from_secs(10)))
+                        .build()?
+                ),
+            ),
+        ];
+        let variants: Vec<(&str, Caller)> =
+            variants.into_iter().enumerate().filter(|(i, (name, _))| *i == 0 || args.only.as_ref().is_none_or(|o| name.contains(o.as_str()))).map(|(_, v)| v).collect();
+        // Warm every variant (connections, allocator, EWMA).
+        for (_, call) in &variants {
+            run(call.clone(), 8, 1.0).await;
+        }
+
+        println!("| concurrency | client | p50 µs | p99 µs | calls/s | client CPU µs/call |");
+        println!("|---|---|---|---|---|---|");
+        let mut ratios = Vec::new();
+        for &c in &args.concurrency {
+            let mut samples: Vec<Sample> = variants.iter().map(|_| Sample::default()).collect();
+            // Per round, each variant's ratio to tonic in that same round:
+            // pairing cancels drift in machine load between rounds.
+            let mut paired: Vec<Vec<[f64; 4]>> = variants.iter().map(|_| Vec::new()).collect();
+            for _ in 0..args.rounds {
+                let round: Vec<Stats> = variants.iter().map(|_| Stats::default()).collect();
+                let mut round = round;
+                for (i, (_, call)) in variants.iter().enumerate() {
+                    let sample = run(call.clone(), c, args.seconds).await;
+                    round[i] = stats(sample.clone_stats());
+                    merge(&mut samples[i], sample);
+                }
+                for i in 1..variants.len() {
+                    let (b, s) = (&round[0], &round[i]);
+                    paired[i].push([s.p50 as f64 / b.p50 as f64, s.p99 as f64 / b.p99 as f64, s.rps / b.rps, s.cpu_us / b.cpu_us]);
+                }
+            }
+            let stats: Vec<Stats> = samples.into_iter().map(stats).collect();
+            for ((name, _), s) in variants.iter().zip(&stats) {
+                println!("| {c} | {name} | {} | {} | {:.0} | {:.1} |", s.p50, s.p99, s.rps, s.cpu_us);
+            }
+            for (i, (name, _)) in variants.iter().enumerate().skip(1) {
+                let median = |k: usize| {
+                    let mut v: Vec<f64> = paired[i].iter().map(|r| r[k]).collect();
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                };
+                ratios.push((c, *name, (median(0), median(1), median(2), median(3))));
+            }
+        }
+        println!();
+        println!("Median over rounds of each round's ratio to tonic:");
+        println!();
+        println!("| concurrency | client | p50 vs tonic | p99 vs tonic | throughput vs tonic | CPU/call vs tonic |");
+        println!("|---|---|---|---|---|---|");
+        for (c, name, (p50, p99, rps, cpu)) in ratios {
+            println!("| {c} | {name} | {p50:.3} | {p99:.3} | {rps:.3} | {cpu:.3} |");
+        }
+        anyhow::Ok(())
+    })?;
+    drop(server);
+    Ok(())
+}
