@@ -44,12 +44,16 @@ impl PeakEwma {
         self.stamp = self.stamp.max(now);
     }
 
-    /// Load cost for `pending` in-flight requests: `estimate_ns * (pending + 1)`.
+    /// Load cost at `now` for `pending` in-flight requests:
+    /// `estimate_ns * exp(-idle / decay) * (pending + 1)`.
     ///
-    /// As in Finagle, the estimate only decays when an RTT is observed, not
-    /// while idle.
-    pub fn cost(&self, pending: u64) -> f64 {
-        self.rtt_estimate_ns * (pending as f64 + 1.0)
+    /// As in Finagle and tower's `PeakEwma`, the estimate also decays towards
+    /// zero while no RTT is observed, so an endpoint that was slow once (or
+    /// is still at its default) is tried again after a while instead of
+    /// starving.
+    pub fn cost(&self, pending: u64, now: Duration) -> f64 {
+        let idle_ns = now.saturating_sub(self.stamp).as_nanos() as f64;
+        self.rtt_estimate_ns * (-idle_ns / self.decay_ns).exp() * (pending as f64 + 1.0)
     }
 
     /// Current RTT estimate.
@@ -70,8 +74,23 @@ mod tests {
     fn starts_at_default_and_costs_scale_with_pending() {
         let ewma = PeakEwma::new(30 * MS, DECAY, Duration::ZERO);
         assert_eq!(ewma.estimate(), 30 * MS);
-        assert_eq!(ewma.cost(0), 30e6);
-        assert_eq!(ewma.cost(3), 120e6);
+        assert_eq!(ewma.cost(0, Duration::ZERO), 30e6);
+        assert_eq!(ewma.cost(3, Duration::ZERO), 120e6);
+    }
+
+    #[test]
+    fn idle_endpoints_become_cheap_again() {
+        let mut slow_once = PeakEwma::new(MS, DECAY, Duration::ZERO);
+        slow_once.observe(50 * MS, Duration::from_secs(1));
+        let busy = {
+            let mut e = PeakEwma::new(MS, DECAY, Duration::ZERO);
+            e.observe(2 * MS, Duration::from_secs(60));
+            e
+        };
+        let now = Duration::from_secs(60);
+        // 59 s idle: 50 ms * e^-5.9 is about 0.14 ms, below the busy one's 2 ms.
+        assert!(slow_once.cost(0, now) < busy.cost(0, now), "{} vs {}", slow_once.cost(0, now), busy.cost(0, now));
+        assert!(slow_once.cost(0, Duration::from_secs(2)) > busy.cost(0, now));
     }
 
     #[test]
@@ -83,10 +102,10 @@ mod tests {
             endpoints[1].observe(10 * MS, now);
         }
         let mut rng = SplitMix64::new(9);
-        let fast = (0..10_000).filter(|_| p2c_by(2, &mut rng, |i| endpoints[i].cost(0)) == Some(0)).count();
+        let fast = (0..10_000).filter(|_| p2c_by(2, &mut rng, |i| endpoints[i].cost(0, 10 * Duration::from_secs(1))) == Some(0)).count();
         assert!(fast > 8_000, "{fast}");
         // Enough queued requests on the fast endpoint outweigh its lower latency.
-        assert!(endpoints[0].cost(20) > endpoints[1].cost(0));
+        assert!(endpoints[0].cost(20, Duration::from_secs(10)) > endpoints[1].cost(0, Duration::from_secs(10)));
     }
 
     #[test]

@@ -82,8 +82,8 @@ impl<B> Handle<B> {
         lock(&self.ewma).observe(rtt, now);
     }
 
-    pub(super) fn ewma_cost(&self) -> f64 {
-        lock(&self.ewma).cost(self.in_flight())
+    pub(super) fn ewma_cost(&self, now: Duration) -> f64 {
+        lock(&self.ewma).cost(self.in_flight(), now)
     }
 
     /// Stops reconnecting and releases the connection: it closes once the

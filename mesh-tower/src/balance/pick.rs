@@ -131,7 +131,10 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                 let loads: Vec<u64> = (0..ready.len()).map(|i| handle(i).in_flight()).collect();
                 LeastRequest::new(*choice_count).pick(&loads, &mut self.rng())
             }
-            LbPolicy::P2cEwma { .. } => p2c_by(ready.len(), &mut self.rng(), |i| handle(i).ewma_cost()),
+            LbPolicy::P2cEwma { .. } => {
+                let now = self.now();
+                p2c_by(ready.len(), &mut self.rng(), |i| handle(i).ewma_cost(now))
+            }
         }?;
         Some(handle(chosen))
     }

@@ -163,8 +163,12 @@ fn main() -> anyhow::Result<()> {
                 ),
             ),
         ];
-        let variants: Vec<(&str, Caller)> =
-            variants.into_iter().enumerate().filter(|(i, (name, _))| *i == 0 || args.only.as_ref().is_none_or(|o| name.contains(o.as_str()))).map(|(_, v)| v).collect();
+        let variants: Vec<(&str, Caller)> = variants
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (name, _))| *i == 0 || args.only.as_ref().is_none_or(|o| name.contains(o.as_str())))
+            .map(|(_, v)| v)
+            .collect();
         // Warm every variant (connections, allocator, EWMA).
         for (_, call) in &variants {
             run(call.clone(), 8, 1.0).await;
