@@ -1,6 +1,6 @@
 //! The load balancer: one service over a changing set of endpoints.
 //!
-//! [`Balancer`] consumes a [`Discover`](crate::discover::Discover) stream and
+//! [`Balancer`] consumes a [`Discover`] stream and
 //! keeps one HTTP/2 connection per endpoint (multiplexed; connect timeout,
 //! TCP keepalive, `TCP_USER_TIMEOUT` and optional HTTP/2 PINGs from
 //! [`ConnectionPolicy`], so a dead peer is detected idle or busy). Each request is sent to one
