@@ -33,9 +33,9 @@ echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 # 4. Tests (binaries first: end-to-end tests run meshctl and the test server).
+echo "== doc tests"
+cargo test --workspace --doc --quiet
 echo "== cargo build --bins"
 cargo build --workspace --bins --quiet
 echo "== cargo nextest run"
 cargo nextest run --workspace --no-fail-fast
-echo "== doc tests"
-cargo test --workspace --doc --quiet
