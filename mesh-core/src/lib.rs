@@ -22,5 +22,8 @@ pub mod model;
 pub mod policy;
 
 pub use error::{Error, Result};
-pub use model::{Cluster, Endpoint, HealthStatus, Locality, Route, RouteMatch, ServiceName, WeightedCluster};
+pub use model::{
+    Cluster, ClusterDiscovery, DropOverload, Endpoint, EndpointSet, HeaderMatch, HealthStatus, Locality, PathMatch, Regex, Route,
+    RouteAction, RouteConfig, RouteMatch, ServiceName, StringMatch, VirtualHost, WeightedCluster,
+};
 pub use policy::LbPolicy;

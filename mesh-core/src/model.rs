@@ -141,33 +141,112 @@ pub struct Cluster {
     pub lb: LbPolicy,
     /// Resilience and security policies for calls to this cluster.
     pub policies: ClusterPolicies,
-    /// Current endpoints.
+    /// Where the endpoints come from.
+    pub discovery: ClusterDiscovery,
+    /// Endpoints carried by the cluster itself (`ClusterDiscovery::Static`).
     pub endpoints: Vec<Endpoint>,
 }
 
 impl Cluster {
     /// A cluster with default policies and no endpoints.
     pub fn new(name: ServiceName) -> Self {
-        Self { name, lb: LbPolicy::default(), policies: ClusterPolicies::default(), endpoints: Vec::new() }
+        Self {
+            name,
+            lb: LbPolicy::default(),
+            policies: ClusterPolicies::default(),
+            discovery: ClusterDiscovery::Eds { service_name: None },
+            endpoints: Vec::new(),
+        }
     }
 }
 
-/// How a route selects requests.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RouteMatch {
-    /// Path starts with the prefix (`/` matches everything).
+/// How a request path is matched.
+#[derive(Clone, Debug)]
+pub enum PathMatch {
+    /// Path starts with the prefix (`""` or `/` matches everything).
     Prefix(String),
     /// Path equals the string.
     Exact(String),
+    /// Path matches the whole regular expression (RE2 syntax).
+    Regex(Regex),
+}
+
+/// How a header value (or any string) is matched (Envoy `StringMatcher`).
+#[derive(Clone, Debug)]
+pub enum StringMatch {
+    /// Equal to.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// Contains.
+    Contains(String),
+    /// Whole value matches the regular expression.
+    Regex(Regex),
+    /// The header is present (`true`) or absent (`false`).
+    Present(bool),
+}
+
+impl StringMatch {
+    /// Whether `value` (the header's value, `None` when absent) matches.
+    pub fn matches(&self, value: Option<&str>) -> bool {
+        match (self, value) {
+            (Self::Present(want), v) => v.is_some() == *want,
+            (_, None) => false,
+            (Self::Exact(s), Some(v)) => v == s,
+            (Self::Prefix(s), Some(v)) => v.starts_with(s.as_str()),
+            (Self::Suffix(s), Some(v)) => v.ends_with(s.as_str()),
+            (Self::Contains(s), Some(v)) => v.contains(s.as_str()),
+            (Self::Regex(r), Some(v)) => r.is_full_match(v),
+        }
+    }
+}
+
+/// A header condition of a route.
+#[derive(Clone, Debug)]
+pub struct HeaderMatch {
+    /// Lower-case header name.
+    pub name: String,
+    /// How its value must look.
+    pub matcher: StringMatch,
+    /// Negates the result.
+    pub invert: bool,
+}
+
+/// Which requests a route takes.
+#[derive(Clone, Debug)]
+pub struct RouteMatch {
+    /// Path condition.
+    pub path: PathMatch,
+    /// Whether prefix and exact path matching is case sensitive (default true).
+    pub case_sensitive: bool,
+    /// Header conditions that must all hold.
+    pub headers: Vec<HeaderMatch>,
 }
 
 impl RouteMatch {
-    /// Whether a request path matches.
-    pub fn matches(&self, path: &str) -> bool {
-        match self {
-            Self::Prefix(p) => path.starts_with(p.as_str()),
-            Self::Exact(p) => path == p,
-        }
+    /// Matches every request.
+    pub fn any() -> Self {
+        Self { path: PathMatch::Prefix(String::new()), case_sensitive: true, headers: Vec::new() }
+    }
+
+    /// Matches paths starting with `prefix`.
+    pub fn prefix(prefix: impl Into<String>) -> Self {
+        Self { path: PathMatch::Prefix(prefix.into()), ..Self::any() }
+    }
+
+    /// Whether a request with this path and headers matches. `header` looks
+    /// a header up by lower-case name.
+    pub fn matches<'a>(&self, path: &str, header: impl Fn(&str) -> Option<&'a str>) -> bool {
+        let path_ok = match &self.path {
+            PathMatch::Prefix(p) if self.case_sensitive => path.starts_with(p.as_str()),
+            PathMatch::Prefix(p) => path.len() >= p.len() && path.is_char_boundary(p.len()) && path[..p.len()].eq_ignore_ascii_case(p),
+            PathMatch::Exact(p) if self.case_sensitive => path == p,
+            PathMatch::Exact(p) => path.eq_ignore_ascii_case(p),
+            PathMatch::Regex(r) => r.is_full_match(path),
+        };
+        path_ok && self.headers.iter().all(|h| h.matcher.matches(header(&h.name)) != h.invert)
     }
 }
 
@@ -175,22 +254,155 @@ impl RouteMatch {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightedCluster {
     /// Target cluster.
-    pub cluster: ServiceName,
+    pub cluster: String,
     /// Relative weight.
     pub weight: u32,
 }
 
-/// A routing rule: requests matching `matcher` go to one of `clusters` by weight.
-#[derive(Clone, Debug, PartialEq)]
+/// What a route does with the requests it takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteAction {
+    /// Send to one of the clusters by weight (one entry for a plain route).
+    Clusters(Vec<WeightedCluster>),
+    /// Fail the request (Envoy `non_forwarding_action`; gRPC fails UNAVAILABLE).
+    NonForwarding,
+}
+
+/// A routing rule: requests matching `matcher` get `action`.
+#[derive(Clone, Debug)]
 pub struct Route {
     /// Which requests this route takes.
     pub matcher: RouteMatch,
-    /// Header conditions that must all hold (`name`, exact value).
-    pub headers: Vec<(String, String)>,
-    /// Targets and their weights (one entry for a plain route).
-    pub clusters: Vec<WeightedCluster>,
+    /// What happens to them.
+    pub action: RouteAction,
     /// Per-route policies (timeouts, retries, hashing).
     pub policies: RoutePolicies,
+}
+
+/// A set of domains and their routes, tried in order (Envoy virtual host).
+#[derive(Clone, Debug)]
+pub struct VirtualHost {
+    /// Name, for logs.
+    pub name: String,
+    /// Domains served: exact, `*.suffix`, `prefix.*` or `*`.
+    pub domains: Vec<String>,
+    /// Routes, first match wins.
+    pub routes: Vec<Route>,
+}
+
+impl VirtualHost {
+    /// The first route matching the request.
+    pub fn route_for<'a>(&self, path: &str, header: impl Fn(&str) -> Option<&'a str> + Copy) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matcher.matches(path, header))
+    }
+}
+
+/// A route table (Envoy `RouteConfiguration`).
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    /// Name.
+    pub name: String,
+    /// Virtual hosts.
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+impl RouteConfig {
+    /// The virtual host for `authority`, chosen as Envoy and gRPC do: an exact
+    /// domain, else the longest `*.suffix` wildcard, else the longest
+    /// `prefix.*` wildcard, else `*`. Matching ignores ASCII case.
+    pub fn virtual_host_for(&self, authority: &str) -> Option<&VirtualHost> {
+        let host = authority.to_ascii_lowercase();
+        // (rank, length): exact 3, suffix 2, prefix 1, any 0; longer wins.
+        let score = |domain: &str| -> Option<(u8, usize)> {
+            let d = domain.to_ascii_lowercase();
+            if d == "*" {
+                Some((0, 0))
+            } else if let Some(suffix) = d.strip_prefix('*') {
+                (host.ends_with(suffix) && host.len() > suffix.len()).then_some((2, d.len()))
+            } else if let Some(prefix) = d.strip_suffix('*') {
+                (host.starts_with(prefix) && host.len() > prefix.len()).then_some((1, d.len()))
+            } else {
+                (d == host).then_some((3, d.len()))
+            }
+        };
+        self.virtual_hosts
+            .iter()
+            .filter_map(|vh| vh.domains.iter().filter_map(|d| score(d)).max().map(|s| (s, vh)))
+            .max_by_key(|(s, _)| *s)
+            .map(|(_, vh)| vh)
+    }
+}
+
+/// A compiled regular expression that compares by its pattern.
+#[derive(Clone, Debug)]
+pub struct Regex(regex::Regex);
+
+impl Regex {
+    /// Compiles `pattern`; the error says why it is invalid.
+    pub fn new(pattern: &str) -> Result<Self> {
+        // Anchor so the whole input must match, as Envoy's safe_regex does.
+        regex::Regex::new(&format!("^(?:{pattern})$")).map(Self).map_err(|e| Error::InvalidPolicy {
+            policy: "regex",
+            field: "pattern",
+            reason: e.to_string(),
+        })
+    }
+
+    /// Whether the whole of `text` matches.
+    pub fn is_full_match(&self, text: &str) -> bool {
+        self.0.is_match(text)
+    }
+
+    /// The pattern as given (without the anchors added).
+    pub fn as_str(&self) -> &str {
+        let s = self.0.as_str();
+        &s[4..s.len() - 2]
+    }
+}
+
+impl PartialEq for Regex {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+/// How a cluster finds its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterDiscovery {
+    /// From EDS, under `service_name` (the cluster name when `None`).
+    Eds {
+        /// EDS resource name.
+        service_name: Option<String>,
+    },
+    /// A fixed list carried by the cluster itself.
+    Static,
+    /// One DNS name resolved by the client (Envoy `LOGICAL_DNS`).
+    LogicalDns {
+        /// Host name.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// A share of requests an endpoint set asks clients to drop (EDS drop overloads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DropOverload {
+    /// Category, reported in load reports.
+    pub category: String,
+    /// Requests dropped per million.
+    pub parts_per_million: u32,
+}
+
+/// The endpoints of one cluster (Envoy `ClusterLoadAssignment`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointSet {
+    /// Endpoints with locality, priority, weight and health.
+    pub endpoints: Vec<Endpoint>,
+    /// Load-balancing weight of each locality (absent: locality weighting off).
+    pub locality_weights: BTreeMap<Locality, u32>,
+    /// Requests to drop, by category.
+    pub drop_overloads: Vec<DropOverload>,
 }
 
 #[cfg(test)]
@@ -215,7 +427,39 @@ mod tests {
 
     #[test]
     fn route_match() {
-        assert!(RouteMatch::Prefix("/a.B/".into()).matches("/a.B/C"));
-        assert!(!RouteMatch::Exact("/a.B/C".into()).matches("/a.B/CD"));
+        let none = |_: &str| None;
+        assert!(RouteMatch::prefix("/a.B/").matches("/a.B/C", none));
+        let exact = RouteMatch { path: PathMatch::Exact("/a.B/C".into()), ..RouteMatch::any() };
+        assert!(!exact.matches("/a.B/CD", none));
+        let ci = RouteMatch { path: PathMatch::Prefix("/A.b/".into()), case_sensitive: false, ..RouteMatch::any() };
+        assert!(ci.matches("/a.B/C", none));
+        let re = RouteMatch { path: PathMatch::Regex(Regex::new("/a\\.B/[CD]").unwrap()), ..RouteMatch::any() };
+        assert!(re.matches("/a.B/D", none) && !re.matches("/a.B/DD", none));
+        let header = RouteMatch {
+            headers: vec![HeaderMatch { name: "x-canary".into(), matcher: StringMatch::Exact("1".into()), invert: false }],
+            ..RouteMatch::any()
+        };
+        assert!(header.matches("/x", |n| (n == "x-canary").then_some("1")));
+        assert!(!header.matches("/x", none));
+        assert!(Regex::new("(").is_err());
+    }
+
+    #[test]
+    fn virtual_host_selection_prefers_exact_then_suffix_then_prefix_then_any() {
+        let vh = |name: &str, domains: &[&str]| VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            routes: vec![],
+        };
+        let config = RouteConfig {
+            name: "r".into(),
+            virtual_hosts: vec![vh("any", &["*"]), vh("prefix", &["greeter.*"]), vh("suffix", &["*.svc"]), vh("exact", &["greeter.svc"])],
+        };
+        let pick = |a: &str| config.virtual_host_for(a).map(|v| v.name.as_str());
+        assert_eq!(pick("greeter.svc"), Some("exact"));
+        assert_eq!(pick("other.svc"), Some("suffix"));
+        assert_eq!(pick("greeter.prod"), Some("prefix"));
+        assert_eq!(pick("x"), Some("any"));
+        assert_eq!(pick("GREETER.SVC"), Some("exact"));
     }
 }

@@ -235,8 +235,8 @@ pub struct RoutePolicies {
     pub timeout: Option<Duration>,
     /// Retry policy; `None` means no retries.
     pub retry: Option<RetryPolicy>,
-    /// Hash key for ring hash; `None` uses the cluster default.
-    pub hash: Option<HashPolicy>,
+    /// Hash keys for ring hash, tried in order; empty uses the cluster default.
+    pub hash: Vec<HashPolicy>,
     /// Fault injection; `None` means none.
     pub fault: Option<FaultInjection>,
 }

@@ -12,6 +12,7 @@ use mesh_tower::discover::{self, Discover};
 use tonic::Status;
 use tonic::body::Body;
 
+use crate::xds::XdsRouter;
 use crate::{Error, Result, Target};
 
 /// A load-balanced gRPC channel: use it wherever a tonic `Channel` goes.
@@ -19,9 +20,17 @@ use crate::{Error, Result, Target};
 /// Cloning is cheap; clones share connections.
 #[derive(Clone, Debug)]
 pub struct Channel {
-    balancer: Balancer<Body>,
+    inner: Inner,
     authority: Authority,
     timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug)]
+enum Inner {
+    /// One cluster: static or DNS discovery.
+    Balancer(Balancer<Body>),
+    /// Routed by xDS.
+    Xds(XdsRouter),
 }
 
 /// Builds a [`Channel`] from a target and settings.
@@ -44,14 +53,21 @@ impl Channel {
         Self::builder(target).build()
     }
 
-    /// The endpoints the channel knows and their state.
+    /// The endpoints the channel knows and their state (empty for `xds:///`
+    /// targets, whose endpoints belong to per-cluster balancers).
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
-        self.balancer.endpoints()
+        match &self.inner {
+            Inner::Balancer(b) => b.endpoints(),
+            Inner::Xds(_) => Vec::new(),
+        }
     }
 
-    /// The underlying balancer.
-    pub fn get_ref(&self) -> &Balancer<Body> {
-        &self.balancer
+    /// The underlying balancer, for single-cluster targets.
+    pub fn get_ref(&self) -> Option<&Balancer<Body>> {
+        match &self.inner {
+            Inner::Balancer(b) => Some(b),
+            Inner::Xds(_) => None,
+        }
     }
 }
 
@@ -97,8 +113,12 @@ impl ChannelBuilder {
     /// Builds the channel; starts discovery and connections. Needs a tokio runtime.
     pub fn build(self) -> Result<Channel> {
         let target = Target::parse(&self.target)?;
+        if let Target::Xds { name } = &target {
+            return self.build_xds(crate::xds::shared_client()?, name);
+        }
         let source: discover::BoxDiscover = match &target {
             Target::Static(addrs) => discover::fixed(addrs.iter().map(|a| Endpoint::new(*a)).collect()),
+            Target::Xds { .. } => unreachable!("handled above"),
             Target::Dns { server, query } => {
                 let resolver = match server {
                     Some(server) => HickoryResolver::with_name_servers(&[*server])?,
@@ -119,7 +139,16 @@ impl ChannelBuilder {
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("authority {authority:?}: {e}") })?;
         let balancer = Balancer::new(self.target, source, self.config);
-        Ok(Channel { balancer, authority, timeout: self.timeout })
+        Ok(Channel { inner: Inner::Balancer(balancer), authority, timeout: self.timeout })
+    }
+
+    /// Builds an `xds:///name` channel on a given xDS client.
+    pub fn build_xds(self, client: xds_client::XdsClient, name: &str) -> Result<Channel> {
+        let authority = name
+            .parse::<Authority>()
+            .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("name {name:?}: {e}") })?;
+        let router = XdsRouter::new(client, name, self.config);
+        Ok(Channel { inner: Inner::Xds(router), authority, timeout: self.timeout })
     }
 }
 
@@ -142,15 +171,23 @@ impl tower::Service<http::Request<Body>> for Channel {
                 *request.uri_mut() = uri;
             }
         }
-        let inner = tower::Service::call(&mut self.balancer, request);
+        let inner = match &mut self.inner {
+            Inner::Balancer(b) => Call::Direct(tower::Service::call(b, request)),
+            Inner::Xds(router) => Call::Routed(Box::pin(router.clone().call(request))),
+        };
         ResponseFuture { inner, deadline: self.timeout.map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))) }
     }
 }
 
 /// Future of a [`Channel`] call.
 pub struct ResponseFuture {
-    inner: mesh_tower::balance::ResponseFuture,
+    inner: Call,
     deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+enum Call {
+    Direct(mesh_tower::balance::ResponseFuture),
+    Routed(Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, Status>> + Send>>),
 }
 
 impl std::fmt::Debug for ResponseFuture {
@@ -163,8 +200,12 @@ impl Future for ResponseFuture {
     type Output = Result<http::Response<ResponseBody>, Status>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Poll::Ready(result) = Pin::new(&mut self.inner).poll(cx) {
-            return Poll::Ready(result.map_err(status_from));
+        let polled = match &mut self.inner {
+            Call::Direct(f) => Pin::new(f).poll(cx).map(|r| r.map_err(status_from)),
+            Call::Routed(f) => f.as_mut().poll(cx),
+        };
+        if polled.is_ready() {
+            return polled;
         }
         if let Some((limit, sleep)) = &mut self.deadline
             && sleep.as_mut().poll(cx).is_ready()

@@ -14,7 +14,9 @@
 //! | `dns:///_grpc._tcp.greeter.internal` | SRV records (name starts with `_`, no port) |
 //! | `dns://10.0.0.53:53/greeter.internal:50051` | the same, asking that DNS server |
 //!
-//! `xds:///name` arrives with the xds-client. [`codec::BytesCodec`] sends raw
+//! | `xds:///greeter` | LDS → RDS → CDS → EDS from the control plane in the xDS bootstrap (`GRPC_XDS_BOOTSTRAP`) |
+//!
+//! [`codec::BytesCodec`] sends raw
 //! message bytes, to call any method without its proto.
 //!
 //! **What it does not do:** no server-side glue yet, no TLS yet.
@@ -39,8 +41,10 @@ mod channel;
 pub mod codec;
 mod error;
 mod target;
+mod xds;
 
 pub use channel::{Channel, ChannelBuilder, ResponseFuture, status_from};
 pub use error::{Error, Result};
 pub use mesh_tower::balance::ServedBy;
 pub use target::Target;
+pub use xds::shared_client;

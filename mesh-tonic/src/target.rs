@@ -9,6 +9,12 @@ use crate::{Error, Result};
 pub enum Target {
     /// `static:///ip:port,ip:port`.
     Static(Vec<SocketAddr>),
+    /// `xds:///name`: routing and endpoints from the xDS control plane named
+    /// by the bootstrap (`GRPC_XDS_BOOTSTRAP`).
+    Xds {
+        /// Target name (the listener resource name by default).
+        name: String,
+    },
     /// `dns://[server]/name[:port]`.
     Dns {
         /// DNS server to ask; `None` uses the system's.
@@ -63,7 +69,7 @@ impl Target {
                 };
                 Ok(Self::Dns { server, query })
             }
-            "xds" => Err(invalid("xds:// targets need the xds-client, not available yet")),
+            "xds" => Ok(Self::Xds { name: path.to_owned() }),
             other => Err(invalid(&format!("unknown scheme {other:?} (expected static, dns or xds)"))),
         }
     }
@@ -71,6 +77,7 @@ impl Target {
     /// The `:authority` requests carry.
     pub(crate) fn authority(&self) -> String {
         match self {
+            Self::Xds { name } => name.clone(),
             Self::Static(addrs) => addrs.first().map_or_else(|| "localhost".to_owned(), ToString::to_string),
             Self::Dns { query: DnsQuery::Host { name, port }, .. } => format!("{name}:{port}"),
             Self::Dns { query: DnsQuery::Srv { name }, .. } => {

@@ -4,5 +4,6 @@
 //! distribution checks.
 #![forbid(unsafe_code)]
 
+pub mod ads;
 pub mod echo;
 pub mod peers;

@@ -1,0 +1,456 @@
+//! The ADS client: one stream to the control plane carrying every
+//! subscription, SotW or delta, with reconnects, fallback and timers.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{Locality as PbLocality, Node as PbNode};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::bootstrap::{Bootstrap, FEATURE_DELTA, FEATURE_IGNORE_RESOURCE_DELETION, XdsServer};
+use crate::cache::{Cache, DataErrorPolicy};
+use crate::dump::ResourceDump;
+use crate::resource::ResourceType;
+use crate::watch::{Unsubscribe, Watch, XdsResource};
+
+/// Settings of an [`XdsClient`]: plain data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsClientConfig {
+    /// Time a subscribed resource may take to arrive before it is reported
+    /// as not existing (gRPC: 15 s). Runs only while the stream is up.
+    pub does_not_exist_timeout: Duration,
+    /// Drop cached resources that are NACKed or deleted instead of keeping
+    /// them (A88's `fail_on_data_errors`).
+    pub fail_on_data_errors: bool,
+    /// Connect timeout to a control plane.
+    pub connect_timeout: Duration,
+    /// First reconnect backoff (doubles, ±20% jitter, up to `backoff_max`).
+    pub backoff_base: Duration,
+    /// Largest reconnect backoff.
+    pub backoff_max: Duration,
+    /// While on a fallback server, how often the primary is retried (A71).
+    pub primary_retry: Duration,
+}
+
+impl Default for XdsClientConfig {
+    fn default() -> Self {
+        Self {
+            does_not_exist_timeout: Duration::from_secs(15),
+            fail_on_data_errors: false,
+            connect_timeout: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            primary_retry: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Messages to the stream task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Subscribe(ResourceType, String),
+    Unsubscribe(ResourceType, String),
+    DoesNotExist(ResourceType, String),
+}
+
+/// The xDS client. Cheap to clone; the stream task stops when the last
+/// clone is dropped.
+#[derive(Clone, Debug)]
+pub struct XdsClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    bootstrap: Bootstrap,
+    config: XdsClientConfig,
+    cache: Mutex<Cache>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Server currently connected (index into bootstrap servers), if any.
+    connected: Mutex<Option<usize>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl XdsClient {
+    /// Starts a client; the stream opens at once. Needs a tokio runtime.
+    pub fn new(bootstrap: Bootstrap, config: XdsClientConfig) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let policy = DataErrorPolicy {
+            fail_on_data_errors: config.fail_on_data_errors,
+            ignore_resource_deletion: bootstrap.servers.first().is_some_and(|s| s.has_feature(FEATURE_IGNORE_RESOURCE_DELETION)),
+        };
+        let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
+            let task = tokio::spawn(run(weak.clone(), rx)).abort_handle();
+            Inner {
+                bootstrap,
+                config,
+                cache: Mutex::new(Cache { policy, ..Cache::default() }),
+                commands,
+                connected: Mutex::new(None),
+                task,
+            }
+        });
+        Self { inner }
+    }
+
+    /// The bootstrap in use.
+    pub fn bootstrap(&self) -> &Bootstrap {
+        &self.inner.bootstrap
+    }
+
+    /// Watches resource `name` of type `T`; the subscription lasts while any
+    /// watch of it is alive.
+    pub fn watch<T: XdsResource>(&self, name: &str) -> Watch<T> {
+        let (rx, new) = lock(&self.inner.cache).subscribe(T::TYPE, name);
+        if new {
+            let _ = self.inner.commands.send(Command::Subscribe(T::TYPE, name.to_owned()));
+        }
+        let unsubscribe = Arc::new(Unsubscribe { ty: T::TYPE, name: name.to_owned(), commands: self.inner.commands.clone() });
+        Watch::new(rx, unsubscribe)
+    }
+
+    /// The server currently connected, if any.
+    pub fn connected_server(&self) -> Option<String> {
+        lock(&self.inner.connected).map(|i| self.inner.bootstrap.servers[i].server_uri.clone())
+    }
+
+    /// Every subscribed resource with its version, status and error.
+    pub fn dump(&self) -> Vec<ResourceDump> {
+        crate::dump::dump(&lock(&self.inner.cache))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sending half of an open ADS stream.
+enum Sender {
+    Sotw(mpsc::UnboundedSender<DiscoveryRequest>),
+    Delta(mpsc::UnboundedSender<DeltaDiscoveryRequest>),
+}
+
+/// Receiving half of an open ADS stream.
+enum Receiver {
+    Sotw(tonic::Streaming<DiscoveryResponse>),
+    Delta(tonic::Streaming<DeltaDiscoveryResponse>),
+}
+
+enum Response {
+    Sotw(DiscoveryResponse),
+    Delta(DeltaDiscoveryResponse),
+}
+
+impl Receiver {
+    async fn next(&mut self) -> Result<Option<Response>, tonic::Status> {
+        match self {
+            Self::Sotw(rx) => Ok(rx.message().await?.map(Response::Sotw)),
+            Self::Delta(rx) => Ok(rx.message().await?.map(Response::Delta)),
+        }
+    }
+}
+
+type Stream = (Sender, Receiver);
+
+/// Why a stream ended.
+enum Ended {
+    /// The stream failed; `received` tells whether it ever got a response.
+    Failed { received: bool, reason: String },
+    /// The primary came back while on a fallback.
+    PrimaryBack(Box<Stream>),
+    /// The client is gone.
+    Shutdown,
+}
+
+async fn run(client: Weak<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let mut failures = 0u32;
+    let mut next: Option<(Stream, usize)> = None;
+    loop {
+        let Some(inner) = client.upgrade() else { return };
+        let opened = match next.take() {
+            Some(opened) => Some(opened),
+            None => open_any(&inner).await,
+        };
+        let Some((stream, index)) = opened else {
+            failures += 1;
+            let wait = backoff(&inner.config, failures);
+            drop(inner);
+            // Unsubscriptions still reach the cache while disconnected.
+            if drain_while(&mut commands, &client, wait).await {
+                return;
+            }
+            continue;
+        };
+        *lock(&inner.connected) = Some(index);
+        tracing::info!(server = %inner.bootstrap.servers[index].server_uri, "xDS stream open");
+        let ended = serve(&inner, stream, index, &mut commands).await;
+        *lock(&inner.connected) = None;
+        cancel_timers(&inner);
+        match ended {
+            Ended::Shutdown => return,
+            Ended::PrimaryBack(stream) => {
+                tracing::info!("xDS primary server is back; leaving the fallback");
+                failures = 0;
+                next = Some((*stream, 0));
+            }
+            Ended::Failed { received, reason } => {
+                tracing::warn!(server = %inner.bootstrap.servers[index].server_uri, %reason, "xDS stream ended; keeping the last accepted config");
+                failures = if received { 1 } else { failures + 1 };
+                let wait = backoff(&inner.config, failures);
+                drop(inner);
+                if drain_while(&mut commands, &client, wait).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Tries the servers in order (primary first); the first that opens wins.
+async fn open_any(inner: &Inner) -> Option<(Stream, usize)> {
+    for (index, server) in inner.bootstrap.servers.iter().enumerate() {
+        match open(inner, server).await {
+            Ok(stream) => return Some((stream, index)),
+            Err(reason) => tracing::warn!(server = %server.server_uri, %reason, "cannot reach xDS server"),
+        }
+    }
+    None
+}
+
+async fn open(inner: &Inner, server: &XdsServer) -> Result<Stream, String> {
+    let endpoint = Endpoint::from_shared(server.endpoint_uri()).map_err(|e| e.to_string())?.connect_timeout(inner.config.connect_timeout);
+    let channel: Channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let node = node(&inner.bootstrap);
+    if server.has_feature(FEATURE_DELTA) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for request in initial_delta_requests(&mut lock(&inner.cache), node) {
+            let _ = tx.send(request);
+        }
+        let rx =
+            client.delta_aggregated_resources(UnboundedReceiverStream::new(rx)).await.map_err(|s| s.message().to_owned())?.into_inner();
+        Ok((Sender::Delta(tx), Receiver::Delta(rx)))
+    } else {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for request in initial_sotw_requests(&mut lock(&inner.cache), node) {
+            let _ = tx.send(request);
+        }
+        let rx =
+            client.stream_aggregated_resources(UnboundedReceiverStream::new(rx)).await.map_err(|s| s.message().to_owned())?.into_inner();
+        Ok((Sender::Sotw(tx), Receiver::Sotw(rx)))
+    }
+}
+
+/// The first requests of a SotW stream: every subscribed type, node on the first.
+fn initial_sotw_requests(cache: &mut Cache, node: PbNode) -> Vec<DiscoveryRequest> {
+    let mut requests: Vec<DiscoveryRequest> = cache.subscribed_types().into_iter().map(|ty| cache.sotw_request(ty, None, None)).collect();
+    if let Some(first) = requests.first_mut() {
+        first.node = Some(node);
+    }
+    requests
+}
+
+/// The first requests of a delta stream; a bare request carries the node
+/// when nothing is subscribed yet.
+fn initial_delta_requests(cache: &mut Cache, node: PbNode) -> Vec<DeltaDiscoveryRequest> {
+    let mut requests: Vec<DeltaDiscoveryRequest> = cache.subscribed_types().into_iter().map(|ty| cache.delta_initial_request(ty)).collect();
+    match requests.first_mut() {
+        Some(first) => first.node = Some(node),
+        None => requests.push(DeltaDiscoveryRequest { node: Some(node), ..Default::default() }),
+    }
+    requests
+}
+
+fn node(bootstrap: &Bootstrap) -> PbNode {
+    let n = &bootstrap.node;
+    PbNode {
+        id: n.id.clone(),
+        cluster: n.cluster.clone(),
+        locality: Some(PbLocality {
+            region: n.locality.region.clone(),
+            zone: n.locality.zone.clone(),
+            sub_zone: n.locality.sub_zone.clone(),
+        }),
+        user_agent_name: "mesh-xds-client".into(),
+        client_features: vec!["envoy.lb.does_not_support_overprovisioning".into(), "xds.config.resource-in-sotw".into()],
+        metadata: crate::dump::json_to_struct(&n.metadata),
+        ..Default::default()
+    }
+}
+
+/// Runs one stream until it ends.
+async fn serve(inner: &Arc<Inner>, (sender, mut receiver): Stream, index: usize, commands: &mut mpsc::UnboundedReceiver<Command>) -> Ended {
+    let mut received = false;
+    {
+        let mut cache = lock(&inner.cache);
+        for ty in ResourceType::ALL {
+            let names: Vec<String> = cache.state(ty).entries.keys().cloned().collect();
+            for name in names {
+                start_timer(inner, &mut cache, ty, &name);
+            }
+        }
+    }
+    let mut primary_retry = (index > 0).then(|| {
+        let period = inner.config.primary_retry;
+        tokio::time::interval_at(tokio::time::Instant::now() + period, period)
+    });
+    loop {
+        tokio::select! {
+            message = receiver.next() => match message {
+                Ok(Some(response)) => {
+                    received = true;
+                    handle_response(inner, &sender, response);
+                }
+                Ok(None) => return Ended::Failed { received, reason: "stream closed by the server".into() },
+                Err(status) => return Ended::Failed { received, reason: format!("{:?}: {}", status.code(), status.message()) },
+            },
+            command = commands.recv() => match command {
+                None => return Ended::Shutdown,
+                Some(command) => handle_command(inner, &sender, command),
+            },
+            _ = async { if let Some(i) = primary_retry.as_mut() { i.tick().await; } }, if primary_retry.is_some() => {
+                if let Ok(primary) = open(inner, &inner.bootstrap.servers[0]).await {
+                    return Ended::PrimaryBack(Box::new(primary));
+                }
+            }
+        }
+    }
+}
+
+fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
+    let mut cache = lock(&inner.cache);
+    match (response, sender) {
+        (Response::Sotw(response), Sender::Sotw(tx)) => {
+            let Some(ty) = ResourceType::from_type_url(&response.type_url) else {
+                tracing::warn!(type_url = %response.type_url, "ignoring response of an unknown type");
+                return;
+            };
+            let applied = cache.apply_sotw(ty, &response);
+            let error = log_outcome(ty, &response.version_info, &applied.errors);
+            let _ = tx.send(cache.sotw_request(ty, Some(&response.nonce), error));
+        }
+        (Response::Delta(response), Sender::Delta(tx)) => {
+            let Some(ty) = ResourceType::from_type_url(&response.type_url) else {
+                tracing::warn!(type_url = %response.type_url, "ignoring response of an unknown type");
+                return;
+            };
+            let applied = cache.apply_delta(ty, &response);
+            let error = log_outcome(ty, &response.system_version_info, &applied.errors);
+            let _ = tx.send(DeltaDiscoveryRequest {
+                type_url: ty.type_url().to_owned(),
+                response_nonce: response.nonce.clone(),
+                error_detail: error.map(|message| envoy_types::pb::google::rpc::Status { code: 3, message, details: vec![] }),
+                ..Default::default()
+            });
+        }
+        _ => {}
+    }
+}
+
+fn log_outcome(ty: ResourceType, version: &str, errors: &[String]) -> Option<String> {
+    if errors.is_empty() {
+        tracing::debug!(r#type = ty.short_name(), version, "ACK");
+        return None;
+    }
+    let detail = errors.join("; ");
+    tracing::warn!(r#type = ty.short_name(), version, error = %detail, "NACK: rejected resources keep their last accepted value");
+    Some(detail)
+}
+
+fn handle_command(inner: &Arc<Inner>, sender: &Sender, command: Command) {
+    let mut cache = lock(&inner.cache);
+    let ty = match &command {
+        Command::Subscribe(ty, name) => {
+            start_timer(inner, &mut cache, *ty, name);
+            *ty
+        }
+        Command::Unsubscribe(ty, name) => {
+            if !cache.unsubscribe(*ty, name) {
+                return;
+            }
+            *ty
+        }
+        Command::DoesNotExist(ty, name) => {
+            tracing::warn!(r#type = ty.short_name(), name, "resource does not exist (timer fired)");
+            cache.does_not_exist(*ty, name);
+            return;
+        }
+    };
+    match sender {
+        Sender::Sotw(tx) => {
+            let nonce = cache.state(ty).nonce.clone();
+            let _ = tx.send(cache.sotw_request(ty, Some(&nonce), None));
+        }
+        Sender::Delta(tx) => {
+            if let Some(request) = cache.delta_change_request(ty) {
+                let _ = tx.send(request);
+            }
+        }
+    }
+}
+
+/// Starts the does-not-exist timer of a subscribed resource without a value.
+fn start_timer(inner: &Arc<Inner>, cache: &mut Cache, ty: ResourceType, name: &str) {
+    let Some(entry) = cache.state(ty).entries.get_mut(name) else { return };
+    if entry.has_value() || entry.dne_timer.is_some() {
+        return;
+    }
+    let (commands, timeout, name) = (inner.commands.clone(), inner.config.does_not_exist_timeout, name.to_owned());
+    entry.dne_timer = Some(
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ = commands.send(Command::DoesNotExist(ty, name));
+        })
+        .abort_handle(),
+    );
+}
+
+fn cancel_timers(inner: &Inner) {
+    let mut cache = lock(&inner.cache);
+    for state in cache.types.values_mut() {
+        for entry in state.entries.values_mut() {
+            if let Some(t) = entry.dne_timer.take() {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// Waits `wait` while keeping the cache in sync with commands; `true` when
+/// the client is gone.
+async fn drain_while(commands: &mut mpsc::UnboundedReceiver<Command>, client: &Weak<Inner>, wait: Duration) -> bool {
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return client.strong_count() == 0,
+            command = commands.recv() => match command {
+                None => return true,
+                Some(Command::Unsubscribe(ty, name)) => {
+                    if let Some(inner) = client.upgrade() {
+                        lock(&inner.cache).unsubscribe(ty, &name);
+                    }
+                }
+                // Subscriptions are sent on the next stream; timers only run on a live stream.
+                Some(Command::Subscribe(..) | Command::DoesNotExist(..)) => {}
+            }
+        }
+    }
+}
+
+fn backoff(config: &XdsClientConfig, failures: u32) -> Duration {
+    let base = config.backoff_base.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(config.backoff_max);
+    let jitter = 0.8
+        + 0.4 * (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000) as f64 / 1000.0;
+    base.mul_f64(jitter)
+}

@@ -1,0 +1,187 @@
+//! LDS: client-side (API) listeners and their HTTP connection manager.
+
+use std::collections::HashSet;
+
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, HttpFilter};
+use prost::Message;
+
+use super::{extension_type, route};
+
+/// Message name of the HTTP connection manager an API listener must hold.
+const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+/// Message name of the router filter, which must come last.
+const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+/// HTTP filters besides the router whose configuration the client accepts;
+/// their names are passed on in [`ListenerResource::http_filters`].
+const KNOWN_FILTERS: &[&str] = &[ROUTER, "envoy.extensions.filters.http.fault.v3.HTTPFault"];
+
+/// A client-side listener: where its routes come from and its HTTP filters.
+#[derive(Clone, Debug)]
+pub struct ListenerResource {
+    /// Listener name (the target the client resolves).
+    pub name: String,
+    /// The route table, by RDS name or inline.
+    pub route: RouteSource,
+    /// HTTP filter names in order, the router last; optional filters the
+    /// client does not know are left out.
+    pub http_filters: Vec<String>,
+}
+
+/// Where a listener's routes come from.
+#[derive(Clone, Debug)]
+pub enum RouteSource {
+    /// Fetched over RDS under this name.
+    Rds(String),
+    /// Carried in the listener.
+    Inline(mesh_core::RouteConfig),
+}
+
+/// Decodes and validates a `Listener`.
+pub(crate) fn decode(bytes: &[u8]) -> Result<ListenerResource, String> {
+    let listener = Listener::decode(bytes).map_err(|e| format!("malformed Listener: {e}"))?;
+    let any =
+        listener.api_listener.and_then(|a| a.api_listener).ok_or("api_listener: missing (only client-side API listeners are supported)")?;
+    if super::type_name(&any.type_url) != HCM {
+        return Err(format!("api_listener: type {:?} is not an HttpConnectionManager", any.type_url));
+    }
+    let hcm =
+        HttpConnectionManager::decode(any.value.as_slice()).map_err(|e| format!("api_listener: malformed HttpConnectionManager: {e}"))?;
+    let route = match hcm.route_specifier {
+        Some(RouteSpecifier::Rds(rds)) if rds.route_config_name.is_empty() => return Err("rds.route_config_name: empty".into()),
+        Some(RouteSpecifier::Rds(rds)) => RouteSource::Rds(rds.route_config_name),
+        Some(RouteSpecifier::RouteConfig(rc)) => RouteSource::Inline(route::convert(&rc).map_err(|e| format!("route_config: {e}"))?),
+        Some(RouteSpecifier::ScopedRoutes(_)) => return Err("scoped_routes: scoped routes not supported".into()),
+        None => return Err("HttpConnectionManager has neither rds nor route_config".into()),
+    };
+    let http_filters = http_filters(&hcm.http_filters)?;
+    Ok(ListenerResource { name: listener.name, route, http_filters })
+}
+
+/// Filter names in order (gRPC A39): unique names, known config types unless
+/// optional, the router last.
+fn http_filters(filters: &[HttpFilter]) -> Result<Vec<String>, String> {
+    let mut names = Vec::with_capacity(filters.len());
+    let mut seen = HashSet::new();
+    let mut last_is_router = false;
+    for (i, f) in filters.iter().enumerate() {
+        if f.name.is_empty() {
+            return Err(format!("http_filters[{i}]: empty name"));
+        }
+        if !seen.insert(f.name.as_str()) {
+            return Err(format!("http_filters[{i}]: duplicate filter name {:?}", f.name));
+        }
+        let ty = match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => extension_type(any),
+            _ => "".into(),
+        };
+        if !KNOWN_FILTERS.contains(&ty.as_ref()) {
+            if f.is_optional {
+                tracing::debug!(filter = %f.name, %ty, "skipping optional HTTP filter of unsupported type");
+                continue;
+            }
+            let ty = if ty.is_empty() { "no typed_config" } else { ty.as_ref() };
+            return Err(format!("http_filters[{i}]: filter {:?} has unsupported config type ({ty})", f.name));
+        }
+        last_is_router = ty == ROUTER;
+        names.push(f.name.clone());
+    }
+    if !last_is_router {
+        return Err(format!("http_filters: the last filter must be the router ({ROUTER})"));
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::listener::v3::ApiListener;
+    use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+    use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{Rds, ScopedRoutes};
+    use envoy_types::pb::google::protobuf::Any;
+
+    use super::super::{DecodeError, Resource, ResourceType, to_any};
+    use super::*;
+
+    fn filter(name: &str, any: Option<Any>, is_optional: bool) -> HttpFilter {
+        HttpFilter { name: name.into(), is_optional, config_type: any.map(ConfigType::TypedConfig), ..Default::default() }
+    }
+
+    fn router() -> HttpFilter {
+        filter("router", Some(to_any(&Router::default())), false)
+    }
+
+    fn rds(name: &str) -> Option<RouteSpecifier> {
+        Some(RouteSpecifier::Rds(Rds { route_config_name: name.into(), config_source: None }))
+    }
+
+    fn listener(route: Option<RouteSpecifier>, filters: Vec<HttpFilter>) -> Any {
+        let hcm = HttpConnectionManager { route_specifier: route, http_filters: filters, ..Default::default() };
+        to_any(&Listener {
+            name: "greeter".into(),
+            api_listener: Some(ApiListener { api_listener: Some(to_any(&hcm)) }),
+            ..Default::default()
+        })
+    }
+
+    fn decode_listener(any: &Any) -> Result<ListenerResource, DecodeError> {
+        match super::super::decode(ResourceType::Listener, any)? {
+            Resource::Listener(l) => Ok(l),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn reason(any: &Any) -> String {
+        let err = decode_listener(any).unwrap_err();
+        assert_eq!(err.name.as_deref(), Some("greeter"), "{err}");
+        err.reason
+    }
+
+    #[test]
+    fn rds_listener() {
+        let unknown_optional = filter("opt", Some(Any { type_url: "type.googleapis.com/x.Unknown".into(), value: vec![] }), true);
+        let fault = filter("fault", Some(to_any(&HttpFault::default())), false);
+        let l = decode_listener(&listener(rds("routes"), vec![fault, unknown_optional, router()])).unwrap();
+        assert_eq!(l.name, "greeter");
+        assert!(matches!(&l.route, RouteSource::Rds(n) if n == "routes"));
+        assert_eq!(l.http_filters, ["fault", "router"]);
+    }
+
+    #[test]
+    fn inline_route_config() {
+        let vh = VirtualHost { name: "vh".into(), domains: vec!["*".into()], ..Default::default() };
+        let rc = RouteConfiguration { name: "inline".into(), virtual_hosts: vec![vh], ..Default::default() };
+        let l = decode_listener(&listener(Some(RouteSpecifier::RouteConfig(rc)), vec![router()])).unwrap();
+        let RouteSource::Inline(rc) = l.route else { panic!("not inline") };
+        assert_eq!((rc.name.as_str(), rc.virtual_hosts.len()), ("inline", 1));
+
+        let bad = RouteConfiguration { virtual_hosts: vec![VirtualHost::default()], ..Default::default() };
+        assert!(reason(&listener(Some(RouteSpecifier::RouteConfig(bad)), vec![router()])).contains("route_config: virtual_hosts[0]"));
+    }
+
+    #[test]
+    fn rejections() {
+        let no_api = to_any(&Listener { name: "greeter".into(), ..Default::default() });
+        assert!(reason(&no_api).contains("api_listener"));
+        let not_hcm = to_any(&Listener {
+            name: "greeter".into(),
+            api_listener: Some(ApiListener { api_listener: Some(to_any(&Router::default())) }),
+            ..Default::default()
+        });
+        assert!(reason(&not_hcm).contains("not an HttpConnectionManager"));
+        assert!(reason(&listener(None, vec![router()])).contains("neither rds nor route_config"));
+        assert!(reason(&listener(rds(""), vec![router()])).contains("route_config_name"));
+        let scoped = Some(RouteSpecifier::ScopedRoutes(ScopedRoutes::default()));
+        assert!(reason(&listener(scoped, vec![router()])).contains("scoped routes not supported"));
+        assert!(reason(&listener(rds("r"), vec![])).contains("last filter must be the router"));
+        let fault = filter("fault", Some(to_any(&HttpFault::default())), false);
+        assert!(reason(&listener(rds("r"), vec![router(), fault])).contains("last filter must be the router"));
+        let unknown = filter("authz", Some(Any { type_url: "type.googleapis.com/x.Authz".into(), value: vec![] }), false);
+        assert!(reason(&listener(rds("r"), vec![unknown, router()])).contains("\"authz\""));
+        assert!(reason(&listener(rds("r"), vec![filter("bare", None, false), router()])).contains("\"bare\""));
+        assert!(reason(&listener(rds("r"), vec![router(), router()])).contains("duplicate"));
+    }
+}
