@@ -340,12 +340,12 @@ pub struct Regex(regex::Regex);
 impl Regex {
     /// Compiles `pattern`; the error says why it is invalid.
     pub fn new(pattern: &str) -> Result<Self> {
+        let invalid = |e: regex::Error| Error::InvalidPolicy { policy: "regex", field: "pattern", reason: e.to_string() };
+        // Valid on its own first, so its groups balance and the anchors
+        // below cannot be escaped (`a)|(?:b` would otherwise slip through).
+        regex::Regex::new(pattern).map_err(invalid)?;
         // Anchor so the whole input must match, as Envoy's safe_regex does.
-        regex::Regex::new(&format!("^(?:{pattern})$")).map(Self).map_err(|e| Error::InvalidPolicy {
-            policy: "regex",
-            field: "pattern",
-            reason: e.to_string(),
-        })
+        regex::Regex::new(&format!("^(?:{pattern})$")).map(Self).map_err(invalid)
     }
 
     /// Whether the whole of `text` matches.
@@ -442,6 +442,7 @@ mod tests {
         assert!(header.matches("/x", |n| (n == "x-canary").then_some("1")));
         assert!(!header.matches("/x", none));
         assert!(Regex::new("(").is_err());
+        assert!(Regex::new("a)|(?:b").is_err(), "a pattern must not escape the anchors");
     }
 
     #[test]

@@ -98,8 +98,40 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
 
 /// Runs `meshctl` with `args`; returns (exit code, stdout, stderr).
 pub fn meshctl(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
-    let output = Command::new(workspace_bin("meshctl")?).args(args).output()?;
+    meshctl_with_env(args, &[])
+}
+
+/// Runs `meshctl` with `args` and extra environment variables.
+pub fn meshctl_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(i32, String, String)> {
+    let output = Command::new(workspace_bin("meshctl")?).args(args).envs(env.iter().copied()).output()?;
     Ok((output.status.code().unwrap_or(-1), String::from_utf8(output.stdout)?, String::from_utf8(output.stderr)?))
+}
+
+/// A gRPC bootstrap file for one plaintext ADS server, in a temp dir.
+pub fn write_bootstrap(ads_addr: SocketAddr, features: &[&str]) -> anyhow::Result<(TempDir, PathBuf)> {
+    let dir = TempDir::new("bootstrap")?;
+    let path = dir.0.join("bootstrap.json");
+    let json = serde_json::json!({
+        "xds_servers": [{"server_uri": ads_addr.to_string(), "channel_creds": [{"type": "insecure"}], "server_features": features}],
+        "node": {"id": "mesh-test", "cluster": "tests", "locality": {"zone": "z1"}},
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+    Ok((dir, path))
+}
+
+/// Runs the grpcio proxyless xDS client: `n` calls to `method` on `target`.
+pub fn python_xds_client(bootstrap: &Path, target: &str, method: &str, n: u32) -> anyhow::Result<serde_json::Value> {
+    let output = Command::new("timeout")
+        .arg("60")
+        .arg(python()?)
+        .arg(workspace_root().join("tests/peers/py_xds_client.py"))
+        .args([target, method, &n.to_string()])
+        .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+        .output()?;
+    if !output.status.success() {
+        bail!("grpcio xDS client failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 /// A free UDP+TCP port on 127.0.0.1 (best effort: free when returned).

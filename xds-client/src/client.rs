@@ -1,7 +1,7 @@
 //! The ADS client: one stream to the control plane carrying every
 //! subscription, SotW or delta, with reconnects, fallback and timers.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{Locality as PbLocality, Node as PbNode};
@@ -72,12 +72,14 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     /// Server currently connected (index into bootstrap servers), if any.
     connected: Mutex<Option<usize>>,
-    task: tokio::task::AbortHandle,
+    task: OnceLock<tokio::task::AbortHandle>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
     }
 }
 
@@ -89,17 +91,17 @@ impl XdsClient {
             fail_on_data_errors: config.fail_on_data_errors,
             ignore_resource_deletion: bootstrap.servers.first().is_some_and(|s| s.has_feature(FEATURE_IGNORE_RESOURCE_DELETION)),
         };
-        let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
-            let task = tokio::spawn(run(weak.clone(), rx)).abort_handle();
-            Inner {
-                bootstrap,
-                config,
-                cache: Mutex::new(Cache { policy, ..Cache::default() }),
-                commands,
-                connected: Mutex::new(None),
-                task,
-            }
+        let inner = Arc::new(Inner {
+            bootstrap,
+            config,
+            cache: Mutex::new(Cache { policy, ..Cache::default() }),
+            commands,
+            connected: Mutex::new(None),
+            task: OnceLock::new(),
         });
+        // Spawned only once `inner` exists, so the task can always upgrade.
+        let task = tokio::spawn(run(Arc::downgrade(&inner), rx)).abort_handle();
+        let _ = inner.task.set(task);
         Self { inner }
     }
 

@@ -1,0 +1,197 @@
+//! `xds:///` end to end: the scripted ADS server drives routing, weighted
+//! splits and endpoints for meshctl, for our channel, and for a real grpcio
+//! (C-core) proxyless client.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_tests::ads::{AdsServer, build, type_url};
+use mesh_tests::echo::{EchoServer, METHOD};
+use mesh_tests::peers;
+use mesh_tonic::codec::BytesCodec;
+use mesh_tonic::{Channel, ServedBy};
+use serde_json::Value;
+use tonic::codegen::http::uri::PathAndQuery;
+use xds_client::{Bootstrap, XdsClient, XdsClientConfig};
+
+/// Listener `greeter` → routes → clusters `greeter-a`/`greeter-b` by weight.
+fn publish_greeter(ads: &AdsServer, a: &[SocketAddr], b: &[SocketAddr], weights: (u32, u32)) {
+    ads.set(type_url::CLUSTER, "greeter-a", build::cluster_eds("greeter-a", "round_robin"));
+    ads.set(type_url::CLUSTER, "greeter-b", build::cluster_eds("greeter-b", "round_robin"));
+    ads.set(type_url::ENDPOINT, "greeter-a", build::endpoints("greeter-a", a));
+    ads.set(type_url::ENDPOINT, "greeter-b", build::endpoints("greeter-b", b));
+    ads.set(
+        type_url::ROUTE,
+        "greeter-routes",
+        build::route_config("greeter-routes", &["greeter"], &[("greeter-a", weights.0), ("greeter-b", weights.1)]),
+    );
+    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+}
+
+async fn servers(n: usize) -> Vec<EchoServer> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(EchoServer::start(Duration::ZERO).await.unwrap());
+    }
+    v
+}
+
+fn xds_channel(ads: &AdsServer) -> Channel {
+    let client = XdsClient::new(Bootstrap::for_server(ads.addr().to_string(), "mesh-test"), XdsClientConfig::default());
+    Channel::builder("xds:///greeter").timeout(Duration::from_secs(10)).build_xds(client, "greeter").unwrap()
+}
+
+async fn call(channel: &Channel) -> Result<SocketAddr, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    let response = grpc.unary(tonic::Request::new(Bytes::new()), PathAndQuery::from_static(METHOD), BytesCodec).await?;
+    Ok(response.extensions().get::<ServedBy>().expect("ServedBy").0)
+}
+
+/// `n` calls on `concurrency` workers; `between(done)` runs after each call.
+async fn drive(
+    channel: &Channel,
+    n: u64,
+    concurrency: usize,
+    between: impl Fn(u64) + Send + Sync + 'static,
+) -> (BTreeMap<SocketAddr, u64>, Vec<String>) {
+    let remaining = Arc::new(AtomicU64::new(n));
+    let done = Arc::new(AtomicU64::new(0));
+    let between = Arc::new(between);
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (channel, remaining, done, between) = (channel.clone(), remaining.clone(), done.clone(), between.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut by, mut failures) = (BTreeMap::new(), Vec::new());
+            while remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1)).is_ok() {
+                match call(&channel).await {
+                    Ok(addr) => *by.entry(addr).or_insert(0) += 1,
+                    Err(s) => failures.push(format!("{:?}: {}", s.code(), s.message())),
+                }
+                between(done.fetch_add(1, Ordering::SeqCst) + 1);
+            }
+            (by, failures)
+        }));
+    }
+    let (mut by, mut failures) = (BTreeMap::new(), Vec::new());
+    for w in workers {
+        let (b, f) = w.await.unwrap();
+        for (k, v) in b {
+            *by.entry(k).or_insert(0) += v;
+        }
+        failures.extend(f);
+    }
+    (by, failures)
+}
+
+fn share(by: &BTreeMap<SocketAddr, u64>, of: &[SocketAddr]) -> f64 {
+    let total: u64 = by.values().sum();
+    of.iter().map(|a| by.get(a).copied().unwrap_or(0)).sum::<u64>() as f64 / total as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_call_xds_target_follows_the_80_20_split() {
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(3).await;
+    let a = [s[0].addr, s[1].addr];
+    let b = [s[2].addr];
+    publish_greeter(&ads, &a, &b, (80, 20));
+    let (_dir, bootstrap) = peers::write_bootstrap(ads.addr(), &["xds_v3"]).unwrap();
+    let bootstrap = bootstrap.to_str().unwrap().to_owned();
+    let args = ["call", "--target", "xds:///greeter", "--method", METHOD, "--n", "1000", "--concurrency", "8", "--json"];
+    let (code, stdout, stderr) =
+        tokio::task::spawn_blocking(move || peers::meshctl_with_env(&args, &[("GRPC_XDS_BOOTSTRAP", &bootstrap)])).await.unwrap().unwrap();
+    assert_eq!(code, 0, "stderr: {stderr}");
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["ok"], 1000, "{summary}");
+    let to_a: u64 = a.iter().map(|x| summary["by_endpoint"][x.to_string()].as_u64().unwrap_or(0)).sum();
+    assert!((750..=850).contains(&to_a), "cluster a (weight 80) got {to_a} of 1000: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_moved_by_the_control_plane_fail_no_call() {
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(4).await;
+    let pool: Vec<SocketAddr> = s.iter().map(|x| x.addr).collect();
+    publish_greeter(&ads, &pool[0..1], &pool[3..4], (50, 50));
+    let channel = xds_channel(&ads);
+    call(&channel).await.expect("first call after config arrives");
+    let ads = Arc::new(ads);
+    let script = {
+        let (ads, pool) = (ads.clone(), pool.clone());
+        move |done: u64| {
+            if done.is_multiple_of(150) && done < 2000 {
+                // Rotate cluster a over the first three servers, one to two at a time.
+                let step = (done / 150) as usize;
+                let next: Vec<SocketAddr> = (0..1 + step % 2).map(|i| pool[(step + i) % 3]).collect();
+                ads.set(type_url::ENDPOINT, "greeter-a", build::endpoints("greeter-a", &next));
+            }
+        }
+    };
+    let (by, failures) = drive(&channel, 2000, 8, script).await;
+    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(pool[0..3].iter().all(|a| by.contains_key(a)), "every server of cluster a served at some point: {by:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_killed_mid_run_fails_no_call_to_healthy_backends() {
+    let mut ads = AdsServer::start().await.unwrap();
+    let s = servers(2).await;
+    let (a, b) = ([s[0].addr], [s[1].addr]);
+    publish_greeter(&ads, &a, &b, (80, 20));
+    let channel = xds_channel(&ads);
+    let (before, failures) = drive(&channel, 300, 8, |_| {}).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    ads.stop().await;
+    let (after, failures) = drive(&channel, 1000, 8, |_| {}).await;
+    assert!(failures.is_empty(), "{} failed after the control plane died: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    let share_a = share(&after, &a);
+    assert!((0.75..=0.85).contains(&share_a), "split kept from the last config: {share_a:.3} {after:?} (before {before:?})");
+}
+
+#[tokio::test]
+async fn unreachable_control_plane_fails_calls_unavailable_naming_the_server() {
+    let port = peers::free_port().unwrap();
+    let server = format!("127.0.0.1:{port}");
+    let client = XdsClient::new(Bootstrap::for_server(server.clone(), "mesh-test"), XdsClientConfig::default());
+    let channel = Channel::builder("xds:///greeter").ready_timeout(Duration::from_millis(500)).build_xds(client, "greeter").unwrap();
+    let status = call(&channel).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains(&server) && status.message().contains("xds:///greeter"), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_proxyless_client_and_ours_see_the_same_routing() {
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(3).await;
+    let a = [s[0].addr, s[1].addr];
+    let b = [s[2].addr];
+    publish_greeter(&ads, &a, &b, (80, 20));
+    let (_dir, bootstrap) = peers::write_bootstrap(ads.addr(), &["xds_v3"]).unwrap();
+
+    let theirs =
+        tokio::task::spawn_blocking(move || peers::python_xds_client(&bootstrap, "xds:///greeter", METHOD, 1000)).await.unwrap().unwrap();
+    assert_eq!(theirs["ok"], 1000, "{theirs}");
+    let theirs_by: BTreeMap<SocketAddr, u64> =
+        theirs["by_response"].as_object().unwrap().iter().map(|(k, v)| (k.parse().unwrap(), v.as_u64().unwrap())).collect();
+
+    let channel = xds_channel(&ads);
+    let (ours_by, failures) =
+        tokio::time::timeout(Duration::from_secs(60), drive(&channel, 1000, 1, |_| {})).await.expect("our client finishes");
+    assert!(failures.is_empty(), "{failures:?}");
+
+    let keys = |m: &BTreeMap<SocketAddr, u64>| m.keys().copied().collect::<Vec<_>>();
+    assert_eq!(keys(&theirs_by), keys(&ours_by), "both reach the same endpoints");
+    for (name, by) in [("grpcio", &theirs_by), ("ours", &ours_by)] {
+        let share_a = share(by, &a);
+        assert!((0.75..=0.85).contains(&share_a), "{name}: cluster a share {share_a:.3}: {by:?}");
+    }
+    // Round robin inside cluster a: both spread it evenly.
+    for by in [&theirs_by, &ours_by] {
+        let (x, y) = (by[&a[0]] as f64, by[&a[1]] as f64);
+        assert!((x / (x + y) - 0.5).abs() < 0.1, "{by:?}");
+    }
+}
