@@ -48,8 +48,9 @@ pub(super) struct Handle<B> {
     in_flight: AtomicU64,
     ewma: Mutex<PeakEwma>,
     task: Mutex<Option<AbortHandle>>,
-    /// Latest discovery data (weight, locality, metadata) for this address.
-    endpoint: Mutex<Endpoint>,
+    /// Latest discovery data (weight, locality, metadata) for this address;
+    /// shared with snapshots, so publishing costs a reference count.
+    endpoint: Mutex<Arc<Endpoint>>,
 }
 
 impl<B> Handle<B> {
@@ -131,7 +132,10 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             return;
         }
         if let Some(handle) = endpoints.get(&endpoint.addr) {
-            *lock(&handle.endpoint) = endpoint;
+            let mut current = lock(&handle.endpoint);
+            if **current != endpoint {
+                *current = Arc::new(endpoint);
+            }
             return;
         }
         let (default_rtt, decay) = match self.config.lb {
@@ -145,7 +149,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             in_flight: AtomicU64::new(0),
             ewma: Mutex::new(PeakEwma::new(default_rtt, decay, self.now())),
             task: Mutex::new(None),
-            endpoint: Mutex::new(endpoint),
+            endpoint: Mutex::new(Arc::new(endpoint)),
         });
         tracing::debug!(target_name = %self.target, addr = %handle.addr, "endpoint added");
         let task = tokio::spawn(Arc::clone(self).run_endpoint(Arc::clone(&handle))).abort_handle();
@@ -160,8 +164,13 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         }
     }
 
-    /// Re-publishes after a connection state change.
-    fn refresh(&self) {
+    /// Asks for a snapshot rebuild after a connection state change.
+    fn schedule_refresh(&self) {
+        self.republish.notify_one();
+    }
+
+    /// Re-publishes now.
+    pub(super) fn refresh(&self) {
         let endpoints = lock(&self.endpoints);
         self.publish(&endpoints, false);
     }
@@ -170,7 +179,8 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     /// so snapshots are published in order.
     fn publish(&self, endpoints: &HashMap<SocketAddr, Arc<Handle<B>>>, set_changed: bool) {
         let previous = self.snapshot();
-        let mut list: Vec<(Endpoint, Arc<Handle<B>>)> = endpoints.values().map(|h| (lock(&h.endpoint).clone(), Arc::clone(h))).collect();
+        let mut list: Vec<(Arc<Endpoint>, Arc<Handle<B>>)> =
+            endpoints.values().map(|h| (lock(&h.endpoint).clone(), Arc::clone(h))).collect();
         list.sort_by_key(|(e, _)| e.addr);
 
         let mut priorities: Vec<u32> = list.iter().map(|(e, _)| e.priority).collect();
@@ -210,7 +220,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         self.changed.send_replace(generation);
     }
 
-    fn build_ring(&self, list: &[(Endpoint, Arc<Handle<B>>)]) -> Option<Arc<RingHash<usize>>> {
+    fn build_ring(&self, list: &[(Arc<Endpoint>, Arc<Handle<B>>)]) -> Option<Arc<RingHash<usize>>> {
         let LbPolicy::RingHash { ring, .. } = &self.config.lb else { return None };
         // Ring entries hash the address, so positions survive set changes; the
         // ring stores indices into this snapshot's list.
@@ -239,18 +249,19 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         let mut backoff = policy.reconnect_backoff_base;
         loop {
             let started = Instant::now();
-            match self.connect(handle.addr).await {
+            // Boxed: the task's idle size (in backoff) stays small.
+            match Box::pin(self.connect(handle.addr)).await {
                 Ok((sender, closed)) => {
                     backoff = policy.reconnect_backoff_base;
                     *lock(&handle.sender) = Some(sender);
                     handle.set_state(ConnState::Ready);
                     tracing::debug!(target_name = %self.target, addr = %handle.addr, "endpoint ready");
-                    self.refresh();
+                    self.schedule_refresh();
                     let _ = closed.await;
                     lock(&handle.sender).take();
                     handle.set_state(ConnState::Connecting);
                     tracing::debug!(target_name = %self.target, addr = %handle.addr, "connection closed; reconnecting");
-                    self.refresh();
+                    self.schedule_refresh();
                     // A connection that dies at once is a failure, not a reason to spin.
                     if started.elapsed() >= Duration::from_secs(1) {
                         continue;
@@ -260,7 +271,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                     tracing::warn!(target_name = %self.target, addr = %handle.addr, %error, retry_in = ?backoff, "connect failed");
                     *lock(&self.last_error) = error.to_string();
                     handle.set_state(ConnState::TransientFailure);
-                    self.refresh();
+                    self.schedule_refresh();
                 }
             }
             tokio::time::sleep(jitter(backoff, &self.seed)).await;

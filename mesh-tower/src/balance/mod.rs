@@ -57,7 +57,7 @@ use futures_util::StreamExt;
 use mesh_core::lb::{DEFAULT_OVERPROVISIONING_FACTOR, RingHash, WeightedRoundRobin};
 use mesh_core::policy::ConnectionPolicy;
 use mesh_core::{Endpoint, LbPolicy};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 
 pub use body::ResponseBody;
@@ -166,17 +166,32 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             endpoints: Mutex::new(HashMap::new()),
             snapshot: RwLock::new(Arc::new(Snapshot::empty(ring))),
             changed: watch::channel(0).0,
+            republish: Arc::new(Notify::new()),
             next: AtomicUsize::new(0),
             seed: AtomicU64::new(0x5eed),
             wrr: Mutex::new((u64::MAX, WeightedRoundRobin::new())),
             last_error: Mutex::new(String::new()),
         });
         let weak = Arc::downgrade(&state);
+        let republish = state.republish.clone();
         let mut discover = Box::pin(discover);
+        // One task applies discovery changes and publishes connection-state
+        // changes, coalesced: a burst of N state changes costs one snapshot
+        // rebuild, not N.
         let discovery = tokio::spawn(async move {
-            while let Some(change) = discover.next().await {
-                let Some(state) = weak.upgrade() else { return };
-                state.apply(change);
+            let mut discovering = true;
+            loop {
+                tokio::select! {
+                    change = discover.next(), if discovering => match (change, weak.upgrade()) {
+                        (Some(change), Some(state)) => state.apply(change),
+                        (None, _) => discovering = false,
+                        (_, None) => return,
+                    },
+                    () = republish.notified() => match weak.upgrade() {
+                        Some(state) => state.refresh(),
+                        None => return,
+                    },
+                }
             }
         })
         .abort_handle();
@@ -188,13 +203,33 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         &self.inner.state.target
     }
 
+    /// A receiver that changes whenever the endpoint set or a connection
+    /// state changes (for readiness probes and tests).
+    pub fn updates(&self) -> watch::Receiver<u64> {
+        self.inner.state.changed.subscribe()
+    }
+
+    /// How many endpoints the balancer currently picks from (ready or not).
+    pub fn endpoint_count(&self) -> usize {
+        self.inner.state.snapshot().endpoints.len()
+    }
+
+    /// Whether the balancer's current set contains `addr`.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.inner.state.snapshot().endpoints.binary_search_by_key(&addr, |(e, _)| e.addr).is_ok()
+    }
+
     /// The known endpoints and their connection state, sorted by address.
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
         let snapshot = self.inner.state.snapshot();
         snapshot
             .endpoints
             .iter()
-            .map(|(endpoint, handle)| EndpointStatus { endpoint: endpoint.clone(), state: handle.state(), in_flight: handle.in_flight() })
+            .map(|(endpoint, handle)| EndpointStatus {
+                endpoint: (**endpoint).clone(),
+                state: handle.state(),
+                in_flight: handle.in_flight(),
+            })
             .collect()
     }
 }
@@ -227,6 +262,8 @@ struct State<B, C> {
     snapshot: RwLock<Arc<Snapshot<B>>>,
     /// Generation of the latest snapshot; callers waiting for readiness watch it.
     changed: watch::Sender<u64>,
+    /// Asks the background task to rebuild the snapshot (coalesced).
+    republish: Arc<Notify>,
     /// Round-robin position.
     next: AtomicUsize,
     /// Seed source for per-pick random generators.
@@ -241,7 +278,7 @@ struct State<B, C> {
 struct Snapshot<B> {
     generation: u64,
     /// All endpoints, sorted by address.
-    endpoints: Vec<(Endpoint, Arc<Handle<B>>)>,
+    endpoints: Vec<(Arc<Endpoint>, Arc<Handle<B>>)>,
     /// Whether each endpoint may take traffic (connected and routable).
     ready: Vec<bool>,
     /// Indices of ready endpoints, per priority level (ascending priority).

@@ -1,0 +1,165 @@
+//! Benchmark: applying EDS updates from a control plane to a balancer.
+//!
+//! `cargo run --release -p mesh-tests --bin bench-xds -- [--endpoints N] [--rounds R]`
+//!
+//! An in-process ADS server (real gRPC on 127.0.0.1) pushes a
+//! ClusterLoadAssignment of N endpoints; our xds-client decodes it and the
+//! update is handed to a mesh-tower balancer. Timed from the server's push to
+//! the balancer's snapshot holding the new set (so encoding, the wire and
+//! decoding are included): the full N-endpoint update, and an update that
+//! changes one endpoint of the N. Also reported: resident memory growth per
+//! N endpoints (xDS cache + balancer, endpoints in connect backoff). Each
+//! measurement starts after the previous update's connection attempts have
+//! settled.
+//!
+//! Endpoints are 127.x.y.z:9 (discard port; nothing listens): loopback only.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mesh_core::LbPolicy;
+use mesh_tests::ads::{AdsServer, build, type_url};
+use mesh_tower::balance::{Balancer, BalancerConfig};
+use mesh_tower::discover::{self, Change};
+use xds_client::resource::EndpointsResource;
+use xds_client::{Bootstrap, Watch, XdsClient, XdsClientConfig};
+
+#[derive(Parser)]
+struct Args {
+    /// Endpoints in the big update.
+    #[arg(long, default_value_t = 10_000)]
+    endpoints: usize,
+    /// Measured rounds of each update kind.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+}
+
+fn addr(i: usize) -> SocketAddr {
+    // 127.1.0.0 upwards: distinct loopback addresses, port 9.
+    let n = 0x7f01_0000u32 + i as u32;
+    SocketAddr::from((Ipv4Addr::from(n), 9))
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Lets the previous update's connection attempts (refused at once, then
+/// in long backoff) finish, so each measurement sees a quiet balancer.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort_unstable();
+    v[((p * v.len() as f64) as usize).min(v.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let n = args.endpoints;
+    let ads = AdsServer::start().await?;
+    let client = XdsClient::new(Bootstrap::for_server(ads.addr().to_string(), "bench"), XdsClientConfig::default());
+    let mut watch: Watch<EndpointsResource> = client.watch("bench");
+    let (sender, source) = discover::channel();
+    // Long backoff: unreachable endpoints stay quiet during the measurement.
+    let mut config = BalancerConfig { lb: LbPolicy::RoundRobin, ..BalancerConfig::default() };
+    config.connection.reconnect_backoff_base = Duration::from_secs(60);
+    let balancer: Balancer<http_body_util::Empty<bytes::Bytes>> = Balancer::new("bench", source, config);
+
+    // Glue as mesh-tonic's xDS router does: each EDS value resets the set.
+    let glue = {
+        let mut watch = watch.clone();
+        tokio::spawn(async move {
+            while watch.changed().await {
+                if let Some(value) = watch.value() {
+                    sender.send(Change::Reset(value.endpoints.endpoints.clone()));
+                }
+            }
+        })
+    };
+
+    let mut updates = balancer.updates();
+    let rss_before = rss_bytes();
+    let mut full = Vec::new();
+    let mut one = Vec::new();
+    for round in 0..=args.rounds {
+        // Full update: a different N-endpoint set each round.
+        let set: Vec<SocketAddr> = (0..n).map(|i| addr(i + (round % 2) * n)).collect();
+        let marker = set[n - 1];
+        settle().await;
+        let t = Instant::now();
+        ads.set(type_url::ENDPOINT, "bench", build::endpoints("bench", &set));
+        while !balancer.contains(marker) || balancer.endpoint_count() != n {
+            updates.changed().await?;
+        }
+        if round > 0 {
+            full.push(t.elapsed());
+        }
+        // One endpoint changes.
+        let mut changed = set.clone();
+        changed[0] = addr(2 * n + round);
+        settle().await;
+        let t = Instant::now();
+        ads.set(type_url::ENDPOINT, "bench", build::endpoints("bench", &changed));
+        while !balancer.contains(changed[0]) {
+            updates.changed().await?;
+        }
+        if round > 0 {
+            one.push(t.elapsed());
+        }
+    }
+    let rss_after = rss_bytes();
+    let _ = watch.state();
+    glue.abort();
+
+    // The balancer alone: one endpoint inserted into an N-endpoint set
+    // through a discovery stream (what an incremental source such as a
+    // Kubernetes EndpointSlice watch produces), without xDS decoding.
+    let (tx, source) = discover::channel();
+    let mut config = BalancerConfig::default();
+    config.connection.reconnect_backoff_base = Duration::from_secs(60);
+    let alone: Balancer<http_body_util::Empty<bytes::Bytes>> = Balancer::new("alone", source, config);
+    let mut alone_updates = alone.updates();
+    tx.send(Change::Reset((0..n).map(|i| mesh_core::Endpoint::new(addr(i))).collect()));
+    while alone.endpoint_count() != n {
+        alone_updates.changed().await?;
+    }
+    let mut insert = Vec::new();
+    for round in 0..args.rounds {
+        settle().await;
+        let new = addr(3 * n + round);
+        let t = Instant::now();
+        tx.send(Change::Insert(mesh_core::Endpoint::new(new)));
+        while !alone.contains(new) {
+            alone_updates.changed().await?;
+        }
+        insert.push(t.elapsed());
+    }
+
+    let per_endpoint = rss_after.saturating_sub(rss_before) as f64 / n as f64;
+    println!("| update | endpoints | p50 | p99 | max |");
+    println!("|---|---|---|---|---|");
+    for (name, v) in [
+        ("full EDS update (xDS push → balancer)", &mut full),
+        ("one endpoint changed (xDS push → balancer)", &mut one),
+        ("one endpoint inserted (discovery stream → balancer)", &mut insert),
+    ] {
+        let max = *v.iter().max().unwrap_or(&Duration::ZERO);
+        println!("| {name} | {n} | {:.2?} | {:.2?} | {:.2?} |", pct(v, 0.5), pct(v, 0.99), max);
+    }
+    println!();
+    println!(
+        "resident memory growth: {:.1} MiB for {n} endpoints = {per_endpoint:.0} bytes per endpoint",
+        rss_after.saturating_sub(rss_before) as f64 / 1048576.0
+    );
+    Ok(())
+}
