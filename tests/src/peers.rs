@@ -81,17 +81,26 @@ pub fn python_grpc_server() -> anyhow::Result<Peer> {
     spawn_listening(command)
 }
 
-/// Path of a workspace binary (built on demand), e.g. `meshctl`.
+/// Path of a workspace binary, e.g. `meshctl`, built (or found up to date)
+/// once per test process so a stale binary is never tested.
 pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(Path::parent).context("unexpected test executable location")?;
     let bin = dir.join(name);
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO")).args(["build", "-p", name, "--bin", name]).current_dir(workspace_root()).status()?;
-        if !status.success() || !bin.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let release = dir.file_name().is_some_and(|d| d == "release");
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "-p", name, "--bin", name]).current_dir(workspace_root());
+        if release {
+            cargo.arg("--release");
+        }
+        if !cargo.status()?.success() || !bin.exists() {
             bail!("cannot build {name}");
         }
+        built.push(name.to_owned());
     }
     Ok(bin)
 }
