@@ -1,11 +1,13 @@
 //! `meshctl`: the mesh's operator CLI.
 //!
 //! `meshctl call` sends gRPC traffic through the full mesh client stack and
-//! reports what happened. Its flags and JSON output are a contract other tools
+//! reports what happened; `meshctl xds-dump` prints what the xDS client holds
+//! for a target. Its flags and JSON output are a contract other tools
 //! rely on: see `call.rs`.
 #![forbid(unsafe_code)]
 
 mod call;
+mod xds;
 
 use std::process::ExitCode;
 
@@ -23,6 +25,8 @@ struct Cli {
 enum Command {
     /// Send gRPC calls through the mesh client stack and summarise them.
     Call(call::CallArgs),
+    /// Print what the xDS client holds for an xds:/// target (CSDS-style JSON).
+    XdsDump(xds::DumpArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,5 +44,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Call(args) => runtime.block_on(call::run(args)),
+        Command::XdsDump(args) => runtime.block_on(xds::run(args)),
     }
 }

@@ -112,6 +112,41 @@ async fn meshctl_call_xds_target_follows_the_80_20_split() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_xds_dump_shows_every_resource_with_status_and_errors() {
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(1).await;
+    publish_greeter(&ads, &[s[0].addr], &[s[0].addr], (50, 50));
+    // greeter-b's endpoints are invalid (port 0): NACKed with a reason.
+    let mut bad = build::endpoints_proto("greeter-b", &[(s[0].addr, 1)]);
+    if let Some(envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(e)) =
+        bad.endpoints[0].lb_endpoints[0].host_identifier.as_mut()
+        && let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
+            e.address.as_mut().and_then(|a| a.address.as_mut())
+    {
+        sa.port_specifier = Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(0));
+    }
+    ads.set(type_url::ENDPOINT, "greeter-b", build::pack(bad));
+    let (_dir, bootstrap) = peers::write_bootstrap(ads.addr(), &["xds_v3"]).unwrap();
+    let bootstrap = bootstrap.to_str().unwrap().to_owned();
+    let args = ["xds-dump", "--target", "xds:///greeter", "--wait-ms", "5000"];
+    let (code, stdout, stderr) =
+        tokio::task::spawn_blocking(move || peers::meshctl_with_env(&args, &[("GRPC_XDS_BOOTSTRAP", &bootstrap)])).await.unwrap().unwrap();
+    assert_eq!(code, 0, "{stdout} {stderr}");
+    let dump: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let find = |ty: &str, name: &str| {
+        dump["resources"].as_array().unwrap().iter().find(|r| r["type"] == ty && r["name"] == name).cloned().unwrap_or(Value::Null)
+    };
+    assert_eq!(find("LDS", "greeter")["status"], "ACKED", "{dump}");
+    assert_eq!(find("RDS", "greeter-routes")["status"], "ACKED", "{dump}");
+    assert_eq!(find("CDS", "greeter-a")["status"], "ACKED", "{dump}");
+    assert_eq!(find("EDS", "greeter-a")["status"], "ACKED", "{dump}");
+    let nacked = find("EDS", "greeter-b");
+    assert_eq!(nacked["status"], "NACKED", "{dump}");
+    assert!(nacked["error"].as_str().unwrap().contains("port"), "{dump}");
+    assert_eq!(dump["server"], ads.addr().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_moved_by_the_control_plane_fail_no_call() {
     let ads = AdsServer::start().await.unwrap();
     let s = servers(4).await;

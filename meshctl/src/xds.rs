@@ -1,0 +1,71 @@
+//! `meshctl xds-dump`: what the mesh's xDS client holds for a target.
+//!
+//! Follows `xds:///name` with the bootstrap from `GRPC_XDS_BOOTSTRAP` (or
+//! `GRPC_XDS_BOOTSTRAP_CONFIG`) until every resource has an answer or the
+//! wait ends, then prints one JSON object: the connected server and every
+//! resource with type, name, version, status (CSDS names), error and last
+//! update time.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use serde_json::json;
+use xds_client::ResourceStatus;
+
+/// Arguments of `meshctl xds-dump`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DumpArgs {
+    /// Target, `xds:///name`.
+    #[arg(long)]
+    target: String,
+    /// Longest wait for the resources, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    wait_ms: u64,
+}
+
+pub(crate) async fn run(args: DumpArgs) -> ExitCode {
+    let Some(name) = args.target.strip_prefix("xds:///") else {
+        eprintln!("error: --target must be xds:///name, got {:?}", args.target);
+        return ExitCode::from(2);
+    };
+    let client = match mesh_tonic::shared_client() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let channel = match mesh_tonic::Channel::builder(&args.target).build_xds(client.clone(), name) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
+    // Settled: something subscribed, nothing still waiting for an answer.
+    let settled = || {
+        let dump = client.dump();
+        !dump.is_empty() && dump.iter().all(|r| r.status != ResourceStatus::Requested)
+    };
+    while Instant::now() < deadline && !settled() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resources: Vec<_> = client
+        .dump()
+        .into_iter()
+        .map(|r| {
+            json!({
+                "type": r.resource_type.short_name(),
+                "name": r.name,
+                "version": r.version,
+                "status": r.status.csds_name(),
+                "error": r.error,
+                "last_updated_unix_ms": r.last_updated.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64),
+            })
+        })
+        .collect();
+    println!("{}", json!({"target": args.target, "server": client.connected_server(), "resources": resources}));
+    drop(channel);
+    if settled() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
