@@ -18,6 +18,9 @@ use crate::Error;
 use crate::connect::Connect;
 use crate::discover::Change;
 
+/// Outcome of a request handed to a connection.
+pub(super) type SendResult<B> = Result<http::Response<hyper::body::Incoming>, hyper::client::conn::TrySendError<http::Request<B>>>;
+
 /// Connection state of an endpoint (gRPC's subchannel states, without IDLE:
 /// the mesh keeps connections warm).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,13 +77,26 @@ impl<B> Handle<B> {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// A sender for one request, if connected.
-    pub(super) fn sender(&self) -> Option<SendRequest<B>> {
-        lock(&self.sender).clone()
+    /// Hands `request` to the connection (the enqueue happens here, under
+    /// the lock; the returned future only waits for the response), or gives
+    /// it back when not connected. No per-request sender clone.
+    pub(super) fn send(&self, request: http::Request<B>) -> Result<impl Future<Output = SendResult<B>> + Send + use<B>, http::Request<B>>
+    where
+        B: RequestBody,
+    {
+        match lock(&self.sender).as_mut() {
+            Some(sender) => Ok(sender.try_send_request(request)),
+            None => Err(request),
+        }
     }
 
+    /// Records a latency sample. Under contention the sample is dropped
+    /// rather than waited for: a blocked response path costs more than one
+    /// missing sample of a moving average (the next one lands).
     pub(super) fn observe(&self, rtt: Duration, now: Duration) {
-        lock(&self.ewma).observe(rtt, now);
+        if let Ok(mut ewma) = self.ewma.try_lock() {
+            ewma.observe(rtt, now);
+        }
     }
 
     pub(super) fn ewma_cost(&self, now: Duration) -> f64 {

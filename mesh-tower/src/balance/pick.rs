@@ -25,14 +25,18 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         loop {
             let snapshot = self.snapshot();
             if let Some(handle) = self.pick(&snapshot, hash) {
-                let Some(mut sender) = handle.sender() else {
-                    // Raced with a disconnect: the next snapshot will not offer it.
-                    self.mark_broken(handle);
-                    continue;
+                let sent = if observe { self.now() } else { Default::default() };
+                let response = match handle.send(request) {
+                    Ok(response) => response,
+                    Err(unsent) => {
+                        // Raced with a disconnect: the next snapshot will not offer it.
+                        request = unsent;
+                        self.mark_broken(handle);
+                        continue;
+                    }
                 };
                 let guard = InFlight::new(Arc::clone(handle));
-                let sent = if observe { self.now() } else { Default::default() };
-                match sender.try_send_request(request).await {
+                match response.await {
                     Ok(response) => {
                         if observe {
                             let now = self.now();

@@ -154,6 +154,10 @@ fn main() -> anyhow::Result<()> {
                 caller!(mesh_tonic::Channel::builder(format!("static:///{addr}")).lb(LbPolicy::p2c_ewma()).build()?),
             ),
             (
+                "mesh Channel (round_robin)",
+                caller!(mesh_tonic::Channel::builder(format!("static:///{addr}")).lb(LbPolicy::RoundRobin).build()?),
+            ),
+            (
                 "mesh Channel (p2c_ewma, HTTP/2 PING keepalive 10 s)",
                 caller!(
                     mesh_tonic::Channel::builder(format!("static:///{addr}"))
