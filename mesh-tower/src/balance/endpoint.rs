@@ -80,6 +80,9 @@ impl<B> Handle<B> {
     /// Hands `request` to the connection (the enqueue happens here, under
     /// the lock; the returned future only waits for the response), or gives
     /// it back when not connected. No per-request sender clone.
+    // The request comes back whole so it can be re-picked, as hyper's own
+    // `try_send_request` does.
+    #[allow(clippy::result_large_err)]
     pub(super) fn send(&self, request: http::Request<B>) -> Result<impl Future<Output = SendResult<B>> + Send + use<B>, http::Request<B>>
     where
         B: RequestBody,
