@@ -6,4 +6,5 @@
 
 pub mod ads;
 pub mod echo;
+pub mod load;
 pub mod peers;

@@ -393,10 +393,12 @@ async fn stop_kills_streams_and_restart_serves_again() {
     ads.stop().await;
     assert!(!ads.is_running());
     assert_eq!(ads.connections(), 0);
+    // The stream ends: usually with a transport error, sometimes as a clean
+    // end when the kill races the response framing; never with a message.
     let ended = tokio::time::timeout(WAIT, stream.rx.message()).await.expect("stream ends in time");
-    assert!(ended.is_err(), "a dead control plane must end the stream with an error, got {ended:?}");
+    assert!(!matches!(ended, Ok(Some(_))), "a dead control plane must end the stream, got {ended:?}");
     let ended = tokio::time::timeout(WAIT, delta.rx.message()).await.expect("stream ends in time");
-    assert!(ended.is_err(), "a dead control plane must end the stream with an error, got {ended:?}");
+    assert!(!matches!(ended, Ok(Some(_))), "a dead control plane must end the stream, got {ended:?}");
     assert!(AggregatedDiscoveryServiceClient::connect(ads.uri()).await.is_err(), "nothing listens after stop");
 
     // Changes while down are served after the restart, on the same address.

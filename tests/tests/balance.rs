@@ -1,70 +1,16 @@
 //! Load balancing against real tonic servers on 127.0.0.1.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use mesh_core::{Endpoint, LbPolicy};
-use mesh_tests::echo::{EchoServer, METHOD};
+use mesh_tests::echo::EchoServer;
+use mesh_tests::load::{call, drive};
 use mesh_tests::peers;
-use mesh_tonic::codec::BytesCodec;
-use mesh_tonic::{Channel, ServedBy};
+use mesh_tonic::Channel;
 use mesh_tower::balance::ConnState;
 use mesh_tower::discover::{self, Change};
-use tonic::codegen::http::uri::PathAndQuery;
-
-/// One call; returns the endpoint that served it.
-async fn call(channel: &Channel, headers: &[(&'static str, String)]) -> Result<SocketAddr, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel.clone());
-    let mut request = tonic::Request::new(Bytes::from_static(b"hi"));
-    for (name, value) in headers {
-        request.metadata_mut().insert(*name, value.parse().unwrap());
-    }
-    let response = grpc.unary(request, PathAndQuery::from_static(METHOD), BytesCodec).await?;
-    let served_by = response.extensions().get::<ServedBy>().expect("ServedBy extension").0;
-    assert_eq!(response.get_ref(), served_by.to_string().as_bytes(), "reply must come from the endpoint named in ServedBy");
-    Ok(served_by)
-}
-
-#[derive(Debug, Default)]
-struct Run {
-    by_endpoint: BTreeMap<SocketAddr, u64>,
-    failures: Vec<String>,
-}
-
-/// `n` calls with `concurrency` workers; `on_progress(done)` runs after each call.
-async fn drive(channel: &Channel, n: u64, concurrency: usize, on_progress: impl Fn(u64) + Send + Sync + 'static) -> Run {
-    let remaining = Arc::new(AtomicU64::new(n));
-    let done = Arc::new(AtomicU64::new(0));
-    let on_progress = Arc::new(on_progress);
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (channel, remaining, done, on_progress) = (channel.clone(), remaining.clone(), done.clone(), on_progress.clone());
-        workers.push(tokio::spawn(async move {
-            let mut run = Run::default();
-            while remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1)).is_ok() {
-                match call(&channel, &[]).await {
-                    Ok(addr) => *run.by_endpoint.entry(addr).or_default() += 1,
-                    Err(status) => run.failures.push(format!("{:?}: {}", status.code(), status.message())),
-                }
-                on_progress(done.fetch_add(1, Ordering::SeqCst) + 1);
-            }
-            run
-        }));
-    }
-    let mut total = Run::default();
-    for worker in workers {
-        let run = worker.await.unwrap();
-        for (addr, n) in run.by_endpoint {
-            *total.by_endpoint.entry(addr).or_default() += n;
-        }
-        total.failures.extend(run.failures);
-    }
-    total
-}
 
 async fn wait_ready(channel: &Channel, n: usize) {
     for _ in 0..500 {

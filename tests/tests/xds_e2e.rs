@@ -5,17 +5,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use mesh_tests::ads::{AdsServer, build, type_url};
 use mesh_tests::echo::{EchoServer, METHOD};
+use mesh_tests::load::{call, drive};
 use mesh_tests::peers;
-use mesh_tonic::codec::BytesCodec;
-use mesh_tonic::{Channel, ServedBy};
+use mesh_tonic::Channel;
 use serde_json::Value;
-use tonic::codegen::http::uri::PathAndQuery;
 use xds_client::{Bootstrap, XdsClient, XdsClientConfig};
 
 /// Listener `greeter` → routes → clusters `greeter-a`/`greeter-b` by weight.
@@ -45,60 +42,18 @@ fn xds_channel(ads: &AdsServer) -> Channel {
     Channel::builder("xds:///greeter").timeout(Duration::from_secs(10)).build_xds(client, "greeter").unwrap()
 }
 
-async fn call(channel: &Channel) -> Result<SocketAddr, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel.clone());
-    let response = grpc.unary(tonic::Request::new(Bytes::new()), PathAndQuery::from_static(METHOD), BytesCodec).await?;
-    Ok(response.extensions().get::<ServedBy>().expect("ServedBy").0)
-}
-
-/// `n` calls on `concurrency` workers; `between(done)` runs after each call.
-async fn drive(
-    channel: &Channel,
-    n: u64,
-    concurrency: usize,
-    between: impl Fn(u64) + Send + Sync + 'static,
-) -> (BTreeMap<SocketAddr, u64>, Vec<String>) {
-    let remaining = Arc::new(AtomicU64::new(n));
-    let done = Arc::new(AtomicU64::new(0));
-    let between = Arc::new(between);
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (channel, remaining, done, between) = (channel.clone(), remaining.clone(), done.clone(), between.clone());
-        workers.push(tokio::spawn(async move {
-            let (mut by, mut failures) = (BTreeMap::new(), Vec::new());
-            while remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1)).is_ok() {
-                match call(&channel).await {
-                    Ok(addr) => *by.entry(addr).or_insert(0) += 1,
-                    Err(s) => failures.push(format!("{:?}: {}", s.code(), s.message())),
-                }
-                between(done.fetch_add(1, Ordering::SeqCst) + 1);
-            }
-            (by, failures)
-        }));
-    }
-    let (mut by, mut failures) = (BTreeMap::new(), Vec::new());
-    for w in workers {
-        let (b, f) = w.await.unwrap();
-        for (k, v) in b {
-            *by.entry(k).or_insert(0) += v;
-        }
-        failures.extend(f);
-    }
-    (by, failures)
-}
-
-fn share(by: &BTreeMap<SocketAddr, u64>, of: &[SocketAddr]) -> f64 {
-    let total: u64 = by.values().sum();
-    of.iter().map(|a| by.get(a).copied().unwrap_or(0)).sum::<u64>() as f64 / total as f64
+/// The 80/20 greeter mesh over three echo servers: two in cluster a, one in b.
+async fn greeter_80_20() -> (AdsServer, Vec<EchoServer>, [SocketAddr; 2], [SocketAddr; 1]) {
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(3).await;
+    let (a, b) = ([s[0].addr, s[1].addr], [s[2].addr]);
+    publish_greeter(&ads, &a, &b, (80, 20));
+    (ads, s, a, b)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshctl_call_xds_target_follows_the_80_20_split() {
-    let ads = AdsServer::start().await.unwrap();
-    let s = servers(3).await;
-    let a = [s[0].addr, s[1].addr];
-    let b = [s[2].addr];
-    publish_greeter(&ads, &a, &b, (80, 20));
+    let (ads, _servers, a, _b) = greeter_80_20().await;
     let (_dir, bootstrap) = peers::write_bootstrap(ads.addr(), &["xds_v3"]).unwrap();
     let bootstrap = bootstrap.to_str().unwrap().to_owned();
     let args = ["call", "--target", "xds:///greeter", "--method", METHOD, "--n", "1000", "--concurrency", "8", "--json"];
@@ -153,7 +108,7 @@ async fn endpoints_moved_by_the_control_plane_fail_no_call() {
     let pool: Vec<SocketAddr> = s.iter().map(|x| x.addr).collect();
     publish_greeter(&ads, &pool[0..1], &pool[3..4], (50, 50));
     let channel = xds_channel(&ads);
-    call(&channel).await.expect("first call after config arrives");
+    call(&channel, &[]).await.expect("first call after config arrives");
     let ads = Arc::new(ads);
     let script = {
         let (ads, pool) = (ads.clone(), pool.clone());
@@ -166,9 +121,9 @@ async fn endpoints_moved_by_the_control_plane_fail_no_call() {
             }
         }
     };
-    let (by, failures) = drive(&channel, 2000, 8, script).await;
-    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
-    assert!(pool[0..3].iter().all(|a| by.contains_key(a)), "every server of cluster a served at some point: {by:?}");
+    let run = drive(&channel, 2000, 8, script).await;
+    assert!(run.failures.is_empty(), "{} failed: {:?}", run.failures.len(), &run.failures[..run.failures.len().min(5)]);
+    assert!(pool[0..3].iter().all(|a| run.by_endpoint.contains_key(a)), "every server of cluster a served at some point: {run:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,12 +133,17 @@ async fn control_plane_killed_mid_run_fails_no_call_to_healthy_backends() {
     let (a, b) = ([s[0].addr], [s[1].addr]);
     publish_greeter(&ads, &a, &b, (80, 20));
     let channel = xds_channel(&ads);
-    let (before, failures) = drive(&channel, 300, 8, |_| {}).await;
-    assert!(failures.is_empty(), "{failures:?}");
+    let before = drive(&channel, 300, 8, |_| {}).await;
+    assert!(before.failures.is_empty(), "{:?}", before.failures);
     ads.stop().await;
-    let (after, failures) = drive(&channel, 1000, 8, |_| {}).await;
-    assert!(failures.is_empty(), "{} failed after the control plane died: {:?}", failures.len(), &failures[..failures.len().min(5)]);
-    let share_a = share(&after, &a);
+    let after = drive(&channel, 1000, 8, |_| {}).await;
+    assert!(
+        after.failures.is_empty(),
+        "{} failed after the control plane died: {:?}",
+        after.failures.len(),
+        &after.failures[..after.failures.len().min(5)]
+    );
+    let share_a = after.share(&a);
     assert!((0.75..=0.85).contains(&share_a), "split kept from the last config: {share_a:.3} {after:?} (before {before:?})");
 }
 
@@ -193,18 +153,14 @@ async fn unreachable_control_plane_fails_calls_unavailable_naming_the_server() {
     let server = format!("127.0.0.1:{port}");
     let client = XdsClient::new(Bootstrap::for_server(server.clone(), "mesh-test"), XdsClientConfig::default());
     let channel = Channel::builder("xds:///greeter").ready_timeout(Duration::from_millis(500)).build_xds(client, "greeter").unwrap();
-    let status = call(&channel).await.unwrap_err();
+    let status = call(&channel, &[]).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert!(status.message().contains(&server) && status.message().contains("xds:///greeter"), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_proxyless_client_and_ours_see_the_same_routing() {
-    let ads = AdsServer::start().await.unwrap();
-    let s = servers(3).await;
-    let a = [s[0].addr, s[1].addr];
-    let b = [s[2].addr];
-    publish_greeter(&ads, &a, &b, (80, 20));
+    let (ads, _servers, a, _b) = greeter_80_20().await;
     let (_dir, bootstrap) = peers::write_bootstrap(ads.addr(), &["xds_v3"]).unwrap();
 
     let theirs =
@@ -214,14 +170,15 @@ async fn grpcio_proxyless_client_and_ours_see_the_same_routing() {
         theirs["by_response"].as_object().unwrap().iter().map(|(k, v)| (k.parse().unwrap(), v.as_u64().unwrap())).collect();
 
     let channel = xds_channel(&ads);
-    let (ours_by, failures) =
-        tokio::time::timeout(Duration::from_secs(60), drive(&channel, 1000, 1, |_| {})).await.expect("our client finishes");
-    assert!(failures.is_empty(), "{failures:?}");
+    let ours = tokio::time::timeout(Duration::from_secs(60), drive(&channel, 1000, 1, |_| {})).await.expect("our client finishes");
+    assert!(ours.failures.is_empty(), "{:?}", ours.failures);
+    let ours_by = ours.by_endpoint;
 
     let keys = |m: &BTreeMap<SocketAddr, u64>| m.keys().copied().collect::<Vec<_>>();
     assert_eq!(keys(&theirs_by), keys(&ours_by), "both reach the same endpoints");
     for (name, by) in [("grpcio", &theirs_by), ("ours", &ours_by)] {
-        let share_a = share(by, &a);
+        let total: u64 = by.values().sum();
+        let share_a = a.iter().map(|x| by.get(x).copied().unwrap_or(0)).sum::<u64>() as f64 / total as f64;
         assert!((0.75..=0.85).contains(&share_a), "{name}: cluster a share {share_a:.3}: {by:?}");
     }
     // Round robin inside cluster a: both spread it evenly.
