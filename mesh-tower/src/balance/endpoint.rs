@@ -128,8 +128,9 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     /// Applies a discovery change and publishes the new set.
     pub(super) fn apply(self: &Arc<Self>, change: Change) {
         let mut endpoints = lock(&self.endpoints);
+        let mut added = Vec::new();
         match change {
-            Change::Insert(endpoint) => self.insert(&mut endpoints, endpoint),
+            Change::Insert(endpoint) => added.extend(self.insert(&mut endpoints, endpoint)),
             Change::Remove(addr) => Self::remove(&mut endpoints, addr),
             Change::Reset(list) => {
                 let keep: HashMap<SocketAddr, Endpoint> = list.into_iter().map(|e| (e.addr, e)).collect();
@@ -138,24 +139,34 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                     Self::remove(&mut endpoints, addr);
                 }
                 for endpoint in keep.into_values() {
-                    self.insert(&mut endpoints, endpoint);
+                    added.extend(self.insert(&mut endpoints, endpoint));
                 }
             }
         }
         self.publish(&endpoints, true);
+        // Connection tasks start once the new set is published, so a large
+        // update becomes visible without waiting for thousands of spawns.
+        for handle in added {
+            if endpoints.get(&handle.addr).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
+                let task = tokio::spawn(Arc::clone(self).run_endpoint(Arc::clone(&handle))).abort_handle();
+                *lock(&handle.task) = Some(task);
+            }
+        }
     }
 
-    fn insert(self: &Arc<Self>, endpoints: &mut HashMap<SocketAddr, Arc<Handle<B>>>, endpoint: Endpoint) {
+    /// Adds or updates an endpoint; returns the handle when it is new (its
+    /// connection task is not started yet).
+    fn insert(self: &Arc<Self>, endpoints: &mut HashMap<SocketAddr, Arc<Handle<B>>>, endpoint: Endpoint) -> Option<Arc<Handle<B>>> {
         if let Err(error) = endpoint.validate() {
             tracing::warn!(target_name = %self.target, %error, "ignoring endpoint");
-            return;
+            return None;
         }
         if let Some(handle) = endpoints.get(&endpoint.addr) {
             let mut current = lock(&handle.endpoint);
             if **current != endpoint {
                 *current = Arc::new(endpoint);
             }
-            return;
+            return None;
         }
         let (default_rtt, decay) = match self.config.lb {
             LbPolicy::P2cEwma { default_rtt, decay } => (default_rtt, decay),
@@ -171,9 +182,8 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             endpoint: Mutex::new(Arc::new(endpoint)),
         });
         tracing::debug!(target_name = %self.target, addr = %handle.addr, "endpoint added");
-        let task = tokio::spawn(Arc::clone(self).run_endpoint(Arc::clone(&handle))).abort_handle();
-        *lock(&handle.task) = Some(task);
-        endpoints.insert(handle.addr, handle);
+        endpoints.insert(handle.addr, Arc::clone(&handle));
+        Some(handle)
     }
 
     fn remove(endpoints: &mut HashMap<SocketAddr, Arc<Handle<B>>>, addr: SocketAddr) {

@@ -95,9 +95,10 @@ async fn main() -> anyhow::Result<()> {
         // Full update: a different N-endpoint set each round.
         let set: Vec<SocketAddr> = (0..n).map(|i| addr(i + (round % 2) * n)).collect();
         let marker = set[n - 1];
+        let resource = build::endpoints("bench", &set);
         settle().await;
         let t = Instant::now();
-        ads.set(type_url::ENDPOINT, "bench", build::endpoints("bench", &set));
+        ads.set(type_url::ENDPOINT, "bench", resource);
         while !balancer.contains(marker) || balancer.endpoint_count() != n {
             updates.changed().await?;
         }
@@ -107,9 +108,10 @@ async fn main() -> anyhow::Result<()> {
         // One endpoint changes.
         let mut changed = set.clone();
         changed[0] = addr(2 * n + round);
+        let resource = build::endpoints("bench", &changed);
         settle().await;
         let t = Instant::now();
-        ads.set(type_url::ENDPOINT, "bench", build::endpoints("bench", &changed));
+        ads.set(type_url::ENDPOINT, "bench", resource);
         while !balancer.contains(changed[0]) {
             updates.changed().await?;
         }
