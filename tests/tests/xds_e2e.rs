@@ -38,7 +38,14 @@ async fn servers(n: usize) -> Vec<EchoServer> {
 }
 
 fn xds_channel(ads: &AdsServer) -> Channel {
-    let client = XdsClient::new(Bootstrap::for_server(ads.addr().to_string(), "mesh-test"), XdsClientConfig::default());
+    xds_channel_with(ads, &[])
+}
+
+/// An `xds:///greeter` channel whose bootstrap lists `features` (e.g. `delta_ads`).
+fn xds_channel_with(ads: &AdsServer, features: &[&str]) -> Channel {
+    let mut bootstrap = Bootstrap::for_server(ads.addr().to_string(), "mesh-test");
+    bootstrap.servers[0].server_features.extend(features.iter().map(|f| f.to_string()));
+    let client = XdsClient::new(bootstrap, XdsClientConfig::default());
     Channel::builder("xds:///greeter").timeout(Duration::from_secs(10)).build_xds(client, "greeter").unwrap()
 }
 
@@ -185,5 +192,49 @@ async fn grpcio_proxyless_client_and_ours_see_the_same_routing() {
     for by in [&theirs_by, &ours_by] {
         let (x, y) = (by[&a[0]] as f64, by[&a[1]] as f64);
         assert!((x / (x + y) - 0.5).abs() < 0.1, "{by:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_to_an_unknown_cluster_is_not_used_until_the_cluster_arrives() {
+    // A74: the router switches to a new route table only once every cluster
+    // it names is known, so no call fails in between. Delta, because there
+    // the server says nothing of a name it does not have (in SotW a CDS
+    // response without it means "does not exist", and calls routed to a
+    // cluster that does not exist fail UNAVAILABLE, as in gRPC).
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(2).await;
+    let (a, c) = ([s[0].addr], [s[1].addr]);
+    publish_greeter(&ads, &a, &a, (100, 0));
+    let channel = xds_channel_with(&ads, &["delta_ads"]);
+    let first = drive(&channel, 100, 4, |_| {}).await;
+    assert!(first.failures.is_empty(), "{:?}", first.failures);
+
+    // Routes now split to greeter-c, which the control plane has not sent.
+    ads.set(
+        type_url::ROUTE,
+        "greeter-routes",
+        build::route_config("greeter-routes", &["greeter"], &[("greeter-a", 50), ("greeter-c", 50)]),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = drive(&channel, 300, 4, |_| {}).await;
+    assert!(
+        waiting.failures.is_empty(),
+        "calls failed while a cluster was missing: {:?}",
+        &waiting.failures[..waiting.failures.len().min(5)]
+    );
+    assert_eq!(waiting.share(&a), 1.0, "the old table keeps serving: {waiting:?}");
+
+    // The cluster arrives: the new table takes over.
+    ads.set(type_url::ENDPOINT, "greeter-c", build::endpoints("greeter-c", &c));
+    ads.set(type_url::CLUSTER, "greeter-c", build::cluster_eds("greeter-c", "round_robin"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let run = drive(&channel, 200, 4, |_| {}).await;
+        assert!(run.failures.is_empty(), "{:?}", run.failures);
+        if (0.35..=0.65).contains(&run.share(&c)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the split never reached greeter-c: {run:?}");
     }
 }

@@ -266,3 +266,16 @@ async fn fallback_server_is_used_only_while_the_primary_is_down() {
     fallback.wait_for(|_| fallback.connections() == 0, WAIT).await.unwrap();
     assert!(fallback.requests().iter().all(|r| r.stream_id == 1), "one fallback stream, only while the primary was down");
 }
+
+#[tokio::test]
+async fn ignore_resource_deletion_keeps_values_even_when_failing_on_data_errors() {
+    let ads = AdsServer::start().await.unwrap();
+    ads.set(type_url::CLUSTER, "c1", build::cluster_eds("c1", "round_robin"));
+    let config = XdsClientConfig { fail_on_data_errors: true, ..quick() };
+    let client = client_for(vec![server(ads.uri(), &["ignore_resource_deletion"])], config);
+    let mut c1: Watch<ClusterResource> = client.watch("c1");
+    until(&mut c1, "ACKED", |s| s.status == ResourceStatus::Acked).await;
+    ads.remove(type_url::CLUSTER, "c1");
+    let state = until(&mut c1, "deleted", |s| s.status == ResourceStatus::Deleted).await;
+    assert!(state.value.is_some(), "A53: the server asked us to ignore deletions");
+}

@@ -31,10 +31,10 @@
 //! | A27/A28 LDS `api_listener` HCM, RDS, CDS (EDS/STATIC/LOGICAL_DNS), EDS | yes | `resource` unit tests |
 //! | A46 partial NACK: valid resources of a rejected response are used | yes | `tests/tests/xds_protocol.rs` |
 //! | A47 federation (`authorities`, `xdstp://` templates) | bootstrap parsed; names used as given | `bootstrap::tests` |
-//! | A53 `ignore_resource_deletion` | yes | no dedicated test yet |
+//! | A53 `ignore_resource_deletion` | yes | `tests/tests/xds_protocol.rs` |
 //! | A57 does-not-exist timer only while connected | yes | `tests/tests/xds_protocol.rs` |
 //! | A71 fallback servers | yes | `tests/tests/xds_protocol.rs` |
-//! | A74 consistent snapshots | in `mesh-tonic`'s xDS router | `tests/tests/xds_e2e.rs` |
+//! | A74 consistent snapshots (routes switch only when their clusters are known) | in `mesh-tonic`'s xDS router | `tests/tests/xds_e2e.rs` |
 //! | A88 data errors keep cached values (option to fail) | yes | `tests/tests/xds_protocol.rs` |
 //! | Config dump (`XdsClient::dump`), CSDS `ClientConfig` form | yes | `tests/tests/xds_e2e.rs` (`meshctl xds-dump`); CSDS form untested |
 //! | Arbitrary bytes and well-typed junk never panic the decoders | yes | `tests/decode_props.rs` (proptest) |
