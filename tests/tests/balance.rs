@@ -183,3 +183,33 @@ async fn ring_hash_is_sticky_and_moves_about_one_nth_of_keys() {
     let stayed = 1.0 - moved_elsewhere as f64 / (400 - on_removed) as f64;
     assert!(stayed >= 0.75, "only {:.0}% of the other endpoints' keys stayed put", stayed * 100.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_endpoint_drains_its_calls_in_flight() {
+    let slow = EchoServer::start(Duration::from_millis(500)).await.unwrap();
+    let other = EchoServer::start(Duration::ZERO).await.unwrap();
+    let (tx, source) = discover::channel();
+    tx.send(Change::Reset(vec![Endpoint::new(slow.addr)]));
+    let channel = Channel::builder("drain").build_with("drain", source).unwrap();
+    wait_ready(&channel, 1).await;
+
+    // Calls in flight on the slow endpoint when discovery removes it.
+    let in_flight: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn({
+                let channel = channel.clone();
+                async move { call(&channel, &[]).await }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.send(Change::Reset(vec![Endpoint::new(other.addr)]));
+    for call in in_flight {
+        assert_eq!(call.await.unwrap().expect("an in-flight call survives its endpoint's removal"), slow.addr);
+    }
+    // New calls go to the remaining endpoint only.
+    wait_ready(&channel, 1).await;
+    for _ in 0..10 {
+        assert_eq!(call(&channel, &[]).await.unwrap(), other.addr);
+    }
+}
