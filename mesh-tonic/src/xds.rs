@@ -121,6 +121,10 @@ impl XdsRouter {
     }
 
     async fn current_table(&self) -> Result<Arc<Table>, Status> {
+        // Fast path: a table is there (every call after the first config).
+        if let Some(table) = self.table.borrow().clone() {
+            return Ok(table);
+        }
         let mut rx = self.table.clone();
         let waited = tokio::time::timeout(self.ready_timeout, rx.wait_for(Option::is_some)).await;
         match waited {
@@ -220,8 +224,7 @@ async fn follow(client: XdsClient, name: String, config: BalancerConfig, tx: wat
 }
 
 fn is_gone<T: xds_client::XdsResource>(w: &Watch<T>) -> bool {
-    let mut w = w.clone();
-    matches!(w.state().status, ResourceStatus::DoesNotExist)
+    w.status() == ResourceStatus::DoesNotExist
 }
 
 fn reconcile_cluster(client: &XdsClient, name: &str, f: &mut Followed, config: &BalancerConfig, dirty: &mpsc::UnboundedSender<()>) {
@@ -246,7 +249,11 @@ fn reconcile_cluster(client: &XdsClient, name: &str, f: &mut Followed, config: &
             }
         }
         ClusterDiscovery::LogicalDns { .. } => {
-            tracing::warn!(cluster = name, "LOGICAL_DNS clusters are not wired into xDS routing yet");
+            // Warn once per balancer, not on every reconcile.
+            if f.pushed_version.is_none() {
+                tracing::warn!(cluster = name, "LOGICAL_DNS clusters are not wired into xDS routing yet");
+                f.pushed_version = Some("unsupported".into());
+            }
         }
         ClusterDiscovery::Eds { service_name } => {
             let eds_name = service_name.clone().unwrap_or_else(|| name.to_owned());

@@ -71,13 +71,5 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// Whether the call never reached an endpoint: safe to retry anywhere and
-    /// reported as UNAVAILABLE in gRPC terms.
-    pub fn is_unavailable(&self) -> bool {
-        !matches!(self, Self::InvalidTarget { .. })
-    }
-}
-
 /// Result alias for mesh-tower.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

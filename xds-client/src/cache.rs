@@ -81,13 +81,6 @@ pub(crate) struct Cache {
     pub(crate) policy: DataErrorPolicy,
 }
 
-/// Outcome of applying a response.
-#[derive(Debug)]
-pub(crate) struct Applied {
-    /// Errors, one per rejected resource (empty: ACK).
-    pub(crate) errors: Vec<String>,
-}
-
 impl Cache {
     pub(crate) fn state(&mut self, ty: ResourceType) -> &mut TypeState {
         self.types.entry(ty).or_default()
@@ -170,7 +163,8 @@ impl Cache {
     }
 
     /// Applies a SotW response; the caller then ACKs or NACKs.
-    pub(crate) fn apply_sotw(&mut self, ty: ResourceType, response: &DiscoveryResponse) -> Applied {
+    /// Returns the errors, one per rejected resource (empty: ACK).
+    pub(crate) fn apply_sotw(&mut self, ty: ResourceType, response: &DiscoveryResponse) -> Vec<String> {
         let policy = self.policy;
         let (valid, invalid, mut errors) = decode_all(ty, response.resources.iter());
         let state = self.state(ty);
@@ -198,11 +192,12 @@ impl Cache {
             state.version = response.version_info.clone();
         }
         errors.extend(invalid.into_iter().map(|(name, reason)| format!("{name}: {reason}")));
-        Applied { errors }
+        errors
     }
 
     /// Applies a delta response; the caller then ACKs or NACKs.
-    pub(crate) fn apply_delta(&mut self, ty: ResourceType, response: &DeltaDiscoveryResponse) -> Applied {
+    /// Returns the errors, one per rejected resource (empty: ACK).
+    pub(crate) fn apply_delta(&mut self, ty: ResourceType, response: &DeltaDiscoveryResponse) -> Vec<String> {
         let policy = self.policy;
         let versions: HashMap<&str, &str> = response.resources.iter().map(|r| (r.name.as_str(), r.version.as_str())).collect();
         let (valid, invalid, mut errors) = decode_all(ty, response.resources.iter().filter_map(|r| r.resource.as_ref()));
@@ -225,7 +220,7 @@ impl Cache {
         }
         state.nonce = response.nonce.clone();
         errors.extend(invalid.into_iter().map(|(name, reason)| format!("{name}: {reason}")));
-        Applied { errors }
+        errors
     }
 
     /// Marks a resource that never arrived as not existing.

@@ -337,8 +337,8 @@ fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
                 tracing::warn!(type_url = %response.type_url, "ignoring response of an unknown type");
                 return;
             };
-            let applied = cache.apply_sotw(ty, &response);
-            let error = log_outcome(ty, &response.version_info, &applied.errors);
+            let errors = cache.apply_sotw(ty, &response);
+            let error = log_outcome(ty, &response.version_info, &errors);
             let _ = tx.send(cache.sotw_request(ty, Some(&response.nonce), error));
         }
         (Response::Delta(response), Sender::Delta(tx)) => {
@@ -346,8 +346,8 @@ fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
                 tracing::warn!(type_url = %response.type_url, "ignoring response of an unknown type");
                 return;
             };
-            let applied = cache.apply_delta(ty, &response);
-            let error = log_outcome(ty, &response.system_version_info, &applied.errors);
+            let errors = cache.apply_delta(ty, &response);
+            let error = log_outcome(ty, &response.system_version_info, &errors);
             let _ = tx.send(DeltaDiscoveryRequest {
                 type_url: ty.type_url().to_owned(),
                 response_nonce: response.nonce.clone(),

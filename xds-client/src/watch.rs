@@ -154,6 +154,11 @@ impl<T: XdsResource> Watch<T> {
         self.rx.borrow_and_update().clone()
     }
 
+    /// The current status (does not mark the state seen).
+    pub fn status(&self) -> ResourceStatus {
+        self.rx.borrow().status.clone()
+    }
+
     /// The current value, if any.
     pub fn value(&self) -> Option<Typed<T>> {
         self.rx.borrow().value.clone().and_then(Typed::new)

@@ -352,7 +352,7 @@ impl std::fmt::Display for RingKey {
 
 /// Backoff with ±20% jitter, as gRPC's connection backoff.
 fn jitter(backoff: Duration, seed: &AtomicU64) -> Duration {
-    let r = mesh_core::lb::SplitMix64::new(seed.fetch_add(1, Ordering::Relaxed));
-    let unit = mesh_core::lb::Random::next_u64(&mut { r }) as f64 / u64::MAX as f64;
+    let mut rng = mesh_core::lb::SplitMix64::new(seed.fetch_add(1, Ordering::Relaxed));
+    let unit = mesh_core::lb::Random::next_u64(&mut rng) as f64 / u64::MAX as f64;
     backoff.mul_f64(0.8 + 0.4 * unit)
 }

@@ -40,7 +40,7 @@ struct Args {
     concurrency: Vec<usize>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Sample {
     latencies_us: Vec<u64>,
     calls: u64,
@@ -106,12 +106,6 @@ async fn run(call: Caller, concurrency: usize, seconds: f64) -> Sample {
     total.wall = start.elapsed();
     total.cpu = cpu_time().saturating_sub(cpu0);
     total
-}
-
-impl Sample {
-    fn clone_stats(&self) -> Sample {
-        Sample { latencies_us: self.latencies_us.clone(), calls: self.calls, wall: self.wall, cpu: self.cpu, errors: self.errors }
-    }
 }
 
 fn merge(into: &mut Sample, s: Sample) {
@@ -191,7 +185,7 @@ fn main() -> anyhow::Result<()> {
                 let mut round = round;
                 for (i, (_, call)) in variants.iter().enumerate() {
                     let sample = run(call.clone(), c, args.seconds).await;
-                    round[i] = stats(sample.clone_stats());
+                    round[i] = stats(sample.clone());
                     merge(&mut samples[i], sample);
                 }
                 for i in 1..variants.len() {
