@@ -1,0 +1,27 @@
+//! `mesh-control`: the mesh's control plane.
+//!
+//! What it does: reads a mesh file (YAML, see `examples/mesh.yaml`) and, optionally, Kubernetes Services and
+//! EndpointSlices; translates them into standard xDS v3 resources in two shapes (proxyless `api_listener`
+//! listeners for our library and gRPC clients, and sidecar listeners for Envoy); serves them over ADS, both
+//! State-of-the-World and incremental (delta), with per-node snapshots; reloads the file when it changes and keeps
+//! serving the last good config when a change is invalid.
+//!
+//! What it does not do: it is not a certificate authority (mTLS settings reference certificate providers the
+//! clients already have), and it does not proxy traffic.
+//!
+//! Modules:
+//! - [`mesh`]: the mesh file model, its parser and validation (errors name file, line, field and reason).
+//! - [`translate`]: mesh model → xDS resources (both shapes).
+//! - [`ads`]: the ADS server and its snapshot cache.
+//! - `kube` (feature `kube`, on by default): the Kubernetes source.
+//!
+//! Feature flags: `kube` (default) adds the Kubernetes source and its dependency on the `kube` crate.
+
+pub mod ads;
+mod error;
+#[cfg(feature = "kube")]
+pub mod kube;
+pub mod mesh;
+pub mod translate;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Mesh model → xDS resources.
