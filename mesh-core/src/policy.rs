@@ -280,6 +280,67 @@ pub struct FaultInjection {
     pub abort: Option<(i32, u32)>,
 }
 
+/// Mutual TLS between workloads (Istio's `PeerAuthentication` modes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Plain text only.
+    Disable,
+    /// Servers accept both mTLS and plain text; clients use mTLS (the migration mode).
+    #[default]
+    Permissive,
+    /// mTLS required on both sides.
+    Strict,
+}
+
+impl MtlsMode {
+    /// The mode's name in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Permissive => "permissive",
+            Self::Strict => "strict",
+        }
+    }
+}
+
+impl FromStr for MtlsMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "disable" => Ok(Self::Disable),
+            "permissive" => Ok(Self::Permissive),
+            "strict" => Ok(Self::Strict),
+            other => Err(Error::InvalidPolicy {
+                policy: "mtls",
+                field: "mode",
+                reason: format!("{other:?} is not one of disable, permissive, strict"),
+            }),
+        }
+    }
+}
+
+/// What an authorization rule does to the calls it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthzAction {
+    /// Let matching calls through.
+    Allow,
+    /// Refuse matching calls with PERMISSION_DENIED.
+    Deny,
+}
+
+/// One authorization rule (Envoy RBAC / Istio `AuthorizationPolicy` semantics: deny rules first, then, if any allow
+/// rule exists, a call must match one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthzRule {
+    /// Allow or deny.
+    pub action: AuthzAction,
+    /// Caller identities (SPIFFE IDs, `*` suffix allowed as a prefix match); empty means any caller.
+    pub principals: Vec<String>,
+    /// gRPC methods (`/pkg.Service/Method`, or `/pkg.Service/*`); empty means any method.
+    pub methods: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

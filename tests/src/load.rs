@@ -35,8 +35,31 @@ pub struct Run {
     pub failures: Vec<String>,
 }
 
+/// One echo call through a proxy (Envoy): returns the backend that answered, read from the reply.
+pub async fn call_via_proxy(channel: &Channel) -> Result<SocketAddr, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    let response = grpc.unary(tonic::Request::new(Bytes::from_static(b"hi")), PathAndQuery::from_static(METHOD), BytesCodec).await?;
+    let reply = String::from_utf8_lossy(response.get_ref()).into_owned();
+    reply.parse().map_err(|_| tonic::Status::internal(format!("reply {reply:?} is not an address")))
+}
+
 /// `n` calls with `concurrency` workers; `on_progress(done)` runs after each call.
 pub async fn drive(channel: &Channel, n: u64, concurrency: usize, on_progress: impl Fn(u64) + Send + Sync + 'static) -> Run {
+    drive_inner(channel, n, concurrency, false, on_progress).await
+}
+
+/// [`drive`] through a proxy: calls are tallied by the backend named in the reply ([`call_via_proxy`]).
+pub async fn drive_via_proxy(channel: &Channel, n: u64, concurrency: usize) -> Run {
+    drive_inner(channel, n, concurrency, true, |_| {}).await
+}
+
+async fn drive_inner(
+    channel: &Channel,
+    n: u64,
+    concurrency: usize,
+    proxied: bool,
+    on_progress: impl Fn(u64) + Send + Sync + 'static,
+) -> Run {
     let remaining = Arc::new(AtomicU64::new(n));
     let done = Arc::new(AtomicU64::new(0));
     let on_progress = Arc::new(on_progress);
@@ -46,7 +69,8 @@ pub async fn drive(channel: &Channel, n: u64, concurrency: usize, on_progress: i
         workers.push(tokio::spawn(async move {
             let mut run = Run::default();
             while remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1)).is_ok() {
-                match call(&channel, &[]).await {
+                let result = if proxied { call_via_proxy(&channel).await } else { call(&channel, &[]).await };
+                match result {
                     Ok(addr) => *run.by_endpoint.entry(addr).or_default() += 1,
                     Err(status) => run.failures.push(format!("{:?}: {}", status.code(), status.message())),
                 }

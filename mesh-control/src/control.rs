@@ -1,0 +1,388 @@
+//! The control plane: sources (mesh file, Kubernetes) → translation → snapshots → ADS; status over HTTP.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use mesh_core::model::Endpoint;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::ads::{AdsServer, CacheStatus, Snapshot, SnapshotCache};
+use crate::mesh::{FileError, KubeRef, Mesh};
+use crate::translate::{self, Shape};
+
+/// Resolves Kubernetes-backed endpoints (empty when there is no Kubernetes source).
+pub type KubeResolver = Arc<dyn Fn(&KubeRef) -> Vec<Endpoint> + Send + Sync>;
+
+/// The running control plane's shared state. Cheap to clone.
+#[derive(Clone)]
+pub struct ControlPlane {
+    cache: SnapshotCache,
+    views: Arc<RwLock<BTreeSet<String>>>,
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane").field("status", &self.status()).finish_non_exhaustive()
+    }
+}
+
+struct State {
+    mesh: Mesh,
+    source: String,
+    version: u64,
+    loaded_at: u64,
+    last_error: Option<FileError>,
+    /// Every view name ever served, so nodes keyed to a view that went away get the full mesh again.
+    known_views: BTreeSet<String>,
+    kube: KubeResolver,
+}
+
+/// What `/status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// The mesh file (or `<embedded example>`).
+    pub mesh_file: String,
+    /// Accepted versions of the mesh so far (1 after the first load).
+    pub version: u64,
+    /// When the serving mesh was accepted (Unix seconds).
+    pub loaded_at: u64,
+    /// Services being served.
+    pub services: Vec<String>,
+    /// The last rejected change, if the latest change was rejected: file, line, field, reason.
+    pub last_error: Option<RejectedChange>,
+    /// Connected clients and what they acknowledged or rejected.
+    pub ads: CacheStatus,
+}
+
+/// A rejected mesh file, as data.
+#[derive(Clone, Debug, Serialize)]
+pub struct RejectedChange {
+    /// The file.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// The field.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+    /// The whole message, `file:line: field: reason`.
+    pub message: String,
+}
+
+impl ControlPlane {
+    /// A control plane serving `mesh`, read from `source` (a file name for status and errors).
+    pub fn new(mesh: Mesh, source: impl Into<String>) -> Self {
+        let views: Arc<RwLock<BTreeSet<String>>> = Arc::default();
+        let key_views = views.clone();
+        let cache = SnapshotCache::new(move |node: &Node| {
+            let views = key_views.read().unwrap_or_else(|e| e.into_inner());
+            node_key(node, &views)
+        });
+        let state = State {
+            mesh,
+            source: source.into(),
+            version: 1,
+            loaded_at: now(),
+            last_error: None,
+            known_views: BTreeSet::new(),
+            kube: Arc::new(|_: &KubeRef| Vec::new()),
+        };
+        let cp = Self { cache, views, state: Arc::new(Mutex::new(state)) };
+        cp.publish();
+        cp
+    }
+
+    /// The snapshot cache the ADS server serves from.
+    pub fn cache(&self) -> &SnapshotCache {
+        &self.cache
+    }
+
+    /// The mesh being served.
+    pub fn mesh(&self) -> Mesh {
+        self.lock().mesh.clone()
+    }
+
+    /// Uses `kube` for Kubernetes-backed endpoints from now on and republishes.
+    pub fn set_kube_resolver(&self, kube: KubeResolver) {
+        self.lock().kube = kube;
+        self.publish();
+    }
+
+    /// Republishes every snapshot (after a Kubernetes change, say).
+    pub fn refresh(&self) {
+        self.publish();
+    }
+
+    /// Validates `text` as the new mesh; on success serves it, otherwise keeps the last good mesh and records the
+    /// error (it is logged and shown by `/status`).
+    pub fn update(&self, file: &str, text: &str) -> Result<(), FileError> {
+        match crate::mesh::parse(file, text) {
+            Ok(mesh) => {
+                {
+                    let mut state = self.lock();
+                    state.mesh = mesh;
+                    state.source = file.to_owned();
+                    state.version += 1;
+                    state.loaded_at = now();
+                    state.last_error = None;
+                }
+                self.publish();
+                tracing::info!(file, version = self.lock().version, "mesh file accepted");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(file = %e.file, line = e.line, field = %e.field, reason = %e.reason, "mesh file rejected; still serving the last good one");
+                self.lock().last_error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Current status.
+    pub fn status(&self) -> Status {
+        let state = self.lock();
+        Status {
+            mesh_file: state.source.clone(),
+            version: state.version,
+            loaded_at: state.loaded_at,
+            services: state.mesh.services.keys().cloned().collect(),
+            last_error: state.last_error.as_ref().map(|e| RejectedChange {
+                file: e.file.clone(),
+                line: e.line,
+                field: e.field.clone(),
+                reason: e.reason.clone(),
+                message: e.to_string(),
+            }),
+            ads: self.cache.status(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Translates the mesh for every (shape, view) key and hands the snapshots to the cache.
+    fn publish(&self) {
+        let (mesh, kube, views) = {
+            let mut state = self.lock();
+            let names: BTreeSet<String> = state.mesh.views.keys().cloned().collect();
+            state.known_views.extend(names.iter().cloned());
+            (state.mesh.clone(), state.kube.clone(), state.known_views.clone())
+        };
+        *self.views.write().unwrap_or_else(|e| e.into_inner()) = mesh.views.keys().cloned().collect();
+        for shape in [Shape::Proxyless, Shape::Sidecar] {
+            let all = snapshot(&mesh, shape, None, kube.as_ref());
+            for view in &views {
+                let snap = match mesh.views.get(view) {
+                    Some(services) => snapshot(&mesh, shape, Some(services), kube.as_ref()),
+                    None => all.clone(),
+                };
+                self.cache.set(&key(shape, view), snap);
+            }
+            self.cache.set(&key(shape, ""), all.clone());
+            if shape == Shape::Proxyless {
+                self.cache.set_default(all);
+            }
+        }
+    }
+
+    /// Serves ADS on `listener` until the process ends.
+    pub async fn serve_ads(&self, listener: TcpListener) -> crate::Result<()> {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(AdsServer::new(self.cache.clone()).into_service())
+            .serve_with_incoming(incoming)
+            .await?;
+        Ok(())
+    }
+
+    /// Watches `path` and applies every change (polled every 200 ms, so a change is served well within a second).
+    pub fn watch_file(&self, path: PathBuf) -> tokio::task::JoinHandle<()> {
+        let cp = self.clone();
+        tokio::spawn(async move {
+            let mut last = std::fs::read(&path).ok();
+            let mut interval = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                interval.tick().await;
+                let current = match std::fs::read(&path) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        if last.is_some() {
+                            tracing::warn!(path = %path.display(), error = %e, "cannot read the mesh file; still serving the last good one");
+                            last = None;
+                        }
+                        continue;
+                    }
+                };
+                if last.as_ref() == Some(&current) {
+                    continue;
+                }
+                last = Some(current.clone());
+                match String::from_utf8(current) {
+                    Ok(text) => {
+                        let _ = cp.update(&path.display().to_string(), &text);
+                    }
+                    Err(_) => {
+                        let e = FileError {
+                            file: path.display().to_string(),
+                            line: 0,
+                            field: String::new(),
+                            reason: "not UTF-8 text".to_owned(),
+                        };
+                        tracing::warn!(error = %e, "mesh file rejected; still serving the last good one");
+                        cp.lock().last_error = Some(e);
+                    }
+                }
+            }
+        })
+    }
+
+    /// Serves `/status` (JSON), `/ready` and `/healthz` over HTTP/1.1 on `listener`.
+    pub async fn serve_admin(&self, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let cp = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let cp = cp.clone();
+                    async move { Ok::<_, std::convert::Infallible>(cp.admin(req.uri().path())) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    }
+
+    fn admin(&self, path: &str) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+        let (status, content_type, body) = match path {
+            "/status" => {
+                let json = serde_json::to_string_pretty(&self.status()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+                (200, "application/json", json)
+            }
+            "/ready" | "/healthz" => (200, "text/plain", "ok\n".to_owned()),
+            _ => (404, "text/plain", "not found: try /status, /ready\n".to_owned()),
+        };
+        http::Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap_or_default()
+    }
+}
+
+fn snapshot(
+    mesh: &Mesh,
+    shape: Shape,
+    view: Option<&BTreeSet<String>>,
+    kube: &(dyn Fn(&KubeRef) -> Vec<Endpoint> + Send + Sync),
+) -> Snapshot {
+    let mut snap = Snapshot::new();
+    for r in translate::resources(mesh, shape, view, kube) {
+        snap.insert(r.type_url, r.name, r.resource);
+    }
+    snap
+}
+
+fn key(shape: Shape, view: &str) -> String {
+    format!("{}/{view}", shape.name())
+}
+
+/// Which snapshot a node sees: Envoy gets the sidecar shape (socket listeners), everyone else the proxyless shape
+/// (`api_listener`s); node metadata `mesh.shape` (`sidecar` / `proxyless`) overrides. The node's `cluster` picks a
+/// view when the mesh has one by that name.
+fn node_key(node: &Node, views: &BTreeSet<String>) -> String {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let meta = node.metadata.as_ref().and_then(|m| m.fields.get("mesh.shape")).and_then(|v| match &v.kind {
+        Some(Kind::StringValue(s)) => Some(s.as_str()),
+        _ => None,
+    });
+    let shape = match meta {
+        Some("sidecar") => Shape::Sidecar,
+        Some("proxyless") => Shape::Proxyless,
+        _ if node.user_agent_name == "envoy" => Shape::Sidecar,
+        _ => Shape::Proxyless,
+    };
+    let view = if views.contains(&node.cluster) { node.cluster.as_str() } else { "" };
+    key(shape, view)
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A gRPC xDS bootstrap (JSON) pointing at `xds` (insecure credentials, `xds_v3`; `delta` adds our `delta_ads`
+/// server feature).
+pub fn bootstrap_json(xds: SocketAddr, node_id: &str, delta: bool) -> String {
+    let features = if delta { r#"["xds_v3", "delta_ads"]"# } else { r#"["xds_v3"]"# };
+    format!(
+        r#"{{
+  "xds_servers": [{{ "server_uri": "{xds}", "channel_creds": [{{ "type": "insecure" }}], "server_features": {features} }}],
+  "node": {{ "id": "{node_id}", "cluster": "", "locality": {{}} }}
+}}
+"#
+    )
+}
+
+/// Writes [`bootstrap_json`] to `path`.
+pub fn write_bootstrap(path: &Path, xds: SocketAddr, node_id: &str) -> crate::Result<()> {
+    std::fs::write(path, bootstrap_json(xds, node_id, false)).map_err(|source| crate::Error::Io { path: path.to_owned(), source })
+}
+
+/// Follows Kubernetes Services and EndpointSlices: Kubernetes-backed services and subsets get their endpoints
+/// (ready → HEALTHY, terminating but serving → DRAINING, otherwise UNHEALTHY; zone → locality) and every change is
+/// republished.
+#[cfg(feature = "kube")]
+pub fn follow_kubernetes(cp: &ControlPlane, client: ::kube::Client, namespace: Option<String>) -> tokio::task::JoinHandle<()> {
+    let mut updates = crate::kube::KubeSource::new(client, namespace).start();
+    let cp = cp.clone();
+    tokio::spawn(async move {
+        loop {
+            let state = updates.borrow_and_update().clone();
+            // Until every watch has listed once, publishing would push empty endpoint sets to clients.
+            if !state.is_synced() {
+                if updates.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            cp.set_kube_resolver(Arc::new(move |r: &KubeRef| kube_endpoints(&state, r)));
+            if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The endpoints of a Kubernetes reference in `state`.
+#[cfg(feature = "kube")]
+pub fn kube_endpoints(state: &crate::kube::KubeState, r: &KubeRef) -> Vec<Endpoint> {
+    use crate::kube::{PortRef, ServiceKey};
+    use crate::mesh::KubePort;
+    use mesh_core::model::HealthStatus;
+    let key = ServiceKey { namespace: r.namespace.clone(), name: r.service.clone() };
+    let port = match &r.port {
+        KubePort::Name(n) => PortRef::Name(n.clone()),
+        KubePort::Number(n) => PortRef::Number(*n),
+    };
+    state
+        .endpoints(&key, &port)
+        .into_iter()
+        .map(|e| {
+            let mut endpoint = Endpoint::new(e.addr);
+            endpoint.health = match (e.ready, e.serving, e.terminating) {
+                (true, _, _) => HealthStatus::Healthy,
+                (false, true, true) => HealthStatus::Draining,
+                _ => HealthStatus::Unhealthy,
+            };
+            endpoint.locality.zone = e.zone.unwrap_or_default();
+            endpoint
+        })
+        .collect()
+}

@@ -1,0 +1,88 @@
+//! `mesh-control`: the mesh control plane binary.
+//!
+//! With no flags it serves the embedded example mesh on 127.0.0.1 and prints how to point a client at it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use mesh_control::ControlPlane;
+
+/// The mesh control plane: serves xDS (ADS, SotW and delta) from a mesh file and Kubernetes.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Mesh file (YAML); watched for changes. Without it, the embedded example mesh is served.
+    #[arg(long)]
+    mesh: Option<PathBuf>,
+    /// Address of the xDS (ADS) server.
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    listen: SocketAddr,
+    /// Address of the admin HTTP server (`/status`, `/ready`).
+    #[arg(long, default_value = "127.0.0.1:18001")]
+    admin: SocketAddr,
+    /// Where to write a gRPC xDS bootstrap file pointing at this server (default: in the temp directory).
+    #[arg(long)]
+    bootstrap_out: Option<PathBuf>,
+    /// Also take endpoints from Kubernetes (in-cluster config or kubeconfig).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Only watch this namespace (default: all).
+    #[arg(long)]
+    namespace: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let (mesh, source) = match &args.mesh {
+        Some(path) => (mesh_control::mesh::load(path)?, path.display().to_string()),
+        None => (mesh_control::mesh::parse("<embedded example>", mesh_control::mesh::EXAMPLE)?, "<embedded example>".to_owned()),
+    };
+    let cp = ControlPlane::new(mesh, source);
+    if let Some(path) = &args.mesh {
+        cp.watch_file(path.clone());
+    }
+    if args.kubernetes {
+        start_kubernetes(&cp, args.namespace.clone()).await?;
+    }
+    let xds = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding the xDS server to {}", args.listen))?;
+    let admin = tokio::net::TcpListener::bind(args.admin).await.with_context(|| format!("binding the admin server to {}", args.admin))?;
+    let xds_addr = xds.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let bootstrap =
+        args.bootstrap_out.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("mesh-control-{}.json", xds_addr.port())));
+    mesh_control::control::write_bootstrap(&bootstrap, xds_addr, "mesh-client")?;
+    let inline = mesh_control::control::bootstrap_json(xds_addr, "mesh-client", false).replace('\n', "");
+    println!("mesh-control listening xds={xds_addr} admin={admin_addr}");
+    println!("  status:    http://{admin_addr}/status");
+    println!("  bootstrap: {}", bootstrap.display());
+    println!("Point a client at it:");
+    println!("  export GRPC_XDS_BOOTSTRAP={}", bootstrap.display());
+    println!("  # or: export GRPC_XDS_BOOTSTRAP_CONFIG='{inline}'");
+    println!("  meshctl call --target xds:///greeter --method /helloworld.Greeter/SayHello --n 100 --json");
+    let admin_cp = cp.clone();
+    tokio::spawn(async move { admin_cp.serve_admin(admin).await });
+    tokio::select! {
+        served = cp.serve_ads(xds) => served?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}
+
+#[cfg(feature = "kube")]
+async fn start_kubernetes(cp: &ControlPlane, namespace: Option<String>) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
+    mesh_control::control::follow_kubernetes(cp, client, namespace);
+    Ok(())
+}
+
+#[cfg(not(feature = "kube"))]
+async fn start_kubernetes(_: &ControlPlane, _: Option<String>) -> anyhow::Result<()> {
+    anyhow::bail!("this mesh-control was built without the `kube` feature")
+}

@@ -1,0 +1,145 @@
+use super::*;
+
+fn err(text: &str) -> FileError {
+    parse("mesh.yaml", text).expect_err("the file should be rejected")
+}
+
+const BASE: &str = "\
+services:
+  greeter:
+    endpoints:
+      - { address: 127.0.0.1:1, labels: { version: v1 } }
+      - { address: 127.0.0.1:2, labels: { version: v2 } }
+    subsets:
+      v1: { labels: { version: v1 } }
+      v2: { labels: { version: v2 } }
+    routes:
+      - split:
+          v1: 90
+          v2: 10
+";
+
+#[test]
+fn example_is_valid() {
+    let mesh = parse("example", EXAMPLE).unwrap();
+    let greeter = &mesh.services["greeter"];
+    let EndpointSource::Static(endpoints) = &greeter.endpoints else { panic!("static endpoints") };
+    assert_eq!(endpoints.len(), 3);
+    assert_eq!(greeter.subsets.len(), 2);
+    assert_eq!(greeter.routes.len(), 2);
+    assert_eq!(greeter.routes[1].split, vec![("greeter|v1".to_owned(), 90), ("greeter|v2".to_owned(), 10)]);
+    assert_eq!(greeter.routes[0].matches.headers[0].name, "x-canary");
+    assert_eq!(greeter.retry.as_ref().unwrap().retry_on, ["UNAVAILABLE", "CANCELLED"]);
+    assert_eq!(greeter.timeout, Some(Duration::from_secs(5)));
+    assert_eq!(greeter.sidecar_port, Some(15001));
+    assert_eq!(greeter.mtls, MtlsMode::Permissive);
+    assert_eq!(greeter.authorization.len(), 1);
+}
+
+#[test]
+fn base_is_valid_and_default_route_goes_to_the_service() {
+    parse("mesh.yaml", BASE).unwrap();
+    let mesh = parse("m", "services:\n  a:\n    endpoints: [127.0.0.1:9]\n").unwrap();
+    assert_eq!(mesh.services["a"].routes[0].split, vec![("a".to_owned(), 1)]);
+    assert!(matches!(mesh.services["a"].lb, LbPolicy::RoundRobin));
+}
+
+#[test]
+fn unknown_subset_names_line_and_field() {
+    let e = err(&BASE.replace("v2: 10", "v3: 10"));
+    assert_eq!((e.file.as_str(), e.line, e.field.as_str()), ("mesh.yaml", 12, "services.greeter.routes[0].split.v3"));
+    assert!(e.reason.contains("\"v3\" is neither a subset of greeter (v1, v2) nor a service"), "{e}");
+    assert_eq!(e.to_string(), format!("mesh.yaml:12: services.greeter.routes[0].split.v3: {}", e.reason));
+}
+
+#[test]
+fn typo_in_a_field_names_it() {
+    let e = err(&BASE.replace("    subsets:", "    subsetz:"));
+    assert_eq!(e.line, 6, "{e}");
+    assert_eq!(e.field, "services.greeter.subsetz", "{e}");
+    assert!(e.reason.contains("subsetz"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_line_and_field() {
+    let e = err(&BASE.replace("v1: 90", "v1: ninety"));
+    assert_eq!((e.line, e.field.as_str()), (11, "services.greeter.routes[0].split.v1"), "{e}");
+}
+
+#[test]
+fn bad_values_are_rejected_precisely() {
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        ("    routes:", "    lb: fastest\n    routes:", 9, "services.greeter.lb", "\"fastest\" is not one of"),
+        ("127.0.0.1:2", "localhost:2", 5, "services.greeter.endpoints[1]", "not an IP:port"),
+        ("    routes:", "    timeout: 5 seconds\n    routes:", 9, "services.greeter.timeout", "not a duration"),
+        ("v1: 90\n          v2: 10", "v1: 0\n          v2: 0", 11, "services.greeter.routes[0].split", "more than 0"),
+        ("    routes:", "    mtls: on\n    routes:", 9, "services.greeter.mtls", "not one of disable, permissive, strict"),
+        ("    routes:", "    retries: { attempts: 0 }\n    routes:", 9, "services.greeter.retries.attempts", "at least 1"),
+        ("    routes:", "    retries: { attempts: 2, on: [flaky] }\n    routes:", 9, "services.greeter.retries.on", "\"flaky\""),
+        (
+            "    routes:",
+            "    fault: { abort: { percent: 200, grpc_status: 14 } }\n    routes:",
+            9,
+            "services.greeter.fault.abort.percent",
+            "0 to 100",
+        ),
+        (
+            "    routes:",
+            "    authorization:\n      - { action: allow, from: [frontend] }\n    routes:",
+            10,
+            "services.greeter.authorization[0].from",
+            "not a SPIFFE ID",
+        ),
+    ];
+    for (from, to, line, field, reason) in cases {
+        let e = err(&BASE.replace(from, to));
+        assert_eq!((e.line, e.field.as_str()), (*line, *field), "{to}: {e}");
+        assert!(e.reason.contains(reason), "{to}: {e}");
+    }
+}
+
+#[test]
+fn syntax_errors_name_the_line() {
+    let e = err("services:\n  greeter:\n    lb: [round_robin\n");
+    assert!(e.line >= 3, "{e}");
+    assert!(!e.reason.is_empty());
+}
+
+#[test]
+fn views_and_sidecar_ports_are_checked() {
+    let e = err(&format!("{BASE}views:\n  web: {{ services: [greeter, nope] }}\n"));
+    assert_eq!((e.line, e.field.as_str()), (14, "views.web.services[1]"), "{e}");
+    let two = "services:\n  a:\n    endpoints: [127.0.0.1:1]\n    sidecar: { port: 15001 }\n  b:\n    endpoints: [127.0.0.1:2]\n    sidecar: { port: 15001 }\n";
+    let e = err(two);
+    assert_eq!((e.line, e.field.as_str()), (7, "services.b.sidecar.port"), "{e}");
+    let ok = parse("m", &format!("{BASE}views:\n  web: {{ services: [greeter] }}\n")).unwrap();
+    assert!(ok.views["web"].contains("greeter"));
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+    assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+    assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+    assert_eq!(parse_duration("100us"), Some(Duration::from_micros(100)));
+    assert_eq!(parse_duration("5"), None);
+    assert_eq!(parse_duration("s"), None);
+    assert_eq!(parse_duration("1e400s"), None);
+}
+
+#[test]
+fn kubernetes_sources() {
+    let text = "services:\n  g:\n    kubernetes: { service: greeter, port: grpc }\n    subsets:\n      v2: { kubernetes: { service: greeter-v2, namespace: apps, port: 8080 } }\n";
+    let mesh = parse("m", text).unwrap();
+    let g = &mesh.services["g"];
+    assert!(matches!(&g.endpoints, EndpointSource::Kubernetes(k) if k.namespace == "default" && k.port == KubePort::Name("grpc".into())));
+    assert!(matches!(&g.subsets["v2"], Subset::Endpoints(EndpointSource::Kubernetes(k)) if k.port == KubePort::Number(8080)));
+}
+
+#[test]
+fn path_at_line_follows_lists() {
+    let text = "a:\n  b:\n    - x: 1\n      y: 2\n    - x: 3\nc: 4\n";
+    assert_eq!(path_at_line(text, 4), "a.b[0].y");
+    assert_eq!(path_at_line(text, 5), "a.b[1].x");
+    assert_eq!(path_at_line(text, 6), "c");
+}

@@ -1,0 +1,178 @@
+//! LDS: proxyless `api_listener`s and sidecar socket listeners, with their HTTP filters.
+
+use envoy_types::pb::envoy::config::core::v3::socket_address::{PortSpecifier, Protocol};
+use envoy_types::pb::envoy::config::core::v3::{Address, RuntimeFractionalPercent, SocketAddress, address};
+use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::rbac::v3::permission::Rule;
+use envoy_types::pb::envoy::config::rbac::v3::principal::{Authenticated, Identifier};
+use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy, Principal, Rbac as RbacRules, rbac};
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault, fault_abort};
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::{
+    CodecType, RouteSpecifier,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_filter,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, StringMatcher, path_matcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket, fractional_percent};
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use envoy_types::util::pack_any;
+use mesh_core::policy::{AuthzAction, AuthzRule};
+
+use super::{LISTENER, Resource, Shape, ads, duration, pack};
+use crate::mesh::Service;
+
+/// The name of a service's sidecar listener.
+pub(crate) fn sidecar_listener_name(service: &str) -> String {
+    format!("{service}:sidecar")
+}
+
+pub(super) fn listeners(service: &Service, shape: Shape, out: &mut Vec<Resource>) {
+    match shape {
+        Shape::Proxyless => {
+            let hcm = hcm(service, shape);
+            let listener = Listener {
+                name: service.name.clone(),
+                api_listener: Some(ApiListener { api_listener: Some(pack_any(hcm)) }),
+                ..Default::default()
+            };
+            out.push(pack(LISTENER, &service.name, listener));
+        }
+        Shape::Sidecar => {
+            let Some(port) = service.sidecar_port else { return };
+            let name = sidecar_listener_name(&service.name);
+            let listener = Listener {
+                name: name.clone(),
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        protocol: Protocol::Tcp as i32,
+                        address: "127.0.0.1".to_owned(),
+                        port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+                        ..Default::default()
+                    })),
+                }),
+                filter_chains: vec![FilterChain {
+                    filters: vec![Filter {
+                        name: "envoy.filters.network.http_connection_manager".to_owned(),
+                        config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm(service, shape)))),
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            out.push(pack(LISTENER, &name, listener));
+        }
+    }
+}
+
+fn hcm(service: &Service, shape: Shape) -> HttpConnectionManager {
+    let mut filters = Vec::new();
+    if let Some(fault) = &service.fault {
+        filters.push(http_filter("envoy.filters.http.fault", pack_any(fault_filter(fault)), false));
+    }
+    if let Some(limit) = &service.rate_limit {
+        let always = || RuntimeFractionalPercent { default_value: Some(percent(100)), runtime_key: String::new() };
+        let config = LocalRateLimit {
+            stat_prefix: format!("{}_rate_limit", service.name),
+            token_bucket: Some(TokenBucket {
+                max_tokens: limit.max_tokens,
+                tokens_per_fill: Some(UInt32Value { value: limit.tokens_per_fill }),
+                fill_interval: Some(duration(limit.fill_interval)),
+            }),
+            filter_enabled: Some(always()),
+            filter_enforced: Some(always()),
+            ..Default::default()
+        };
+        // gRPC clients do not run this filter; optional, so they skip it instead of rejecting the listener.
+        filters.push(http_filter("envoy.filters.http.local_ratelimit", pack_any(config), shape == Shape::Proxyless));
+    }
+    // Authorization is enforced where calls are received: by the sidecar here (proxyless servers get it
+    // with xDS-enabled server listeners), never by a proxyless client.
+    if shape == Shape::Sidecar {
+        for action in [AuthzAction::Deny, AuthzAction::Allow] {
+            let rules: Vec<&AuthzRule> = service.authorization.iter().filter(|r| r.action == action).collect();
+            if !rules.is_empty() {
+                filters.push(http_filter("envoy.filters.http.rbac", pack_any(rbac_filter(action, &rules)), false));
+            }
+        }
+    }
+    filters.push(http_filter("envoy.filters.http.router", pack_any(Router::default()), false));
+    HttpConnectionManager {
+        stat_prefix: service.name.clone(),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::Rds(Rds { config_source: Some(ads()), route_config_name: service.name.clone() })),
+        http_filters: filters,
+        ..Default::default()
+    }
+}
+
+fn http_filter(name: &str, config: Any, is_optional: bool) -> HttpFilter {
+    HttpFilter { name: name.to_owned(), config_type: Some(http_filter::ConfigType::TypedConfig(config)), is_optional, ..Default::default() }
+}
+
+fn percent(numerator: u32) -> FractionalPercent {
+    FractionalPercent { numerator, denominator: fractional_percent::DenominatorType::Hundred as i32 }
+}
+
+fn fault_filter(fault: &mesh_core::policy::FaultInjection) -> HttpFault {
+    HttpFault {
+        delay: fault.delay.map(|(delay, pct)| FaultDelay {
+            percentage: Some(percent(pct)),
+            fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(duration(delay))),
+        }),
+        abort: fault.abort.map(|(code, pct)| FaultAbort {
+            percentage: Some(percent(pct)),
+            error_type: Some(fault_abort::ErrorType::GrpcStatus(code.unsigned_abs())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn rbac_filter(action: AuthzAction, rules: &[&AuthzRule]) -> Rbac {
+    let policies = rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let principals = if rule.principals.is_empty() || rule.principals.iter().any(|p| p == "*") {
+                vec![Principal { identifier: Some(Identifier::Any(true)) }]
+            } else {
+                rule.principals
+                    .iter()
+                    .map(|p| Principal {
+                        identifier: Some(Identifier::Authenticated(Authenticated { principal_name: Some(string_match(p)) })),
+                    })
+                    .collect()
+            };
+            let permissions = if rule.methods.is_empty() {
+                vec![Permission { rule: Some(Rule::Any(true)) }]
+            } else {
+                rule.methods
+                    .iter()
+                    .map(|m| Permission {
+                        rule: Some(Rule::UrlPath(PathMatcher { rule: Some(path_matcher::Rule::Path(string_match(m))) })),
+                    })
+                    .collect()
+            };
+            (format!("rule-{i}"), Policy { permissions, principals, ..Default::default() })
+        })
+        .collect();
+    let action = match action {
+        AuthzAction::Allow => rbac::Action::Allow,
+        AuthzAction::Deny => rbac::Action::Deny,
+    };
+    Rbac { rules: Some(RbacRules { action: action as i32, policies, ..Default::default() }), ..Default::default() }
+}
+
+/// `x*` matches by prefix, anything else exactly.
+fn string_match(s: &str) -> StringMatcher {
+    let pattern = match s.strip_suffix('*') {
+        Some(prefix) => string_matcher::MatchPattern::Prefix(prefix.to_owned()),
+        None => string_matcher::MatchPattern::Exact(s.to_owned()),
+    };
+    StringMatcher { match_pattern: Some(pattern), ignore_case: false }
+}

@@ -1,0 +1,106 @@
+//! RDS.
+
+use envoy_types::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
+use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::{Header as HashHeader, PolicySpecifier};
+use envoy_types::pb::envoy::config::route::v3::route_action::{ClusterSpecifier, HashPolicy as PbHashPolicy, MaxStreamDuration};
+use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
+use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, RetryPolicy as PbRetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    retry_policy, route,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use mesh_core::model::{PathMatch, StringMatch};
+use mesh_core::policy::{HashPolicy, LbPolicy, RetryPolicy};
+
+use super::duration;
+use crate::mesh::Service;
+
+pub(super) fn route_config(service: &Service) -> RouteConfiguration {
+    let routes = service.routes.iter().map(|r| route(service, r)).collect();
+    RouteConfiguration {
+        name: service.name.clone(),
+        virtual_hosts: vec![VirtualHost { name: service.name.clone(), domains: vec!["*".to_owned()], routes, ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+fn route(service: &Service, r: &crate::mesh::Route) -> Route {
+    let path_specifier = match &r.matches.path {
+        PathMatch::Prefix(p) => PathSpecifier::Prefix(p.clone()),
+        PathMatch::Exact(p) => PathSpecifier::Path(p.clone()),
+        PathMatch::Regex(re) => PathSpecifier::SafeRegex(regex(re.as_str())),
+    };
+    let headers = r
+        .matches
+        .headers
+        .iter()
+        .map(|h| {
+            let pattern = |p| HeaderMatchSpecifier::StringMatch(StringMatcher { match_pattern: Some(p), ignore_case: false });
+            let spec = match &h.matcher {
+                StringMatch::Present(p) => HeaderMatchSpecifier::PresentMatch(*p),
+                StringMatch::Exact(v) => pattern(MatchPattern::Exact(v.clone())),
+                StringMatch::Prefix(v) => pattern(MatchPattern::Prefix(v.clone())),
+                StringMatch::Suffix(v) => pattern(MatchPattern::Suffix(v.clone())),
+                StringMatch::Contains(v) => pattern(MatchPattern::Contains(v.clone())),
+                StringMatch::Regex(re) => pattern(MatchPattern::SafeRegex(regex(re.as_str()))),
+            };
+            HeaderMatcher { name: h.name.clone(), invert_match: h.invert, header_match_specifier: Some(spec), ..Default::default() }
+        })
+        .collect();
+    let cluster_specifier = match r.split.as_slice() {
+        [(cluster, _)] => ClusterSpecifier::Cluster(cluster.clone()),
+        split => ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: split
+                .iter()
+                .map(|(name, weight)| ClusterWeight {
+                    name: name.clone(),
+                    weight: Some(UInt32Value { value: *weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let timeout = r.timeout.or(service.timeout);
+    let hash_policy = match &service.lb {
+        LbPolicy::RingHash { hash: HashPolicy::Header(name), .. } => vec![PbHashPolicy {
+            policy_specifier: Some(PolicySpecifier::Header(HashHeader { header_name: name.clone(), ..Default::default() })),
+            ..Default::default()
+        }],
+        _ => Vec::new(),
+    };
+    let action = RouteAction {
+        cluster_specifier: Some(cluster_specifier),
+        timeout: timeout.map(duration),
+        max_stream_duration: timeout.map(|t| MaxStreamDuration { max_stream_duration: Some(duration(t)), ..Default::default() }),
+        retry_policy: r.retry.as_ref().or(service.retry.as_ref()).map(retry),
+        hash_policy,
+        ..Default::default()
+    };
+    Route {
+        r#match: Some(RouteMatch { path_specifier: Some(path_specifier), headers, ..Default::default() }),
+        action: Some(route::Action::Route(action)),
+        ..Default::default()
+    }
+}
+
+fn regex(pattern: &str) -> RegexMatcher {
+    RegexMatcher { regex: pattern.to_owned(), ..Default::default() }
+}
+
+/// gRPC status names as Envoy's and gRPC's `retry_on` spell them (`UNAVAILABLE` → `unavailable`).
+fn retry(r: &RetryPolicy) -> PbRetryPolicy {
+    PbRetryPolicy {
+        retry_on: r.retry_on.iter().map(|c| c.to_ascii_lowercase().replace('_', "-")).collect::<Vec<_>>().join(","),
+        num_retries: Some(UInt32Value { value: r.max_attempts.saturating_sub(1) }),
+        per_try_timeout: r.per_try_timeout.map(duration),
+        retry_back_off: Some(retry_policy::RetryBackOff {
+            base_interval: Some(duration(r.base_backoff)),
+            max_interval: Some(duration(r.max_backoff)),
+        }),
+        ..Default::default()
+    }
+}

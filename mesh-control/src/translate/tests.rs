@@ -1,0 +1,133 @@
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use mesh_core::model::{Endpoint, RouteAction};
+use prost::Message;
+use xds_client::resource::{Resource as Decoded, ResourceType, decode};
+
+use super::*;
+use crate::mesh::{KubePort, parse};
+
+fn no_kube(_: &KubeRef) -> Vec<Endpoint> {
+    Vec::new()
+}
+
+fn names(resources: &[Resource], type_url: &str) -> BTreeSet<String> {
+    resources.iter().filter(|r| r.type_url == type_url).map(|r| r.name.clone()).collect()
+}
+
+fn decoded(resources: &[Resource], type_url: &str, name: &str) -> Decoded {
+    let r = resources.iter().find(|r| r.type_url == type_url && r.name == name).unwrap_or_else(|| panic!("no {type_url} {name}"));
+    let ty = ResourceType::from_type_url(type_url).unwrap();
+    decode(ty, &r.resource).unwrap_or_else(|e| panic!("{name} does not decode: {e:?}"))
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn proxyless_resources_decode_in_our_client() {
+    let mesh = parse("example", crate::mesh::EXAMPLE).unwrap();
+    let out = resources(&mesh, Shape::Proxyless, None, &no_kube);
+    assert_eq!(names(&out, LISTENER), set(&["greeter"]));
+    assert_eq!(names(&out, ROUTE), set(&["greeter"]));
+    assert_eq!(names(&out, CLUSTER), set(&["greeter", "greeter|v1", "greeter|v2"]));
+    assert_eq!(names(&out, ENDPOINT), set(&["greeter", "greeter|v1", "greeter|v2"]));
+    for r in &out {
+        decode(ResourceType::from_type_url(r.type_url).unwrap(), &r.resource).unwrap_or_else(|e| panic!("{}: {e:?}", r.name));
+    }
+    let Decoded::RouteConfiguration(rc) = decoded(&out, ROUTE, "greeter") else { unreachable!() };
+    let routes = &rc.virtual_hosts[0].routes;
+    assert_eq!(routes.len(), 2);
+    let RouteAction::Clusters(split) = &routes[1].action else { panic!("not forwarding") };
+    let split: Vec<(&str, u32)> = split.iter().map(|w| (w.cluster.as_str(), w.weight)).collect();
+    assert_eq!(split, [("greeter|v1", 90), ("greeter|v2", 10)]);
+    assert_eq!(routes[1].policies.timeout, Some(std::time::Duration::from_secs(5)));
+    assert_eq!(routes[1].policies.retry.as_ref().unwrap().max_attempts, 3);
+    let Decoded::ClusterLoadAssignment(v1) = decoded(&out, ENDPOINT, "greeter|v1") else { unreachable!() };
+    let addrs: Vec<SocketAddr> = v1.endpoints.endpoints.iter().map(|e| e.addr).collect();
+    assert_eq!(addrs, ["127.0.0.1:50051".parse::<SocketAddr>().unwrap(), "127.0.0.1:50052".parse().unwrap()]);
+    let Decoded::ClusterLoadAssignment(all) = decoded(&out, ENDPOINT, "greeter") else { unreachable!() };
+    assert_eq!(all.endpoints.endpoints.len(), 3);
+}
+
+#[test]
+fn sidecar_listener_has_an_address_and_the_filters() {
+    let mesh = parse("example", crate::mesh::EXAMPLE).unwrap();
+    let out = resources(&mesh, Shape::Sidecar, None, &no_kube);
+    assert_eq!(names(&out, LISTENER), set(&["greeter:sidecar"]));
+    let r = out.iter().find(|r| r.type_url == LISTENER).unwrap();
+    let listener = Listener::decode(r.resource.value.as_slice()).unwrap();
+    assert!(listener.api_listener.is_none());
+    let addr = format!("{:?}", listener.address);
+    assert!(addr.contains("127.0.0.1") && addr.contains("15001"), "{addr}");
+    let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any)) =
+        &listener.filter_chains[0].filters[0].config_type
+    else {
+        panic!("no HCM")
+    };
+    let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+    let filters: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(filters, ["envoy.filters.http.rbac", "envoy.filters.http.router"]);
+    // Clusters and routes are the same as the proxyless ones.
+    assert_eq!(names(&out, CLUSTER), set(&["greeter", "greeter|v1", "greeter|v2"]));
+}
+
+#[test]
+fn proxyless_policies_and_optional_filters() {
+    let text = "services:
+  a:
+    lb: ring_hash
+    endpoints: [127.0.0.1:1]
+    fault: { abort: { percent: 5, grpc_status: unavailable } }
+    rate_limit: { requests_per_second: 10 }
+    outlier_detection: { consecutive_errors: 3 }
+    mtls: strict
+";
+    let mesh = parse("m", text).unwrap();
+    let out = resources(&mesh, Shape::Proxyless, None, &no_kube);
+    let Decoded::Listener(l) = decoded(&out, LISTENER, "a") else { unreachable!() };
+    assert!(l.http_filters.iter().any(|f| f.contains("fault")), "{:?}", l.http_filters);
+    let Decoded::Cluster(c) = decoded(&out, CLUSTER, "a") else { unreachable!() };
+    assert_eq!(c.cluster.lb.name(), "ring_hash");
+    assert_eq!(c.cluster.policies.outlier_detection.as_ref().unwrap().consecutive_5xx, 3);
+    assert!(c.cluster.policies.tls.is_some(), "strict mTLS sets upstream TLS");
+}
+
+#[test]
+fn views_limit_services_but_keep_split_targets() {
+    let text = "services:
+  a:
+    endpoints: [127.0.0.1:1]
+    routes: [{ split: { a: 50, b: 50 } }]
+  b:
+    endpoints: [127.0.0.1:2]
+  c:
+    endpoints: [127.0.0.1:3]
+views:
+  web: { services: [a] }
+";
+    let mesh = parse("m", text).unwrap();
+    let view = mesh.views.get("web");
+    let out = resources(&mesh, Shape::Proxyless, view, &no_kube);
+    assert_eq!(names(&out, LISTENER), set(&["a"]));
+    assert_eq!(names(&out, CLUSTER), set(&["a", "b"]));
+    let all = resources(&mesh, Shape::Proxyless, None, &no_kube);
+    assert_eq!(names(&all, LISTENER), set(&["a", "b", "c"]));
+}
+
+#[test]
+fn kubernetes_endpoints_come_from_the_resolver() {
+    let text = "services:\n  g:\n    kubernetes: { service: greeter, port: grpc }\n";
+    let mesh = parse("m", text).unwrap();
+    let kube = |k: &KubeRef| {
+        assert_eq!((k.service.as_str(), &k.port), ("greeter", &KubePort::Name("grpc".into())));
+        vec![Endpoint::new("10.0.0.1:8080".parse().unwrap())]
+    };
+    let out = resources(&mesh, Shape::Proxyless, None, &kube);
+    let Decoded::ClusterLoadAssignment(e) = decoded(&out, ENDPOINT, "g") else { unreachable!() };
+    assert_eq!(e.endpoints.endpoints[0].addr, "10.0.0.1:8080".parse::<SocketAddr>().unwrap());
+}

@@ -1,0 +1,282 @@
+//! mesh-control end to end: one mesh file feeds a real Envoy 1.40 (sidecar shape, SotW and delta), a real grpcio
+//! proxyless client, `meshctl call` and our channel (proxyless shape); edits to the file move all of them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mesh_tests::echo::{EchoServer, METHOD};
+use mesh_tests::load::{Run, drive, drive_via_proxy};
+use mesh_tests::peers::{self, Envoy, MeshControl, TempDir};
+use mesh_tonic::Channel;
+use serde_json::Value;
+use xds_client::{Bootstrap, XdsClient, XdsClientConfig};
+
+/// Three echo backends (two v1, one v2) and a mesh file splitting `greeter` v1/v2 by `weights`, with a sidecar
+/// listener on `sidecar_port`.
+struct Mesh {
+    _backends: Vec<EchoServer>,
+    v1: [SocketAddr; 2],
+    v2: [SocketAddr; 1],
+    sidecar_port: u16,
+    file: PathBuf,
+    dir: TempDir,
+}
+
+impl Mesh {
+    async fn start(weights: (u32, u32)) -> Self {
+        let mut backends = Vec::new();
+        for _ in 0..3 {
+            backends.push(EchoServer::start(Duration::ZERO).await.unwrap());
+        }
+        let dir = TempDir::new("control").unwrap();
+        let mesh = Self {
+            v1: [backends[0].addr, backends[1].addr],
+            v2: [backends[2].addr],
+            _backends: backends,
+            sidecar_port: peers::free_port().unwrap(),
+            file: dir.0.join("mesh.yaml"),
+            dir,
+        };
+        mesh.write(weights);
+        mesh
+    }
+
+    fn text(&self, weights: (u32, u32)) -> String {
+        format!(
+            "services:
+  greeter:
+    endpoints:
+      - {{ address: {a}, labels: {{ version: v1 }} }}
+      - {{ address: {b}, labels: {{ version: v1 }} }}
+      - {{ address: {c}, labels: {{ version: v2 }} }}
+    subsets:
+      v1: {{ labels: {{ version: v1 }} }}
+      v2: {{ labels: {{ version: v2 }} }}
+    routes:
+      - split: {{ v1: {w1}, v2: {w2} }}
+    timeout: 5s
+    sidecar: {{ port: {port} }}
+",
+            a = self.v1[0],
+            b = self.v1[1],
+            c = self.v2[0],
+            w1 = weights.0,
+            w2 = weights.1,
+            port = self.sidecar_port
+        )
+    }
+
+    /// Rewrites the file atomically (write + rename), as editors and ConfigMap updates do.
+    fn write_text(&self, text: &str) {
+        let tmp = self.dir.0.join("mesh.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.file).unwrap();
+    }
+
+    fn write(&self, weights: (u32, u32)) {
+        self.write_text(&self.text(weights));
+    }
+
+    fn control(&self) -> MeshControl {
+        MeshControl::start(&self.file, &self.dir.0).unwrap()
+    }
+
+    fn bootstrap(&self, cp: &MeshControl, features: &[&str]) -> (TempDir, PathBuf) {
+        let mut all = vec!["xds_v3"];
+        all.extend_from_slice(features);
+        peers::write_bootstrap(cp.xds, &all).unwrap()
+    }
+
+    fn v2_share(&self, by: &std::collections::BTreeMap<SocketAddr, u64>) -> f64 {
+        let total: u64 = by.values().sum();
+        by.get(&self.v2[0]).copied().unwrap_or(0) as f64 / total.max(1) as f64
+    }
+}
+
+fn xds_channel(cp: &MeshControl, features: &[&str]) -> Channel {
+    let mut bootstrap = Bootstrap::for_server(cp.xds.to_string(), "mesh-test");
+    bootstrap.servers[0].server_features.extend(features.iter().map(|f| f.to_string()));
+    let client = XdsClient::new(bootstrap, XdsClientConfig::default());
+    Channel::builder("xds:///greeter").timeout(Duration::from_secs(10)).build_xds(client, "greeter").unwrap()
+}
+
+fn envoy_channel(port: u16) -> Channel {
+    Channel::builder(format!("static:///127.0.0.1:{port}")).timeout(Duration::from_secs(10)).build().unwrap()
+}
+
+async fn meshctl_v2_share(mesh: &Mesh, bootstrap: &Path) -> f64 {
+    let bootstrap = bootstrap.to_str().unwrap().to_owned();
+    let args = ["call", "--target", "xds:///greeter", "--method", METHOD, "--n", "1000", "--concurrency", "8", "--json"];
+    let (code, stdout, stderr) =
+        tokio::task::spawn_blocking(move || peers::meshctl_with_env(&args, &[("GRPC_XDS_BOOTSTRAP", &bootstrap)])).await.unwrap().unwrap();
+    assert_eq!(code, 0, "stderr: {stderr}");
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["ok"], 1000, "{summary}");
+    summary["by_endpoint"][mesh.v2[0].to_string()].as_u64().unwrap_or(0) as f64 / 1000.0
+}
+
+async fn grpcio_v2_share(mesh: &Mesh, bootstrap: &Path) -> f64 {
+    let bootstrap = bootstrap.to_owned();
+    let out =
+        tokio::task::spawn_blocking(move || peers::python_xds_client(&bootstrap, "xds:///greeter", METHOD, 1000)).await.unwrap().unwrap();
+    assert_eq!(out["ok"], 1000, "{out}");
+    out["by_response"][mesh.v2[0].to_string()].as_u64().unwrap_or(0) as f64 / 1000.0
+}
+
+async fn envoy_run(port: u16, n: u64) -> Run {
+    tokio::time::timeout(Duration::from_secs(60), drive_via_proxy(&envoy_channel(port), n, 4)).await.expect("calls through envoy finish")
+}
+
+fn assert_share(who: &str, share: f64, want: f64) {
+    assert!((share - want).abs() <= 0.05, "{who}: v2 got {share:.3} of calls, want {want:.2} ± 0.05");
+}
+
+/// Plain HTTP/2 (h2load, not a gRPC client) through the Envoy sidecar: every request gets a response from a backend.
+fn h2load_through(port: u16) {
+    let output = std::process::Command::new("h2load")
+        .args(["-n", "100", "-c", "2", "-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg(format!("http://127.0.0.1:{port}{METHOD}"))
+        .output()
+        .expect("h2load is installed by the README's test command");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("100 succeeded, 0 failed, 0 errored"), "h2load through envoy: {stdout}");
+    assert!(stdout.contains("status codes: 100 2xx"), "h2load through envoy: {stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_grpcio_and_meshctl_get_the_split_from_the_mesh_file() {
+    let mesh = Mesh::start((80, 20)).await;
+    let cp = mesh.control();
+    let (_b, bootstrap) = mesh.bootstrap(&cp, &[]);
+
+    let mut envoy = Envoy::start(cp.xds, false, "envoy-sotw").unwrap();
+    envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(20)).unwrap();
+    let through_envoy = envoy_run(mesh.sidecar_port, 1000).await;
+    assert!(through_envoy.failures.is_empty(), "{:?}", through_envoy.failures);
+    assert_share("envoy (ADS SotW)", mesh.v2_share(&through_envoy.by_endpoint), 0.2);
+    h2load_through(mesh.sidecar_port);
+    let clusters = envoy.admin_get("/clusters").unwrap();
+    assert!(clusters.contains("greeter|v1::") && clusters.contains("greeter|v2::"), "envoy clusters: {clusters}");
+
+    assert_share("grpcio", grpcio_v2_share(&mesh, &bootstrap).await, 0.2);
+    assert_share("meshctl", meshctl_v2_share(&mesh, &bootstrap).await, 0.2);
+
+    // Every client acknowledged what it got: no NACK anywhere.
+    let status = cp.status().unwrap();
+    assert!(!status.to_string().contains("\"last_nack\":{"), "a client rejected a resource: {status:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_xds_feeds_envoy_and_our_client() {
+    let mesh = Mesh::start((80, 20)).await;
+    let cp = mesh.control();
+
+    let mut envoy = Envoy::start(cp.xds, true, "envoy-delta").unwrap();
+    envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(20)).unwrap();
+    let through_envoy = envoy_run(mesh.sidecar_port, 1000).await;
+    assert!(through_envoy.failures.is_empty(), "{:?}", through_envoy.failures);
+    assert_share("envoy (DELTA_GRPC)", mesh.v2_share(&through_envoy.by_endpoint), 0.2);
+
+    let (_b, bootstrap) = mesh.bootstrap(&cp, &["delta_ads"]);
+    assert_share("meshctl (delta)", meshctl_v2_share(&mesh, &bootstrap).await, 0.2);
+    let ours = drive(&xds_channel(&cp, &["delta_ads"]), 1000, 4, |_| {}).await;
+    assert!(ours.failures.is_empty(), "{:?}", ours.failures);
+    assert_share("our channel (delta)", mesh.v2_share(&ours.by_endpoint), 0.2);
+
+    // Both spoke delta: the status endpoint lists their streams.
+    let status = cp.status().unwrap().to_string();
+    assert!(status.contains("envoy-delta"), "{status}");
+    assert!(status.to_lowercase().contains("delta"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_nothing() {
+    let mesh = Mesh::start((90, 10)).await;
+    let cp = mesh.control();
+    let (_b, bootstrap) = mesh.bootstrap(&cp, &[]);
+    let mut envoy = Envoy::start(cp.xds, false, "envoy-edit").unwrap();
+    envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(20)).unwrap();
+    let ours = xds_channel(&cp, &[]);
+    let warm = drive(&ours, 200, 2, |_| {}).await;
+    assert!(warm.failures.is_empty(), "{:?}", warm.failures);
+
+    // Traffic runs through our channel and through Envoy while the file changes: no call may fail.
+    let (ours_bg, envoy_bg) = (ours.clone(), envoy_channel(mesh.sidecar_port));
+    let background = tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut failures = Vec::new();
+        while Instant::now() < until {
+            let (a, b) = tokio::join!(drive(&ours_bg, 50, 2, |_| {}), drive_via_proxy(&envoy_bg, 50, 2));
+            failures.extend(a.failures);
+            failures.extend(b.failures);
+        }
+        failures
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mesh.write((50, 50));
+    let edited = Instant::now();
+    let failures = background.await.unwrap();
+    assert!(failures.is_empty(), "calls failed during the edit: {failures:?}");
+
+    // Two seconds after the edit, all three clients follow the new split.
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(edited.elapsed())).await;
+    let ours_after = drive(&ours, 1000, 4, |_| {}).await;
+    assert!(ours_after.failures.is_empty(), "{:?}", ours_after.failures);
+    assert_share("our channel after the edit", mesh.v2_share(&ours_after.by_endpoint), 0.5);
+    let envoy_after = envoy_run(mesh.sidecar_port, 1000).await;
+    assert!(envoy_after.failures.is_empty(), "{:?}", envoy_after.failures);
+    assert_share("envoy after the edit", mesh.v2_share(&envoy_after.by_endpoint), 0.5);
+    assert_share("grpcio after the edit", grpcio_v2_share(&mesh, &bootstrap).await, 0.5);
+
+    // An invalid edit is rejected precisely and changes nothing.
+    let bad = mesh.text((50, 50)).replace("v2: 50 }", "v3: 50 }");
+    mesh.write_text(&bad);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let error = loop {
+        let status = cp.status().unwrap();
+        if !status["last_error"].is_null() {
+            break status["last_error"].clone();
+        }
+        assert!(Instant::now() < deadline, "the bad edit was never reported: {status:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(error["line"], 11, "{error:#}");
+    assert_eq!(error["field"], "services.greeter.routes[0].split.v3", "{error:#}");
+    assert!(error["reason"].as_str().unwrap().contains("neither a subset of greeter"), "{error:#}");
+    assert_eq!(error["file"], mesh.file.display().to_string());
+    let log = std::fs::read_to_string(&cp.log).unwrap();
+    assert!(log.contains("mesh file rejected") && log.contains("services.greeter.routes[0].split.v3"), "log: {log}");
+    let still = drive(&ours, 1000, 4, |_| {}).await;
+    assert!(still.failures.is_empty(), "{:?}", still.failures);
+    assert_share("our channel after the bad edit", mesh.v2_share(&still.by_endpoint), 0.5);
+    let envoy_still = envoy_run(mesh.sidecar_port, 500).await;
+    assert!(envoy_still.failures.is_empty(), "{:?}", envoy_still.failures);
+    assert_share("envoy after the bad edit", mesh.v2_share(&envoy_still.by_endpoint), 0.5);
+}
+
+#[test]
+fn embedded_default_serves_the_example_and_says_how_to_connect() {
+    let mut child = std::process::Command::new(peers::workspace_bin("mesh-control").unwrap())
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let mut text = String::new();
+    for _ in 0..8 {
+        text.push_str(&lines.next().unwrap().unwrap());
+        text.push('\n');
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("listening xds=127.0.0.1:"), "{text}");
+    assert!(text.contains("GRPC_XDS_BOOTSTRAP="), "{text}");
+    assert!(text.contains("GRPC_XDS_BOOTSTRAP_CONFIG="), "{text}");
+    let path = text.lines().find_map(|l| l.trim().strip_prefix("bootstrap: ")).unwrap();
+    let bootstrap: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let xds = text.split_whitespace().find_map(|w| w.strip_prefix("xds=")).unwrap();
+    assert_eq!(bootstrap["xds_servers"][0]["server_uri"], xds);
+}
