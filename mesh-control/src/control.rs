@@ -320,14 +320,12 @@ fn now() -> u64 {
 /// A gRPC xDS bootstrap (JSON) pointing at `xds` (insecure credentials, `xds_v3`; `delta` adds our `delta_ads`
 /// server feature).
 pub fn bootstrap_json(xds: SocketAddr, node_id: &str, delta: bool) -> String {
-    let features = if delta { r#"["xds_v3", "delta_ads"]"# } else { r#"["xds_v3"]"# };
-    format!(
-        r#"{{
-  "xds_servers": [{{ "server_uri": "{xds}", "channel_creds": [{{ "type": "insecure" }}], "server_features": {features} }}],
-  "node": {{ "id": "{node_id}", "cluster": "", "locality": {{}} }}
-}}
-"#
-    )
+    let features: &[&str] = if delta { &["xds_v3", "delta_ads"] } else { &["xds_v3"] };
+    let bootstrap = serde_json::json!({
+        "xds_servers": [{ "server_uri": xds.to_string(), "channel_creds": [{ "type": "insecure" }], "server_features": features }],
+        "node": { "id": node_id, "cluster": "", "locality": {} },
+    });
+    format!("{bootstrap:#}\n")
 }
 
 /// Writes [`bootstrap_json`] to `path`.

@@ -2,6 +2,7 @@
 //!
 //! With no flags it serves the embedded example mesh on 127.0.0.1 and prints how to point a client at it.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -58,14 +59,24 @@ async fn main() -> anyhow::Result<()> {
     let bootstrap =
         args.bootstrap_out.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("mesh-control-{}.json", xds_addr.port())));
     mesh_control::control::write_bootstrap(&bootstrap, xds_addr, "mesh-client")?;
-    let inline = mesh_control::control::bootstrap_json(xds_addr, "mesh-client", false).replace('\n', "");
-    println!("mesh-control listening xds={xds_addr} admin={admin_addr}");
-    println!("  status:    http://{admin_addr}/status");
-    println!("  bootstrap: {}", bootstrap.display());
-    println!("Point a client at it:");
-    println!("  export GRPC_XDS_BOOTSTRAP={}", bootstrap.display());
-    println!("  # or: export GRPC_XDS_BOOTSTRAP_CONFIG='{inline}'");
-    println!("  meshctl call --target xds:///greeter --method /helloworld.Greeter/SayHello --n 100 --json");
+    let inline: serde_json::Value = serde_json::from_str(&mesh_control::control::bootstrap_json(xds_addr, "mesh-client", false))?;
+    let banner = format!(
+        "mesh-control listening xds={xds_addr} admin={admin_addr}
+  status:    http://{admin_addr}/status
+  bootstrap: {path}
+Point a client at it:
+  export GRPC_XDS_BOOTSTRAP={path}
+  # or: export GRPC_XDS_BOOTSTRAP_CONFIG='{inline}'
+  meshctl call --target xds:///greeter --method /helloworld.Greeter/SayHello --n 100 --json
+",
+        path = bootstrap.display()
+    );
+    // Whoever started us may stop reading stdout: the control plane keeps serving regardless.
+    let mut stdout = std::io::stdout().lock();
+    if stdout.write_all(banner.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+        tracing::debug!("stdout is closed; the banner was not printed");
+    }
+    drop(stdout);
     let admin_cp = cp.clone();
     tokio::spawn(async move { admin_cp.serve_admin(admin).await });
     tokio::select! {

@@ -277,7 +277,10 @@ impl MeshControl {
             .context("cannot start mesh-control")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        let mut stdout = BufReader::new(stdout);
+        stdout.read_line(&mut line)?;
+        // Keep reading the rest of the banner so the child never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
         let addr = |key: &str| -> anyhow::Result<SocketAddr> {
             let value = line.split_whitespace().find_map(|w| w.strip_prefix(key)).with_context(|| format!("no {key} in {line:?}"))?;
             Ok(value.parse()?)
@@ -379,7 +382,10 @@ static_resources:
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("envoy did not open its listener on port {port} within {timeout:?}")
+        let log = std::fs::read_to_string(self._dir.0.join("envoy.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("envoy did not open its listener on port {port} within {timeout:?}; envoy log ends:\n{}", tail.join("\n"))
     }
 
     /// `GET <admin><path>` as text.

@@ -266,9 +266,14 @@ fn embedded_default_serves_the_example_and_says_how_to_connect() {
     let stdout = child.stdout.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
     let mut text = String::new();
-    for _ in 0..8 {
-        text.push_str(&lines.next().unwrap().unwrap());
+    // The banner ends with an example command.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        text.push_str(&line);
         text.push('\n');
+        if line.contains("meshctl call") {
+            break;
+        }
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -279,4 +284,7 @@ fn embedded_default_serves_the_example_and_says_how_to_connect() {
     let bootstrap: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let xds = text.split_whitespace().find_map(|w| w.strip_prefix("xds=")).unwrap();
     assert_eq!(bootstrap["xds_servers"][0]["server_uri"], xds);
+    let inline = text.split("GRPC_XDS_BOOTSTRAP_CONFIG='").nth(1).and_then(|rest| rest.split('\'').next()).unwrap();
+    let inline: Value = serde_json::from_str(inline).unwrap_or_else(|e| panic!("inline bootstrap is not JSON: {e}: {inline}"));
+    assert_eq!(inline, bootstrap);
 }
