@@ -3,10 +3,13 @@
 //! `meshctl call` sends gRPC traffic through the full mesh client stack and
 //! reports what happened; `meshctl xds-dump` prints what the xDS client holds
 //! for a target. Its flags and JSON output are a contract other tools
-//! rely on: see `call.rs`.
+//! rely on: see `call.rs`. `meshctl demo` runs the mesh's main job in one
+//! command: a control plane, three greeter backends and a mesh client, with a
+//! canary split shifted by editing the mesh file.
 #![forbid(unsafe_code)]
 
 mod call;
+mod demo;
 mod xds;
 
 use std::process::ExitCode;
@@ -25,6 +28,8 @@ struct Cli {
 enum Command {
     /// Send gRPC calls through the mesh client stack and summarise them.
     Call(call::CallArgs),
+    /// Run a control plane, three greeter backends and a mesh client; shift a canary split by editing the mesh.
+    Demo(demo::DemoArgs),
     /// Print what the xDS client holds for an xds:/// target (CSDS-style JSON).
     XdsDump(xds::DumpArgs),
 }
@@ -45,5 +50,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Call(args) => runtime.block_on(call::run(args)),
         Command::XdsDump(args) => runtime.block_on(xds::run(args)),
+        Command::Demo(args) => runtime.block_on(demo::run(args)),
     }
 }

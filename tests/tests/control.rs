@@ -288,3 +288,28 @@ fn embedded_default_serves_the_example_and_says_how_to_connect() {
     let inline: Value = serde_json::from_str(inline).unwrap_or_else(|e| panic!("inline bootstrap is not JSON: {e}: {inline}"));
     assert_eq!(inline, bootstrap);
 }
+
+/// `meshctl demo`: the README's first command shows the 90/10 canary, then follows two edits of the mesh file
+/// with no failed call.
+#[test]
+fn meshctl_demo_runs_the_canary_and_follows_the_edits() {
+    let (code, stdout, stderr) = peers::meshctl(&["demo", "--phase-secs", "2", "--json"]).unwrap();
+    assert_eq!(code, 0, "stderr: {stderr}");
+    // The live view and the table go to stderr with --json.
+    assert!(stderr.contains("phase 1: canary, v1 90 / v2 10") && stderr.contains("v2 share"), "{stderr}");
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let phases = summary["phases"].as_array().unwrap();
+    let labels: Vec<&str> = phases.iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["canary 90/10", "switching", "shift 50/50", "switching", "promote 0/100"]);
+    for phase in phases {
+        assert_eq!(phase["failed"], 0, "{phase}");
+    }
+    assert!(phases[0]["calls"].as_u64().unwrap() >= 400, "{}", phases[0]);
+    assert_share("demo canary", phases[0]["v2_share"].as_f64().unwrap(), 0.1);
+    assert_share("demo shift", phases[2]["v2_share"].as_f64().unwrap(), 0.5);
+    assert_eq!(phases[4]["by_version"]["v1"], Value::Null, "promote sends nothing to v1: {}", phases[4]);
+    assert_eq!(summary["edit_to_client_ms"].as_array().unwrap().len(), 2, "{summary}");
+    let backends = summary["backends"].as_object().unwrap();
+    assert_eq!(backends.values().filter(|v| *v == "v1").count(), 2, "{summary}");
+    assert_eq!(backends.values().filter(|v| *v == "v2").count(), 1, "{summary}");
+}
