@@ -130,11 +130,21 @@ pub fn write_bootstrap(ads_addr: SocketAddr, features: &[&str]) -> anyhow::Resul
 
 /// Runs the grpcio proxyless xDS client: `n` calls to `method` on `target`.
 pub fn python_xds_client(bootstrap: &Path, target: &str, method: &str, n: u32) -> anyhow::Result<serde_json::Value> {
+    python_xds_client_run(bootstrap, target, method, &n.to_string())
+}
+
+/// Runs the grpcio proxyless xDS client for `duration` once its channel is ready; the result also lists every
+/// successful call as `[unix seconds, reply]` under `calls`.
+pub fn python_xds_client_for(bootstrap: &Path, target: &str, method: &str, duration: Duration) -> anyhow::Result<serde_json::Value> {
+    python_xds_client_run(bootstrap, target, method, &format!("for={}", duration.as_secs_f64()))
+}
+
+fn python_xds_client_run(bootstrap: &Path, target: &str, method: &str, amount: &str) -> anyhow::Result<serde_json::Value> {
     let output = Command::new("timeout")
         .arg("60")
         .arg(python()?)
         .arg(workspace_root().join("tests/peers/py_xds_client.py"))
-        .args([target, method, &n.to_string()])
+        .args([target, method, amount])
         .env("GRPC_XDS_BOOTSTRAP", bootstrap)
         .output()?;
     if !output.status.success() {

@@ -201,10 +201,10 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
     let warm = drive(&ours, 200, 2, |_| {}).await;
     assert!(warm.failures.is_empty(), "{:?}", warm.failures);
 
-    // Traffic runs through our channel and through Envoy while the file changes: no call may fail.
+    // Traffic runs through our channel, through Envoy and from grpcio while the file changes: no call may fail.
     let (ours_bg, envoy_bg) = (ours.clone(), envoy_channel(mesh.sidecar_port));
     let background = tokio::spawn(async move {
-        let until = Instant::now() + Duration::from_secs(3);
+        let until = Instant::now() + Duration::from_secs(5);
         let mut failures = Vec::new();
         while Instant::now() < until {
             let (a, b) = tokio::join!(drive(&ours_bg, 50, 2, |_| {}), drive_via_proxy(&envoy_bg, 50, 2));
@@ -213,13 +213,31 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
         }
         failures
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grpcio_bootstrap = bootstrap.clone();
+    let grpcio = tokio::task::spawn_blocking(move || {
+        peers::python_xds_client_for(&grpcio_bootstrap, "xds:///greeter", METHOD, Duration::from_secs(5))
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     mesh.write((50, 50));
     let edited = Instant::now();
+    let edited_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let failures = background.await.unwrap();
     assert!(failures.is_empty(), "calls failed during the edit: {failures:?}");
+    let grpcio = grpcio.await.unwrap().unwrap();
+    assert_eq!(grpcio["errors"], serde_json::json!({}), "grpcio calls failed during the edit");
+    // grpcio's calls from two seconds after the edit on follow the new split.
+    let v2 = mesh.v2[0].to_string();
+    let late: Vec<bool> = grpcio["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c[0].as_f64().unwrap() >= edited_at + 2.0)
+        .map(|c| c[1].as_str().unwrap() == v2)
+        .collect();
+    assert!(late.len() >= 200, "grpcio made only {} calls from 2 s after the edit on", late.len());
+    assert_share("grpcio from 2 s after the edit", late.iter().filter(|v| **v).count() as f64 / late.len() as f64, 0.5);
 
-    // Two seconds after the edit, all three clients follow the new split.
+    // Two seconds after the edit, every client follows the new split.
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(edited.elapsed())).await;
     let ours_after = drive(&ours, 1000, 4, |_| {}).await;
     assert!(ours_after.failures.is_empty(), "{:?}", ours_after.failures);
@@ -227,7 +245,7 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
     let envoy_after = envoy_run(mesh.sidecar_port, 1000).await;
     assert!(envoy_after.failures.is_empty(), "{:?}", envoy_after.failures);
     assert_share("envoy after the edit", mesh.v2_share(&envoy_after.by_endpoint), 0.5);
-    assert_share("grpcio after the edit", grpcio_v2_share(&mesh, &bootstrap).await, 0.5);
+    assert_share("meshctl after the edit", meshctl_v2_share(&mesh, &bootstrap).await, 0.5);
 
     // An invalid edit is rejected precisely and changes nothing.
     let bad = mesh.text((50, 50)).replace("v2: 50 }", "v3: 50 }");

@@ -143,3 +143,13 @@ fn path_at_line_follows_lists() {
     assert_eq!(path_at_line(text, 5), "a.b[1].x");
     assert_eq!(path_at_line(text, 6), "c");
 }
+
+#[test]
+fn the_shipped_kubernetes_configmap_holds_a_valid_mesh() {
+    let manifest = include_str!("../../../deploy/kubernetes/configmap.yaml");
+    let (_, block) = manifest.split_once("mesh.yaml: |\n").expect("the ConfigMap has a mesh.yaml key");
+    let text: String = block.lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).map(|l| format!("{l}\n")).collect();
+    let mesh = parse("deploy/kubernetes/configmap.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let greeter = &mesh.services["greeter"];
+    assert!(matches!(&greeter.subsets["v1"], Subset::Endpoints(EndpointSource::Kubernetes(k)) if k.service == "greeter-v1"));
+}
