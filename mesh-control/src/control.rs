@@ -338,19 +338,23 @@ pub fn write_bootstrap(path: &Path, xds: SocketAddr, node_id: &str) -> crate::Re
 /// republished.
 #[cfg(feature = "kube")]
 pub fn follow_kubernetes(cp: &ControlPlane, client: ::kube::Client, namespace: Option<String>) -> tokio::task::JoinHandle<()> {
-    let mut updates = crate::kube::KubeSource::new(client, namespace).start();
+    follow(cp, crate::kube::KubeSource::new(client, namespace).start())
+}
+
+/// Republishes `cp` with every Kubernetes state `updates` publishes, from the first complete one on.
+#[cfg(feature = "kube")]
+pub(crate) fn follow(
+    cp: &ControlPlane,
+    mut updates: tokio::sync::watch::Receiver<Arc<crate::kube::KubeState>>,
+) -> tokio::task::JoinHandle<()> {
     let cp = cp.clone();
     tokio::spawn(async move {
         loop {
             let state = updates.borrow_and_update().clone();
             // Until every watch has listed once, publishing would push empty endpoint sets to clients.
-            if !state.is_synced() {
-                if updates.changed().await.is_err() {
-                    return;
-                }
-                continue;
+            if state.is_synced() {
+                cp.set_kube_resolver(Arc::new(move |r: &KubeRef| kube_endpoints(&state, r)));
             }
-            cp.set_kube_resolver(Arc::new(move |r: &KubeRef| kube_endpoints(&state, r)));
             if updates.changed().await.is_err() {
                 return;
             }

@@ -350,3 +350,65 @@ async fn stops_when_receivers_are_dropped() {
     // The task drops its watch streams, closing the body the mock streams.
     tokio::time::timeout(TIMEOUT, slice_watch.closed()).await.expect("the source stops");
 }
+
+/// The whole path: recorded watch events (slice ADDED, MODIFIED to not ready, DELETED) → the control plane → ADS
+/// → an xDS client, which sees the cluster and exactly the endpoints each event implies.
+#[tokio::test]
+async fn recorded_events_become_clusters_and_endpoints_on_an_xds_client() {
+    use crate::ControlPlane;
+    use mesh_core::model::HealthStatus;
+    use xds_client::resource::{ClusterResource, EndpointsResource};
+    use xds_client::{Bootstrap, Watch, XdsClient, XdsClientConfig};
+
+    async fn until<T: xds_client::XdsResource>(w: &mut Watch<T>, what: &str, ok: impl Fn(&T) -> bool) {
+        let wait = async {
+            loop {
+                if w.value().is_some_and(|v| ok(&v)) {
+                    return;
+                }
+                assert!(w.changed().await, "the xDS client is gone");
+            }
+        };
+        tokio::time::timeout(TIMEOUT, wait).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+    fn endpoints(r: &EndpointsResource) -> Vec<(String, HealthStatus, String)> {
+        let mut all: Vec<_> = r.endpoints.endpoints.iter().map(|e| (e.addr.to_string(), e.health, e.locality.zone.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    let (services, slices) = lists();
+    let (mut server, states) = MockApiServer::start(Some("default"), services, slices);
+    let slice_watch = server.watch(Resource::Slices).await;
+    let _service_watch = server.watch(Resource::Services).await;
+    let text = "services:\n  greeter:\n    lb: least_request\n    kubernetes: { service: greeter, port: grpc }\n";
+    let cp = ControlPlane::new(crate::mesh::parse("mesh.yaml", text).expect("valid mesh"), "mesh.yaml");
+    let _follow = crate::control::follow(&cp, states);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("loopback");
+    let xds = listener.local_addr().expect("bound");
+    let serving = cp.clone();
+    tokio::spawn(async move { serving.serve_ads(listener).await });
+
+    let client = XdsClient::new(Bootstrap::for_server(xds.to_string(), "kube-test"), XdsClientConfig::default());
+    let mut cluster = client.watch::<ClusterResource>("greeter");
+    let mut eds = client.watch::<EndpointsResource>("greeter");
+    until(&mut cluster, "the greeter cluster", |c| c.cluster.lb.name() == "least_request").await;
+    until(&mut eds, "greeter's endpoints (none yet)", |r| r.endpoints.endpoints.is_empty()).await;
+
+    let healthy = |addr: &str, zone: &str| (addr.to_owned(), HealthStatus::Healthy, zone.to_owned());
+    let mut events = events("endpointslices-watch.jsonl");
+    send(&slice_watch, events.pop_front().expect("ADDED")).await;
+    let added = vec![healthy("10.244.1.12:50051", "us-east-1a"), healthy("10.244.2.7:50051", "us-east-1b")];
+    until(&mut eds, "ADDED", |r| endpoints(r) == added).await;
+
+    send(&slice_watch, events.pop_front().expect("BOOKMARK")).await;
+    send(&slice_watch, events.pop_front().expect("MODIFIED")).await;
+    let modified =
+        vec![healthy("10.244.1.12:50051", "us-east-1a"), ("10.244.2.7:50051".to_owned(), HealthStatus::Unhealthy, "us-east-1b".to_owned())];
+    until(&mut eds, "MODIFIED", |r| endpoints(r) == modified).await;
+
+    send(&slice_watch, events.pop_front().expect("DELETED")).await;
+    until(&mut eds, "DELETED", |r| r.endpoints.endpoints.is_empty()).await;
+    // The cluster stays: the Service still exists, it just has no endpoints.
+    assert!(cluster.value().is_some(), "the greeter cluster is still served");
+}
