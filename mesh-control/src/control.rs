@@ -295,21 +295,24 @@ fn key(shape: Shape, view: &str) -> String {
 }
 
 /// Which snapshot a node sees: Envoy gets the sidecar shape (socket listeners), everyone else the proxyless shape
-/// (`api_listener`s); node metadata `mesh.shape` (`sidecar` / `proxyless`) overrides. The node's `cluster` picks a
-/// view when the mesh has one by that name.
+/// (`api_listener`s); node metadata `mesh.shape` (`sidecar` / `proxyless`) overrides. Node metadata `mesh.view`, else the
+/// node's `cluster`, picks a view when the mesh has one by that name.
 fn node_key(node: &Node, views: &BTreeSet<String>) -> String {
     use envoy_types::pb::google::protobuf::value::Kind;
-    let meta = node.metadata.as_ref().and_then(|m| m.fields.get("mesh.shape")).and_then(|v| match &v.kind {
-        Some(Kind::StringValue(s)) => Some(s.as_str()),
-        _ => None,
-    });
-    let shape = match meta {
+    let meta = |key: &str| {
+        node.metadata.as_ref().and_then(|m| m.fields.get(key)).and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => Some(s.as_str()),
+            _ => None,
+        })
+    };
+    let shape = match meta("mesh.shape") {
         Some("sidecar") => Shape::Sidecar,
         Some("proxyless") => Shape::Proxyless,
         _ if node.user_agent_name == "envoy" => Shape::Sidecar,
         _ => Shape::Proxyless,
     };
-    let view = if views.contains(&node.cluster) { node.cluster.as_str() } else { "" };
+    let view = meta("mesh.view").unwrap_or(&node.cluster);
+    let view = if views.contains(view) { view } else { "" };
     key(shape, view)
 }
 
@@ -387,4 +390,38 @@ pub fn kube_endpoints(state: &crate::kube::KubeState, r: &KubeRef) -> Vec<Endpoi
             endpoint
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+    use super::node_key;
+
+    fn node(user_agent: &str, cluster: &str, metadata: &[(&str, &str)]) -> Node {
+        let fields = metadata.iter().map(|(k, v)| ((*k).to_owned(), Value { kind: Some(Kind::StringValue((*v).to_owned())) })).collect();
+        Node {
+            id: "n".into(),
+            cluster: cluster.into(),
+            user_agent_name: user_agent.into(),
+            metadata: Some(Struct { fields }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_node_picks_shape_and_view() {
+        let views: BTreeSet<String> = ["web".to_owned()].into();
+        assert_eq!(node_key(&node("envoy", "", &[]), &views), "sidecar/");
+        assert_eq!(node_key(&node("gRPC Python", "", &[]), &views), "proxyless/");
+        assert_eq!(node_key(&node("envoy", "", &[("mesh.shape", "proxyless")]), &views), "proxyless/");
+        assert_eq!(node_key(&node("grpc-go", "", &[("mesh.shape", "sidecar")]), &views), "sidecar/");
+        assert_eq!(node_key(&node("grpc-go", "web", &[]), &views), "proxyless/web");
+        assert_eq!(node_key(&node("grpc-go", "other", &[("mesh.view", "web")]), &views), "proxyless/web");
+        // An unknown view sees the whole mesh.
+        assert_eq!(node_key(&node("envoy", "unknown", &[]), &views), "sidecar/");
+    }
 }
