@@ -85,9 +85,13 @@ pub fn python_grpc_server() -> anyhow::Result<Peer> {
 /// once per test process so a stale binary is never tested.
 pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    // Test executables live in target/<profile>/deps; binaries one level up.
+    // Test executables live in target/<profile>/deps; binaries (ours, when a
+    // benchmark binary calls this, and the one wanted) in target/<profile>.
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("unexpected test executable location")?;
+    let mut dir = exe.parent().context("unexpected test executable location")?;
+    if dir.file_name().is_some_and(|d| d == "deps") {
+        dir = dir.parent().context("unexpected test executable location")?;
+    }
     let bin = dir.join(name);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !built.iter().any(|b| b == name) {
@@ -126,6 +130,24 @@ pub fn write_bootstrap(ads_addr: SocketAddr, features: &[&str]) -> anyhow::Resul
     });
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     Ok((dir, path))
+}
+
+/// `meshctl call --target <target> --method <method> --n <n> --concurrency 8 --json` with `GRPC_XDS_BOOTSTRAP`
+/// set to `bootstrap`, on a blocking thread. Panics unless every call succeeded; returns the JSON summary.
+pub async fn meshctl_xds_call(bootstrap: &Path, target: &str, method: &str, n: u32) -> serde_json::Value {
+    let (bootstrap, target, method) = (bootstrap.to_str().expect("UTF-8 path").to_owned(), target.to_owned(), method.to_owned());
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let n = n.to_string();
+        let args = ["call", "--target", &target, "--method", &method, "--n", &n, "--concurrency", "8", "--json"];
+        meshctl_with_env(&args, &[("GRPC_XDS_BOOTSTRAP", &bootstrap)])
+    })
+    .await
+    .expect("meshctl thread")
+    .expect("meshctl runs");
+    assert_eq!(code, 0, "stderr: {stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("meshctl --json prints JSON");
+    assert_eq!(summary["ok"], n, "{summary}");
+    summary
 }
 
 /// Runs the grpcio proxyless xDS client: `n` calls to `method` on `target`.
@@ -306,6 +328,11 @@ impl MeshControl {
             }
         };
         Ok(Self { child, xds, admin, log })
+    }
+
+    /// Process id of the control plane.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `GET /status`, parsed.

@@ -106,13 +106,7 @@ fn envoy_channel(port: u16) -> Channel {
 }
 
 async fn meshctl_v2_share(mesh: &Mesh, bootstrap: &Path) -> f64 {
-    let bootstrap = bootstrap.to_str().unwrap().to_owned();
-    let args = ["call", "--target", "xds:///greeter", "--method", METHOD, "--n", "1000", "--concurrency", "8", "--json"];
-    let (code, stdout, stderr) =
-        tokio::task::spawn_blocking(move || peers::meshctl_with_env(&args, &[("GRPC_XDS_BOOTSTRAP", &bootstrap)])).await.unwrap().unwrap();
-    assert_eq!(code, 0, "stderr: {stderr}");
-    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(summary["ok"], 1000, "{summary}");
+    let summary = peers::meshctl_xds_call(bootstrap, "xds:///greeter", METHOD, 1000).await;
     summary["by_endpoint"][mesh.v2[0].to_string()].as_u64().unwrap_or(0) as f64 / 1000.0
 }
 

@@ -62,13 +62,7 @@ async fn greeter_80_20() -> (AdsServer, Vec<EchoServer>, [SocketAddr; 2], [Socke
 async fn meshctl_call_xds_target_follows_the_80_20_split() {
     let (ads, _servers, a, _b) = greeter_80_20().await;
     let (_dir, bootstrap) = peers::write_bootstrap(ads.addr(), &["xds_v3"]).unwrap();
-    let bootstrap = bootstrap.to_str().unwrap().to_owned();
-    let args = ["call", "--target", "xds:///greeter", "--method", METHOD, "--n", "1000", "--concurrency", "8", "--json"];
-    let (code, stdout, stderr) =
-        tokio::task::spawn_blocking(move || peers::meshctl_with_env(&args, &[("GRPC_XDS_BOOTSTRAP", &bootstrap)])).await.unwrap().unwrap();
-    assert_eq!(code, 0, "stderr: {stderr}");
-    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(summary["ok"], 1000, "{summary}");
+    let summary = peers::meshctl_xds_call(&bootstrap, "xds:///greeter", METHOD, 1000).await;
     let to_a: u64 = a.iter().map(|x| summary["by_endpoint"][x.to_string()].as_u64().unwrap_or(0)).sum();
     assert!((750..=850).contains(&to_a), "cluster a (weight 80) got {to_a} of 1000: {summary}");
 }
