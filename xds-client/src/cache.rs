@@ -52,9 +52,14 @@ impl Entry {
     }
 
     fn update(&self, f: impl FnOnce(&mut WatchState)) {
+        self.update_at(SystemTime::now(), f);
+    }
+
+    /// Changes the state; `at` is when the change arrived.
+    fn update_at(&self, at: SystemTime, f: impl FnOnce(&mut WatchState)) {
         self.tx.send_modify(|s| {
             f(s);
-            s.updated = Some(SystemTime::now());
+            s.updated = Some(at);
         });
     }
 }
@@ -164,26 +169,26 @@ impl Cache {
 
     /// Applies a SotW response; the caller then ACKs or NACKs.
     /// Returns the errors, one per rejected resource (empty: ACK).
-    pub(crate) fn apply_sotw(&mut self, ty: ResourceType, response: &DiscoveryResponse) -> Vec<String> {
+    pub(crate) fn apply_sotw(&mut self, ty: ResourceType, response: &DiscoveryResponse, received: SystemTime) -> Vec<String> {
         let policy = self.policy;
         let (valid, invalid, mut errors) = decode_all(ty, response.resources.iter());
         let state = self.state(ty);
-        let mut received: BTreeSet<String> = invalid.keys().cloned().collect();
+        let mut seen: BTreeSet<String> = invalid.keys().cloned().collect();
         for (name, (resource, raw)) in valid {
             if let Some(entry) = state.entries.get_mut(&name) {
-                accept(entry, resource, raw, &response.version_info);
+                accept(entry, resource, raw, &response.version_info, received);
             }
-            received.insert(name);
+            seen.insert(name);
         }
         for (name, reason) in &invalid {
             if let Some(entry) = state.entries.get(name) {
-                reject(entry, reason, policy);
+                reject(entry, reason, policy, received);
             }
         }
         if ty.all_resources_required_in_sotw() {
             for (name, entry) in &state.entries {
-                if !received.contains(name) {
-                    delete(entry, policy);
+                if !seen.contains(name) {
+                    delete(entry, policy, received);
                 }
             }
         }
@@ -197,7 +202,7 @@ impl Cache {
 
     /// Applies a delta response; the caller then ACKs or NACKs.
     /// Returns the errors, one per rejected resource (empty: ACK).
-    pub(crate) fn apply_delta(&mut self, ty: ResourceType, response: &DeltaDiscoveryResponse) -> Vec<String> {
+    pub(crate) fn apply_delta(&mut self, ty: ResourceType, response: &DeltaDiscoveryResponse, received: SystemTime) -> Vec<String> {
         let policy = self.policy;
         let versions: HashMap<&str, &str> = response.resources.iter().map(|r| (r.name.as_str(), r.version.as_str())).collect();
         let (valid, invalid, mut errors) = decode_all(ty, response.resources.iter().filter_map(|r| r.resource.as_ref()));
@@ -205,17 +210,17 @@ impl Cache {
         for (name, (resource, raw)) in valid {
             if let Some(entry) = state.entries.get_mut(&name) {
                 let version = versions.get(name.as_str()).copied().unwrap_or_default();
-                accept(entry, resource, raw, version);
+                accept(entry, resource, raw, version, received);
             }
         }
         for (name, reason) in &invalid {
             if let Some(entry) = state.entries.get(name) {
-                reject(entry, reason, policy);
+                reject(entry, reason, policy, received);
             }
         }
         for name in &response.removed_resources {
             if let Some(entry) = state.entries.get(name) {
-                delete(entry, policy);
+                delete(entry, policy, received);
             }
         }
         state.nonce = response.nonce.clone();
@@ -257,10 +262,10 @@ fn decode_all<'a>(ty: ResourceType, anys: impl Iterator<Item = &'a Any>) -> (Dec
     (valid, invalid, errors)
 }
 
-fn accept(entry: &mut Entry, resource: Resource, raw: Any, version: &str) {
+fn accept(entry: &mut Entry, resource: Resource, raw: Any, version: &str, received: SystemTime) {
     entry.cancel_timer();
     entry.raw = Some(raw);
-    entry.update(|s| {
+    entry.update_at(received, |s| {
         s.value = Some(Arc::new(resource));
         s.status = ResourceStatus::Acked;
         s.error = None;
@@ -268,8 +273,8 @@ fn accept(entry: &mut Entry, resource: Resource, raw: Any, version: &str) {
     });
 }
 
-fn reject(entry: &Entry, reason: &str, policy: DataErrorPolicy) {
-    entry.update(|s| {
+fn reject(entry: &Entry, reason: &str, policy: DataErrorPolicy, received: SystemTime) {
+    entry.update_at(received, |s| {
         s.status = ResourceStatus::Nacked;
         s.error = Some(reason.to_owned());
         if policy.fail_on_data_errors {
@@ -278,8 +283,8 @@ fn reject(entry: &Entry, reason: &str, policy: DataErrorPolicy) {
     });
 }
 
-fn delete(entry: &Entry, policy: DataErrorPolicy) {
-    entry.update(|s| {
+fn delete(entry: &Entry, policy: DataErrorPolicy, received: SystemTime) {
+    entry.update_at(received, |s| {
         if s.value.is_none() {
             s.status = ResourceStatus::DoesNotExist;
         } else if policy.fail_on_data_errors && !policy.ignore_resource_deletion {

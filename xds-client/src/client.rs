@@ -330,6 +330,7 @@ async fn serve(inner: &Arc<Inner>, (sender, mut receiver): Stream, index: usize,
 }
 
 fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
+    let received = std::time::SystemTime::now();
     let mut cache = lock(&inner.cache);
     match (response, sender) {
         (Response::Sotw(response), Sender::Sotw(tx)) => {
@@ -337,7 +338,7 @@ fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
                 tracing::warn!(type_url = %response.type_url, "ignoring response of an unknown type");
                 return;
             };
-            let errors = cache.apply_sotw(ty, &response);
+            let errors = cache.apply_sotw(ty, &response, received);
             let error = log_outcome(ty, &response.version_info, &errors);
             let _ = tx.send(cache.sotw_request(ty, Some(&response.nonce), error));
         }
@@ -346,7 +347,7 @@ fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
                 tracing::warn!(type_url = %response.type_url, "ignoring response of an unknown type");
                 return;
             };
-            let errors = cache.apply_delta(ty, &response);
+            let errors = cache.apply_delta(ty, &response, received);
             let error = log_outcome(ty, &response.system_version_info, &errors);
             let _ = tx.send(DeltaDiscoveryRequest {
                 type_url: ty.type_url().to_owned(),

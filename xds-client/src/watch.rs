@@ -53,7 +53,8 @@ pub struct WatchState {
     pub error: Option<String>,
     /// Version of the value.
     pub version: String,
-    /// When the state last changed.
+    /// When the state last changed: for a change carried by a response, when that response arrived (before
+    /// decoding), so `now - updated` is the time the client took to apply it.
     pub updated: Option<SystemTime>,
 }
 

@@ -1,6 +1,6 @@
 //! Per-endpoint connection management and the publication of snapshots.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use mesh_core::{Endpoint, LbPolicy};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
-use super::{RequestBody, Snapshot, State, lock};
+use super::{Endpoints, RequestBody, Snapshot, State, lock};
 use crate::Error;
 use crate::connect::Connect;
 use crate::discover::Change;
@@ -133,12 +133,16 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             Change::Insert(endpoint) => added.extend(self.insert(&mut endpoints, endpoint)),
             Change::Remove(addr) => Self::remove(&mut endpoints, addr),
             Change::Reset(list) => {
-                let keep: HashMap<SocketAddr, Endpoint> = list.into_iter().map(|e| (e.addr, e)).collect();
-                let gone: Vec<SocketAddr> = endpoints.keys().filter(|a| !keep.contains_key(a)).copied().collect();
-                for addr in gone {
-                    Self::remove(&mut endpoints, addr);
-                }
-                for endpoint in keep.into_values() {
+                let keep: HashSet<SocketAddr> = list.iter().map(|e| e.addr).collect();
+                endpoints.retain(|addr, handle| {
+                    let kept = keep.contains(addr);
+                    if !kept {
+                        Self::stop(handle);
+                    }
+                    kept
+                });
+                // A repeated address: the last one wins.
+                for endpoint in list {
                     added.extend(self.insert(&mut endpoints, endpoint));
                 }
             }
@@ -156,7 +160,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
 
     /// Adds or updates an endpoint; returns the handle when it is new (its
     /// connection task is not started yet).
-    fn insert(self: &Arc<Self>, endpoints: &mut HashMap<SocketAddr, Arc<Handle<B>>>, endpoint: Endpoint) -> Option<Arc<Handle<B>>> {
+    fn insert(self: &Arc<Self>, endpoints: &mut Endpoints<B>, endpoint: Endpoint) -> Option<Arc<Handle<B>>> {
         if let Err(error) = endpoint.validate() {
             tracing::warn!(target_name = %self.target, %error, "ignoring endpoint");
             return None;
@@ -186,11 +190,16 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         Some(handle)
     }
 
-    fn remove(endpoints: &mut HashMap<SocketAddr, Arc<Handle<B>>>, addr: SocketAddr) {
+    fn remove(endpoints: &mut Endpoints<B>, addr: SocketAddr) {
         if let Some(handle) = endpoints.remove(&addr) {
-            tracing::debug!(%addr, in_flight = handle.in_flight(), "endpoint removed; draining");
-            handle.stop();
+            Self::stop(&handle);
         }
+    }
+
+    /// Stops a removed endpoint: no new calls, calls in flight drain.
+    fn stop(handle: &Handle<B>) {
+        tracing::debug!(addr = %handle.addr, in_flight = handle.in_flight(), "endpoint removed; draining");
+        handle.stop();
     }
 
     /// Asks for a snapshot rebuild after a connection state change.
@@ -206,11 +215,10 @@ impl<B: RequestBody, C: Connect> State<B, C> {
 
     /// Builds and installs a new snapshot. Called with the endpoint lock held,
     /// so snapshots are published in order.
-    fn publish(&self, endpoints: &HashMap<SocketAddr, Arc<Handle<B>>>, set_changed: bool) {
+    fn publish(&self, endpoints: &Endpoints<B>, set_changed: bool) {
         let previous = self.snapshot();
-        let mut list: Vec<(Arc<Endpoint>, Arc<Handle<B>>)> =
-            endpoints.values().map(|h| (lock(&h.endpoint).clone(), Arc::clone(h))).collect();
-        list.sort_by_key(|(e, _)| e.addr);
+        // In address order: the map is ordered.
+        let list: Vec<(Arc<Endpoint>, Arc<Handle<B>>)> = endpoints.values().map(|h| (lock(&h.endpoint).clone(), Arc::clone(h))).collect();
 
         let mut priorities: Vec<u32> = list.iter().map(|(e, _)| e.priority).collect();
         priorities.sort_unstable();

@@ -44,7 +44,7 @@ mod endpoint;
 mod future;
 mod pick;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -136,7 +136,7 @@ struct Inner<B, C: Connect> {
 impl<B, C: Connect> Drop for Inner<B, C> {
     fn drop(&mut self) {
         self.discovery.abort();
-        for (_, handle) in self.state.endpoints.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        for handle in std::mem::take(&mut *self.state.endpoints.lock().unwrap_or_else(|e| e.into_inner())).into_values() {
             handle.stop();
         }
     }
@@ -163,7 +163,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             config,
             connector,
             epoch: Instant::now(),
-            endpoints: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(BTreeMap::new()),
             snapshot: RwLock::new(Arc::new(Snapshot::empty(ring))),
             changed: watch::channel(0).0,
             republish: Arc::new(Notify::new()),
@@ -250,6 +250,9 @@ impl<B: RequestBody, C: Connect> tower::Service<http::Request<B>> for Balancer<B
 }
 
 /// State shared by clones, the discovery task and endpoint tasks.
+/// Endpoints by address, in address order (snapshots list them in this order, which binary searches rely on).
+type Endpoints<B> = BTreeMap<SocketAddr, Arc<Handle<B>>>;
+
 struct State<B, C> {
     target: String,
     config: BalancerConfig,
@@ -257,7 +260,7 @@ struct State<B, C> {
     /// Origin of the monotonic clock given to latency estimators.
     epoch: Instant,
     /// The authoritative endpoint set. Its lock also orders publications.
-    endpoints: Mutex<HashMap<SocketAddr, Arc<Handle<B>>>>,
+    endpoints: Mutex<Endpoints<B>>,
     /// What callers pick from; replaced whole on every change.
     snapshot: RwLock<Arc<Snapshot<B>>>,
     /// Generation of the latest snapshot; callers waiting for readiness watch it.

@@ -6,8 +6,10 @@
 //! ClusterLoadAssignment of N endpoints; our xds-client decodes it and the
 //! update is handed to a mesh-tower balancer. Timed from the server's push to
 //! the balancer's snapshot holding the new set (so encoding, the wire and
-//! decoding are included): the full N-endpoint update, and an update that
-//! changes one endpoint of the N. Also reported: resident memory growth per
+//! decoding are included), and from the moment the response arrived at the
+//! client (before decoding: the "message received"): the full
+//! N-endpoint update, and an update that changes one endpoint of the N. Also
+//! reported: resident memory growth per
 //! N endpoints (xDS cache + balancer, endpoints in connect backoff). Each
 //! measurement starts after the previous update's connection attempts have
 //! settled.
@@ -57,6 +59,12 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 }
 
+/// Time since the response carrying the watched resource's current value arrived at the client (before decoding).
+fn since_received(watch: &mut Watch<EndpointsResource>) -> Duration {
+    let received = watch.state().updated.expect("the resource has a value");
+    std::time::SystemTime::now().duration_since(received).unwrap_or_default()
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort_unstable();
     v[((p * v.len() as f64) as usize).min(v.len() - 1)]
@@ -89,8 +97,8 @@ async fn main() -> anyhow::Result<()> {
 
     let mut updates = balancer.updates();
     let rss_before = rss_bytes();
-    let mut full = Vec::new();
-    let mut one = Vec::new();
+    let (mut full, mut full_received) = (Vec::new(), Vec::new());
+    let (mut one, mut one_received) = (Vec::new(), Vec::new());
     for round in 0..=args.rounds {
         // Full update: a different N-endpoint set each round.
         let set: Vec<SocketAddr> = (0..n).map(|i| addr(i + (round % 2) * n)).collect();
@@ -104,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
         }
         if round > 0 {
             full.push(t.elapsed());
+            full_received.push(since_received(&mut watch));
         }
         // One endpoint changes.
         let mut changed = set.clone();
@@ -117,10 +126,10 @@ async fn main() -> anyhow::Result<()> {
         }
         if round > 0 {
             one.push(t.elapsed());
+            one_received.push(since_received(&mut watch));
         }
     }
     let rss_after = rss_bytes();
-    let _ = watch.state();
     glue.abort();
 
     // The balancer alone: one endpoint inserted into an N-endpoint set
@@ -152,7 +161,9 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|");
     for (name, v) in [
         ("full EDS update (xDS push → balancer)", &mut full),
+        ("full EDS update (response received → balancer)", &mut full_received),
         ("one endpoint changed (xDS push → balancer)", &mut one),
+        ("one endpoint changed (response received → balancer)", &mut one_received),
         ("one endpoint inserted (discovery stream → balancer)", &mut insert),
     ] {
         let max = *v.iter().max().unwrap_or(&Duration::ZERO);
