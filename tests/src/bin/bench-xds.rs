@@ -17,7 +17,7 @@
 //! Endpoints are 127.x.y.z:9 (discard port; nothing listens): loopback only.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 use mesh_core::LbPolicy;
@@ -59,10 +59,35 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 }
 
-/// Time since the response carrying the watched resource's current value arrived at the client (before decoding).
-fn since_received(watch: &mut Watch<EndpointsResource>) -> Duration {
+/// Time from the arrival of the response carrying the watched resource's current value (before decoding) to `at`.
+fn since_received(watch: &mut Watch<EndpointsResource>, at: SystemTime) -> Duration {
     let received = watch.state().updated.expect("the resource has a value");
-    std::time::SystemTime::now().duration_since(received).unwrap_or_default()
+    at.duration_since(received).unwrap_or_default()
+}
+
+/// Waits for an observer without blocking a runtime thread.
+async fn joined(observer: std::thread::JoinHandle<(Instant, SystemTime)>) -> (Instant, SystemTime) {
+    tokio::task::spawn_blocking(move || observer.join().expect("observer")).await.expect("observer thread")
+}
+
+/// Watches the balancer from a thread of its own until `done` holds, and returns when it first did. The
+/// balancer's runtime is busy spawning thousands of connection tasks right after publishing a large set; an
+/// observer on that runtime would measure its own queueing delay, not the balancer.
+fn observe(
+    mut updates: tokio::sync::watch::Receiver<u64>,
+    done: impl Fn() -> bool + Send + 'static,
+) -> std::thread::JoinHandle<(Instant, SystemTime)> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("observer runtime");
+        runtime.block_on(async {
+            loop {
+                if done() {
+                    return (Instant::now(), SystemTime::now());
+                }
+                updates.changed().await.expect("the balancer runs");
+            }
+        })
+    })
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -95,7 +120,6 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
-    let mut updates = balancer.updates();
     let rss_before = rss_bytes();
     let (mut full, mut full_received) = (Vec::new(), Vec::new());
     let (mut one, mut one_received) = (Vec::new(), Vec::new());
@@ -105,28 +129,28 @@ async fn main() -> anyhow::Result<()> {
         let marker = set[n - 1];
         let resource = build::endpoints("bench", &set);
         settle().await;
+        let b = balancer.clone();
+        let seen = observe(balancer.updates(), move || b.contains(marker) && b.endpoint_count() == n);
         let t = Instant::now();
         ads.set(type_url::ENDPOINT, "bench", resource);
-        while !balancer.contains(marker) || balancer.endpoint_count() != n {
-            updates.changed().await?;
-        }
+        let seen = joined(seen).await;
         if round > 0 {
-            full.push(t.elapsed());
-            full_received.push(since_received(&mut watch));
+            full.push(seen.0 - t);
+            full_received.push(since_received(&mut watch, seen.1));
         }
         // One endpoint changes.
         let mut changed = set.clone();
         changed[0] = addr(2 * n + round);
         let resource = build::endpoints("bench", &changed);
         settle().await;
+        let (b, new) = (balancer.clone(), changed[0]);
+        let seen = observe(balancer.updates(), move || b.contains(new));
         let t = Instant::now();
         ads.set(type_url::ENDPOINT, "bench", resource);
-        while !balancer.contains(changed[0]) {
-            updates.changed().await?;
-        }
+        let seen = joined(seen).await;
         if round > 0 {
-            one.push(t.elapsed());
-            one_received.push(since_received(&mut watch));
+            one.push(seen.0 - t);
+            one_received.push(since_received(&mut watch, seen.1));
         }
     }
     let rss_after = rss_bytes();
@@ -148,12 +172,11 @@ async fn main() -> anyhow::Result<()> {
     for round in 0..args.rounds {
         settle().await;
         let new = addr(3 * n + round);
+        let a = alone.clone();
+        let seen = observe(alone.updates(), move || a.contains(new));
         let t = Instant::now();
         tx.send(Change::Insert(mesh_core::Endpoint::new(new)));
-        while !alone.contains(new) {
-            alone_updates.changed().await?;
-        }
-        insert.push(t.elapsed());
+        insert.push(joined(seen).await.0 - t);
     }
 
     let per_endpoint = rss_after.saturating_sub(rss_before) as f64 / n as f64;
