@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/mesh-target}"
 export CARGO_TERM_COLOR=never
 
-# 1. System peers: dnsmasq (DNS discovery tests), h2load (load).
+# 1. System peers: dnsmasq (DNS discovery tests), h2load (load), curl (mesh-control's /status).
 need=()
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"
   apt-get update -qq
