@@ -41,6 +41,9 @@ struct State {
     /// Every view name ever served, so nodes keyed to a view that went away get the full mesh again.
     known_views: BTreeSet<String>,
     kube: KubeResolver,
+    /// Kubernetes Service ports found by discovery; each one the mesh file does not name is served with default
+    /// policies as `<service>.<namespace>.svc.cluster.local:<port>`.
+    discovered: Vec<KubeRef>,
 }
 
 /// What `/status` shows.
@@ -92,6 +95,7 @@ impl ControlPlane {
             last_error: None,
             known_views: BTreeSet::new(),
             kube: Arc::new(|_: &KubeRef| Vec::new()),
+            discovered: Vec::new(),
         };
         let cp = Self { cache, views, state: Arc::new(Mutex::new(state)) };
         cp.publish();
@@ -111,6 +115,17 @@ impl ControlPlane {
     /// Uses `kube` for Kubernetes-backed endpoints from now on and republishes.
     pub fn set_kube_resolver(&self, kube: KubeResolver) {
         self.lock().kube = kube;
+        self.publish();
+    }
+
+    /// Uses `kube` for Kubernetes-backed endpoints and serves every port in `discovered` that the mesh file does
+    /// not name, with default policies, as [`discovered_name`]; republishes.
+    pub fn set_kubernetes(&self, kube: KubeResolver, discovered: Vec<KubeRef>) {
+        {
+            let mut state = self.lock();
+            state.kube = kube;
+            state.discovered = discovered;
+        }
         self.publish();
     }
 
@@ -173,7 +188,7 @@ impl ControlPlane {
             let mut state = self.lock();
             let names: BTreeSet<String> = state.mesh.views.keys().cloned().collect();
             state.known_views.extend(names.iter().cloned());
-            (state.mesh.clone(), state.kube.clone(), state.known_views.clone())
+            (with_discovered(&state.mesh, &state.discovered), state.kube.clone(), state.known_views.clone())
         };
         *self.views.write().unwrap_or_else(|e| e.into_inner()) = mesh.views.keys().cloned().collect();
         for shape in [Shape::Proxyless, Shape::Sidecar] {
@@ -290,6 +305,32 @@ fn snapshot(
     snap
 }
 
+/// The name a discovered Kubernetes Service port is served under: what gRPC clients in Kubernetes dial
+/// (`xds:///greeter.default.svc.cluster.local:50051`), as Istio names it. A port given by name is shown by name.
+pub fn discovered_name(r: &KubeRef) -> String {
+    let port = match &r.port {
+        crate::mesh::KubePort::Number(n) => n.to_string(),
+        crate::mesh::KubePort::Name(n) => n.clone(),
+    };
+    format!("{}.{}.svc.cluster.local:{port}", r.service, r.namespace)
+}
+
+/// `mesh` plus a default service for every discovered port it does not name (a mesh-file service of the same
+/// name wins: that is how the file sets policies for a discovered service).
+fn with_discovered(mesh: &Mesh, discovered: &[KubeRef]) -> Mesh {
+    if discovered.is_empty() {
+        return mesh.clone();
+    }
+    let mut mesh = mesh.clone();
+    for r in discovered {
+        let name = discovered_name(r);
+        mesh.services.entry(name).or_insert_with_key(|name| {
+            crate::mesh::Service::with_defaults(name.clone(), crate::mesh::EndpointSource::Kubernetes(r.clone()))
+        });
+    }
+    mesh
+}
+
 fn key(shape: Shape, view: &str) -> String {
     format!("{}/{view}", shape.name())
 }
@@ -356,7 +397,17 @@ pub(crate) fn follow(
             let state = updates.borrow_and_update().clone();
             // Until every watch has listed once, publishing would push empty endpoint sets to clients.
             if state.is_synced() {
-                cp.set_kube_resolver(Arc::new(move |r: &KubeRef| kube_endpoints(&state, r)));
+                let discovered = state
+                    .services()
+                    .flat_map(|key| {
+                        state.service_ports(key).into_iter().map(|port| KubeRef {
+                            namespace: key.namespace.clone(),
+                            service: key.name.clone(),
+                            port: crate::mesh::KubePort::Number(port),
+                        })
+                    })
+                    .collect();
+                cp.set_kubernetes(Arc::new(move |r: &KubeRef| kube_endpoints(&state, r)), discovered);
             }
             if updates.changed().await.is_err() {
                 return;

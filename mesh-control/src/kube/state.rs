@@ -263,6 +263,11 @@ impl KubeState {
         self.services.keys()
     }
 
+    /// The TCP port numbers of a Service (empty when it does not exist).
+    pub fn service_ports(&self, key: &ServiceKey) -> Vec<u16> {
+        self.services.get(key).map_or_else(Vec::new, |s| s.ports.iter().filter(|p| p.protocol == TCP).map(|p| p.port).collect())
+    }
+
     /// Endpoints of a service port, in address order.
     ///
     /// Resolves `port` among the Service's TCP ports (by its `name`, or by its `port` number), then takes from every

@@ -407,8 +407,22 @@ async fn recorded_events_become_clusters_and_endpoints_on_an_xds_client() {
         vec![healthy("10.244.1.12:50051", "us-east-1a"), ("10.244.2.7:50051".to_owned(), HealthStatus::Unhealthy, "us-east-1b".to_owned())];
     until(&mut eds, "MODIFIED", |r| endpoints(r) == modified).await;
 
+    // Every Service port is also served under its Kubernetes name with default policies, merged with nothing
+    // from the file: greeter's port and the API server's.
+    let fqdn = "greeter.default.svc.cluster.local:50051";
+    let mut discovered = client.watch::<EndpointsResource>(fqdn);
+    until(&mut discovered, fqdn, |r| endpoints(r) == modified).await;
+    let mut listener = client.watch::<xds_client::resource::ListenerResource>(fqdn);
+    until(&mut listener, "the discovered listener", |_| true).await;
+    let mut apiserver = client.watch::<EndpointsResource>("kubernetes.default.svc.cluster.local:443");
+    until(&mut apiserver, "the API server's endpoints", |r| {
+        endpoints(r) == [("192.168.49.2:8443".to_owned(), HealthStatus::Healthy, String::new())]
+    })
+    .await;
+
     send(&slice_watch, events.pop_front().expect("DELETED")).await;
     until(&mut eds, "DELETED", |r| r.endpoints.endpoints.is_empty()).await;
+    until(&mut discovered, "DELETED (discovered)", |r| r.endpoints.endpoints.is_empty()).await;
     // The cluster stays: the Service still exists, it just has no endpoints.
     assert!(cluster.value().is_some(), "the greeter cluster is still served");
 }

@@ -84,6 +84,31 @@ pub struct Service {
     pub sidecar_port: Option<u16>,
 }
 
+impl Service {
+    /// A service with every policy at its default (round robin, one route to the whole service, no timeout or
+    /// retries, default circuit breakers, permissive mTLS, no sidecar listener), its endpoints from `endpoints`:
+    /// what a Kubernetes Service the mesh file does not mention gets.
+    pub fn with_defaults(name: impl Into<String>, endpoints: EndpointSource) -> Self {
+        let name = name.into();
+        Self {
+            routes: vec![Route { matches: RouteMatch::any(), split: vec![(cluster_name(&name, None), 1)], timeout: None, retry: None }],
+            name,
+            lb: LbPolicy::RoundRobin,
+            endpoints,
+            subsets: BTreeMap::new(),
+            timeout: None,
+            retry: None,
+            circuit_breakers: CircuitBreakers::default(),
+            outlier_detection: None,
+            rate_limit: None,
+            fault: None,
+            mtls: MtlsMode::default(),
+            authorization: Vec::new(),
+            sidecar_port: None,
+        }
+    }
+}
+
 /// Where endpoints come from.
 #[derive(Clone, Debug)]
 pub enum EndpointSource {
@@ -233,7 +258,11 @@ impl Validator<'_> {
         for (name, svc) in &raw.services {
             let field = format!("services.{name}");
             if !valid_name(name) {
-                return self.error(&svc.referenced, field, "a service name is lower-case letters, digits, '-' and '.'");
+                return self.error(
+                    &svc.referenced,
+                    field,
+                    "a service name is lower-case letters, digits, '-' and '.', optionally followed by :<port>",
+                );
             }
             services.insert(name.clone(), self.service(&field, name, svc)?);
         }
@@ -608,8 +637,12 @@ impl Validator<'_> {
 /// The gRPC statuses Envoy and gRPC clients can retry on.
 const RETRYABLE: [&str; 5] = ["CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL", "RESOURCE_EXHAUSTED", "UNAVAILABLE"];
 
+/// A DNS-like name, optionally with `:<port>` (`greeter`, `greeter.default.svc.cluster.local:50051`).
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    let (host, port) = name.rsplit_once(':').unwrap_or((name, "1"));
+    !host.is_empty()
+        && host.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
 /// `250ms`, `1.5s`, `2m`, `1h`, `100us`.

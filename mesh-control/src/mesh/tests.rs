@@ -153,3 +153,14 @@ fn the_shipped_kubernetes_configmap_holds_a_valid_mesh() {
     let greeter = &mesh.services["greeter"];
     assert!(matches!(&greeter.subsets["v1"], Subset::Endpoints(EndpointSource::Kubernetes(k)) if k.service == "greeter-v1"));
 }
+
+#[test]
+fn service_names_may_carry_a_port() {
+    let ok = "services:\n  greeter.default.svc.cluster.local:50051:\n    endpoints: [127.0.0.1:1]\n";
+    assert!(parse("m", ok).unwrap().services.contains_key("greeter.default.svc.cluster.local:50051"));
+    for bad in ["Greeter", "greeter:0", "greeter:x", ":50051", "greeter:70000"] {
+        let text = format!("services:\n  \"{bad}\":\n    endpoints: [127.0.0.1:1]\n");
+        let e = parse("m", &text).unwrap_err();
+        assert!(e.reason.contains("service name"), "{bad}: {e}");
+    }
+}
