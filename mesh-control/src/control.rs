@@ -24,6 +24,8 @@ pub struct ControlPlane {
     cache: SnapshotCache,
     views: Arc<RwLock<BTreeSet<String>>>,
     state: Arc<Mutex<State>>,
+    /// Held from reading the state to the last snapshot set, so publications never overtake each other.
+    publishing: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -41,6 +43,9 @@ struct State {
     /// Every view name ever served, so nodes keyed to a view that went away get the full mesh again.
     known_views: BTreeSet<String>,
     kube: KubeResolver,
+    /// The mesh file's bytes as [`ControlPlane::from_file`] read them: the baseline of [`ControlPlane::watch_file`], so
+    /// an edit made between loading and watching is not missed.
+    file_bytes: Option<Vec<u8>>,
     /// Kubernetes Service ports found by discovery; each one the mesh file does not name is served with default
     /// policies as `<service>.<namespace>.svc.cluster.local:<port>`.
     discovered: Vec<KubeRef>,
@@ -96,10 +101,26 @@ impl ControlPlane {
             known_views: BTreeSet::new(),
             kube: Arc::new(|_: &KubeRef| Vec::new()),
             discovered: Vec::new(),
+            file_bytes: None,
         };
-        let cp = Self { cache, views, state: Arc::new(Mutex::new(state)) };
+        let cp = Self { cache, views, state: Arc::new(Mutex::new(state)), publishing: Arc::default() };
         cp.publish();
         cp
+    }
+
+    /// A control plane serving the mesh file at `path` (read once here; [`ControlPlane::watch_file`] follows it).
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| crate::Error::Io { path: path.to_owned(), source })?;
+        let file = path.display().to_string();
+        let text = String::from_utf8(bytes.clone()).map_err(|_| FileError {
+            file: file.clone(),
+            line: 0,
+            field: String::new(),
+            reason: "not UTF-8 text".to_owned(),
+        })?;
+        let cp = Self::new(crate::mesh::parse(&file, &text)?, file);
+        cp.lock().file_bytes = Some(bytes);
+        Ok(cp)
     }
 
     /// The snapshot cache the ADS server serves from.
@@ -184,13 +205,13 @@ impl ControlPlane {
 
     /// Translates the mesh for every (shape, view) key and hands the snapshots to the cache.
     fn publish(&self) {
+        let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let (mesh, kube, views) = {
             let mut state = self.lock();
             let names: BTreeSet<String> = state.mesh.views.keys().cloned().collect();
             state.known_views.extend(names.iter().cloned());
             (with_discovered(&state.mesh, &state.discovered), state.kube.clone(), state.known_views.clone())
         };
-        *self.views.write().unwrap_or_else(|e| e.into_inner()) = mesh.views.keys().cloned().collect();
         for shape in [Shape::Proxyless, Shape::Sidecar] {
             let all = snapshot(&mesh, shape, None, kube.as_ref());
             for view in &views {
@@ -205,6 +226,9 @@ impl ControlPlane {
                 self.cache.set_default(all);
             }
         }
+        // Only now may new streams be keyed to a new view: its snapshots exist. (Streams keep the key they connected
+        // with: a client that connected before its view existed sees the whole mesh until it reconnects.)
+        *self.views.write().unwrap_or_else(|e| e.into_inner()) = mesh.views.keys().cloned().collect();
     }
 
     /// Serves ADS on `listener` until the process ends.
@@ -221,8 +245,9 @@ impl ControlPlane {
     /// Watches `path` and applies every change (polled every 200 ms, so a change is served well within a second).
     pub fn watch_file(&self, path: PathBuf) -> tokio::task::JoinHandle<()> {
         let cp = self.clone();
+        let baseline = self.lock().file_bytes.clone();
         tokio::spawn(async move {
-            let mut last = std::fs::read(&path).ok();
+            let mut last = baseline.or_else(|| std::fs::read(&path).ok());
             let mut interval = tokio::time::interval(Duration::from_millis(200));
             loop {
                 interval.tick().await;
@@ -262,7 +287,15 @@ impl ControlPlane {
     /// Serves `/status` (JSON), `/ready` and `/healthz` over HTTP/1.1 on `listener`.
     pub async fn serve_admin(&self, listener: TcpListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let cp = self.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {

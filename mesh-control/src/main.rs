@@ -41,14 +41,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let (mesh, source) = match &args.mesh {
-        Some(path) => (mesh_control::mesh::load(path)?, path.display().to_string()),
-        None => (mesh_control::mesh::parse("<embedded example>", mesh_control::mesh::EXAMPLE)?, "<embedded example>".to_owned()),
+    let cp = match &args.mesh {
+        Some(path) => {
+            let cp = ControlPlane::from_file(path)?;
+            cp.watch_file(path.clone());
+            cp
+        }
+        None => ControlPlane::new(mesh_control::mesh::parse("<embedded example>", mesh_control::mesh::EXAMPLE)?, "<embedded example>"),
     };
-    let cp = ControlPlane::new(mesh, source);
-    if let Some(path) = &args.mesh {
-        cp.watch_file(path.clone());
-    }
     if args.kubernetes {
         start_kubernetes(&cp, args.namespace.clone()).await?;
     }

@@ -156,11 +156,11 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The v2 weight share the client's route for `greeter` currently holds, if it has one.
-fn client_split(route: &RouteConfig) -> Option<(u32, u32)> {
+/// The (v1, v2) weights of the client's current route for `greeter`, if it has one.
+fn client_split(route: &RouteConfig) -> Option<(u64, u64)> {
     let vh = route.virtual_host_for("greeter")?;
     let RouteAction::Clusters(clusters) = &vh.routes.last()?.action else { return None };
-    let weight = |name: &str| clusters.iter().filter(|c| c.cluster == name).map(|c| c.weight).sum::<u32>();
+    let weight = |name: &str| clusters.iter().filter(|c| c.cluster == name).map(|c| u64::from(c.weight)).sum::<u64>();
     Some((weight("greeter|v1"), weight("greeter|v2")))
 }
 
@@ -183,8 +183,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     write_atomically(&file, &backends.mesh_file(v1, v2))?;
 
     // The control plane, exactly as the mesh-control binary runs it: file → validated mesh → ADS.
-    let mesh = mesh_control::mesh::load(&file)?;
-    let cp = ControlPlane::new(mesh, file.display().to_string());
+    let cp = ControlPlane::from_file(&file)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let xds = listener.local_addr()?;
     let serving = cp.clone();
@@ -221,7 +220,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             let arrived = tokio::time::timeout(Duration::from_secs(10), async {
                 loop {
                     // Same proportions (a single-cluster route carries no weights of its own).
-                    if route.value().and_then(|r| client_split(&r)).is_some_and(|(a, b)| a * v2 == b * v1) {
+                    if route.value().and_then(|r| client_split(&r)).is_some_and(|(a, b)| a * u64::from(*v2) == b * u64::from(*v1)) {
                         return true;
                     }
                     if !route.changed().await {
@@ -261,7 +260,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
 
 fn spawn_workers(args: &DemoArgs, channel: &Channel, tally: &Arc<Tally>, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
     let concurrency = args.concurrency.max(1);
-    let period = Duration::from_secs_f64(f64::from(concurrency) / f64::from(args.rate.max(1)));
+    let period = Duration::from_secs_f64(f64::from(concurrency) / f64::from(args.rate.max(1))).max(Duration::from_micros(1));
     (0..concurrency)
         .map(|w| {
             let (tally, stop) = (tally.clone(), stop.clone());

@@ -30,6 +30,8 @@ struct TypeState {
     wildcard: bool,
     /// Name → version the client has (sent, or declared in `initial_resource_versions`); `""` forces a send.
     known: HashMap<String, String>,
+    /// Subscribed names already reported as not existing (in `removed_resources`), so each is reported once.
+    absent: BTreeSet<String>,
     /// Recent responses not yet answered: (nonce, version), oldest first.
     pending: VecDeque<(String, String)>,
     /// The type version last looked at, unless the subscription changed since.
@@ -38,7 +40,15 @@ struct TypeState {
 
 impl TypeState {
     fn new(type_url: String) -> Self {
-        Self { type_url, names: BTreeSet::new(), wildcard: false, known: HashMap::new(), pending: VecDeque::new(), evaluated: None }
+        Self {
+            type_url,
+            names: BTreeSet::new(),
+            wildcard: false,
+            known: HashMap::new(),
+            absent: BTreeSet::new(),
+            pending: VecDeque::new(),
+            evaluated: None,
+        }
     }
 
     /// Applies a request's subscription changes (`first`: the type's first request). Returns whether the
@@ -61,10 +71,11 @@ impl TypeState {
                 self.wildcard = true;
                 continue;
             }
-            // Sent even if the client should have it: it may have dropped it.
+            // Sent even if the client should have it: it may have dropped it. Likewise told again if it is absent.
             if !first {
                 self.known.remove(&name);
             }
+            self.absent.remove(&name);
             changed |= self.names.insert(name);
         }
         for name in unsubscribe {
@@ -73,6 +84,7 @@ impl TypeState {
                 self.wildcard = false;
             } else if self.names.remove(&name) {
                 changed = true;
+                self.absent.remove(&name);
                 if !self.wildcard {
                     self.known.remove(&name);
                 } else if let Some(version) = self.known.get_mut(&name) {
@@ -106,16 +118,32 @@ impl TypeState {
             })
             .collect();
         let all = snapshot.resources(&self.type_url);
-        let mut removed: Vec<String> = self.known.keys().filter(|name| all.is_none_or(|all| !all.contains_key(*name))).cloned().collect();
+        let exists = |name: &String| all.is_some_and(|all| all.contains_key(name));
+        let mut removed: Vec<String> = self.known.keys().filter(|name| !exists(name)).cloned().collect();
+        // A subscribed name that does not exist is named in removed_resources once, so the client need not wait
+        // for its does-not-exist timer (the xDS protocol's "knowing when a requested resource does not exist").
+        let missing: Vec<String> = self
+            .names
+            .iter()
+            .filter(|name| !exists(name) && !self.known.contains_key(*name) && !self.absent.contains(*name))
+            .cloned()
+            .collect();
+        self.absent.extend(missing.iter().cloned());
+        removed.extend(missing);
         if resources.is_empty() && removed.is_empty() {
             return;
         }
         removed.sort_unstable();
+        removed.dedup();
         for resource in &resources {
+            self.absent.remove(&resource.name);
             self.known.insert(resource.name.clone(), resource.version.clone());
         }
         for name in &removed {
             self.known.remove(name);
+            if self.names.contains(name) {
+                self.absent.insert(name.clone());
+            }
         }
         let nonce = stream.nonce();
         let version = version_string(type_version);
@@ -218,6 +246,32 @@ mod tests {
 
     fn versions(response: &DeltaDiscoveryResponse) -> HashMap<String, String> {
         response.resources.iter().map(|resource| (resource.name.clone(), resource.version.clone())).collect()
+    }
+
+    /// A subscribed name that does not exist is named in removed_resources, once; when it appears it is sent.
+    #[tokio::test]
+    async fn names_that_do_not_exist_are_reported_once() {
+        let cache = SnapshotCache::by_cluster();
+        cache.set_default(snapshot(&[("a", "1")], &[("a", 1)]));
+        let mut client = connect(serve(&cache).await).await;
+        let mut stream = DeltaStream::open(&mut client).await;
+        stream.subscribe(Some(&node("n1", "")), ENDPOINT, &["a", "zzz"]);
+        let first = stream.recv().await;
+        assert_eq!((delta_names(&first), first.removed_resources.clone()), (vec!["a".to_owned()], vec!["zzz".to_owned()]));
+        stream.ack(&first);
+        // Another change: zzz is not reported again.
+        cache.set_default(snapshot(&[("a", "1")], &[("a", 2)]));
+        let second = stream.recv().await;
+        assert_eq!((delta_names(&second), second.removed_resources.len()), (vec!["a".to_owned()], 0));
+        stream.ack(&second);
+        // It appears: sent. It goes: removed once; a later change does not repeat it.
+        cache.set_default(snapshot(&[("a", "1")], &[("a", 2), ("zzz", 3)]));
+        assert_eq!(delta_names(&stream.recv().await), ["zzz"]);
+        cache.set_default(snapshot(&[("a", "1")], &[("a", 2)]));
+        assert_eq!(stream.recv().await.removed_resources, ["zzz"]);
+        cache.set_default(snapshot(&[("a", "1")], &[("a", 4)]));
+        let last = stream.recv().await;
+        assert_eq!((delta_names(&last), last.removed_resources.len()), (vec!["a".to_owned()], 0));
     }
 
     #[tokio::test]

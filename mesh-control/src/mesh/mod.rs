@@ -285,6 +285,11 @@ impl Validator<'_> {
         let mut ports = BTreeMap::new();
         for (name, svc) in &raw.services {
             if let Some(sidecar) = &svc.value.sidecar
+                && sidecar.port.value == 0
+            {
+                return self.error(&sidecar.port.referenced, format!("services.{name}.sidecar.port"), "port 0 is not a port");
+            }
+            if let Some(sidecar) = &svc.value.sidecar
                 && let Some(other) = ports.insert(sidecar.port.value, name)
             {
                 return self.error(
@@ -327,13 +332,28 @@ impl Validator<'_> {
         let mut subsets = BTreeMap::new();
         for (subset, spec) in &raw.subsets {
             let sfield = format!("{field}.subsets.{subset}");
-            if !valid_name(subset) {
+            if !valid_host(subset) {
                 return self.error(&spec.referenced, sfield, "a subset name is lower-case letters, digits, '-' and '.'");
             }
             let s = &spec.value;
             let has_own = !s.endpoints.is_empty() || s.kubernetes.is_some();
             let subset_value = match (s.labels.is_empty(), has_own) {
-                (false, false) => Subset::Labels(s.labels.clone()),
+                (false, false) => {
+                    let matched = match &endpoints {
+                        EndpointSource::Static(list) => list.iter().any(|e| s.labels.iter().all(|(k, v)| e.metadata.get(k) == Some(v))),
+                        EndpointSource::Kubernetes(_) => {
+                            return self.error(
+                                &spec.referenced,
+                                format!("{sfield}.labels"),
+                                "Kubernetes endpoints carry no labels here: give the subset a `kubernetes:` Service of its own",
+                            );
+                        }
+                    };
+                    if !matched {
+                        return self.error(&spec.referenced, format!("{sfield}.labels"), format!("no endpoint of {name} has these labels"));
+                    }
+                    Subset::Labels(s.labels.clone())
+                }
                 (true, true) => Subset::Endpoints(self.source(&sfield, &s.endpoints, s.kubernetes.as_ref())?),
                 (false, true) => {
                     return self.error(&spec.referenced, sfield, "a subset has either labels or endpoints of its own, not both");
@@ -508,9 +528,19 @@ impl Validator<'_> {
                 );
             }
             let port = match &k.value.port {
+                RawPort::Number(0) => return self.error(&k.referenced, format!("{field}.kubernetes.port"), "port 0 is not a port"),
                 RawPort::Number(n) => KubePort::Number(*n),
                 RawPort::Name(n) => KubePort::Name(n.clone()),
             };
+            for (what, value) in [("service", &k.value.service), ("namespace", &k.value.namespace)] {
+                if !dns_label(value) {
+                    return self.error(
+                        &k.referenced,
+                        format!("{field}.kubernetes.{what}"),
+                        format!("{value:?} is not a Kubernetes name (lower-case letters, digits and '-', at most 63)"),
+                    );
+                }
+            }
             return Ok(EndpointSource::Kubernetes(KubeRef {
                 namespace: k.value.namespace.clone(),
                 service: k.value.service.clone(),
@@ -518,6 +548,7 @@ impl Validator<'_> {
             }));
         }
         let mut out = Vec::with_capacity(endpoints.len());
+        let mut total_weight = 0u64;
         for (i, e) in endpoints.iter().enumerate() {
             let efield = format!("{field}.endpoints[{i}]");
             let (address, weight, locality, labels) = match &e.value {
@@ -540,6 +571,20 @@ impl Validator<'_> {
             };
             if weight == Some(0) {
                 return self.error(&e.referenced, format!("{efield}.weight"), "an endpoint weight is at least 1");
+            }
+            if addr.port() == 0 || addr.ip().is_unspecified() {
+                return self.error(&e.referenced, efield, format!("{addr} cannot be dialled (port 0 or an unspecified address)"));
+            }
+            if out.iter().any(|o: &Endpoint| o.addr == addr) {
+                return self.error(&e.referenced, efield, format!("{addr} is listed twice"));
+            }
+            total_weight += u64::from(weight.unwrap_or(1));
+            if total_weight > u64::from(u32::MAX) {
+                return self.error(
+                    &e.referenced,
+                    format!("{efield}.weight"),
+                    format!("the weights of {field}.endpoints add up to more than {}", u32::MAX),
+                );
             }
             let mut endpoint = Endpoint::new(addr).with_weight(weight.unwrap_or(1));
             endpoint.locality = locality;
@@ -599,7 +644,9 @@ impl Validator<'_> {
             None => (d.base_backoff, d.max_backoff),
             Some(b) => {
                 let base = self.duration(&format!("{field}.backoff.base"), &b.base)?;
-                let max = self.opt_duration(&format!("{field}.backoff.max"), b.max.as_ref())?.unwrap_or(base * 10);
+                let max = self
+                    .opt_duration(&format!("{field}.backoff.max"), b.max.as_ref())?
+                    .unwrap_or(base.saturating_mul(10).min(MAX_DURATION));
                 if max < base {
                     return self.error(&b.base.referenced, format!("{field}.backoff"), "max is smaller than base");
                 }
@@ -627,6 +674,7 @@ impl Validator<'_> {
 
     fn duration(&self, field: &str, d: &Spanned<String>) -> Checked<Duration> {
         match parse_duration(&d.value) {
+            Some(v) if v > MAX_DURATION => self.error(&d.referenced, field, "must be at most a year (8760h)"),
             Some(v) if !v.is_zero() => Ok(v),
             Some(_) => self.error(&d.referenced, field, "must be more than 0"),
             None => self.error(&d.referenced, field, format!("{:?} is not a duration like 250ms, 2s or 1m", d.value)),
@@ -634,15 +682,30 @@ impl Validator<'_> {
     }
 }
 
+/// The longest duration the file takes (timeouts, backoff): a year, far inside protobuf's Duration range.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The gRPC statuses Envoy and gRPC clients can retry on.
 const RETRYABLE: [&str; 5] = ["CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL", "RESOURCE_EXHAUSTED", "UNAVAILABLE"];
+
+/// A Kubernetes object name (DNS-1123 label).
+fn dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
 
 /// A DNS-like name, optionally with `:<port>` (`greeter`, `greeter.default.svc.cluster.local:50051`).
 fn valid_name(name: &str) -> bool {
     let (host, port) = name.rsplit_once(':').unwrap_or((name, "1"));
-    !host.is_empty()
-        && host.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && port.parse::<u16>().is_ok_and(|p| p > 0)
+    valid_host(host) && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+/// Lower-case letters, digits, `-` and `.`.
+fn valid_host(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 /// `250ms`, `1.5s`, `2m`, `1h`, `100us`.

@@ -164,3 +164,48 @@ fn service_names_may_carry_a_port() {
         assert!(e.reason.contains("service name"), "{bad}: {e}");
     }
 }
+
+/// Values that would panic, or give xDS that Envoy or gRPC reject, or silently give no endpoints.
+#[test]
+fn unusable_values_are_rejected_without_panicking() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "    routes:",
+            "    retries: { attempts: 2, backoff: { base: 2000000000000000000s } }\n    routes:",
+            "services.greeter.retries.backoff.base",
+            "at most a year",
+        ),
+        ("    routes:", "    timeout: 9000h\n    routes:", "services.greeter.timeout", "at most a year"),
+        ("127.0.0.1:2", "127.0.0.1:0", "services.greeter.endpoints[1]", "cannot be dialled"),
+        ("127.0.0.1:2", "0.0.0.0:2", "services.greeter.endpoints[1]", "cannot be dialled"),
+        ("127.0.0.1:2", "127.0.0.1:1", "services.greeter.endpoints[1]", "listed twice"),
+        (
+            "labels: { version: v2 } }\n    subsets",
+            "weight: 4294967295, labels: { version: v2 } }\n    subsets",
+            "services.greeter.endpoints[1].weight",
+            "add up to more than",
+        ),
+        (
+            "v2: { labels: { version: v2 } }",
+            "v2: { labels: { version: v3 } }",
+            "services.greeter.subsets.v2.labels",
+            "no endpoint of greeter",
+        ),
+        ("    routes:", "    sidecar: { port: 0 }\n    routes:", "services.greeter.sidecar.port", "port 0"),
+    ];
+    for (from, to, field, reason) in cases {
+        let text = BASE.replace(from, to);
+        assert_ne!(text, BASE, "{from} is in BASE");
+        let e = err(&text);
+        assert_eq!(e.field, *field, "{to}: {e}");
+        assert!(e.reason.contains(reason), "{to}: {e}");
+    }
+    let kube = |k: &str| format!("services:\n  g:\n    kubernetes: {k}\n");
+    let e = err(&kube("{ service: greeter, port: 0 }"));
+    assert_eq!(e.field, "services.g.kubernetes.port", "{e}");
+    let e = err(&kube("{ service: Greeter_1, port: grpc }"));
+    assert_eq!(e.field, "services.g.kubernetes.service", "{e}");
+    let e = err(&format!("{}    subsets:\n      v1: {{ labels: {{ version: v1 }} }}\n", kube("{ service: greeter, port: grpc }")));
+    assert_eq!(e.field, "services.g.subsets.v1.labels", "{e}");
+    assert!(e.reason.contains("Kubernetes endpoints carry no labels"), "{e}");
+}

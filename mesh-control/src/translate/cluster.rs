@@ -40,13 +40,15 @@ pub(super) fn cluster_endpoints(service: &Service, kube: &dyn Fn(&KubeRef) -> Ve
     };
     let base = resolve(&service.endpoints);
     let mut all = base.clone();
+    // gRPC rejects an assignment naming an address twice: subsets' own endpoints join the whole once each.
+    let mut seen: std::collections::HashSet<std::net::SocketAddr> = base.iter().map(|e| e.addr).collect();
     let mut out = Vec::with_capacity(service.subsets.len() + 1);
     for (name, subset) in &service.subsets {
         let endpoints = match subset {
             Subset::Labels(labels) => base.iter().filter(|e| labels.iter().all(|(k, v)| e.metadata.get(k) == Some(v))).cloned().collect(),
             Subset::Endpoints(source) => {
                 let own = resolve(source);
-                all.extend(own.iter().filter(|e| !base.iter().any(|b| b.addr == e.addr)).cloned());
+                all.extend(own.iter().filter(|e| seen.insert(e.addr)).cloned());
                 own
             }
         };

@@ -76,7 +76,8 @@ fn route(service: &Service, r: &crate::mesh::Route) -> Route {
         cluster_specifier: Some(cluster_specifier),
         timeout: timeout.map(duration),
         max_stream_duration: timeout.map(|t| MaxStreamDuration { max_stream_duration: Some(duration(t)), ..Default::default() }),
-        retry_policy: r.retry.as_ref().or(service.retry.as_ref()).map(retry),
+        // One attempt means no retries; gRPC rejects a retry policy with num_retries 0.
+        retry_policy: r.retry.as_ref().or(service.retry.as_ref()).filter(|p| p.max_attempts > 1).map(retry),
         hash_policy,
         ..Default::default()
     };

@@ -131,3 +131,24 @@ fn kubernetes_endpoints_come_from_the_resolver() {
     let Decoded::ClusterLoadAssignment(e) = decoded(&out, ENDPOINT, "g") else { unreachable!() };
     assert_eq!(e.endpoints.endpoints[0].addr, "10.0.0.1:8080".parse::<SocketAddr>().unwrap());
 }
+
+#[test]
+fn one_attempt_sends_no_retry_policy_and_shared_subset_endpoints_appear_once() {
+    let text = "services:
+  a:
+    subsets:
+      x: { endpoints: [127.0.0.1:1, 127.0.0.1:2] }
+      y: { endpoints: [127.0.0.1:2, 127.0.0.1:3] }
+    routes: [{ split: { x: 50, y: 50 } }]
+    retries: { attempts: 1 }
+";
+    let mesh = parse("m", text).unwrap();
+    let out = resources(&mesh, Shape::Proxyless, None, &no_kube);
+    let Decoded::RouteConfiguration(rc) = decoded(&out, ROUTE, "a") else { unreachable!() };
+    assert!(rc.virtual_hosts[0].routes.iter().all(|r| r.policies.retry.is_none()), "one attempt means no retry policy");
+    let Decoded::ClusterLoadAssignment(all) = decoded(&out, ENDPOINT, "a") else { unreachable!() };
+    let mut addrs: Vec<SocketAddr> = all.endpoints.endpoints.iter().map(|e| e.addr).collect();
+    addrs.sort();
+    let want: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"].iter().map(|a| a.parse().unwrap()).collect();
+    assert_eq!(addrs, want);
+}
