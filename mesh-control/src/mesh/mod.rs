@@ -177,7 +177,7 @@ pub fn load(path: &Path) -> crate::Result<Mesh> {
 /// Validates mesh-file text; `file` names it in errors.
 pub fn parse(file: &str, text: &str) -> Result<Mesh, FileError> {
     let raw: RawMesh = serde_saphyr::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
-    Validator { file }.mesh(raw)
+    Validator { file, text }.mesh(raw)
 }
 
 fn syntax_error(file: &str, text: &str, e: &serde_saphyr::Error) -> FileError {
@@ -244,13 +244,32 @@ fn path_at_line(text: &str, line: usize) -> String {
 
 struct Validator<'a> {
     file: &'a str,
+    text: &'a str,
 }
 
 type Checked<T> = Result<T, FileError>;
 
 impl Validator<'_> {
     fn error<T>(&self, at: &serde_saphyr::Location, field: impl Into<String>, reason: impl Into<String>) -> Checked<T> {
-        Err(FileError { file: self.file.to_owned(), line: at.line() as usize, field: field.into(), reason: reason.into() })
+        let field = field.into();
+        let line = self.key_line(at.line() as usize, &field);
+        Err(FileError { file: self.file.to_owned(), line, field, reason: reason.into() })
+    }
+
+    /// The line of the field's own key near `line` (where the parser put the value): the value's line when the key
+    /// is on it (flow style, scalars), else the line before (a block mapping under its key), else the first of the
+    /// next lines holding it (a field inside a block mapping the error points at).
+    fn key_line(&self, line: usize, field: &str) -> usize {
+        let Some(key) = field.rsplit('.').next().filter(|k| !k.is_empty() && !k.ends_with(']')) else { return line };
+        let lines: Vec<&str> = self.text.lines().collect();
+        let has = |n: usize| n >= 1 && lines.get(n - 1).is_some_and(|l| has_key(l, key));
+        if line == 0 || has(line) {
+            return line;
+        }
+        if has(line - 1) {
+            return line - 1;
+        }
+        (line + 1..=line + 20).find(|&n| has(n)).unwrap_or(line)
     }
 
     fn mesh(&self, raw: RawMesh) -> Checked<Mesh> {
@@ -687,6 +706,16 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The gRPC statuses Envoy and gRPC clients can retry on.
 const RETRYABLE: [&str; 5] = ["CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL", "RESOURCE_EXHAUSTED", "UNAVAILABLE"];
+
+/// Whether `line` has `key` as a mapping key (`key:`, `"key":`), not inside another word.
+fn has_key(line: &str, key: &str) -> bool {
+    line.match_indices(key).any(|(i, _)| {
+        let before = line[..i].chars().next_back();
+        let after = &line[i + key.len()..];
+        matches!(before, None | Some(' ' | '{' | ',' | '-' | '"' | '\''))
+            && (after.starts_with(':') || after.starts_with("\":") || after.starts_with("':"))
+    })
+}
 
 /// A Kubernetes object name (DNS-1123 label).
 fn dns_label(name: &str) -> bool {

@@ -72,7 +72,7 @@ fn bad_values_are_rejected_precisely() {
         ("    routes:", "    lb: fastest\n    routes:", 9, "services.greeter.lb", "\"fastest\" is not one of"),
         ("127.0.0.1:2", "localhost:2", 5, "services.greeter.endpoints[1]", "not an IP:port"),
         ("    routes:", "    timeout: 5 seconds\n    routes:", 9, "services.greeter.timeout", "not a duration"),
-        ("v1: 90\n          v2: 10", "v1: 0\n          v2: 0", 11, "services.greeter.routes[0].split", "more than 0"),
+        ("v1: 90\n          v2: 10", "v1: 0\n          v2: 0", 10, "services.greeter.routes[0].split", "more than 0"),
         ("    routes:", "    mtls: on\n    routes:", 9, "services.greeter.mtls", "not one of disable, permissive, strict"),
         ("    routes:", "    retries: { attempts: 0 }\n    routes:", 9, "services.greeter.retries.attempts", "at least 1"),
         ("    routes:", "    retries: { attempts: 2, on: [flaky] }\n    routes:", 9, "services.greeter.retries.on", "\"flaky\""),
@@ -208,4 +208,17 @@ fn unusable_values_are_rejected_without_panicking() {
     let e = err(&format!("{}    subsets:\n      v1: {{ labels: {{ version: v1 }} }}\n", kube("{ service: greeter, port: grpc }")));
     assert_eq!(e.field, "services.g.subsets.v1.labels", "{e}");
     assert!(e.reason.contains("Kubernetes endpoints carry no labels"), "{e}");
+}
+
+/// Errors about a key name the key's own line, in block and flow style.
+#[test]
+fn key_errors_name_the_key_line() {
+    let e = err("services:\n  Bad_Name:\n    endpoints: [127.0.0.1:1]\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "services.Bad_Name"), "{e}");
+    let e = err(&BASE.replace("    routes:", "    retries:\n      attempts: 2\n      on: [flaky]\n    routes:"));
+    assert_eq!((e.line, e.field.as_str()), (11, "services.greeter.retries.on"), "{e}");
+    let e = err(&BASE.replace("    routes:", "    retries: { attempts: 0 }\n    routes:"));
+    assert_eq!((e.line, e.field.as_str()), (9, "services.greeter.retries.attempts"), "{e}");
+    let e = err(&BASE.replace("      v2: { labels: { version: v2 } }", "      V2:\n        labels: { version: v2 }"));
+    assert_eq!((e.line, e.field.as_str()), (8, "services.greeter.subsets.V2"), "{e}");
 }
