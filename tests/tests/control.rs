@@ -219,7 +219,9 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
     assert!(failures.is_empty(), "calls failed during the edit: {failures:?}");
     let grpcio = grpcio.await.unwrap().unwrap();
     assert_eq!(grpcio["errors"], serde_json::json!({}), "grpcio calls failed during the edit");
-    // grpcio's calls from two seconds after the edit on follow the new split.
+    // grpcio's calls from two seconds after the edit on follow the new split. The window holds a few hundred
+    // calls, too few for ±5%: the check is that the split moved (0.10 → 0.50, the bound 0.30 is more than five
+    // standard deviations from either); the ±5% check with 1,000 calls follows.
     let v2 = mesh.v2[0].to_string();
     let late: Vec<bool> = grpcio["calls"]
         .as_array()
@@ -228,8 +230,9 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
         .filter(|c| c[0].as_f64().unwrap() >= edited_at + 2.0)
         .map(|c| c[1].as_str().unwrap() == v2)
         .collect();
-    assert!(late.len() >= 200, "grpcio made only {} calls from 2 s after the edit on", late.len());
-    assert_share("grpcio from 2 s after the edit", late.iter().filter(|v| **v).count() as f64 / late.len() as f64, 0.5);
+    assert!(late.len() >= 100, "grpcio made only {} calls from 2 s after the edit on", late.len());
+    let late_share = late.iter().filter(|v| **v).count() as f64 / late.len() as f64;
+    assert!(late_share > 0.3, "grpcio from 2 s after the edit: v2 got {late_share:.3} of {} calls, want about 0.5", late.len());
 
     // Two seconds after the edit, every client follows the new split.
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(edited.elapsed())).await;
@@ -240,6 +243,7 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
     assert!(envoy_after.failures.is_empty(), "{:?}", envoy_after.failures);
     assert_share("envoy after the edit", mesh.v2_share(&envoy_after.by_endpoint), 0.5);
     assert_share("meshctl after the edit", meshctl_v2_share(&mesh, &bootstrap).await, 0.5);
+    assert_share("grpcio after the edit", grpcio_v2_share(&mesh, &bootstrap).await, 0.5);
 
     // An invalid edit is rejected precisely and changes nothing.
     let bad = mesh.text((50, 50)).replace("v2: 50 }", "v3: 50 }");
@@ -262,7 +266,7 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
     let still = drive(&ours, 1000, 4, |_| {}).await;
     assert!(still.failures.is_empty(), "{:?}", still.failures);
     assert_share("our channel after the bad edit", mesh.v2_share(&still.by_endpoint), 0.5);
-    let envoy_still = envoy_run(mesh.sidecar_port, 500).await;
+    let envoy_still = envoy_run(mesh.sidecar_port, 1000).await;
     assert!(envoy_still.failures.is_empty(), "{:?}", envoy_still.failures);
     assert_share("envoy after the bad edit", mesh.v2_share(&envoy_still.by_endpoint), 0.5);
 }
@@ -305,7 +309,7 @@ fn embedded_default_serves_the_example_and_says_how_to_connect() {
 /// with no failed call.
 #[test]
 fn meshctl_demo_runs_the_canary_and_follows_the_edits() {
-    let (code, stdout, stderr) = peers::meshctl(&["demo", "--phase-secs", "2", "--json"]).unwrap();
+    let (code, stdout, stderr) = peers::meshctl(&["demo", "--phase-secs", "3", "--json"]).unwrap();
     assert_eq!(code, 0, "stderr: {stderr}");
     // The live view and the table go to stderr with --json.
     assert!(stderr.contains("phase 1: canary, v1 90 / v2 10") && stderr.contains("v2 share"), "{stderr}");
@@ -316,7 +320,8 @@ fn meshctl_demo_runs_the_canary_and_follows_the_edits() {
     for phase in phases {
         assert_eq!(phase["failed"], 0, "{phase}");
     }
-    assert!(phases[0]["calls"].as_u64().unwrap() >= 400, "{}", phases[0]);
+    // About 1,200 calls a phase: ±5% is more than three standard deviations.
+    assert!(phases[0]["calls"].as_u64().unwrap() >= 600, "{}", phases[0]);
     assert_share("demo canary", phases[0]["v2_share"].as_f64().unwrap(), 0.1);
     assert_share("demo shift", phases[2]["v2_share"].as_f64().unwrap(), 0.5);
     assert_eq!(phases[4]["by_version"]["v1"], Value::Null, "promote sends nothing to v1: {}", phases[4]);
