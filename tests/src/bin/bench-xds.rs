@@ -179,18 +179,56 @@ async fn main() -> anyhow::Result<()> {
         insert.push(joined(seen).await.0 - t);
     }
 
+    // A delta xDS update of a one-endpoint cluster: the per-update cost of the whole path (a delta stream, its
+    // own client and balancer), with nothing else to decode.
+    let mut bootstrap = Bootstrap::for_server(ads.addr().to_string(), "bench-delta");
+    bootstrap.servers[0].server_features.push("delta_ads".to_owned());
+    let delta_client = XdsClient::new(bootstrap, XdsClientConfig::default());
+    let mut small_watch: Watch<EndpointsResource> = delta_client.watch("small");
+    let (small_tx, source) = discover::channel();
+    let mut config = BalancerConfig::default();
+    config.connection.reconnect_backoff_base = Duration::from_secs(60);
+    let small: Balancer<http_body_util::Empty<bytes::Bytes>> = Balancer::new("small", source, config);
+    let small_glue = {
+        let mut watch = small_watch.clone();
+        tokio::spawn(async move {
+            while watch.changed().await {
+                if let Some(value) = watch.value() {
+                    small_tx.send(Change::Reset(value.endpoints.endpoints.clone()));
+                }
+            }
+        })
+    };
+    let (mut small_pushed, mut small_received) = (Vec::new(), Vec::new());
+    for round in 0..=args.rounds {
+        settle().await;
+        let new = addr(4 * n + round);
+        let b = small.clone();
+        let seen = observe(small.updates(), move || b.contains(new));
+        let t = Instant::now();
+        ads.set(type_url::ENDPOINT, "small", build::endpoints("small", &[new]));
+        let seen = joined(seen).await;
+        if round > 0 {
+            small_pushed.push(seen.0 - t);
+            small_received.push(since_received(&mut small_watch, seen.1));
+        }
+    }
+    small_glue.abort();
+
     let per_endpoint = rss_after.saturating_sub(rss_before) as f64 / n as f64;
     println!("| update | endpoints | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
-    for (name, v) in [
-        ("full EDS update (xDS push → balancer)", &mut full),
-        ("full EDS update (response received → balancer)", &mut full_received),
-        ("one endpoint changed (xDS push → balancer)", &mut one),
-        ("one endpoint changed (response received → balancer)", &mut one_received),
-        ("one endpoint inserted (discovery stream → balancer)", &mut insert),
+    for (name, endpoints, v) in [
+        ("full EDS update (xDS push → balancer)", n, &mut full),
+        ("full EDS update (response received → balancer)", n, &mut full_received),
+        ("one endpoint changed (xDS push → balancer)", n, &mut one),
+        ("one endpoint changed (response received → balancer)", n, &mut one_received),
+        ("one endpoint inserted (discovery stream → balancer)", n, &mut insert),
+        ("one-endpoint cluster, delta xDS (xDS push → balancer)", 1, &mut small_pushed),
+        ("one-endpoint cluster, delta xDS (response received → balancer)", 1, &mut small_received),
     ] {
         let max = *v.iter().max().unwrap_or(&Duration::ZERO);
-        println!("| {name} | {n} | {:.2?} | {:.2?} | {:.2?} |", pct(v, 0.5), pct(v, 0.99), max);
+        println!("| {name} | {endpoints} | {:.2?} | {:.2?} | {:.2?} |", pct(v, 0.5), pct(v, 0.99), max);
     }
     println!();
     println!(
