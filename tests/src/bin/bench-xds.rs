@@ -65,6 +65,31 @@ fn since_received(watch: &mut Watch<EndpointsResource>, at: SystemTime) -> Durat
     at.duration_since(received).unwrap_or_default()
 }
 
+/// Round robin with a long reconnect backoff: unreachable endpoints stay quiet during the measurement.
+fn quiet() -> BalancerConfig {
+    let mut config = BalancerConfig { lb: LbPolicy::RoundRobin, ..BalancerConfig::default() };
+    config.connection.reconnect_backoff_base = Duration::from_secs(60);
+    config
+}
+
+/// A balancer fed from an EDS watch as mesh-tonic's xDS router feeds one: each value resets the set.
+fn fed_balancer(
+    name: &str,
+    watch: &Watch<EndpointsResource>,
+) -> (Balancer<http_body_util::Empty<bytes::Bytes>>, tokio::task::JoinHandle<()>) {
+    let (sender, source) = discover::channel();
+    let balancer = Balancer::new(name, source, quiet());
+    let mut watch = watch.clone();
+    let glue = tokio::spawn(async move {
+        while watch.changed().await {
+            if let Some(value) = watch.value() {
+                sender.send(Change::Reset(value.endpoints.endpoints.clone()));
+            }
+        }
+    });
+    (balancer, glue)
+}
+
 /// Waits for an observer without blocking a runtime thread.
 async fn joined(observer: std::thread::JoinHandle<(Instant, SystemTime)>) -> (Instant, SystemTime) {
     tokio::task::spawn_blocking(move || observer.join().expect("observer")).await.expect("observer thread")
@@ -102,23 +127,7 @@ async fn main() -> anyhow::Result<()> {
     let ads = AdsServer::start().await?;
     let client = XdsClient::new(Bootstrap::for_server(ads.addr().to_string(), "bench"), XdsClientConfig::default());
     let mut watch: Watch<EndpointsResource> = client.watch("bench");
-    let (sender, source) = discover::channel();
-    // Long backoff: unreachable endpoints stay quiet during the measurement.
-    let mut config = BalancerConfig { lb: LbPolicy::RoundRobin, ..BalancerConfig::default() };
-    config.connection.reconnect_backoff_base = Duration::from_secs(60);
-    let balancer: Balancer<http_body_util::Empty<bytes::Bytes>> = Balancer::new("bench", source, config);
-
-    // Glue as mesh-tonic's xDS router does: each EDS value resets the set.
-    let glue = {
-        let mut watch = watch.clone();
-        tokio::spawn(async move {
-            while watch.changed().await {
-                if let Some(value) = watch.value() {
-                    sender.send(Change::Reset(value.endpoints.endpoints.clone()));
-                }
-            }
-        })
-    };
+    let (balancer, glue) = fed_balancer("bench", &watch);
 
     let rss_before = rss_bytes();
     let (mut full, mut full_received) = (Vec::new(), Vec::new());
@@ -160,9 +169,7 @@ async fn main() -> anyhow::Result<()> {
     // through a discovery stream (what an incremental source such as a
     // Kubernetes EndpointSlice watch produces), without xDS decoding.
     let (tx, source) = discover::channel();
-    let mut config = BalancerConfig::default();
-    config.connection.reconnect_backoff_base = Duration::from_secs(60);
-    let alone: Balancer<http_body_util::Empty<bytes::Bytes>> = Balancer::new("alone", source, config);
+    let alone: Balancer<http_body_util::Empty<bytes::Bytes>> = Balancer::new("alone", source, quiet());
     let mut alone_updates = alone.updates();
     tx.send(Change::Reset((0..n).map(|i| mesh_core::Endpoint::new(addr(i))).collect()));
     while alone.endpoint_count() != n {
@@ -185,20 +192,7 @@ async fn main() -> anyhow::Result<()> {
     bootstrap.servers[0].server_features.push("delta_ads".to_owned());
     let delta_client = XdsClient::new(bootstrap, XdsClientConfig::default());
     let mut small_watch: Watch<EndpointsResource> = delta_client.watch("small");
-    let (small_tx, source) = discover::channel();
-    let mut config = BalancerConfig::default();
-    config.connection.reconnect_backoff_base = Duration::from_secs(60);
-    let small: Balancer<http_body_util::Empty<bytes::Bytes>> = Balancer::new("small", source, config);
-    let small_glue = {
-        let mut watch = small_watch.clone();
-        tokio::spawn(async move {
-            while watch.changed().await {
-                if let Some(value) = watch.value() {
-                    small_tx.send(Change::Reset(value.endpoints.endpoints.clone()));
-                }
-            }
-        })
-    };
+    let (small, small_glue) = fed_balancer("small", &small_watch);
     let (mut small_pushed, mut small_received) = (Vec::new(), Vec::new());
     for round in 0..=args.rounds {
         settle().await;
