@@ -128,16 +128,16 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     /// Applies a discovery change and publishes the new set.
     pub(super) fn apply(self: &Arc<Self>, change: Change) {
         let mut endpoints = lock(&self.endpoints);
-        let mut added = Vec::new();
+        let (mut added, mut gone) = (Vec::new(), Vec::new());
         match change {
             Change::Insert(endpoint) => added.extend(self.insert(&mut endpoints, endpoint)),
-            Change::Remove(addr) => Self::remove(&mut endpoints, addr),
+            Change::Remove(addr) => gone.extend(endpoints.remove(&addr)),
             Change::Reset(list) => {
                 let keep: HashSet<SocketAddr> = list.iter().map(|e| e.addr).collect();
                 endpoints.retain(|addr, handle| {
                     let kept = keep.contains(addr);
                     if !kept {
-                        Self::stop(handle);
+                        gone.push(Arc::clone(handle));
                     }
                     kept
                 });
@@ -148,8 +148,14 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             }
         }
         self.publish(&endpoints, true);
-        // Connection tasks start once the new set is published, so a large
-        // update becomes visible without waiting for thousands of spawns.
+        // Removed endpoints stop, and new ones start connecting, once the new
+        // set is published: a large update becomes visible without waiting for
+        // thousands of task aborts and spawns. Calls in flight on a removed
+        // endpoint drain.
+        for handle in gone {
+            tracing::debug!(addr = %handle.addr, in_flight = handle.in_flight(), "endpoint removed; draining");
+            handle.stop();
+        }
         for handle in added {
             if endpoints.get(&handle.addr).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
                 let task = tokio::spawn(Arc::clone(self).run_endpoint(Arc::clone(&handle))).abort_handle();
@@ -188,18 +194,6 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         tracing::debug!(target_name = %self.target, addr = %handle.addr, "endpoint added");
         endpoints.insert(handle.addr, Arc::clone(&handle));
         Some(handle)
-    }
-
-    fn remove(endpoints: &mut Endpoints<B>, addr: SocketAddr) {
-        if let Some(handle) = endpoints.remove(&addr) {
-            Self::stop(&handle);
-        }
-    }
-
-    /// Stops a removed endpoint: no new calls, calls in flight drain.
-    fn stop(handle: &Handle<B>) {
-        tracing::debug!(addr = %handle.addr, in_flight = handle.in_flight(), "endpoint removed; draining");
-        handle.stop();
     }
 
     /// Asks for a snapshot rebuild after a connection state change.
