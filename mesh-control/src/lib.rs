@@ -4,7 +4,8 @@
 //! EndpointSlices; translates them into standard xDS v3 resources in two shapes (proxyless `api_listener`
 //! listeners for our library and gRPC clients, and sidecar listeners for Envoy); serves them over ADS, both
 //! State-of-the-World and incremental (delta), with per-node snapshots; reloads the file when it changes and keeps
-//! serving the last good config when a change is invalid.
+//! serving the last good config when a change is invalid. With Kubernetes, every Service port is also served with
+//! default policies as `<service>.<namespace>.svc.cluster.local:<port>`.
 //!
 //! What it does not do: it is not a certificate authority (mTLS settings reference certificate providers the
 //! clients already have), and it does not proxy traffic.
