@@ -49,6 +49,8 @@ struct State {
     /// Kubernetes Service ports found by discovery; each one the mesh file does not name is served with default
     /// policies as `<service>.<namespace>.svc.cluster.local:<port>`.
     discovered: Vec<KubeRef>,
+    /// A Kubernetes source was started and has not delivered its first complete lists: not ready yet.
+    kube_pending: bool,
 }
 
 /// What `/status` shows.
@@ -102,6 +104,7 @@ impl ControlPlane {
             kube: Arc::new(|_: &KubeRef| Vec::new()),
             discovered: Vec::new(),
             file_bytes: None,
+            kube_pending: false,
         };
         let cp = Self { cache, views, state: Arc::new(Mutex::new(state)), publishing: Arc::default() };
         cp.publish();
@@ -146,8 +149,15 @@ impl ControlPlane {
             let mut state = self.lock();
             state.kube = kube;
             state.discovered = discovered;
+            state.kube_pending = false;
         }
         self.publish();
+    }
+
+    /// Whether it serves a complete config: false while a Kubernetes source has not yet listed every Service and
+    /// EndpointSlice (`GET /ready` answers 503 then).
+    pub fn is_ready(&self) -> bool {
+        !self.lock().kube_pending
     }
 
     /// Republishes every snapshot (after a Kubernetes change, say).
@@ -314,6 +324,7 @@ impl ControlPlane {
                 let json = serde_json::to_string_pretty(&self.status()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
                 (200, "application/json", json)
             }
+            "/ready" if !self.is_ready() => (503, "text/plain", "waiting for the first complete Kubernetes lists\n".to_owned()),
             "/ready" | "/healthz" => (200, "text/plain", "ok\n".to_owned()),
             _ => (404, "text/plain", "not found: try /status, /ready\n".to_owned()),
         };
@@ -425,6 +436,7 @@ pub(crate) fn follow(
     mut updates: tokio::sync::watch::Receiver<Arc<crate::kube::KubeState>>,
 ) -> tokio::task::JoinHandle<()> {
     let cp = cp.clone();
+    cp.lock().kube_pending = true;
     tokio::spawn(async move {
         loop {
             let state = updates.borrow_and_update().clone();

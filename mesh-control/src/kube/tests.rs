@@ -426,3 +426,30 @@ async fn recorded_events_become_clusters_and_endpoints_on_an_xds_client() {
     // The cluster stays: the Service still exists, it just has no endpoints.
     assert!(cluster.value().is_some(), "the greeter cluster is still served");
 }
+
+/// `/ready` (ControlPlane::is_ready) waits for the first complete lists of a Kubernetes source, and nothing is
+/// published from Kubernetes before them.
+#[tokio::test]
+async fn not_ready_until_the_first_complete_lists() {
+    let text = "services:\n  greeter:\n    kubernetes: { service: greeter, port: grpc }\n";
+    let cp = crate::ControlPlane::new(crate::mesh::parse("mesh.yaml", text).expect("valid mesh"), "mesh.yaml");
+    assert!(cp.is_ready(), "without Kubernetes the file is the whole config");
+    let (tx, rx) = watch::channel(Arc::new(KubeState::default()));
+    let _follow = crate::control::follow(&cp, rx);
+    assert!(!cp.is_ready(), "a Kubernetes source that has not listed yet");
+    // Services listed, slices not yet: still not ready.
+    let mut half = KubeState::default();
+    half.replace_services(std::iter::empty());
+    tx.send_replace(Arc::new(half.clone()));
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!cp.is_ready(), "slices not listed yet");
+    half.replace_slices(std::iter::empty());
+    tx.send_replace(Arc::new(half));
+    let wait = async {
+        while !cp.is_ready() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(TIMEOUT, wait).await.expect("ready once both lists are in");
+}
