@@ -122,6 +122,18 @@ async fn envoy_run(port: u16, n: u64) -> Run {
     tokio::time::timeout(Duration::from_secs(60), drive_via_proxy(&envoy_channel(port), n, 4)).await.expect("calls through envoy finish")
 }
 
+/// A run with no failed call whose v2 share is `want` ± 0.05.
+fn assert_run(who: &str, mesh: &Mesh, run: &Run, want: f64) {
+    assert!(run.failures.is_empty(), "{who}: {:?}", run.failures);
+    assert_share(who, mesh.v2_share(&run.by_endpoint), want);
+}
+
+/// The `/status` entry of the ADS stream of node `node`.
+fn stream<'a>(status: &'a Value, node: &str) -> &'a Value {
+    let streams = status["ads"]["streams"].as_array().unwrap_or_else(|| panic!("no streams in {status:#}"));
+    streams.iter().find(|s| s["node_id"] == node).unwrap_or_else(|| panic!("no stream of {node} in {status:#}"))
+}
+
 fn assert_share(who: &str, share: f64, want: f64) {
     assert!((share - want).abs() <= 0.05, "{who}: v2 got {share:.3} of calls, want {want:.2} ± 0.05");
 }
@@ -146,9 +158,7 @@ async fn envoy_grpcio_and_meshctl_get_the_split_from_the_mesh_file() {
 
     let mut envoy = Envoy::start(cp.xds, false, "envoy-sotw").unwrap();
     envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(20)).unwrap();
-    let through_envoy = envoy_run(mesh.sidecar_port, 1000).await;
-    assert!(through_envoy.failures.is_empty(), "{:?}", through_envoy.failures);
-    assert_share("envoy (ADS SotW)", mesh.v2_share(&through_envoy.by_endpoint), 0.2);
+    assert_run("envoy (ADS SotW)", &mesh, &envoy_run(mesh.sidecar_port, 1000).await, 0.2);
     h2load_through(mesh.sidecar_port);
     let clusters = envoy.admin_get("/clusters").unwrap();
     assert!(clusters.contains("greeter|v1::") && clusters.contains("greeter|v2::"), "envoy clusters: {clusters}");
@@ -156,9 +166,20 @@ async fn envoy_grpcio_and_meshctl_get_the_split_from_the_mesh_file() {
     assert_share("grpcio", grpcio_v2_share(&mesh, &bootstrap).await, 0.2);
     assert_share("meshctl", meshctl_v2_share(&mesh, &bootstrap).await, 0.2);
 
-    // Every client acknowledged what it got: no NACK anywhere.
+    // Envoy's stream is listed as SotW and acknowledged every type it got; no stream has a NACK.
     let status = cp.status().unwrap();
-    assert!(!status.to_string().contains("\"last_nack\":{"), "a client rejected a resource: {status:#}");
+    let envoy_stream = stream(&status, "envoy-sotw");
+    assert_eq!(envoy_stream["protocol"], "sotw", "{envoy_stream:#}");
+    let types = envoy_stream["types"].as_object().unwrap();
+    assert_eq!(types.len(), 4, "LDS, RDS, CDS and EDS: {envoy_stream:#}");
+    for (type_url, t) in types {
+        assert_eq!(t["acked_version"], t["sent_version"], "{type_url}: {envoy_stream:#}");
+    }
+    for s in status["ads"]["streams"].as_array().unwrap() {
+        for (type_url, t) in s["types"].as_object().unwrap() {
+            assert!(t["last_nack"].is_null(), "{} rejected {type_url}: {s:#}", s["node_id"]);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,20 +189,18 @@ async fn delta_xds_feeds_envoy_and_our_client() {
 
     let mut envoy = Envoy::start(cp.xds, true, "envoy-delta").unwrap();
     envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(20)).unwrap();
-    let through_envoy = envoy_run(mesh.sidecar_port, 1000).await;
-    assert!(through_envoy.failures.is_empty(), "{:?}", through_envoy.failures);
-    assert_share("envoy (DELTA_GRPC)", mesh.v2_share(&through_envoy.by_endpoint), 0.2);
+    assert_run("envoy (DELTA_GRPC)", &mesh, &envoy_run(mesh.sidecar_port, 1000).await, 0.2);
 
     let (_b, bootstrap) = mesh.bootstrap(&cp, &["delta_ads"]);
     assert_share("meshctl (delta)", meshctl_v2_share(&mesh, &bootstrap).await, 0.2);
-    let ours = drive(&xds_channel(&cp, &["delta_ads"]), 1000, 4, |_| {}).await;
-    assert!(ours.failures.is_empty(), "{:?}", ours.failures);
-    assert_share("our channel (delta)", mesh.v2_share(&ours.by_endpoint), 0.2);
+    let ours = xds_channel(&cp, &["delta_ads"]);
+    assert_run("our channel (delta)", &mesh, &drive(&ours, 1000, 4, |_| {}).await, 0.2);
 
-    // Both spoke delta: the status endpoint lists their streams.
-    let status = cp.status().unwrap().to_string();
-    assert!(status.contains("envoy-delta"), "{status}");
-    assert!(status.to_lowercase().contains("delta"), "{status}");
+    // Both spoke delta: the status endpoint lists their streams as such.
+    let status = cp.status().unwrap();
+    assert_eq!(stream(&status, "envoy-delta")["protocol"], "delta", "{status:#}");
+    assert_eq!(stream(&status, "mesh-test")["protocol"], "delta", "{status:#}");
+    drop(ours);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,12 +255,8 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
 
     // Two seconds after the edit, every client follows the new split.
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(edited.elapsed())).await;
-    let ours_after = drive(&ours, 1000, 4, |_| {}).await;
-    assert!(ours_after.failures.is_empty(), "{:?}", ours_after.failures);
-    assert_share("our channel after the edit", mesh.v2_share(&ours_after.by_endpoint), 0.5);
-    let envoy_after = envoy_run(mesh.sidecar_port, 1000).await;
-    assert!(envoy_after.failures.is_empty(), "{:?}", envoy_after.failures);
-    assert_share("envoy after the edit", mesh.v2_share(&envoy_after.by_endpoint), 0.5);
+    assert_run("our channel after the edit", &mesh, &drive(&ours, 1000, 4, |_| {}).await, 0.5);
+    assert_run("envoy after the edit", &mesh, &envoy_run(mesh.sidecar_port, 1000).await, 0.5);
     assert_share("meshctl after the edit", meshctl_v2_share(&mesh, &bootstrap).await, 0.5);
     assert_share("grpcio after the edit", grpcio_v2_share(&mesh, &bootstrap).await, 0.5);
 
@@ -263,12 +278,8 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
     assert_eq!(error["file"], mesh.file.display().to_string());
     let log = std::fs::read_to_string(&cp.log).unwrap();
     assert!(log.contains("mesh file rejected") && log.contains("services.greeter.routes[0].split.v3"), "log: {log}");
-    let still = drive(&ours, 1000, 4, |_| {}).await;
-    assert!(still.failures.is_empty(), "{:?}", still.failures);
-    assert_share("our channel after the bad edit", mesh.v2_share(&still.by_endpoint), 0.5);
-    let envoy_still = envoy_run(mesh.sidecar_port, 1000).await;
-    assert!(envoy_still.failures.is_empty(), "{:?}", envoy_still.failures);
-    assert_share("envoy after the bad edit", mesh.v2_share(&envoy_still.by_endpoint), 0.5);
+    assert_run("our channel after the bad edit", &mesh, &drive(&ours, 1000, 4, |_| {}).await, 0.5);
+    assert_run("envoy after the bad edit", &mesh, &envoy_run(mesh.sidecar_port, 1000).await, 0.5);
 }
 
 #[test]

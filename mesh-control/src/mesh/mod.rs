@@ -91,7 +91,7 @@ impl Service {
     pub fn with_defaults(name: impl Into<String>, endpoints: EndpointSource) -> Self {
         let name = name.into();
         Self {
-            routes: vec![Route { matches: RouteMatch::any(), split: vec![(cluster_name(&name, None), 1)], timeout: None, retry: None }],
+            routes: vec![Route::to_whole(&name)],
             name,
             lb: LbPolicy::RoundRobin,
             endpoints,
@@ -158,6 +158,13 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// Retries (override the service's).
     pub retry: Option<RetryPolicy>,
+}
+
+impl Route {
+    /// The default route: every call to the whole service, no policies of its own.
+    fn to_whole(service: &str) -> Self {
+        Self { matches: RouteMatch::any(), split: vec![(cluster_name(service, None), 1)], timeout: None, retry: None }
+    }
 }
 
 /// The cluster name of a service (`greeter`) or one of its subsets (`greeter|v1`).
@@ -406,7 +413,7 @@ impl Validator<'_> {
             routes.push(Route { matches, split, timeout, retry });
         }
         if routes.is_empty() {
-            routes.push(Route { matches: RouteMatch::any(), split: vec![(cluster_name(name, None), 1)], timeout: None, retry: None });
+            routes.push(Route::to_whole(name));
         }
         let timeout = self.opt_duration(&format!("{field}.timeout"), raw.timeout.as_ref())?;
         let retry = raw.retries.as_ref().map(|r| self.retries(&format!("{field}.retries"), r)).transpose()?;
