@@ -136,12 +136,6 @@ impl ControlPlane {
         self.lock().mesh.clone()
     }
 
-    /// Uses `kube` for Kubernetes-backed endpoints from now on and republishes.
-    pub fn set_kube_resolver(&self, kube: KubeResolver) {
-        self.lock().kube = kube;
-        self.publish();
-    }
-
     /// Uses `kube` for Kubernetes-backed endpoints and serves every port in `discovered` that the mesh file does
     /// not name, with default policies, as [`discovered_name`]; republishes.
     pub fn set_kubernetes(&self, kube: KubeResolver, discovered: Vec<KubeRef>) {
@@ -158,11 +152,6 @@ impl ControlPlane {
     /// EndpointSlice (`GET /ready` answers 503 then).
     pub fn is_ready(&self) -> bool {
         !self.lock().kube_pending
-    }
-
-    /// Republishes every snapshot (after a Kubernetes change, say).
-    pub fn refresh(&self) {
-        self.publish();
     }
 
     /// Validates `text` as the new mesh; on success serves it, otherwise keeps the last good mesh and records the

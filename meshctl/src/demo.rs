@@ -60,6 +60,8 @@ pub(crate) async fn run(args: DemoArgs) -> ExitCode {
 /// What calls did while one bucket (a phase, or the switch between two) was current.
 #[derive(Debug, Default)]
 struct Bucket {
+    /// `canary 90/10`, `switching`, ...
+    label: String,
     by_endpoint: BTreeMap<SocketAddr, u64>,
     failed: u64,
     latencies_us: Vec<u64>,
@@ -88,12 +90,11 @@ struct Tally {
 }
 
 impl Tally {
-    fn open(&self) -> usize {
+    /// Makes a new bucket, labelled `label`, the current one.
+    fn open(&self, label: String) {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        buckets.push(Bucket::default());
-        let index = buckets.len() - 1;
-        self.current.store(index, Ordering::SeqCst);
-        index
+        buckets.push(Bucket { label, ..Bucket::default() });
+        self.current.store(buckets.len() - 1, Ordering::SeqCst);
     }
 
     fn record(&self, bucket: usize, result: Result<SocketAddr, ()>, latency: Duration) {
@@ -204,15 +205,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
 
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut labels = vec![format!("{} {v1}/{v2}", PHASES[0].0)];
-    tally.open();
+    tally.open(format!("{} {v1}/{v2}", PHASES[0].0));
     let workers = spawn_workers(&args, &channel, &tally, &stop);
 
     let mut switches = Vec::new();
     for (i, (label, v1, v2)) in PHASES.iter().enumerate() {
         if i > 0 {
-            labels.push("switching".to_owned());
-            tally.open();
+            tally.open("switching".to_owned());
             writeln!(out, "\nediting {}: greeter split → v1 {v1} / v2 {v2}", file.display())?;
             out.flush()?;
             let edited = Instant::now();
@@ -236,8 +235,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             }
             writeln!(out, "  control plane pushed it; the client's route changed {} ms after the edit", took.as_millis())?;
             switches.push(took);
-            labels.push(format!("{label} {v1}/{v2}"));
-            tally.open();
+            tally.open(format!("{label} {v1}/{v2}"));
         }
         writeln!(out, "\nphase {}: {label}, v1 {v1} / v2 {v2}", i + 1)?;
         live(&mut *out, &backends, &tally, Duration::from_secs(args.phase_secs)).await?;
@@ -249,11 +247,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
 
     let buckets = std::mem::take(&mut *tally.buckets.lock().unwrap_or_else(|e| e.into_inner()));
     let failed: u64 = buckets.iter().map(|b| b.failed).sum();
-    let table = summary_table(&backends, &labels, &buckets);
+    let table = summary_table(&backends, &buckets);
     writeln!(out, "\n{table}")?;
     writeln!(out, "{} calls, {failed} failed", buckets.iter().map(Bucket::calls).sum::<u64>())?;
     if args.json {
-        println!("{}", summary_json(&backends, &labels, &buckets, &switches));
+        println!("{}", summary_json(&backends, &buckets, &switches));
     }
     Ok(failed == 0)
 }
@@ -312,13 +310,14 @@ fn v2_share(backends: &Backends, b: &Bucket) -> f64 {
     v2 as f64 / ok.max(1) as f64
 }
 
-fn summary_table(backends: &Backends, labels: &[String], buckets: &[Bucket]) -> String {
+fn summary_table(backends: &Backends, buckets: &[Bucket]) -> String {
     let mut table = format!("{:<16} {:>6}", "phase", "calls");
     for (addr, version) in &backends.0 {
         let _ = write!(table, " {:>22}", format!("{addr} {version}"));
     }
     let _ = writeln!(table, " {:>9} {:>7} {:>8} {:>8}", "v2 share", "failed", "p50 ms", "p99 ms");
-    for (label, b) in labels.iter().zip(buckets) {
+    for b in buckets {
+        let label = &b.label;
         let _ = write!(table, "{label:<16} {:>6}", b.calls());
         for (addr, _) in &backends.0 {
             let _ = write!(table, " {:>22}", b.by_endpoint.get(addr).copied().unwrap_or(0));
@@ -336,18 +335,17 @@ fn summary_table(backends: &Backends, labels: &[String], buckets: &[Bucket]) -> 
     table
 }
 
-fn summary_json(backends: &Backends, labels: &[String], buckets: &[Bucket], switches: &[Duration]) -> serde_json::Value {
-    let phases: Vec<serde_json::Value> = labels
+fn summary_json(backends: &Backends, buckets: &[Bucket], switches: &[Duration]) -> serde_json::Value {
+    let phases: Vec<serde_json::Value> = buckets
         .iter()
-        .zip(buckets)
-        .map(|(label, b)| {
+        .map(|b| {
             let by_endpoint: BTreeMap<String, u64> = b.by_endpoint.iter().map(|(a, n)| (a.to_string(), *n)).collect();
             let mut by_version: BTreeMap<&str, u64> = BTreeMap::new();
             for (addr, n) in &b.by_endpoint {
                 *by_version.entry(backends.version(addr)).or_default() += n;
             }
             json!({
-                "phase": label,
+                "phase": b.label,
                 "calls": b.calls(),
                 "failed": b.failed,
                 "by_endpoint": by_endpoint,
