@@ -47,4 +47,4 @@ pub use channel::{Channel, ChannelBuilder, ResponseFuture, status_from};
 pub use error::{Error, Result};
 pub use mesh_tower::balance::ServedBy;
 pub use target::Target;
-pub use xds::shared_client;
+pub use xds::{eds_source, shared_client};

@@ -15,12 +15,13 @@ use std::time::Duration;
 use mesh_core::lb::{Random, SplitMix64};
 use mesh_core::{ClusterDiscovery, Endpoint, LbPolicy, Route, RouteAction, RouteConfig};
 use mesh_tower::balance::{Balancer, BalancerConfig, ResponseBody};
-use mesh_tower::discover::{self, Change, ChangeSender};
+use mesh_tower::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
+use mesh_tower::discover::{self, Change};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use tonic::body::Body;
 use xds_client::resource::{ClusterResource, EndpointsResource, ListenerResource, RouteSource};
-use xds_client::{Bootstrap, ResourceStatus, Watch, XdsClient, XdsClientConfig};
+use xds_client::{Bootstrap, ResourceStatus, Typed, Watch, XdsClient, XdsClientConfig};
 
 use crate::{Error, Result};
 
@@ -137,13 +138,27 @@ impl XdsRouter {
     }
 }
 
+/// Where a cluster's balancer gets its endpoints, and the settings it was built with: a change of any of
+/// these builds a new balancer (rare: an LB policy or EDS name change).
+#[derive(Clone, Debug, PartialEq)]
+struct BalancerKey {
+    lb: LbPolicy,
+    connect_timeout: Duration,
+    source: Source,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Source {
+    Static(Vec<Endpoint>),
+    Eds(String),
+    LogicalDns { host: String, port: u16 },
+}
+
 /// One cluster being followed.
 struct Followed {
     cds: Watch<ClusterResource>,
-    eds: Option<(String, Watch<EndpointsResource>)>,
-    balancer: Option<(LbPolicy, Balancer<Body>, ChangeSender)>,
-    pushed_version: Option<String>,
-    forwarders: Vec<AbortOnDrop>,
+    balancer: Option<(BalancerKey, Balancer<Body>)>,
+    _forwarder: AbortOnDrop,
 }
 
 /// Keeps `tx` up to date with the xDS view of `name`.
@@ -186,12 +201,12 @@ async fn follow(client: XdsClient, name: String, config: BalancerConfig, tx: wat
             for cluster in &wanted {
                 clusters.entry(cluster.clone()).or_insert_with(|| {
                     let cds: Watch<ClusterResource> = client.watch(cluster);
-                    let forwarders = vec![forward(&cds, &dirty_tx)];
-                    Followed { cds, eds: None, balancer: None, pushed_version: None, forwarders }
+                    let _forwarder = forward(&cds, &dirty_tx);
+                    Followed { cds, balancer: None, _forwarder }
                 });
             }
             for (cluster_name, followed) in clusters.iter_mut() {
-                reconcile_cluster(&client, cluster_name, followed, &config, &dirty_tx);
+                reconcile_cluster(&client, cluster_name, followed, &config);
             }
             // A74: switch tables only when every named cluster is known.
             let missing: Vec<&String> =
@@ -205,7 +220,7 @@ async fn follow(client: XdsClient, name: String, config: BalancerConfig, tx: wat
                             clusters
                                 .get(c)
                                 .and_then(|f| f.balancer.as_ref())
-                                .map(|(_, b, _)| (c.clone(), ClusterEntry { balancer: b.clone() }))
+                                .map(|(_, b)| (c.clone(), ClusterEntry { balancer: b.clone() }))
                         })
                         .collect(),
                 };
@@ -227,54 +242,60 @@ fn is_gone<T: xds_client::XdsResource>(w: &Watch<T>) -> bool {
     w.status() == ResourceStatus::DoesNotExist
 }
 
-fn reconcile_cluster(client: &XdsClient, name: &str, f: &mut Followed, config: &BalancerConfig, dirty: &mpsc::UnboundedSender<()>) {
+/// Builds the cluster's balancer when it has none or its key changed. EDS updates do not pass through here:
+/// the balancer reads its EDS watch itself ([`eds_source`]).
+fn reconcile_cluster(client: &XdsClient, name: &str, f: &mut Followed, config: &BalancerConfig) {
     let Some(cluster) = f.cds.value() else { return };
     let cluster = &cluster.cluster;
-    // (Re)build the balancer when the LB policy changes.
-    if f.balancer.as_ref().is_none_or(|(lb, _, _)| *lb != cluster.lb) {
-        let (sender, source) = discover::channel();
-        let mut cfg = config.clone();
-        cfg.lb = cluster.lb.clone();
-        cfg.connection.connect_timeout = cluster.policies.connection.connect_timeout;
-        let balancer = Balancer::new(format!("xds cluster {name}"), source, cfg);
-        f.balancer = Some((cluster.lb.clone(), balancer, sender));
-        f.pushed_version = None;
+    let source = match &cluster.discovery {
+        ClusterDiscovery::Static => Source::Static(cluster.endpoints.clone()),
+        ClusterDiscovery::Eds { service_name } => Source::Eds(service_name.clone().unwrap_or_else(|| name.to_owned())),
+        ClusterDiscovery::LogicalDns { host, port } => Source::LogicalDns { host: host.clone(), port: *port },
+    };
+    let key = BalancerKey { lb: cluster.lb.clone(), connect_timeout: cluster.policies.connection.connect_timeout, source };
+    if f.balancer.as_ref().is_some_and(|(current, _)| *current == key) {
+        return;
     }
-    let Some((_, _, sender)) = &f.balancer else { return };
-    match &cluster.discovery {
-        ClusterDiscovery::Static => {
-            if f.pushed_version.is_none() {
-                sender.send(Change::Reset(cluster.endpoints.clone()));
-                f.pushed_version = Some("static".into());
+    let discover = match &key.source {
+        Source::Static(endpoints) => discover::fixed(endpoints.clone()),
+        Source::Eds(eds_name) => eds_source(client.watch(eds_name)),
+        // Envoy's LOGICAL_DNS: the name is resolved by the client and the answer is the cluster's endpoint set,
+        // re-resolved at its TTL, with the system resolver.
+        Source::LogicalDns { host, port } => match HickoryResolver::system() {
+            Ok(resolver) => dns(Arc::new(resolver), DnsQuery::Host { name: host.clone(), port: *port }, DnsConfig::default()),
+            Err(error) => {
+                tracing::error!(cluster = name, %error, "LOGICAL_DNS cluster: no system resolver; the cluster has no endpoints");
+                discover::fixed(Vec::new())
+            }
+        },
+    };
+    let mut cfg = config.clone();
+    cfg.lb = key.lb.clone();
+    cfg.connection.connect_timeout = key.connect_timeout;
+    let balancer = Balancer::new(format!("xds cluster {name}"), discover, cfg);
+    f.balancer = Some((key, balancer));
+}
+
+/// A discovery source that follows an EDS watch: each accepted ClusterLoadAssignment replaces the endpoint set.
+///
+/// The balancer's own task reads the watch, so an update reaches the balancer in one task hand-off from the
+/// xDS client. A status change without a new value (a NACK, a deletion kept under A88) changes nothing.
+pub fn eds_source(watch: Watch<EndpointsResource>) -> discover::BoxDiscover {
+    Box::pin(futures_util::stream::unfold((watch, None::<Arc<xds_client::resource::Resource>>), |(mut watch, mut last)| async move {
+        loop {
+            let value = watch.state().value;
+            if let Some(value) = value
+                && last.as_ref().is_none_or(|last| !Arc::ptr_eq(last, &value))
+                && let Some(typed) = Typed::<EndpointsResource>::new(Arc::clone(&value))
+            {
+                last = Some(value);
+                return Some((Change::Reset(typed.endpoints.endpoints.clone()), (watch, last)));
+            }
+            if !watch.changed().await {
+                return None;
             }
         }
-        ClusterDiscovery::LogicalDns { .. } => {
-            // Warn once per balancer, not on every reconcile.
-            if f.pushed_version.is_none() {
-                tracing::warn!(cluster = name, "LOGICAL_DNS clusters are not wired into xDS routing yet");
-                f.pushed_version = Some("unsupported".into());
-            }
-        }
-        ClusterDiscovery::Eds { service_name } => {
-            let eds_name = service_name.clone().unwrap_or_else(|| name.to_owned());
-            if f.eds.as_ref().is_none_or(|(n, _)| *n != eds_name) {
-                let w: Watch<EndpointsResource> = client.watch(&eds_name);
-                f.forwarders.push(forward(&w, dirty));
-                f.eds = Some((eds_name, w));
-                f.pushed_version = None;
-            }
-            if let Some((_, w)) = &mut f.eds {
-                let state = w.state();
-                if let Some(value) = state.value.clone().and_then(xds_client::Typed::<EndpointsResource>::new)
-                    && f.pushed_version.as_deref() != Some(state.version.as_str())
-                {
-                    let endpoints: Vec<Endpoint> = value.endpoints.endpoints.clone();
-                    sender.send(Change::Reset(endpoints));
-                    f.pushed_version = Some(state.version.clone());
-                }
-            }
-        }
-    }
+    }))
 }
 
 /// Signals `dirty` on every change of `w`.

@@ -228,6 +228,22 @@ pub mod build {
         pack(cluster_eds_proto(name, lb))
     }
 
+    /// A LOGICAL_DNS cluster: the client resolves `host` and connects to `port` on the answers.
+    pub fn cluster_logical_dns(name: &str, host: &str, port: u16) -> Any {
+        let mut assignment = endpoints_proto(name, &[(SocketAddr::from(([127, 0, 0, 1], port)), 1)]);
+        if let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = assignment.endpoints[0].lb_endpoints[0].host_identifier.as_mut()
+            && let Some(address::Address::SocketAddress(socket)) = endpoint.address.as_mut().and_then(|a| a.address.as_mut())
+        {
+            host.clone_into(&mut socket.address);
+        }
+        pack(Cluster {
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::LogicalDns as i32)),
+            eds_cluster_config: None,
+            load_assignment: Some(assignment),
+            ..cluster_eds_proto(name, "round_robin")
+        })
+    }
+
     /// Endpoints of `cluster_name`: one locality (weight 1, priority 0)
     /// holding each address with its weight, all HEALTHY. No addresses give
     /// no localities at all.

@@ -192,9 +192,8 @@ async fn grpcio_proxyless_client_and_ours_see_the_same_routing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_to_an_unknown_cluster_is_not_used_until_the_cluster_arrives() {
     // A74: the router switches to a new route table only once every cluster
-    // it names is known, so no call fails in between. Delta, because there
-    // the server says nothing of a name it does not have (in SotW a CDS
-    // response without it means "does not exist", and calls routed to a
+    // it names is known, so no call fails in between. Delta; SotW is the same
+    // until the cluster's does-not-exist timer fires (calls routed to a
     // cluster that does not exist fail UNAVAILABLE, as in gRPC).
     let ads = AdsServer::start().await.unwrap();
     let s = servers(2).await;
@@ -231,4 +230,18 @@ async fn a_route_to_an_unknown_cluster_is_not_used_until_the_cluster_arrives() {
         }
         assert!(tokio::time::Instant::now() < deadline, "the split never reached greeter-c: {run:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_dns_cluster_resolves_its_host_name_and_serves_calls() {
+    // LOGICAL_DNS: the client resolves the cluster's one host name (here `localhost`, from the hosts file
+    // through the system resolver) and balances over the answers, re-resolving at their TTL.
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(1).await;
+    ads.set(type_url::CLUSTER, "greeter-a", build::cluster_logical_dns("greeter-a", "localhost", s[0].addr.port()));
+    ads.set(type_url::ROUTE, "greeter-routes", build::route_config("greeter-routes", &["greeter"], &[("greeter-a", 1)]));
+    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+    let run = drive(&xds_channel(&ads), 50, 4, |_| {}).await;
+    assert!(run.failures.is_empty(), "{:?}", run.failures);
+    assert_eq!(run.share(&[s[0].addr]), 1.0, "{run:?}");
 }

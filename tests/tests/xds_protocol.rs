@@ -153,6 +153,26 @@ async fn sotw_deletes_missing_cds_but_not_eds_and_keeps_cached_values_by_default
 }
 
 #[tokio::test]
+async fn sotw_absence_of_a_cds_resource_never_received_waits_for_the_does_not_exist_timer() {
+    // A SotW response without a resource that never had a value may answer a request sent before it was
+    // subscribed, so it is not a deletion: the resource stays requested until its timer fires (gRPC's rule).
+    let ads = AdsServer::start().await.unwrap();
+    ads.set(type_url::CLUSTER, "c1", build::cluster_eds("c1", "round_robin"));
+    let config = XdsClientConfig { does_not_exist_timeout: Duration::from_secs(2), ..quick() };
+    let client = client_for(vec![server(ads.uri(), &[])], config);
+    let mut c1: Watch<ClusterResource> = client.watch("c1");
+    let mut later: Watch<ClusterResource> = client.watch("later");
+    until(&mut c1, "ACKED", |s| s.status == ResourceStatus::Acked).await;
+    // The server has the ACK of a response to a request naming both.
+    ads.wait_for(|r| r.iter().any(|r| r.type_url == type_url::CLUSTER && r.is_ack() && r.resource_names.len() == 2), WAIT).await.unwrap();
+    assert_eq!(later.state().status, ResourceStatus::Requested, "absence from the response is not does-not-exist");
+    until(&mut later, "DOES_NOT_EXIST from the timer", |s| s.status == ResourceStatus::DoesNotExist).await;
+    // It still arrives when the server gets it.
+    ads.set(type_url::CLUSTER, "later", build::cluster_eds("later", "round_robin"));
+    until(&mut later, "ACKED", |s| s.status == ResourceStatus::Acked).await;
+}
+
+#[tokio::test]
 async fn delta_subscribes_updates_and_removes() {
     let ads = AdsServer::start().await.unwrap();
     ads.set(type_url::CLUSTER, "c1", build::cluster_eds("c1", "least_request"));

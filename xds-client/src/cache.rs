@@ -167,53 +167,64 @@ impl Cache {
         })
     }
 
-    /// Applies a SotW response; the caller then ACKs or NACKs.
-    /// Returns the errors, one per rejected resource (empty: ACK).
-    pub(crate) fn apply_sotw(&mut self, ty: ResourceType, response: &DiscoveryResponse, received: SystemTime) -> Vec<String> {
-        let policy = self.policy;
-        let (valid, invalid, mut errors) = decode_all(ty, response.resources.iter());
+    /// Records a SotW response's nonce (and its version when every resource was accepted) and returns the
+    /// ACK, or the NACK carrying `error`. Sent before [`Cache::apply_sotw`] tells the watchers.
+    pub(crate) fn sotw_ack(&mut self, ty: ResourceType, response: &DiscoveryResponse, error: Option<String>) -> DiscoveryRequest {
         let state = self.state(ty);
-        let mut seen: BTreeSet<String> = invalid.keys().cloned().collect();
-        for (name, (resource, raw)) in valid {
+        state.nonce = response.nonce.clone();
+        if error.is_none() {
+            state.version = response.version_info.clone();
+        }
+        self.sotw_request(ty, Some(&response.nonce), error)
+    }
+
+    /// Applies a decoded SotW response to the cache and its watchers.
+    pub(crate) fn apply_sotw(&mut self, ty: ResourceType, version: &str, decoded: Decoded, received: SystemTime) {
+        let policy = self.policy;
+        let state = self.state(ty);
+        let mut seen: BTreeSet<String> = decoded.invalid.keys().cloned().collect();
+        for (name, (resource, raw)) in decoded.valid {
             if let Some(entry) = state.entries.get_mut(&name) {
-                accept(entry, resource, raw, &response.version_info, received);
+                accept(entry, resource, raw, version, received);
             }
             seen.insert(name);
         }
-        for (name, reason) in &invalid {
+        for (name, reason) in &decoded.invalid {
             if let Some(entry) = state.entries.get(name) {
                 reject(entry, reason, policy, received);
             }
         }
+        // LDS and CDS: a resource missing from the response is deleted, if it had a value. One never received
+        // is left to its does-not-exist timer: the response may answer a request sent before it was subscribed
+        // (gRPC's XdsClient does the same).
         if ty.all_resources_required_in_sotw() {
             for (name, entry) in &state.entries {
-                if !seen.contains(name) {
+                if !seen.contains(name) && entry.has_value() {
                     delete(entry, policy, received);
                 }
             }
         }
-        state.nonce = response.nonce.clone();
-        if invalid.is_empty() && errors.is_empty() {
-            state.version = response.version_info.clone();
-        }
-        errors.extend(invalid.into_iter().map(|(name, reason)| format!("{name}: {reason}")));
-        errors
     }
 
-    /// Applies a delta response; the caller then ACKs or NACKs.
-    /// Returns the errors, one per rejected resource (empty: ACK).
-    pub(crate) fn apply_delta(&mut self, ty: ResourceType, response: &DeltaDiscoveryResponse, received: SystemTime) -> Vec<String> {
+    /// Applies a decoded delta response (its ACK already sent) to the cache and its watchers; `versions` are
+    /// the response's per-resource versions.
+    pub(crate) fn apply_delta(
+        &mut self,
+        ty: ResourceType,
+        response: &DeltaDiscoveryResponse,
+        versions: &HashMap<String, String>,
+        decoded: Decoded,
+        received: SystemTime,
+    ) {
         let policy = self.policy;
-        let versions: HashMap<&str, &str> = response.resources.iter().map(|r| (r.name.as_str(), r.version.as_str())).collect();
-        let (valid, invalid, mut errors) = decode_all(ty, response.resources.iter().filter_map(|r| r.resource.as_ref()));
         let state = self.state(ty);
-        for (name, (resource, raw)) in valid {
+        for (name, (resource, raw)) in decoded.valid {
             if let Some(entry) = state.entries.get_mut(&name) {
-                let version = versions.get(name.as_str()).copied().unwrap_or_default();
+                let version = versions.get(&name).map_or("", String::as_str);
                 accept(entry, resource, raw, version, received);
             }
         }
-        for (name, reason) in &invalid {
+        for (name, reason) in &decoded.invalid {
             if let Some(entry) = state.entries.get(name) {
                 reject(entry, reason, policy, received);
             }
@@ -224,8 +235,6 @@ impl Cache {
             }
         }
         state.nonce = response.nonce.clone();
-        errors.extend(invalid.into_iter().map(|(name, reason)| format!("{name}: {reason}")));
-        errors
     }
 
     /// Marks a resource that never arrived as not existing.
@@ -239,27 +248,40 @@ impl Cache {
     }
 }
 
-type Decoded = BTreeMap<String, (Resource, Any)>;
+/// The resources of one response, decoded in two phases (A46): a resource whose name cannot be read is an
+/// error of its own; one that fails validation is rejected by name; the rest are used. Pure: no cache, no
+/// lock, so a large response is decoded while watchers keep subscribing.
+#[derive(Debug, Default)]
+pub(crate) struct Decoded {
+    valid: BTreeMap<String, (Resource, Any)>,
+    invalid: BTreeMap<String, String>,
+    unnamed: Vec<String>,
+}
 
-/// Decodes every resource of a response in two phases (A46): a resource
-/// whose name cannot be read is an error of its own; one that fails
-/// validation is rejected by name; the rest are used.
-fn decode_all<'a>(ty: ResourceType, anys: impl Iterator<Item = &'a Any>) -> (Decoded, BTreeMap<String, String>, Vec<String>) {
-    let (mut valid, mut invalid, mut errors) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
-    for any in anys {
-        match resource::resource_name(ty, any) {
-            Err(error) => errors.push(error.to_string()),
-            Ok(name) => match resource::decode(ty, any) {
-                Ok(resource) => {
-                    valid.insert(name, (resource, any.clone()));
-                }
-                Err(DecodeError { reason, .. }) => {
-                    invalid.insert(name, reason);
-                }
-            },
+impl Decoded {
+    /// Decodes `anys`, keeping each accepted one's bytes for the config dump.
+    pub(crate) fn decode(ty: ResourceType, anys: impl IntoIterator<Item = Any>) -> Self {
+        let mut decoded = Self::default();
+        for any in anys {
+            match resource::resource_name(ty, &any) {
+                Err(error) => decoded.unnamed.push(error.to_string()),
+                Ok(name) => match resource::decode(ty, &any) {
+                    Ok(resource) => {
+                        decoded.valid.insert(name, (resource, any));
+                    }
+                    Err(DecodeError { reason, .. }) => {
+                        decoded.invalid.insert(name, reason);
+                    }
+                },
+            }
         }
+        decoded
     }
-    (valid, invalid, errors)
+
+    /// One line per rejected resource; empty means ACK.
+    pub(crate) fn errors(&self) -> Vec<String> {
+        self.unnamed.iter().cloned().chain(self.invalid.iter().map(|(name, reason)| format!("{name}: {reason}"))).collect()
+    }
 }
 
 fn accept(entry: &mut Entry, resource: Resource, raw: Any, version: &str, received: SystemTime) {

@@ -1,6 +1,7 @@
 //! The ADS client: one stream to the control plane carrying every
 //! subscription, SotW or delta, with reconnects, fallback and timers.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::bootstrap::{Bootstrap, FEATURE_DELTA, FEATURE_IGNORE_RESOURCE_DELETION, XdsServer};
-use crate::cache::{Cache, DataErrorPolicy};
+use crate::cache::{Cache, DataErrorPolicy, Decoded};
 use crate::dump::ResourceDump;
 use crate::resource::ResourceType;
 use crate::watch::{Unsubscribe, Watch, XdsResource};
@@ -329,32 +330,39 @@ async fn serve(inner: &Arc<Inner>, (sender, mut receiver): Stream, index: usize,
     }
 }
 
+/// Decodes a response (outside the cache lock), answers it (ACK or NACK), then updates the cache and its
+/// watchers. Answering first means the control plane hears back without waiting for watchers, and the
+/// watchers' tasks, woken last, run next instead of queueing behind the answer's send.
 fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
     let received = std::time::SystemTime::now();
-    let mut cache = lock(&inner.cache);
     match (response, sender) {
-        (Response::Sotw(response), Sender::Sotw(tx)) => {
+        (Response::Sotw(mut response), Sender::Sotw(tx)) => {
             let Some(ty) = ResourceType::from_type_url(&response.type_url) else {
                 tracing::warn!(type_url = %response.type_url, "ignoring response of an unknown type");
                 return;
             };
-            let errors = cache.apply_sotw(ty, &response, received);
-            let error = log_outcome(ty, &response.version_info, &errors);
-            let _ = tx.send(cache.sotw_request(ty, Some(&response.nonce), error));
+            let decoded = Decoded::decode(ty, std::mem::take(&mut response.resources));
+            let error = log_outcome(ty, &response.version_info, &decoded.errors());
+            let mut cache = lock(&inner.cache);
+            let _ = tx.send(cache.sotw_ack(ty, &response, error));
+            cache.apply_sotw(ty, &response.version_info, decoded, received);
         }
-        (Response::Delta(response), Sender::Delta(tx)) => {
+        (Response::Delta(mut response), Sender::Delta(tx)) => {
             let Some(ty) = ResourceType::from_type_url(&response.type_url) else {
                 tracing::warn!(type_url = %response.type_url, "ignoring response of an unknown type");
                 return;
             };
-            let errors = cache.apply_delta(ty, &response, received);
-            let error = log_outcome(ty, &response.system_version_info, &errors);
+            let resources = std::mem::take(&mut response.resources);
+            let versions: HashMap<String, String> = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+            let decoded = Decoded::decode(ty, resources.into_iter().filter_map(|r| r.resource));
+            let error = log_outcome(ty, &response.system_version_info, &decoded.errors());
             let _ = tx.send(DeltaDiscoveryRequest {
                 type_url: ty.type_url().to_owned(),
                 response_nonce: response.nonce.clone(),
                 error_detail: error.map(|message| envoy_types::pb::google::rpc::Status { code: 3, message, details: vec![] }),
                 ..Default::default()
             });
+            lock(&inner.cache).apply_delta(ty, &response, &versions, decoded, received);
         }
         _ => {}
     }

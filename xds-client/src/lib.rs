@@ -26,9 +26,11 @@
 //! | feature | status | covered by |
 //! |---|---|---|
 //! | ADS SotW: version/nonce, ACK, NACK with per-resource reasons | yes | `tests/tests/xds_protocol.rs` |
+//! | SotW LDS/CDS deletion of a resource missing from a response (one never received waits for its timer) | yes | `tests/tests/xds_protocol.rs` |
 //! | ADS delta: subscribe/unsubscribe, `removed_resources`, `initial_resource_versions` | yes | `tests/tests/xds_protocol.rs` |
 //! | A27 bootstrap (`GRPC_XDS_BOOTSTRAP`, `GRPC_XDS_BOOTSTRAP_CONFIG`), node, channel creds | yes | `bootstrap::tests` |
 //! | A27/A28 LDS `api_listener` HCM, RDS, CDS (EDS/STATIC/LOGICAL_DNS), EDS | yes | `resource` unit tests |
+//! | LOGICAL_DNS clusters routed (resolved by the client, balanced over the answers) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
 //! | A46 partial NACK: valid resources of a rejected response are used | yes | `tests/tests/xds_protocol.rs` |
 //! | A47 federation (`authorities`, `xdstp://` templates) | bootstrap parsed; names used as given | `bootstrap::tests` |
 //! | A53 `ignore_resource_deletion` | yes | `tests/tests/xds_protocol.rs` |

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -245,6 +245,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             levels,
             ring,
             hashing: previous.hashing,
+            set_at: if set_changed { Some(SystemTime::now()) } else { previous.set_at },
         };
         let generation = snapshot.generation;
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);

@@ -50,7 +50,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -214,6 +214,12 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         self.inner.state.snapshot().endpoints.len()
     }
 
+    /// When the balancer started using its current endpoint set (wall clock; `None` before the first set):
+    /// where a discovery update ends, for debugging and for measuring how fast updates apply.
+    pub fn endpoints_updated_at(&self) -> Option<SystemTime> {
+        self.inner.state.snapshot().set_at
+    }
+
     /// Whether the balancer's current set contains `addr`.
     pub fn contains(&self, addr: SocketAddr) -> bool {
         self.inner.state.snapshot().endpoints.binary_search_by_key(&addr, |(e, _)| e.addr).is_ok()
@@ -294,6 +300,8 @@ struct Snapshot<B> {
     all_failed: bool,
     /// Whether this balancer hashes (ring rebuilt on set changes).
     hashing: bool,
+    /// When the endpoint set (not only a connection state) last changed.
+    set_at: Option<SystemTime>,
 }
 
 impl<B> Snapshot<B> {
@@ -307,6 +315,7 @@ impl<B> Snapshot<B> {
             ring: None,
             all_failed: false,
             hashing,
+            set_at: None,
         }
     }
 }

@@ -17,12 +17,12 @@
 //! Endpoints are 127.x.y.z:9 (discard port; nothing listens): loopback only.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 use mesh_core::LbPolicy;
 use mesh_tests::ads::{AdsServer, build, type_url};
-use mesh_tower::balance::{Balancer, BalancerConfig};
+use mesh_tower::balance::{Balancer, BalancerConfig, RequestBody};
 use mesh_tower::discover::{self, Change};
 use xds_client::resource::EndpointsResource;
 use xds_client::{Bootstrap, Watch, XdsClient, XdsClientConfig};
@@ -72,42 +72,32 @@ fn quiet() -> BalancerConfig {
     config
 }
 
-/// A balancer fed from an EDS watch as mesh-tonic's xDS router feeds one: each value resets the set.
-fn fed_balancer(
-    name: &str,
-    watch: &Watch<EndpointsResource>,
-) -> (Balancer<http_body_util::Empty<bytes::Bytes>>, tokio::task::JoinHandle<()>) {
-    let (sender, source) = discover::channel();
-    let balancer = Balancer::new(name, source, quiet());
-    let mut watch = watch.clone();
-    let glue = tokio::spawn(async move {
-        while watch.changed().await {
-            if let Some(value) = watch.value() {
-                sender.send(Change::Reset(value.endpoints.endpoints.clone()));
-            }
-        }
-    });
-    (balancer, glue)
+/// A balancer fed from an EDS watch as mesh-tonic's xDS router feeds one: the balancer reads the watch itself
+/// and each value resets the set.
+fn fed_balancer(name: &str, watch: &Watch<EndpointsResource>) -> Balancer<http_body_util::Empty<bytes::Bytes>> {
+    Balancer::new(name, mesh_tonic::eds_source(watch.clone()), quiet())
 }
 
 /// Waits for an observer without blocking a runtime thread.
-async fn joined(observer: std::thread::JoinHandle<(Instant, SystemTime)>) -> (Instant, SystemTime) {
+async fn joined(observer: std::thread::JoinHandle<SystemTime>) -> SystemTime {
     tokio::task::spawn_blocking(move || observer.join().expect("observer")).await.expect("observer thread")
 }
 
-/// Watches the balancer from a thread of its own until `done` holds, and returns when it first did. The
-/// balancer's runtime is busy spawning thousands of connection tasks right after publishing a large set; an
-/// observer on that runtime would measure its own queueing delay, not the balancer.
-fn observe(
-    mut updates: tokio::sync::watch::Receiver<u64>,
-    done: impl Fn() -> bool + Send + 'static,
-) -> std::thread::JoinHandle<(Instant, SystemTime)> {
+/// Watches `balancer` from a thread of its own until its set passes `done`, and returns when the balancer
+/// started using that set (its own timestamp, so the observer's wake-up is not counted). The balancer's
+/// runtime is busy spawning thousands of connection tasks right after publishing a large set; an observer on
+/// that runtime would be late to look.
+fn observe<B: RequestBody>(
+    balancer: &Balancer<B>,
+    done: impl Fn(&Balancer<B>) -> bool + Send + 'static,
+) -> std::thread::JoinHandle<SystemTime> {
+    let (balancer, mut updates) = (balancer.clone(), balancer.updates());
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("observer runtime");
         runtime.block_on(async {
             loop {
-                if done() {
-                    return (Instant::now(), SystemTime::now());
+                if done(&balancer) {
+                    return balancer.endpoints_updated_at().expect("a set is in use");
                 }
                 updates.changed().await.expect("the balancer runs");
             }
@@ -127,43 +117,61 @@ async fn main() -> anyhow::Result<()> {
     let ads = AdsServer::start().await?;
     let client = XdsClient::new(Bootstrap::for_server(ads.addr().to_string(), "bench"), XdsClientConfig::default());
     let mut watch: Watch<EndpointsResource> = client.watch("bench");
-    let (balancer, glue) = fed_balancer("bench", &watch);
 
-    let rss_before = rss_bytes();
+    // Memory of one N-endpoint update in a fresh process: first the xDS client's cache alone, then a balancer
+    // taking the set (its endpoints' connects refused, in backoff).
+    settle().await;
+    let rss_start = rss_bytes();
+    let first: Vec<SocketAddr> = (0..n).map(addr).collect();
+    ads.set(type_url::ENDPOINT, "bench", build::endpoints("bench", &first));
+    while watch.value().is_none() {
+        watch.changed().await;
+    }
+    settle().await;
+    let rss_cached = rss_bytes();
+    let balancer = fed_balancer("bench", &watch);
+    while balancer.endpoint_count() != n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    settle().await;
+    let rss_balanced = rss_bytes();
+    let per = |from: u64, to: u64| to.saturating_sub(from) as f64 / n as f64;
+    let (per_cached, per_balanced) = (per(rss_start, rss_cached), per(rss_cached, rss_balanced));
+
+    let rss_before = rss_balanced;
     let (mut full, mut full_received) = (Vec::new(), Vec::new());
     let (mut one, mut one_received) = (Vec::new(), Vec::new());
     for round in 0..=args.rounds {
         // Full update: a different N-endpoint set each round.
-        let set: Vec<SocketAddr> = (0..n).map(|i| addr(i + (round % 2) * n)).collect();
+        let set: Vec<SocketAddr> = (0..n).map(|i| addr(i + ((round + 1) % 2) * n)).collect();
         let marker = set[n - 1];
         let resource = build::endpoints("bench", &set);
         settle().await;
-        let b = balancer.clone();
-        let seen = observe(balancer.updates(), move || b.contains(marker) && b.endpoint_count() == n);
-        let t = Instant::now();
+        let seen = observe(&balancer, move |b| b.contains(marker) && b.endpoint_count() == n);
+        let t = SystemTime::now();
         ads.set(type_url::ENDPOINT, "bench", resource);
         let seen = joined(seen).await;
         if round > 0 {
-            full.push(seen.0 - t);
-            full_received.push(since_received(&mut watch, seen.1));
+            full.push(seen.duration_since(t).unwrap_or_default());
+            full_received.push(since_received(&mut watch, seen));
         }
         // One endpoint changes.
         let mut changed = set.clone();
         changed[0] = addr(2 * n + round);
         let resource = build::endpoints("bench", &changed);
         settle().await;
-        let (b, new) = (balancer.clone(), changed[0]);
-        let seen = observe(balancer.updates(), move || b.contains(new));
-        let t = Instant::now();
+        let new = changed[0];
+        let seen = observe(&balancer, move |b| b.contains(new));
+        let t = SystemTime::now();
         ads.set(type_url::ENDPOINT, "bench", resource);
         let seen = joined(seen).await;
         if round > 0 {
-            one.push(seen.0 - t);
-            one_received.push(since_received(&mut watch, seen.1));
+            one.push(seen.duration_since(t).unwrap_or_default());
+            one_received.push(since_received(&mut watch, seen));
         }
     }
     let rss_after = rss_bytes();
-    glue.abort();
+    drop(balancer);
 
     // The balancer alone: one endpoint inserted into an N-endpoint set
     // through a discovery stream (what an incremental source such as a
@@ -179,12 +187,13 @@ async fn main() -> anyhow::Result<()> {
     for round in 0..args.rounds {
         settle().await;
         let new = addr(3 * n + round);
-        let a = alone.clone();
-        let seen = observe(alone.updates(), move || a.contains(new));
-        let t = Instant::now();
+        let seen = observe(&alone, move |a| a.contains(new));
+        let t = SystemTime::now();
         tx.send(Change::Insert(mesh_core::Endpoint::new(new)));
-        insert.push(joined(seen).await.0 - t);
+        insert.push(joined(seen).await.duration_since(t).unwrap_or_default());
     }
+    // Its 10,000 endpoints would start reconnecting (60 s backoff) during the next measurement.
+    drop((alone, tx));
 
     // A delta xDS update of a one-endpoint cluster: the per-update cost of the whole path (a delta stream, its
     // own client and balancer), with nothing else to decode.
@@ -192,26 +201,24 @@ async fn main() -> anyhow::Result<()> {
     bootstrap.servers[0].server_features.push("delta_ads".to_owned());
     let delta_client = XdsClient::new(bootstrap, XdsClientConfig::default());
     let mut small_watch: Watch<EndpointsResource> = delta_client.watch("small");
-    let (small, small_glue) = fed_balancer("small", &small_watch);
+    let small = fed_balancer("small", &small_watch);
     let (mut small_pushed, mut small_received) = (Vec::new(), Vec::new());
-    for round in 0..=args.rounds {
-        settle().await;
+    // Cheap rounds (one endpoint's connect), so ten times as many: the tail is measured, not one sample.
+    for round in 0..=10 * args.rounds {
+        tokio::time::sleep(Duration::from_millis(150)).await;
         let new = addr(4 * n + round);
-        let b = small.clone();
-        let seen = observe(small.updates(), move || b.contains(new));
-        let t = Instant::now();
+        let seen = observe(&small, move |b| b.contains(new));
+        let t = SystemTime::now();
         ads.set(type_url::ENDPOINT, "small", build::endpoints("small", &[new]));
         let seen = joined(seen).await;
         if round > 0 {
-            small_pushed.push(seen.0 - t);
-            small_received.push(since_received(&mut small_watch, seen.1));
+            small_pushed.push(seen.duration_since(t).unwrap_or_default());
+            small_received.push(since_received(&mut small_watch, seen));
         }
     }
-    small_glue.abort();
 
-    let per_endpoint = rss_after.saturating_sub(rss_before) as f64 / n as f64;
-    println!("| update | endpoints | p50 | p99 | max |");
-    println!("|---|---|---|---|---|");
+    println!("| update | endpoints | samples | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|---|---|");
     for (name, endpoints, v) in [
         ("full EDS update (xDS push → balancer)", n, &mut full),
         ("full EDS update (response received → balancer)", n, &mut full_received),
@@ -222,12 +229,21 @@ async fn main() -> anyhow::Result<()> {
         ("one-endpoint cluster, delta xDS (response received → balancer)", 1, &mut small_received),
     ] {
         let max = *v.iter().max().unwrap_or(&Duration::ZERO);
-        println!("| {name} | {endpoints} | {:.2?} | {:.2?} | {:.2?} |", pct(v, 0.5), pct(v, 0.99), max);
+        let samples = v.len();
+        println!("| {name} | {endpoints} | {samples} | {:.2?} | {:.2?} | {:.2?} | {:.2?} |", pct(v, 0.5), pct(v, 0.9), pct(v, 0.99), max);
     }
     println!();
+    println!("| resident memory, one {n}-endpoint update in a fresh process | bytes per endpoint |");
+    println!("|---|---|");
+    println!("| xDS client (decoded value and raw resource) | {per_cached:.0} |");
+    println!("| balancer (endpoint state, connection tasks in backoff) | {per_balanced:.0} |");
+    println!("| both | {:.0} |", per_cached + per_balanced);
+    println!();
     println!(
-        "resident memory growth: {:.1} MiB for {n} endpoints = {per_endpoint:.0} bytes per endpoint",
-        rss_after.saturating_sub(rss_before) as f64 / 1048576.0
+        "resident memory growth over the {} full replacements that followed: {:.1} MiB = {:.0} bytes per endpoint",
+        2 * (args.rounds + 1),
+        rss_after.saturating_sub(rss_before) as f64 / 1048576.0,
+        per(rss_before, rss_after)
     );
     Ok(())
 }
