@@ -428,6 +428,7 @@ pub struct AdsServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
     running: Option<Running>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 #[derive(Debug)]
@@ -446,7 +447,16 @@ impl AdsServer {
     /// address of a server stopped or dropped earlier: an address in use is
     /// retried for up to 2 s; use [`AdsServer::restart`] to keep the store).
     pub async fn start_on(addr: SocketAddr) -> anyhow::Result<Self> {
-        let mut server = Self { addr, shared: Arc::new(Shared::new()), running: None };
+        let mut server = Self { addr, shared: Arc::new(Shared::new()), running: None, tls: None };
+        server.listen(addr).await?;
+        Ok(server)
+    }
+
+    /// Starts a server on `127.0.0.1:0` that speaks TLS only (`tls` names its identity and, for mutual TLS,
+    /// the CA its clients' certificates must chain to).
+    pub async fn start_tls(tls: tonic::transport::ServerTlsConfig) -> anyhow::Result<Self> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut server = Self { addr, shared: Arc::new(Shared::new()), running: None, tls: Some(tls) };
         server.listen(addr).await?;
         Ok(server)
     }
@@ -463,11 +473,12 @@ impl AdsServer {
                 KillableIo::new(stream, kill_rx.clone())
             })
         });
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls.clone() {
+            builder = builder.tls_config(tls)?;
+        }
         let task = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .add_service(AggregatedDiscoveryServiceServer::new(service))
-                .serve_with_incoming(incoming)
-                .await;
+            let served = builder.add_service(AggregatedDiscoveryServiceServer::new(service)).serve_with_incoming(incoming).await;
             if let Err(error) = served {
                 tracing::error!(%error, "ADS server failed");
             }

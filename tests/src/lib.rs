@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ads;
+pub mod certs;
 pub mod echo;
 pub mod load;
 pub mod peers;

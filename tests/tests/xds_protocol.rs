@@ -6,6 +6,8 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy as PbLbPolicy;
 use envoy_types::pb::google::protobuf::Any;
 use mesh_tests::ads::{AdsServer, build, type_url};
+use mesh_tests::certs::TestPki;
+use tonic::transport::ServerTlsConfig;
 use xds_client::bootstrap::{ChannelCreds, XdsServer};
 use xds_client::resource::{ClusterResource, EndpointsResource, ListenerResource, RouteSource};
 use xds_client::{Bootstrap, ResourceStatus, Watch, XdsClient, XdsClientConfig, XdsResource};
@@ -298,4 +300,36 @@ async fn ignore_resource_deletion_keeps_values_even_when_failing_on_data_errors(
     ads.remove(type_url::CLUSTER, "c1");
     let state = until(&mut c1, "deleted", |s| s.status == ResourceStatus::Deleted).await;
     assert!(state.value.is_some(), "A53: the server asked us to ignore deletions");
+}
+
+#[tokio::test]
+async fn tls_channel_creds_verify_the_server_and_present_the_client_certificate() {
+    // The bootstrap's `tls` channel credentials (A65 files): the client verifies the control plane against
+    // the CA file and presents its certificate, so a server requiring mutual TLS serves it. A client trusting
+    // another CA, one without a certificate, and a plaintext one get nothing.
+    let pki = TestPki::new().unwrap();
+    let tls = ServerTlsConfig::new().identity(pki.server_identity().unwrap()).client_ca_root(pki.ca_certificate().unwrap());
+    let ads = AdsServer::start_tls(tls).await.unwrap();
+    ads.set(type_url::CLUSTER, "c1", build::cluster_eds("c1", "round_robin"));
+    let file = |p: &std::path::Path| Some(p.to_string_lossy().into_owned());
+    let creds = |ca: &std::path::Path, with_cert: bool| ChannelCreds::Tls {
+        ca_certificate_file: file(ca),
+        certificate_file: with_cert.then(|| file(&pki.client.0)).flatten(),
+        private_key_file: with_cert.then(|| file(&pki.client.1)).flatten(),
+    };
+    let client = |channel_creds: ChannelCreds| {
+        // A bare address: the scheme follows the credentials.
+        let server = XdsServer { server_uri: ads.addr().to_string(), channel_creds, server_features: vec![] };
+        client_for(vec![server], quick())
+    };
+    let rejected = [client(creds(&pki.other_ca, true)), client(creds(&pki.ca, false)), client(ChannelCreds::Insecure)];
+    let mut rejected: Vec<Watch<ClusterResource>> = rejected.iter().map(|c| c.watch("c1")).collect();
+    let trusted = client(creds(&pki.ca, true));
+    let mut c1: Watch<ClusterResource> = trusted.watch("c1");
+    until(&mut c1, "ACKED over mutual TLS", |s| s.status == ResourceStatus::Acked).await;
+    // The others have been retrying (backoff ≤ 200 ms) all along; give them a few more tries.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for (w, case) in rejected.iter_mut().zip(["server certificate from another CA", "no client certificate", "plaintext"]) {
+        assert_eq!(w.state().status, ResourceStatus::Requested, "{case}: must not get config");
+    }
 }

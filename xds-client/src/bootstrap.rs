@@ -292,6 +292,13 @@ impl<F: Fn(Option<usize>, &str, String) -> Error> Parser<'_, F> {
             match self.string(o.get("type"), &format!("{field}.type"))?.as_str() {
                 "insecure" => return Ok(ChannelCreds::Insecure),
                 "tls" => {
+                    if file("certificate_file").is_some() != file("private_key_file").is_some() {
+                        return Err((self.fail)(
+                            None,
+                            &format!("{field}.config"),
+                            "certificate_file and private_key_file must be given together".into(),
+                        ));
+                    }
                     return Ok(ChannelCreds::Tls {
                         ca_certificate_file: file("ca_certificate_file"),
                         certificate_file: file("certificate_file"),
@@ -376,6 +383,10 @@ mod tests {
             (r#"{"xds_servers": [{"channel_creds": [{"type": "insecure"}]}]}"#, "xds_servers[0].server_uri"),
             (r#"{"xds_servers": [{"server_uri": "a:1", "channel_creds": [{"type": "magic"}]}]}"#, "xds_servers[0].channel_creds"),
             (r#"{"xds_servers": [{"server_uri": "a:1"}]}"#, "xds_servers[0].channel_creds"),
+            (
+                r#"{"xds_servers": [{"server_uri": "a:1", "channel_creds": [{"type": "tls", "config": {"certificate_file": "/c.pem"}}]}]}"#,
+                "xds_servers[0].channel_creds[0].config",
+            ),
             (r#"{"xds_servers": [{"server_uri": "a:1", "channel_creds": [{"type": "insecure"}]}], "node": {"id": 7}}"#, "node.id"),
         ] {
             let err = Bootstrap::from_json(json, "b.json").unwrap_err();

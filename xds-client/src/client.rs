@@ -10,9 +10,9 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::bootstrap::{Bootstrap, FEATURE_DELTA, FEATURE_IGNORE_RESOURCE_DELETION, XdsServer};
+use crate::bootstrap::{Bootstrap, ChannelCreds, FEATURE_DELTA, FEATURE_IGNORE_RESOURCE_DELETION, XdsServer};
 use crate::cache::{Cache, DataErrorPolicy, Decoded};
 use crate::dump::ResourceDump;
 use crate::resource::ResourceType;
@@ -231,7 +231,11 @@ async fn open_any(inner: &Inner) -> Option<(Stream, usize)> {
 }
 
 async fn open(inner: &Inner, server: &XdsServer) -> Result<Stream, String> {
-    let endpoint = Endpoint::from_shared(server.endpoint_uri()).map_err(|e| e.to_string())?.connect_timeout(inner.config.connect_timeout);
+    let mut endpoint =
+        Endpoint::from_shared(server.endpoint_uri()).map_err(|e| e.to_string())?.connect_timeout(inner.config.connect_timeout);
+    if let Some(tls) = tls_config(&server.channel_creds)? {
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("channel_creds: {e}"))?;
+    }
     let channel: Channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let node = node(&inner.bootstrap);
@@ -251,6 +255,33 @@ async fn open(inner: &Inner, server: &XdsServer) -> Result<Stream, String> {
         let rx =
             client.stream_aggregated_resources(UnboundedReceiverStream::new(rx)).await.map_err(|s| s.message().to_owned())?.into_inner();
         Ok((Sender::Sotw(tx), Receiver::Sotw(rx)))
+    }
+}
+
+/// TLS settings for a server's channel credentials, read from their files on every connection attempt (so
+/// rotated files are picked up on reconnect). `tls` without a CA file trusts the system roots; a client
+/// certificate and key make it mutual TLS (A65). `google_default` connects over TLS with the system roots and
+/// no call credentials.
+fn tls_config(creds: &ChannelCreds) -> Result<Option<ClientTlsConfig>, String> {
+    let read = |field: &str, path: &str| std::fs::read(path).map_err(|e| format!("channel_creds {field} {path}: {e}"));
+    match creds {
+        ChannelCreds::Insecure => Ok(None),
+        ChannelCreds::GoogleDefault => Ok(Some(ClientTlsConfig::new().with_native_roots())),
+        ChannelCreds::Tls { ca_certificate_file, certificate_file, private_key_file } => {
+            let mut tls = ClientTlsConfig::new();
+            tls = match ca_certificate_file {
+                Some(path) => tls.ca_certificate(Certificate::from_pem(read("ca_certificate_file", path)?)),
+                None => tls.with_native_roots(),
+            };
+            match (certificate_file, private_key_file) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(Identity::from_pem(read("certificate_file", cert)?, read("private_key_file", key)?));
+                }
+                (None, None) => {}
+                _ => return Err("channel_creds: certificate_file and private_key_file must be given together".into()),
+            }
+            Ok(Some(tls))
+        }
     }
 }
 

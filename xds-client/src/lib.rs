@@ -29,6 +29,8 @@
 //! | SotW LDS/CDS deletion of a resource missing from a response (one never received waits for its timer) | yes | `tests/tests/xds_protocol.rs` |
 //! | ADS delta: subscribe/unsubscribe, `removed_resources`, `initial_resource_versions` | yes | `tests/tests/xds_protocol.rs` |
 //! | A27 bootstrap (`GRPC_XDS_BOOTSTRAP`, `GRPC_XDS_BOOTSTRAP_CONFIG`), node, channel creds | yes | `bootstrap::tests` |
+//! | A65 `tls` channel creds: CA file (system roots without one), client certificate for mutual TLS | yes | `tests/tests/xds_protocol.rs` |
+//! | `google_default` channel creds | TLS with system roots, no call credentials | — |
 //! | A27/A28 LDS `api_listener` HCM, RDS, CDS (EDS/STATIC/LOGICAL_DNS), EDS | yes | `resource` unit tests |
 //! | LOGICAL_DNS clusters routed (resolved by the client, balanced over the answers) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
 //! | A46 partial NACK: valid resources of a rejected response are used | yes | `tests/tests/xds_protocol.rs` |

@@ -1,0 +1,75 @@
+//! Test PKI: a CA and certificates signed by it, written as PEM files (rcgen).
+//!
+//! Certificates name `localhost` and `127.0.0.1`, so a client connecting to
+//! `127.0.0.1:<port>` verifies the server. The mTLS work reuses this for
+//! SPIFFE identities (URI SANs).
+
+use std::path::PathBuf;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+
+use crate::peers::TempDir;
+
+/// A CA and one server and one client certificate, on disk.
+#[derive(Debug)]
+pub struct TestPki {
+    /// Holds the files; removed on drop.
+    pub dir: TempDir,
+    /// CA certificate (PEM).
+    pub ca: PathBuf,
+    /// Server certificate and key (PEM), for `localhost` and `127.0.0.1`.
+    pub server: (PathBuf, PathBuf),
+    /// Client certificate and key (PEM).
+    pub client: (PathBuf, PathBuf),
+    /// A second CA's certificate: trusts nothing above, for "wrong CA" cases.
+    pub other_ca: PathBuf,
+}
+
+impl TestPki {
+    /// Generates fresh keys and certificates into a temporary directory.
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = TempDir::new("pki")?;
+        let write = |name: &str, pem: String| -> anyhow::Result<PathBuf> {
+            let path = dir.0.join(name);
+            std::fs::write(&path, pem)?;
+            Ok(path)
+        };
+        let (ca_cert, ca_issuer) = new_ca("mesh test CA")?;
+        let ca = write("ca.pem", ca_cert)?;
+        let (other, _) = new_ca("another CA")?;
+        let other_ca = write("other-ca.pem", other)?;
+        let leaf = |name: &str| -> anyhow::Result<(String, String)> {
+            let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+            params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &ca_issuer)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (cert, key) = leaf("server")?;
+        let server = (write("server.pem", cert)?, write("server-key.pem", key)?);
+        let (cert, key) = leaf("client")?;
+        let client = (write("client.pem", cert)?, write("client-key.pem", key)?);
+        Ok(Self { dir, ca, server, client, other_ca })
+    }
+
+    /// The server identity, for a tonic server's TLS settings.
+    pub fn server_identity(&self) -> anyhow::Result<tonic::transport::Identity> {
+        Ok(tonic::transport::Identity::from_pem(std::fs::read(&self.server.0)?, std::fs::read(&self.server.1)?))
+    }
+
+    /// The CA certificate, for verifying peers.
+    pub fn ca_certificate(&self) -> anyhow::Result<tonic::transport::Certificate> {
+        Ok(tonic::transport::Certificate::from_pem(std::fs::read(&self.ca)?))
+    }
+}
+
+/// A self-signed CA: its certificate (PEM) and the issuer that signs with it.
+fn new_ca(name: &str) -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
+    let mut params = CertificateParams::new(Vec::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), Issuer::new(params, key)))
+}
