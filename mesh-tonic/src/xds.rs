@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use mesh_core::lb::{Random, SplitMix64};
+use mesh_core::lb::{Random, SplitMix64, hash_key};
+use mesh_core::policy::HashPolicy;
 use mesh_core::{ClusterDiscovery, Endpoint, LbPolicy, Route, RouteAction, RouteConfig};
-use mesh_tower::balance::{Balancer, BalancerConfig, ResponseBody};
+use mesh_tower::balance::{Balancer, BalancerConfig, RequestHash, ResponseBody};
 use mesh_tower::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
 use mesh_tower::discover::{self, Change};
 use tokio::sync::{mpsc, watch};
@@ -33,6 +34,21 @@ pub fn shared_client() -> Result<XdsClient> {
     }
     let bootstrap = Bootstrap::from_env().map_err(|e| Error::InvalidTarget { target: "xds:///".into(), reason: e.to_string() })?;
     Ok(CLIENT.get_or_init(|| XdsClient::new(bootstrap, XdsClientConfig::default())).clone())
+}
+
+/// The hash of a request under a route's hash policies (Envoy's and gRPC's combination: each policy that
+/// yields a value folds it in as `rotl(hash, 1) ^ value`). `None` when no policy applies: the balancer then
+/// hashes by its own policy or, lacking the header, at random.
+fn route_hash(policies: &[HashPolicy], request: &http::Request<Body>) -> Option<u64> {
+    policies.iter().fold(None, |hash, policy| {
+        let value = match policy {
+            HashPolicy::Header(name) => request.headers().get(name).map(|v| hash_key(v.as_bytes())),
+        };
+        match (hash, value) {
+            (Some(h), Some(v)) => Some(h.rotate_left(1) ^ v),
+            (h, v) => h.or(v),
+        }
+    })
 }
 
 /// One cluster of the routing table.
@@ -81,7 +97,11 @@ impl XdsRouter {
     /// cluster by weight, calls its balancer.
     pub(crate) async fn call(self, request: http::Request<Body>) -> Result<http::Response<ResponseBody>, Status> {
         let table = self.current_table().await?;
-        let (balancer, timeout) = self.route(&table, &request)?;
+        let (balancer, timeout, hash) = self.route(&table, &request)?;
+        let mut request = request;
+        if let Some(hash) = hash {
+            request.extensions_mut().insert(RequestHash(hash));
+        }
         let call = tower::ServiceExt::oneshot(balancer, request);
         let result = match timeout {
             Some(limit) => tokio::time::timeout(limit, call)
@@ -92,8 +112,8 @@ impl XdsRouter {
         result.map_err(crate::status_from)
     }
 
-    /// The balancer and route timeout for a request.
-    fn route(&self, table: &Table, request: &http::Request<Body>) -> Result<(Balancer<Body>, Option<Duration>), Status> {
+    /// The balancer, route timeout and request hash (from the route's hash policies) for a request.
+    fn route(&self, table: &Table, request: &http::Request<Body>) -> Result<(Balancer<Body>, Option<Duration>, Option<u64>), Status> {
         let path = request.uri().path();
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
         let Some(route) = table.routes.iter().find(|r| r.matcher.matches(path, header)) else {
@@ -116,7 +136,7 @@ impl XdsRouter {
             return Err(Status::unavailable(format!("xds:///{}: route for {path} has no cluster", self.name)));
         };
         match table.clusters.get(&chosen.cluster) {
-            Some(entry) => Ok((entry.balancer.clone(), route.policies.timeout)),
+            Some(entry) => Ok((entry.balancer.clone(), route.policies.timeout, route_hash(&route.policies.hash, request))),
             None => Err(Status::unavailable(format!("xds:///{}: cluster {} is not available", self.name, chosen.cluster))),
         }
     }

@@ -245,3 +245,55 @@ async fn logical_dns_cluster_resolves_its_host_name_and_serves_calls() {
     assert!(run.failures.is_empty(), "{:?}", run.failures);
     assert_eq!(run.share(&[s[0].addr]), 1.0, "{run:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_hash_policy_pins_each_header_value_to_one_ring_hash_endpoint() {
+    // RING_HASH hashes what the route's hash_policy names (here the `x-user` header), as gRPC (A42) and Envoy do.
+    use envoy_types::pb::envoy::config::route::v3::route::Action;
+    use envoy_types::pb::envoy::config::route::v3::route_action::{HashPolicy, hash_policy};
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(3).await;
+    let addrs: Vec<SocketAddr> = s.iter().map(|s| s.addr).collect();
+    ads.set(type_url::CLUSTER, "greeter-a", build::cluster_eds("greeter-a", "ring_hash"));
+    ads.set(type_url::ENDPOINT, "greeter-a", build::endpoints("greeter-a", &addrs));
+    let mut routes = build::route_config_proto("greeter-routes", &["greeter"], &[("greeter-a", 1)]);
+    let Some(Action::Route(action)) = routes.virtual_hosts[0].routes[0].action.as_mut() else { panic!("a route action") };
+    action.hash_policy = vec![HashPolicy {
+        policy_specifier: Some(hash_policy::PolicySpecifier::Header(hash_policy::Header {
+            header_name: "x-user".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }];
+    ads.set(type_url::ROUTE, "greeter-routes", build::pack(routes));
+    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+    let channel = xds_channel(&ads);
+    let mut owner: BTreeMap<String, SocketAddr> = BTreeMap::new();
+    for round in 0..20 {
+        for user in 0..30 {
+            let user = format!("user-{user}");
+            let served = call(&channel, &[("x-user", user.clone())]).await.unwrap();
+            let first = *owner.entry(user.clone()).or_insert(served);
+            assert_eq!(served, first, "{user} moved in round {round}");
+        }
+    }
+    let used: std::collections::BTreeSet<SocketAddr> = owner.values().copied().collect();
+    assert!(used.len() >= 2, "30 users all hashed to {used:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeout_fails_slow_calls_deadline_exceeded() {
+    use envoy_types::pb::envoy::config::route::v3::route::Action;
+    let ads = AdsServer::start().await.unwrap();
+    let slow = EchoServer::start(Duration::from_secs(3)).await.unwrap();
+    ads.set(type_url::CLUSTER, "greeter-a", build::cluster_eds("greeter-a", "round_robin"));
+    ads.set(type_url::ENDPOINT, "greeter-a", build::endpoints("greeter-a", &[slow.addr]));
+    let mut routes = build::route_config_proto("greeter-routes", &["greeter"], &[("greeter-a", 1)]);
+    let Some(Action::Route(action)) = routes.virtual_hosts[0].routes[0].action.as_mut() else { panic!("a route action") };
+    action.timeout = Some(envoy_types::pb::google::protobuf::Duration { seconds: 0, nanos: 200_000_000 });
+    ads.set(type_url::ROUTE, "greeter-routes", build::pack(routes));
+    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+    let status = call(&xds_channel(&ads), &[]).await.expect_err("a 3 s call under a 200 ms route timeout");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("route timeout 200ms"), "{status:?}");
+}

@@ -93,6 +93,12 @@ impl Default for BalancerConfig {
     }
 }
 
+/// Request extension carrying the hash a ring-hash balancer picks by, computed by whoever knows the request's
+/// hash policy (an xDS route's `hash_policy`, as gRPC's config selector does). Without it the balancer uses the
+/// hash policy of its own [`LbPolicy::RingHash`]; other policies ignore it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestHash(pub u64);
+
 /// Response extension naming the endpoint that served the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServedBy(pub SocketAddr);

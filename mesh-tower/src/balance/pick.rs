@@ -10,7 +10,7 @@ use mesh_core::policy::HashPolicy;
 
 use super::body::{InFlight, ResponseBody};
 use super::endpoint::{ConnState, Handle};
-use super::{RequestBody, ServedBy, Snapshot, State, lock};
+use super::{RequestBody, RequestHash, ServedBy, Snapshot, State, lock};
 use crate::connect::Connect;
 use crate::{Error, Result};
 
@@ -83,6 +83,9 @@ impl<B: RequestBody, C: Connect> State<B, C> {
 
     fn request_hash(&self, request: &http::Request<B>) -> Option<u64> {
         let LbPolicy::RingHash { hash: HashPolicy::Header(name), .. } = &self.config.lb else { return None };
+        if let Some(RequestHash(hash)) = request.extensions().get() {
+            return Some(*hash);
+        }
         let hash = match request.headers().get(name) {
             Some(value) => hash_key(value.as_bytes()),
             // No key: a random position, as gRPC does.
