@@ -36,6 +36,13 @@ pub fn shared_client() -> Result<XdsClient> {
     Ok(CLIENT.get_or_init(|| XdsClient::new(bootstrap, XdsClientConfig::default())).clone())
 }
 
+/// A routed request's cluster balancer, route timeout and hash (from the route's hash policies).
+struct Routed {
+    balancer: Balancer<Body>,
+    timeout: Option<Duration>,
+    hash: Option<u64>,
+}
+
 /// The hash of a request under a route's hash policies (Envoy's and gRPC's combination: each policy that
 /// yields a value folds it in as `rotl(hash, 1) ^ value`). `None` when no policy applies: the balancer then
 /// hashes by its own policy or, lacking the header, at random.
@@ -97,7 +104,7 @@ impl XdsRouter {
     /// cluster by weight, calls its balancer.
     pub(crate) async fn call(self, request: http::Request<Body>) -> Result<http::Response<ResponseBody>, Status> {
         let table = self.current_table().await?;
-        let (balancer, timeout, hash) = self.route(&table, &request)?;
+        let Routed { balancer, timeout, hash } = self.route(&table, &request)?;
         let mut request = request;
         if let Some(hash) = hash {
             request.extensions_mut().insert(RequestHash(hash));
@@ -112,8 +119,8 @@ impl XdsRouter {
         result.map_err(crate::status_from)
     }
 
-    /// The balancer, route timeout and request hash (from the route's hash policies) for a request.
-    fn route(&self, table: &Table, request: &http::Request<Body>) -> Result<(Balancer<Body>, Option<Duration>, Option<u64>), Status> {
+    /// Where a request goes and under which route policies.
+    fn route(&self, table: &Table, request: &http::Request<Body>) -> Result<Routed, Status> {
         let path = request.uri().path();
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
         let Some(route) = table.routes.iter().find(|r| r.matcher.matches(path, header)) else {
@@ -136,7 +143,11 @@ impl XdsRouter {
             return Err(Status::unavailable(format!("xds:///{}: route for {path} has no cluster", self.name)));
         };
         match table.clusters.get(&chosen.cluster) {
-            Some(entry) => Ok((entry.balancer.clone(), route.policies.timeout, route_hash(&route.policies.hash, request))),
+            Some(entry) => Ok(Routed {
+                balancer: entry.balancer.clone(),
+                timeout: route.policies.timeout,
+                hash: route_hash(&route.policies.hash, request),
+            }),
             None => Err(Status::unavailable(format!("xds:///{}: cluster {} is not available", self.name, chosen.cluster))),
         }
     }

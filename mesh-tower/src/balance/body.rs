@@ -22,9 +22,33 @@ impl<B: Send + 'static> Counted for Handle<B> {
 }
 
 impl InFlight {
-    pub(super) fn new<B: Send + 'static>(handle: Arc<Handle<B>>) -> Self {
-        handle.begin();
+    /// Takes over a request already counted with [`Handle::begin`] (by a [`Counting`] guard, disarmed).
+    pub(super) fn started<B: Send + 'static>(handle: Arc<Handle<B>>) -> Self {
         Self(handle)
+    }
+}
+
+/// Counts a request in flight on a handle while the response is awaited: ends the count if the call is
+/// dropped or fails, and is disarmed when the response body takes the count over ([`InFlight::started`]).
+/// Borrows the handle, so the call hands its one reference on to the body instead of cloning it.
+pub(super) struct Counting<'a, B>(&'a Handle<B>, bool);
+
+impl<'a, B> Counting<'a, B> {
+    pub(super) fn begin(handle: &'a Handle<B>) -> Self {
+        handle.begin();
+        Self(handle, true)
+    }
+
+    pub(super) fn disarm(mut self) {
+        self.1 = false;
+    }
+}
+
+impl<B> Drop for Counting<'_, B> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.end();
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use mesh_core::LbPolicy;
 use mesh_core::lb::{LeastRequest, Random, SplitMix64, hash_key, p2c_by, pick_priority};
 use mesh_core::policy::HashPolicy;
 
-use super::body::{InFlight, ResponseBody};
+use super::body::{Counting, InFlight, ResponseBody};
 use super::endpoint::{ConnState, Handle};
 use super::{RequestBody, RequestHash, ServedBy, Snapshot, State, lock};
 use crate::connect::Connect;
@@ -23,44 +23,54 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         // Set when the call first has to wait: (receiver, start, deadline).
         let mut waiting: Option<(tokio::sync::watch::Receiver<u64>, Instant, tokio::time::Instant)> = None;
         loop {
-            let snapshot = self.snapshot();
-            if let Some(handle) = self.pick(&snapshot, hash) {
-                let sent = if observe { self.now() } else { Default::default() };
-                let response = match handle.send(request) {
-                    Ok(response) => response,
-                    Err(unsent) => {
-                        // Raced with a disconnect: the next snapshot will not offer it.
-                        request = unsent;
-                        self.mark_broken(handle);
-                        continue;
-                    }
-                };
-                let guard = InFlight::new(Arc::clone(handle));
-                match response.await {
-                    Ok(response) => {
-                        if observe {
-                            let now = self.now();
-                            handle.observe(now.saturating_sub(sent), now);
-                        }
-                        let (mut parts, body) = response.into_parts();
-                        parts.extensions.insert(ServedBy(handle.addr));
-                        return Ok(http::Response::from_parts(parts, ResponseBody::new(body, guard)));
-                    }
-                    Err(mut error) => match error.take_message() {
-                        Some(unsent) => {
-                            tracing::debug!(target_name = %self.target, addr = %handle.addr, "connection closed before send; re-picking");
+            // Pick under the snapshot's read lock, taking only the chosen handle: no reference count on the
+            // snapshot itself, which every concurrent call would otherwise bounce between cores.
+            let picked = {
+                let snapshot = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+                self.pick(&snapshot, hash).cloned().ok_or((snapshot.all_failed, snapshot.endpoints.len()))
+            };
+            let (all_failed, known) = match picked {
+                Ok(handle) => {
+                    let sent = if observe { self.now() } else { Default::default() };
+                    let response = match handle.send(request) {
+                        Ok(response) => response,
+                        Err(unsent) => {
+                            // Raced with a disconnect: the next snapshot will not offer it.
                             request = unsent;
-                            self.mark_broken(handle);
+                            self.mark_broken(&handle);
                             continue;
                         }
-                        None => return Err(Error::Upstream { addr: handle.addr, source: error.into_error() }),
-                    },
+                    };
+                    let counting = Counting::begin(&handle);
+                    match response.await {
+                        Ok(response) => {
+                            if observe {
+                                let now = self.now();
+                                handle.observe(now.saturating_sub(sent), now);
+                            }
+                            let (mut parts, body) = response.into_parts();
+                            parts.extensions.insert(ServedBy(handle.addr));
+                            counting.disarm();
+                            return Ok(http::Response::from_parts(parts, ResponseBody::new(body, InFlight::started(handle))));
+                        }
+                        Err(mut error) => match error.take_message() {
+                            Some(unsent) => {
+                                tracing::debug!(target_name = %self.target, addr = %handle.addr, "connection closed before send; re-picking");
+                                request = unsent;
+                                drop(counting);
+                                self.mark_broken(&handle);
+                                continue;
+                            }
+                            None => return Err(Error::Upstream { addr: handle.addr, source: error.into_error() }),
+                        },
+                    }
                 }
-            }
-            if snapshot.all_failed {
+                Err(unpicked) => unpicked,
+            };
+            if all_failed {
                 return Err(Error::AllEndpointsFailed {
                     target: self.target.clone(),
-                    count: snapshot.endpoints.len(),
+                    count: known,
                     last_error: lock(&self.last_error).clone(),
                 });
             }
@@ -72,11 +82,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                 continue;
             };
             if tokio::time::timeout_at(*deadline, rx.changed()).await.is_err() {
-                return Err(Error::NoReadyEndpoint {
-                    target: self.target.clone(),
-                    waited: started.elapsed(),
-                    known: snapshot.endpoints.len(),
-                });
+                return Err(Error::NoReadyEndpoint { target: self.target.clone(), waited: started.elapsed(), known });
             }
         }
     }
@@ -119,6 +125,10 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         };
         let ready = &snapshot.levels[level];
         let handle = |i: usize| &snapshot.endpoints[ready[i]].1;
+        if ready.len() == 1 {
+            // Every policy picks the only ready endpoint; skip their shared counters and random draws.
+            return Some(handle(0));
+        }
         let chosen = match &self.config.lb {
             LbPolicy::RoundRobin | LbPolicy::RingHash { .. } => {
                 (!ready.is_empty()).then(|| self.next.fetch_add(1, Ordering::Relaxed) % ready.len())
