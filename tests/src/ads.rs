@@ -452,6 +452,27 @@ impl AdsServer {
         Ok(server)
     }
 
+    /// Starts a server on a Unix socket at `path` (as Istio's agent serves proxyless gRPC) with an empty
+    /// store. [`AdsServer::addr`] means nothing for it.
+    pub async fn start_unix(path: &std::path::Path) -> anyhow::Result<Self> {
+        let listener = tokio::net::UnixListener::bind(path)?;
+        let shared = Arc::new(Shared::new());
+        let (kill, kill_rx) = watch::channel(false);
+        let service = AdsService { shared: shared.clone(), kill: kill_rx };
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let task = tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(AggregatedDiscoveryServiceServer::new(service))
+                .serve_with_incoming(incoming)
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "ADS server failed");
+            }
+        });
+        let unbound = SocketAddr::from(([0, 0, 0, 0], 0));
+        Ok(Self { addr: unbound, shared, running: Some(Running { kill, task }), tls: None })
+    }
+
     /// Starts a server on `127.0.0.1:0` that speaks TLS only (`tls` names its identity and, for mutual TLS,
     /// the CA its clients' certificates must chain to).
     pub async fn start_tls(tls: tonic::transport::ServerTlsConfig) -> anyhow::Result<Self> {

@@ -333,3 +333,19 @@ async fn tls_channel_creds_verify_the_server_and_present_the_client_certificate(
         assert_eq!(w.state().status, ResourceStatus::Requested, "{case}: must not get config");
     }
 }
+
+#[tokio::test]
+async fn unix_socket_server_uri_as_istio_agent_bootstraps_name_it() {
+    // Istio's agent serves proxyless gRPC on a Unix socket and writes `unix:///etc/istio/proxy/XDS` as the
+    // server URI; both `unix:///abs` and `unix:path` forms connect.
+    let dir = mesh_tests::peers::TempDir::new("uds").unwrap();
+    let path = dir.0.join("XDS");
+    let ads = AdsServer::start_unix(&path).await.unwrap();
+    ads.set(type_url::CLUSTER, "c1", build::cluster_eds("c1", "least_request"));
+    for uri in [format!("unix://{}", path.display()), format!("unix:{}", path.display())] {
+        let client = client_for(vec![server(uri.clone(), &[])], quick());
+        let mut c1: Watch<ClusterResource> = client.watch("c1");
+        let state = until(&mut c1, &format!("ACKED over {uri}"), |s| s.status == ResourceStatus::Acked).await;
+        assert!(state.value.is_some());
+    }
+}

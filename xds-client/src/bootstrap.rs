@@ -55,6 +55,13 @@ impl XdsServer {
         self.server_features.iter().any(|f| f == feature)
     }
 
+    /// The socket path of a `unix:` server URI (`unix:///etc/istio/proxy/XDS`, `unix:relative/path`), as
+    /// Istio's agent writes for proxyless gRPC; `None` for network addresses.
+    pub fn unix_path(&self) -> Option<&str> {
+        let rest = self.server_uri.strip_prefix("unix:")?;
+        Some(rest.strip_prefix("//").unwrap_or(rest)).filter(|path| !path.is_empty())
+    }
+
     /// `http://host:port` (or `https://` for TLS) for the gRPC connection.
     pub fn endpoint_uri(&self) -> String {
         let bare = self.server_uri.trim_start_matches("dns:///").trim_start_matches("dns:").trim_start_matches("//");
@@ -370,6 +377,8 @@ mod tests {
         assert_eq!(b.server_listener_resource_name_template.as_deref(), Some("xds.istio.io/grpc/lds/inbound/%s"));
         assert_eq!(b.listener_name_for_target("greeter"), "greeter");
         assert_eq!(b.servers[1].endpoint_uri(), "https://127.0.0.1:15010");
+        assert_eq!(b.servers[0].unix_path(), Some("/etc/istio/proxy/XDS"));
+        assert_eq!(b.servers[1].unix_path(), None);
     }
 
     #[test]

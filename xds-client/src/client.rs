@@ -231,12 +231,7 @@ async fn open_any(inner: &Inner) -> Option<(Stream, usize)> {
 }
 
 async fn open(inner: &Inner, server: &XdsServer) -> Result<Stream, String> {
-    let mut endpoint =
-        Endpoint::from_shared(server.endpoint_uri()).map_err(|e| e.to_string())?.connect_timeout(inner.config.connect_timeout);
-    if let Some(tls) = tls_config(&server.channel_creds)? {
-        endpoint = endpoint.tls_config(tls).map_err(|e| format!("channel_creds: {e}"))?;
-    }
-    let channel: Channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let channel = connect(inner, server).await?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let node = node(&inner.bootstrap);
     if server.has_feature(FEATURE_DELTA) {
@@ -256,6 +251,31 @@ async fn open(inner: &Inner, server: &XdsServer) -> Result<Stream, String> {
             client.stream_aggregated_resources(UnboundedReceiverStream::new(rx)).await.map_err(|s| s.message().to_owned())?.into_inner();
         Ok((Sender::Sotw(tx), Receiver::Sotw(rx)))
     }
+}
+
+/// Connects to a control plane over TCP or, for `unix:` URIs, a Unix socket.
+async fn connect(inner: &Inner, server: &XdsServer) -> Result<Channel, String> {
+    let uri = match server.unix_path() {
+        // Only the `:authority` header: the connector below decides where to connect.
+        Some(_) => "http://localhost".to_owned(),
+        None => server.endpoint_uri(),
+    };
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|e| e.to_string())?.connect_timeout(inner.config.connect_timeout);
+    if let Some(tls) = tls_config(&server.channel_creds)? {
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("channel_creds: {e}"))?;
+    }
+    let connected = match server.unix_path() {
+        Some(path) => {
+            let path = path.to_owned();
+            let connector = tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+            });
+            endpoint.connect_with_connector(connector).await
+        }
+        None => endpoint.connect().await,
+    };
+    connected.map_err(|e| format!("connect: {e}"))
 }
 
 /// TLS settings for a server's channel credentials, read from their files on every connection attempt (so

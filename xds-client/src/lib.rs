@@ -30,6 +30,7 @@
 //! | ADS delta: subscribe/unsubscribe, `removed_resources`, `initial_resource_versions` | yes | `tests/tests/xds_protocol.rs` |
 //! | A27 bootstrap (`GRPC_XDS_BOOTSTRAP`, `GRPC_XDS_BOOTSTRAP_CONFIG`), node, channel creds | yes | `bootstrap::tests` |
 //! | A65 `tls` channel creds: CA file (system roots without one), client certificate for mutual TLS | yes | `tests/tests/xds_protocol.rs` |
+//! | `unix:` server URIs (Istio agent's `unix:///etc/istio/proxy/XDS`) | yes | `tests/tests/xds_protocol.rs` |
 //! | `google_default` channel creds | TLS with system roots, no call credentials | — |
 //! | A27/A28 LDS `api_listener` HCM, RDS, CDS (EDS/STATIC/LOGICAL_DNS), EDS | yes | `resource` unit tests |
 //! | RDS per-route timeout (`max_stream_duration`, `timeout`) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
