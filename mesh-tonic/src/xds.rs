@@ -2,10 +2,12 @@
 //!
 //! A background task follows LDS → RDS → CDS → EDS for the target and keeps
 //! a routing table: the virtual host for the target's name, its routes, and
-//! one balancer per cluster (built with the cluster's LB policy, fed by its
-//! EDS endpoints). A new route table is used only once every cluster it
-//! names has arrived (A74), so a route never points at an unknown cluster.
-//! While the control plane is away the last table keeps serving.
+//! one balancer per cluster (built with the cluster's LB policy, reading its
+//! EDS watch itself, or its static endpoints, or DNS for LOGICAL_DNS). A new
+//! route table is used only once every cluster it names has arrived (A74), so
+//! a route never points at an unknown cluster; a cluster whose balancer must be
+//! rebuilt keeps the old one until the new one can serve. While the control
+//! plane is away the last table keeps serving.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +17,7 @@ use std::time::Duration;
 use mesh_core::lb::{Random, SplitMix64, hash_key};
 use mesh_core::policy::HashPolicy;
 use mesh_core::{ClusterDiscovery, Endpoint, LbPolicy, Route, RouteAction, RouteConfig};
-use mesh_tower::balance::{Balancer, BalancerConfig, RequestHash, ResponseBody};
+use mesh_tower::balance::{Balancer, BalancerConfig, ConnState, RequestHash, ResponseBody};
 use mesh_tower::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
 use mesh_tower::discover::{self, Change};
 use tokio::sync::{mpsc, watch};
@@ -43,19 +45,35 @@ struct Routed {
     hash: Option<u64>,
 }
 
-/// The hash of a request under a route's hash policies (Envoy's and gRPC's combination: each policy that
-/// yields a value folds it in as `rotl(hash, 1) ^ value`). `None` when no policy applies: the balancer then
-/// hashes by its own policy or, lacking the header, at random.
-fn route_hash(policies: &[HashPolicy], request: &http::Request<Body>) -> Option<u64> {
-    policies.iter().fold(None, |hash, policy| {
+/// The hash of a request under a route's hash policies (gRPC's A42 and Envoy's combination: each policy
+/// that yields a value folds it in as `rotl(hash, 1) ^ value`; a repeated header is hashed as its values
+/// joined by `,`; binary `-bin` headers are skipped). `None` when the route has no hash policy (the balancer
+/// then hashes by its own); a random hash when it has some but none applies to this request.
+fn route_hash(policies: &[HashPolicy], request: &http::Request<Body>, seed: &AtomicU64) -> Option<u64> {
+    if policies.is_empty() {
+        return None;
+    }
+    let hash = policies.iter().fold(None::<u64>, |hash, policy| {
         let value = match policy {
-            HashPolicy::Header(name) => request.headers().get(name).map(|v| hash_key(v.as_bytes())),
+            HashPolicy::Header(name) if name.ends_with("-bin") => None,
+            HashPolicy::Header(name) => {
+                let mut values = request.headers().get_all(name).iter().map(|v| v.as_bytes());
+                values.next().map(|first| {
+                    let mut joined = first.to_vec();
+                    for more in values {
+                        joined.push(b',');
+                        joined.extend_from_slice(more);
+                    }
+                    hash_key(&joined)
+                })
+            }
         };
         match (hash, value) {
             (Some(h), Some(v)) => Some(h.rotate_left(1) ^ v),
             (h, v) => h.or(v),
         }
-    })
+    });
+    Some(hash.unwrap_or_else(|| SplitMix64::new(seed.fetch_add(1, Ordering::Relaxed)).next_u64()))
 }
 
 /// One cluster of the routing table.
@@ -146,7 +164,7 @@ impl XdsRouter {
             Some(entry) => Ok(Routed {
                 balancer: entry.balancer.clone(),
                 timeout: route.policies.timeout,
-                hash: route_hash(&route.policies.hash, request),
+                hash: route_hash(&route.policies.hash, request, &self.seed),
             }),
             None => Err(Status::unavailable(format!("xds:///{}: cluster {} is not available", self.name, chosen.cluster))),
         }
@@ -170,7 +188,8 @@ impl XdsRouter {
 }
 
 /// Where a cluster's balancer gets its endpoints, and the settings it was built with: a change of any of
-/// these builds a new balancer (rare: an LB policy or EDS name change).
+/// these (LB policy, connect timeout, static endpoints, EDS name, DNS name) builds a replacement balancer,
+/// which takes over once it can serve.
 #[derive(Clone, Debug, PartialEq)]
 struct BalancerKey {
     lb: LbPolicy,
@@ -188,7 +207,11 @@ enum Source {
 /// One cluster being followed.
 struct Followed {
     cds: Watch<ClusterResource>,
+    /// The balancer calls use.
     balancer: Option<(BalancerKey, Balancer<Body>)>,
+    /// Its replacement, warming up: it takes over once it can serve (so a rebuild never leaves calls
+    /// waiting on an empty set), and wakes the follower as its state changes.
+    next: Option<(BalancerKey, Balancer<Body>, AbortOnDrop)>,
     _forwarder: AbortOnDrop,
 }
 
@@ -233,11 +256,11 @@ async fn follow(client: XdsClient, name: String, config: BalancerConfig, tx: wat
                 clusters.entry(cluster.clone()).or_insert_with(|| {
                     let cds: Watch<ClusterResource> = client.watch(cluster);
                     let _forwarder = forward(&cds, &dirty_tx);
-                    Followed { cds, balancer: None, _forwarder }
+                    Followed { cds, balancer: None, next: None, _forwarder }
                 });
             }
             for (cluster_name, followed) in clusters.iter_mut() {
-                reconcile_cluster(&client, cluster_name, followed, &config);
+                reconcile_cluster(&client, cluster_name, followed, &config, &dirty_tx);
             }
             // A74: switch tables only when every named cluster is known.
             let missing: Vec<&String> =
@@ -273,9 +296,17 @@ fn is_gone<T: xds_client::XdsResource>(w: &Watch<T>) -> bool {
     w.status() == ResourceStatus::DoesNotExist
 }
 
-/// Builds the cluster's balancer when it has none or its key changed. EDS updates do not pass through here:
-/// the balancer reads its EDS watch itself ([`eds_source`]).
-fn reconcile_cluster(client: &XdsClient, name: &str, f: &mut Followed, config: &BalancerConfig) {
+/// Builds the cluster's balancer when it has none, or a replacement when its key changed; the replacement
+/// takes over once it can serve. EDS updates do not pass through here: the balancer reads its EDS watch
+/// itself ([`eds_source`]).
+fn reconcile_cluster(client: &XdsClient, name: &str, f: &mut Followed, config: &BalancerConfig, dirty: &mpsc::UnboundedSender<()>) {
+    if let Some((_, next, _)) = &f.next
+        && can_serve(next)
+        && let Some((key, next, _)) = f.next.take()
+    {
+        tracing::debug!(cluster = name, "replacement balancer takes over");
+        f.balancer = Some((key, next));
+    }
     let Some(cluster) = f.cds.value() else { return };
     let cluster = &cluster.cluster;
     let source = match &cluster.discovery {
@@ -285,42 +316,87 @@ fn reconcile_cluster(client: &XdsClient, name: &str, f: &mut Followed, config: &
     };
     let key = BalancerKey { lb: cluster.lb.clone(), connect_timeout: cluster.policies.connection.connect_timeout, source };
     if f.balancer.as_ref().is_some_and(|(current, _)| *current == key) {
+        f.next = None;
         return;
     }
-    let discover = match &key.source {
-        Source::Static(endpoints) => discover::fixed(endpoints.clone()),
-        Source::Eds(eds_name) => eds_source(client.watch(eds_name)),
-        // Envoy's LOGICAL_DNS: the name is resolved by the client and the answer is the cluster's endpoint set,
-        // re-resolved at its TTL, with the system resolver.
-        Source::LogicalDns { host, port } => match HickoryResolver::system() {
-            Ok(resolver) => dns(Arc::new(resolver), DnsQuery::Host { name: host.clone(), port: *port }, DnsConfig::default()),
-            Err(error) => {
-                tracing::error!(cluster = name, %error, "LOGICAL_DNS cluster: no system resolver; the cluster has no endpoints");
-                discover::fixed(Vec::new())
-            }
-        },
-    };
+    if f.next.as_ref().is_some_and(|(pending, _, _)| *pending == key) {
+        return;
+    }
     let mut cfg = config.clone();
     cfg.lb = key.lb.clone();
     cfg.connection.connect_timeout = key.connect_timeout;
+    let discover = match &key.source {
+        Source::Static(endpoints) => discover::fixed(endpoints.clone()),
+        Source::Eds(eds_name) => eds_source(client.watch(eds_name)),
+        // The name is resolved by the client and every answer is an endpoint, balanced by the cluster's policy
+        // and re-resolved at its TTL (Envoy's STRICT_DNS behaviour: Envoy's LOGICAL_DNS connects to the first
+        // answer only; spreading over all of them is the mesh's choice).
+        Source::LogicalDns { host, port } => match HickoryResolver::system() {
+            Ok(resolver) => dns(Arc::new(resolver), DnsQuery::Host { name: host.clone(), port: *port }, DnsConfig::default()),
+            Err(error) => {
+                tracing::error!(cluster = name, %error, "LOGICAL_DNS cluster: no system resolver; calls fail until one is built");
+                // An empty stand-in (calls fail fast instead of the route table waiting for the cluster), under
+                // a key that differs, so the next pass of the follower tries again.
+                if f.balancer.is_none() {
+                    let stand_in = BalancerKey { source: Source::Static(Vec::new()), ..key };
+                    f.balancer = Some((stand_in, Balancer::new(format!("xds cluster {name}"), discover::fixed(Vec::new()), cfg)));
+                }
+                return;
+            }
+        },
+    };
     let balancer = Balancer::new(format!("xds cluster {name}"), discover, cfg);
-    f.balancer = Some((key, balancer));
+    if f.balancer.is_none() {
+        f.balancer = Some((key, balancer));
+    } else {
+        let wake = forward_updates(&balancer, dirty);
+        f.next = Some((key, balancer, wake));
+    }
+}
+
+/// Whether a replacement balancer can take traffic: it has its first endpoint set, and that set is empty, has
+/// a ready endpoint, or has failed to connect everywhere (calls then fail fast, as they would on it anyway).
+fn can_serve(balancer: &Balancer<Body>) -> bool {
+    if balancer.endpoints_updated_at().is_none() {
+        return false;
+    }
+    let endpoints = balancer.endpoints();
+    endpoints.is_empty()
+        || endpoints.iter().any(|e| e.state == ConnState::Ready)
+        || endpoints.iter().all(|e| e.state == ConnState::TransientFailure)
+}
+
+/// Signals `dirty` whenever `balancer` publishes a new snapshot.
+fn forward_updates(balancer: &Balancer<Body>, dirty: &mpsc::UnboundedSender<()>) -> AbortOnDrop {
+    let (mut updates, dirty) = (balancer.updates(), dirty.clone());
+    let task = tokio::spawn(async move {
+        while updates.changed().await.is_ok() {
+            if dirty.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    AbortOnDrop(task.abort_handle())
 }
 
 /// A discovery source that follows an EDS watch: each accepted ClusterLoadAssignment replaces the endpoint set.
 ///
 /// The balancer's own task reads the watch, so an update reaches the balancer in one task hand-off from the
-/// xDS client. A status change without a new value (a NACK, a deletion kept under A88) changes nothing.
+/// xDS client. A status change that keeps the value (a NACK, a deletion kept under A88) changes nothing; a
+/// dropped value empties the set.
 pub fn eds_source(watch: Watch<EndpointsResource>) -> discover::BoxDiscover {
     Box::pin(futures_util::stream::unfold((watch, None::<Arc<xds_client::resource::Resource>>), |(mut watch, mut last)| async move {
         loop {
-            let value = watch.state().value;
-            if let Some(value) = value
-                && last.as_ref().is_none_or(|last| !Arc::ptr_eq(last, &value))
-                && let Some(typed) = Typed::<EndpointsResource>::new(Arc::clone(&value))
-            {
-                last = Some(value);
-                return Some((Change::Reset(typed.endpoints.endpoints.clone()), (watch, last)));
+            match watch.state().value {
+                Some(value) if last.as_ref().is_none_or(|last| !Arc::ptr_eq(last, &value)) => {
+                    if let Some(typed) = Typed::<EndpointsResource>::new(Arc::clone(&value)) {
+                        last = Some(value);
+                        return Some((Change::Reset(typed.endpoints.endpoints.clone()), (watch, last)));
+                    }
+                }
+                // The value was dropped (deleted or NACKed under `fail_on_data_errors`, A88): no endpoints.
+                None if last.take().is_some() => return Some((Change::Reset(Vec::new()), (watch, last))),
+                _ => {}
             }
             if !watch.changed().await {
                 return None;

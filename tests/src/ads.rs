@@ -453,24 +453,25 @@ impl AdsServer {
     }
 
     /// Starts a server on a Unix socket at `path` (as Istio's agent serves proxyless gRPC) with an empty
-    /// store. [`AdsServer::addr`] means nothing for it.
-    pub async fn start_unix(path: &std::path::Path) -> anyhow::Result<Self> {
+    /// store, speaking TLS only when `tls` is given. [`AdsServer::addr`] means nothing for it.
+    pub async fn start_unix(path: &std::path::Path, tls: Option<tonic::transport::ServerTlsConfig>) -> anyhow::Result<Self> {
         let listener = tokio::net::UnixListener::bind(path)?;
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls.clone() {
+            builder = builder.tls_config(tls)?;
+        }
         let shared = Arc::new(Shared::new());
         let (kill, kill_rx) = watch::channel(false);
         let service = AdsService { shared: shared.clone(), kill: kill_rx };
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let task = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .add_service(AggregatedDiscoveryServiceServer::new(service))
-                .serve_with_incoming(incoming)
-                .await;
+            let served = builder.add_service(AggregatedDiscoveryServiceServer::new(service)).serve_with_incoming(incoming).await;
             if let Err(error) = served {
                 tracing::error!(%error, "ADS server failed");
             }
         });
         let unbound = SocketAddr::from(([0, 0, 0, 0], 0));
-        Ok(Self { addr: unbound, shared, running: Some(Running { kill, task }), tls: None })
+        Ok(Self { addr: unbound, shared, running: Some(Running { kill, task }), tls })
     }
 
     /// Starts a server on `127.0.0.1:0` that speaks TLS only (`tls` names its identity and, for mutual TLS,

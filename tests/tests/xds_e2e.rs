@@ -297,3 +297,47 @@ async fn route_timeout_fails_slow_calls_deadline_exceeded() {
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("route timeout 200ms"), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_rebuilt_for_a_new_eds_name_keeps_serving_until_the_new_endpoints_arrive() {
+    // A CDS change that needs a new balancer (here the EDS service name) keeps the old balancer serving
+    // until the new one can: no call waits on an empty set meanwhile.
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(2).await;
+    let (old, new) = ([s[0].addr], [s[1].addr]);
+    let with_eds_name = |eds: &str| {
+        let mut cluster = build::cluster_eds_proto("greeter-a", "round_robin");
+        if let Some(config) = cluster.eds_cluster_config.as_mut() {
+            eds.clone_into(&mut config.service_name);
+        }
+        build::pack(cluster)
+    };
+    ads.set(type_url::CLUSTER, "greeter-a", with_eds_name("a-v1"));
+    ads.set(type_url::ENDPOINT, "a-v1", build::endpoints("a-v1", &old));
+    ads.set(type_url::ROUTE, "greeter-routes", build::route_config("greeter-routes", &["greeter"], &[("greeter-a", 1)]));
+    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+    let channel = Channel::builder("xds:///greeter")
+        .timeout(Duration::from_secs(10))
+        .build_xds(XdsClient::new(Bootstrap::for_server(ads.addr().to_string(), "mesh-test"), XdsClientConfig::default()), "greeter")
+        .unwrap();
+    let first = drive(&channel, 100, 4, |_| {}).await;
+    assert!(first.failures.is_empty() && first.share(&old) == 1.0, "{first:?}");
+
+    ads.set(type_url::CLUSTER, "greeter-a", with_eds_name("a-v2"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each call would otherwise wait up to its 10 s timeout: a short per-call limit makes waiting a failure.
+    let meanwhile = tokio::time::timeout(Duration::from_secs(5), drive(&channel, 200, 4, |_| {})).await.expect("calls do not wait");
+    assert!(meanwhile.failures.is_empty(), "{:?}", meanwhile.failures);
+    assert_eq!(meanwhile.share(&old), 1.0, "the old balancer serves until a-v2 arrives: {meanwhile:?}");
+
+    ads.set(type_url::ENDPOINT, "a-v2", build::endpoints("a-v2", &new));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let run = drive(&channel, 50, 4, |_| {}).await;
+        assert!(run.failures.is_empty(), "{:?}", run.failures);
+        if run.share(&new) == 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never moved to a-v2: {run:?}");
+    }
+}

@@ -107,7 +107,10 @@ async fn partial_nack_keeps_the_valid_resources_of_the_same_response() {
     let mut bad = build::cluster_eds_proto("bad", "round_robin");
     bad.lb_policy = PbLbPolicy::Maglev as i32;
     ads.set_many(type_url::CLUSTER, [("good", build::cluster_eds("good", "round_robin")), ("bad", build::pack(bad))]);
-    let client = client_for(vec![server(ads.uri(), &[])], quick());
+    // A short does-not-exist timer: a resource NACKed on arrival exists, so the timer must not turn it into
+    // DOES_NOT_EXIST (checked at the end).
+    let config = XdsClientConfig { does_not_exist_timeout: Duration::from_millis(300), ..quick() };
+    let client = client_for(vec![server(ads.uri(), &[])], config);
     let mut good: Watch<ClusterResource> = client.watch("good");
     let mut bad: Watch<ClusterResource> = client.watch("bad");
     until(&mut good, "good ACKED", |s| s.status == ResourceStatus::Acked).await;
@@ -117,6 +120,8 @@ async fn partial_nack_keeps_the_valid_resources_of_the_same_response() {
     let detail = nack.error_detail.unwrap();
     assert!(detail.contains("bad") && !detail.contains("good:"), "{detail}");
     assert_eq!(good.value().unwrap().eds_service_name(), Some("good"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(bad.state().status, ResourceStatus::Nacked, "the timer was cancelled when the resource arrived");
 }
 
 #[tokio::test]
@@ -160,7 +165,7 @@ async fn sotw_absence_of_a_cds_resource_never_received_waits_for_the_does_not_ex
     // subscribed, so it is not a deletion: the resource stays requested until its timer fires (gRPC's rule).
     let ads = AdsServer::start().await.unwrap();
     ads.set(type_url::CLUSTER, "c1", build::cluster_eds("c1", "round_robin"));
-    let config = XdsClientConfig { does_not_exist_timeout: Duration::from_secs(2), ..quick() };
+    let config = XdsClientConfig { does_not_exist_timeout: Duration::from_secs(5), ..quick() };
     let client = client_for(vec![server(ads.uri(), &[])], config);
     let mut c1: Watch<ClusterResource> = client.watch("c1");
     let mut later: Watch<ClusterResource> = client.watch("later");
@@ -340,7 +345,7 @@ async fn unix_socket_server_uri_as_istio_agent_bootstraps_name_it() {
     // server URI; both `unix:///abs` and `unix:path` forms connect.
     let dir = mesh_tests::peers::TempDir::new("uds").unwrap();
     let path = dir.0.join("XDS");
-    let ads = AdsServer::start_unix(&path).await.unwrap();
+    let ads = AdsServer::start_unix(&path, None).await.unwrap();
     ads.set(type_url::CLUSTER, "c1", build::cluster_eds("c1", "least_request"));
     for uri in [format!("unix://{}", path.display()), format!("unix:{}", path.display())] {
         let client = client_for(vec![server(uri.clone(), &[])], quick());
@@ -348,4 +353,33 @@ async fn unix_socket_server_uri_as_istio_agent_bootstraps_name_it() {
         let state = until(&mut c1, &format!("ACKED over {uri}"), |s| s.status == ResourceStatus::Acked).await;
         assert!(state.value.is_some());
     }
+}
+
+#[tokio::test]
+async fn tls_channel_creds_are_never_downgraded_to_plaintext() {
+    // TLS credentials over a Unix socket speak TLS (the server below speaks nothing else), and TLS
+    // credentials with an explicit http:// URI are refused rather than sent in plaintext.
+    let pki = TestPki::new().unwrap();
+    let dir = mesh_tests::peers::TempDir::new("uds-tls").unwrap();
+    let path = dir.0.join("XDS");
+    let tls = ServerTlsConfig::new().identity(pki.server_identity().unwrap());
+    let ads = AdsServer::start_unix(&path, Some(tls)).await.unwrap();
+    ads.set(type_url::CLUSTER, "c1", build::cluster_eds("c1", "round_robin"));
+    let creds = ChannelCreds::Tls {
+        ca_certificate_file: Some(pki.ca.to_string_lossy().into_owned()),
+        certificate_file: None,
+        private_key_file: None,
+    };
+    let over_unix = XdsServer { server_uri: format!("unix://{}", path.display()), channel_creds: creds.clone(), server_features: vec![] };
+    let client = client_for(vec![over_unix], quick());
+    let mut c1: Watch<ClusterResource> = client.watch("c1");
+    until(&mut c1, "ACKED over TLS on a Unix socket", |s| s.status == ResourceStatus::Acked).await;
+
+    let plain = AdsServer::start().await.unwrap();
+    plain.set(type_url::CLUSTER, "c1", build::cluster_eds("c1", "round_robin"));
+    let downgraded = client_for(vec![XdsServer { server_uri: plain.uri(), channel_creds: creds, server_features: vec![] }], quick());
+    let mut w: Watch<ClusterResource> = downgraded.watch("c1");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(w.state().status, ResourceStatus::Requested, "TLS creds with http:// must not connect in plaintext");
+    assert!(plain.requests().is_empty(), "nothing reached the plaintext server");
 }

@@ -190,7 +190,7 @@ impl Cache {
             seen.insert(name);
         }
         for (name, reason) in &decoded.invalid {
-            if let Some(entry) = state.entries.get(name) {
+            if let Some(entry) = state.entries.get_mut(name) {
                 reject(entry, reason, policy, received);
             }
         }
@@ -225,7 +225,7 @@ impl Cache {
             }
         }
         for (name, reason) in &decoded.invalid {
-            if let Some(entry) = state.entries.get(name) {
+            if let Some(entry) = state.entries.get_mut(name) {
                 reject(entry, reason, policy, received);
             }
         }
@@ -295,7 +295,9 @@ fn accept(entry: &mut Entry, resource: Resource, raw: Any, version: &str, receiv
     });
 }
 
-fn reject(entry: &Entry, reason: &str, policy: DataErrorPolicy, received: SystemTime) {
+fn reject(entry: &mut Entry, reason: &str, policy: DataErrorPolicy, received: SystemTime) {
+    // The resource exists (it arrived, invalid): its does-not-exist timer is moot, as in gRPC.
+    entry.cancel_timer();
     entry.update_at(received, |s| {
         s.status = ResourceStatus::Nacked;
         s.error = Some(reason.to_owned());

@@ -16,7 +16,7 @@ use crate::bootstrap::{Bootstrap, ChannelCreds, FEATURE_DELTA, FEATURE_IGNORE_RE
 use crate::cache::{Cache, DataErrorPolicy, Decoded};
 use crate::dump::ResourceDump;
 use crate::resource::ResourceType;
-use crate::watch::{Unsubscribe, Watch, XdsResource};
+use crate::watch::{ResourceStatus, Unsubscribe, Watch, XdsResource};
 
 /// Settings of an [`XdsClient`]: plain data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,13 +255,19 @@ async fn open(inner: &Inner, server: &XdsServer) -> Result<Stream, String> {
 
 /// Connects to a control plane over TCP or, for `unix:` URIs, a Unix socket.
 async fn connect(inner: &Inner, server: &XdsServer) -> Result<Channel, String> {
-    let uri = match server.unix_path() {
-        // Only the `:authority` header: the connector below decides where to connect.
-        Some(_) => "http://localhost".to_owned(),
-        None => server.endpoint_uri(),
+    let tls = tls_config(&server.channel_creds)?;
+    let uri = match (server.unix_path(), &tls) {
+        // Only the `:authority` (and the TLS server name): the connector below decides where to connect.
+        (Some(_), Some(_)) => "https://localhost".to_owned(),
+        (Some(_), None) => "http://localhost".to_owned(),
+        (None, _) => server.endpoint_uri(),
     };
+    // tonic runs TLS only for https URIs: TLS credentials with an explicit http:// URI would go out in plaintext.
+    if tls.is_some() && !uri.starts_with("https://") {
+        return Err(format!("server_uri {}: TLS channel_creds need an https:// (or scheme-less) URI", server.server_uri));
+    }
     let mut endpoint = Endpoint::from_shared(uri).map_err(|e| e.to_string())?.connect_timeout(inner.config.connect_timeout);
-    if let Some(tls) = tls_config(&server.channel_creds)? {
+    if let Some(tls) = tls {
         endpoint = endpoint.tls_config(tls).map_err(|e| format!("channel_creds: {e}"))?;
     }
     let connected = match server.unix_path() {
@@ -464,7 +470,9 @@ fn handle_command(inner: &Arc<Inner>, sender: &Sender, command: Command) {
 /// Starts the does-not-exist timer of a subscribed resource without a value.
 fn start_timer(inner: &Arc<Inner>, cache: &mut Cache, ty: ResourceType, name: &str) {
     let Some(entry) = cache.state(ty).entries.get_mut(name) else { return };
-    if entry.has_value() || entry.dne_timer.is_some() {
+    // Only for a resource never received: one that arrived (valid or NACKed) or was found missing has its
+    // answer.
+    if entry.tx.borrow().status != ResourceStatus::Requested || entry.dne_timer.is_some() {
         return;
     }
     let (commands, timeout, name) = (inner.commands.clone(), inner.config.does_not_exist_timeout, name.to_owned());

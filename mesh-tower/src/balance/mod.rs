@@ -220,8 +220,9 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         self.inner.state.snapshot().endpoints.len()
     }
 
-    /// When the balancer started using its current endpoint set (wall clock; `None` before the first set):
-    /// where a discovery update ends, for debugging and for measuring how fast updates apply.
+    /// When the balancer applied its latest discovery update and started using the resulting endpoint set
+    /// (wall clock; `None` before the first update; an update that changes nothing still counts): where a
+    /// discovery update ends, for debugging and for measuring how fast updates apply.
     pub fn endpoints_updated_at(&self) -> Option<SystemTime> {
         self.inner.state.snapshot().set_at
     }
