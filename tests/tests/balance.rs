@@ -213,3 +213,36 @@ async fn a_removed_endpoint_drains_its_calls_in_flight() {
         assert_eq!(call(&channel, &[]).await.unwrap(), other.addr);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_retries_after_backoff_and_reconnects_when_its_server_returns() {
+    // Down at first: its connect fails and it is retried after the backoff (no task waits for it: the
+    // balancer's connection manager keeps a timer), so it becomes ready once a server listens. Then the
+    // server goes away and comes back on the same address: the endpoint reconnects.
+    let port = peers::free_port().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let channel = Channel::builder(static_target(&[addr])).build().unwrap();
+    let state = || channel.endpoints().first().map(|e| e.state);
+    for _ in 0..500 {
+        if state() == Some(ConnState::TransientFailure) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(state(), Some(ConnState::TransientFailure), "nothing listens yet");
+    let server = EchoServer::start_on(addr, Duration::ZERO).await.unwrap();
+    wait_ready(&channel, 1).await;
+    assert_eq!(call(&channel, &[]).await.unwrap(), addr);
+
+    drop(server);
+    for _ in 0..500 {
+        if state() != Some(ConnState::Ready) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_ne!(state(), Some(ConnState::Ready), "the connection closed with its server");
+    let _back = EchoServer::start_on(addr, Duration::ZERO).await.unwrap();
+    wait_ready(&channel, 1).await;
+    assert_eq!(call(&channel, &[]).await.unwrap(), addr);
+}

@@ -1,17 +1,19 @@
 //! Per-endpoint connection management and the publication of snapshots.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use mesh_core::lb::{PeakEwma, PriorityHealth, RingHash, priority_load};
 use mesh_core::{Endpoint, LbPolicy};
-use tokio::sync::oneshot;
-use tokio::task::AbortHandle;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Endpoints, RequestBody, Snapshot, State, lock};
 use crate::Error;
@@ -50,7 +52,10 @@ pub(super) struct Handle<B> {
     sender: Mutex<Option<SendRequest<B>>>,
     in_flight: AtomicU64,
     ewma: Mutex<PeakEwma>,
-    task: Mutex<Option<AbortHandle>>,
+    /// Removed from the set: no more connection attempts.
+    stopped: AtomicBool,
+    /// Where it waits in the connection manager's retry timers, if it does (so removal can drop the entry).
+    retry: Mutex<Option<RetryKey>>,
     /// Latest discovery data (weight, locality, metadata) for this address;
     /// shared with snapshots, so publishing costs a reference count.
     endpoint: Mutex<Arc<Endpoint>>,
@@ -109,10 +114,12 @@ impl<B> Handle<B> {
     /// Stops reconnecting and releases the connection: it closes once the
     /// requests in flight on it have finished.
     pub(super) fn stop(&self) {
-        if let Some(task) = lock(&self.task).take() {
-            task.abort();
-        }
+        self.stopped.store(true, Ordering::Release);
         lock(&self.sender).take();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
     }
 }
 
@@ -125,8 +132,9 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         self.epoch.elapsed()
     }
 
-    /// Applies a discovery change and publishes the new set.
-    pub(super) fn apply(self: &Arc<Self>, change: Change) {
+    /// Applies a discovery change, publishes the new set, and returns the endpoints that are new (the
+    /// connection manager starts connecting them) and those removed (stopped; it forgets them).
+    pub(super) fn apply(self: &Arc<Self>, change: Change) -> Applied<B> {
         let mut endpoints = lock(&self.endpoints);
         let (mut added, mut gone) = (Vec::new(), Vec::new());
         match change {
@@ -148,24 +156,19 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             }
         }
         self.publish(&endpoints, true);
-        // Removed endpoints stop, and new ones start connecting, once the new
-        // set is published: a large update becomes visible without waiting for
-        // thousands of task aborts and spawns. Calls in flight on a removed
-        // endpoint drain.
-        for handle in gone {
+        // Removed endpoints stop once the new set is published, so a large update is visible first. Calls in
+        // flight on a removed endpoint drain.
+        for handle in &gone {
             tracing::debug!(addr = %handle.addr, in_flight = handle.in_flight(), "endpoint removed; draining");
             handle.stop();
         }
-        for handle in added {
-            if endpoints.get(&handle.addr).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
-                let task = tokio::spawn(Arc::clone(self).run_endpoint(Arc::clone(&handle))).abort_handle();
-                *lock(&handle.task) = Some(task);
-            }
-        }
+        // An address inserted twice in one reset has one live handle.
+        added.retain(|handle| endpoints.get(&handle.addr).is_some_and(|h| Arc::ptr_eq(h, handle)));
+        Applied { added, gone }
     }
 
-    /// Adds or updates an endpoint; returns the handle when it is new (its
-    /// connection task is not started yet).
+    /// Adds or updates an endpoint; returns the handle when it is new (not
+    /// connecting yet).
     fn insert(self: &Arc<Self>, endpoints: &mut Endpoints<B>, endpoint: Endpoint) -> Option<Arc<Handle<B>>> {
         if let Err(error) = endpoint.validate() {
             tracing::warn!(target_name = %self.target, %error, "ignoring endpoint");
@@ -188,7 +191,8 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             sender: Mutex::new(None),
             in_flight: AtomicU64::new(0),
             ewma: Mutex::new(PeakEwma::new(default_rtt, decay, self.now())),
-            task: Mutex::new(None),
+            stopped: AtomicBool::new(false),
+            retry: Mutex::new(None),
             endpoint: Mutex::new(Arc::new(endpoint)),
         });
         tracing::debug!(target_name = %self.target, addr = %handle.addr, "endpoint added");
@@ -275,42 +279,6 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         }
     }
 
-    /// Keeps one endpoint connected until it is removed.
-    async fn run_endpoint(self: Arc<Self>, handle: Arc<Handle<B>>) {
-        let policy = &self.config.connection;
-        let mut backoff = policy.reconnect_backoff_base;
-        loop {
-            let started = Instant::now();
-            // Boxed: the task's idle size (in backoff) stays small.
-            match Box::pin(self.connect(handle.addr)).await {
-                Ok((sender, closed)) => {
-                    backoff = policy.reconnect_backoff_base;
-                    *lock(&handle.sender) = Some(sender);
-                    handle.set_state(ConnState::Ready);
-                    tracing::debug!(target_name = %self.target, addr = %handle.addr, "endpoint ready");
-                    self.schedule_refresh();
-                    let _ = closed.await;
-                    lock(&handle.sender).take();
-                    handle.set_state(ConnState::Connecting);
-                    tracing::debug!(target_name = %self.target, addr = %handle.addr, "connection closed; reconnecting");
-                    self.schedule_refresh();
-                    // A connection that dies at once is a failure, not a reason to spin.
-                    if started.elapsed() >= Duration::from_secs(1) {
-                        continue;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(target_name = %self.target, addr = %handle.addr, %error, retry_in = ?backoff, "connect failed");
-                    *lock(&self.last_error) = error.to_string();
-                    handle.set_state(ConnState::TransientFailure);
-                    self.schedule_refresh();
-                }
-            }
-            tokio::time::sleep(jitter(backoff, &self.seed)).await;
-            backoff = backoff.mul_f64(1.6).min(policy.reconnect_backoff_max);
-        }
-    }
-
     /// Opens a connection; the returned receiver fires when it closes.
     async fn connect(&self, addr: SocketAddr) -> Result<(SendRequest<B>, oneshot::Receiver<()>), Error> {
         let policy = &self.config.connection;
@@ -340,6 +308,180 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             let _ = tx.send(());
         });
         Ok((sender, rx))
+    }
+}
+
+/// What a discovery change did to the endpoint set.
+pub(super) struct Applied<B> {
+    /// New endpoints, not connecting yet.
+    pub(super) added: Vec<Arc<Handle<B>>>,
+    /// Removed endpoints, stopped (draining).
+    pub(super) gone: Vec<Arc<Handle<B>>>,
+}
+
+/// A connection attempt's outcome, with the backoff to use if it failed.
+type Attempt<B> = (Arc<Handle<B>>, Duration, Result<(SendRequest<B>, oneshot::Receiver<()>), Error>);
+
+/// An endpoint waiting to retry, and the backoff of the attempt after.
+type Retry<B> = (Weak<Handle<B>>, Duration);
+
+/// A retry timer: when it is due, and a sequence number that keeps keys unique.
+type RetryKey = (tokio::time::Instant, u64);
+
+/// Keeps every endpoint of a balancer connected from the balancer's task: each connection attempt runs as a
+/// task of its own while it lasts (so a large update's attempts use every runtime thread), and an endpoint
+/// waiting to retry is an entry in a timer map rather than a sleeping task (a task in backoff costs about
+/// half a kilobyte; 10,000 unreachable endpoints would hold 5 MB of them).
+///
+/// Per endpoint: connect (bounded by the connect timeout); on success it is READY until the connection
+/// closes, then reconnects at once if the connection lived a second or more, else after the backoff; on
+/// failure it is TRANSIENT_FAILURE and retries after the backoff (gRPC's: ×1.6 per failure up to the max,
+/// ±20% jitter). A stopped (removed) endpoint is dropped at its next event.
+pub(super) struct Connections<B, C> {
+    state: Weak<State<B, C>>,
+    /// Outcomes of attempts in flight, and how many there are.
+    outcomes: (mpsc::UnboundedSender<Attempt<B>>, mpsc::UnboundedReceiver<Attempt<B>>),
+    attempting: usize,
+    /// Resolve when an open connection closes: (endpoint, when it opened).
+    open: FuturesUnordered<BoxFuture<'static, (Arc<Handle<B>>, Instant)>>,
+    /// Endpoints waiting to retry: (due, sequence) → (endpoint, backoff of the attempt after).
+    waiting: BTreeMap<RetryKey, Retry<B>>,
+    sequence: u64,
+    /// Endpoints due to connect while [`MAX_CONNECTING`] attempts already run, in order.
+    queued: VecDeque<Retry<B>>,
+}
+
+/// Connection attempts one balancer runs at once. A 10,000-endpoint update then opens connections in waves
+/// instead of one burst of SYNs, and never holds 10,000 attempts' tasks at the same time.
+const MAX_CONNECTING: usize = 128;
+
+impl<B: RequestBody, C: Connect> Connections<B, C> {
+    pub(super) fn new(state: &Arc<State<B, C>>) -> Self {
+        Self {
+            state: Arc::downgrade(state),
+            outcomes: mpsc::unbounded_channel(),
+            attempting: 0,
+            open: FuturesUnordered::new(),
+            waiting: BTreeMap::new(),
+            sequence: 0,
+            queued: VecDeque::new(),
+        }
+    }
+
+    /// Starts connecting `handle` now, or as soon as an attempt slot frees.
+    pub(super) fn start(&mut self, state: &Arc<State<B, C>>, handle: Arc<Handle<B>>, backoff: Duration) {
+        if self.attempting >= MAX_CONNECTING {
+            self.queued.push_back((Arc::downgrade(&handle), backoff));
+            return;
+        }
+        self.attempting += 1;
+        let (state, outcomes) = (Arc::clone(state), self.outcomes.0.clone());
+        tokio::spawn(async move {
+            let result = state.connect(handle.addr).await;
+            // The balancer may be gone; then the connection just closes.
+            let _ = outcomes.send((handle, backoff, result));
+        });
+    }
+
+    /// Drops what the manager holds for removed endpoints.
+    pub(super) fn forget(&mut self, gone: &[Arc<Handle<B>>]) {
+        for handle in gone {
+            if let Some(key) = lock(&handle.retry).take() {
+                self.waiting.remove(&key);
+            }
+        }
+    }
+
+    /// Waits for the next connection event and handles it; `None` once the balancer is gone.
+    pub(super) async fn next(&mut self) -> Option<()> {
+        let due = self.waiting.first_key_value().map(|(&(at, _), _)| at);
+        tokio::select! {
+            Some(attempt) = self.outcomes.1.recv() => {
+                self.attempting -= 1;
+                let state = self.state.upgrade()?;
+                self.connected(&state, attempt);
+                while self.attempting < MAX_CONNECTING
+                    && let Some((handle, backoff)) = self.queued.pop_front()
+                {
+                    if let Some(handle) = handle.upgrade().filter(|h| !h.is_stopped()) {
+                        self.start(&state, handle, backoff);
+                    }
+                }
+            }
+            Some((handle, opened)) = self.open.next(), if !self.open.is_empty() => {
+                let state = self.state.upgrade()?;
+                self.closed(&state, handle, opened);
+            }
+            () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                let state = self.state.upgrade()?;
+                let now = tokio::time::Instant::now();
+                while let Some(entry) = self.waiting.first_entry() {
+                    if entry.key().0 > now {
+                        break;
+                    }
+                    let (handle, backoff) = entry.remove();
+                    if let Some(handle) = handle.upgrade().filter(|h| !h.is_stopped()) {
+                        lock(&handle.retry).take();
+                        self.start(&state, handle, backoff);
+                    }
+                }
+            }
+            else => std::future::pending::<()>().await,
+        }
+        Some(())
+    }
+
+    fn connected(&mut self, state: &Arc<State<B, C>>, (handle, backoff, result): Attempt<B>) {
+        if handle.is_stopped() {
+            return;
+        }
+        let policy = &state.config.connection;
+        match result {
+            Ok((sender, closed)) => {
+                *lock(&handle.sender) = Some(sender);
+                handle.set_state(ConnState::Ready);
+                tracing::debug!(target_name = %state.target, addr = %handle.addr, "endpoint ready");
+                state.schedule_refresh();
+                let opened = Instant::now();
+                self.open.push(Box::pin(async move {
+                    let _ = closed.await;
+                    (handle, opened)
+                }));
+            }
+            Err(error) => {
+                tracing::warn!(target_name = %state.target, addr = %handle.addr, %error, retry_in = ?backoff, "connect failed");
+                *lock(&state.last_error) = error.to_string();
+                handle.set_state(ConnState::TransientFailure);
+                state.schedule_refresh();
+                let next = backoff.mul_f64(1.6).min(policy.reconnect_backoff_max);
+                self.retry_later(&handle, jitter(backoff, &state.seed), next);
+            }
+        }
+    }
+
+    fn closed(&mut self, state: &Arc<State<B, C>>, handle: Arc<Handle<B>>, opened: Instant) {
+        lock(&handle.sender).take();
+        if handle.is_stopped() {
+            return;
+        }
+        handle.set_state(ConnState::Connecting);
+        tracing::debug!(target_name = %state.target, addr = %handle.addr, "connection closed; reconnecting");
+        state.schedule_refresh();
+        let base = state.config.connection.reconnect_backoff_base;
+        // A connection that dies at once is a failure, not a reason to spin.
+        if opened.elapsed() >= Duration::from_secs(1) {
+            self.start(state, handle, base);
+        } else {
+            let next = base.mul_f64(1.6).min(state.config.connection.reconnect_backoff_max);
+            self.retry_later(&handle, jitter(base, &state.seed), next);
+        }
+    }
+
+    fn retry_later(&mut self, handle: &Arc<Handle<B>>, after: Duration, backoff: Duration) {
+        self.sequence += 1;
+        let key = (tokio::time::Instant::now() + after, self.sequence);
+        self.waiting.insert(key, (Arc::downgrade(handle), backoff));
+        *lock(&handle.retry) = Some(key);
     }
 }
 

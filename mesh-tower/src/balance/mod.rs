@@ -67,7 +67,7 @@ pub use future::ResponseFuture;
 use crate::connect::{Connect, TcpConnector};
 use crate::discover::Discover;
 use crate::{BoxError, Error};
-use endpoint::Handle;
+use endpoint::{Connections, Handle};
 
 /// Settings of a [`Balancer`]: plain data.
 #[derive(Clone, Debug, PartialEq)]
@@ -181,17 +181,29 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         let weak = Arc::downgrade(&state);
         let republish = state.republish.clone();
         let mut discover = Box::pin(discover);
-        // One task applies discovery changes and publishes connection-state
-        // changes, coalesced: a burst of N state changes costs one snapshot
-        // rebuild, not N.
+        let mut connections = Connections::new(&state);
+        // One task applies discovery changes, keeps every endpoint connected, and publishes
+        // connection-state changes, coalesced: the publication waits until no other event is ready, so a
+        // burst of N state changes costs one snapshot rebuild, not N.
         let discovery = tokio::spawn(async move {
             let mut discovering = true;
             loop {
                 tokio::select! {
+                    biased;
                     change = discover.next(), if discovering => match (change, weak.upgrade()) {
-                        (Some(change), Some(state)) => state.apply(change),
+                        (Some(change), Some(state)) => {
+                            let base = state.config.connection.reconnect_backoff_base;
+                            let applied = state.apply(change);
+                            connections.forget(&applied.gone);
+                            for handle in applied.added {
+                                connections.start(&state, handle, base);
+                            }
+                        }
                         (None, _) => discovering = false,
                         (_, None) => return,
+                    },
+                    event = connections.next() => if event.is_none() {
+                        return;
                     },
                     () = republish.notified() => match weak.upgrade() {
                         Some(state) => state.refresh(),

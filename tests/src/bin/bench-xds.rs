@@ -85,7 +85,7 @@ async fn joined(observer: std::thread::JoinHandle<SystemTime>) -> SystemTime {
 
 /// Watches `balancer` from a thread of its own until its set passes `done`, and returns when the balancer
 /// started using that set (its own timestamp, so the observer's wake-up is not counted). The balancer's
-/// runtime is busy spawning thousands of connection tasks right after publishing a large set; an observer on
+/// runtime is busy starting thousands of connection attempts right after publishing a large set; an observer on
 /// that runtime would be late to look.
 fn observe<B: RequestBody>(
     balancer: &Balancer<B>,
@@ -236,7 +236,7 @@ async fn main() -> anyhow::Result<()> {
     println!("| resident memory, one {n}-endpoint update in a fresh process | bytes per endpoint |");
     println!("|---|---|");
     println!("| xDS client (decoded value and raw resource) | {per_cached:.0} |");
-    println!("| balancer (endpoint state, connection tasks in backoff) | {per_balanced:.0} |");
+    println!("| balancer (endpoint state; endpoints in connect backoff) | {per_balanced:.0} |");
     println!("| both | {:.0} |", per_cached + per_balanced);
     println!();
     println!(
