@@ -223,24 +223,22 @@ async fn an_endpoint_retries_after_backoff_and_reconnects_when_its_server_return
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let channel = Channel::builder(static_target(&[addr])).build().unwrap();
     let state = || channel.endpoints().first().map(|e| e.state);
-    for _ in 0..500 {
-        if state() == Some(ConnState::TransientFailure) {
-            break;
+    let until = async |done: &dyn Fn() -> bool| {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    };
+    until(&|| state() == Some(ConnState::TransientFailure)).await;
     assert_eq!(state(), Some(ConnState::TransientFailure), "nothing listens yet");
     let server = EchoServer::start_on(addr, Duration::ZERO).await.unwrap();
     wait_ready(&channel, 1).await;
     assert_eq!(call(&channel, &[]).await.unwrap(), addr);
 
     drop(server);
-    for _ in 0..500 {
-        if state() != Some(ConnState::Ready) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(&|| state() != Some(ConnState::Ready)).await;
     assert_ne!(state(), Some(ConnState::Ready), "the connection closed with its server");
     let _back = EchoServer::start_on(addr, Duration::ZERO).await.unwrap();
     wait_ready(&channel, 1).await;
