@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::rr::{Name, RData};
 use mesh_core::Endpoint;
 
 use super::{BoxDiscover, Change};
@@ -127,34 +127,29 @@ pub struct HickoryResolver {
 impl HickoryResolver {
     /// Uses the given name servers (UDP and TCP), no search domains.
     pub fn with_name_servers(servers: &[SocketAddr]) -> Result<Self> {
-        let configs = servers
-            .iter()
-            .map(|addr| {
-                let mut config = NameServerConfig::udp_and_tcp(addr.ip());
-                for connection in &mut config.connections {
-                    connection.port = addr.port();
-                }
-                config
-            })
-            .collect();
-        Self::build(ResolverConfig::from_name_servers(configs))
+        Self::build(ResolverConfig::from_name_servers(name_server_configs(servers)), None)
     }
 
     /// Uses the system configuration (`/etc/resolv.conf`).
     pub fn system() -> Result<Self> {
         let text = std::fs::read_to_string("/etc/resolv.conf")
             .map_err(|e| Error::Dns { name: "/etc/resolv.conf".into(), reason: e.to_string() })?;
-        let servers: Vec<SocketAddr> = text
-            .lines()
-            .filter_map(|line| line.trim().strip_prefix("nameserver"))
-            .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
-            .map(|ip| SocketAddr::new(ip, 53))
-            .collect();
-        Self::with_name_servers(&servers)
+        let conf = ResolvConf::parse(&text);
+        let mut config = ResolverConfig::from_name_servers(name_server_configs(&conf.servers));
+        for domain in &conf.search {
+            match Name::from_ascii(domain) {
+                Ok(name) => config.add_search(name),
+                Err(error) => tracing::warn!(%domain, %error, "ignoring search domain in /etc/resolv.conf"),
+            }
+        }
+        Self::build(config, conf.ndots)
     }
 
-    fn build(config: ResolverConfig) -> Result<Self> {
+    fn build(config: ResolverConfig, ndots: Option<usize>) -> Result<Self> {
         let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+        if let Some(ndots) = ndots {
+            builder.options_mut().ndots = ndots;
+        }
         // The balancer re-resolves at TTL itself; a cache would only hide changes.
         builder.options_mut().cache_size = 0;
         builder.options_mut().timeout = Duration::from_secs(2);
@@ -201,6 +196,54 @@ impl Resolve for HickoryResolver {
     }
 }
 
+fn name_server_configs(servers: &[SocketAddr]) -> Vec<NameServerConfig> {
+    servers
+        .iter()
+        .map(|addr| {
+            let mut config = NameServerConfig::udp_and_tcp(addr.ip());
+            for connection in &mut config.connections {
+                connection.port = addr.port();
+            }
+            config
+        })
+        .collect()
+}
+
+/// What the mesh reads from `/etc/resolv.conf`: name servers, the search list (Kubernetes pods get
+/// `<ns>.svc.cluster.local svc.cluster.local cluster.local`, so `greeter:50051` resolves) and `ndots`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ResolvConf {
+    servers: Vec<SocketAddr>,
+    search: Vec<String>,
+    ndots: Option<usize>,
+}
+
+impl ResolvConf {
+    /// Parses the file as glibc does for these keys: the last `search` or `domain` line wins; unknown lines
+    /// and options are ignored.
+    fn parse(text: &str) -> Self {
+        let mut conf = Self::default();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("nameserver") => {
+                    conf.servers.extend(words.next().and_then(|ip| ip.parse::<IpAddr>().ok()).map(|ip| SocketAddr::new(ip, 53)));
+                }
+                Some("search" | "domain") => conf.search = words.map(str::to_owned).collect(),
+                Some("options") => {
+                    for option in words {
+                        if let Some(n) = option.strip_prefix("ndots:").and_then(|n| n.parse::<usize>().ok()) {
+                            conf.ndots = Some(n.min(15));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        conf
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -208,6 +251,18 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
+
+    #[test]
+    fn resolv_conf_gives_servers_search_list_and_ndots() {
+        let conf = ResolvConf::parse(
+            "# kubelet\nnameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:1\nnameserver bogus\n",
+        );
+        assert_eq!(conf.servers, ["10.96.0.10:53".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(conf.search, ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]);
+        assert_eq!(conf.ndots, Some(5));
+        assert_eq!(ResolvConf::parse("domain corp.example\nsearch a.example\n").search, ["a.example"], "the last one wins");
+        assert_eq!(ResolvConf::parse("options ndots:99").ndots, Some(15), "glibc's cap");
+    }
 
     /// A scripted resolver: answers are popped in order; the last one repeats.
     struct Script(Mutex<Vec<Result<Answer>>>);
