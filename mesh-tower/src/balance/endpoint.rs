@@ -449,7 +449,13 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
                 }));
             }
             Err(error) => {
-                tracing::warn!(target_name = %state.target, addr = %handle.addr, %error, retry_in = ?backoff, "connect failed");
+                // Loud once per failure streak, quiet on its retries: 10,000 unreachable endpoints would
+                // otherwise log 10,000 warnings per backoff round.
+                if handle.state() == ConnState::TransientFailure {
+                    tracing::debug!(target_name = %state.target, addr = %handle.addr, %error, retry_in = ?backoff, "connect failed again");
+                } else {
+                    tracing::warn!(target_name = %state.target, addr = %handle.addr, %error, retry_in = ?backoff, "connect failed");
+                }
                 *lock(&state.last_error) = error.to_string();
                 handle.set_state(ConnState::TransientFailure);
                 state.schedule_refresh();
