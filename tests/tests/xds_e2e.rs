@@ -191,15 +191,23 @@ async fn grpcio_proxyless_client_and_ours_see_the_same_routing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_to_an_unknown_cluster_is_not_used_until_the_cluster_arrives() {
+    for features in [&["delta_ads"][..], &[]] {
+        route_waits_for_its_cluster(features).await;
+    }
+}
+
+/// One run of the A74 check over delta (`delta_ads`) or SotW (no features).
+async fn route_waits_for_its_cluster(features: &[&str]) {
     // A74: the router switches to a new route table only once every cluster
-    // it names is known, so no call fails in between. Delta; SotW is the same
-    // until the cluster's does-not-exist timer fires (calls routed to a
-    // cluster that does not exist fail UNAVAILABLE, as in gRPC).
+    // it names is known, so no call fails in between. Over SotW too: a CDS
+    // response without the cluster is no proof it does not exist; only its
+    // does-not-exist timer is (calls routed to a cluster that does not
+    // exist fail UNAVAILABLE, as in gRPC).
     let ads = AdsServer::start().await.unwrap();
     let s = servers(2).await;
     let (a, c) = ([s[0].addr], [s[1].addr]);
     publish_greeter(&ads, &a, &a, (100, 0));
-    let channel = xds_channel_with(&ads, &["delta_ads"]);
+    let channel = xds_channel_with(&ads, features);
     let first = drive(&channel, 100, 4, |_| {}).await;
     assert!(first.failures.is_empty(), "{:?}", first.failures);
 
