@@ -108,6 +108,18 @@ pub enum HashPolicy {
     /// The value of a request header (lower-case name). Requests without it
     /// get a random hash, as in gRPC.
     Header(String),
+    /// The channel (gRPC's `filter_state` key `io.grpc.channel_id`): every
+    /// request of one channel hashes alike, so a client sticks to one endpoint.
+    ChannelId,
+}
+
+/// One of a route's hash policies (Envoy `RouteAction.HashPolicy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteHash {
+    /// What to hash.
+    pub policy: HashPolicy,
+    /// When this policy yields a value, the later ones are not evaluated.
+    pub terminal: bool,
 }
 
 /// Policies applied to every call to a cluster.
@@ -235,8 +247,8 @@ pub struct RoutePolicies {
     pub timeout: Option<Duration>,
     /// Retry policy; `None` means no retries.
     pub retry: Option<RetryPolicy>,
-    /// Hash keys for ring hash, tried in order; empty uses the cluster default.
-    pub hash: Vec<HashPolicy>,
+    /// Hash keys for ring hash, combined in order; empty uses the cluster default.
+    pub hash: Vec<RouteHash>,
     /// Fault injection; `None` means none.
     pub fault: Option<FaultInjection>,
 }

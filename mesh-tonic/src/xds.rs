@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mesh_core::lb::{Random, SplitMix64, hash_key};
-use mesh_core::policy::HashPolicy;
+use mesh_core::policy::{HashPolicy, RouteHash};
 use mesh_core::{ClusterDiscovery, Endpoint, LbPolicy, Route, RouteAction, RouteConfig};
 use mesh_tower::balance::{Balancer, BalancerConfig, ConnState, RequestHash, ResponseBody};
 use mesh_tower::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
@@ -45,15 +45,24 @@ struct Routed {
     hash: Option<u64>,
 }
 
+/// A random id per channel (the clock's nanoseconds and a process-wide counter, mixed).
+fn random_channel_id() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    SplitMix64::new(nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(32)).next_u64()
+}
+
 /// The hash of a request under a route's hash policies (gRPC's A42 and Envoy's combination: each policy
-/// that yields a value folds it in as `rotl(hash, 1) ^ value`; a repeated header is hashed as its values
-/// joined by `,`; binary `-bin` headers are skipped). `None` when the route has no hash policy (the balancer
-/// then hashes by its own); a random hash when it has some but none applies to this request.
-fn route_hash(policies: &[HashPolicy], request: &http::Request<Body>, seed: &AtomicU64) -> Option<u64> {
+/// that yields a value folds it in as `rotl(hash, 1) ^ value`, and a terminal one that yields a value ends
+/// the list; a repeated header is hashed as its values joined by `,`; binary `-bin` headers are skipped;
+/// the channel id is this channel's own random number). `None` when the route has no hash policy (the
+/// balancer then hashes by its own); a random hash when it has some but none applies to this request.
+fn route_hash(policies: &[RouteHash], request: &http::Request<Body>, channel_id: u64, seed: &AtomicU64) -> Option<u64> {
     if policies.is_empty() {
         return None;
     }
-    let hash = policies.iter().fold(None::<u64>, |hash, policy| {
+    let mut hash: Option<u64> = None;
+    for RouteHash { policy, terminal } in policies {
         let value = match policy {
             HashPolicy::Header(name) if name.ends_with("-bin") => None,
             HashPolicy::Header(name) => {
@@ -67,12 +76,15 @@ fn route_hash(policies: &[HashPolicy], request: &http::Request<Body>, seed: &Ato
                     hash_key(&joined)
                 })
             }
+            HashPolicy::ChannelId => Some(channel_id),
         };
-        match (hash, value) {
-            (Some(h), Some(v)) => Some(h.rotate_left(1) ^ v),
-            (h, v) => h.or(v),
+        if let Some(value) = value {
+            hash = Some(hash.map_or(value, |h| h.rotate_left(1) ^ value));
+            if *terminal {
+                break;
+            }
         }
-    });
+    }
     Some(hash.unwrap_or_else(|| SplitMix64::new(seed.fetch_add(1, Ordering::Relaxed)).next_u64()))
 }
 
@@ -96,6 +108,8 @@ pub(crate) struct XdsRouter {
     table: watch::Receiver<Option<Arc<Table>>>,
     server: String,
     seed: Arc<AtomicU64>,
+    /// This channel's id for `io.grpc.channel_id` hashing: random, shared by its clones.
+    channel_id: u64,
     ready_timeout: Duration,
     _task: Arc<AbortOnDrop>,
 }
@@ -115,7 +129,15 @@ impl XdsRouter {
         let server = client.bootstrap().servers.first().map(|s| s.server_uri.clone()).unwrap_or_default();
         let ready_timeout = config.ready_timeout;
         let task = tokio::spawn(follow(client, name.to_owned(), config, tx)).abort_handle();
-        Self { name: name.to_owned(), table, server, seed: Arc::default(), ready_timeout, _task: Arc::new(AbortOnDrop(task)) }
+        Self {
+            name: name.to_owned(),
+            table,
+            server,
+            seed: Arc::default(),
+            channel_id: random_channel_id(),
+            ready_timeout,
+            _task: Arc::new(AbortOnDrop(task)),
+        }
     }
 
     /// Routes one request: waits for a table, matches a route, picks a
@@ -164,7 +186,7 @@ impl XdsRouter {
             Some(entry) => Ok(Routed {
                 balancer: entry.balancer.clone(),
                 timeout: route.policies.timeout,
-                hash: route_hash(&route.policies.hash, request, &self.seed),
+                hash: route_hash(&route.policies.hash, request, self.channel_id, &self.seed),
             }),
             None => Err(Status::unavailable(format!("xds:///{}: cluster {} is not available", self.name, chosen.cluster))),
         }

@@ -257,24 +257,18 @@ async fn logical_dns_cluster_resolves_its_host_name_and_serves_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_hash_policy_pins_each_header_value_to_one_ring_hash_endpoint() {
     // RING_HASH hashes what the route's hash_policy names (here the `x-user` header), as gRPC (A42) and Envoy do.
-    use envoy_types::pb::envoy::config::route::v3::route::Action;
     use envoy_types::pb::envoy::config::route::v3::route_action::{HashPolicy, hash_policy};
     let ads = AdsServer::start().await.unwrap();
     let s = servers(3).await;
     let addrs: Vec<SocketAddr> = s.iter().map(|s| s.addr).collect();
-    ads.set(type_url::CLUSTER, "greeter-a", build::cluster_eds("greeter-a", "ring_hash"));
-    ads.set(type_url::ENDPOINT, "greeter-a", build::endpoints("greeter-a", &addrs));
-    let mut routes = build::route_config_proto("greeter-routes", &["greeter"], &[("greeter-a", 1)]);
-    let Some(Action::Route(action)) = routes.virtual_hosts[0].routes[0].action.as_mut() else { panic!("a route action") };
-    action.hash_policy = vec![HashPolicy {
+    let by_user = HashPolicy {
         policy_specifier: Some(hash_policy::PolicySpecifier::Header(hash_policy::Header {
             header_name: "x-user".into(),
             ..Default::default()
         })),
         ..Default::default()
-    }];
-    ads.set(type_url::ROUTE, "greeter-routes", build::pack(routes));
-    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+    };
+    publish_hashed(&ads, &addrs, vec![by_user]);
     let channel = xds_channel(&ads);
     let mut owner: BTreeMap<String, SocketAddr> = BTreeMap::new();
     for round in 0..20 {
@@ -348,4 +342,67 @@ async fn a_cluster_rebuilt_for_a_new_eds_name_keeps_serving_until_the_new_endpoi
         }
         assert!(tokio::time::Instant::now() < deadline, "never moved to a-v2: {run:?}");
     }
+}
+
+/// Publishes `greeter` → ring-hash cluster `greeter-a` over `addrs`, with the route's `hash_policy`.
+fn publish_hashed(
+    ads: &AdsServer,
+    addrs: &[SocketAddr],
+    policies: Vec<envoy_types::pb::envoy::config::route::v3::route_action::HashPolicy>,
+) {
+    use envoy_types::pb::envoy::config::route::v3::route::Action;
+    ads.set(type_url::CLUSTER, "greeter-a", build::cluster_eds("greeter-a", "ring_hash"));
+    ads.set(type_url::ENDPOINT, "greeter-a", build::endpoints("greeter-a", addrs));
+    let mut routes = build::route_config_proto("greeter-routes", &["greeter"], &[("greeter-a", 1)]);
+    if let Some(Action::Route(action)) = routes.virtual_hosts[0].routes[0].action.as_mut() {
+        action.hash_policy = policies;
+    }
+    ads.set(type_url::ROUTE, "greeter-routes", build::pack(routes));
+    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_hash_policies_end_the_list_and_channel_id_pins_a_channel() {
+    use envoy_types::pb::envoy::config::route::v3::route_action::{HashPolicy, hash_policy};
+    let header = |name: &str, terminal: bool| HashPolicy {
+        policy_specifier: Some(hash_policy::PolicySpecifier::Header(hash_policy::Header {
+            header_name: name.into(),
+            ..Default::default()
+        })),
+        terminal,
+    };
+    let s = servers(3).await;
+    let addrs: Vec<SocketAddr> = s.iter().map(|s| s.addr).collect();
+
+    // `x-user` is terminal: once it hashes, `x-request` is not folded in, so a user sticks to one endpoint
+    // whatever its requests carry.
+    let ads = AdsServer::start().await.unwrap();
+    publish_hashed(&ads, &addrs, vec![header("x-user", true), header("x-request", false)]);
+    let channel = xds_channel(&ads);
+    for user in 0..10 {
+        let mut served = std::collections::BTreeSet::new();
+        for request in 0..20 {
+            served.insert(call(&channel, &[("x-user", format!("u{user}")), ("x-request", format!("r{request}"))]).await.unwrap());
+        }
+        assert_eq!(served.len(), 1, "user u{user} spread over {served:?}");
+    }
+
+    // `io.grpc.channel_id`: every call of a channel goes to one endpoint; channels spread.
+    let ads = AdsServer::start().await.unwrap();
+    let channel_id = HashPolicy {
+        policy_specifier: Some(hash_policy::PolicySpecifier::FilterState(hash_policy::FilterState { key: "io.grpc.channel_id".into() })),
+        terminal: false,
+    };
+    publish_hashed(&ads, &addrs, vec![channel_id]);
+    let mut used = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let channel = xds_channel(&ads);
+        let mut served = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            served.insert(call(&channel, &[]).await.unwrap());
+        }
+        assert_eq!(served.len(), 1, "one channel spread over {served:?}");
+        used.extend(served);
+    }
+    assert!(used.len() >= 2, "12 channels all hashed to {used:?}");
 }

@@ -34,7 +34,7 @@
 //! | `google_default` channel creds | TLS with system roots, no call credentials | — |
 //! | A27/A28 LDS `api_listener` HCM, RDS, CDS (EDS/STATIC/LOGICAL_DNS), EDS | yes | `resource` unit tests |
 //! | RDS per-route timeout (`max_stream_duration`, `timeout`) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
-//! | RDS `hash_policy` (header) for RING_HASH clusters (A42) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
+//! | RDS `hash_policy` for RING_HASH clusters (A42: headers, `io.grpc.channel_id`, `terminal`) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
 //! | RDS `retry_policy` (A44) | decoded; applied when the retry layer lands | `resource` unit tests |
 //! | LOGICAL_DNS clusters routed (resolved by the client, balanced over the answers) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
 //! | A46 partial NACK: valid resources of a rejected response are used | yes | `tests/tests/xds_protocol.rs` |

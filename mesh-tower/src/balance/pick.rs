@@ -89,14 +89,18 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     }
 
     fn request_hash(&self, request: &http::Request<B>) -> Option<u64> {
-        let LbPolicy::RingHash { hash: HashPolicy::Header(name), .. } = &self.config.lb else { return None };
+        let LbPolicy::RingHash { hash: policy, .. } = &self.config.lb else { return None };
         if let Some(RequestHash(hash)) = request.extensions().get() {
             return Some(*hash);
         }
-        let hash = match request.headers().get(name) {
-            Some(value) => hash_key(value.as_bytes()),
-            // No key: a random position, as gRPC does.
-            None => self.rng().next_u64(),
+        let hash = match policy {
+            HashPolicy::Header(name) => match request.headers().get(name) {
+                Some(value) => hash_key(value.as_bytes()),
+                // No key: a random position, as gRPC does.
+                None => self.rng().next_u64(),
+            },
+            // One value per balancer: its address, unique among live balancers.
+            HashPolicy::ChannelId => hash_key(&(self as *const Self as usize).to_le_bytes()),
         };
         Some(hash)
     }

@@ -18,7 +18,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
-use mesh_core::policy::{HashPolicy, RetryPolicy, RoutePolicies};
+use mesh_core::policy::{HashPolicy, RetryPolicy, RouteHash, RoutePolicies};
 use mesh_core::{HeaderMatch, PathMatch, Regex, Route, RouteAction, RouteConfig, RouteMatch, StringMatch, VirtualHost, WeightedCluster};
 use prost::Message;
 
@@ -205,9 +205,14 @@ fn route_policies(ra: &ProtoAction, vh_retry: Option<&ProtoRetry>) -> Result<Rou
     let hash = ra
         .hash_policy
         .iter()
-        .filter_map(|h| match &h.policy_specifier {
-            Some(PolicySpecifier::Header(h)) if !h.header_name.is_empty() => Some(HashPolicy::Header(h.header_name.to_ascii_lowercase())),
-            _ => None,
+        .filter_map(|h| {
+            let policy = match &h.policy_specifier {
+                Some(PolicySpecifier::Header(h)) if !h.header_name.is_empty() => HashPolicy::Header(h.header_name.to_ascii_lowercase()),
+                Some(PolicySpecifier::FilterState(f)) if f.key == "io.grpc.channel_id" => HashPolicy::ChannelId,
+                // Other kinds (cookies, source IP, query parameters) never apply to a gRPC client, as in gRPC.
+                _ => return None,
+            };
+            Some(RouteHash { policy, terminal: h.terminal })
         })
         .collect();
     Ok(RoutePolicies { timeout: timeout.filter(|t| !t.is_zero()), retry, hash, fault: None })
@@ -337,13 +342,25 @@ mod tests {
             retry_back_off: Some(RetryBackOff { base_interval: pd(100), max_interval: None }),
             ..Default::default()
         });
-        action.hash_policy = vec![ProtoHash {
-            policy_specifier: Some(hash_policy::PolicySpecifier::Header(hash_policy::Header {
-                header_name: "X-User".into(),
-                regex_rewrite: None,
-            })),
-            ..Default::default()
-        }];
+        action.hash_policy = vec![
+            ProtoHash {
+                policy_specifier: Some(hash_policy::PolicySpecifier::Header(hash_policy::Header {
+                    header_name: "X-User".into(),
+                    regex_rewrite: None,
+                })),
+                terminal: true,
+            },
+            ProtoHash {
+                policy_specifier: Some(hash_policy::PolicySpecifier::FilterState(hash_policy::FilterState {
+                    key: "io.grpc.channel_id".into(),
+                })),
+                ..Default::default()
+            },
+            ProtoHash {
+                policy_specifier: Some(hash_policy::PolicySpecifier::FilterState(hash_policy::FilterState { key: "other".into() })),
+                ..Default::default()
+            },
+        ];
         let weights = |ws: &[(&str, Option<u32>)]| ProtoWeighted {
             clusters: ws
                 .iter()
@@ -409,7 +426,13 @@ mod tests {
         assert_eq!(retry.retry_on, ["UNAVAILABLE", "CANCELLED"]);
         assert_eq!(retry.max_attempts, 5);
         assert_eq!((retry.base_backoff, retry.max_backoff), (Duration::from_millis(100), Duration::from_secs(1)));
-        assert_eq!(r.policies.hash, [HashPolicy::Header("x-user".into())]);
+        assert_eq!(
+            r.policies.hash,
+            [
+                RouteHash { policy: HashPolicy::Header("x-user".into()), terminal: true },
+                RouteHash { policy: HashPolicy::ChannelId, terminal: false }
+            ]
+        );
 
         let r = &vh.routes[1];
         assert!(r.matcher.matches("/a.B/D", |_| None) && !r.matcher.matches("/a.B/E", |_| None));
