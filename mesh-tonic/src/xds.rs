@@ -67,13 +67,17 @@ fn route_hash(policies: &[RouteHash], request: &http::Request<Body>, channel_id:
             HashPolicy::Header(name) if name.ends_with("-bin") => None,
             HashPolicy::Header(name) => {
                 let mut values = request.headers().get_all(name).iter().map(|v| v.as_bytes());
-                values.next().map(|first| {
-                    let mut joined = first.to_vec();
-                    for more in values {
-                        joined.push(b',');
-                        joined.extend_from_slice(more);
+                values.next().map(|first| match values.next() {
+                    // The usual case, a single value: hashed in place, no per-request allocation.
+                    None => hash_key(first),
+                    Some(second) => {
+                        let mut joined = first.to_vec();
+                        for more in std::iter::once(second).chain(values) {
+                            joined.push(b',');
+                            joined.extend_from_slice(more);
+                        }
+                        hash_key(&joined)
                     }
-                    hash_key(&joined)
                 })
             }
             HashPolicy::ChannelId => Some(channel_id),
