@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use mesh_core::model::Endpoint;
+use mesh_core::model::{Endpoint, Locality};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -471,7 +471,9 @@ pub fn kube_endpoints(state: &crate::kube::KubeState, r: &KubeRef) -> Vec<Endpoi
                 (false, true, true) => HealthStatus::Draining,
                 _ => HealthStatus::Unhealthy,
             };
-            endpoint.locality.zone = e.zone.unwrap_or_default();
+            if let Some(zone) = e.zone {
+                endpoint.locality = Locality { zone, ..Locality::default() }.into();
+            }
             endpoint
         })
         .collect()

@@ -23,7 +23,7 @@ pub mod policy;
 
 pub use error::{Error, Result};
 pub use model::{
-    Cluster, ClusterDiscovery, DropOverload, Endpoint, EndpointSet, HeaderMatch, HealthStatus, Locality, PathMatch, Regex, Route,
+    Cluster, ClusterDiscovery, DropOverload, Endpoint, EndpointSet, HeaderMatch, HealthStatus, Labels, Locality, PathMatch, Regex, Route,
     RouteAction, RouteConfig, RouteMatch, ServiceName, StringMatch, VirtualHost, WeightedCluster,
 };
 pub use policy::LbPolicy;

@@ -81,26 +81,51 @@ impl HealthStatus {
 }
 
 /// One network endpoint of a service.
+///
+/// Compact (64 bytes) because a cluster can have tens of thousands: the
+/// locality and the labels are shared, so endpoints of one locality, or
+/// without labels, point at one copy. Discovery hands endpoints around as
+/// `Arc<Endpoint>`, so the xDS cache and a balancer share each one too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     /// Address connections go to.
     pub addr: SocketAddr,
     /// Load-balancing weight (at least 1; 1 when discovery gives none).
     pub weight: u32,
-    /// Where the endpoint runs.
-    pub locality: Locality,
+    /// Where the endpoint runs (shared by the endpoints of one locality).
+    pub locality: Arc<Locality>,
     /// Priority level (0 is preferred; higher levels take traffic on failover).
     pub priority: u32,
     /// Health status reported by discovery.
     pub health: HealthStatus,
     /// Free-form labels (`version=v2`), used for subsets and by policies.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Arc<Labels>,
+}
+
+/// Endpoint labels: key to value, in key order.
+pub type Labels = BTreeMap<String, String>;
+
+/// The default locality and the empty label set, shared by every endpoint that has them (no allocation per
+/// endpoint).
+static SHARED_DEFAULTS: std::sync::LazyLock<(Arc<Locality>, Arc<Labels>)> =
+    std::sync::LazyLock::new(|| (Arc::new(Locality::default()), Arc::new(Labels::new())));
+
+impl Locality {
+    /// The default (empty) locality, shared.
+    pub fn shared_default() -> Arc<Locality> {
+        Arc::clone(&SHARED_DEFAULTS.0)
+    }
+}
+
+/// The empty label set, shared.
+pub fn no_labels() -> Arc<Labels> {
+    Arc::clone(&SHARED_DEFAULTS.1)
 }
 
 impl Endpoint {
     /// An endpoint with weight 1, default locality, priority 0 and unknown health.
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, weight: 1, locality: Locality::default(), priority: 0, health: HealthStatus::Unknown, metadata: BTreeMap::new() }
+        Self { addr, weight: 1, locality: Locality::shared_default(), priority: 0, health: HealthStatus::Unknown, metadata: no_labels() }
     }
 
     /// Sets the weight (0 is raised to 1, as Envoy does for unset weights).
@@ -111,7 +136,7 @@ impl Endpoint {
 
     /// Adds a metadata label.
     pub fn with_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.into(), value.into());
+        Arc::make_mut(&mut self.metadata).insert(key.into(), value.into());
         self
     }
 
@@ -397,8 +422,8 @@ pub struct DropOverload {
 /// The endpoints of one cluster (Envoy `ClusterLoadAssignment`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointSet {
-    /// Endpoints with locality, priority, weight and health.
-    pub endpoints: Vec<Endpoint>,
+    /// Endpoints with locality, priority, weight and health (shared with the balancers that use them).
+    pub endpoints: Vec<Arc<Endpoint>>,
     /// Load-balancing weight of each locality (absent: locality weighting off).
     pub locality_weights: BTreeMap<Locality, u32>,
     /// Requests to drop, by category.
@@ -415,6 +440,16 @@ mod tests {
         for bad in ["", "a b", "x\n"] {
             assert!(matches!(ServiceName::new(bad), Err(Error::InvalidServiceName { .. })), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn endpoints_are_compact_and_share_defaults() {
+        assert_eq!(std::mem::size_of::<Endpoint>(), 64);
+        let (a, b) = (Endpoint::new("127.0.0.1:80".parse().unwrap()), Endpoint::new("127.0.0.1:81".parse().unwrap()));
+        assert!(Arc::ptr_eq(&a.locality, &b.locality) && Arc::ptr_eq(&a.metadata, &b.metadata));
+        let labelled = a.clone().with_label("version", "v2");
+        assert_eq!(labelled.metadata.get("version").map(String::as_str), Some("v2"));
+        assert!(a.metadata.is_empty(), "adding a label copies the shared set");
     }
 
     #[test]

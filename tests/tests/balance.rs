@@ -71,7 +71,7 @@ async fn endpoints_added_and_removed_mid_run_fail_no_call() {
     }
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
     let (tx, source) = discover::channel();
-    tx.send(Change::Reset(vec![Endpoint::new(addrs[0]), Endpoint::new(addrs[1])]));
+    tx.send(Change::reset([Endpoint::new(addrs[0]), Endpoint::new(addrs[1])]));
     let channel = Channel::builder("churn").lb(LbPolicy::p2c_ewma()).build_with("churn", source).unwrap();
     wait_ready(&channel, 2).await;
     // Every 200 calls: add the next server, remove the oldest still present.
@@ -80,7 +80,7 @@ async fn endpoints_added_and_removed_mid_run_fail_no_call() {
         move |done: u64| {
             if done.is_multiple_of(200) && done < 2000 {
                 let step = (done / 200) as usize;
-                tx.send(Change::Insert(Endpoint::new(addrs[(step + 1) % addrs.len()])));
+                tx.send(Change::insert(Endpoint::new(addrs[(step + 1) % addrs.len()])));
                 tx.send(Change::Remove(addrs[(step + 4) % addrs.len()]));
             }
         }
@@ -137,7 +137,7 @@ async fn ring_hash_is_sticky_and_moves_about_one_nth_of_keys() {
     }
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
     let (tx, source) = discover::channel();
-    tx.send(Change::Reset(addrs.iter().map(|a| Endpoint::new(*a)).collect()));
+    tx.send(Change::reset(addrs.iter().map(|a| Endpoint::new(*a))));
     let channel = Channel::builder("ring").lb("ring_hash".parse().unwrap()).build_with("ring", source).unwrap();
     wait_ready(&channel, 4).await;
 
@@ -189,7 +189,7 @@ async fn a_removed_endpoint_drains_its_calls_in_flight() {
     let slow = EchoServer::start(Duration::from_millis(500)).await.unwrap();
     let other = EchoServer::start(Duration::ZERO).await.unwrap();
     let (tx, source) = discover::channel();
-    tx.send(Change::Reset(vec![Endpoint::new(slow.addr)]));
+    tx.send(Change::reset([Endpoint::new(slow.addr)]));
     let channel = Channel::builder("drain").build_with("drain", source).unwrap();
     wait_ready(&channel, 1).await;
 
@@ -203,7 +203,7 @@ async fn a_removed_endpoint_drains_its_calls_in_flight() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    tx.send(Change::Reset(vec![Endpoint::new(other.addr)]));
+    tx.send(Change::reset([Endpoint::new(other.addr)]));
     for call in in_flight {
         assert_eq!(call.await.unwrap().expect("an in-flight call survives its endpoint's removal"), slow.addr);
     }

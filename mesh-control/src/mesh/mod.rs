@@ -613,8 +613,8 @@ impl Validator<'_> {
                 );
             }
             let mut endpoint = Endpoint::new(addr).with_weight(weight.unwrap_or(1));
-            endpoint.locality = locality;
-            endpoint.metadata = labels;
+            endpoint.locality = locality.into();
+            endpoint.metadata = labels.into();
             out.push(endpoint);
         }
         Ok(EndpointSource::Static(out))

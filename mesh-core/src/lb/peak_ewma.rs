@@ -56,6 +56,22 @@ impl PeakEwma {
         self.rtt_estimate_ns * (-idle_ns / self.decay_ns).exp() * (pending as f64 + 1.0)
     }
 
+    /// Rebuilds an estimator from its state ([`PeakEwma::estimate_ns`] and [`PeakEwma::stamp`]), for callers
+    /// that keep that state in atomics instead of behind a lock.
+    pub fn from_parts(estimate_ns: f64, stamp: Duration, decay: Duration) -> Self {
+        Self { decay_ns: decay.as_nanos().max(1) as f64, rtt_estimate_ns: estimate_ns, stamp }
+    }
+
+    /// The RTT estimate in nanoseconds, unrounded.
+    pub fn estimate_ns(&self) -> f64 {
+        self.rtt_estimate_ns
+    }
+
+    /// Time of the latest observation (or of creation).
+    pub fn stamp(&self) -> Duration {
+        self.stamp
+    }
+
     /// Current RTT estimate.
     pub fn estimate(&self) -> Duration {
         Duration::from_nanos(self.rtt_estimate_ns.round() as u64)

@@ -1,8 +1,8 @@
 //! Per-endpoint connection management and the publication of snapshots.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,7 +15,7 @@ use mesh_core::lb::{PeakEwma, PriorityHealth, RingHash, priority_load};
 use mesh_core::{Endpoint, LbPolicy};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Endpoints, RequestBody, Snapshot, State, lock};
+use super::{Entry, List, RequestBody, Snapshot, State, lock};
 use crate::Error;
 use crate::connect::Connect;
 use crate::discover::Change;
@@ -45,23 +45,43 @@ impl ConnState {
     }
 }
 
-/// One endpoint's connection and load statistics.
+/// One endpoint's connection and load statistics. Small (a cluster can have tens of thousands of endpoints):
+/// the endpoint's discovery data lives in the balancer's list next to it, and its latency estimate is two
+/// atomics rather than a lock.
 pub(super) struct Handle<B> {
     pub(super) addr: SocketAddr,
-    state: AtomicU8,
     sender: Mutex<Option<SendRequest<B>>>,
     in_flight: AtomicU64,
-    ewma: Mutex<PeakEwma>,
-    /// Removed from the set: no more connection attempts.
-    stopped: AtomicBool,
-    /// Where it waits in the connection manager's retry timers, if it does (so removal can drop the entry).
-    retry: Mutex<Option<RetryKey>>,
-    /// Latest discovery data (weight, locality, metadata) for this address;
-    /// shared with snapshots, so publishing costs a reference count.
-    endpoint: Mutex<Arc<Endpoint>>,
+    /// Peak-EWMA RTT estimate in nanoseconds (`f64` bits), and when it was last updated (nanoseconds since the
+    /// balancer's epoch).
+    ewma_estimate: AtomicU64,
+    ewma_stamp: AtomicU64,
+    /// Backoff of the next connection attempt after a failure, in microseconds.
+    backoff_us: AtomicU32,
+    state: AtomicU8,
+    /// [`STOPPED`] and [`WAITING`].
+    flags: AtomicU8,
 }
 
+/// Removed from the set: no more connection attempts.
+const STOPPED: u8 = 1;
+/// Has an entry in the connection manager's retry timers.
+const WAITING: u8 = 2;
+
 impl<B> Handle<B> {
+    fn new(addr: SocketAddr, default_rtt: Duration, now: Duration, backoff: Duration) -> Self {
+        Self {
+            addr,
+            sender: Mutex::new(None),
+            in_flight: AtomicU64::new(0),
+            ewma_estimate: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
+            ewma_stamp: AtomicU64::new(now.as_nanos() as u64),
+            backoff_us: AtomicU32::new(micros(backoff)),
+            state: AtomicU8::new(ConnState::Connecting as u8),
+            flags: AtomicU8::new(0),
+        }
+    }
+
     pub(super) fn state(&self) -> ConnState {
         ConnState::from_u8(self.state.load(Ordering::Acquire))
     }
@@ -98,29 +118,39 @@ impl<B> Handle<B> {
         }
     }
 
-    /// Records a latency sample. Under contention the sample is dropped
-    /// rather than waited for: a blocked response path costs more than one
-    /// missing sample of a moving average (the next one lands).
-    pub(super) fn observe(&self, rtt: Duration, now: Duration) {
-        if let Ok(mut ewma) = self.ewma.try_lock() {
-            ewma.observe(rtt, now);
-        }
+    fn ewma(&self, decay: Duration) -> PeakEwma {
+        let estimate = f64::from_bits(self.ewma_estimate.load(Ordering::Relaxed));
+        PeakEwma::from_parts(estimate, Duration::from_nanos(self.ewma_stamp.load(Ordering::Relaxed)), decay)
     }
 
-    pub(super) fn ewma_cost(&self, now: Duration) -> f64 {
-        lock(&self.ewma).cost(self.in_flight(), now)
+    /// Records a latency sample without a lock: plain loads and stores, so two samples landing at once may
+    /// lose one of them (the next one lands), which costs less than making every response path wait.
+    pub(super) fn observe(&self, rtt: Duration, now: Duration, decay: Duration) {
+        let mut ewma = self.ewma(decay);
+        ewma.observe(rtt, now);
+        self.ewma_estimate.store(ewma.estimate_ns().to_bits(), Ordering::Relaxed);
+        self.ewma_stamp.store(ewma.stamp().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn ewma_cost(&self, now: Duration, decay: Duration) -> f64 {
+        self.ewma(decay).cost(self.in_flight(), now)
     }
 
     /// Stops reconnecting and releases the connection: it closes once the
     /// requests in flight on it have finished.
     pub(super) fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
+        self.flags.fetch_or(STOPPED, Ordering::AcqRel);
         lock(&self.sender).take();
     }
 
     fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
+        self.flags.load(Ordering::Acquire) & STOPPED != 0
     }
+}
+
+/// A duration in whole microseconds, saturating at `u32::MAX` (71 minutes).
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 impl<B: RequestBody, C: Connect> State<B, C> {
@@ -137,24 +167,59 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     pub(super) fn apply(self: &Arc<Self>, change: Change) -> Applied<B> {
         let mut endpoints = lock(&self.endpoints);
         let (mut added, mut gone) = (Vec::new(), Vec::new());
-        match change {
-            Change::Insert(endpoint) => added.extend(self.insert(&mut endpoints, endpoint)),
-            Change::Remove(addr) => gone.extend(endpoints.remove(&addr)),
-            Change::Reset(list) => {
-                let keep: HashSet<SocketAddr> = list.iter().map(|e| e.addr).collect();
-                endpoints.retain(|addr, handle| {
-                    let kept = keep.contains(addr);
-                    if !kept {
+        let mut list: Vec<Entry<B>> = match change {
+            Change::Insert(endpoint) => {
+                let mut list = endpoints.to_vec();
+                if self.valid(&endpoint) {
+                    match list.binary_search_by_key(&endpoint.addr, |(e, _)| e.addr) {
+                        Ok(i) => list[i].0 = endpoint,
+                        Err(i) => {
+                            let handle = self.new_handle(&endpoint);
+                            added.push(Arc::clone(&handle));
+                            list.insert(i, (endpoint, handle));
+                        }
+                    }
+                }
+                list
+            }
+            Change::Remove(addr) => {
+                let mut list = endpoints.to_vec();
+                if let Ok(i) = list.binary_search_by_key(&addr, |(e, _)| e.addr) {
+                    gone.push(list.remove(i).1);
+                }
+                list
+            }
+            Change::Reset(mut incoming) => {
+                incoming.retain(|e| self.valid(e));
+                // Stable, so of a repeated address the last one wins.
+                incoming.sort_by_key(|e| e.addr);
+                let mut list = Vec::with_capacity(incoming.len());
+                let mut old = endpoints.iter().peekable();
+                let mut incoming = incoming.into_iter().peekable();
+                while let Some(endpoint) = incoming.next() {
+                    if incoming.peek().is_some_and(|next| next.addr == endpoint.addr) {
+                        continue;
+                    }
+                    while let Some((_, handle)) = old.next_if(|(e, _)| e.addr < endpoint.addr) {
                         gone.push(Arc::clone(handle));
                     }
-                    kept
-                });
-                // A repeated address: the last one wins.
-                for endpoint in list {
-                    added.extend(self.insert(&mut endpoints, endpoint));
+                    // The incoming copy is kept even when equal: it is the one discovery shares.
+                    let handle = match old.next_if(|(e, _)| e.addr == endpoint.addr) {
+                        Some((_, handle)) => Arc::clone(handle),
+                        None => {
+                            let handle = self.new_handle(&endpoint);
+                            added.push(Arc::clone(&handle));
+                            handle
+                        }
+                    };
+                    list.push((endpoint, handle));
                 }
+                gone.extend(old.map(|(_, handle)| Arc::clone(handle)));
+                list
             }
-        }
+        };
+        list.shrink_to_fit();
+        *endpoints = Arc::new(list);
         self.publish(&endpoints, true);
         // Removed endpoints stop once the new set is published, so a large update is visible first. Calls in
         // flight on a removed endpoint drain.
@@ -162,42 +227,25 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             tracing::debug!(addr = %handle.addr, in_flight = handle.in_flight(), "endpoint removed; draining");
             handle.stop();
         }
-        // An address inserted twice in one reset has one live handle.
-        added.retain(|handle| endpoints.get(&handle.addr).is_some_and(|h| Arc::ptr_eq(h, handle)));
         Applied { added, gone }
     }
 
-    /// Adds or updates an endpoint; returns the handle when it is new (not
-    /// connecting yet).
-    fn insert(self: &Arc<Self>, endpoints: &mut Endpoints<B>, endpoint: Endpoint) -> Option<Arc<Handle<B>>> {
-        if let Err(error) = endpoint.validate() {
+    fn valid(&self, endpoint: &Endpoint) -> bool {
+        let valid = endpoint.validate();
+        if let Err(error) = &valid {
             tracing::warn!(target_name = %self.target, %error, "ignoring endpoint");
-            return None;
         }
-        if let Some(handle) = endpoints.get(&endpoint.addr) {
-            let mut current = lock(&handle.endpoint);
-            if **current != endpoint {
-                *current = Arc::new(endpoint);
-            }
-            return None;
-        }
-        let (default_rtt, decay) = match self.config.lb {
-            LbPolicy::P2cEwma { default_rtt, decay } => (default_rtt, decay),
-            _ => (Duration::from_millis(30), Duration::from_secs(10)),
+        valid.is_ok()
+    }
+
+    /// A handle for a new endpoint (not connecting yet).
+    fn new_handle(&self, endpoint: &Endpoint) -> Arc<Handle<B>> {
+        let default_rtt = match self.config.lb {
+            LbPolicy::P2cEwma { default_rtt, .. } => default_rtt,
+            _ => Duration::from_millis(30),
         };
-        let handle = Arc::new(Handle {
-            addr: endpoint.addr,
-            state: AtomicU8::new(ConnState::Connecting as u8),
-            sender: Mutex::new(None),
-            in_flight: AtomicU64::new(0),
-            ewma: Mutex::new(PeakEwma::new(default_rtt, decay, self.now())),
-            stopped: AtomicBool::new(false),
-            retry: Mutex::new(None),
-            endpoint: Mutex::new(Arc::new(endpoint)),
-        });
-        tracing::debug!(target_name = %self.target, addr = %handle.addr, "endpoint added");
-        endpoints.insert(handle.addr, Arc::clone(&handle));
-        Some(handle)
+        tracing::debug!(target_name = %self.target, addr = %endpoint.addr, "endpoint added");
+        Arc::new(Handle::new(endpoint.addr, default_rtt, self.now(), self.config.connection.reconnect_backoff_base))
     }
 
     /// Asks for a snapshot rebuild after a connection state change.
@@ -211,13 +259,10 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         self.publish(&endpoints, false);
     }
 
-    /// Builds and installs a new snapshot. Called with the endpoint lock held,
-    /// so snapshots are published in order.
-    fn publish(&self, endpoints: &Endpoints<B>, set_changed: bool) {
+    /// Builds and installs a new snapshot over `list` (shared, not copied). Called with the endpoint lock
+    /// held, so snapshots are published in order.
+    fn publish(&self, list: &List<B>, set_changed: bool) {
         let previous = self.snapshot();
-        // In address order: the map is ordered.
-        let list: Vec<(Arc<Endpoint>, Arc<Handle<B>>)> = endpoints.values().map(|h| (lock(&h.endpoint).clone(), Arc::clone(h))).collect();
-
         let mut priorities: Vec<u32> = list.iter().map(|(e, _)| e.priority).collect();
         priorities.sort_unstable();
         priorities.dedup();
@@ -236,7 +281,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         let ring = if !previous.hashing {
             None
         } else if set_changed || previous.ring.is_none() {
-            self.build_ring(&list)
+            self.build_ring(list)
         } else {
             previous.ring.clone()
         };
@@ -244,7 +289,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             generation: previous.generation + 1,
             all_failed: !list.is_empty() && list.iter().all(|(_, h)| h.state() == ConnState::TransientFailure),
             priority_load: priority_load(&health, self.config.overprovisioning_factor),
-            endpoints: list,
+            endpoints: Arc::clone(list),
             ready,
             levels,
             ring,
@@ -256,7 +301,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         self.changed.send_replace(generation);
     }
 
-    fn build_ring(&self, list: &[(Arc<Endpoint>, Arc<Handle<B>>)]) -> Option<Arc<RingHash<usize>>> {
+    fn build_ring(&self, list: &[Entry<B>]) -> Option<Arc<RingHash<usize>>> {
         let LbPolicy::RingHash { ring, .. } = &self.config.lb else { return None };
         // Ring entries hash the address, so positions survive set changes; the
         // ring stores indices into this snapshot's list.
@@ -319,19 +364,39 @@ pub(super) struct Applied<B> {
     pub(super) gone: Vec<Arc<Handle<B>>>,
 }
 
-/// A connection attempt's outcome, with the backoff to use if it failed.
-type Attempt<B> = (Arc<Handle<B>>, Duration, Result<(SendRequest<B>, oneshot::Receiver<()>), Error>);
+/// A connection attempt's outcome.
+type Attempt<B> = (Arc<Handle<B>>, Result<(SendRequest<B>, oneshot::Receiver<()>), Error>);
 
-/// An endpoint waiting to retry, and the backoff of the attempt after.
-type Retry<B> = (Weak<Handle<B>>, Duration);
+/// An endpoint waiting to retry, ordered so the earliest is at the top of a max-heap.
+struct Due<B> {
+    at: tokio::time::Instant,
+    handle: Weak<Handle<B>>,
+}
 
-/// A retry timer: when it is due, and a sequence number that keeps keys unique.
-type RetryKey = (tokio::time::Instant, u64);
+impl<B> PartialEq for Due<B> {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl<B> Eq for Due<B> {}
+
+impl<B> PartialOrd for Due<B> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<B> Ord for Due<B> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.at.cmp(&self.at)
+    }
+}
 
 /// Keeps every endpoint of a balancer connected from the balancer's task: each connection attempt runs as a
 /// task of its own while it lasts (so a large update's attempts use every runtime thread), and an endpoint
-/// waiting to retry is an entry in a timer map rather than a sleeping task (a task in backoff costs about
-/// half a kilobyte; 10,000 unreachable endpoints would hold 5 MB of them).
+/// waiting to retry is a 16-byte entry in a timer heap rather than a sleeping task (a task in backoff costs
+/// about half a kilobyte; 10,000 unreachable endpoints would hold 5 MB of them).
 ///
 /// Per endpoint: connect (bounded by the connect timeout); on success it is READY until the connection
 /// closes, then reconnects at once if the connection lived a second or more, else after the backoff; on
@@ -344,11 +409,12 @@ pub(super) struct Connections<B, C> {
     attempting: usize,
     /// Resolve when an open connection closes: (endpoint, when it opened).
     open: FuturesUnordered<BoxFuture<'static, (Arc<Handle<B>>, Instant)>>,
-    /// Endpoints waiting to retry: (due, sequence) → (endpoint, backoff of the attempt after).
-    waiting: BTreeMap<RetryKey, Retry<B>>,
-    sequence: u64,
+    /// Endpoints waiting to retry, earliest first. Removed endpoints' entries are left in place and counted
+    /// in `stale`; they are skipped when due, and swept out once they are half the heap.
+    waiting: BinaryHeap<Due<B>>,
+    stale: usize,
     /// Endpoints due to connect while [`MAX_CONNECTING`] attempts already run, in order.
-    queued: VecDeque<Retry<B>>,
+    queued: VecDeque<Weak<Handle<B>>>,
 }
 
 /// Connection attempts one balancer runs at once. A 10,000-endpoint update then opens connections in waves
@@ -362,16 +428,16 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
             outcomes: mpsc::unbounded_channel(),
             attempting: 0,
             open: FuturesUnordered::new(),
-            waiting: BTreeMap::new(),
-            sequence: 0,
+            waiting: BinaryHeap::new(),
+            stale: 0,
             queued: VecDeque::new(),
         }
     }
 
     /// Starts connecting `handle` now, or as soon as an attempt slot frees.
-    pub(super) fn start(&mut self, state: &Arc<State<B, C>>, handle: Arc<Handle<B>>, backoff: Duration) {
+    pub(super) fn start(&mut self, state: &Arc<State<B, C>>, handle: Arc<Handle<B>>) {
         if self.attempting >= MAX_CONNECTING {
-            self.queued.push_back((Arc::downgrade(&handle), backoff));
+            self.queued.push_back(Arc::downgrade(&handle));
             return;
         }
         self.attempting += 1;
@@ -379,32 +445,38 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
         tokio::spawn(async move {
             let result = state.connect(handle.addr).await;
             // The balancer may be gone; then the connection just closes.
-            let _ = outcomes.send((handle, backoff, result));
+            let _ = outcomes.send((handle, result));
         });
     }
 
-    /// Drops what the manager holds for removed endpoints.
+    /// Accounts for removed (stopped) endpoints: their retry entries are now stale, and swept out when
+    /// stale entries make up half the heap.
     pub(super) fn forget(&mut self, gone: &[Arc<Handle<B>>]) {
         for handle in gone {
-            if let Some(key) = lock(&handle.retry).take() {
-                self.waiting.remove(&key);
+            if handle.flags.fetch_and(!WAITING, Ordering::AcqRel) & WAITING != 0 {
+                self.stale += 1;
             }
+        }
+        if self.stale > 64 && self.stale * 2 > self.waiting.len() {
+            self.waiting.retain(|due| due.handle.upgrade().is_some_and(|h| !h.is_stopped()));
+            self.waiting.shrink_to_fit();
+            self.stale = 0;
         }
     }
 
     /// Waits for the next connection event and handles it; `None` once the balancer is gone.
     pub(super) async fn next(&mut self) -> Option<()> {
-        let due = self.waiting.first_key_value().map(|(&(at, _), _)| at);
+        let due = self.waiting.peek().map(|d| d.at);
         tokio::select! {
             Some(attempt) = self.outcomes.1.recv() => {
                 self.attempting -= 1;
                 let state = self.state.upgrade()?;
                 self.connected(&state, attempt);
                 while self.attempting < MAX_CONNECTING
-                    && let Some((handle, backoff)) = self.queued.pop_front()
+                    && let Some(handle) = self.queued.pop_front()
                 {
                     if let Some(handle) = handle.upgrade().filter(|h| !h.is_stopped()) {
-                        self.start(&state, handle, backoff);
+                        self.start(&state, handle);
                     }
                 }
             }
@@ -415,14 +487,14 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
             () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                 let state = self.state.upgrade()?;
                 let now = tokio::time::Instant::now();
-                while let Some(entry) = self.waiting.first_entry() {
-                    if entry.key().0 > now {
-                        break;
-                    }
-                    let (handle, backoff) = entry.remove();
-                    if let Some(handle) = handle.upgrade().filter(|h| !h.is_stopped()) {
-                        lock(&handle.retry).take();
-                        self.start(&state, handle, backoff);
+                while self.waiting.peek().is_some_and(|d| d.at <= now) {
+                    let Some(due) = self.waiting.pop() else { break };
+                    match due.handle.upgrade().filter(|h| !h.is_stopped()) {
+                        Some(handle) => {
+                            handle.flags.fetch_and(!WAITING, Ordering::AcqRel);
+                            self.start(&state, handle);
+                        }
+                        None => self.stale = self.stale.saturating_sub(1),
                     }
                 }
             }
@@ -431,7 +503,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
         Some(())
     }
 
-    fn connected(&mut self, state: &Arc<State<B, C>>, (handle, backoff, result): Attempt<B>) {
+    fn connected(&mut self, state: &Arc<State<B, C>>, (handle, result): Attempt<B>) {
         if handle.is_stopped() {
             return;
         }
@@ -440,6 +512,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
             Ok((sender, closed)) => {
                 *lock(&handle.sender) = Some(sender);
                 handle.set_state(ConnState::Ready);
+                handle.backoff_us.store(micros(policy.reconnect_backoff_base), Ordering::Relaxed);
                 tracing::debug!(target_name = %state.target, addr = %handle.addr, "endpoint ready");
                 state.schedule_refresh();
                 let opened = Instant::now();
@@ -449,6 +522,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
                 }));
             }
             Err(error) => {
+                let backoff = Duration::from_micros(handle.backoff_us.load(Ordering::Relaxed).into());
                 // Loud once per failure streak, quiet on its retries: 10,000 unreachable endpoints would
                 // otherwise log 10,000 warnings per backoff round.
                 if handle.state() == ConnState::TransientFailure {
@@ -460,7 +534,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
                 handle.set_state(ConnState::TransientFailure);
                 state.schedule_refresh();
                 let next = backoff.mul_f64(1.6).min(policy.reconnect_backoff_max);
-                self.retry_later(&handle, jitter(backoff, &state.seed), next);
+                self.retry_later(handle, jitter(backoff, &state.seed), next);
             }
         }
     }
@@ -476,18 +550,18 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
         let base = state.config.connection.reconnect_backoff_base;
         // A connection that dies at once is a failure, not a reason to spin.
         if opened.elapsed() >= Duration::from_secs(1) {
-            self.start(state, handle, base);
+            self.start(state, handle);
         } else {
             let next = base.mul_f64(1.6).min(state.config.connection.reconnect_backoff_max);
-            self.retry_later(&handle, jitter(base, &state.seed), next);
+            self.retry_later(handle, jitter(base, &state.seed), next);
         }
     }
 
-    fn retry_later(&mut self, handle: &Arc<Handle<B>>, after: Duration, backoff: Duration) {
-        self.sequence += 1;
-        let key = (tokio::time::Instant::now() + after, self.sequence);
-        self.waiting.insert(key, (Arc::downgrade(handle), backoff));
-        *lock(&handle.retry) = Some(key);
+    /// Retries `handle` after `after`, with `backoff` for the attempt after that.
+    fn retry_later(&mut self, handle: Arc<Handle<B>>, after: Duration, backoff: Duration) {
+        handle.backoff_us.store(micros(backoff), Ordering::Relaxed);
+        handle.flags.fetch_or(WAITING, Ordering::AcqRel);
+        self.waiting.push(Due { at: tokio::time::Instant::now() + after, handle: Arc::downgrade(&handle) });
     }
 }
 
@@ -506,4 +580,18 @@ fn jitter(backoff: Duration, seed: &AtomicU64) -> Duration {
     let mut rng = mesh_core::lb::SplitMix64::new(seed.fetch_add(1, Ordering::Relaxed));
     let unit = mesh_core::lb::Random::next_u64(&mut rng) as f64 / u64::MAX as f64;
     backoff.mul_f64(0.8 + 0.4 * unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_endpoint_state_stays_small() {
+        // A cluster can have tens of thousands of endpoints: the handle and its retry entry are what each costs
+        // the balancer besides its list entry (issue 3's memory target).
+        let handle = std::mem::size_of::<Handle<http_body_util::Empty<bytes::Bytes>>>();
+        assert!(handle <= 96, "Handle is {handle} bytes");
+        assert_eq!(std::mem::size_of::<Due<http_body_util::Empty<bytes::Bytes>>>(), 24);
+    }
 }

@@ -44,7 +44,6 @@ mod endpoint;
 mod future;
 mod pick;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -142,7 +141,7 @@ struct Inner<B, C: Connect> {
 impl<B, C: Connect> Drop for Inner<B, C> {
     fn drop(&mut self) {
         self.discovery.abort();
-        for handle in std::mem::take(&mut *self.state.endpoints.lock().unwrap_or_else(|e| e.into_inner())).into_values() {
+        for (_, handle) in std::mem::take(&mut *self.state.endpoints.lock().unwrap_or_else(|e| e.into_inner())).iter() {
             handle.stop();
         }
     }
@@ -169,7 +168,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             config,
             connector,
             epoch: Instant::now(),
-            endpoints: Mutex::new(BTreeMap::new()),
+            endpoints: Mutex::new(Arc::default()),
             snapshot: RwLock::new(Arc::new(Snapshot::empty(ring))),
             changed: watch::channel(0).0,
             republish: Arc::new(Notify::new()),
@@ -192,11 +191,10 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
                     biased;
                     change = discover.next(), if discovering => match (change, weak.upgrade()) {
                         (Some(change), Some(state)) => {
-                            let base = state.config.connection.reconnect_backoff_base;
                             let applied = state.apply(change);
                             connections.forget(&applied.gone);
                             for handle in applied.added {
-                                connections.start(&state, handle, base);
+                                connections.start(&state, handle);
                             }
                         }
                         (None, _) => discovering = false,
@@ -274,10 +272,14 @@ impl<B: RequestBody, C: Connect> tower::Service<http::Request<B>> for Balancer<B
     }
 }
 
-/// State shared by clones, the discovery task and endpoint tasks.
-/// Endpoints by address, in address order (snapshots list them in this order, which binary searches rely on).
-type Endpoints<B> = BTreeMap<SocketAddr, Arc<Handle<B>>>;
+/// One endpoint: its latest discovery data (shared with the discovery source) and its connection.
+type Entry<B> = (Arc<Endpoint>, Arc<Handle<B>>);
 
+/// The endpoint set in address order (binary searches rely on it). Replaced whole on every change and shared
+/// by the snapshots built from it, so a connection-state refresh copies nothing.
+type List<B> = Arc<Vec<Entry<B>>>;
+
+/// State shared by clones, the discovery task and endpoint tasks.
 struct State<B, C> {
     target: String,
     config: BalancerConfig,
@@ -285,7 +287,7 @@ struct State<B, C> {
     /// Origin of the monotonic clock given to latency estimators.
     epoch: Instant,
     /// The authoritative endpoint set. Its lock also orders publications.
-    endpoints: Mutex<Endpoints<B>>,
+    endpoints: Mutex<List<B>>,
     /// What callers pick from; replaced whole on every change.
     snapshot: RwLock<Arc<Snapshot<B>>>,
     /// Generation of the latest snapshot; callers waiting for readiness watch it.
@@ -306,7 +308,7 @@ struct State<B, C> {
 struct Snapshot<B> {
     generation: u64,
     /// All endpoints, sorted by address.
-    endpoints: Vec<(Arc<Endpoint>, Arc<Handle<B>>)>,
+    endpoints: List<B>,
     /// Whether each endpoint may take traffic (connected and routable).
     ready: Vec<bool>,
     /// Indices of ready endpoints, per priority level (ascending priority).
@@ -327,7 +329,7 @@ impl<B> Snapshot<B> {
     fn empty(hashing: bool) -> Self {
         Self {
             generation: 0,
-            endpoints: Vec::new(),
+            endpoints: Arc::default(),
             ready: Vec::new(),
             levels: Vec::new(),
             priority_load: Vec::new(),

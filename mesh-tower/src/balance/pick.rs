@@ -19,7 +19,10 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     /// before the request was written, wait when nothing is ready.
     pub(super) async fn call(self: Arc<Self>, mut request: http::Request<B>) -> Result<http::Response<ResponseBody>> {
         let hash = self.request_hash(&request);
-        let observe = matches!(self.config.lb, LbPolicy::P2cEwma { .. });
+        let decay = match self.config.lb {
+            LbPolicy::P2cEwma { decay, .. } => Some(decay),
+            _ => None,
+        };
         // Set when the call first has to wait: (receiver, start, deadline).
         let mut waiting: Option<(tokio::sync::watch::Receiver<u64>, Instant, tokio::time::Instant)> = None;
         loop {
@@ -32,7 +35,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             };
             let (all_failed, known) = match picked {
                 Ok(handle) => {
-                    let sent = if observe { self.now() } else { Default::default() };
+                    let sent = if decay.is_some() { self.now() } else { Default::default() };
                     let response = match handle.send(request) {
                         Ok(response) => response,
                         Err(unsent) => {
@@ -45,9 +48,9 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                     let counting = Counting::begin(&handle);
                     match response.await {
                         Ok(response) => {
-                            if observe {
+                            if let Some(decay) = decay {
                                 let now = self.now();
-                                handle.observe(now.saturating_sub(sent), now);
+                                handle.observe(now.saturating_sub(sent), now, decay);
                             }
                             let (mut parts, body) = response.into_parts();
                             parts.extensions.insert(ServedBy(handle.addr));
@@ -153,9 +156,9 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                 let loads: Vec<u64> = (0..ready.len()).map(|i| handle(i).in_flight()).collect();
                 LeastRequest::new(*choice_count).pick(&loads, &mut self.rng())
             }
-            LbPolicy::P2cEwma { .. } => {
+            LbPolicy::P2cEwma { decay, .. } => {
                 let now = self.now();
-                p2c_by(ready.len(), &mut self.rng(), |i| handle(i).ewma_cost(now))
+                p2c_by(ready.len(), &mut self.rng(), |i| handle(i).ewma_cost(now, *decay))
             }
         }?;
         Some(handle(chosen))

@@ -104,7 +104,7 @@ pub fn dns<R: Resolve>(resolver: Arc<R>, query: DnsQuery, config: DnsConfig) -> 
                     tracing::debug!(name = st.query.name(), endpoints = answer.endpoints.len(), ttl = ?answer.ttl, "dns answer");
                     if st.last.as_ref() != Some(&answer.endpoints) {
                         st.last = Some(answer.endpoints.clone());
-                        return Some((Change::Reset(answer.endpoints), st));
+                        return Some((Change::reset(answer.endpoints), st));
                     }
                 }
                 Err(error) => {

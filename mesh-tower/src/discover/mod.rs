@@ -15,6 +15,7 @@ pub mod dns;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
@@ -22,15 +23,30 @@ use mesh_core::Endpoint;
 use tokio::sync::mpsc;
 
 /// One change to an endpoint set.
+///
+/// Endpoints travel as `Arc<Endpoint>`: the balancer keeps the source's copy instead of making its own, so an
+/// xDS cache and the balancer fed from it hold each endpoint once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// Add an endpoint, or update it (weight, locality, metadata) if its
     /// address is known.
-    Insert(Endpoint),
+    Insert(Arc<Endpoint>),
     /// Remove the endpoint with this address; in-flight requests finish.
     Remove(SocketAddr),
     /// Replace the whole set (what DNS and xDS EDS updates are).
-    Reset(Vec<Endpoint>),
+    Reset(Vec<Arc<Endpoint>>),
+}
+
+impl Change {
+    /// Adds or updates one endpoint.
+    pub fn insert(endpoint: Endpoint) -> Self {
+        Self::Insert(Arc::new(endpoint))
+    }
+
+    /// Replaces the whole set.
+    pub fn reset(endpoints: impl IntoIterator<Item = Endpoint>) -> Self {
+        Self::Reset(endpoints.into_iter().map(Arc::new).collect())
+    }
 }
 
 /// A discovery source: a stream of endpoint changes.
@@ -45,7 +61,7 @@ pub type BoxDiscover = Pin<Box<dyn Stream<Item = Change> + Send + 'static>>;
 
 /// A fixed endpoint list, reported once.
 pub fn fixed(endpoints: Vec<Endpoint>) -> BoxDiscover {
-    Box::pin(futures_util::stream::iter([Change::Reset(endpoints)]))
+    Box::pin(futures_util::stream::iter([Change::reset(endpoints)]))
 }
 
 /// A source driven by hand: changes sent on the [`ChangeSender`] reach the

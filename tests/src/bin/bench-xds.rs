@@ -9,8 +9,8 @@
 //! decoding are included), and from the moment the response arrived at the
 //! client (before decoding: the "message received"): the full
 //! N-endpoint update, and an update that changes one endpoint of the N. Also
-//! reported: resident memory growth per
-//! N endpoints (xDS cache + balancer, endpoints in connect backoff). Each
+//! reported: resident memory growth per endpoint of a client process of its
+//! own (xDS cache, then a balancer with its endpoints in connect backoff). Each
 //! measurement starts after the previous update's connection attempts have
 //! settled.
 //!
@@ -35,6 +35,9 @@ struct Args {
     /// Measured rounds of each update kind.
     #[arg(long, default_value_t = 20)]
     rounds: usize,
+    /// Internal: run as the memory probe, a client process of the ADS server at this address.
+    #[arg(long, hide = true)]
+    memory_probe: Option<String>,
 }
 
 fn addr(i: usize) -> SocketAddr {
@@ -110,25 +113,67 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((p * v.len() as f64) as usize).min(v.len() - 1)]
 }
 
+/// Runs the memory probe in a child process: it subscribes to `probe` on `ads`, reports when subscribed, and
+/// after the server pushes an `n`-endpoint assignment reports its resident-memory growth per endpoint: the xDS
+/// client's (decoded value and raw resource) and a balancer's fed from it (endpoints in connect backoff).
+async fn memory(ads: &AdsServer, n: usize) -> anyhow::Result<(f64, f64)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--memory-probe", &ads.addr().to_string(), "--endpoints", &n.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    anyhow::ensure!(lines.next_line().await?.as_deref() == Some("subscribed"), "the memory probe did not subscribe");
+    let set: Vec<SocketAddr> = (0..n).map(addr).collect();
+    ads.set(type_url::ENDPOINT, "probe", build::endpoints("probe", &set));
+    let line = lines.next_line().await?.ok_or_else(|| anyhow::anyhow!("the memory probe ended without a result"))?;
+    let (cached, balanced) = line.split_once(' ').ok_or_else(|| anyhow::anyhow!("bad probe output {line:?}"))?;
+    anyhow::ensure!(child.wait().await?.success(), "the memory probe failed");
+    Ok((cached.parse::<f64>()? / n as f64, balanced.parse::<f64>()? / n as f64))
+}
+
+/// The memory probe's side (see [`memory`]).
+async fn probe(ads: String, n: usize) -> anyhow::Result<()> {
+    let client = XdsClient::new(Bootstrap::for_server(ads, "probe"), XdsClientConfig::default());
+    let mut watch: Watch<EndpointsResource> = client.watch("probe");
+    settle().await;
+    let start = rss_bytes();
+    println!("subscribed");
+    while watch.value().is_none() {
+        watch.changed().await;
+    }
+    settle().await;
+    let cached = rss_bytes();
+    let balancer = fed_balancer("probe", &watch);
+    while balancer.endpoint_count() != n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    settle().await;
+    let balanced = rss_bytes();
+    println!("{} {}", cached.saturating_sub(start), balanced.saturating_sub(cached));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let n = args.endpoints;
+    if let Some(ads) = args.memory_probe {
+        return probe(ads, n).await;
+    }
     let ads = AdsServer::start().await?;
     let client = XdsClient::new(Bootstrap::for_server(ads.addr().to_string(), "bench"), XdsClientConfig::default());
     let mut watch: Watch<EndpointsResource> = client.watch("bench");
 
-    // Memory of one N-endpoint update in a fresh process: first the xDS client's cache alone, then a balancer
-    // taking the set (its endpoints' connects refused, in backoff).
-    settle().await;
-    let rss_start = rss_bytes();
+    // Memory of one N-endpoint update, measured in a client process of its own (so the ADS server's copies of
+    // the resource and its encoding buffers are not counted).
+    let (per_cached, per_balanced) = memory(&ads, n).await?;
     let first: Vec<SocketAddr> = (0..n).map(addr).collect();
     ads.set(type_url::ENDPOINT, "bench", build::endpoints("bench", &first));
     while watch.value().is_none() {
         watch.changed().await;
     }
-    settle().await;
-    let rss_cached = rss_bytes();
     let balancer = fed_balancer("bench", &watch);
     while balancer.endpoint_count() != n {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -136,8 +181,6 @@ async fn main() -> anyhow::Result<()> {
     settle().await;
     let rss_balanced = rss_bytes();
     let per = |from: u64, to: u64| to.saturating_sub(from) as f64 / n as f64;
-    let (per_cached, per_balanced) = (per(rss_start, rss_cached), per(rss_cached, rss_balanced));
-
     let rss_before = rss_balanced;
     let (mut full, mut full_received) = (Vec::new(), Vec::new());
     let (mut one, mut one_received) = (Vec::new(), Vec::new());
@@ -179,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
     let (tx, source) = discover::channel();
     let alone: Balancer<http_body_util::Empty<bytes::Bytes>> = Balancer::new("alone", source, quiet());
     let mut alone_updates = alone.updates();
-    tx.send(Change::Reset((0..n).map(|i| mesh_core::Endpoint::new(addr(i))).collect()));
+    tx.send(Change::reset((0..n).map(|i| mesh_core::Endpoint::new(addr(i)))));
     while alone.endpoint_count() != n {
         alone_updates.changed().await?;
     }
@@ -189,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
         let new = addr(3 * n + round);
         let seen = observe(&alone, move |a| a.contains(new));
         let t = SystemTime::now();
-        tx.send(Change::Insert(mesh_core::Endpoint::new(new)));
+        tx.send(Change::insert(mesh_core::Endpoint::new(new)));
         insert.push(joined(seen).await.duration_since(t).unwrap_or_default());
     }
     // Its 10,000 endpoints would start reconnecting (60 s backoff) during the next measurement.
@@ -233,14 +276,14 @@ async fn main() -> anyhow::Result<()> {
         println!("| {name} | {endpoints} | {samples} | {:.2?} | {:.2?} | {:.2?} | {:.2?} |", pct(v, 0.5), pct(v, 0.9), pct(v, 0.99), max);
     }
     println!();
-    println!("| resident memory, one {n}-endpoint update in a fresh process | bytes per endpoint |");
+    println!("| resident memory of a client process, one {n}-endpoint update | bytes per endpoint |");
     println!("|---|---|");
     println!("| xDS client (decoded value and raw resource) | {per_cached:.0} |");
     println!("| balancer (endpoint state; endpoints in connect backoff) | {per_balanced:.0} |");
     println!("| both | {:.0} |", per_cached + per_balanced);
     println!();
     println!(
-        "resident memory growth over the {} full replacements that followed: {:.1} MiB = {:.0} bytes per endpoint",
+        "resident memory growth of the benchmark process (ADS server and client) over the {} full replacements that followed: {:.1} MiB = {:.0} bytes per endpoint",
         2 * (args.rounds + 1),
         rss_after.saturating_sub(rss_before) as f64 / 1048576.0,
         per(rss_before, rss_after)

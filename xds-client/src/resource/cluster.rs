@@ -63,7 +63,12 @@ fn discovery(c: &ProtoCluster) -> Result<(ClusterDiscovery, Vec<Endpoint>), Stri
         }
         Ok(DiscoveryType::Static) => {
             let endpoints = match &c.load_assignment {
-                Some(la) => endpoint::convert(la).map_err(|e| format!("load_assignment: {e}"))?.endpoints,
+                Some(la) => endpoint::convert(la)
+                    .map_err(|e| format!("load_assignment: {e}"))?
+                    .endpoints
+                    .into_iter()
+                    .map(std::sync::Arc::unwrap_or_clone)
+                    .collect(),
                 None => Vec::new(),
             };
             Ok((ClusterDiscovery::Static, endpoints))

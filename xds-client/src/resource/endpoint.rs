@@ -1,18 +1,22 @@
 //! EDS: cluster load assignments (gRPC A27, A81 rules).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
 use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
-use envoy_types::pb::envoy::config::core::v3::{HealthStatus as ProtoHealth, Metadata};
+use envoy_types::pb::envoy::config::core::v3::{HealthStatus as ProtoHealth, Locality as ProtoLocality, Metadata};
+use envoy_types::pb::envoy::config::endpoint::v3::cluster_load_assignment::Policy;
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LbEndpoint};
 use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
 use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::pb::google::protobuf::value::Kind;
-use mesh_core::{DropOverload, Endpoint, EndpointSet, HealthStatus, Locality};
+use mesh_core::{DropOverload, Endpoint, EndpointSet, HealthStatus, Labels, Locality};
 use prost::Message;
+use prost::encoding::WireType;
 
 /// The endpoints of one cluster.
 #[derive(Clone, Debug)]
@@ -24,39 +28,108 @@ pub struct EndpointsResource {
 }
 
 /// Decodes and validates a `ClusterLoadAssignment`.
+///
+/// The assignment is read field by field rather than decoded whole: each `LbEndpoint` is decoded, validated
+/// and dropped before the next, so a 10,000-endpoint assignment never exists as 10,000 protobuf structs at once
+/// (their memory would outlive the update as allocator fragmentation). Endpoints of one locality share one
+/// `Locality`, and equal label sets share one copy.
 pub(crate) fn decode(bytes: &[u8]) -> Result<EndpointsResource, String> {
-    let cla = ClusterLoadAssignment::decode(bytes).map_err(|e| format!("malformed ClusterLoadAssignment: {e}"))?;
-    if cla.cluster_name.is_empty() {
+    let header = ClaHeader::decode(bytes).map_err(|e| format!("malformed ClusterLoadAssignment: {e}"))?;
+    if header.cluster_name.is_empty() {
         return Err("cluster_name: empty".into());
     }
-    let endpoints = convert(&cla)?;
-    Ok(EndpointsResource { cluster_name: cla.cluster_name, endpoints })
+    let endpoints = assemble(bytes, header.policy.as_ref())?;
+    Ok(EndpointsResource { cluster_name: header.cluster_name, endpoints })
 }
 
-/// Validates the endpoints of an assignment (also used for static clusters).
+/// Validates the endpoints of a decoded assignment (a static cluster's `load_assignment`), by the same path.
+pub(crate) fn convert(cla: &ClusterLoadAssignment) -> Result<EndpointSet, String> {
+    assemble(&cla.encode_to_vec(), cla.policy.as_ref())
+}
+
+/// The fields of a `ClusterLoadAssignment` besides its endpoints (field 2, skipped by this decode).
+#[derive(Clone, PartialEq, Message)]
+struct ClaHeader {
+    #[prost(string, tag = "1")]
+    cluster_name: String,
+    #[prost(message, optional, tag = "4")]
+    policy: Option<Policy>,
+}
+
+/// The fields of a `LocalityLbEndpoints` besides its endpoints (field 2, skipped by this decode).
+#[derive(Clone, PartialEq, Message)]
+struct LocalityHeader {
+    #[prost(message, optional, tag = "1")]
+    locality: Option<ProtoLocality>,
+    #[prost(message, optional, tag = "3")]
+    load_balancing_weight: Option<UInt32Value>,
+    #[prost(uint32, tag = "5")]
+    priority: u32,
+}
+
+/// The length-delimited occurrences of field `tag` in a protobuf message, in order, without decoding them.
+fn field_slices(mut buf: &[u8], tag: u32) -> Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let (field, wire) = prost::encoding::decode_key(&mut buf).map_err(|e| e.to_string())?;
+        let skip = match wire {
+            WireType::Varint => {
+                prost::encoding::decode_varint(&mut buf).map_err(|e| e.to_string())?;
+                0
+            }
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => {
+                let len = prost::encoding::decode_varint(&mut buf).map_err(|e| e.to_string())?;
+                usize::try_from(len).map_err(|_| "length out of range".to_owned())?
+            }
+            WireType::StartGroup | WireType::EndGroup => return Err(format!("field {field}: groups are not supported")),
+        };
+        if skip > buf.len() {
+            return Err(format!("field {field}: truncated"));
+        }
+        let (value, rest) = buf.split_at(skip);
+        if field == tag && wire == WireType::LengthDelimited {
+            out.push(value);
+        }
+        buf = rest;
+    }
+    Ok(out)
+}
+
+/// Builds and validates the endpoint set of an encoded assignment.
 ///
 /// When any locality has a weight, localities without one or with weight 0
 /// are ignored (A27) and the weights fill `locality_weights`. Priorities must
 /// be contiguous from 0, a locality may appear once per priority, addresses
 /// only once (A81), and weights may not sum past `u32::MAX` within a priority
 /// (localities) or a locality (endpoints).
-pub(crate) fn convert(cla: &ClusterLoadAssignment) -> Result<EndpointSet, String> {
-    let weighted = cla.endpoints.iter().any(|l| l.load_balancing_weight.is_some());
+fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String> {
+    let malformed = |e: String| format!("malformed ClusterLoadAssignment: {e}");
+    let localities_raw = field_slices(bytes, 2).map_err(malformed)?;
+    let mut headers = Vec::with_capacity(localities_raw.len());
+    for (i, raw) in localities_raw.iter().enumerate() {
+        headers.push(LocalityHeader::decode(*raw).map_err(|e| format!("endpoints[{i}]: malformed LocalityLbEndpoints: {e}"))?);
+    }
+    let weighted = headers.iter().any(|l| l.load_balancing_weight.is_some());
     let mut set = EndpointSet::default();
-    let mut addrs = HashSet::new();
+    // Where each endpoint came from, for naming a duplicate address.
+    let mut positions: Vec<(u32, u32)> = Vec::new();
     let mut localities = HashSet::new();
+    let mut labels: HashMap<Labels, Arc<Labels>> = HashMap::new();
     let mut priority_weights: HashMap<u32, u64> = HashMap::new();
-    for (i, l) in cla.endpoints.iter().enumerate() {
+    for (i, (l, raw)) in headers.iter().zip(&localities_raw).enumerate() {
         let weight = l.load_balancing_weight.map(|w| w.value);
         if weighted && weight.unwrap_or(0) == 0 {
             continue;
         }
-        let locality = l.locality.as_ref().map_or_else(Locality::default, |l| Locality {
-            region: l.region.clone(),
-            zone: l.zone.clone(),
-            sub_zone: l.sub_zone.clone(),
-        });
-        if !localities.insert((l.priority, locality.clone())) {
+        let locality = match &l.locality {
+            Some(l) if !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty()) => {
+                Arc::new(Locality { region: l.region.clone(), zone: l.zone.clone(), sub_zone: l.sub_zone.clone() })
+            }
+            _ => Locality::shared_default(),
+        };
+        if !localities.insert((l.priority, Arc::clone(&locality))) {
             return Err(format!("endpoints[{i}]: duplicate locality {locality:?} in priority {}", l.priority));
         }
         if let Some(w) = weight {
@@ -69,7 +142,7 @@ pub(crate) fn convert(cla: &ClusterLoadAssignment) -> Result<EndpointSet, String
                     u32::MAX
                 ));
             }
-            let first = *set.locality_weights.entry(locality.clone()).or_insert(w);
+            let first = *set.locality_weights.entry((*locality).clone()).or_insert(w);
             if first != w {
                 tracing::warn!(?locality, first, ignored = w, "locality has different weights in different priorities; keeping the first");
             }
@@ -77,23 +150,33 @@ pub(crate) fn convert(cla: &ClusterLoadAssignment) -> Result<EndpointSet, String
             priority_weights.entry(l.priority).or_default();
         }
         let mut endpoint_weights = 0u64;
-        for (j, e) in l.lb_endpoints.iter().enumerate() {
-            let ep = endpoint(e, &locality, l.priority).map_err(|e| format!("endpoints[{i}].lb_endpoints[{j}]: {e}"))?;
-            if !addrs.insert(ep.addr) {
-                return Err(format!("endpoints[{i}].lb_endpoints[{j}]: duplicate address {}", ep.addr));
-            }
+        let raw_endpoints = field_slices(raw, 2).map_err(|e| format!("endpoints[{i}]: malformed LocalityLbEndpoints: {e}"))?;
+        for (j, raw) in raw_endpoints.into_iter().enumerate() {
+            let at = |e: String| format!("endpoints[{i}].lb_endpoints[{j}]: {e}");
+            let e = LbEndpoint::decode(raw).map_err(|e| at(format!("malformed LbEndpoint: {e}")))?;
+            let ep = endpoint(&e, &locality, l.priority, &mut labels).map_err(at)?;
             endpoint_weights += u64::from(ep.weight);
-            set.endpoints.push(ep);
+            set.endpoints.push(Arc::new(ep));
+            positions.push((i as u32, j as u32));
         }
         if endpoint_weights > u64::from(u32::MAX) {
             return Err(format!("endpoints[{i}].lb_endpoints: endpoint weights sum past {}", u32::MAX));
         }
     }
+    set.endpoints.shrink_to_fit();
+    // Duplicate addresses: sort positions by address (then by order of appearance) and compare neighbours; the
+    // later of two is named.
+    let mut order: Vec<u32> = (0..set.endpoints.len() as u32).collect();
+    order.sort_unstable_by_key(|&k| (set.endpoints[k as usize].addr, k));
+    if let Some(pair) = order.windows(2).find(|w| set.endpoints[w[0] as usize].addr == set.endpoints[w[1] as usize].addr) {
+        let (i, j) = positions[pair[1] as usize];
+        return Err(format!("endpoints[{i}].lb_endpoints[{j}]: duplicate address {}", set.endpoints[pair[1] as usize].addr));
+    }
     let priorities: BTreeSet<u32> = priority_weights.into_keys().collect();
     if priorities.last().is_some_and(|&max| u64::from(max) + 1 != priorities.len() as u64) {
         return Err(format!("endpoints: priorities must be contiguous from 0, got {priorities:?}"));
     }
-    for (i, d) in cla.policy.iter().flat_map(|p| &p.drop_overloads).enumerate() {
+    for (i, d) in policy.iter().flat_map(|p| &p.drop_overloads).enumerate() {
         let parts_per_million =
             d.drop_percentage.as_ref().map_or(Ok(0), ppm).map_err(|e| format!("policy.drop_overloads[{i}].drop_percentage: {e}"))?;
         set.drop_overloads.push(DropOverload { category: d.category.clone(), parts_per_million });
@@ -112,16 +195,25 @@ fn ppm(p: &FractionalPercent) -> Result<u32, String> {
     Ok(p.numerator.saturating_mul(scale).min(1_000_000))
 }
 
-fn endpoint(e: &LbEndpoint, locality: &Locality, priority: u32) -> Result<Endpoint, String> {
+fn endpoint(
+    e: &LbEndpoint,
+    locality: &Arc<Locality>,
+    priority: u32,
+    labels: &mut HashMap<Labels, Arc<Labels>>,
+) -> Result<Endpoint, String> {
     let (host, port) = host_port(e)?;
     let ip: IpAddr = host.parse().map_err(|_| format!("endpoint.address.socket_address.address: {host:?} is not an IP address"))?;
+    let metadata = match e.metadata.as_ref().map(flatten) {
+        Some(m) if !m.is_empty() => Arc::clone(labels.entry(m).or_insert_with_key(|m| Arc::new(m.clone()))),
+        _ => mesh_core::model::no_labels(),
+    };
     let ep = Endpoint {
         addr: SocketAddr::new(ip, port),
         weight: e.load_balancing_weight.map_or(1, |w| w.value).max(1),
-        locality: locality.clone(),
+        locality: Arc::clone(locality),
         priority,
         health: health(e.health_status),
-        metadata: e.metadata.as_ref().map(flatten).unwrap_or_default(),
+        metadata,
     };
     ep.validate().map_err(|e| format!("endpoint.address: {e}"))?;
     Ok(ep)
@@ -164,8 +256,8 @@ fn health(status: i32) -> HealthStatus {
 }
 
 /// String values of `filter_metadata` as `namespace.key` labels.
-fn flatten(m: &Metadata) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
+fn flatten(m: &Metadata) -> Labels {
+    let mut out = Labels::new();
     for (ns, fields) in &m.filter_metadata {
         for (key, value) in &fields.fields {
             if let Some(Kind::StringValue(s)) = &value.kind {
