@@ -82,7 +82,7 @@ impl HealthStatus {
 
 /// One network endpoint of a service.
 ///
-/// Compact (64 bytes) because a cluster can have tens of thousands: the
+/// Compact (56 bytes) because a cluster can have tens of thousands: the
 /// locality and the labels are shared, so endpoints of one locality, or
 /// without labels, point at one copy. Discovery hands endpoints around as
 /// `Arc<Endpoint>`, so the xDS cache and a balancer share each one too.
@@ -94,8 +94,9 @@ pub struct Endpoint {
     pub weight: u32,
     /// Where the endpoint runs (shared by the endpoints of one locality).
     pub locality: Arc<Locality>,
-    /// Priority level (0 is preferred; higher levels take traffic on failover).
-    pub priority: u32,
+    /// Priority level (0 is preferred; higher levels take traffic on failover). Levels are contiguous from 0
+    /// (gRPC's rule), so 16 bits are plenty and keep the endpoint at 56 bytes.
+    pub priority: u16,
     /// Health status reported by discovery.
     pub health: HealthStatus,
     /// Free-form labels (`version=v2`), used for subsets and by policies.
@@ -444,7 +445,7 @@ mod tests {
 
     #[test]
     fn endpoints_are_compact_and_share_defaults() {
-        assert_eq!(std::mem::size_of::<Endpoint>(), 64);
+        assert_eq!(std::mem::size_of::<Endpoint>(), 56);
         let (a, b) = (Endpoint::new("127.0.0.1:80".parse().unwrap()), Endpoint::new("127.0.0.1:81".parse().unwrap()));
         assert!(Arc::ptr_eq(&a.locality, &b.locality) && Arc::ptr_eq(&a.metadata, &b.metadata));
         let labelled = a.clone().with_label("version", "v2");

@@ -178,7 +178,7 @@ fn mtls_socket() -> TransportSocket {
 pub(super) fn load_assignment(name: &str, endpoints: &[Endpoint]) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<(u32, &Locality), Vec<&Endpoint>> = BTreeMap::new();
     for e in endpoints {
-        by_locality.entry((e.priority, &e.locality)).or_default().push(e);
+        by_locality.entry((u32::from(e.priority), &*e.locality)).or_default().push(e);
     }
     let localities = by_locality
         .into_iter()

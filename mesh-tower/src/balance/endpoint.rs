@@ -1,7 +1,7 @@
 //! Per-endpoint connection management and the publication of snapshots.
 
 use std::collections::{BinaryHeap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -49,18 +49,41 @@ impl ConnState {
 /// the endpoint's discovery data lives in the balancer's list next to it, and its latency estimate is two
 /// atomics rather than a lock.
 pub(super) struct Handle<B> {
-    pub(super) addr: SocketAddr,
-    sender: Mutex<Option<SendRequest<B>>>,
-    in_flight: AtomicU64,
-    /// Peak-EWMA RTT estimate in nanoseconds (`f64` bits), and when it was last updated (nanoseconds since the
-    /// balancer's epoch).
-    ewma_estimate: AtomicU64,
+    addr: Addr,
+    /// Boxed: an endpoint in backoff (the common case in a large, partly unreachable set) pays 8 bytes for it.
+    sender: Mutex<Option<Box<SendRequest<B>>>>,
+    in_flight: AtomicU32,
+    /// Peak-EWMA RTT estimate in nanoseconds (`f32` bits: 24 bits of precision are plenty for a moving
+    /// average), and when it was last updated (nanoseconds since the balancer's epoch).
+    ewma_estimate: AtomicU32,
     ewma_stamp: AtomicU64,
     /// Backoff of the next connection attempt after a failure, in microseconds.
     backoff_us: AtomicU32,
     state: AtomicU8,
     /// [`STOPPED`] and [`WAITING`].
     flags: AtomicU8,
+}
+
+/// An address in 16 bytes instead of `SocketAddr`'s 32: IPv4 inline, IPv6 (rarer, and 28 bytes) boxed.
+enum Addr {
+    V4(SocketAddrV4),
+    V6(Box<SocketAddrV6>),
+}
+
+impl Addr {
+    fn new(addr: SocketAddr) -> Self {
+        match addr {
+            SocketAddr::V4(v4) => Self::V4(v4),
+            SocketAddr::V6(v6) => Self::V6(Box::new(v6)),
+        }
+    }
+
+    fn get(&self) -> SocketAddr {
+        match self {
+            Self::V4(v4) => SocketAddr::V4(*v4),
+            Self::V6(v6) => SocketAddr::V6(**v6),
+        }
+    }
 }
 
 /// Removed from the set: no more connection attempts.
@@ -71,15 +94,19 @@ const WAITING: u8 = 2;
 impl<B> Handle<B> {
     fn new(addr: SocketAddr, default_rtt: Duration, now: Duration, backoff: Duration) -> Self {
         Self {
-            addr,
+            addr: Addr::new(addr),
             sender: Mutex::new(None),
-            in_flight: AtomicU64::new(0),
-            ewma_estimate: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
+            in_flight: AtomicU32::new(0),
+            ewma_estimate: AtomicU32::new((default_rtt.as_nanos() as f32).to_bits()),
             ewma_stamp: AtomicU64::new(now.as_nanos() as u64),
             backoff_us: AtomicU32::new(micros(backoff)),
             state: AtomicU8::new(ConnState::Connecting as u8),
             flags: AtomicU8::new(0),
         }
+    }
+
+    pub(super) fn addr(&self) -> SocketAddr {
+        self.addr.get()
     }
 
     pub(super) fn state(&self) -> ConnState {
@@ -91,7 +118,7 @@ impl<B> Handle<B> {
     }
 
     pub(super) fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.load(Ordering::Relaxed).into()
     }
 
     pub(super) fn begin(&self) {
@@ -119,7 +146,7 @@ impl<B> Handle<B> {
     }
 
     fn ewma(&self, decay: Duration) -> PeakEwma {
-        let estimate = f64::from_bits(self.ewma_estimate.load(Ordering::Relaxed));
+        let estimate = f32::from_bits(self.ewma_estimate.load(Ordering::Relaxed)).into();
         PeakEwma::from_parts(estimate, Duration::from_nanos(self.ewma_stamp.load(Ordering::Relaxed)), decay)
     }
 
@@ -128,7 +155,7 @@ impl<B> Handle<B> {
     pub(super) fn observe(&self, rtt: Duration, now: Duration, decay: Duration) {
         let mut ewma = self.ewma(decay);
         ewma.observe(rtt, now);
-        self.ewma_estimate.store(ewma.estimate_ns().to_bits(), Ordering::Relaxed);
+        self.ewma_estimate.store((ewma.estimate_ns() as f32).to_bits(), Ordering::Relaxed);
         self.ewma_stamp.store(ewma.stamp().as_nanos() as u64, Ordering::Relaxed);
     }
 
@@ -194,6 +221,9 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                 // Stable, so of a repeated address the last one wins.
                 incoming.sort_by_key(|e| e.addr);
                 let mut list = Vec::with_capacity(incoming.len());
+                // Sized for the worst case (all new) at once: a doubling series would leave its freed buffers
+                // between the new handles.
+                added.reserve_exact(incoming.len());
                 let mut old = endpoints.iter().peekable();
                 let mut incoming = incoming.into_iter().peekable();
                 while let Some(endpoint) = incoming.next() {
@@ -224,7 +254,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         // Removed endpoints stop once the new set is published, so a large update is visible first. Calls in
         // flight on a removed endpoint drain.
         for handle in &gone {
-            tracing::debug!(addr = %handle.addr, in_flight = handle.in_flight(), "endpoint removed; draining");
+            tracing::debug!(addr = %handle.addr(), in_flight = handle.in_flight(), "endpoint removed; draining");
             handle.stop();
         }
         Applied { added, gone }
@@ -263,7 +293,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     /// held, so snapshots are published in order.
     fn publish(&self, list: &List<B>, set_changed: bool) {
         let previous = self.snapshot();
-        let mut priorities: Vec<u32> = list.iter().map(|(e, _)| e.priority).collect();
+        let mut priorities: Vec<u16> = list.iter().map(|(e, _)| e.priority).collect();
         priorities.sort_unstable();
         priorities.dedup();
         let mut levels = vec![Vec::new(); priorities.len()];
@@ -342,7 +372,9 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         if let Some(interval) = policy.keepalive_interval {
             builder.keep_alive_interval(interval).keep_alive_timeout(policy.keepalive_timeout).keep_alive_while_idle(true);
         }
-        let (sender, connection) = builder.handshake(io).await.map_err(|source| Error::Handshake { addr, source })?;
+        // Boxed: the handshake's state is large and needed only once the TCP connect succeeded, so the attempts
+        // that fail (a large unreachable set retries thousands) stay small tasks.
+        let (sender, connection) = Box::pin(builder.handshake(io)).await.map_err(|source| Error::Handshake { addr, source })?;
         let (tx, rx) = oneshot::channel();
         // The connection runs in its own task so that removing the endpoint
         // (which aborts the reconnect loop) does not cut requests in flight.
@@ -369,7 +401,8 @@ type Attempt<B> = (Arc<Handle<B>>, Result<(SendRequest<B>, oneshot::Receiver<()>
 
 /// An endpoint waiting to retry, ordered so the earliest is at the top of a max-heap.
 struct Due<B> {
-    at: tokio::time::Instant,
+    /// Nanoseconds since the manager's origin.
+    at: u64,
     handle: Weak<Handle<B>>,
 }
 
@@ -413,6 +446,8 @@ pub(super) struct Connections<B, C> {
     /// in `stale`; they are skipped when due, and swept out once they are half the heap.
     waiting: BinaryHeap<Due<B>>,
     stale: usize,
+    /// What retry times count from.
+    origin: tokio::time::Instant,
     /// Endpoints due to connect while [`MAX_CONNECTING`] attempts already run, in order.
     queued: VecDeque<Weak<Handle<B>>>,
 }
@@ -430,6 +465,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
             open: FuturesUnordered::new(),
             waiting: BinaryHeap::new(),
             stale: 0,
+            origin: tokio::time::Instant::now(),
             queued: VecDeque::new(),
         }
     }
@@ -443,7 +479,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
         self.attempting += 1;
         let (state, outcomes) = (Arc::clone(state), self.outcomes.0.clone());
         tokio::spawn(async move {
-            let result = state.connect(handle.addr).await;
+            let result = state.connect(handle.addr()).await;
             // The balancer may be gone; then the connection just closes.
             let _ = outcomes.send((handle, result));
         });
@@ -466,7 +502,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
 
     /// Waits for the next connection event and handles it; `None` once the balancer is gone.
     pub(super) async fn next(&mut self) -> Option<()> {
-        let due = self.waiting.peek().map(|d| d.at);
+        let due = self.waiting.peek().map(|d| self.origin + Duration::from_nanos(d.at));
         tokio::select! {
             Some(attempt) = self.outcomes.1.recv() => {
                 self.attempting -= 1;
@@ -479,6 +515,9 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
                         self.start(&state, handle);
                     }
                 }
+                if self.queued.is_empty() && self.queued.capacity() > 64 {
+                    self.queued = VecDeque::new();
+                }
             }
             Some((handle, opened)) = self.open.next(), if !self.open.is_empty() => {
                 let state = self.state.upgrade()?;
@@ -486,7 +525,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
             }
             () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                 let state = self.state.upgrade()?;
-                let now = tokio::time::Instant::now();
+                let now = self.origin.elapsed().as_nanos() as u64;
                 while self.waiting.peek().is_some_and(|d| d.at <= now) {
                     let Some(due) = self.waiting.pop() else { break };
                     match due.handle.upgrade().filter(|h| !h.is_stopped()) {
@@ -496,6 +535,9 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
                         }
                         None => self.stale = self.stale.saturating_sub(1),
                     }
+                }
+                if self.waiting.capacity() > 64 && self.waiting.len() * 4 < self.waiting.capacity() {
+                    self.waiting.shrink_to_fit();
                 }
             }
             else => std::future::pending::<()>().await,
@@ -510,10 +552,10 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
         let policy = &state.config.connection;
         match result {
             Ok((sender, closed)) => {
-                *lock(&handle.sender) = Some(sender);
+                *lock(&handle.sender) = Some(Box::new(sender));
                 handle.set_state(ConnState::Ready);
                 handle.backoff_us.store(micros(policy.reconnect_backoff_base), Ordering::Relaxed);
-                tracing::debug!(target_name = %state.target, addr = %handle.addr, "endpoint ready");
+                tracing::debug!(target_name = %state.target, addr = %handle.addr(), "endpoint ready");
                 state.schedule_refresh();
                 let opened = Instant::now();
                 self.open.push(Box::pin(async move {
@@ -526,9 +568,9 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
                 // Loud once per failure streak, quiet on its retries: 10,000 unreachable endpoints would
                 // otherwise log 10,000 warnings per backoff round.
                 if handle.state() == ConnState::TransientFailure {
-                    tracing::debug!(target_name = %state.target, addr = %handle.addr, %error, retry_in = ?backoff, "connect failed again");
+                    tracing::debug!(target_name = %state.target, addr = %handle.addr(), %error, retry_in = ?backoff, "connect failed again");
                 } else {
-                    tracing::warn!(target_name = %state.target, addr = %handle.addr, %error, retry_in = ?backoff, "connect failed");
+                    tracing::warn!(target_name = %state.target, addr = %handle.addr(), %error, retry_in = ?backoff, "connect failed");
                 }
                 *lock(&state.last_error) = error.to_string();
                 handle.set_state(ConnState::TransientFailure);
@@ -545,7 +587,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
             return;
         }
         handle.set_state(ConnState::Connecting);
-        tracing::debug!(target_name = %state.target, addr = %handle.addr, "connection closed; reconnecting");
+        tracing::debug!(target_name = %state.target, addr = %handle.addr(), "connection closed; reconnecting");
         state.schedule_refresh();
         let base = state.config.connection.reconnect_backoff_base;
         // A connection that dies at once is a failure, not a reason to spin.
@@ -561,7 +603,13 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
     fn retry_later(&mut self, handle: Arc<Handle<B>>, after: Duration, backoff: Duration) {
         handle.backoff_us.store(micros(backoff), Ordering::Relaxed);
         handle.flags.fetch_or(WAITING, Ordering::AcqRel);
-        self.waiting.push(Due { at: tokio::time::Instant::now() + after, handle: Arc::downgrade(&handle) });
+        if self.waiting.len() == self.waiting.capacity() {
+            // Room for every attempt still running or queued to fail too: one allocation of the right size rather
+            // than a doubling series whose freed buffers a large unreachable set would leave behind.
+            self.waiting.reserve_exact(self.attempting + self.queued.len() + 1);
+        }
+        let at = (self.origin.elapsed() + after).as_nanos() as u64;
+        self.waiting.push(Due { at, handle: Arc::downgrade(&handle) });
     }
 }
 
@@ -591,7 +639,11 @@ mod tests {
         // A cluster can have tens of thousands of endpoints: the handle and its retry entry are what each costs
         // the balancer besides its list entry (issue 3's memory target).
         let handle = std::mem::size_of::<Handle<http_body_util::Empty<bytes::Bytes>>>();
-        assert!(handle <= 96, "Handle is {handle} bytes");
-        assert_eq!(std::mem::size_of::<Due<http_body_util::Empty<bytes::Bytes>>>(), 24);
+        assert!(handle <= 56, "Handle is {handle} bytes");
+        assert_eq!(std::mem::size_of::<Due<http_body_util::Empty<bytes::Bytes>>>(), 16);
+        for addr in ["10.1.2.3:80", "[2001:db8::1]:443", "[fe80::1%2]:8080"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(Addr::new(addr).get(), addr);
+        }
     }
 }

@@ -53,19 +53,19 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                                 handle.observe(now.saturating_sub(sent), now, decay);
                             }
                             let (mut parts, body) = response.into_parts();
-                            parts.extensions.insert(ServedBy(handle.addr));
+                            parts.extensions.insert(ServedBy(handle.addr()));
                             counting.disarm();
                             return Ok(http::Response::from_parts(parts, ResponseBody::new(body, InFlight::started(handle))));
                         }
                         Err(mut error) => match error.take_message() {
                             Some(unsent) => {
-                                tracing::debug!(target_name = %self.target, addr = %handle.addr, "connection closed before send; re-picking");
+                                tracing::debug!(target_name = %self.target, addr = %handle.addr(), "connection closed before send; re-picking");
                                 request = unsent;
                                 drop(counting);
                                 self.mark_broken(&handle);
                                 continue;
                             }
-                            None => return Err(Error::Upstream { addr: handle.addr, source: error.into_error() }),
+                            None => return Err(Error::Upstream { addr: handle.addr(), source: error.into_error() }),
                         },
                     }
                 }

@@ -113,11 +113,15 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((p * v.len() as f64) as usize).min(v.len() - 1)]
 }
 
-/// Runs the memory probe in a child process: it subscribes to `probe` on `ads`, reports when subscribed, and
+/// Runs the memory probe in a child process: it warms up on a small cluster, subscribes to `probe` on `ads`,
+/// reports when subscribed, and
 /// after the server pushes an `n`-endpoint assignment reports its resident-memory growth per endpoint: the xDS
 /// client's (decoded value and raw resource) and a balancer's fed from it (endpoints in connect backoff).
 async fn memory(ads: &AdsServer, n: usize) -> anyhow::Result<(f64, f64)> {
     use tokio::io::AsyncBufReadExt;
+    // A small cluster the probe warms up with (5n..5n+200: addresses no other cluster uses).
+    let warm: Vec<SocketAddr> = (0..200).map(|i| addr(5 * n + i)).collect();
+    ads.set(type_url::ENDPOINT, "warm", build::endpoints("warm", &warm));
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .args(["--memory-probe", &ads.addr().to_string(), "--endpoints", &n.to_string()])
         .stdout(std::process::Stdio::piped())
@@ -136,6 +140,14 @@ async fn memory(ads: &AdsServer, n: usize) -> anyhow::Result<(f64, f64)> {
 /// The memory probe's side (see [`memory`]).
 async fn probe(ads: String, n: usize) -> anyhow::Result<()> {
     let client = XdsClient::new(Bootstrap::for_server(ads, "probe"), XdsClientConfig::default());
+    // Warm up first with a 200-endpoint cluster and its balancer: the runtime's threads, the xDS stream and the
+    // connection machinery then exist, and what follows measures what the 10,000 endpoints add, not one-time
+    // costs.
+    let mut warm_watch: Watch<EndpointsResource> = client.watch("warm");
+    while warm_watch.value().is_none() {
+        warm_watch.changed().await;
+    }
+    let _warm = fed_balancer("warm", &warm_watch);
     let mut watch: Watch<EndpointsResource> = client.watch("probe");
     settle().await;
     let start = rss_bytes();

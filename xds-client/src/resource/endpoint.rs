@@ -68,33 +68,46 @@ struct LocalityHeader {
 }
 
 /// The length-delimited occurrences of field `tag` in a protobuf message, in order, without decoding them.
-fn field_slices(mut buf: &[u8], tag: u32) -> Result<Vec<&[u8]>, String> {
-    let mut out = Vec::new();
-    while !buf.is_empty() {
-        let (field, wire) = prost::encoding::decode_key(&mut buf).map_err(|e| e.to_string())?;
-        let skip = match wire {
-            WireType::Varint => {
-                prost::encoding::decode_varint(&mut buf).map_err(|e| e.to_string())?;
-                0
+/// Stops after the first error.
+fn fields(mut buf: &[u8], tag: u32) -> impl Iterator<Item = Result<&[u8], String>> {
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        while !buf.is_empty() && !failed {
+            match next_field(&mut buf) {
+                Ok(Some((field, value))) if field == tag => return Some(Ok(value)),
+                Ok(_) => {}
+                Err(e) => {
+                    failed = true;
+                    return Some(Err(e));
+                }
             }
-            WireType::SixtyFourBit => 8,
-            WireType::ThirtyTwoBit => 4,
-            WireType::LengthDelimited => {
-                let len = prost::encoding::decode_varint(&mut buf).map_err(|e| e.to_string())?;
-                usize::try_from(len).map_err(|_| "length out of range".to_owned())?
-            }
-            WireType::StartGroup | WireType::EndGroup => return Err(format!("field {field}: groups are not supported")),
-        };
-        if skip > buf.len() {
-            return Err(format!("field {field}: truncated"));
         }
-        let (value, rest) = buf.split_at(skip);
-        if field == tag && wire == WireType::LengthDelimited {
-            out.push(value);
+        None
+    })
+}
+
+/// Reads one field off `buf`: its number and, when length-delimited, its bytes.
+fn next_field<'a>(buf: &mut &'a [u8]) -> Result<Option<(u32, &'a [u8])>, String> {
+    let (field, wire) = prost::encoding::decode_key(buf).map_err(|e| e.to_string())?;
+    let skip = match wire {
+        WireType::Varint => {
+            prost::encoding::decode_varint(buf).map_err(|e| e.to_string())?;
+            0
         }
-        buf = rest;
+        WireType::SixtyFourBit => 8,
+        WireType::ThirtyTwoBit => 4,
+        WireType::LengthDelimited => {
+            let len = prost::encoding::decode_varint(buf).map_err(|e| e.to_string())?;
+            usize::try_from(len).map_err(|_| "length out of range".to_owned())?
+        }
+        WireType::StartGroup | WireType::EndGroup => return Err(format!("field {field}: groups are not supported")),
+    };
+    if skip > buf.len() {
+        return Err(format!("field {field}: truncated"));
     }
-    Ok(out)
+    let (value, rest) = buf.split_at(skip);
+    *buf = rest;
+    Ok((wire == WireType::LengthDelimited).then_some((field, value)))
 }
 
 /// Builds and validates the endpoint set of an encoded assignment.
@@ -106,15 +119,17 @@ fn field_slices(mut buf: &[u8], tag: u32) -> Result<Vec<&[u8]>, String> {
 /// (localities) or a locality (endpoints).
 fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String> {
     let malformed = |e: String| format!("malformed ClusterLoadAssignment: {e}");
-    let localities_raw = field_slices(bytes, 2).map_err(malformed)?;
+    let localities_raw = fields(bytes, 2).collect::<Result<Vec<_>, _>>().map_err(malformed)?;
     let mut headers = Vec::with_capacity(localities_raw.len());
     for (i, raw) in localities_raw.iter().enumerate() {
         headers.push(LocalityHeader::decode(*raw).map_err(|e| format!("endpoints[{i}]: malformed LocalityLbEndpoints: {e}"))?);
     }
     let weighted = headers.iter().any(|l| l.load_balancing_weight.is_some());
-    let mut set = EndpointSet::default();
+    // Sized exactly up front (a cheap pass over the bytes): growing by doubling would leave freed buffers behind.
+    let total = localities_raw.iter().map(|raw| fields(raw, 2).count()).sum();
+    let mut set = EndpointSet { endpoints: Vec::with_capacity(total), ..EndpointSet::default() };
     // Where each endpoint came from, for naming a duplicate address.
-    let mut positions: Vec<(u32, u32)> = Vec::new();
+    let mut positions: Vec<(u32, u32)> = Vec::with_capacity(total);
     let mut localities = HashSet::new();
     let mut labels: HashMap<Labels, Arc<Labels>> = HashMap::new();
     let mut priority_weights: HashMap<u32, u64> = HashMap::new();
@@ -123,6 +138,9 @@ fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String
         if weighted && weight.unwrap_or(0) == 0 {
             continue;
         }
+        // Contiguous from 0 (checked below), so a priority past 16 bits cannot be valid.
+        let priority = u16::try_from(l.priority)
+            .map_err(|_| format!("endpoints[{i}].priority: {} is not below 65536 (priorities are contiguous from 0)", l.priority))?;
         let locality = match &l.locality {
             Some(l) if !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty()) => {
                 Arc::new(Locality { region: l.region.clone(), zone: l.zone.clone(), sub_zone: l.sub_zone.clone() })
@@ -150,11 +168,11 @@ fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String
             priority_weights.entry(l.priority).or_default();
         }
         let mut endpoint_weights = 0u64;
-        let raw_endpoints = field_slices(raw, 2).map_err(|e| format!("endpoints[{i}]: malformed LocalityLbEndpoints: {e}"))?;
-        for (j, raw) in raw_endpoints.into_iter().enumerate() {
+        for (j, raw) in fields(raw, 2).enumerate() {
+            let raw = raw.map_err(|e| format!("endpoints[{i}]: malformed LocalityLbEndpoints: {e}"))?;
             let at = |e: String| format!("endpoints[{i}].lb_endpoints[{j}]: {e}");
             let e = LbEndpoint::decode(raw).map_err(|e| at(format!("malformed LbEndpoint: {e}")))?;
-            let ep = endpoint(&e, &locality, l.priority, &mut labels).map_err(at)?;
+            let ep = endpoint(&e, &locality, priority, &mut labels).map_err(at)?;
             endpoint_weights += u64::from(ep.weight);
             set.endpoints.push(Arc::new(ep));
             positions.push((i as u32, j as u32));
@@ -163,7 +181,6 @@ fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String
             return Err(format!("endpoints[{i}].lb_endpoints: endpoint weights sum past {}", u32::MAX));
         }
     }
-    set.endpoints.shrink_to_fit();
     // Duplicate addresses: sort positions by address (then by order of appearance) and compare neighbours; the
     // later of two is named.
     let mut order: Vec<u32> = (0..set.endpoints.len() as u32).collect();
@@ -198,7 +215,7 @@ fn ppm(p: &FractionalPercent) -> Result<u32, String> {
 fn endpoint(
     e: &LbEndpoint,
     locality: &Arc<Locality>,
-    priority: u32,
+    priority: u16,
     labels: &mut HashMap<Labels, Arc<Labels>>,
 ) -> Result<Endpoint, String> {
     let (host, port) = host_port(e)?;
@@ -382,6 +399,7 @@ mod tests {
         let gap = cla(vec![locality("a", None, 0, vec![]), locality("b", None, 2, vec![])]);
         assert!(reason(&gap).contains("priorities must be contiguous from 0, got {0, 2}"));
         assert!(reason(&cla(vec![locality("a", None, 1, vec![])])).contains("contiguous"));
+        assert!(reason(&cla(vec![locality("a", None, 70_000, vec![])])).contains("endpoints[0].priority: 70000 is not below 65536"));
         let dup = cla(vec![locality("a", None, 0, vec![lb("10.0.0.1", 80)]), locality("b", None, 0, vec![lb("10.0.0.1", 80)])]);
         assert!(reason(&dup).contains("endpoints[1].lb_endpoints[0]: duplicate address 10.0.0.1:80"));
         assert!(reason(&cla(vec![locality("a", None, 0, vec![]), locality("a", None, 0, vec![])])).contains("duplicate locality"));
