@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use mesh_core::model::{Endpoint, Locality};
+use mesh_core::model::Endpoint;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -472,7 +472,7 @@ pub fn kube_endpoints(state: &crate::kube::KubeState, r: &KubeRef) -> Vec<Endpoi
                 _ => HealthStatus::Unhealthy,
             };
             if let Some(zone) = e.zone {
-                endpoint.locality = Locality { zone, ..Locality::default() }.into();
+                endpoint.locality = mesh_core::Locality { zone, ..Default::default() }.into();
             }
             endpoint
         })

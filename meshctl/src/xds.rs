@@ -51,6 +51,8 @@ pub(crate) async fn run(args: DumpArgs) -> ExitCode {
     while Instant::now() < deadline && !settled() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Judged before the channel is dropped: dropping it unsubscribes, which empties the dump.
+    let complete = settled();
     let resources: Vec<_> = client
         .dump()
         .into_iter()
@@ -67,5 +69,5 @@ pub(crate) async fn run(args: DumpArgs) -> ExitCode {
         .collect();
     println!("{}", json!({"target": args.target, "server": client.connected_server(), "resources": resources}));
     drop(channel);
-    if settled() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if complete { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }

@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::resource::{self, DecodeError, Resource, ResourceType};
 use crate::watch::{ResourceStatus, WatchState};
+use crate::wire::{DeltaResponse, RawAny, SotwResponse};
 
 /// gRPC status INVALID_ARGUMENT, used in NACKs.
 const INVALID_ARGUMENT: i32 = 3;
@@ -32,7 +32,7 @@ pub(crate) struct DataErrorPolicy {
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) tx: watch::Sender<WatchState>,
-    pub(crate) raw: Option<Any>,
+    pub(crate) raw: Option<RawAny>,
     pub(crate) dne_timer: Option<AbortHandle>,
 }
 
@@ -169,7 +169,7 @@ impl Cache {
 
     /// Records a SotW response's nonce (and its version when every resource was accepted) and returns the
     /// ACK, or the NACK carrying `error`. Sent before [`Cache::apply_sotw`] tells the watchers.
-    pub(crate) fn sotw_ack(&mut self, ty: ResourceType, response: &DiscoveryResponse, error: Option<String>) -> DiscoveryRequest {
+    pub(crate) fn sotw_ack(&mut self, ty: ResourceType, response: &SotwResponse, error: Option<String>) -> DiscoveryRequest {
         let state = self.state(ty);
         state.nonce = response.nonce.clone();
         if error.is_none() {
@@ -211,7 +211,7 @@ impl Cache {
     pub(crate) fn apply_delta(
         &mut self,
         ty: ResourceType,
-        response: &DeltaDiscoveryResponse,
+        response: &DeltaResponse,
         versions: &HashMap<String, String>,
         decoded: Decoded,
         received: SystemTime,
@@ -253,21 +253,21 @@ impl Cache {
 /// lock, so a large response is decoded while watchers keep subscribing.
 #[derive(Debug, Default)]
 pub(crate) struct Decoded {
-    valid: BTreeMap<String, (Resource, Any)>,
+    valid: BTreeMap<String, (Resource, RawAny)>,
     invalid: BTreeMap<String, String>,
     unnamed: Vec<String>,
 }
 
 impl Decoded {
     /// Decodes `anys`, keeping each accepted one's bytes for the config dump.
-    pub(crate) fn decode(ty: ResourceType, anys: impl IntoIterator<Item = Any>) -> Self {
+    pub(crate) fn decode(ty: ResourceType, anys: impl IntoIterator<Item = RawAny>) -> Self {
         let mut decoded = Self::default();
         for any in anys {
-            match resource::resource_name(ty, &any) {
+            match resource::resource_name_raw(ty, &any.type_url, &any.value) {
                 Err(error) => decoded.unnamed.push(error.to_string()),
-                Ok(name) => match resource::decode(ty, &any) {
+                Ok(name) => match resource::decode_raw(ty, &any.type_url, &any.value) {
                     Ok(resource) => {
-                        decoded.valid.insert(name, (resource, any));
+                        decoded.valid.insert(name, (resource, any.detached()));
                     }
                     Err(DecodeError { reason, .. }) => {
                         decoded.invalid.insert(name, reason);
@@ -284,7 +284,7 @@ impl Decoded {
     }
 }
 
-fn accept(entry: &mut Entry, resource: Resource, raw: Any, version: &str, received: SystemTime) {
+fn accept(entry: &mut Entry, resource: Resource, raw: RawAny, version: &str, received: SystemTime) {
     entry.cancel_timer();
     entry.raw = Some(raw);
     entry.update_at(received, |s| {

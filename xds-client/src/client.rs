@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{Locality as PbLocality, Node as PbNode};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -17,6 +16,7 @@ use crate::cache::{Cache, DataErrorPolicy, Decoded};
 use crate::dump::ResourceDump;
 use crate::resource::ResourceType;
 use crate::watch::{ResourceStatus, Unsubscribe, Watch, XdsResource};
+use crate::wire::{DeltaResponse, SotwResponse};
 
 /// Settings of an [`XdsClient`]: plain data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,13 +145,13 @@ enum Sender {
 
 /// Receiving half of an open ADS stream.
 enum Receiver {
-    Sotw(tonic::Streaming<DiscoveryResponse>),
-    Delta(tonic::Streaming<DeltaDiscoveryResponse>),
+    Sotw(tonic::Streaming<SotwResponse>),
+    Delta(tonic::Streaming<DeltaResponse>),
 }
 
 enum Response {
-    Sotw(DiscoveryResponse),
-    Delta(DeltaDiscoveryResponse),
+    Sotw(SotwResponse),
+    Delta(DeltaResponse),
 }
 
 impl Receiver {
@@ -232,25 +232,41 @@ async fn open_any(inner: &Inner) -> Option<(Stream, usize)> {
 
 async fn open(inner: &Inner, server: &XdsServer) -> Result<Stream, String> {
     let channel = connect(inner, server).await?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.map_err(|e| e.to_string())?;
     let node = node(&inner.bootstrap);
     if server.has_feature(FEATURE_DELTA) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        for request in initial_delta_requests(&mut lock(&inner.cache), node) {
-            let _ = tx.send(request);
-        }
-        let rx =
-            client.delta_aggregated_resources(UnboundedReceiverStream::new(rx)).await.map_err(|s| s.message().to_owned())?.into_inner();
+        let requests = initial_delta_requests(&mut lock(&inner.cache), node);
+        let (tx, rx) = call(&mut client, "DeltaAggregatedResources", requests).await?;
         Ok((Sender::Delta(tx), Receiver::Delta(rx)))
     } else {
-        let (tx, rx) = mpsc::unbounded_channel();
-        for request in initial_sotw_requests(&mut lock(&inner.cache), node) {
-            let _ = tx.send(request);
-        }
-        let rx =
-            client.stream_aggregated_resources(UnboundedReceiverStream::new(rx)).await.map_err(|s| s.message().to_owned())?.into_inner();
+        let requests = initial_sotw_requests(&mut lock(&inner.cache), node);
+        let (tx, rx) = call(&mut client, "StreamAggregatedResources", requests).await?;
         Ok((Sender::Sotw(tx), Receiver::Sotw(rx)))
     }
+}
+
+/// Opens the ADS `method` stream with `initial` requests queued. Responses decode into the client's own
+/// message types (`wire`), which keep large resources in the received buffer instead of copying them as the
+/// generated client's would.
+async fn call<Req, Resp>(
+    client: &mut tonic::client::Grpc<Channel>,
+    method: &str,
+    initial: Vec<Req>,
+) -> Result<(mpsc::UnboundedSender<Req>, tonic::Streaming<Resp>), String>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    for request in initial {
+        let _ = tx.send(request);
+    }
+    let path = format!("/envoy.service.discovery.v3.AggregatedDiscoveryService/{method}");
+    let path = http::uri::PathAndQuery::try_from(path).map_err(|e| e.to_string())?;
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    let stream = client.streaming(tonic::Request::new(UnboundedReceiverStream::new(rx)), path, codec).await;
+    Ok((tx, stream.map_err(|s| s.message().to_owned())?.into_inner()))
 }
 
 /// Connects to a control plane over TCP or, for `unix:` URIs, a Unix socket.

@@ -45,7 +45,7 @@ pub(crate) fn dump(cache: &Cache) -> Vec<ResourceDump> {
                 status: s.status.clone(),
                 error: s.error.clone(),
                 last_updated: s.updated,
-                raw: entry.raw.clone(),
+                raw: entry.raw.as_ref().map(crate::wire::RawAny::to_any),
             });
         }
     }

@@ -55,6 +55,7 @@ mod dump;
 mod error;
 pub mod resource;
 mod watch;
+mod wire;
 
 pub use bootstrap::Bootstrap;
 pub use client::{XdsClient, XdsClientConfig};

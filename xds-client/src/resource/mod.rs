@@ -144,45 +144,60 @@ struct TypedStruct {
     type_url: String,
 }
 
+/// A resource's bytes, taken out of a discovery `Resource` wrapper when it came in one.
+struct Unwrapped<'a> {
+    value: Cow<'a, [u8]>,
+    wrapper_name: Option<String>,
+}
+
 /// Unwraps a discovery `Resource` wrapper and checks the type URL; returns
-/// the resource and the wrapper's name, if any.
-fn unwrap(ty: ResourceType, any: &Any) -> Result<(Cow<'_, Any>, Option<String>), DecodeError> {
-    let (any, wrapper_name) = if any.type_url == WRAPPER_TYPE_URL {
-        let w = Wrapper::decode(any.value.as_slice())
-            .map_err(|e| DecodeError { name: None, reason: format!("malformed Resource wrapper: {e}") })?;
+/// the resource's bytes and the wrapper's name, if any.
+fn unwrap<'a>(ty: ResourceType, type_url: &str, value: &'a [u8]) -> Result<Unwrapped<'a>, DecodeError> {
+    let (inner_type_url, value, wrapper_name) = if type_url == WRAPPER_TYPE_URL {
+        let w = Wrapper::decode(value).map_err(|e| DecodeError { name: None, reason: format!("malformed Resource wrapper: {e}") })?;
         let name = Some(w.name).filter(|n| !n.is_empty());
         match w.resource {
-            Some(inner) => (Cow::Owned(inner), name),
+            Some(inner) => (Cow::Owned(inner.type_url), Cow::Owned(inner.value), name),
             None => return Err(DecodeError { name, reason: "Resource wrapper: resource is missing".into() }),
         }
     } else {
-        (Cow::Borrowed(any), None)
+        (Cow::Borrowed(type_url), Cow::Borrowed(value), None)
     };
-    if any.type_url != ty.type_url() {
-        let reason = format!("type_url {:?} is not {} ({})", any.type_url, ty.type_url(), ty.short_name());
+    if inner_type_url != ty.type_url() {
+        let reason = format!("type_url {inner_type_url:?} is not {} ({})", ty.type_url(), ty.short_name());
         return Err(DecodeError { name: wrapper_name, reason });
     }
-    Ok((any, wrapper_name))
+    Ok(Unwrapped { value, wrapper_name })
 }
 
 /// Phase 1: the resource's name (unwraps an `envoy.service.discovery.v3.Resource` wrapper whose type_url is "type.googleapis.com/envoy.service.discovery.v3.Resource"; checks the inner type_url matches `ty`).
 pub fn resource_name(ty: ResourceType, any: &Any) -> Result<String, DecodeError> {
-    let (any, wrapper_name) = unwrap(ty, any)?;
-    read_name(ty, &any, wrapper_name)
+    resource_name_raw(ty, &any.type_url, &any.value)
+}
+
+/// [`resource_name`] of a resource given as its type URL and bytes.
+pub(crate) fn resource_name_raw(ty: ResourceType, type_url: &str, value: &[u8]) -> Result<String, DecodeError> {
+    let unwrapped = unwrap(ty, type_url, value)?;
+    read_name(ty, &unwrapped.value, unwrapped.wrapper_name)
 }
 
 /// Reads field 1 of an unwrapped resource; on failure the error carries the wrapper's name.
-fn read_name(ty: ResourceType, any: &Any, wrapper_name: Option<String>) -> Result<String, DecodeError> {
-    NameOnly::decode(any.value.as_slice())
+fn read_name(ty: ResourceType, value: &[u8], wrapper_name: Option<String>) -> Result<String, DecodeError> {
+    NameOnly::decode(value)
         .map(|n| n.name)
         .map_err(|e| DecodeError { name: wrapper_name, reason: format!("malformed {} resource: {e}", ty.short_name()) })
 }
 
 /// Phase 2: decode and validate fully. Errors name the resource.
 pub fn decode(ty: ResourceType, any: &Any) -> Result<Resource, DecodeError> {
-    let (any, wrapper_name) = unwrap(ty, any)?;
-    let name = read_name(ty, &any, wrapper_name)?;
-    let bytes = any.value.as_slice();
+    decode_raw(ty, &any.type_url, &any.value)
+}
+
+/// [`decode`] of a resource given as its type URL and bytes.
+pub(crate) fn decode_raw(ty: ResourceType, type_url: &str, value: &[u8]) -> Result<Resource, DecodeError> {
+    let unwrapped = unwrap(ty, type_url, value)?;
+    let bytes: &[u8] = &unwrapped.value;
+    let name = read_name(ty, bytes, unwrapped.wrapper_name)?;
     let decoded = match ty {
         ResourceType::Listener => listener::decode(bytes).map(Resource::Listener),
         ResourceType::RouteConfiguration => route::decode(bytes).map(Resource::RouteConfiguration),
