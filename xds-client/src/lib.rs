@@ -46,6 +46,7 @@
 //! | A88 data errors keep cached values (option to fail) | yes | `tests/tests/xds_protocol.rs` |
 //! | Config dump (`XdsClient::dump`), CSDS `ClientConfig` form | yes | `tests/tests/xds_e2e.rs` (`meshctl xds-dump`); CSDS form untested |
 //! | Arbitrary bytes and well-typed junk never panic the decoders | yes | `tests/decode_props.rs` (proptest) |
+//! | Large resources kept in the received buffer (no copy); EDS decoded one endpoint at a time, endpoints shared with balancers | yes | `wire::tests`, `bench-xds` (memory per endpoint, BENCHMARKS.md) |
 #![forbid(unsafe_code)]
 
 pub mod bootstrap;
