@@ -300,5 +300,14 @@ async fn main() -> anyhow::Result<()> {
         rss_after.saturating_sub(rss_before) as f64 / 1048576.0,
         per(rss_before, rss_after)
     );
+    // The targets, judged on this run (p50 of the update times, from the response's arrival).
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    let full_p50 = pct(&mut full_received, 0.5);
+    let small_p50 = pct(&mut small_received, 0.5);
+    let bytes = per_cached + per_balanced;
+    println!();
+    println!("targets: {n}-endpoint update p50 {full_p50:.2?} ≤ 20 ms {}", verdict(full_p50 <= Duration::from_millis(20)));
+    println!("targets: one-endpoint delta update p50 {small_p50:.2?} ≤ 100 µs {}", verdict(small_p50 <= Duration::from_micros(100)));
+    println!("targets: {bytes:.0} B per endpoint ≤ 300 B {}", verdict(bytes <= 300.0));
     Ok(())
 }
