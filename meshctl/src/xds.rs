@@ -44,17 +44,15 @@ pub(crate) async fn run(args: DumpArgs) -> ExitCode {
     };
     let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
     // Settled: something subscribed, nothing still waiting for an answer.
-    let settled = || {
-        let dump = client.dump();
-        !dump.is_empty() && dump.iter().all(|r| r.status != ResourceStatus::Requested)
-    };
-    while Instant::now() < deadline && !settled() {
+    let settled = |dump: &[xds_client::ResourceDump]| !dump.is_empty() && dump.iter().all(|r| r.status != ResourceStatus::Requested);
+    let mut dump = client.dump();
+    while Instant::now() < deadline && !settled(&dump) {
         tokio::time::sleep(Duration::from_millis(50)).await;
+        dump = client.dump();
     }
-    // Judged before the channel is dropped: dropping it unsubscribes, which empties the dump.
-    let complete = settled();
-    let resources: Vec<_> = client
-        .dump()
+    // Judged on the dump that is printed, taken before the channel is dropped (dropping it unsubscribes).
+    let complete = settled(&dump);
+    let resources: Vec<_> = dump
         .into_iter()
         .map(|r| {
             json!({

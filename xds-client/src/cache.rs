@@ -262,12 +262,14 @@ impl Decoded {
     /// Decodes `anys`, keeping each accepted one's bytes for the config dump.
     pub(crate) fn decode(ty: ResourceType, anys: impl IntoIterator<Item = RawAny>) -> Self {
         let mut decoded = Self::default();
+        let anys: Vec<RawAny> = anys.into_iter().collect();
+        let response_bytes = anys.iter().map(|a| a.value.len()).sum();
         for any in anys {
             match resource::resource_name_raw(ty, &any.type_url, &any.value) {
                 Err(error) => decoded.unnamed.push(error.to_string()),
                 Ok(name) => match resource::decode_raw(ty, &any.type_url, &any.value) {
                     Ok(resource) => {
-                        decoded.valid.insert(name, (resource, any.detached()));
+                        decoded.valid.insert(name, (resource, any.detached(response_bytes)));
                     }
                     Err(DecodeError { reason, .. }) => {
                         decoded.invalid.insert(name, reason);

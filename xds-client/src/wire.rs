@@ -4,8 +4,8 @@
 //! envoy-types' `DiscoveryResponse` copies every resource into a `Vec<u8>` of its own. A large resource (a
 //! 10,000-endpoint ClusterLoadAssignment is about 300 KB) would then exist twice: in tonic's receive buffer,
 //! which keeps its capacity for the stream's life, and in the copy the cache keeps for the config dump. Here a
-//! large resource's bytes are the buffer itself (tonic starts a new one for the next message), and small ones
-//! are copied, so a small resource never pins a buffer much larger than itself.
+//! resource that is large and at least half of its response keeps the buffer itself as its bytes (tonic starts
+//! a new one for the next message); others are copied, so no resource pins a buffer much larger than itself.
 
 use bytes::Bytes;
 use envoy_types::pb::google::protobuf::Any;
@@ -20,13 +20,15 @@ pub(crate) struct RawAny {
     pub(crate) value: Bytes,
 }
 
-/// Resources at least this large keep sharing the received buffer; smaller ones are copied out of it.
+/// Resources at least this large may keep sharing the received buffer; smaller ones are copied out of it.
 const SHARE_AT: usize = 64 * 1024;
 
 impl RawAny {
-    /// The resource with bytes of its own unless it is large enough to keep the received buffer to itself.
-    pub(crate) fn detached(mut self) -> Self {
-        if self.value.len() < SHARE_AT {
+    /// The resource with bytes of its own, unless it is large and at least half of the response that carried it
+    /// (`response_bytes`: its resources' total size): then the received buffer, which holds the whole
+    /// response, is kept instead of a copy, and at most doubles what the resource costs.
+    pub(crate) fn detached(mut self, response_bytes: usize) -> Self {
+        if self.value.len() < SHARE_AT || self.value.len() * 2 < response_bytes {
             self.value = Bytes::copy_from_slice(&self.value);
         }
         self
@@ -119,11 +121,14 @@ mod tests {
     }
 
     #[test]
-    fn large_resources_share_the_received_buffer_and_small_ones_are_copied() {
+    fn large_resources_that_are_most_of_their_response_share_the_buffer_and_others_are_copied() {
         let buffer = Bytes::from(vec![7u8; 2 * SHARE_AT]);
-        let large = RawAny { type_url: "t".into(), value: buffer.slice(..SHARE_AT) }.detached();
+        let large = RawAny { type_url: "t".into(), value: buffer.slice(..SHARE_AT) }.detached(SHARE_AT + 100);
         assert_eq!(large.value.as_ptr(), buffer.as_ptr());
-        let small = RawAny { type_url: "t".into(), value: buffer.slice(..100) }.detached();
+        // As large, but a minor part of its response: copied, so it does not keep the rest alive.
+        let minor = RawAny { type_url: "t".into(), value: buffer.slice(..SHARE_AT) }.detached(3 * SHARE_AT);
+        assert_ne!(minor.value.as_ptr(), buffer.as_ptr());
+        let small = RawAny { type_url: "t".into(), value: buffer.slice(..100) }.detached(100);
         assert_ne!(small.value.as_ptr(), buffer.as_ptr());
         assert_eq!(small.value, buffer.slice(..100));
     }

@@ -50,11 +50,12 @@ impl ConnState {
 /// atomics rather than a lock.
 pub(super) struct Handle<B> {
     addr: Addr,
-    /// Boxed: an endpoint in backoff (the common case in a large, partly unreachable set) pays 8 bytes for it.
+    /// Boxed: 16 bytes with the lock instead of 24, whether connected or not.
     sender: Mutex<Option<Box<SendRequest<B>>>>,
     in_flight: AtomicU32,
-    /// Peak-EWMA RTT estimate in nanoseconds (`f32` bits: 24 bits of precision are plenty for a moving
-    /// average), and when it was last updated (nanoseconds since the balancer's epoch).
+    /// Peak-EWMA RTT estimate in nanoseconds (`f32` bits), and when it was last updated (nanoseconds since the
+    /// balancer's epoch). A sample too small to change the `f32` leaves the timestamp as it is, so its time
+    /// counts in the next sample instead of being lost (which would stall the decay at high call rates).
     ewma_estimate: AtomicU32,
     ewma_stamp: AtomicU64,
     /// Backoff of the next connection attempt after a failure, in microseconds.
@@ -154,9 +155,13 @@ impl<B> Handle<B> {
     /// lose one of them (the next one lands), which costs less than making every response path wait.
     pub(super) fn observe(&self, rtt: Duration, now: Duration, decay: Duration) {
         let mut ewma = self.ewma(decay);
+        let before = self.ewma_estimate.load(Ordering::Relaxed);
         ewma.observe(rtt, now);
-        self.ewma_estimate.store((ewma.estimate_ns() as f32).to_bits(), Ordering::Relaxed);
-        self.ewma_stamp.store(ewma.stamp().as_nanos() as u64, Ordering::Relaxed);
+        let after = (ewma.estimate_ns() as f32).to_bits();
+        if after != before {
+            self.ewma_estimate.store(after, Ordering::Relaxed);
+            self.ewma_stamp.store(ewma.stamp().as_nanos() as u64, Ordering::Relaxed);
+        }
     }
 
     pub(super) fn ewma_cost(&self, now: Duration, decay: Duration) -> f64 {
@@ -485,8 +490,8 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
         });
     }
 
-    /// Accounts for removed (stopped) endpoints: their retry entries are now stale, and swept out when
-    /// stale entries make up half the heap.
+    /// Accounts for removed (stopped) endpoints: their retry entries are now stale, and swept out once there
+    /// are more than 64 of them and they make up half the heap.
     pub(super) fn forget(&mut self, gone: &[Arc<Handle<B>>]) {
         for handle in gone {
             if handle.flags.fetch_and(!WAITING, Ordering::AcqRel) & WAITING != 0 {
@@ -633,6 +638,19 @@ fn jitter(backoff: Duration, seed: &AtomicU64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_estimate_keeps_converging_at_a_million_samples_a_second() {
+        // Each sample moves the estimate by less than an f32 step here; the time it covers must still count.
+        let handle: Handle<http_body_util::Empty<bytes::Bytes>> =
+            Handle::new("10.0.0.1:80".parse().unwrap(), Duration::from_millis(30), Duration::ZERO, Duration::from_secs(1));
+        let (rtt, decay) = (Duration::from_millis(1), Duration::from_secs(1));
+        for i in 1..=10_000_000u64 {
+            handle.observe(rtt, Duration::from_micros(i), decay);
+        }
+        let estimate = handle.ewma(decay).estimate();
+        assert!(estimate < Duration::from_micros(1010), "estimate stalled at {estimate:?}");
+    }
 
     #[test]
     fn per_endpoint_state_stays_small() {

@@ -73,7 +73,7 @@ fn fields(mut buf: &[u8], tag: u32) -> impl Iterator<Item = Result<&[u8], String
     let mut failed = false;
     std::iter::from_fn(move || {
         while !buf.is_empty() && !failed {
-            match next_field(&mut buf) {
+            match next_field(&mut buf, tag) {
                 Ok(Some((field, value))) if field == tag => return Some(Ok(value)),
                 Ok(_) => {}
                 Err(e) => {
@@ -86,28 +86,23 @@ fn fields(mut buf: &[u8], tag: u32) -> impl Iterator<Item = Result<&[u8], String
     })
 }
 
-/// Reads one field off `buf`: its number and, when length-delimited, its bytes.
-fn next_field<'a>(buf: &mut &'a [u8]) -> Result<Option<(u32, &'a [u8])>, String> {
+/// Reads one field off `buf`: its number and, when length-delimited, its bytes. Other fields (groups
+/// included) are skipped as prost skips unknown fields; field `tag` must be length-delimited (a message), as
+/// a whole-message decode would also insist.
+fn next_field<'a>(buf: &mut &'a [u8], tag: u32) -> Result<Option<(u32, &'a [u8])>, String> {
     let (field, wire) = prost::encoding::decode_key(buf).map_err(|e| e.to_string())?;
-    let skip = match wire {
-        WireType::Varint => {
-            prost::encoding::decode_varint(buf).map_err(|e| e.to_string())?;
-            0
+    if wire != WireType::LengthDelimited {
+        if field == tag {
+            return Err(format!("field {field}: wire type {wire:?} where a message belongs"));
         }
-        WireType::SixtyFourBit => 8,
-        WireType::ThirtyTwoBit => 4,
-        WireType::LengthDelimited => {
-            let len = prost::encoding::decode_varint(buf).map_err(|e| e.to_string())?;
-            usize::try_from(len).map_err(|_| "length out of range".to_owned())?
-        }
-        WireType::StartGroup | WireType::EndGroup => return Err(format!("field {field}: groups are not supported")),
-    };
-    if skip > buf.len() {
-        return Err(format!("field {field}: truncated"));
+        prost::encoding::skip_field(wire, field, buf, prost::encoding::DecodeContext::default()).map_err(|e| e.to_string())?;
+        return Ok(None);
     }
-    let (value, rest) = buf.split_at(skip);
+    let len = prost::encoding::decode_varint(buf).map_err(|e| e.to_string())?;
+    let len = usize::try_from(len).ok().filter(|&len| len <= buf.len()).ok_or_else(|| format!("field {field}: truncated"))?;
+    let (value, rest) = buf.split_at(len);
     *buf = rest;
-    Ok((wire == WireType::LengthDelimited).then_some((field, value)))
+    Ok(Some((field, value)))
 }
 
 /// Builds and validates the endpoint set of an encoded assignment.
@@ -126,7 +121,8 @@ fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String
     }
     let weighted = headers.iter().any(|l| l.load_balancing_weight.is_some());
     // Sized exactly up front (a cheap pass over the bytes): growing by doubling would leave freed buffers behind.
-    let total = localities_raw.iter().map(|raw| fields(raw, 2).count()).sum();
+    let kept = |l: &LocalityHeader| !weighted || l.load_balancing_weight.is_some_and(|w| w.value > 0);
+    let total = headers.iter().zip(&localities_raw).filter(|(l, _)| kept(l)).map(|(_, raw)| fields(raw, 2).count()).sum();
     let mut set = EndpointSet { endpoints: Vec::with_capacity(total), ..EndpointSet::default() };
     // Where each endpoint came from, for naming a duplicate address.
     let mut positions: Vec<(u32, u32)> = Vec::with_capacity(total);
@@ -135,7 +131,7 @@ fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String
     let mut priority_weights: HashMap<u32, u64> = HashMap::new();
     for (i, (l, raw)) in headers.iter().zip(&localities_raw).enumerate() {
         let weight = l.load_balancing_weight.map(|w| w.value);
-        if weighted && weight.unwrap_or(0) == 0 {
+        if !kept(l) {
             continue;
         }
         // Contiguous from 0 (checked below), so a priority past 16 bits cannot be valid.
@@ -417,6 +413,13 @@ mod tests {
             ..Default::default()
         });
         assert!(reason(&c).contains("policy.drop_overloads[0].drop_percentage: unknown denominator 9"));
+        // Field 2 (endpoints) must be a message; unknown fields, groups included, are skipped as prost does.
+        let mut bytes = cla(vec![locality("a", None, 0, vec![lb("10.0.0.1", 80)])]).encode_to_vec();
+        bytes.extend([0x48, 0x01]); // field 9, varint 1: unknown, skipped
+        bytes.extend([0x4b, 0x08, 0x01, 0x4c]); // field 9 as a group holding field 1 = 1: skipped
+        assert_eq!(decode(&bytes).unwrap().endpoints.endpoints.len(), 1);
+        bytes.extend([0x10, 0x01]); // field 2 as a varint
+        assert!(decode(&bytes).unwrap_err().contains("field 2: wire type Varint where a message belongs"), "{:?}", decode(&bytes));
         let nameless = decode_cla(&ClusterLoadAssignment::default()).unwrap_err();
         assert_eq!((nameless.name.as_deref(), nameless.reason.as_str()), (Some(""), "cluster_name: empty"));
     }
