@@ -124,16 +124,17 @@ fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String
     let kept = |l: &LocalityHeader| !weighted || l.load_balancing_weight.is_some_and(|w| w.value > 0);
     let total = headers.iter().zip(&localities_raw).filter(|(l, _)| kept(l)).map(|(_, raw)| fields(raw, 2).count()).sum();
     let mut set = EndpointSet { endpoints: Vec::with_capacity(total), ..EndpointSet::default() };
-    // Where each endpoint came from, for naming a duplicate address.
-    let mut positions: Vec<(u32, u32)> = Vec::with_capacity(total);
+    // Where each kept locality's endpoints start in the list (locality index, first endpoint), for naming a
+    // duplicate address.
+    let mut starts: Vec<(usize, usize)> = Vec::new();
     let mut localities = HashSet::new();
     let mut labels: HashMap<Labels, Arc<Labels>> = HashMap::new();
     let mut priority_weights: HashMap<u32, u64> = HashMap::new();
     for (i, (l, raw)) in headers.iter().zip(&localities_raw).enumerate() {
-        let weight = l.load_balancing_weight.map(|w| w.value);
         if !kept(l) {
             continue;
         }
+        let weight = l.load_balancing_weight.map(|w| w.value);
         // Contiguous from 0 (checked below), so a priority past 16 bits cannot be valid.
         let priority = u16::try_from(l.priority)
             .map_err(|_| format!("endpoints[{i}].priority: {} is not below 65536 (priorities are contiguous from 0)", l.priority))?;
@@ -164,6 +165,7 @@ fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String
             priority_weights.entry(l.priority).or_default();
         }
         let mut endpoint_weights = 0u64;
+        starts.push((i, set.endpoints.len()));
         for (j, raw) in fields(raw, 2).enumerate() {
             let raw = raw.map_err(|e| format!("endpoints[{i}]: malformed LocalityLbEndpoints: {e}"))?;
             let at = |e: String| format!("endpoints[{i}].lb_endpoints[{j}]: {e}");
@@ -171,7 +173,6 @@ fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String
             let ep = endpoint(&e, &locality, priority, &mut labels).map_err(at)?;
             endpoint_weights += u64::from(ep.weight);
             set.endpoints.push(Arc::new(ep));
-            positions.push((i as u32, j as u32));
         }
         if endpoint_weights > u64::from(u32::MAX) {
             return Err(format!("endpoints[{i}].lb_endpoints: endpoint weights sum past {}", u32::MAX));
@@ -182,8 +183,9 @@ fn assemble(bytes: &[u8], policy: Option<&Policy>) -> Result<EndpointSet, String
     let mut order: Vec<u32> = (0..set.endpoints.len() as u32).collect();
     order.sort_unstable_by_key(|&k| (set.endpoints[k as usize].addr, k));
     if let Some(pair) = order.windows(2).find(|w| set.endpoints[w[0] as usize].addr == set.endpoints[w[1] as usize].addr) {
-        let (i, j) = positions[pair[1] as usize];
-        return Err(format!("endpoints[{i}].lb_endpoints[{j}]: duplicate address {}", set.endpoints[pair[1] as usize].addr));
+        let later = pair[1] as usize;
+        let (i, start) = starts[starts.partition_point(|&(_, start)| start <= later) - 1];
+        return Err(format!("endpoints[{i}].lb_endpoints[{}]: duplicate address {}", later - start, set.endpoints[later].addr));
     }
     let priorities: BTreeSet<u32> = priority_weights.into_keys().collect();
     if priorities.last().is_some_and(|&max| u64::from(max) + 1 != priorities.len() as u64) {
