@@ -244,3 +244,33 @@ async fn an_endpoint_retries_after_backoff_and_reconnects_when_its_server_return
     wait_ready(&channel, 1).await;
     assert_eq!(call(&channel, &[]).await.unwrap(), addr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_counts_in_flight_until_its_response_ends_with_trailers() {
+    use http_body_util::BodyExt;
+    use mesh_tower::balance::{Balancer, BalancerConfig};
+    use tower::ServiceExt;
+
+    let server = EchoServer::start(Duration::ZERO).await.unwrap();
+    let balancer = Balancer::new("in-flight", discover::fixed(vec![Endpoint::new(server.addr)]), BalancerConfig::default());
+    let in_flight = || balancer.endpoints().iter().map(|e| e.in_flight).sum::<u64>();
+    // A gRPC message: uncompressed flag, big-endian length, payload.
+    let message = bytes::Bytes::from_static(&[0, 0, 0, 0, 2, b'h', b'i']);
+    let request = http::Request::post(format!("http://{}{}", server.addr, mesh_tests::echo::METHOD))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(message))
+        .unwrap();
+    let response = balancer.clone().oneshot(request).await.unwrap();
+    assert_eq!(in_flight(), 1, "the call is in flight while its response body is unread");
+    let mut body = response.into_body();
+    let data = body.frame().await.unwrap().unwrap();
+    assert!(data.is_data());
+    assert_eq!(in_flight(), 1, "the call is in flight until its body ends");
+    let trailers = body.frame().await.unwrap().unwrap();
+    assert!(trailers.is_trailers(), "an echo reply ends with trailers");
+    // The body is still alive: the trailers alone end the call.
+    assert_eq!(in_flight(), 0, "trailers are the last frame: the call is no longer in flight");
+    drop(body);
+    assert_eq!(in_flight(), 0);
+}

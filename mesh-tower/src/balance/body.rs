@@ -83,7 +83,15 @@ impl Body for ResponseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) || self.inner.is_end_stream() {
+        // The request ends with the body's last frame: trailers are always last in HTTP/2, and a body without
+        // them ends when it yields `None` or is dropped. Not `is_end_stream()`: on HTTP/2 it takes the
+        // connection-wide stream lock, which every call on the connection contends for.
+        let last = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Pending => false,
+        };
+        if last {
             self.in_flight = None;
         }
         polled

@@ -35,6 +35,9 @@ struct Args {
     /// Run only variants whose name contains this (for profiling).
     #[arg(long)]
     only: Option<String>,
+    /// Run only the variants `--only` selects, without the tonic baseline (for profiling one client).
+    #[arg(long)]
+    solo: bool,
     /// Concurrency levels.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     concurrency: Vec<usize>,
@@ -131,6 +134,43 @@ fn stats(mut s: Sample) -> Stats {
     Stats { p50: pct(0.50), p99: pct(0.99), rps: s.calls as f64 / s.wall.as_secs_f64(), cpu_us: s.cpu.as_secs_f64() * 1e6 / s.calls as f64 }
 }
 
+/// One hyper HTTP/2 connection and nothing else, as a service generated clients accept.
+async fn raw_hyper(
+    addr: std::net::SocketAddr,
+    mesh_connector: bool,
+) -> anyhow::Result<
+    impl tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<hyper::body::Incoming>,
+        Error = hyper::Error,
+        Future = impl Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>> + Send,
+    > + Clone
+    + Send
+    + 'static,
+> {
+    use mesh_tower::connect::Connect;
+    let io = if mesh_connector {
+        mesh_tower::connect::TcpConnector::from_policy(&Default::default()).connect(addr).await?
+    } else {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        hyper_util::rt::TokioIo::new(stream)
+    };
+    let mut builder = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.timer(hyper_util::rt::TokioTimer::new());
+    let (sender, connection) = builder.handshake(io).await?;
+    tokio::spawn(connection);
+    let authority: http::uri::Authority = addr.to_string().parse()?;
+    Ok(tower::service_fn(move |mut request: http::Request<tonic::body::Body>| {
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority.clone());
+        *request.uri_mut() = http::Uri::from_parts(parts).expect("valid uri");
+        let mut sender = sender.clone();
+        async move { sender.send_request(request).await }
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let server_bin: PathBuf = std::env::current_exe()?.with_file_name("mesh-test-server");
@@ -143,10 +183,21 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let variants: Vec<(&str, Caller)> = vec![
             ("tonic Channel", caller!(tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?)),
+            // A second plain channel, run only when asked for: its ratio to the first shows the method's own bias.
+            ("tonic Channel (A/A control)", caller!(tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?)),
             (
                 "mesh Channel (p2c_ewma)",
                 caller!(mesh_tonic::Channel::builder(format!("static:///{addr}")).lb(LbPolicy::p2c_ewma()).build()?),
             ),
+            (
+                "mesh Channel (p2c_ewma, buffered)",
+                caller!(tower::buffer::Buffer::new(
+                    mesh_tonic::Channel::builder(format!("static:///{addr}")).lb(LbPolicy::p2c_ewma()).build()?,
+                    1024
+                )),
+            ),
+            ("raw hyper (plain socket)", caller!(raw_hyper(addr, false).await?)),
+            ("raw hyper (mesh connector)", caller!(raw_hyper(addr, true).await?)),
             (
                 "mesh Channel (round_robin)",
                 caller!(mesh_tonic::Channel::builder(format!("static:///{addr}")).lb(LbPolicy::RoundRobin).build()?),
@@ -164,7 +215,11 @@ fn main() -> anyhow::Result<()> {
         let variants: Vec<(&str, Caller)> = variants
             .into_iter()
             .enumerate()
-            .filter(|(i, (name, _))| *i == 0 || args.only.as_ref().is_none_or(|o| name.contains(o.as_str())))
+            .filter(|(i, (name, _))| match &args.only {
+                _ if *i == 0 => !args.solo,
+                Some(only) => name.contains(only.as_str()),
+                None => !name.contains("control"),
+            })
             .map(|(_, v)| v)
             .collect();
         // Warm every variant (connections, allocator, EWMA).
@@ -180,10 +235,17 @@ fn main() -> anyhow::Result<()> {
             // Per round, each variant's ratio to tonic in that same round:
             // pairing cancels drift in machine load between rounds.
             let mut paired: Vec<Vec<[f64; 4]>> = variants.iter().map(|_| Vec::new()).collect();
-            for _ in 0..args.rounds {
+            for r in 0..args.rounds {
                 let round: Vec<Stats> = variants.iter().map(|_| Stats::default()).collect();
                 let mut round = round;
-                for (i, (_, call)) in variants.iter().enumerate() {
+                // Odd rounds run the variants in reverse order, so whatever running first or last in a round
+                // does (a warmer server, a cooler machine) is shared alike.
+                let mut order: Vec<usize> = (0..variants.len()).collect();
+                if r % 2 == 1 {
+                    order.reverse();
+                }
+                for i in order {
+                    let call = &variants[i].1;
                     let sample = run(call.clone(), c, args.seconds).await;
                     round[i] = stats(sample.clone());
                     merge(&mut samples[i], sample);
