@@ -4,7 +4,10 @@
 //!
 //! `cargo run --release -p mesh-tests --bin bench-channel -- [--seconds S] [--rounds R]`
 //!
-//! Variants alternate round by round so machine noise hits both alike.
+//! Every round runs every variant once, in reverse order on odd rounds, so machine noise and position in the
+//! round hit all alike; ratios are per round, then the median over rounds.
+//! Diagnostic variants (an A/A control, raw hyper connections, the mesh channel behind a tower `Buffer`) run
+//! only when `--only` names them, e.g. `--only "p2c_ewma),control"`; `--solo` drops the tonic baseline (for profiling).
 //! Prints a Markdown table: p50/p99 latency, throughput, client CPU per call,
 //! and the mesh/plain ratios.
 
@@ -29,12 +32,15 @@ struct Args {
     /// Seconds measured per variant per round.
     #[arg(long, default_value_t = 1.5)]
     seconds: f64,
+    /// Seconds each variant runs unmeasured before each measurement (connection, allocator, latency estimate).
+    #[arg(long, default_value_t = 0.3)]
+    warm: f64,
     /// Rounds (each runs every variant once).
     #[arg(long, default_value_t = 8)]
     rounds: u32,
-    /// Run only variants whose name contains this (for profiling).
-    #[arg(long)]
-    only: Option<String>,
+    /// Run only variants whose name contains one of these (comma-separated), besides the tonic baseline.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
     /// Run only the variants `--only` selects, without the tonic baseline (for profiling one client).
     #[arg(long)]
     solo: bool,
@@ -171,6 +177,35 @@ async fn raw_hyper(
     }))
 }
 
+/// The clients compared, baseline first. Diagnostic ones (ending in "[diag]") run only when `--only` names them.
+const VARIANTS: [&str; 8] = [
+    "tonic Channel",
+    "mesh Channel (p2c_ewma)",
+    "mesh Channel (round_robin)",
+    "mesh Channel (p2c_ewma, HTTP/2 PING keepalive 10 s)",
+    // A second plain channel: its ratio to the first shows the method's own noise.
+    "tonic Channel (A/A control) [diag]",
+    "mesh Channel (p2c_ewma, behind tower Buffer like tonic) [diag]",
+    "raw hyper connection, plain socket [diag]",
+    "raw hyper connection, mesh connector [diag]",
+];
+
+/// Builds variant `i` of [`VARIANTS`], connected to `addr`.
+async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller> {
+    let mesh = || mesh_tonic::Channel::builder(format!("static:///{addr}"));
+    let tonic = async || anyhow::Ok(tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+    Ok(match i {
+        0 | 4 => caller!(tonic().await?),
+        1 => caller!(mesh().lb(LbPolicy::p2c_ewma()).build()?),
+        2 => caller!(mesh().lb(LbPolicy::RoundRobin).build()?),
+        3 => caller!(mesh().lb(LbPolicy::p2c_ewma()).http2_keepalive(Some(Duration::from_secs(10))).build()?),
+        5 => caller!(tower::buffer::Buffer::new(mesh().lb(LbPolicy::p2c_ewma()).build()?, 1024)),
+        6 => caller!(raw_hyper(addr, false).await?),
+        7 => caller!(raw_hyper(addr, true).await?),
+        _ => anyhow::bail!("no variant {i}"),
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let server_bin: PathBuf = std::env::current_exe()?.with_file_name("mesh-test-server");
@@ -181,51 +216,16 @@ fn main() -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let variants: Vec<(&str, Caller)> = vec![
-            ("tonic Channel", caller!(tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?)),
-            // A second plain channel, run only when asked for: its ratio to the first shows the method's own bias.
-            ("tonic Channel (A/A control)", caller!(tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?)),
-            (
-                "mesh Channel (p2c_ewma)",
-                caller!(mesh_tonic::Channel::builder(format!("static:///{addr}")).lb(LbPolicy::p2c_ewma()).build()?),
-            ),
-            (
-                "mesh Channel (p2c_ewma, buffered)",
-                caller!(tower::buffer::Buffer::new(
-                    mesh_tonic::Channel::builder(format!("static:///{addr}")).lb(LbPolicy::p2c_ewma()).build()?,
-                    1024
-                )),
-            ),
-            ("raw hyper (plain socket)", caller!(raw_hyper(addr, false).await?)),
-            ("raw hyper (mesh connector)", caller!(raw_hyper(addr, true).await?)),
-            (
-                "mesh Channel (round_robin)",
-                caller!(mesh_tonic::Channel::builder(format!("static:///{addr}")).lb(LbPolicy::RoundRobin).build()?),
-            ),
-            (
-                "mesh Channel (p2c_ewma, HTTP/2 PING keepalive 10 s)",
-                caller!(
-                    mesh_tonic::Channel::builder(format!("static:///{addr}"))
-                        .lb(LbPolicy::p2c_ewma())
-                        .http2_keepalive(Some(Duration::from_secs(10)))
-                        .build()?
-                ),
-            ),
-        ];
-        let variants: Vec<(&str, Caller)> = variants
-            .into_iter()
+        let variants: Vec<(usize, &str)> = VARIANTS
+            .iter()
+            .copied()
             .enumerate()
-            .filter(|(i, (name, _))| match &args.only {
+            .filter(|(i, name)| match &args.only {
                 _ if *i == 0 => !args.solo,
-                Some(only) => name.contains(only.as_str()),
-                None => !name.contains("control"),
+                Some(only) => only.iter().any(|o| name.contains(o.as_str())),
+                None => !name.ends_with("[diag]"),
             })
-            .map(|(_, v)| v)
             .collect();
-        // Warm every variant (connections, allocator, EWMA).
-        for (_, call) in &variants {
-            run(call.clone(), 8, 1.0).await;
-        }
 
         println!("| concurrency | client | p50 µs | p99 µs | calls/s | client CPU µs/call |");
         println!("|---|---|---|---|---|---|");
@@ -245,8 +245,11 @@ fn main() -> anyhow::Result<()> {
                     order.reverse();
                 }
                 for i in order {
-                    let call = &variants[i].1;
-                    let sample = run(call.clone(), c, args.seconds).await;
+                    // A fresh channel per round, so no variant keeps a lucky or unlucky connection (which server
+                    // thread serves it, where its tasks landed) for the whole run; warmed before it is measured.
+                    let call = connect(variants[i].0, addr).await?;
+                    run(call.clone(), c, args.warm).await;
+                    let sample = run(call, c, args.seconds).await;
                     round[i] = stats(sample.clone());
                     merge(&mut samples[i], sample);
                 }
@@ -256,10 +259,10 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             let stats: Vec<Stats> = samples.into_iter().map(stats).collect();
-            for ((name, _), s) in variants.iter().zip(&stats) {
+            for ((_, name), s) in variants.iter().zip(&stats) {
                 println!("| {c} | {name} | {} | {} | {:.0} | {:.1} |", s.p50, s.p99, s.rps, s.cpu_us);
             }
-            for (i, (name, _)) in variants.iter().enumerate().skip(1) {
+            for (i, (_, name)) in variants.iter().enumerate().skip(1) {
                 let median = |k: usize| {
                     let mut v: Vec<f64> = paired[i].iter().map(|r| r[k]).collect();
                     v.sort_by(f64::total_cmp);
