@@ -4,10 +4,12 @@
 //!
 //! `cargo run --release -p mesh-tests --bin bench-channel -- [--seconds S] [--rounds R]`
 //!
-//! Every round runs every variant once, in reverse order on odd rounds, so machine noise and position in the
-//! round hit all alike; ratios are per round, then the median over rounds.
-//! Diagnostic variants (an A/A control, raw hyper connections, the mesh channel behind a tower `Buffer`) run
-//! only when `--only` names them, e.g. `--only "p2c_ewma),control"`; `--solo` drops the tonic baseline (for profiling).
+//! Every round runs every variant once, each on a fresh channel warmed before it is measured, in an order
+//! shuffled per round, so machine noise, position in the round and connection luck hit all alike. The
+//! baseline is two plain tonic channels (geometric mean per round); the second one's ratio to the first is an
+//! A/A test showing the method's own noise. Ratios are per round, then the median over rounds.
+//! Diagnostic variants (raw hyper connections, the mesh channel behind a tower `Buffer`) run only when
+//! `--only` names them, e.g. `--only "p2c_ewma),raw"`; `--solo` drops the baseline (for profiling).
 //! Prints a Markdown table: p50/p99 latency, throughput, client CPU per call,
 //! and the mesh/plain ratios.
 
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Parser;
 use mesh_core::LbPolicy;
+use mesh_core::lb::{Random, SplitMix64};
 use mesh_tests::echo::METHOD;
 use mesh_tests::peers::spawn_listening;
 use mesh_tonic::codec::BytesCodec;
@@ -36,7 +39,7 @@ struct Args {
     #[arg(long, default_value_t = 0.3)]
     warm: f64,
     /// Rounds (each runs every variant once).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     rounds: u32,
     /// Run only variants whose name contains one of these (comma-separated), besides the tonic baseline.
     #[arg(long, value_delimiter = ',')]
@@ -180,25 +183,29 @@ async fn raw_hyper(
 /// The clients compared, baseline first. Diagnostic ones (ending in "[diag]") run only when `--only` names them.
 const VARIANTS: [&str; 8] = [
     "tonic Channel",
+    // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
+    // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
+    "tonic Channel (second)",
     "mesh Channel (p2c_ewma)",
     "mesh Channel (round_robin)",
     "mesh Channel (p2c_ewma, HTTP/2 PING keepalive 10 s)",
-    // A second plain channel: its ratio to the first shows the method's own noise.
-    "tonic Channel (A/A control) [diag]",
     "mesh Channel (p2c_ewma, behind tower Buffer like tonic) [diag]",
     "raw hyper connection, plain socket [diag]",
     "raw hyper connection, mesh connector [diag]",
 ];
+
+/// Variants that form the baseline.
+const BASELINE: [usize; 2] = [0, 1];
 
 /// Builds variant `i` of [`VARIANTS`], connected to `addr`.
 async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller> {
     let mesh = || mesh_tonic::Channel::builder(format!("static:///{addr}"));
     let tonic = async || anyhow::Ok(tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?);
     Ok(match i {
-        0 | 4 => caller!(tonic().await?),
-        1 => caller!(mesh().lb(LbPolicy::p2c_ewma()).build()?),
-        2 => caller!(mesh().lb(LbPolicy::RoundRobin).build()?),
-        3 => caller!(mesh().lb(LbPolicy::p2c_ewma()).http2_keepalive(Some(Duration::from_secs(10))).build()?),
+        0 | 1 => caller!(tonic().await?),
+        2 => caller!(mesh().lb(LbPolicy::p2c_ewma()).build()?),
+        3 => caller!(mesh().lb(LbPolicy::RoundRobin).build()?),
+        4 => caller!(mesh().lb(LbPolicy::p2c_ewma()).http2_keepalive(Some(Duration::from_secs(10))).build()?),
         5 => caller!(tower::buffer::Buffer::new(mesh().lb(LbPolicy::p2c_ewma()).build()?, 1024)),
         6 => caller!(raw_hyper(addr, false).await?),
         7 => caller!(raw_hyper(addr, true).await?),
@@ -221,7 +228,7 @@ fn main() -> anyhow::Result<()> {
             .copied()
             .enumerate()
             .filter(|(i, name)| match &args.only {
-                _ if *i == 0 => !args.solo,
+                _ if BASELINE.contains(i) => !args.solo,
                 Some(only) => only.iter().any(|o| name.contains(o.as_str())),
                 None => !name.ends_with("[diag]"),
             })
@@ -232,17 +239,19 @@ fn main() -> anyhow::Result<()> {
         let mut ratios = Vec::new();
         for &c in &args.concurrency {
             let mut samples: Vec<Sample> = variants.iter().map(|_| Sample::default()).collect();
-            // Per round, each variant's ratio to tonic in that same round:
-            // pairing cancels drift in machine load between rounds.
+            // Per round, each variant's ratio to the baseline in that same round: pairing cancels drift in
+            // machine load between rounds.
             let mut paired: Vec<Vec<[f64; 4]>> = variants.iter().map(|_| Vec::new()).collect();
-            for r in 0..args.rounds {
-                let round: Vec<Stats> = variants.iter().map(|_| Stats::default()).collect();
-                let mut round = round;
-                // Odd rounds run the variants in reverse order, so whatever running first or last in a round
-                // does (a warmer server, a cooler machine) is shared alike.
+            let baseline: Vec<usize> = BASELINE.iter().filter_map(|b| variants.iter().position(|(i, _)| i == b)).collect();
+            let mut shuffle = SplitMix64::new(0x0bad_5eed);
+            for _ in 0..args.rounds {
+                let mut round: Vec<Stats> = variants.iter().map(|_| Stats::default()).collect();
+                // A new order every round (the same sequence every run), so no variant keeps a position in
+                // the round or a neighbour, and whatever those do (a warmer server, a channel closing just
+                // before) is shared alike.
                 let mut order: Vec<usize> = (0..variants.len()).collect();
-                if r % 2 == 1 {
-                    order.reverse();
+                for k in (1..order.len()).rev() {
+                    order.swap(k, (shuffle.next_u64() % (k as u64 + 1)) as usize);
                 }
                 for i in order {
                     // A fresh channel per round, so no variant keeps a lucky or unlucky connection (which server
@@ -253,16 +262,25 @@ fn main() -> anyhow::Result<()> {
                     round[i] = stats(sample.clone());
                     merge(&mut samples[i], sample);
                 }
-                for i in 1..variants.len() {
-                    let (b, s) = (&round[0], &round[i]);
-                    paired[i].push([s.p50 as f64 / b.p50 as f64, s.p99 as f64 / b.p99 as f64, s.rps / b.rps, s.cpu_us / b.cpu_us]);
+                let metrics = |s: &Stats| [s.p50 as f64, s.p99 as f64, s.rps, s.cpu_us];
+                if let [first, second] = baseline[..] {
+                    let base: Vec<f64> = metrics(&round[first]).iter().zip(metrics(&round[second])).map(|(a, b)| (a * b).sqrt()).collect();
+                    for (i, s) in round.iter().enumerate() {
+                        // The second plain channel is compared with the first alone: the A/A test.
+                        let base = if i == second { metrics(&round[first]).to_vec() } else { base.clone() };
+                        let m = metrics(s);
+                        paired[i].push([m[0] / base[0], m[1] / base[1], m[2] / base[2], m[3] / base[3]]);
+                    }
                 }
             }
             let stats: Vec<Stats> = samples.into_iter().map(stats).collect();
             for ((_, name), s) in variants.iter().zip(&stats) {
                 println!("| {c} | {name} | {} | {} | {:.0} | {:.1} |", s.p50, s.p99, s.rps, s.cpu_us);
             }
-            for (i, (_, name)) in variants.iter().enumerate().skip(1) {
+            for (i, (_, name)) in variants.iter().enumerate().filter(|(i, _)| Some(i) != baseline.first()) {
+                if paired[i].is_empty() {
+                    continue;
+                }
                 let median = |k: usize| {
                     let mut v: Vec<f64> = paired[i].iter().map(|r| r[k]).collect();
                     v.sort_by(f64::total_cmp);
@@ -272,12 +290,22 @@ fn main() -> anyhow::Result<()> {
             }
         }
         println!();
-        println!("Median over rounds of each round's ratio to tonic:");
+        println!("Median over rounds of each round's ratio to plain tonic (both plain channels; the second one: to the first):");
         println!();
         println!("| concurrency | client | p50 vs tonic | p99 vs tonic | throughput vs tonic | CPU/call vs tonic |");
         println!("|---|---|---|---|---|---|");
-        for (c, name, (p50, p99, rps, cpu)) in ratios {
+        for (c, name, (p50, p99, rps, cpu)) in &ratios {
             println!("| {c} | {name} | {p50:.3} | {p99:.3} | {rps:.3} | {cpu:.3} |");
+        }
+        // The targets for the mesh channel as shipped (static discovery, P2C-EWMA), judged on this run.
+        println!();
+        let verdict = |met: bool| if met { "met" } else { "NOT met" };
+        for (c, _, (p50, _, rps, _)) in ratios.iter().filter(|(_, name, _)| *name == VARIANTS[2]) {
+            println!(
+                "targets: concurrency {c}: p50 {p50:.3}× ≤ 1.05× {}, throughput {rps:.3}× ≥ 0.95× {}",
+                verdict(*p50 <= 1.05),
+                verdict(*rps >= 0.95)
+            );
         }
         anyhow::Ok(())
     })?;
