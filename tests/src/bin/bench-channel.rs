@@ -180,7 +180,7 @@ async fn raw_hyper(
     }))
 }
 
-/// The clients compared, baseline first. Diagnostic ones (ending in "[diag]") run only when `--only` names them.
+/// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
 const VARIANTS: [&str; 8] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
