@@ -8,7 +8,8 @@
 //! shuffled per round, so machine noise, position in the round and connection luck hit all alike. The
 //! baseline is two plain tonic channels (geometric mean per round); the second one's ratio to the first is an
 //! A/A test showing the method's own noise. Ratios are per round, then the median over rounds.
-//! Diagnostic variants (raw hyper connections, the mesh channel behind a tower `Buffer`) run only when
+//! Diagnostic variants (raw hyper connections, bare or used as the balancer uses its connection; the mesh
+//! channel behind a tower `Buffer`) run only when
 //! `--only` names them, e.g. `--only "p2c_ewma),raw"`; `--solo` drops the baseline (for profiling).
 //! Prints a Markdown table: p50/p99 latency, throughput, client CPU per call,
 //! and the mesh/plain ratios.
@@ -157,6 +158,19 @@ async fn raw_hyper(
     + Send
     + 'static,
 > {
+    let (sender, authority) = hyper_connection(addr, mesh_connector).await?;
+    Ok(tower::service_fn(move |request: http::Request<tonic::body::Body>| {
+        let request = with_origin(request, &authority);
+        let mut sender = sender.clone();
+        async move { sender.send_request(request).await }
+    }))
+}
+
+/// One HTTP/2 connection to `addr` with hyper's defaults, through the mesh's TCP connector or a plain socket.
+async fn hyper_connection(
+    addr: std::net::SocketAddr,
+    mesh_connector: bool,
+) -> anyhow::Result<(hyper::client::conn::http2::SendRequest<tonic::body::Body>, http::uri::Authority)> {
     use mesh_tower::connect::Connect;
     let io = if mesh_connector {
         mesh_tower::connect::TcpConnector::from_policy(&Default::default()).connect(addr).await?
@@ -169,19 +183,68 @@ async fn raw_hyper(
     builder.timer(hyper_util::rt::TokioTimer::new());
     let (sender, connection) = builder.handshake(io).await?;
     tokio::spawn(connection);
-    let authority: http::uri::Authority = addr.to_string().parse()?;
-    Ok(tower::service_fn(move |mut request: http::Request<tonic::body::Body>| {
-        let mut parts = request.uri().clone().into_parts();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(authority.clone());
-        *request.uri_mut() = http::Uri::from_parts(parts).expect("valid uri");
-        let mut sender = sender.clone();
-        async move { sender.send_request(request).await }
+    Ok((sender, addr.to_string().parse()?))
+}
+
+/// Gives a generated client's path-only request the scheme and authority HTTP/2 needs.
+fn with_origin(mut request: http::Request<tonic::body::Body>, authority: &http::uri::Authority) -> http::Request<tonic::body::Body> {
+    let mut parts = request.uri().clone().into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    *request.uri_mut() = http::Uri::from_parts(parts).expect("valid uri");
+    request
+}
+
+/// A raw hyper connection used the way the balancer uses its connection: the sender behind a mutex, a
+/// snapshot read-locked per call, one boxed call future, the serving address in the response's extensions
+/// and a body wrapper. Tells the balancer's mechanics apart from its specifics.
+async fn balancer_like(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<
+    impl tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<Wrapped>,
+        Error = hyper::Error,
+        Future = Pin<Box<dyn Future<Output = Result<http::Response<Wrapped>, hyper::Error>> + Send>>,
+    > + Clone
+    + Send
+    + 'static,
+> {
+    use std::sync::{Mutex, RwLock};
+    let (sender, authority) = hyper_connection(addr, true).await?;
+    let sender = Arc::new(Mutex::new(sender));
+    let snapshot = Arc::new(RwLock::new(Arc::new(vec![addr])));
+    Ok(tower::service_fn(move |request: http::Request<tonic::body::Body>| {
+        let request = with_origin(request, &authority);
+        let (sender, snapshot) = (sender.clone(), snapshot.clone());
+        Box::pin(async move {
+            let served = snapshot.read().unwrap()[0];
+            let response = sender.lock().unwrap().try_send_request(request);
+            let response = response.await.map_err(|e| e.into_error())?;
+            let (mut parts, body) = response.into_parts();
+            parts.extensions.insert(served);
+            Ok(http::Response::from_parts(parts, Wrapped(body)))
+        }) as Pin<Box<dyn Future<Output = _> + Send>>
     }))
 }
 
+/// A response body passed through, as the balancer's is.
+struct Wrapped(hyper::body::Incoming);
+
+impl http_body::Body for Wrapped {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+}
+
 /// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
-const VARIANTS: [&str; 8] = [
+const VARIANTS: [&str; 9] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
     // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
@@ -192,6 +255,7 @@ const VARIANTS: [&str; 8] = [
     "mesh Channel (p2c_ewma, behind tower Buffer like tonic) [diag]",
     "raw hyper connection, plain socket [diag]",
     "raw hyper connection, mesh connector [diag]",
+    "raw hyper connection, balancer-like call path [diag]",
 ];
 
 /// Variants that form the baseline.
@@ -209,6 +273,7 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         5 => caller!(tower::buffer::Buffer::new(mesh().lb(LbPolicy::p2c_ewma()).build()?, 1024)),
         6 => caller!(raw_hyper(addr, false).await?),
         7 => caller!(raw_hyper(addr, true).await?),
+        8 => caller!(balancer_like(addr).await?),
         _ => anyhow::bail!("no variant {i}"),
     })
 }
