@@ -329,12 +329,13 @@ fn main() -> anyhow::Result<()> {
                 }
                 let metrics = |s: &Stats| [s.p50 as f64, s.p99 as f64, s.rps, s.cpu_us];
                 if let [first, second] = baseline[..] {
-                    let base: Vec<f64> = metrics(&round[first]).iter().zip(metrics(&round[second])).map(|(a, b)| (a * b).sqrt()).collect();
+                    let (a, b) = (metrics(&round[first]), metrics(&round[second]));
+                    let both: [f64; 4] = std::array::from_fn(|k| (a[k] * b[k]).sqrt());
                     for (i, s) in round.iter().enumerate() {
                         // The second plain channel is compared with the first alone: the A/A test.
-                        let base = if i == second { metrics(&round[first]).to_vec() } else { base.clone() };
+                        let base = if i == second { a } else { both };
                         let m = metrics(s);
-                        paired[i].push([m[0] / base[0], m[1] / base[1], m[2] / base[2], m[3] / base[3]]);
+                        paired[i].push(std::array::from_fn(|k| m[k] / base[k]));
                     }
                 }
             }
