@@ -11,19 +11,45 @@ use mesh_tower::discover::dns::{DnsConfig, HickoryResolver, dns};
 use mesh_tower::discover::{self, Discover};
 use tonic::Status;
 use tonic::body::Body;
+use tower::buffer::Buffer;
 
 use crate::xds::XdsRouter;
 use crate::{Error, Result, Target};
 
 /// A load-balanced gRPC channel: use it wherever a tonic `Channel` goes.
 ///
-/// Cloning is cheap; clones share connections.
-#[derive(Clone, Debug)]
+/// Cloning is cheap; clones share connections. Calls reach the balancer
+/// through a queue served by one task, as a tonic `Channel`'s do (see
+/// DESIGN.md). Generated clients poll it ready before each call, which
+/// reserves a place in the queue; a call made without that skips the queue
+/// and runs in the caller's task.
+#[derive(Debug)]
 pub struct Channel {
+    /// Also called directly by a call made without `poll_ready`, and kept for
+    /// inspection ([`Channel::endpoints`], [`Channel::get_ref`]).
     inner: Inner,
+    queue: Buffer<http::Request<Body>, Call>,
+    /// `poll_ready` reserved a place in the queue for the next call.
+    reserved: bool,
     authority: Authority,
     timeout: Option<Duration>,
 }
+
+impl Clone for Channel {
+    fn clone(&self) -> Self {
+        // A reservation belongs to the clone that made it.
+        Channel {
+            reserved: false,
+            inner: self.inner.clone(),
+            queue: self.queue.clone(),
+            authority: self.authority.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// Bound of the queue in front of the balancer: callers past it wait in `poll_ready` (tonic's default).
+const QUEUE: usize = 1024;
 
 #[derive(Clone, Debug)]
 enum Inner {
@@ -31,6 +57,24 @@ enum Inner {
     Balancer(Balancer<Body>),
     /// Routed by xDS.
     Xds(XdsRouter),
+}
+
+impl tower::Service<http::Request<Body>> for Inner {
+    type Response = http::Response<ResponseBody>;
+    type Error = Status;
+    type Future = Call;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        // Waiting for an endpoint or a route table happens per call, bounded by timeouts.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Call {
+        match self {
+            Inner::Balancer(b) => Call::Direct(tower::Service::call(b, request)),
+            Inner::Xds(router) => Call::Routed(Box::pin(router.clone().call(request))),
+        }
+    }
 }
 
 /// Builds a [`Channel`] from a target and settings.
@@ -68,6 +112,13 @@ impl Channel {
             Inner::Balancer(b) => Some(b),
             Inner::Xds(_) => None,
         }
+    }
+}
+
+impl Channel {
+    fn new(inner: Inner, authority: Authority, timeout: Option<Duration>) -> Self {
+        let queue = Buffer::new(inner.clone(), QUEUE);
+        Channel { inner, queue, reserved: false, authority, timeout }
     }
 }
 
@@ -139,7 +190,7 @@ impl ChannelBuilder {
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("authority {authority:?}: {e}") })?;
         let balancer = Balancer::new(self.target, source, self.config);
-        Ok(Channel { inner: Inner::Balancer(balancer), authority, timeout: self.timeout })
+        Ok(Channel::new(Inner::Balancer(balancer), authority, self.timeout))
     }
 
     /// Builds an `xds:///name` channel on a given xDS client.
@@ -148,7 +199,7 @@ impl ChannelBuilder {
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("name {name:?}: {e}") })?;
         let router = XdsRouter::new(client, name, self.config);
-        Ok(Channel { inner: Inner::Xds(router), authority, timeout: self.timeout })
+        Ok(Channel::new(Inner::Xds(router), authority, self.timeout))
     }
 }
 
@@ -157,8 +208,13 @@ impl tower::Service<http::Request<Body>> for Channel {
     type Error = Status;
     type Future = ResponseFuture;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        if self.reserved {
+            return Poll::Ready(Ok(()));
+        }
+        let polled = self.queue.poll_ready(cx).map_err(status_from_queue);
+        self.reserved = matches!(polled, Poll::Ready(Ok(())));
+        polled
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
@@ -171,9 +227,10 @@ impl tower::Service<http::Request<Body>> for Channel {
                 *request.uri_mut() = uri;
             }
         }
-        let inner = match &mut self.inner {
-            Inner::Balancer(b) => Call::Direct(tower::Service::call(b, request)),
-            Inner::Xds(router) => Call::Routed(Box::pin(router.clone().call(request))),
+        let inner = if std::mem::take(&mut self.reserved) {
+            Dispatch::Queued(self.queue.call(request))
+        } else {
+            Dispatch::Direct(self.inner.call(request))
         };
         ResponseFuture { inner, deadline: self.timeout.map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))) }
     }
@@ -181,13 +238,40 @@ impl tower::Service<http::Request<Body>> for Channel {
 
 /// Future of a [`Channel`] call.
 pub struct ResponseFuture {
-    inner: Call,
+    inner: Dispatch,
     deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
 
+/// How a call reached the service: through the queue, or directly.
+enum Dispatch {
+    Queued(tower::buffer::future::ResponseFuture<Call>),
+    Direct(Call),
+}
+
+/// Future of the service behind the queue.
 enum Call {
     Direct(mesh_tower::balance::ResponseFuture),
     Routed(Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, Status>> + Send>>),
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Call::Direct(_) => "Call::Direct",
+            Call::Routed(_) => "Call::Routed",
+        })
+    }
+}
+
+impl Future for Call {
+    type Output = Result<http::Response<ResponseBody>, Status>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Call::Direct(f) => Pin::new(f).poll(cx).map(|r| r.map_err(status_from)),
+            Call::Routed(f) => f.as_mut().poll(cx),
+        }
+    }
 }
 
 impl std::fmt::Debug for ResponseFuture {
@@ -201,8 +285,8 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let polled = match &mut self.inner {
-            Call::Direct(f) => Pin::new(f).poll(cx).map(|r| r.map_err(status_from)),
-            Call::Routed(f) => f.as_mut().poll(cx),
+            Dispatch::Queued(f) => Pin::new(f).poll(cx).map(|r| r.map_err(status_from_queue)),
+            Dispatch::Direct(f) => Pin::new(f).poll(cx),
         };
         if polled.is_ready() {
             return polled;
@@ -213,6 +297,15 @@ impl Future for ResponseFuture {
             return Poll::Ready(Err(Status::deadline_exceeded(format!("call exceeded the channel timeout of {limit:?}"))));
         }
         Poll::Pending
+    }
+}
+
+/// The status a call's error carries through the queue: the service's own, or
+/// UNAVAILABLE if the queue's task is gone (the runtime shutting down).
+fn status_from_queue(error: tower::BoxError) -> Status {
+    match error.downcast::<Status>() {
+        Ok(status) => *status,
+        Err(other) => Status::unavailable(format!("channel closed: {other}")),
     }
 }
 

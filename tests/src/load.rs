@@ -16,6 +16,7 @@ use crate::echo::METHOD;
 /// (checked against the reply, which is the server's own address).
 pub async fn call(channel: &Channel, headers: &[(&'static str, String)]) -> Result<SocketAddr, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await?;
     let mut request = tonic::Request::new(Bytes::from_static(b"hi"));
     for (name, value) in headers {
         request.metadata_mut().insert(*name, value.parse().unwrap());
@@ -38,6 +39,7 @@ pub struct Run {
 /// One echo call through a proxy (Envoy): returns the backend that answered, read from the reply.
 pub async fn call_via_proxy(channel: &Channel) -> Result<SocketAddr, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await?;
     let response = grpc.unary(tonic::Request::new(Bytes::from_static(b"hi")), PathAndQuery::from_static(METHOD), BytesCodec).await?;
     let reply = String::from_utf8_lossy(response.get_ref()).into_owned();
     reply.parse().map_err(|_| tonic::Status::internal(format!("reply {reply:?} is not an address")))

@@ -12,10 +12,10 @@ use tonic::codegen::http::uri::PathAndQuery;
 
 async fn call(channel: &Channel) -> Result<Bytes, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
-    let response = tokio::time::timeout(
-        Duration::from_secs(20),
-        grpc.unary(tonic::Request::new(Bytes::new()), PathAndQuery::from_static(METHOD), BytesCodec),
-    )
+    let response = tokio::time::timeout(Duration::from_secs(20), async {
+        grpc.ready().await?;
+        grpc.unary(tonic::Request::new(Bytes::new()), PathAndQuery::from_static(METHOD), BytesCodec).await
+    })
     .await
     .expect("a call must never hang");
     response.map(tonic::Response::into_inner)

@@ -274,3 +274,35 @@ async fn a_call_counts_in_flight_until_its_response_ends_with_trailers() {
     drop(body);
     assert_eq!(in_flight(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_served_with_or_without_a_reserved_place_in_the_queue() {
+    use tower::{Service, ServiceExt};
+
+    let server = EchoServer::start(Duration::ZERO).await.unwrap();
+    let mut channel = Channel::builder(static_target(&[server.addr])).build().unwrap();
+    wait_ready(&channel, 1).await;
+    let request = || {
+        // A gRPC message: uncompressed flag, big-endian length, payload.
+        let message = bytes::Bytes::from_static(&[0, 0, 0, 0, 2, b'h', b'i']);
+        http::Request::post(mesh_tests::echo::METHOD)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(http_body_util::Full::new(message)))
+            .unwrap()
+    };
+    let served = |response: http::Response<_>| response.extensions().get::<mesh_tonic::ServedBy>().map(|s| s.0);
+
+    // Polled ready: the call goes through the queue.
+    channel.ready().await.unwrap();
+    // A clone does not inherit the reservation, and a call made without one runs directly.
+    let mut clone = channel.clone();
+    assert_eq!(served(clone.call(request()).await.unwrap()), Some(server.addr));
+    assert_eq!(served(channel.call(request()).await.unwrap()), Some(server.addr));
+    // The reservation was used up: the next call without poll_ready runs directly too.
+    assert_eq!(served(channel.call(request()).await.unwrap()), Some(server.addr));
+    // Many reserved calls at once, more than the queue holds waiting.
+    let calls = (0..2000).map(|_| channel.clone().oneshot(request()));
+    let responses = futures_util::future::join_all(calls).await;
+    assert!(responses.into_iter().all(|r| served(r.unwrap()) == Some(server.addr)));
+}

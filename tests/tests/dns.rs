@@ -14,6 +14,7 @@ use tonic::codegen::http::uri::PathAndQuery;
 
 async fn call(channel: &Channel) -> Result<SocketAddr, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await?;
     let response = grpc.unary(tonic::Request::new(Bytes::new()), PathAndQuery::from_static(METHOD), BytesCodec).await?;
     Ok(response.extensions().get::<ServedBy>().expect("ServedBy").0)
 }
