@@ -2,15 +2,20 @@
 //! P2C-EWMA), unary calls with 1 KiB request and 1 KiB response to one echo
 //! server process on loopback, at concurrency 1 and 64, both in one run.
 //!
-//! `cargo run --release -p mesh-tests --bin bench-channel -- [--seconds S] [--rounds R]`
+//! `cargo run --release -p mesh-tests --bin bench-channel -- [--seconds S] [--rounds R] [--processes P]`
+//!
+//! The rounds run in several client processes, one after another, each with its own echo server (4
+//! processes of 4 rounds by default), and are pooled: whatever lasts a whole process (heap layout, where its
+//! threads landed, the server's state) tilts only that process's share of the rounds, and the per-process
+//! medians printed beside the pooled one show how large that tilt is.
 //!
 //! Every round runs every variant once, each on a fresh channel warmed before it is measured, in an order
 //! shuffled per round, so machine noise, position in the round and connection luck hit all alike. The
 //! baseline is two plain tonic channels (geometric mean per round); the second one's ratio to the first is an
 //! A/A test showing the method's own noise. Ratios are per round, then the median over rounds.
 //! Diagnostic variants (raw hyper connections, bare or used as the balancer uses its connection; the mesh
-//! channel behind a tower `Buffer`) run only when
-//! `--only` names them, e.g. `--only "p2c_ewma),raw"`; `--solo` drops the baseline (for profiling).
+//! channel called without its queue) run only when
+//! `--only` names them, e.g. `--only "p2c_ewma),raw,no queue"`; `--solo` drops the baseline (for profiling).
 //! Prints a Markdown table: p50/p99 latency, throughput, client CPU per call,
 //! and the mesh/plain ratios.
 
@@ -39,9 +44,15 @@ struct Args {
     /// Seconds each variant runs unmeasured before each measurement (connection, allocator, latency estimate).
     #[arg(long, default_value_t = 0.3)]
     warm: f64,
-    /// Rounds (each runs every variant once).
-    #[arg(long, default_value_t = 16)]
+    /// Rounds per client process (each runs every variant once).
+    #[arg(long, default_value_t = 4)]
     rounds: u32,
+    /// Client processes, run one after another, each with its own echo server; results pool their rounds.
+    #[arg(long, default_value_t = 4)]
+    processes: u32,
+    /// Internal: run as client process number N and print raw rounds.
+    #[arg(long, hide = true)]
+    child: Option<u32>,
     /// Run only variants whose name contains one of these (comma-separated), besides the tonic baseline.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
@@ -74,12 +85,17 @@ fn cpu_time() -> Duration {
 type Caller = Arc<dyn Fn(Bytes) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
 macro_rules! caller {
-    ($channel:expr) => {{
+    ($channel:expr) => {
+        caller!($channel, true)
+    };
+    // `ready: false` skips `poll_ready`, as no generated client does: the mesh channel then calls its
+    // balancer directly instead of through its queue.
+    ($channel:expr, $ready:expr) => {{
         let channel = $channel;
         let caller: Caller = Arc::new(move |payload: Bytes| {
             let mut grpc = tonic::client::Grpc::new(channel.clone());
             Box::pin(async move {
-                grpc.ready().await.is_ok()
+                (!$ready || grpc.ready().await.is_ok())
                     && grpc.unary(tonic::Request::new(payload), PathAndQuery::from_static(METHOD), BytesCodec).await.is_ok()
             })
         });
@@ -119,14 +135,6 @@ async fn run(call: Caller, concurrency: usize, seconds: f64) -> Sample {
     total.wall = start.elapsed();
     total.cpu = cpu_time().saturating_sub(cpu0);
     total
-}
-
-fn merge(into: &mut Sample, s: Sample) {
-    into.latencies_us.extend(s.latencies_us);
-    into.calls += s.calls;
-    into.wall += s.wall;
-    into.cpu += s.cpu;
-    into.errors += s.errors;
 }
 
 #[derive(Default)]
@@ -252,7 +260,7 @@ const VARIANTS: [&str; 9] = [
     "mesh Channel (p2c_ewma)",
     "mesh Channel (round_robin)",
     "mesh Channel (p2c_ewma, HTTP/2 PING keepalive 10 s)",
-    "mesh Channel (p2c_ewma, behind tower Buffer like tonic) [diag]",
+    "mesh Channel (p2c_ewma, calls not polled ready: no queue) [diag]",
     "raw hyper connection, plain socket [diag]",
     "raw hyper connection, mesh connector [diag]",
     "raw hyper connection, balancer-like call path [diag]",
@@ -270,7 +278,7 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         2 => caller!(mesh().lb(LbPolicy::p2c_ewma()).build()?),
         3 => caller!(mesh().lb(LbPolicy::RoundRobin).build()?),
         4 => caller!(mesh().lb(LbPolicy::p2c_ewma()).http2_keepalive(Some(Duration::from_secs(10))).build()?),
-        5 => caller!(tower::buffer::Buffer::new(mesh().lb(LbPolicy::p2c_ewma()).build()?, 1024)),
+        5 => caller!(mesh().lb(LbPolicy::p2c_ewma()).build()?, false),
         6 => caller!(raw_hyper(addr, false).await?),
         7 => caller!(raw_hyper(addr, true).await?),
         8 => caller!(balancer_like(addr).await?),
@@ -278,42 +286,48 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
     })
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// The variants this run measures, as `(index in VARIANTS, name)`.
+fn selected(args: &Args) -> Vec<(usize, &'static str)> {
+    VARIANTS
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(i, name)| match &args.only {
+            _ if BASELINE.contains(i) => !args.solo,
+            Some(only) => only.iter().any(|o| name.contains(o.as_str())),
+            None => !name.ends_with("[diag]"),
+        })
+        .collect()
+}
+
+/// p50 µs, p99 µs, calls/s, client CPU µs per call.
+type Metrics = [f64; 4];
+
+/// One round of one process at one concurrency: every selected variant's metrics, in [`selected`] order.
+struct Round {
+    process: u32,
+    concurrency: usize,
+    round: u32,
+    metrics: Vec<Metrics>,
+}
+
+/// A client process: starts its own echo server, runs the rounds and prints each variant's metrics per round
+/// on stdout, one line each: `round <concurrency> <round> <variant> <p50> <p99> <calls/s> <cpu>`.
+fn child(args: &Args, process: u32) -> anyhow::Result<()> {
     let server_bin: PathBuf = std::env::current_exe()?.with_file_name("mesh-test-server");
     let mut command = Command::new(&server_bin);
     command.args(["--reply-bytes", "1024"]);
     let server = spawn_listening(command)?;
     let addr = server.addr;
-
+    let variants = selected(args);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
-        let variants: Vec<(usize, &str)> = VARIANTS
-            .iter()
-            .copied()
-            .enumerate()
-            .filter(|(i, name)| match &args.only {
-                _ if BASELINE.contains(i) => !args.solo,
-                Some(only) => only.iter().any(|o| name.contains(o.as_str())),
-                None => !name.ends_with("[diag]"),
-            })
-            .collect();
-
-        println!("| concurrency | client | p50 µs | p99 µs | calls/s | client CPU µs/call |");
-        println!("|---|---|---|---|---|---|");
-        let mut ratios = Vec::new();
+    runtime.block_on(async {
+        // Each process shuffles with its own fixed sequence.
+        let mut shuffle = SplitMix64::new(0x0bad_5eed + u64::from(process));
         for &c in &args.concurrency {
-            let mut samples: Vec<Sample> = variants.iter().map(|_| Sample::default()).collect();
-            // Per round, each variant's ratio to the baseline in that same round: pairing cancels drift in
-            // machine load between rounds.
-            let mut paired: Vec<Vec<[f64; 4]>> = variants.iter().map(|_| Vec::new()).collect();
-            let baseline: Vec<usize> = BASELINE.iter().filter_map(|b| variants.iter().position(|(i, _)| i == b)).collect();
-            let mut shuffle = SplitMix64::new(0x0bad_5eed);
-            for _ in 0..args.rounds {
-                let mut round: Vec<Stats> = variants.iter().map(|_| Stats::default()).collect();
-                // A new order every round (the same sequence every run), so no variant keeps a position in
-                // the round or a neighbour, and whatever those do (a warmer server, a channel closing just
-                // before) is shared alike.
+            for r in 0..args.rounds {
+                // A new order every round, so no variant keeps a position in the round or a neighbour, and
+                // whatever those do (a warmer server, a channel closing just before) is shared alike.
                 let mut order: Vec<usize> = (0..variants.len()).collect();
                 for k in (1..order.len()).rev() {
                     order.swap(k, (shuffle.next_u64() % (k as u64 + 1)) as usize);
@@ -323,58 +337,112 @@ fn main() -> anyhow::Result<()> {
                     // thread serves it, where its tasks landed) for the whole run; warmed before it is measured.
                     let call = connect(variants[i].0, addr).await?;
                     run(call.clone(), c, args.warm).await;
-                    let sample = run(call, c, args.seconds).await;
-                    round[i] = stats(sample.clone());
-                    merge(&mut samples[i], sample);
-                }
-                let metrics = |s: &Stats| [s.p50 as f64, s.p99 as f64, s.rps, s.cpu_us];
-                if let [first, second] = baseline[..] {
-                    let (a, b) = (metrics(&round[first]), metrics(&round[second]));
-                    let both: [f64; 4] = std::array::from_fn(|k| (a[k] * b[k]).sqrt());
-                    for (i, s) in round.iter().enumerate() {
-                        // The second plain channel is compared with the first alone: the A/A test.
-                        let base = if i == second { a } else { both };
-                        let m = metrics(s);
-                        paired[i].push(std::array::from_fn(|k| m[k] / base[k]));
-                    }
+                    let s = stats(run(call, c, args.seconds).await);
+                    println!("round {c} {r} {i} {} {} {} {}", s.p50, s.p99, s.rps, s.cpu_us);
                 }
             }
-            let stats: Vec<Stats> = samples.into_iter().map(stats).collect();
-            for ((_, name), s) in variants.iter().zip(&stats) {
-                println!("| {c} | {name} | {} | {} | {:.0} | {:.1} |", s.p50, s.p99, s.rps, s.cpu_us);
-            }
-            for (i, (_, name)) in variants.iter().enumerate().filter(|(i, _)| Some(i) != baseline.first()) {
-                if paired[i].is_empty() {
-                    continue;
-                }
-                let median = |k: usize| {
-                    let mut v: Vec<f64> = paired[i].iter().map(|r| r[k]).collect();
-                    v.sort_by(f64::total_cmp);
-                    v[v.len() / 2]
-                };
-                ratios.push((c, *name, (median(0), median(1), median(2), median(3))));
-            }
-        }
-        println!();
-        println!("Median over rounds of each round's ratio to plain tonic (both plain channels; the second one: to the first):");
-        println!();
-        println!("| concurrency | client | p50 vs tonic | p99 vs tonic | throughput vs tonic | CPU/call vs tonic |");
-        println!("|---|---|---|---|---|---|");
-        for (c, name, (p50, p99, rps, cpu)) in &ratios {
-            println!("| {c} | {name} | {p50:.3} | {p99:.3} | {rps:.3} | {cpu:.3} |");
-        }
-        // The targets for the mesh channel as shipped (static discovery, P2C-EWMA), judged on this run.
-        println!();
-        let verdict = |met: bool| if met { "met" } else { "NOT met" };
-        for (c, _, (p50, _, rps, _)) in ratios.iter().filter(|(_, name, _)| *name == VARIANTS[2]) {
-            println!(
-                "targets: concurrency {c}: p50 {p50:.3}× ≤ 1.05× {}, throughput {rps:.3}× ≥ 0.95× {}",
-                verdict(*p50 <= 1.05),
-                verdict(*rps >= 0.95)
-            );
         }
         anyhow::Ok(())
     })?;
     drop(server);
+    Ok(())
+}
+
+/// Runs the client processes one after another and collects their rounds.
+fn collect_rounds(args: &Args, variants: usize) -> anyhow::Result<Vec<Round>> {
+    let mut rounds: Vec<Round> = Vec::new();
+    for process in 0..args.processes {
+        let output = Command::new(std::env::current_exe()?)
+            .args(std::env::args().skip(1))
+            .args(["--child", &process.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(output.status.success(), "client process {process} failed: {}", output.status);
+        for line in String::from_utf8(output.stdout)?.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [_, c, r, i, m @ ..] = &fields[..] else { anyhow::bail!("bad line from client process: {line:?}") };
+            let (c, r, i): (usize, u32, usize) = (c.parse()?, r.parse()?, i.parse()?);
+            let metrics: Metrics = std::array::from_fn(|k| m.get(k).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN));
+            let key = (process, c, r);
+            match rounds.iter_mut().find(|x| (x.process, x.concurrency, x.round) == key) {
+                Some(round) => round.metrics[i] = metrics,
+                None => {
+                    let mut round = Round { process, concurrency: c, round: r, metrics: vec![[f64::NAN; 4]; variants] };
+                    round.metrics[i] = metrics;
+                    rounds.push(round);
+                }
+            }
+        }
+    }
+    Ok(rounds)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(process) = args.child {
+        return child(&args, process);
+    }
+    let variants = selected(&args);
+    let rounds = collect_rounds(&args, variants.len())?;
+    let baseline: Vec<usize> = BASELINE.iter().filter_map(|b| variants.iter().position(|(i, _)| i == b)).collect();
+
+    println!("Median over rounds of each variant's own results:");
+    println!();
+    println!("| concurrency | client | p50 µs | p99 µs | calls/s | client CPU µs/call |");
+    println!("|---|---|---|---|---|---|");
+    for &c in &args.concurrency {
+        let at_c: Vec<&Round> = rounds.iter().filter(|r| r.concurrency == c).collect();
+        for (i, (_, name)) in variants.iter().enumerate() {
+            let m = |k: usize| median(at_c.iter().map(|r| r.metrics[i][k]).collect());
+            println!("| {c} | {name} | {:.0} | {:.0} | {:.0} | {:.1} |", m(0), m(1), m(2), m(3));
+        }
+    }
+    let [first, second] = baseline[..] else { return Ok(()) };
+    // Per round, each variant's ratio to the baseline in that same round: pairing cancels drift in machine
+    // load between rounds. The baseline is both plain channels (geometric mean); the second plain channel is
+    // compared with the first alone: the A/A test.
+    let ratio = |r: &Round, i: usize| -> Metrics {
+        let (a, b) = (r.metrics[first], r.metrics[second]);
+        let base: Metrics = if i == second { a } else { std::array::from_fn(|k| (a[k] * b[k]).sqrt()) };
+        std::array::from_fn(|k| r.metrics[i][k] / base[k])
+    };
+    println!();
+    println!(
+        "Median over all {} rounds ({} client processes) of each round's ratio to plain tonic (both plain channels; the second one: to the first), and each process's median p50 ratio:",
+        args.rounds * args.processes,
+        args.processes
+    );
+    println!();
+    println!("| concurrency | client | p50 vs tonic | p99 vs tonic | throughput vs tonic | CPU/call vs tonic | p50 per process |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut verdicts = Vec::new();
+    for &c in &args.concurrency {
+        let at_c: Vec<&Round> = rounds.iter().filter(|r| r.concurrency == c).collect();
+        for (i, (v, name)) in variants.iter().enumerate().filter(|(i, _)| *i != first) {
+            let m = |k: usize| median(at_c.iter().map(|r| ratio(r, i)[k]).collect());
+            let per_process: Vec<String> = (0..args.processes)
+                .map(|p| format!("{:.3}", median(at_c.iter().filter(|r| r.process == p).map(|r| ratio(r, i)[0]).collect())))
+                .collect();
+            println!("| {c} | {name} | {:.3} | {:.3} | {:.3} | {:.3} | {} |", m(0), m(1), m(2), m(3), per_process.join(" "));
+            if *v == 2 {
+                verdicts.push((c, m(0), m(2)));
+            }
+        }
+    }
+    // The targets for the mesh channel as shipped (static discovery, P2C-EWMA), judged on this run.
+    println!();
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    for (c, p50, rps) in verdicts {
+        println!(
+            "targets: concurrency {c}: p50 {p50:.3}× ≤ 1.05× {}, throughput {rps:.3}× ≥ 0.95× {}",
+            verdict(p50 <= 1.05),
+            verdict(rps >= 0.95)
+        );
+    }
     Ok(())
 }
