@@ -92,6 +92,11 @@ impl Channel {
         ChannelBuilder { target: target.into(), config: BalancerConfig::default(), timeout: None, dns: DnsConfig::default() }
     }
 
+    fn new(inner: Inner, authority: Authority, timeout: Option<Duration>) -> Self {
+        let queue = Buffer::new(inner.clone(), QUEUE);
+        Channel { inner, queue, reserved: false, authority, timeout }
+    }
+
     /// A channel with default settings (round robin, 10 s wait for endpoints).
     pub fn from_target(target: impl Into<String>) -> Result<Self> {
         Self::builder(target).build()
@@ -112,13 +117,6 @@ impl Channel {
             Inner::Balancer(b) => Some(b),
             Inner::Xds(_) => None,
         }
-    }
-}
-
-impl Channel {
-    fn new(inner: Inner, authority: Authority, timeout: Option<Duration>) -> Self {
-        let queue = Buffer::new(inner.clone(), QUEUE);
-        Channel { inner, queue, reserved: false, authority, timeout }
     }
 }
 
