@@ -26,6 +26,17 @@ fn static_target(addrs: &[SocketAddr]) -> String {
     format!("static:///{}", addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))
 }
 
+/// One echo call as a raw HTTP/2 request to `uri`: a gRPC message of two bytes.
+fn echo_request(uri: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    // A gRPC message: uncompressed flag, big-endian length, payload.
+    let message = bytes::Bytes::from_static(&[0, 0, 0, 0, 2, b'h', b'i']);
+    http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(message))
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_spreads_3000_calls_evenly_over_3_servers() {
     let servers = [
@@ -254,13 +265,7 @@ async fn a_call_counts_in_flight_until_its_response_ends_with_trailers() {
     let server = EchoServer::start(Duration::ZERO).await.unwrap();
     let balancer = Balancer::new("in-flight", discover::fixed(vec![Endpoint::new(server.addr)]), BalancerConfig::default());
     let in_flight = || balancer.endpoints().iter().map(|e| e.in_flight).sum::<u64>();
-    // A gRPC message: uncompressed flag, big-endian length, payload.
-    let message = bytes::Bytes::from_static(&[0, 0, 0, 0, 2, b'h', b'i']);
-    let request = http::Request::post(format!("http://{}{}", server.addr, mesh_tests::echo::METHOD))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(message))
-        .unwrap();
+    let request = echo_request(&format!("http://{}{}", server.addr, mesh_tests::echo::METHOD));
     let response = balancer.clone().oneshot(request).await.unwrap();
     assert_eq!(in_flight(), 1, "the call is in flight while its response body is unread");
     let mut body = response.into_body();
@@ -282,15 +287,8 @@ async fn calls_are_served_with_or_without_a_reserved_place_in_the_queue() {
     let server = EchoServer::start(Duration::ZERO).await.unwrap();
     let mut channel = Channel::builder(static_target(&[server.addr])).build().unwrap();
     wait_ready(&channel, 1).await;
-    let request = || {
-        // A gRPC message: uncompressed flag, big-endian length, payload.
-        let message = bytes::Bytes::from_static(&[0, 0, 0, 0, 2, b'h', b'i']);
-        http::Request::post(mesh_tests::echo::METHOD)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(tonic::body::Body::new(http_body_util::Full::new(message)))
-            .unwrap()
-    };
+    // Path-only, as generated clients send it: the channel adds scheme and authority.
+    let request = || echo_request(mesh_tests::echo::METHOD).map(tonic::body::Body::new);
     let served = |response: http::Response<_>| response.extensions().get::<mesh_tonic::ServedBy>().map(|s| s.0);
 
     // Polled ready: the call goes through the queue.

@@ -65,7 +65,7 @@ struct Args {
     concurrency: Vec<usize>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Default)]
 struct Sample {
     latencies_us: Vec<u64>,
     calls: u64,
@@ -270,6 +270,9 @@ const VARIANTS: [&str; 9] = [
 /// Variants that form the baseline.
 const BASELINE: [usize; 2] = [0, 1];
 
+/// The mesh channel as shipped (static discovery, P2C-EWMA): the one the targets are for.
+const SHIPPED: usize = 2;
+
 /// Builds variant `i` of [`VARIANTS`], connected to `addr`.
 async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller> {
     let mesh = || mesh_tonic::Channel::builder(format!("static:///{addr}"));
@@ -361,20 +364,23 @@ fn collect_rounds(args: &Args, variants: usize) -> anyhow::Result<Vec<Round>> {
         anyhow::ensure!(output.status.success(), "client process {process} failed: {}", output.status);
         for line in String::from_utf8(output.stdout)?.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let [_, c, r, i, m @ ..] = &fields[..] else { anyhow::bail!("bad line from client process: {line:?}") };
+            let [_, c, r, i, p50, p99, rps, cpu] = &fields[..] else { anyhow::bail!("bad line from client process: {line:?}") };
             let (c, r, i): (usize, u32, usize) = (c.parse()?, r.parse()?, i.parse()?);
-            let metrics: Metrics = std::array::from_fn(|k| m.get(k).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN));
-            let key = (process, c, r);
-            match rounds.iter_mut().find(|x| (x.process, x.concurrency, x.round) == key) {
-                Some(round) => round.metrics[i] = metrics,
+            let metrics: Metrics = [p50.parse()?, p99.parse()?, rps.parse()?, cpu.parse()?];
+            let k = match rounds.iter().position(|x| (x.process, x.concurrency, x.round) == (process, c, r)) {
+                Some(k) => k,
                 None => {
-                    let mut round = Round { process, concurrency: c, round: r, metrics: vec![[f64::NAN; 4]; variants] };
-                    round.metrics[i] = metrics;
-                    rounds.push(round);
+                    rounds.push(Round { process, concurrency: c, round: r, metrics: vec![[f64::NAN; 4]; variants] });
+                    rounds.len() - 1
                 }
-            }
+            };
+            *rounds[k].metrics.get_mut(i).ok_or_else(|| anyhow::anyhow!("no variant {i}: {line:?}"))? = metrics;
         }
     }
+    anyhow::ensure!(
+        rounds.iter().all(|r| r.metrics.iter().all(|m| !m[0].is_nan())),
+        "a client process left a variant unmeasured in some round"
+    );
     Ok(rounds)
 }
 
@@ -432,7 +438,7 @@ fn main() -> anyhow::Result<()> {
                 .map(|p| format!("{:.3}", median(at_c.iter().filter(|r| r.process == p).map(|r| ratio(r, i)[0]).collect())))
                 .collect();
             println!("| {c} | {name} | {:.3} | {:.3} | {:.3} | {:.3} | {} |", m(0), m(1), m(2), m(3), per_process.join(" "));
-            if *v == 2 {
+            if *v == SHIPPED {
                 verdicts.push((c, m(0), m(2)));
             }
         }
