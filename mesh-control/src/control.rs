@@ -413,13 +413,11 @@ pub fn write_bootstrap(path: &Path, xds: SocketAddr, node_id: &str) -> crate::Re
 /// Follows Kubernetes Services and EndpointSlices: Kubernetes-backed services and subsets get their endpoints
 /// (ready → HEALTHY, terminating but serving → DRAINING, otherwise UNHEALTHY; zone → locality) and every change is
 /// republished.
-#[cfg(feature = "kube")]
 pub fn follow_kubernetes(cp: &ControlPlane, client: ::kube::Client, namespace: Option<String>) -> tokio::task::JoinHandle<()> {
     follow(cp, crate::kube::KubeSource::new(client, namespace).start())
 }
 
 /// Republishes `cp` with every Kubernetes state `updates` publishes, from the first complete one on.
-#[cfg(feature = "kube")]
 pub(crate) fn follow(
     cp: &ControlPlane,
     mut updates: tokio::sync::watch::Receiver<Arc<crate::kube::KubeState>>,
@@ -451,7 +449,6 @@ pub(crate) fn follow(
 }
 
 /// The endpoints of a Kubernetes reference in `state`.
-#[cfg(feature = "kube")]
 pub fn kube_endpoints(state: &crate::kube::KubeState, r: &KubeRef) -> Vec<Endpoint> {
     use crate::kube::{PortRef, ServiceKey};
     use crate::mesh::KubePort;

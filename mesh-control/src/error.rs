@@ -18,7 +18,6 @@ pub enum Error {
     #[error("serving xDS: {0}")]
     Transport(#[from] tonic::transport::Error),
     /// The Kubernetes API failed.
-    #[cfg(feature = "kube")]
     #[error("kubernetes: {0}")]
     Kube(#[from] ::kube::Error),
 }

@@ -14,15 +14,13 @@
 //! - [`mesh`]: the mesh file model, its parser and validation (errors name file, line, field and reason).
 //! - [`translate`]: mesh model → xDS resources (both shapes).
 //! - [`ads`]: the ADS server and its snapshot cache.
-//! - `kube` (feature `kube`, on by default): the Kubernetes source.
+//! - [`kube`]: the Kubernetes source.
 //! - [`control`]: ties them together: file watching, snapshots per (shape, view), the `/status` endpoint.
 //!
-//! Feature flags: `kube` (default) adds the Kubernetes source and its dependency on the `kube` crate.
 
 pub mod ads;
 pub mod control;
 mod error;
-#[cfg(feature = "kube")]
 pub mod kube;
 pub mod mesh;
 pub mod translate;

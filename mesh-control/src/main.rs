@@ -86,14 +86,8 @@ Point a client at it:
     Ok(())
 }
 
-#[cfg(feature = "kube")]
 async fn start_kubernetes(cp: &ControlPlane, namespace: Option<String>) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
     mesh_control::control::follow_kubernetes(cp, client, namespace);
     Ok(())
-}
-
-#[cfg(not(feature = "kube"))]
-async fn start_kubernetes(_: &ControlPlane, _: Option<String>) -> anyhow::Result<()> {
-    anyhow::bail!("this mesh-control was built without the `kube` feature")
 }

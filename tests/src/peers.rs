@@ -81,30 +81,26 @@ pub fn python_grpc_server() -> anyhow::Result<Peer> {
     spawn_listening(command)
 }
 
-/// Path of a workspace binary, e.g. `meshctl`, built (or found up to date)
-/// once per test process so a stale binary is never tested.
+/// The command that builds every binary the tests run, with the feature set the tests use. `scripts/test.sh` runs it
+/// before the tests; nothing under `tests/` runs cargo.
+pub const BUILD_BINS: &str = "cargo build --workspace --all-targets";
+
+/// Path of a workspace binary, e.g. `meshctl`, from the target directory the running executable was built into.
+///
+/// It never builds: a missing binary is an error naming [`BUILD_BINS`]. Test executables live in
+/// `target/<profile>/deps`, binaries (and the benchmark binaries that call this) in `target/<profile>`.
 pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    // Test executables live in target/<profile>/deps; binaries (ours, when a
-    // benchmark binary calls this, and the one wanted) in target/<profile>.
     let exe = std::env::current_exe()?;
     let mut dir = exe.parent().context("unexpected test executable location")?;
     if dir.file_name().is_some_and(|d| d == "deps") {
         dir = dir.parent().context("unexpected test executable location")?;
     }
     let bin = dir.join(name);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == name) {
-        let release = dir.file_name().is_some_and(|d| d == "release");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--quiet", "-p", name, "--bin", name]).current_dir(workspace_root());
-        if release {
-            cargo.arg("--release");
+    if !bin.is_file() {
+        if dir.file_name().is_some_and(|d| d == "release") {
+            bail!("{} is missing: build it first with `cargo build --release --workspace --bins`", bin.display());
         }
-        if !cargo.status()?.success() || !bin.exists() {
-            bail!("cannot build {name}");
-        }
-        built.push(name.to_owned());
+        bail!("{} is missing: build it first with `{BUILD_BINS}` (scripts/test.sh does)", bin.display());
     }
     Ok(bin)
 }

@@ -157,7 +157,7 @@ async fn envoy_grpcio_and_meshctl_get_the_split_from_the_mesh_file() {
     let (_b, bootstrap) = mesh.bootstrap(&cp, &[]);
 
     let mut envoy = Envoy::start(cp.xds, false, "envoy-sotw").unwrap();
-    envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(20)).unwrap();
+    envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(60)).unwrap();
     assert_run("envoy (ADS SotW)", &mesh, &envoy_run(mesh.sidecar_port, 1000).await, 0.2);
     h2load_through(mesh.sidecar_port);
     let clusters = envoy.admin_get("/clusters").unwrap();
@@ -188,7 +188,7 @@ async fn delta_xds_feeds_envoy_and_our_client() {
     let cp = mesh.control();
 
     let mut envoy = Envoy::start(cp.xds, true, "envoy-delta").unwrap();
-    envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(20)).unwrap();
+    envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(60)).unwrap();
     assert_run("envoy (DELTA_GRPC)", &mesh, &envoy_run(mesh.sidecar_port, 1000).await, 0.2);
 
     let (_b, bootstrap) = mesh.bootstrap(&cp, &["delta_ads"]);
@@ -209,7 +209,7 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
     let cp = mesh.control();
     let (_b, bootstrap) = mesh.bootstrap(&cp, &[]);
     let mut envoy = Envoy::start(cp.xds, false, "envoy-edit").unwrap();
-    envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(20)).unwrap();
+    envoy.wait_for_listener(mesh.sidecar_port, Duration::from_secs(60)).unwrap();
     let ours = xds_channel(&cp, &[]);
     let warm = drive(&ours, 200, 2, |_| {}).await;
     assert!(warm.failures.is_empty(), "{:?}", warm.failures);
