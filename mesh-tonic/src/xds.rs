@@ -405,7 +405,8 @@ fn forward_updates(balancer: &Balancer<Body>, dirty: &mpsc::UnboundedSender<()>)
     AbortOnDrop(task.abort_handle())
 }
 
-/// A discovery source that follows an EDS watch: each accepted ClusterLoadAssignment replaces the endpoint set.
+/// A discovery source that follows an EDS watch: each accepted ClusterLoadAssignment replaces the endpoint set,
+/// its locality weights and drop overloads.
 ///
 /// The balancer's own task reads the watch, so an update reaches the balancer in one task hand-off from the
 /// xDS client. A status change that keeps the value (a NACK, a deletion kept under A88) changes nothing; a
@@ -417,11 +418,11 @@ pub fn eds_source(watch: Watch<EndpointsResource>) -> discover::BoxDiscover {
                 Some(value) if last.as_ref().is_none_or(|last| !Arc::ptr_eq(last, &value)) => {
                     if let Some(typed) = Typed::<EndpointsResource>::new(Arc::clone(&value)) {
                         last = Some(value);
-                        return Some((Change::Reset(typed.endpoints.endpoints.clone()), (watch, last)));
+                        return Some((Change::Reset(typed.endpoints.clone()), (watch, last)));
                     }
                 }
                 // The value was dropped (deleted or NACKed under `fail_on_data_errors`, A88): no endpoints.
-                None if last.take().is_some() => return Some((Change::Reset(Vec::new()), (watch, last))),
+                None if last.take().is_some() => return Some((Change::Reset(mesh_core::EndpointSet::default()), (watch, last))),
                 _ => {}
             }
             if !watch.changed().await {

@@ -61,6 +61,15 @@ pub enum Error {
         #[source]
         source: hyper::Error,
     },
+    /// The balancer dropped the call, as its endpoint assignment's `drop_overloads` ask (a control plane
+    /// shedding load).
+    #[error("call to {target} dropped by the load balancer (drop category {category:?})")]
+    Dropped {
+        /// The target being called.
+        target: String,
+        /// The drop category that matched.
+        category: String,
+    },
     /// A DNS lookup failed.
     #[error("DNS lookup of {name} failed: {reason}")]
     Dns {

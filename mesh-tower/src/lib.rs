@@ -9,7 +9,8 @@
 //! `tower::Service<http::Request<B>>` that keeps one multiplexed HTTP/2
 //! connection per endpoint and spreads requests over the ready ones with any
 //! [`mesh_core::LbPolicy`]. Endpoints come and go without failing or dropping a
-//! request; a request that finds its connection gone is re-picked.
+//! request; a request that finds its connection gone is re-picked, and one a server
+//! refused unprocessed is resent (gRPC A6 transparent retry).
 //!
 //! **What it does not do:** it knows nothing of gRPC or protobuf (that is
 //! `mesh-tonic`), nor of xDS (that is `xds-client`, which feeds a
@@ -35,6 +36,7 @@ pub mod balance;
 pub mod connect;
 pub mod discover;
 mod error;
+pub mod replay;
 
 pub use error::{Error, Result};
 

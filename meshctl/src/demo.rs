@@ -42,6 +42,9 @@ pub(crate) struct DemoArgs {
     json: bool,
 }
 
+/// How long the switch between two phases lasts after the client's route changed.
+const SETTLE: Duration = Duration::from_millis(250);
+
 /// The phases: a label and the split (v1, v2) the mesh file sets.
 const PHASES: [(&str, u32, u32); 3] = [("canary", 90, 10), ("shift", 50, 50), ("promote", 0, 100)];
 
@@ -235,6 +238,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             }
             writeln!(out, "  control plane pushed it; the client's route changed {} ms after the edit", took.as_millis())?;
             switches.push(took);
+            // The channel's router swaps its table just after the xDS client holds the new route, and calls in
+            // flight at the switch still end on the old split: they belong to the switch, not the new phase.
+            tokio::time::sleep(SETTLE).await;
             tally.open(format!("{label} {v1}/{v2}"));
         }
         writeln!(out, "\nphase {}: {label}, v1 {v1} / v2 {v2}", i + 1)?;

@@ -91,6 +91,7 @@ pub mod build {
     use envoy_types::pb::envoy::config::core::v3::{
         Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, SocketAddress, address,
     };
+    use envoy_types::pb::envoy::config::endpoint::v3::cluster_load_assignment::{Policy, policy::DropOverload};
     use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint};
     use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
     use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
@@ -104,6 +105,7 @@ pub mod build {
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
         HttpConnectionManager, HttpFilter, Rds, http_filter,
     };
+    use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
     use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 
     /// Packs any message into an `Any` with its canonical type URL.
@@ -286,6 +288,34 @@ pub mod build {
     pub fn endpoints(cluster_name: &str, addrs: &[SocketAddr]) -> Any {
         let weighted: Vec<(SocketAddr, u32)> = addrs.iter().map(|a| (*a, 1)).collect();
         pack(endpoints_proto(cluster_name, &weighted))
+    }
+
+    /// Endpoints of `cluster_name` in several localities (zone, locality weight, addresses), all priority 0,
+    /// with `drops` as the policy's drop overloads (category, parts per million).
+    pub fn endpoints_by_locality(cluster_name: &str, localities: &[(&str, u32, &[SocketAddr])], drops: &[(&str, u32)]) -> Any {
+        let localities = localities
+            .iter()
+            .map(|(zone, weight, addrs)| {
+                let weighted: Vec<(SocketAddr, u32)> = addrs.iter().map(|a| (*a, 1)).collect();
+                let mut one = endpoints_proto(cluster_name, &weighted).endpoints.remove(0);
+                one.locality = Some(Locality { region: "test-region".to_owned(), zone: (*zone).to_owned(), ..Default::default() });
+                one.load_balancing_weight = Some(UInt32Value { value: *weight });
+                one
+            })
+            .collect();
+        let drop_overloads = drops
+            .iter()
+            .map(|(category, ppm)| DropOverload {
+                category: (*category).to_owned(),
+                drop_percentage: Some(FractionalPercent { numerator: *ppm, denominator: DenominatorType::Million as i32 }),
+            })
+            .collect();
+        pack(ClusterLoadAssignment {
+            cluster_name: cluster_name.to_owned(),
+            endpoints: localities,
+            policy: Some(Policy { drop_overloads, ..Default::default() }),
+            ..Default::default()
+        })
     }
 
     /// Endpoints of `cluster_name` with the given weights (see

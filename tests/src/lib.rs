@@ -7,5 +7,6 @@
 pub mod ads;
 pub mod certs;
 pub mod echo;
+pub mod h2script;
 pub mod load;
 pub mod peers;

@@ -81,18 +81,23 @@ async fn drive_inner(
             run
         }));
     }
-    let mut total = Run::default();
-    for worker in workers {
-        let run = worker.await.unwrap();
-        for (addr, n) in run.by_endpoint {
-            *total.by_endpoint.entry(addr).or_default() += n;
-        }
-        total.failures.extend(run.failures);
-    }
-    total
+    Run::gather(workers).await
 }
 
 impl Run {
+    /// The sum of the runs of `workers`.
+    pub async fn gather(workers: Vec<tokio::task::JoinHandle<Run>>) -> Run {
+        let mut total = Run::default();
+        for worker in workers {
+            let run = worker.await.expect("load worker");
+            for (addr, n) in run.by_endpoint {
+                *total.by_endpoint.entry(addr).or_default() += n;
+            }
+            total.failures.extend(run.failures);
+        }
+        total
+    }
+
     /// Share of calls served by `endpoints`.
     pub fn share(&self, endpoints: &[SocketAddr]) -> f64 {
         let total: u64 = self.by_endpoint.values().sum();

@@ -35,6 +35,27 @@ impl Peer {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Asks the process to stop (SIGTERM) and waits up to `timeout` for it to exit; fails if it does not, or
+    /// exits with an error.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        if !Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?.success() {
+            bail!("cannot signal process {}", self.child.id());
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("process {} exited with {status} after SIGTERM", self.child.id());
+                }
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("process {} still running {timeout:?} after SIGTERM", self.child.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Peer {
@@ -78,6 +99,18 @@ pub fn python() -> anyhow::Result<PathBuf> {
 pub fn python_grpc_server() -> anyhow::Result<Peer> {
     let mut command = Command::new(python()?);
     command.arg(workspace_root().join("tests/peers/py_server.py"));
+    spawn_listening(command)
+}
+
+/// A Node grpc-js server (`tests/peers/node/server.js`) answering the echo method with its address, with its
+/// arguments (`--port`, `--delay-ms`); it stops gracefully on SIGTERM ([`Peer::terminate`]).
+pub fn node_grpc_server(args: &[&str]) -> anyhow::Result<Peer> {
+    let dir = workspace_root().join("tests/peers/node");
+    if !dir.join("node_modules/@grpc/grpc-js").is_dir() {
+        bail!("{}/node_modules is missing: run the README's test command (scripts/test.sh), which installs @grpc/grpc-js", dir.display());
+    }
+    let mut command = Command::new("node");
+    command.arg(dir.join("server.js")).args(args);
     spawn_listening(command)
 }
 

@@ -406,3 +406,42 @@ async fn terminal_hash_policies_end_the_list_and_channel_id_pins_a_channel() {
     }
     assert!(used.len() >= 2, "12 channels all hashed to {used:?}");
 }
+
+/// Cluster `greeter` alone behind the listener, its endpoints as `assignment` says.
+fn publish_one_cluster(ads: &AdsServer, assignment: envoy_types::pb::google::protobuf::Any) {
+    ads.set(type_url::CLUSTER, "greeter-a", build::cluster_eds("greeter-a", "round_robin"));
+    ads.set(type_url::ENDPOINT, "greeter-a", assignment);
+    ads.set(type_url::ROUTE, "greeter-routes", build::route_config("greeter-routes", &["greeter"], &[("greeter-a", 1)]));
+    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eds_locality_weights_1_2_1_split_calls_1_2_1() {
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(4).await;
+    // Zone a has two endpoints and weight 1, zone b one endpoint and weight 2: the localities' weights, not their
+    // endpoint counts, set the shares (round robin over the four endpoints would give a half, a quarter, a quarter).
+    let (a, b, c) = ([s[0].addr, s[1].addr], [s[2].addr], [s[3].addr]);
+    publish_one_cluster(&ads, build::endpoints_by_locality("greeter-a", &[("a", 1, &a), ("b", 2, &b), ("c", 1, &c)], &[]));
+    let channel = xds_channel(&ads);
+    let run = drive(&channel, 3000, 4, |_| {}).await;
+    assert!(run.failures.is_empty(), "{:?}", run.failures);
+    for (zone, addrs, want) in [("a", &a[..], 0.25), ("b", &b[..], 0.5), ("c", &c[..], 0.25)] {
+        let share = run.share(addrs);
+        assert!((share - want).abs() <= 0.05, "zone {zone}: {share:.3} of 3000 calls, want {want} ± 0.05: {:?}", run.by_endpoint);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eds_drop_overloads_drop_their_share_with_unavailable_naming_the_category() {
+    let ads = AdsServer::start().await.unwrap();
+    let s = servers(1).await;
+    publish_one_cluster(&ads, build::endpoints_by_locality("greeter-a", &[("a", 1, &[s[0].addr])], &[("throttle", 100_000)]));
+    let channel = xds_channel(&ads);
+    let run = drive(&channel, 3000, 4, |_| {}).await;
+    let dropped = run.failures.len() as f64 / 3000.0;
+    assert!((dropped - 0.10).abs() <= 0.02, "dropped {dropped:.3} of 3000 calls, want 0.10 ± 0.02");
+    for failure in &run.failures {
+        assert!(failure.starts_with("Unavailable: ") && failure.contains("drop category \"throttle\""), "{failure}");
+    }
+}

@@ -96,6 +96,27 @@ pub fn locality_effective_weights(localities: &[LocalityHealth], overprovisionin
         .collect()
 }
 
+/// Chooses an index with probability proportional to its weight (the locality pick of Envoy's locality-weighted
+/// LB, over [`locality_effective_weights`]); `None` when no weight is above zero.
+pub fn pick_weighted<R: Random>(weights: impl Iterator<Item = f64> + Clone, rng: &mut R) -> Option<usize> {
+    let total: f64 = weights.clone().filter(|w| *w > 0.0).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    // 53 random bits: a uniform f64 in [0, 1).
+    let mut r = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+    let mut last = None;
+    for (i, w) in weights.enumerate().filter(|(_, w)| *w > 0.0) {
+        if r < w {
+            return Some(i);
+        }
+        r -= w;
+        last = Some(i);
+    }
+    // Rounding left `r` just past the end: the last positive weight.
+    last
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +179,23 @@ mod tests {
         }
         assert_eq!(counts[2], 0);
         assert!((6_700..7_300).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[test]
+    fn weighted_picks_follow_the_weights_and_skip_zeros() {
+        let mut rng = SplitMix64::new(7);
+        let weights = [1.0, 0.0, 2.0, 1.0];
+        let mut counts = [0u32; 4];
+        for _ in 0..40_000 {
+            counts[pick_weighted(weights.iter().copied(), &mut rng).unwrap()] += 1;
+        }
+        assert_eq!(counts[1], 0);
+        for (i, want) in [(0, 0.25), (2, 0.5), (3, 0.25)] {
+            let share = f64::from(counts[i]) / 40_000.0;
+            assert!((share - want).abs() < 0.01, "index {i}: {share}");
+        }
+        assert_eq!(pick_weighted([0.0, 0.0].into_iter(), &mut rng), None);
+        assert_eq!(pick_weighted(std::iter::empty(), &mut rng), None);
     }
 
     #[test]

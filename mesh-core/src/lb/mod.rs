@@ -25,7 +25,8 @@ mod weighted;
 
 pub use least_request::{LeastRequest, p2c_by};
 pub use locality::{
-    DEFAULT_OVERPROVISIONING_FACTOR, LocalityHealth, PriorityHealth, locality_effective_weights, pick_priority, priority_load,
+    DEFAULT_OVERPROVISIONING_FACTOR, LocalityHealth, PriorityHealth, locality_effective_weights, pick_priority, pick_weighted,
+    priority_load,
 };
 pub use peak_ewma::PeakEwma;
 pub use ring_hash::{MAX_RING_SIZE, RingHash, RingHashConfig, RingHashError, hash_key};

@@ -1,21 +1,22 @@
 //! Per-endpoint connection management and the publication of snapshots.
 
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use mesh_core::lb::{PeakEwma, PriorityHealth, RingHash, priority_load};
-use mesh_core::{Endpoint, LbPolicy};
+use mesh_core::lb::{LocalityHealth, PeakEwma, PriorityHealth, RingHash, locality_effective_weights, priority_load};
+use mesh_core::{Endpoint, EndpointSet, LbPolicy, Locality};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
-use super::{Entry, List, RequestBody, Snapshot, State, lock};
+use super::{Assignment, Entry, List, LocalityGroup, RequestBody, Snapshot, State, lock};
 use crate::Error;
 use crate::connect::Connect;
 use crate::discover::Change;
@@ -221,7 +222,12 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                 }
                 list
             }
-            Change::Reset(mut incoming) => {
+            Change::Reset(set) => {
+                let EndpointSet { endpoints: mut incoming, locality_weights, drop_overloads: drops } = set;
+                if locality_weights.len() > 1 && matches!(self.config.lb, LbPolicy::WeightedRoundRobin | LbPolicy::RingHash { .. }) {
+                    tracing::warn!(target_name = %self.target, lb = self.config.lb.name(), "locality weights are not used with this LB policy");
+                }
+                *lock(&self.assignment) = Arc::new(Assignment { locality_weights, drops });
                 incoming.retain(|e| self.valid(e));
                 // Stable, so of a repeated address the last one wins.
                 incoming.sort_by_key(|e| e.addr);
@@ -313,6 +319,8 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                 ready[i] = true;
             }
         }
+        let assignment = lock(&self.assignment).clone();
+        let localities = self.locality_groups(list, &priorities, &mut levels, &assignment);
         let ring = if !previous.hashing {
             None
         } else if set_changed || previous.ring.is_none() {
@@ -327,6 +335,8 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             endpoints: Arc::clone(list),
             ready,
             levels,
+            localities,
+            assignment,
             ring,
             hashing: previous.hashing,
             set_at: if set_changed { Some(SystemTime::now()) } else { previous.set_at },
@@ -334,6 +344,50 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         let generation = snapshot.generation;
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
         self.changed.send_replace(generation);
+    }
+
+    /// The localities of each level when locality weighting applies: two or more weighted localities and a
+    /// policy that picks within a subset (not weighted round robin, whose schedule spans the level, nor ring
+    /// hash, whose ring does). Sorts each level's ready list by locality so each locality is one range.
+    fn locality_groups(
+        &self,
+        list: &[Entry<B>],
+        priorities: &[u16],
+        levels: &mut [Vec<usize>],
+        assignment: &Assignment,
+    ) -> Vec<Vec<LocalityGroup>> {
+        let weights = &assignment.locality_weights;
+        if weights.len() < 2 || matches!(self.config.lb, LbPolicy::WeightedRoundRobin | LbPolicy::RingHash { .. }) {
+            return Vec::new();
+        }
+        let mut totals: HashMap<(usize, &Locality), u32> = HashMap::new();
+        for (endpoint, _) in list {
+            let level = priorities.binary_search(&endpoint.priority).unwrap_or(0);
+            *totals.entry((level, &*endpoint.locality)).or_default() += 1;
+        }
+        let locality = |i: usize| &*list[i].0.locality;
+        levels
+            .iter_mut()
+            .enumerate()
+            .map(|(level, ready)| {
+                ready.sort_by(|&a, &b| locality(a).cmp(locality(b)).then(a.cmp(&b)));
+                let mut groups = Vec::new();
+                let mut start = 0;
+                while start < ready.len() {
+                    let here = locality(ready[start]);
+                    let end = start + ready[start..].iter().take_while(|&&i| locality(i) == here).count();
+                    let health = LocalityHealth {
+                        weight: weights.get(here).copied().unwrap_or(0),
+                        healthy: (end - start) as u32,
+                        total: totals.get(&(level, here)).copied().unwrap_or(0),
+                    };
+                    let weight = locality_effective_weights(&[health], self.config.overprovisioning_factor)[0];
+                    groups.push(LocalityGroup { end: end as u32, weight });
+                    start = end;
+                }
+                groups
+            })
+            .collect()
     }
 
     fn build_ring(&self, list: &[Entry<B>]) -> Option<Arc<RingHash<usize>>> {

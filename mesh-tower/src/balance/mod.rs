@@ -11,7 +11,9 @@
 //!   Envoy's priority load with the overprovisioning factor (1.4 by default),
 //!   so a level that loses health fails over gradually;
 //! - a request whose connection turns out closed before it was written is
-//!   re-picked at once on another endpoint instead of failing;
+//!   re-picked at once on another endpoint instead of failing, and one the
+//!   server refused unprocessed (REFUSED_STREAM, or above a GOAWAY's last
+//!   stream) is sent again at once, its body replayed ([`crate::replay`]);
 //! - adding or removing endpoints never fails a request: a removed endpoint
 //!   takes no new requests and its connection closes once in-flight ones end;
 //! - with no ready endpoint a call waits up to [`BalancerConfig::ready_timeout`]
@@ -40,22 +42,26 @@
 //! ```
 
 mod body;
+mod call;
 mod endpoint;
 mod future;
 mod pick;
+#[cfg(test)]
+mod tests;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use mesh_core::lb::{DEFAULT_OVERPROVISIONING_FACTOR, RingHash, WeightedRoundRobin};
 use mesh_core::policy::ConnectionPolicy;
-use mesh_core::{Endpoint, LbPolicy};
+use mesh_core::{DropOverload, Endpoint, LbPolicy, Locality};
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 
@@ -65,6 +71,7 @@ pub use future::ResponseFuture;
 
 use crate::connect::{Connect, TcpConnector};
 use crate::discover::Discover;
+use crate::replay::ReplayBody;
 use crate::{BoxError, Error};
 use endpoint::{Connections, Handle};
 
@@ -134,7 +141,8 @@ impl<B, C: Connect> fmt::Debug for Balancer<B, C> {
 }
 
 struct Inner<B, C: Connect> {
-    state: Arc<State<B, C>>,
+    /// Connections carry bodies that can be sent again (a refused request is resent transparently).
+    state: Arc<State<ReplayBody<B>, C>>,
     discovery: AbortHandle,
 }
 
@@ -167,7 +175,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             target: target.into(),
             config,
             connector,
-            epoch: Instant::now(),
+            epoch: tokio::time::Instant::now(),
             endpoints: Mutex::new(Arc::default()),
             snapshot: RwLock::new(Arc::new(Snapshot::empty(ring))),
             changed: watch::channel(0).0,
@@ -176,6 +184,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             seed: AtomicU64::new(0x5eed),
             wrr: Mutex::new((u64::MAX, WeightedRoundRobin::new())),
             last_error: Mutex::new(String::new()),
+            assignment: Mutex::default(),
         });
         let weak = Arc::downgrade(&state);
         let republish = state.republish.clone();
@@ -285,7 +294,7 @@ struct State<B, C> {
     config: BalancerConfig,
     connector: C,
     /// Origin of the monotonic clock given to latency estimators.
-    epoch: Instant,
+    epoch: tokio::time::Instant,
     /// The authoritative endpoint set. Its lock also orders publications.
     endpoints: Mutex<List<B>>,
     /// What callers pick from; replaced whole on every change.
@@ -302,6 +311,26 @@ struct State<B, C> {
     wrr: Mutex<(u64, WeightedRoundRobin<SocketAddr>)>,
     /// Most recent connection error, for error messages.
     last_error: Mutex<String>,
+    /// What the latest whole-set change said beyond its endpoints. Written under the `endpoints` lock.
+    assignment: Mutex<Arc<Assignment>>,
+}
+
+/// What an endpoint assignment (an EDS ClusterLoadAssignment) says beyond its endpoints.
+#[derive(Debug, Default)]
+struct Assignment {
+    /// Weight of each locality; locality weighting applies when two or more localities have one.
+    locality_weights: BTreeMap<Locality, u32>,
+    /// Calls to drop, per category, checked in order once per call (gRPC's `xds_cluster_impl`).
+    drops: Vec<DropOverload>,
+}
+
+/// One locality's ready endpoints within a priority level: they end at `end` in the level's list (which is
+/// sorted by locality when locality weighting applies), and the locality is picked by `weight`, its effective
+/// weight (Envoy's locality-weighted LB: configured weight scaled down by the share of its endpoints ready).
+#[derive(Clone, Copy, Debug)]
+struct LocalityGroup {
+    end: u32,
+    weight: f64,
 }
 
 /// An immutable view of the endpoint set.
@@ -315,6 +344,10 @@ struct Snapshot<B> {
     levels: Vec<Vec<usize>>,
     /// Share of traffic per level, in percent.
     priority_load: Vec<u32>,
+    /// Per level, its localities when locality weighting applies (else empty).
+    localities: Vec<Vec<LocalityGroup>>,
+    /// Drops and locality weights of the set.
+    assignment: Arc<Assignment>,
     /// Hash ring over all endpoints (indices), for ring-hash policies.
     ring: Option<Arc<RingHash<usize>>>,
     /// Endpoints exist and all failed their last connect.
@@ -333,6 +366,8 @@ impl<B> Snapshot<B> {
             ready: Vec::new(),
             levels: Vec::new(),
             priority_load: Vec::new(),
+            localities: Vec::new(),
+            assignment: Arc::default(),
             ring: None,
             all_failed: false,
             hashing,

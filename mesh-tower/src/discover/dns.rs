@@ -292,10 +292,10 @@ mod tests {
         let mut stream = dns(Arc::new(script), query, DnsConfig::default());
         let start = tokio::time::Instant::now();
         let Some(Change::Reset(first)) = stream.next().await else { panic!("no first answer") };
-        assert_eq!(first[0].addr.port(), 1);
+        assert_eq!(first.endpoints[0].addr.port(), 1);
         // The failure and the unchanged answer yield nothing; the change does.
         let Some(Change::Reset(second)) = stream.next().await else { panic!("no second answer") };
-        assert_eq!(second[0].addr.port(), 2);
+        assert_eq!(second.endpoints[0].addr.port(), 2);
         // ttl 5 s, then failure backoff 1 s, then ttl 5 s.
         assert_eq!(start.elapsed(), Duration::from_secs(11));
     }

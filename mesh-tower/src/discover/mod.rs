@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
-use mesh_core::Endpoint;
+use mesh_core::{Endpoint, EndpointSet};
 use tokio::sync::mpsc;
 
 /// One change to an endpoint set.
@@ -33,8 +33,8 @@ pub enum Change {
     Insert(Arc<Endpoint>),
     /// Remove the endpoint with this address; in-flight requests finish.
     Remove(SocketAddr),
-    /// Replace the whole set (what DNS and xDS EDS updates are).
-    Reset(Vec<Arc<Endpoint>>),
+    /// Replace the whole set, with its locality weights and drop overloads (what DNS and xDS EDS updates are).
+    Reset(EndpointSet),
 }
 
 impl Change {
@@ -43,9 +43,9 @@ impl Change {
         Self::Insert(Arc::new(endpoint))
     }
 
-    /// Replaces the whole set.
+    /// Replaces the whole set with these endpoints (no locality weights, no drops).
     pub fn reset(endpoints: impl IntoIterator<Item = Endpoint>) -> Self {
-        Self::Reset(endpoints.into_iter().map(Arc::new).collect())
+        Self::Reset(EndpointSet { endpoints: endpoints.into_iter().map(Arc::new).collect(), ..EndpointSet::default() })
     }
 }
 

@@ -1,0 +1,208 @@
+//! The request path: drop, pick, send, re-pick or resend, wait when nothing is ready.
+
+use std::sync::Arc;
+
+use mesh_core::LbPolicy;
+
+use super::body::{Counting, InFlight, ResponseBody};
+use super::{RequestBody, ServedBy, State, lock};
+use crate::connect::Connect;
+use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
+use crate::{Error, Result};
+
+/// How many times one call is resent transparently after a server refused it unprocessed. gRPC (A6) resends a
+/// refused RPC once and one that never left the client without limit; one refusal per endpoint of a small
+/// rolling restart, plus one, bounds both without letting a call bounce forever.
+const MAX_RESENDS: u32 = 4;
+
+impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
+    /// Sends one request: pick, send, re-pick when the connection was closed before the request was written,
+    /// resend when the server refused it unprocessed ([`refused`]), wait when nothing is ready.
+    pub(super) async fn call(self: Arc<Self>, request: http::Request<B>) -> Result<http::Response<ResponseBody>> {
+        let hash = self.request_hash(&request);
+        let decay = match self.config.lb {
+            LbPolicy::P2cEwma { decay, .. } => Some(decay),
+            _ => None,
+        };
+        // A body that records what it sends and a copy of the head, so a refused request can go again whole:
+        // hyper consumes the request it sends.
+        let (head, body) = request.into_parts();
+        let body = ReplayBody::new(body, DEFAULT_REPLAY_LIMIT);
+        let recorder = body.recorder();
+        let copy = HeadCopy::new(&head);
+        let mut request = http::Request::from_parts(head, body);
+        let mut resends = 0;
+        // Drops are decided once per call, at its first pick; re-picks and resends do not draw again.
+        let mut drop_checked = false;
+        // Set when the call first has to wait: (receiver, deadline, start).
+        let mut waiting: Option<(tokio::sync::watch::Receiver<u64>, tokio::time::Instant, tokio::time::Instant)> = None;
+        loop {
+            // Pick under the snapshot's read lock, taking only the chosen handle: one reference-count
+            // increment and decrement fewer per call than cloning the snapshot (shared atomics that every
+            // concurrent call bounces between cores).
+            let picked = {
+                let snapshot = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+                if !drop_checked {
+                    drop_checked = true;
+                    if let Some(category) = self.dropped(&snapshot) {
+                        return Err(Error::Dropped { target: self.target.clone(), category: category.to_owned() });
+                    }
+                }
+                self.pick(&snapshot, hash).cloned().ok_or((snapshot.all_failed, snapshot.endpoints.len()))
+            };
+            let (all_failed, known) = match picked {
+                Ok(handle) => {
+                    let sent = if decay.is_some() { self.now() } else { Default::default() };
+                    let response = match handle.send(request) {
+                        Ok(response) => response,
+                        Err(unsent) => {
+                            // Raced with a disconnect: the next snapshot will not offer it.
+                            request = unsent;
+                            self.mark_broken(&handle);
+                            continue;
+                        }
+                    };
+                    let counting = Counting::begin(&handle);
+                    match response.await {
+                        Ok(response) => {
+                            if let Some(decay) = decay {
+                                let now = self.now();
+                                handle.observe(now.saturating_sub(sent), now, decay);
+                            }
+                            let (mut parts, body) = response.into_parts();
+                            parts.extensions.insert(ServedBy(handle.addr()));
+                            counting.disarm();
+                            return Ok(http::Response::from_parts(parts, ResponseBody::new(body, InFlight::started(handle))));
+                        }
+                        Err(mut error) => {
+                            drop(counting);
+                            if let Some(unsent) = error.take_message() {
+                                tracing::debug!(target_name = %self.target, addr = %handle.addr(), "connection closed before send; re-picking");
+                                request = unsent;
+                                self.mark_broken(&handle);
+                                continue;
+                            }
+                            let error = error.into_error();
+                            let Some(refusal) = refused(&error) else {
+                                return Err(Error::Upstream { addr: handle.addr(), source: error });
+                            };
+                            if refusal == Refusal::GoAway {
+                                // The connection takes no new streams: pick elsewhere until it is replaced.
+                                self.mark_broken(&handle);
+                            }
+                            let again = if resends < MAX_RESENDS { recorder.try_clone().and_then(|body| copy.request(body)) } else { None };
+                            match again {
+                                Some(again) => {
+                                    resends += 1;
+                                    tracing::debug!(target_name = %self.target, addr = %handle.addr(), ?refusal, resends, "refused unprocessed; resending");
+                                    request = again;
+                                    continue;
+                                }
+                                None => return Err(Error::Upstream { addr: handle.addr(), source: error }),
+                            }
+                        }
+                    }
+                }
+                Err(unpicked) => unpicked,
+            };
+            if all_failed {
+                return Err(Error::AllEndpointsFailed {
+                    target: self.target.clone(),
+                    count: known,
+                    last_error: lock(&self.last_error).clone(),
+                });
+            }
+            // Subscribe before re-reading the snapshot so no change is missed.
+            let Some((rx, deadline, started)) = waiting.as_mut() else {
+                let started = tokio::time::Instant::now();
+                waiting = Some((self.changed.subscribe(), started + self.config.ready_timeout, started));
+                continue;
+            };
+            if tokio::time::timeout_at(*deadline, rx.changed()).await.is_err() {
+                return Err(Error::NoReadyEndpoint { target: self.target.clone(), waited: started.elapsed(), known });
+            }
+        }
+    }
+}
+
+/// What a resend needs of the call's head: method, URI, version and headers, the headers' names and values in
+/// one buffer. Cloning the `HeaderMap` instead costs two allocations, plus one per value not yet shared, on every
+/// call; this is one allocation, and the map is rebuilt only for a resend (rare). Extensions stay behind: only
+/// this process reads them, and hyper does not send them.
+struct HeadCopy {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    /// Per header: name length (u16), name, value length (u32), value, sensitive (u8).
+    headers: Vec<u8>,
+}
+
+impl HeadCopy {
+    fn new(head: &http::request::Parts) -> Self {
+        let size = head.headers.iter().map(|(n, v)| 7 + n.as_str().len() + v.len()).sum();
+        let mut headers = Vec::with_capacity(size);
+        for (name, value) in &head.headers {
+            // HTTP/2 header names are far below 64 KiB and values below 4 GiB (the peer's header list limit).
+            headers.extend_from_slice(&(name.as_str().len() as u16).to_le_bytes());
+            headers.extend_from_slice(name.as_str().as_bytes());
+            headers.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            headers.extend_from_slice(value.as_bytes());
+            headers.push(u8::from(value.is_sensitive()));
+        }
+        Self { method: head.method.clone(), uri: head.uri.clone(), version: head.version, headers }
+    }
+
+    /// The request to send again with `body`; `None` if the copy cannot be read back (it always can: it was
+    /// written from valid headers).
+    fn request<B>(&self, body: B) -> Option<http::Request<B>> {
+        let mut request = http::Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        let headers = request.headers_mut();
+        let mut rest = &self.headers[..];
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_first_chunk::<2>()?;
+            let (name, tail) = tail.split_at_checked(usize::from(u16::from_le_bytes(*len)))?;
+            let (len, tail) = tail.split_first_chunk::<4>()?;
+            let (value, tail) = tail.split_at_checked(u32::from_le_bytes(*len) as usize)?;
+            let (sensitive, tail) = tail.split_first()?;
+            let mut value = http::HeaderValue::from_bytes(value).ok()?;
+            value.set_sensitive(*sensitive != 0);
+            headers.append(http::HeaderName::from_bytes(name).ok()?, value);
+            rest = tail;
+        }
+        Some(request)
+    }
+}
+
+/// How a server turned a request away before processing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// The connection is going away: the stream was above the last one the server's GOAWAY let through, or
+    /// was opened after the GOAWAY arrived (h2 then never sends it).
+    GoAway,
+    /// RST_STREAM with REFUSED_STREAM: the server did no work on it (RFC 9113 §8.7).
+    RefusedStream,
+}
+
+/// Whether `error` says the server never processed the request, so that sending it again is safe (gRPC A6
+/// transparent retry). h2 gives a stream the peer's GOAWAY error only when the stream was above the GOAWAY's last
+/// stream id or opened after it; a stream the server had accepted and that broke later ends with an I/O or
+/// reset error instead, and is never resent here.
+fn refused(error: &hyper::Error) -> Option<Refusal> {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            if !h2.is_remote() {
+                return None;
+            }
+            if h2.is_go_away() {
+                return Some(Refusal::GoAway);
+            }
+            return (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)).then_some(Refusal::RefusedStream);
+        }
+        source = cause.source();
+    }
+    None
+}

@@ -1,0 +1,169 @@
+//! The balancer on tokio's paused clock, over a fake connector: in-memory connections to in-process HTTP/2
+//! servers, no sockets and no real sleeps. Backoff, waiting and draining take virtual time only.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_core::Endpoint;
+use tokio::io::DuplexStream;
+use tower::ServiceExt;
+
+use super::{Balancer, BalancerConfig, ConnState, ServedBy};
+use crate::Error;
+use crate::connect::{Connect, ConnectFuture};
+use crate::discover::{self, Change};
+
+/// How the fake network treats one address.
+#[derive(Clone, Copy, Debug)]
+enum Peer {
+    /// Connections are refused.
+    Down,
+    /// An HTTP/2 server answers every request after `delay` (virtual time).
+    Up { delay: Duration },
+}
+
+/// A connector over in-memory pipes: each connection to an `Up` address gets its own in-process hyper server.
+#[derive(Clone, Default)]
+struct FakeNet {
+    peers: Arc<Mutex<HashMap<SocketAddr, Peer>>>,
+    attempts: Arc<Mutex<HashMap<SocketAddr, u32>>>,
+    served: Arc<AtomicU32>,
+}
+
+impl FakeNet {
+    fn set(&self, addr: SocketAddr, peer: Peer) {
+        self.peers.lock().unwrap().insert(addr, peer);
+    }
+
+    fn attempts(&self, addr: SocketAddr) -> u32 {
+        self.attempts.lock().unwrap().get(&addr).copied().unwrap_or(0)
+    }
+}
+
+impl Connect for FakeNet {
+    type Io = TokioIo<DuplexStream>;
+
+    fn connect(&self, addr: SocketAddr) -> ConnectFuture<Self::Io> {
+        *self.attempts.lock().unwrap().entry(addr).or_default() += 1;
+        let peer = self.peers.lock().unwrap().get(&addr).copied().unwrap_or(Peer::Down);
+        let served = self.served.clone();
+        Box::pin(async move {
+            let Peer::Up { delay } = peer else {
+                return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "fake: refused"));
+            };
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let service = service_fn(move |_request: http::Request<hyper::body::Incoming>| {
+                let served = served.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    served.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(addr.to_string()))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(server), service),
+            );
+            Ok(TokioIo::new(client))
+        })
+    }
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, 1], port))
+}
+
+fn balancer(net: &FakeNet, ports: &[u16]) -> (Balancer<Empty<Bytes>, FakeNet>, discover::ChangeSender) {
+    let (tx, source) = discover::channel();
+    tx.send(Change::reset(ports.iter().map(|&p| Endpoint::new(addr(p)))));
+    let config = BalancerConfig { lb: "round_robin".parse().unwrap(), ..BalancerConfig::default() };
+    (Balancer::with_connector("fake", source, config, net.clone()), tx)
+}
+
+async fn call(balancer: &Balancer<Empty<Bytes>, FakeNet>) -> Result<SocketAddr, Error> {
+    let response = balancer.clone().oneshot(http::Request::new(Empty::new())).await?;
+    let served_by = response.extensions().get::<ServedBy>().unwrap().0;
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, served_by.to_string(), "the reply comes from the endpoint named in ServedBy");
+    Ok(served_by)
+}
+
+async fn until_state(balancer: &Balancer<Empty<Bytes>, FakeNet>, at: SocketAddr, state: ConnState) {
+    let mut updates = balancer.updates();
+    while !balancer.endpoints().iter().any(|e| e.endpoint.addr == at && e.state == state) {
+        updates.changed().await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_endpoint_backs_off_and_takes_traffic_once_it_comes_up() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    let (balancer, _tx) = balancer(&net, &[1, 2]);
+    until_state(&balancer, addr(2), ConnState::TransientFailure).await;
+    for _ in 0..10 {
+        assert_eq!(call(&balancer).await.unwrap(), addr(1), "a failed endpoint gets no traffic");
+    }
+    // Ten virtual seconds of retries: backoff 250 ms × 1.6 per failure (±20%) is 6 or 7 attempts, not a spin.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let attempts = net.attempts(addr(2));
+    assert!((5..=9).contains(&attempts), "{attempts} attempts in 10 s");
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    until_state(&balancer, addr(2), ConnState::Ready).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(call(&balancer).await.unwrap());
+    }
+    assert_eq!(seen.len(), 2, "both endpoints serve once the second is up");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_nothing_ready_a_call_waits_the_ready_timeout_and_fails_fast_once_all_failed() {
+    let net = FakeNet::default();
+    let (tx, source) = discover::channel();
+    let config = BalancerConfig::default();
+    let balancer: Balancer<Empty<Bytes>, FakeNet> = Balancer::with_connector("fake", source, config.clone(), net.clone());
+    // No endpoints at all: the call waits the whole ready timeout, in virtual time.
+    let started = tokio::time::Instant::now();
+    let waited = call(&balancer).await.unwrap_err();
+    assert!(matches!(waited, Error::NoReadyEndpoint { known: 0, .. }), "{waited}");
+    assert_eq!(started.elapsed(), config.ready_timeout);
+    // Every known endpoint failed to connect: fail at once, naming the last error.
+    tx.send(Change::reset([Endpoint::new(addr(1))]));
+    until_state(&balancer, addr(1), ConnState::TransientFailure).await;
+    let started = tokio::time::Instant::now();
+    let failed = call(&balancer).await.unwrap_err();
+    assert!(matches!(&failed, Error::AllEndpointsFailed { count: 1, last_error, .. } if last_error.contains("refused")), "{failed}");
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_endpoint_finishes_its_calls_and_takes_no_new_ones() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::from_secs(3) });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (balancer, tx) = balancer(&net, &[1]);
+    until_state(&balancer, addr(1), ConnState::Ready).await;
+    let slow = tokio::spawn({
+        let balancer = balancer.clone();
+        async move { call(&balancer).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The set moves to endpoint 2 while the call on 1 is in flight.
+    tx.send(Change::reset([Endpoint::new(addr(2))]));
+    until_state(&balancer, addr(2), ConnState::Ready).await;
+    assert!(!balancer.contains(addr(1)));
+    for _ in 0..5 {
+        assert_eq!(call(&balancer).await.unwrap(), addr(2));
+    }
+    assert_eq!(slow.await.unwrap().unwrap(), addr(1), "the drained call completes");
+    assert_eq!(net.served.load(Ordering::SeqCst), 6);
+}

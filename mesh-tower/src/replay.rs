@@ -1,0 +1,262 @@
+//! A request body that can be sent again.
+//!
+//! [`ReplayBody`] wraps a body and keeps a copy of every frame read from it, up to a limit, so that a request can
+//! be resent after the first attempt consumed part or all of its body: the balancer's transparent retry (a
+//! stream the server refused, gRPC A6) and, later, retry policies. A copy made with [`ReplayBody::try_clone`]
+//! yields the recorded frames first, then goes on reading the original body where the last copy left off.
+//!
+//! Only the newest copy may read: once a copy is made, older ones fail their next poll (their stream is gone
+//! anyway). Once more than the limit has been read the record is dropped and no copy can be made, so a large
+//! streaming body is never held in memory and never duplicated.
+//!
+//! ```
+//! # use bytes::Bytes;
+//! # use http_body_util::{BodyExt, Full};
+//! # use mesh_tower::replay::ReplayBody;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let first = ReplayBody::new(Full::new(Bytes::from_static(b"hello")), 64 * 1024);
+//! let again = first.try_clone().expect("nothing read yet");
+//! assert_eq!(again.collect().await.unwrap().to_bytes(), "hello");
+//! # }
+//! ```
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::BoxError;
+
+/// Request bodies are kept for a resend up to this many bytes by default (Envoy's and Linkerd's order of size).
+pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A body whose frames are recorded, up to a limit, so that it can be sent again. See the [module docs](self).
+pub struct ReplayBody<B> {
+    shared: Arc<Mutex<Shared<B>>>,
+    /// Which copy this is; only the newest reads.
+    copy: u32,
+    /// How many recorded frames this copy has yielded.
+    replayed: usize,
+}
+
+struct Shared<B> {
+    inner: B,
+    /// Frames read from `inner`, in order, while within the limit.
+    frames: Vec<Recorded>,
+    /// Bytes of data in `frames`.
+    bytes: usize,
+    limit: usize,
+    /// More than `limit` was read, or `inner` failed: no copy can replay it.
+    lost: bool,
+    /// `inner` has ended.
+    ended: bool,
+    /// The newest copy's number.
+    newest: u32,
+}
+
+enum Recorded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+}
+
+impl Recorded {
+    fn frame(&self) -> Frame<Bytes> {
+        match self {
+            Self::Data(data) => Frame::data(data.clone()),
+            Self::Trailers(trailers) => Frame::trailers(trailers.clone()),
+        }
+    }
+}
+
+/// Why a body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// A newer copy of the body took over (the stream this copy fed is gone).
+    #[error("request body superseded by a resend")]
+    Superseded,
+    /// The original body failed.
+    #[error("request body failed: {0}")]
+    Body(#[source] BoxError),
+}
+
+impl<B> ReplayBody<B> {
+    /// Wraps `inner`, recording up to `limit` bytes of it.
+    pub fn new(inner: B, limit: usize) -> Self {
+        let shared = Shared { inner, frames: Vec::new(), bytes: 0, limit, lost: false, ended: false, newest: 0 };
+        Self { shared: Arc::new(Mutex::new(shared)), copy: 0, replayed: 0 }
+    }
+
+    /// A copy that yields the body from its start, or `None` when that is no longer possible (more than the
+    /// limit was read, or the body failed). Older copies stop reading.
+    pub fn try_clone(&self) -> Option<Self> {
+        copy(&self.shared)
+    }
+}
+
+impl<B> ReplayBody<B> {
+    /// A handle that makes copies later without itself being a body that could be read.
+    pub(crate) fn recorder(&self) -> Recorder<B> {
+        Recorder(self.shared.clone())
+    }
+}
+
+/// Makes copies of a [`ReplayBody`] (see [`ReplayBody::recorder`]).
+pub(crate) struct Recorder<B>(Arc<Mutex<Shared<B>>>);
+
+impl<B> Recorder<B> {
+    /// As [`ReplayBody::try_clone`].
+    pub(crate) fn try_clone(&self) -> Option<ReplayBody<B>> {
+        copy(&self.0)
+    }
+}
+
+fn copy<B>(shared: &Arc<Mutex<Shared<B>>>) -> Option<ReplayBody<B>> {
+    let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
+    if state.lost {
+        return None;
+    }
+    state.newest = state.newest.wrapping_add(1);
+    Some(ReplayBody { shared: shared.clone(), copy: state.newest, replayed: 0 })
+}
+
+impl<B> std::fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayBody").field("copy", &self.copy).field("replayed", &self.replayed).finish()
+    }
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = ReplayError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ReplayError>>> {
+        let this = self.get_mut();
+        let mut shared = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if shared.newest != this.copy {
+            return Poll::Ready(Some(Err(ReplayError::Superseded)));
+        }
+        if let Some(recorded) = shared.frames.get(this.replayed) {
+            this.replayed += 1;
+            return Poll::Ready(Some(Ok(recorded.frame())));
+        }
+        if shared.ended {
+            return Poll::Ready(None);
+        }
+        let shared = &mut *shared;
+        match Pin::new(&mut shared.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                shared.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => {
+                shared.lost = true;
+                Poll::Ready(Some(Err(ReplayError::Body(error.into()))))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if !shared.lost {
+                    let recorded = match (frame.data_ref(), frame.trailers_ref()) {
+                        (Some(data), _) => {
+                            shared.bytes += data.len();
+                            Some(Recorded::Data(data.clone()))
+                        }
+                        (None, Some(trailers)) => Some(Recorded::Trailers(trailers.clone())),
+                        // A kind of frame this version of http-body does not know: it cannot be replayed.
+                        (None, None) => None,
+                    };
+                    match recorded {
+                        Some(recorded) if shared.bytes <= shared.limit => {
+                            shared.frames.push(recorded);
+                            this.replayed += 1;
+                        }
+                        _ => {
+                            shared.lost = true;
+                            shared.frames = Vec::new();
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.newest == self.copy && self.replayed >= shared.frames.len() && (shared.ended || shared.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let unread: u64 = shared.frames[self.replayed.min(shared.frames.len())..]
+            .iter()
+            .map(|f| match f {
+                Recorded::Data(data) => data.len() as u64,
+                Recorded::Trailers(_) => 0,
+            })
+            .sum();
+        if shared.ended {
+            return SizeHint::with_exact(unread);
+        }
+        let inner = shared.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(unread + inner.lower());
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(unread + upper);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    fn chunks(parts: &[&'static [u8]]) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+            parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p)))).collect();
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_copy_replays_what_was_read_and_continues_with_the_rest() {
+        let mut first = ReplayBody::new(chunks(&[b"ab", b"cd", b"ef"]), 1024);
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        let again = first.try_clone().unwrap();
+        assert!(matches!(first.frame().await, Some(Err(ReplayError::Superseded))), "the old copy stops");
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_copy_of_an_unread_or_finished_body_is_the_whole_body() {
+        let unread = ReplayBody::new(Full::new(Bytes::from_static(b"hello")), 1024);
+        assert_eq!(unread.try_clone().unwrap().collect().await.unwrap().to_bytes(), "hello");
+
+        let mut read = ReplayBody::new(chunks(&[b"he", b"llo"]), 1024);
+        while read.frame().await.is_some() {}
+        assert!(read.is_end_stream());
+        let again = read.try_clone().unwrap();
+        assert_eq!(again.size_hint().exact(), Some(5));
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "hello");
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_no_copy_is_possible_and_nothing_is_kept() {
+        let mut body = ReplayBody::new(chunks(&[b"1234", b"5678"]), 6);
+        assert!(body.frame().await.is_some());
+        assert!(body.try_clone().is_some(), "4 bytes are within the limit");
+        let mut body = body.try_clone().unwrap();
+        while body.frame().await.is_some() {}
+        assert!(body.try_clone().is_none(), "8 bytes are past it");
+        assert!(body.shared.lock().unwrap().frames.is_empty());
+    }
+}
