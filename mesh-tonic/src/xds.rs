@@ -214,12 +214,14 @@ impl XdsRouter {
 }
 
 /// Where a cluster's balancer gets its endpoints, and the settings it was built with: a change of any of
-/// these (LB policy, connect timeout, static endpoints, EDS name, DNS name) builds a replacement balancer,
+/// these (LB policy, connect timeout, TLS policy, static endpoints, EDS name, DNS name) builds a replacement balancer,
 /// which takes over once it can serve.
 #[derive(Clone, Debug, PartialEq)]
 struct BalancerKey {
     lb: LbPolicy,
     connect_timeout: Duration,
+    /// Upstream TLS: the connector refuses plaintext for a cluster that asks for it.
+    tls: Option<mesh_core::policy::TlsPolicy>,
     source: Source,
 }
 
@@ -340,7 +342,12 @@ fn reconcile_cluster(client: &XdsClient, name: &str, f: &mut Followed, config: &
         ClusterDiscovery::Eds { service_name } => Source::Eds(service_name.clone().unwrap_or_else(|| name.to_owned())),
         ClusterDiscovery::LogicalDns { host, port } => Source::LogicalDns { host: host.clone(), port: *port },
     };
-    let key = BalancerKey { lb: cluster.lb.clone(), connect_timeout: cluster.policies.connection.connect_timeout, source };
+    let key = BalancerKey {
+        lb: cluster.lb.clone(),
+        connect_timeout: cluster.policies.connection.connect_timeout,
+        tls: cluster.policies.tls.clone(),
+        source,
+    };
     if f.balancer.as_ref().is_some_and(|(current, _)| *current == key) {
         f.next = None;
         return;
@@ -351,6 +358,7 @@ fn reconcile_cluster(client: &XdsClient, name: &str, f: &mut Followed, config: &
     let mut cfg = config.clone();
     cfg.lb = key.lb.clone();
     cfg.connection.connect_timeout = key.connect_timeout;
+    cfg.tls = key.tls.clone();
     let discover = match &key.source {
         Source::Static(endpoints) => discover::fixed(endpoints.clone()),
         Source::Eds(eds_name) => eds_source(client.watch(eds_name)),

@@ -8,9 +8,11 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::policy::ConnectionPolicy;
+use mesh_core::Endpoint;
+use mesh_core::policy::{ConnectionPolicy, TlsPolicy};
 use socket2::{SockRef, TcpKeepalive};
 
 use hyper_util::rt::TokioIo;
@@ -19,16 +21,35 @@ use tokio::net::TcpStream;
 /// Boxed future returned by [`Connect::connect`].
 pub type ConnectFuture<Io> = Pin<Box<dyn Future<Output = io::Result<Io>> + Send + 'static>>;
 
+/// What a connection is for: one endpoint of a cluster (its address, locality and metadata) and the cluster's
+/// upstream TLS policy (the server name to send and the identities to accept). A TLS connector reads the policy;
+/// one that cannot honour it must fail the connection, never fall back to plaintext.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointTarget {
+    /// The endpoint, as discovery reported it.
+    pub endpoint: Arc<Endpoint>,
+    /// The cluster's TLS policy; `None` means plaintext.
+    pub tls: Option<Arc<TlsPolicy>>,
+}
+
+impl EndpointTarget {
+    /// The endpoint's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint.addr
+    }
+}
+
 /// Opens byte streams to endpoints.
 pub trait Connect: Clone + Send + Sync + 'static {
     /// The connected stream.
     type Io: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static;
 
-    /// Connects to `addr`. The caller applies the connect timeout.
-    fn connect(&self, addr: SocketAddr) -> ConnectFuture<Self::Io>;
+    /// Connects to `target`. The caller applies the connect timeout.
+    fn connect(&self, target: &EndpointTarget) -> ConnectFuture<Self::Io>;
 }
 
-/// Plain TCP with `TCP_NODELAY`, TCP keepalive and `TCP_USER_TIMEOUT`.
+/// Plain TCP with `TCP_NODELAY`, TCP keepalive and `TCP_USER_TIMEOUT`. A target whose cluster asks for TLS is
+/// refused: plaintext is never a fallback for TLS.
 #[derive(Clone, Debug, Default)]
 pub struct TcpConnector {
     keepalive: Option<Duration>,
@@ -66,9 +87,15 @@ impl TcpConnector {
 impl Connect for TcpConnector {
     type Io = TokioIo<TcpStream>;
 
-    fn connect(&self, addr: SocketAddr) -> ConnectFuture<Self::Io> {
-        let this = self.clone();
+    fn connect(&self, target: &EndpointTarget) -> ConnectFuture<Self::Io> {
+        let (this, addr, tls) = (self.clone(), target.addr(), target.tls.is_some());
         Box::pin(async move {
+            if tls {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the cluster requires TLS and this connector is plaintext TCP (no TLS connector is configured)",
+                ));
+            }
             let stream = TcpStream::connect(addr).await?;
             this.configure(&stream)?;
             Ok(TokioIo::new(stream))

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::{Assignment, Entry, List, LocalityGroup, RequestBody, Snapshot, State, lock};
 use crate::Error;
-use crate::connect::Connect;
+use crate::connect::{Connect, EndpointTarget};
 use crate::discover::Change;
 
 /// Outcome of a request handed to a connection.
@@ -404,6 +404,18 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         }
     }
 
+    /// The connection target of the endpoint at `addr`: its latest discovery data (looked up in the set, so the
+    /// per-endpoint handle stays small) and the cluster's TLS policy.
+    fn target_of(&self, addr: SocketAddr) -> EndpointTarget {
+        let list = lock(&self.endpoints).clone();
+        let endpoint = match list.binary_search_by_key(&addr, |(e, _)| e.addr) {
+            Ok(i) => Arc::clone(&list[i].0),
+            // Removed meanwhile: the connection, if it opens, closes with the handle.
+            Err(_) => Arc::new(Endpoint::new(addr)),
+        };
+        EndpointTarget { endpoint, tls: self.tls.clone() }
+    }
+
     /// Marks an endpoint whose connection was found closed, so no one picks it
     /// until it reconnects.
     pub(super) fn mark_broken(&self, handle: &Handle<B>) {
@@ -416,7 +428,8 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     /// Opens a connection; the returned receiver fires when it closes.
     async fn connect(&self, addr: SocketAddr) -> Result<(SendRequest<B>, oneshot::Receiver<()>), Error> {
         let policy = &self.config.connection;
-        let io = match tokio::time::timeout(policy.connect_timeout, self.connector.connect(addr)).await {
+        let target = self.target_of(addr);
+        let io = match tokio::time::timeout(policy.connect_timeout, self.connector.connect(&target)).await {
             Ok(Ok(io)) => io,
             Ok(Err(source)) => return Err(Error::Connect { addr, source }),
             Err(_) => {

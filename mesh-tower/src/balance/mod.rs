@@ -60,7 +60,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use mesh_core::lb::{DEFAULT_OVERPROVISIONING_FACTOR, RingHash, WeightedRoundRobin};
-use mesh_core::policy::ConnectionPolicy;
+use mesh_core::policy::{ConnectionPolicy, TlsPolicy};
 use mesh_core::{DropOverload, Endpoint, LbPolicy, Locality};
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
@@ -86,6 +86,8 @@ pub struct BalancerConfig {
     pub ready_timeout: Duration,
     /// Envoy's overprovisioning factor in percent (140 = 1.4).
     pub overprovisioning_factor: u32,
+    /// The cluster's upstream TLS, handed to the connector with each endpoint; `None` means plaintext.
+    pub tls: Option<TlsPolicy>,
 }
 
 impl Default for BalancerConfig {
@@ -95,6 +97,7 @@ impl Default for BalancerConfig {
             connection: ConnectionPolicy::default(),
             ready_timeout: Duration::from_secs(10),
             overprovisioning_factor: DEFAULT_OVERPROVISIONING_FACTOR,
+            tls: None,
         }
     }
 }
@@ -172,6 +175,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
     pub fn with_connector(target: impl Into<String>, discover: impl Discover, config: BalancerConfig, connector: C) -> Self {
         let ring = matches!(config.lb, LbPolicy::RingHash { .. });
         let state = Arc::new(State {
+            tls: config.tls.clone().map(Arc::new),
             target: target.into(),
             config,
             connector,
@@ -311,6 +315,8 @@ struct State<B, C> {
     wrr: Mutex<(u64, WeightedRoundRobin<SocketAddr>)>,
     /// Most recent connection error, for error messages.
     last_error: Mutex<String>,
+    /// `config.tls`, shared by every endpoint's connection target.
+    tls: Option<Arc<TlsPolicy>>,
     /// What the latest whole-set change said beyond its endpoints. Written under the `endpoints` lock.
     assignment: Mutex<Arc<Assignment>>,
 }

@@ -17,7 +17,7 @@ use tower::ServiceExt;
 
 use super::{Balancer, BalancerConfig, ConnState, ServedBy};
 use crate::Error;
-use crate::connect::{Connect, ConnectFuture};
+use crate::connect::{Connect, ConnectFuture, EndpointTarget};
 use crate::discover::{self, Change};
 
 /// How the fake network treats one address.
@@ -34,6 +34,8 @@ enum Peer {
 struct FakeNet {
     peers: Arc<Mutex<HashMap<SocketAddr, Peer>>>,
     attempts: Arc<Mutex<HashMap<SocketAddr, u32>>>,
+    /// Every target the balancer asked for, in order.
+    targets: Arc<Mutex<Vec<EndpointTarget>>>,
     served: Arc<AtomicU32>,
 }
 
@@ -50,7 +52,9 @@ impl FakeNet {
 impl Connect for FakeNet {
     type Io = TokioIo<DuplexStream>;
 
-    fn connect(&self, addr: SocketAddr) -> ConnectFuture<Self::Io> {
+    fn connect(&self, target: &EndpointTarget) -> ConnectFuture<Self::Io> {
+        let addr = target.addr();
+        self.targets.lock().unwrap().push(target.clone());
         *self.attempts.lock().unwrap().entry(addr).or_default() += 1;
         let peer = self.peers.lock().unwrap().get(&addr).copied().unwrap_or(Peer::Down);
         let served = self.served.clone();
@@ -166,4 +170,38 @@ async fn a_removed_endpoint_finishes_its_calls_and_takes_no_new_ones() {
     }
     assert_eq!(slow.await.unwrap().unwrap(), addr(1), "the drained call completes");
     assert_eq!(net.served.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_connector_gets_each_endpoint_with_its_locality_and_the_clusters_tls_policy() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    let tls = mesh_core::policy::TlsPolicy {
+        server_name: Some("greeter.mesh".to_owned()),
+        allowed_identities: vec!["spiffe://mesh.local/ns/default/sa/greeter".to_owned()],
+    };
+    let (tx, source) = discover::channel();
+    let locality = Arc::new(mesh_core::Locality { region: "r".to_owned(), zone: "z1".to_owned(), sub_zone: String::new() });
+    let mut endpoint = Endpoint::new(addr(1));
+    endpoint.locality = Arc::clone(&locality);
+    tx.send(Change::reset([endpoint]));
+    let config = BalancerConfig { tls: Some(tls.clone()), ..BalancerConfig::default() };
+    let balancer: Balancer<Empty<Bytes>, FakeNet> = Balancer::with_connector("fake", source, config, net.clone());
+    assert_eq!(call(&balancer).await.unwrap(), addr(1));
+    let targets = net.targets.lock().unwrap().clone();
+    assert_eq!(targets.len(), 1, "{targets:?}");
+    assert_eq!(targets[0].addr(), addr(1));
+    assert_eq!(targets[0].endpoint.locality, locality);
+    assert_eq!(targets[0].tls.as_deref(), Some(&tls));
+}
+
+#[tokio::test]
+async fn plain_tcp_refuses_a_cluster_that_asks_for_tls() {
+    let target = EndpointTarget {
+        endpoint: Arc::new(Endpoint::new("127.0.0.1:1".parse().unwrap())),
+        tls: Some(Arc::new(mesh_core::policy::TlsPolicy { server_name: None, allowed_identities: Vec::new() })),
+    };
+    let error = crate::connect::TcpConnector::new().connect(&target).await.expect_err("refused");
+    assert_eq!(error.kind(), std::io::ErrorKind::Unsupported);
+    assert!(error.to_string().contains("requires TLS"), "{error}");
 }

@@ -180,9 +180,10 @@ async fn hyper_connection(
     addr: std::net::SocketAddr,
     mesh_connector: bool,
 ) -> anyhow::Result<(hyper::client::conn::http2::SendRequest<tonic::body::Body>, http::uri::Authority)> {
-    use mesh_tower::connect::Connect;
+    use mesh_tower::connect::{Connect, EndpointTarget};
     let io = if mesh_connector {
-        mesh_tower::connect::TcpConnector::from_policy(&Default::default()).connect(addr).await?
+        let target = EndpointTarget { endpoint: std::sync::Arc::new(mesh_core::Endpoint::new(addr)), tls: None };
+        mesh_tower::connect::TcpConnector::from_policy(&Default::default()).connect(&target).await?
     } else {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
