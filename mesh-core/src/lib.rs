@@ -17,11 +17,13 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod grpc;
 pub mod lb;
 pub mod model;
 pub mod policy;
 
 pub use error::{Error, Result};
+pub use grpc::GrpcCode;
 pub use model::{
     Cluster, ClusterDiscovery, DropOverload, Endpoint, EndpointSet, HeaderMatch, HealthStatus, Labels, Locality, PathMatch, Regex, Route,
     RouteAction, RouteConfig, RouteMatch, ServiceName, StringMatch, VirtualHost, WeightedCluster,

@@ -5,6 +5,7 @@
 //! not built yet still have their settings here, so the model does not change
 //! shape when they arrive.
 
+use crate::GrpcCode;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -258,8 +259,8 @@ pub struct RoutePolicies {
 pub struct RetryPolicy {
     /// Total attempts, first one included.
     pub max_attempts: u32,
-    /// gRPC status codes (by name, e.g. `UNAVAILABLE`) that are retried.
-    pub retry_on: Vec<String>,
+    /// gRPC status codes that are retried (of [`GrpcCode::RETRYABLE`]).
+    pub retry_on: Vec<GrpcCode>,
     /// Deadline of one attempt.
     pub per_try_timeout: Option<Duration>,
     /// First backoff.
@@ -274,7 +275,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_attempts: 2,
-            retry_on: vec!["UNAVAILABLE".to_owned()],
+            retry_on: vec![GrpcCode::Unavailable],
             per_try_timeout: None,
             base_backoff: Duration::from_millis(25),
             max_backoff: Duration::from_millis(250),
@@ -289,7 +290,7 @@ pub struct FaultInjection {
     /// Delay added to a share of requests: (delay, percent).
     pub delay: Option<(Duration, u32)>,
     /// Abort a share of requests with a gRPC status: (code, percent).
-    pub abort: Option<(i32, u32)>,
+    pub abort: Option<(GrpcCode, u32)>,
 }
 
 /// Mutual TLS between workloads (Istio's `PeerAuthentication` modes).

@@ -195,8 +195,10 @@ async fn run(client: Weak<Inner>, mut commands: mpsc::UnboundedReceiver<Command>
             continue;
         };
         *lock(&inner.connected) = Some(index);
-        tracing::info!(server = %inner.bootstrap.servers[index].server_uri, "xDS stream open");
-        let ended = serve(&inner, stream, index, &mut commands).await;
+        // One span per stream: every event of the stream names its server and node.
+        let span = tracing::info_span!("xds_stream", server = %inner.bootstrap.servers[index].server_uri, node = %inner.bootstrap.node.id);
+        span.in_scope(|| tracing::info!("xDS stream open"));
+        let ended = tracing::Instrument::instrument(serve(&inner, stream, index, &mut commands), span).await;
         *lock(&inner.connected) = None;
         cancel_timers(&inner);
         match ended {

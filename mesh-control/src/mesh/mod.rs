@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use mesh_core::GrpcCode;
 use mesh_core::model::{Endpoint, HeaderMatch, Locality, PathMatch, Regex, RouteMatch, StringMatch};
 use mesh_core::policy::{
     AuthzAction, AuthzRule, CircuitBreakers, FaultInjection, LbPolicy, MtlsMode, OutlierDetection, RateLimit, RetryPolicy,
@@ -468,14 +469,13 @@ impl Validator<'_> {
                     None => None,
                     Some(a) => {
                         let pct = self.percent(&format!("{ffield}.abort.percent"), &a.percent)?;
-                        let code = match &a.grpc_status.value {
-                            raw::RawCode::Number(n) if (1..=16).contains(n) => *n,
-                            raw::RawCode::Name(n) if grpc_code(n).is_some() => grpc_code(n).unwrap_or_default(),
-                            other => {
-                                let shown = match other {
-                                    raw::RawCode::Number(n) => n.to_string(),
-                                    raw::RawCode::Name(n) => format!("\"{n}\""),
-                                };
+                        let (parsed, shown) = match &a.grpc_status.value {
+                            raw::RawCode::Number(n) => (GrpcCode::from_i32(*n), n.to_string()),
+                            raw::RawCode::Name(n) => (GrpcCode::from_name(n), format!("\"{n}\"")),
+                        };
+                        let code = match parsed.filter(|c| *c != GrpcCode::Ok) {
+                            Some(code) => code,
+                            None => {
                                 return self.error(
                                     &a.grpc_status.referenced,
                                     format!("{ffield}.abort.grpc_status"),
@@ -655,12 +655,12 @@ impl Validator<'_> {
         }
         let mut retry_on = Vec::new();
         for code in &raw.on {
-            let upper = code.to_ascii_uppercase().replace('-', "_");
-            if !RETRYABLE.contains(&upper.as_str()) {
-                let reason = format!("{code:?} is not one of cancelled, deadline_exceeded, internal, resource_exhausted, unavailable");
+            let Some(parsed) = GrpcCode::from_name(code).filter(|c| GrpcCode::RETRYABLE.contains(c)) else {
+                let names: Vec<String> = GrpcCode::RETRYABLE.iter().map(|c| c.name().to_ascii_lowercase()).collect();
+                let reason = format!("{code:?} is not one of {}", names.join(", "));
                 return self.error(&r.referenced, format!("{field}.on"), reason);
-            }
-            retry_on.push(upper);
+            };
+            retry_on.push(parsed);
         }
         if retry_on.is_empty() {
             retry_on = d.retry_on.clone();
@@ -711,9 +711,6 @@ impl Validator<'_> {
 /// The longest duration the file takes (timeouts, backoff): a year, far inside protobuf's Duration range.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// The gRPC statuses Envoy and gRPC clients can retry on.
-const RETRYABLE: [&str; 5] = ["CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL", "RESOURCE_EXHAUSTED", "UNAVAILABLE"];
-
 /// Whether `line` has `key` as a mapping key (`key:`, `"key":`), not inside another word.
 fn has_key(line: &str, key: &str) -> bool {
     line.match_indices(key).any(|(i, _)| {
@@ -759,29 +756,6 @@ pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
         _ => return None,
     };
     Duration::try_from_secs_f64(seconds).ok()
-}
-
-/// A gRPC status code by its canonical name (`UNAVAILABLE`), OK excluded.
-fn grpc_code(name: &str) -> Option<i32> {
-    const NAMES: [&str; 16] = [
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
-    NAMES.iter().position(|n| n.eq_ignore_ascii_case(name)).map(|i| i as i32 + 1)
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ fn example_is_valid() {
     assert_eq!(greeter.routes.len(), 2);
     assert_eq!(greeter.routes[1].split, vec![("greeter|v1".to_owned(), 90), ("greeter|v2".to_owned(), 10)]);
     assert_eq!(greeter.routes[0].matches.headers[0].name, "x-canary");
-    assert_eq!(greeter.retry.as_ref().unwrap().retry_on, ["UNAVAILABLE", "CANCELLED"]);
+    assert_eq!(greeter.retry.as_ref().unwrap().retry_on, [mesh_core::GrpcCode::Unavailable, mesh_core::GrpcCode::Cancelled]);
     assert_eq!(greeter.timeout, Some(Duration::from_secs(5)));
     assert_eq!(greeter.sidecar_port, Some(15001));
     assert_eq!(greeter.mtls, MtlsMode::Permissive);

@@ -126,7 +126,7 @@ fn fault_filter(fault: &mesh_core::policy::FaultInjection) -> HttpFault {
         }),
         abort: fault.abort.map(|(code, pct)| FaultAbort {
             percentage: Some(percent(pct)),
-            error_type: Some(fault_abort::ErrorType::GrpcStatus(code.unsigned_abs())),
+            error_type: Some(fault_abort::ErrorType::GrpcStatus(code.as_i32().unsigned_abs())),
             ..Default::default()
         }),
         ..Default::default()

@@ -95,7 +95,7 @@ fn regex(pattern: &str) -> RegexMatcher {
 /// gRPC status names as Envoy's and gRPC's `retry_on` spell them (`UNAVAILABLE` → `unavailable`).
 fn retry(r: &RetryPolicy) -> PbRetryPolicy {
     PbRetryPolicy {
-        retry_on: r.retry_on.iter().map(|c| c.to_ascii_lowercase().replace('_', "-")).collect::<Vec<_>>().join(","),
+        retry_on: r.retry_on.iter().map(|c| c.retry_on_name()).collect::<Vec<_>>().join(","),
         num_retries: Some(UInt32Value { value: r.max_attempts.saturating_sub(1) }),
         per_try_timeout: r.per_try_timeout.map(duration),
         retry_back_off: Some(retry_policy::RetryBackOff {

@@ -450,12 +450,16 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         let (tx, rx) = oneshot::channel();
         // The connection runs in its own task so that removing the endpoint
         // (which aborts the reconnect loop) does not cut requests in flight.
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%addr, %error, "connection ended with error");
-            }
-            let _ = tx.send(());
-        });
+        let span = tracing::debug_span!(parent: &self.span, "connection", %addr);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "connection ended with error");
+                }
+                let _ = tx.send(());
+            },
+            span,
+        ));
         Ok((sender, rx))
     }
 }
@@ -550,11 +554,15 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
         }
         self.attempting += 1;
         let (state, outcomes) = (Arc::clone(state), self.outcomes.0.clone());
-        tokio::spawn(async move {
-            let result = state.connect(handle.addr()).await;
-            // The balancer may be gone; then the connection just closes.
-            let _ = outcomes.send((handle, result));
-        });
+        let span = tracing::debug_span!(parent: &state.span, "connect", addr = %handle.addr());
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let result = state.connect(handle.addr()).await;
+                // The balancer may be gone; then the connection just closes.
+                let _ = outcomes.send((handle, result));
+            },
+            span,
+        ));
     }
 
     /// Accounts for removed (stopped) endpoints: their retry entries are now stale, and swept out once there

@@ -174,9 +174,11 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
     /// A balancer using `connector` for its connections (TLS goes here).
     pub fn with_connector(target: impl Into<String>, discover: impl Discover, config: BalancerConfig, connector: C) -> Self {
         let ring = matches!(config.lb, LbPolicy::RingHash { .. });
+        let target = target.into();
         let state = Arc::new(State {
+            span: tracing::info_span!("balancer", target = %target, lb = config.lb.name()),
             tls: config.tls.clone().map(Arc::new),
-            target: target.into(),
+            target,
             config,
             connector,
             epoch: tokio::time::Instant::now(),
@@ -197,32 +199,36 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         // One task applies discovery changes, keeps every endpoint connected, and publishes
         // connection-state changes, coalesced: the publication waits until no other event is ready, so a
         // burst of N state changes costs one snapshot rebuild, not N.
-        let discovery = tokio::spawn(async move {
-            let mut discovering = true;
-            loop {
-                tokio::select! {
-                    biased;
-                    change = discover.next(), if discovering => match (change, weak.upgrade()) {
-                        (Some(change), Some(state)) => {
-                            let applied = state.apply(change);
-                            connections.forget(&applied.gone);
-                            for handle in applied.added {
-                                connections.start(&state, handle);
+        let span = state.span.clone();
+        let discovery = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut discovering = true;
+                loop {
+                    tokio::select! {
+                        biased;
+                        change = discover.next(), if discovering => match (change, weak.upgrade()) {
+                            (Some(change), Some(state)) => {
+                                let applied = state.apply(change);
+                                connections.forget(&applied.gone);
+                                for handle in applied.added {
+                                    connections.start(&state, handle);
+                                }
                             }
-                        }
-                        (None, _) => discovering = false,
-                        (_, None) => return,
-                    },
-                    event = connections.next() => if event.is_none() {
-                        return;
-                    },
-                    () = republish.notified() => match weak.upgrade() {
-                        Some(state) => state.refresh(),
-                        None => return,
-                    },
+                            (None, _) => discovering = false,
+                            (_, None) => return,
+                        },
+                        event = connections.next() => if event.is_none() {
+                            return;
+                        },
+                        () = republish.notified() => match weak.upgrade() {
+                            Some(state) => state.refresh(),
+                            None => return,
+                        },
+                    }
                 }
-            }
-        })
+            },
+            span,
+        ))
         .abort_handle();
         Self { inner: Arc::new(Inner { state, discovery }) }
     }
@@ -315,6 +321,8 @@ struct State<B, C> {
     wrr: Mutex<(u64, WeightedRoundRobin<SocketAddr>)>,
     /// Most recent connection error, for error messages.
     last_error: Mutex<String>,
+    /// The balancer's span: its discovery, connection and reconnect events are in it.
+    span: tracing::Span,
     /// `config.tls`, shared by every endpoint's connection target.
     tls: Option<Arc<TlsPolicy>>,
     /// What the latest whole-set change said beyond its endpoints. Written under the `endpoints` lock.

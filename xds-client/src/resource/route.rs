@@ -19,7 +19,9 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use mesh_core::policy::{HashPolicy, RetryPolicy, RouteHash, RoutePolicies};
-use mesh_core::{HeaderMatch, PathMatch, Regex, Route, RouteAction, RouteConfig, RouteMatch, StringMatch, VirtualHost, WeightedCluster};
+use mesh_core::{
+    GrpcCode, HeaderMatch, PathMatch, Regex, Route, RouteAction, RouteConfig, RouteMatch, StringMatch, VirtualHost, WeightedCluster,
+};
 use prost::Message;
 
 use super::duration;
@@ -221,17 +223,14 @@ fn route_policies(ra: &ProtoAction, vh_retry: Option<&ProtoRetry>) -> Result<Rou
 /// gRPC's retry rules (A44); `None` when no gRPC status code is retried.
 fn retry_policy(rp: &ProtoRetry) -> Result<Option<RetryPolicy>, String> {
     let mut retry_on = Vec::new();
-    for code in rp.retry_on.split(',') {
-        let code = match code.trim().to_ascii_lowercase().as_str() {
-            "cancelled" => "CANCELLED",
-            "deadline-exceeded" => "DEADLINE_EXCEEDED",
-            "internal" => "INTERNAL",
-            "resource-exhausted" => "RESOURCE_EXHAUSTED",
-            "unavailable" => "UNAVAILABLE",
-            _ => continue,
+    for name in rp.retry_on.split(',') {
+        // Envoy's HTTP conditions (5xx, reset, ...) are not gRPC's to act on (A44); gRPC spells codes in lowercase
+        // with dashes, so `deadline_exceeded` is not one of them either.
+        let Some(code) = GrpcCode::from_name(name).filter(|c| GrpcCode::RETRYABLE.contains(c) && !name.contains('_')) else {
+            continue;
         };
-        if !retry_on.iter().any(|c| c == code) {
-            retry_on.push(code.to_owned());
+        if !retry_on.contains(&code) {
+            retry_on.push(code);
         }
     }
     let num_retries = rp.num_retries.map_or(1, |n| n.value);
@@ -423,7 +422,7 @@ mod tests {
         assert_eq!(r.action, RouteAction::Clusters(vec![WeightedCluster { cluster: "greeter-v2".into(), weight: 1 }]));
         assert_eq!(r.policies.timeout, Some(Duration::from_secs(2)));
         let retry = r.policies.retry.as_ref().unwrap();
-        assert_eq!(retry.retry_on, ["UNAVAILABLE", "CANCELLED"]);
+        assert_eq!(retry.retry_on, [GrpcCode::Unavailable, GrpcCode::Cancelled]);
         assert_eq!(retry.max_attempts, 5);
         assert_eq!((retry.base_backoff, retry.max_backoff), (Duration::from_millis(100), Duration::from_secs(1)));
         assert_eq!(
@@ -453,7 +452,7 @@ mod tests {
         };
         let rc = convert(&RouteConfiguration { virtual_hosts: vec![vh], ..Default::default() }).unwrap();
         let retry = rc.virtual_hosts[0].routes[0].policies.retry.clone().unwrap();
-        assert_eq!((retry.retry_on, retry.max_attempts, retry.max_backoff), (vec!["INTERNAL".to_owned()], 2, Duration::from_millis(250)));
+        assert_eq!((retry.retry_on, retry.max_attempts, retry.max_backoff), (vec![GrpcCode::Internal], 2, Duration::from_millis(250)));
     }
 
     #[test]
