@@ -46,7 +46,7 @@ pub struct ReplayBody<B> {
 struct Shared<B> {
     inner: B,
     /// Frames read from `inner`, in order, while within the limit.
-    frames: Vec<Recorded>,
+    frames: Frames,
     /// Bytes of data in `frames`.
     bytes: usize,
     limit: usize,
@@ -60,14 +60,46 @@ struct Shared<B> {
 
 enum Recorded {
     Data(Bytes),
-    Trailers(HeaderMap),
+    Trailers(Box<HeaderMap>),
+}
+
+/// Recorded frames, the first one inline: a unary gRPC request is one data frame, and recording it then
+/// allocates nothing.
+#[derive(Default)]
+struct Frames {
+    first: Option<Recorded>,
+    rest: Vec<Recorded>,
+}
+
+impl Frames {
+    fn get(&self, i: usize) -> Option<&Recorded> {
+        match i {
+            0 => self.first.as_ref(),
+            _ => self.rest.get(i - 1),
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn push(&mut self, frame: Recorded) {
+        match self.first {
+            None => self.first = Some(frame),
+            Some(_) => self.rest.push(frame),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Recorded> {
+        self.first.iter().chain(&self.rest)
+    }
 }
 
 impl Recorded {
     fn frame(&self) -> Frame<Bytes> {
         match self {
             Self::Data(data) => Frame::data(data.clone()),
-            Self::Trailers(trailers) => Frame::trailers(trailers.clone()),
+            Self::Trailers(trailers) => Frame::trailers((**trailers).clone()),
         }
     }
 }
@@ -86,7 +118,7 @@ pub enum ReplayError {
 impl<B> ReplayBody<B> {
     /// Wraps `inner`, recording up to `limit` bytes of it.
     pub fn new(inner: B, limit: usize) -> Self {
-        let shared = Shared { inner, frames: Vec::new(), bytes: 0, limit, lost: false, ended: false, newest: 0 };
+        let shared = Shared { inner, frames: Frames::default(), bytes: 0, limit, lost: false, ended: false, newest: 0 };
         Self { shared: Arc::new(Mutex::new(shared)), copy: 0, replayed: 0 }
     }
 
@@ -168,7 +200,7 @@ where
                             shared.bytes += data.len();
                             Some(Recorded::Data(data.clone()))
                         }
-                        (None, Some(trailers)) => Some(Recorded::Trailers(trailers.clone())),
+                        (None, Some(trailers)) => Some(Recorded::Trailers(Box::new(trailers.clone()))),
                         // A kind of frame this version of http-body does not know: it cannot be replayed.
                         (None, None) => None,
                     };
@@ -179,7 +211,7 @@ where
                         }
                         _ => {
                             shared.lost = true;
-                            shared.frames = Vec::new();
+                            shared.frames = Frames::default();
                         }
                     }
                 }
@@ -195,8 +227,10 @@ where
 
     fn size_hint(&self) -> SizeHint {
         let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let unread: u64 = shared.frames[self.replayed.min(shared.frames.len())..]
+        let unread: u64 = shared
+            .frames
             .iter()
+            .skip(self.replayed)
             .map(|f| match f {
                 Recorded::Data(data) => data.len() as u64,
                 Recorded::Trailers(_) => 0,
@@ -250,6 +284,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn frames_and_trailers_replay_in_order() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-end", http::HeaderValue::from_static("1"));
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Ok(Frame::data(Bytes::from_static(b"b"))),
+            Ok(Frame::trailers(trailers.clone())),
+        ];
+        let mut body = ReplayBody::new(StreamBody::new(futures_util::stream::iter(frames)), 1024);
+        while body.frame().await.is_some() {}
+        let collected = body.try_clone().unwrap().collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(collected.to_bytes(), "ab");
+    }
+
+    #[tokio::test]
     async fn past_the_limit_no_copy_is_possible_and_nothing_is_kept() {
         let mut body = ReplayBody::new(chunks(&[b"1234", b"5678"]), 6);
         assert!(body.frame().await.is_some());
@@ -257,6 +307,6 @@ mod tests {
         let mut body = body.try_clone().unwrap();
         while body.frame().await.is_some() {}
         assert!(body.try_clone().is_none(), "8 bytes are past it");
-        assert!(body.shared.lock().unwrap().frames.is_empty());
+        assert_eq!(body.shared.lock().unwrap().frames.len(), 0);
     }
 }
