@@ -65,9 +65,12 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         };
         let mut ready = &snapshot.levels[level][..];
         if let Some(groups) = snapshot.localities.get(level).filter(|g| g.len() > 1) {
-            let group = pick_weighted(groups.iter().map(|g| g.weight), &mut self.rng())?;
-            let start = group.checked_sub(1).map_or(0, |previous| groups[previous].end as usize);
-            ready = &ready[start..groups[group].end as usize];
+            // No locality with weight (say, endpoints inserted by hand with localities the assignment did not
+            // weight): the whole level, rather than no pick while endpoints are ready.
+            if let Some(group) = pick_weighted(groups.iter().map(|g| g.weight), &mut self.rng()) {
+                let start = group.checked_sub(1).map_or(0, |previous| groups[previous].end as usize);
+                ready = &ready[start..groups[group].end as usize];
+            }
         }
         let handle = |i: usize| &snapshot.endpoints[ready[i]].1;
         if ready.len() == 1 {

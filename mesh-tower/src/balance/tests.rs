@@ -205,3 +205,33 @@ async fn plain_tcp_refuses_a_cluster_that_asks_for_tls() {
     assert_eq!(error.kind(), std::io::ErrorKind::Unsupported);
     assert!(error.to_string().contains("requires TLS"), "{error}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn endpoints_outside_every_weighted_locality_still_take_calls() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (tx, source) = discover::channel();
+    let zone = |z: &str| mesh_core::Locality { region: "r".to_owned(), zone: z.to_owned(), sub_zone: String::new() };
+    // The assignment weights zones a and b; its endpoints sit in zones c and d, so no locality has a weight.
+    let endpoints = [(1, "c"), (2, "d")].map(|(port, z)| {
+        let mut endpoint = Endpoint::new(addr(port));
+        endpoint.locality = Arc::new(zone(z));
+        Arc::new(endpoint)
+    });
+    let set = mesh_core::EndpointSet {
+        endpoints: endpoints.to_vec(),
+        locality_weights: [(zone("a"), 1), (zone("b"), 1)].into_iter().collect(),
+        drop_overloads: Vec::new(),
+    };
+    tx.send(Change::Reset(set));
+    let config = BalancerConfig { lb: "round_robin".parse().unwrap(), ..BalancerConfig::default() };
+    let balancer: Balancer<Empty<Bytes>, FakeNet> = Balancer::with_connector("fake", source, config, net.clone());
+    until_state(&balancer, addr(1), ConnState::Ready).await;
+    until_state(&balancer, addr(2), ConnState::Ready).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(call(&balancer).await.unwrap());
+    }
+    assert_eq!(seen.len(), 2);
+}
