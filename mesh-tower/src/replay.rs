@@ -127,9 +127,7 @@ impl<B> ReplayBody<B> {
     pub fn try_clone(&self) -> Option<Self> {
         copy(&self.shared)
     }
-}
 
-impl<B> ReplayBody<B> {
     /// A handle that makes copies later without itself being a body that could be read.
     pub(crate) fn recorder(&self) -> Recorder<B> {
         Recorder(self.shared.clone())

@@ -90,16 +90,14 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                                 // The connection takes no new streams: pick elsewhere until it is replaced.
                                 self.mark_broken(&handle);
                             }
-                            let again = if resends < MAX_RESENDS { recorder.try_clone().and_then(|body| copy.request(body)) } else { None };
-                            match again {
-                                Some(again) => {
-                                    resends += 1;
-                                    tracing::debug!(target_name = %self.target, addr = %handle.addr(), ?refusal, resends, "refused unprocessed; resending");
-                                    request = again;
-                                    continue;
-                                }
-                                None => return Err(Error::Upstream { addr: handle.addr(), source: error }),
-                            }
+                            let again = (resends < MAX_RESENDS).then(|| recorder.try_clone()).flatten().and_then(|body| copy.request(body));
+                            let Some(again) = again else {
+                                return Err(Error::Upstream { addr: handle.addr(), source: error });
+                            };
+                            resends += 1;
+                            tracing::debug!(target_name = %self.target, addr = %handle.addr(), ?refusal, resends, "refused unprocessed; resending");
+                            request = again;
+                            continue;
                         }
                     }
                 }
