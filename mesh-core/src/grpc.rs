@@ -84,6 +84,40 @@ impl GrpcCode {
         }
     }
 
+    /// The status of a call whose HTTP/2 stream the peer reset with `code` (gRPC's HTTP/2 error-code table:
+    /// REFUSED_STREAM is UNAVAILABLE, CANCEL is CANCELLED, ENHANCE_YOUR_CALM is RESOURCE_EXHAUSTED,
+    /// INADEQUATE_SECURITY is PERMISSION_DENIED, every other code INTERNAL).
+    pub fn from_http2_reset(code: u32) -> Self {
+        match code {
+            0x7 => Self::Unavailable,
+            0x8 => Self::Cancelled,
+            0xb => Self::ResourceExhausted,
+            0xc => Self::PermissionDenied,
+            _ => Self::Internal,
+        }
+    }
+
+    /// The status of a call answered with a non-gRPC HTTP response of `status` (gRPC's HTTP-to-gRPC status
+    /// table).
+    pub fn from_http_status(status: u16) -> Self {
+        match status {
+            200 => Self::Unknown,
+            400 => Self::Internal,
+            401 => Self::Unauthenticated,
+            403 => Self::PermissionDenied,
+            404 => Self::Unimplemented,
+            429 | 502..=504 => Self::Unavailable,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// Whether the code says the server side failed, as an HTTP 5xx does: Envoy's gRPC-to-HTTP mapping
+    /// sends UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE and DATA_LOSS to 5xx, which is
+    /// what Envoy's outlier detection and `5xx` retry condition count.
+    pub fn is_server_error(self) -> bool {
+        matches!(self, Self::Unknown | Self::DeadlineExceeded | Self::Unimplemented | Self::Internal | Self::Unavailable | Self::DataLoss)
+    }
+
     /// The name as Envoy's and gRPC's `retry_on` spell it: `unavailable`, `deadline-exceeded`.
     pub fn retry_on_name(self) -> String {
         self.name().to_ascii_lowercase().replace('_', "-")

@@ -5,15 +5,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
+use mesh_core::policy::{RouteHash, RoutePolicies};
 use mesh_core::{Endpoint, LbPolicy};
-use mesh_tower::balance::{Balancer, BalancerConfig, EndpointStatus, ResponseBody};
-use mesh_tower::discover::dns::{DnsConfig, HickoryResolver, dns};
-use mesh_tower::discover::{self, Discover};
+use mesh_tower::balance::{BalancerConfig, EndpointStatus};
+use mesh_tower::cluster::{ClusterTarget, Discovery, MakeTcp, NewCluster, Source, StandardDiscovery};
+use mesh_tower::discover::dns::DnsConfig;
+use mesh_tower::discover::{BoxDiscover, Discover};
+use mesh_tower::route::{Publisher, Router, RouterFuture, single_route};
 use tonic::Status;
 use tonic::body::Body;
 use tower::buffer::Buffer;
 
-use crate::xds::XdsRouter;
+use crate::body::ResponseBody;
+use crate::xds::Follower;
 use crate::{Error, Result, Target};
 
 /// A load-balanced gRPC channel: use it wherever a tonic `Channel` goes.
@@ -51,12 +55,11 @@ impl Clone for Channel {
 /// Bound of the queue in front of the balancer: callers past it wait in `poll_ready` (tonic's default).
 const QUEUE: usize = 1024;
 
+/// The router every call goes through, and what keeps its tables coming (the xDS follower).
 #[derive(Clone, Debug)]
-enum Inner {
-    /// One cluster: static or DNS discovery.
-    Balancer(Balancer<Body>),
-    /// Routed by xDS.
-    Xds(XdsRouter),
+struct Inner {
+    router: Router<Body>,
+    _follower: Option<Arc<Follower>>,
 }
 
 impl tower::Service<http::Request<Body>> for Inner {
@@ -70,10 +73,7 @@ impl tower::Service<http::Request<Body>> for Inner {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Call {
-        match self {
-            Inner::Balancer(b) => Call::Direct(tower::Service::call(b, request)),
-            Inner::Xds(router) => Call::Routed(Box::pin(router.clone().call(request))),
-        }
+        Call(tower::Service::call(&mut self.router, request))
     }
 }
 
@@ -84,12 +84,20 @@ pub struct ChannelBuilder {
     config: BalancerConfig,
     timeout: Option<Duration>,
     dns: DnsConfig,
+    /// The policies of the one route of a `static:///` or `dns:///` target.
+    route: RoutePolicies,
 }
 
 impl Channel {
     /// Starts building a channel for `target` (see the crate docs for the forms).
     pub fn builder(target: impl Into<String>) -> ChannelBuilder {
-        ChannelBuilder { target: target.into(), config: BalancerConfig::default(), timeout: None, dns: DnsConfig::default() }
+        ChannelBuilder {
+            target: target.into(),
+            config: BalancerConfig::default(),
+            timeout: None,
+            dns: DnsConfig::default(),
+            route: RoutePolicies::default(),
+        }
     }
 
     fn new(inner: Inner, authority: Authority, timeout: Option<Duration>) -> Self {
@@ -102,21 +110,15 @@ impl Channel {
         Self::builder(target).build()
     }
 
-    /// The endpoints the channel knows and their state (empty for `xds:///`
-    /// targets, whose endpoints belong to per-cluster balancers).
+    /// The endpoints the channel knows and their state: those of every cluster its current route table
+    /// calls (one for `static:///` and `dns:///` targets).
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
-        match &self.inner {
-            Inner::Balancer(b) => b.endpoints(),
-            Inner::Xds(_) => Vec::new(),
-        }
+        self.inner.router.endpoints()
     }
 
-    /// The underlying balancer, for single-cluster targets.
-    pub fn get_ref(&self) -> Option<&Balancer<Body>> {
-        match &self.inner {
-            Inner::Balancer(b) => Some(b),
-            Inner::Xds(_) => None,
-        }
+    /// The clusters of the current route table and their endpoints.
+    pub fn clusters(&self) -> Vec<(String, Vec<EndpointStatus>)> {
+        self.inner.router.clusters()
     }
 }
 
@@ -159,36 +161,53 @@ impl ChannelBuilder {
         self
     }
 
+    /// Timeout of the target's one route, for `static:///` and `dns:///` targets (an `xds:///` target's
+    /// routes carry their own): the call fails DEADLINE_EXCEEDED naming the route timeout. The route is
+    /// where per-call policies sit, inside the channel's queue and its [`timeout`](Self::timeout).
+    pub fn route_timeout(mut self, timeout: Duration) -> Self {
+        self.route.timeout = Some(timeout);
+        self
+    }
+
+    /// Hash policies of the target's one route, for `static:///` and `dns:///` targets: what a ring-hash
+    /// balancer hashes each call by (gRPC A42; an `xds:///` target's routes carry their own).
+    pub fn hash_policy(mut self, hash: Vec<RouteHash>) -> Self {
+        self.route.hash = hash;
+        self
+    }
+
     /// Builds the channel; starts discovery and connections. Needs a tokio runtime.
     pub fn build(self) -> Result<Channel> {
         let target = Target::parse(&self.target)?;
-        if let Target::Xds { name } = &target {
-            return self.build_xds(crate::xds::shared_client()?, name);
-        }
-        let source: discover::BoxDiscover = match &target {
-            Target::Static(addrs) => discover::fixed(addrs.iter().map(|a| Endpoint::new(*a)).collect()),
-            Target::Xds { .. } => unreachable!("handled above"),
-            Target::Dns { server, query } => {
-                let resolver = match server {
-                    Some(server) => HickoryResolver::with_name_servers(&[*server])?,
-                    None => HickoryResolver::system()?,
-                };
-                dns(Arc::new(resolver), query.clone(), self.dns.clone())
-            }
+        let source = match &target {
+            Target::Xds { name } => return self.build_xds(crate::xds::shared_client()?, name),
+            Target::Static(addrs) => Source::Static(addrs.iter().map(|a| Endpoint::new(*a)).collect()),
+            Target::Dns { server, query } => Source::Dns { server: *server, query: query.clone(), config: self.dns.clone() },
         };
         let authority = target.authority();
-        self.build_with(&authority, source)
+        self.build_routed(&authority, Arc::new(StandardDiscovery), source)
     }
 
     /// Builds a channel over a custom discovery source; `authority` is the
     /// `:authority` requests carry and names the channel in errors.
     pub fn build_with(self, authority: &str, source: impl Discover) -> Result<Channel> {
+        let given: BoxDiscover = Box::pin(source);
+        self.build_routed(authority, Arc::new(Given(std::sync::Mutex::new(Some(given)))), Source::Static(Vec::new()))
+    }
+
+    /// A channel whose table is one route to one cluster: a `static:///` or `dns:///` target, or a custom
+    /// source. The cluster is named by the target.
+    fn build_routed(self, authority: &str, discovery: Arc<dyn Discovery>, source: Source) -> Result<Channel> {
         self.config.lb.validate()?;
         let authority = authority
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("authority {authority:?}: {e}") })?;
-        let balancer = Balancer::new(self.target, source, self.config);
-        Ok(Channel::new(Inner::Balancer(balancer), authority, self.timeout))
+        let cluster = ClusterTarget { name: self.target.clone(), balancer: self.config.clone(), source };
+        let new_cluster = NewCluster::new(discovery, MakeTcp);
+        let (mut publisher, router) = Publisher::new(&self.target, "the target", self.config.ready_timeout, new_cluster, None);
+        publisher.cluster(&cluster);
+        publisher.publish(&[single_route(&cluster.name, self.route)]);
+        Ok(Channel::new(Inner { router, _follower: None }, authority, self.timeout))
     }
 
     /// Builds an `xds:///name` channel on a given xDS client.
@@ -196,8 +215,20 @@ impl ChannelBuilder {
         let authority = name
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("name {name:?}: {e}") })?;
-        let router = XdsRouter::new(client, name, self.config);
-        Ok(Channel::new(Inner::Xds(router), authority, self.timeout))
+        let (router, follower) = crate::xds::follow(client, name, self.config);
+        Ok(Channel::new(Inner { router, _follower: Some(Arc::new(follower)) }, authority, self.timeout))
+    }
+}
+
+/// A discovery stream handed to [`ChannelBuilder::build_with`]: the channel's one cluster takes it.
+struct Given(std::sync::Mutex<Option<BoxDiscover>>);
+
+impl Discovery for Given {
+    fn discover(&self, cluster: &str, _: &Source) -> mesh_tower::Result<BoxDiscover> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| mesh_tower::Error::InvalidTarget {
+            target: cluster.to_owned(),
+            reason: "its discovery source was handed over once and is taken".to_owned(),
+        })
     }
 }
 
@@ -246,29 +277,21 @@ enum Dispatch {
     Direct(Call),
 }
 
-/// Future of the service behind the queue.
-enum Call {
-    Direct(mesh_tower::balance::ResponseFuture),
-    Routed(Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, Status>> + Send>>),
-}
+/// Future of the service behind the queue: the router's, with its error mapped to a status and its body to
+/// tonic's errors.
+pub struct Call(RouterFuture<Body>);
 
 impl std::fmt::Debug for Call {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Call::Direct(_) => "Call::Direct",
-            Call::Routed(_) => "Call::Routed",
-        })
+        f.write_str("Call")
     }
 }
 
 impl Future for Call {
     type Output = Result<http::Response<ResponseBody>, Status>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Call::Direct(f) => Pin::new(f).poll(cx).map(|r| r.map_err(status_from)),
-            Call::Routed(f) => f.as_mut().poll(cx),
-        }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.map(|response| response.map(ResponseBody::new)).map_err(status_from))
     }
 }
 
@@ -307,16 +330,19 @@ fn status_from_queue(error: tower::BoxError) -> Status {
     }
 }
 
-/// Maps a client-stack error to the gRPC status a caller sees.
+/// Maps a client-stack error to the gRPC status a caller sees: its code from [`mesh_tower::Error::grpc_code`],
+/// its message the error's, causes included.
 pub fn status_from(error: mesh_tower::Error) -> Status {
-    match error {
-        mesh_tower::Error::Upstream { source, addr } => {
-            let status = Status::from_error(Box::new(source));
-            // A lost connection is UNAVAILABLE in gRPC's status mapping.
-            let code = if status.code() == tonic::Code::Unknown { tonic::Code::Unavailable } else { status.code() };
-            Status::new(code, format!("{addr}: {}", status.message()))
+    let code = tonic::Code::from_i32(error.grpc_code().as_i32());
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
         }
-        mesh_tower::Error::InvalidTarget { .. } => Status::invalid_argument(error.to_string()),
-        other => Status::unavailable(other.to_string()),
+        source = cause.source();
     }
+    Status::new(code, message)
 }

@@ -37,13 +37,15 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod body;
 mod channel;
 pub mod codec;
 mod error;
 mod target;
 mod xds;
 
-pub use channel::{Channel, ChannelBuilder, ResponseFuture, status_from};
+pub use body::ResponseBody;
+pub use channel::{Call, Channel, ChannelBuilder, ResponseFuture, status_from};
 pub use error::{Error, Result};
 pub use mesh_tower::balance::ServedBy;
 pub use target::Target;

@@ -1,7 +1,14 @@
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Errors of the mesh client stack.
+use mesh_core::GrpcCode;
+
+use crate::BoxError;
+use crate::classify::Failure;
+
+/// Errors of the mesh client stack. Each names where it happened (target, cluster, endpoint) and maps to one
+/// gRPC status code ([`Error::grpc_code`]), the only place that mapping is made.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -13,10 +20,53 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// No routing table arrived before the wait ended (an `xds:///` target whose control plane has not
+    /// answered).
+    #[error("{target}: no configuration from {from} after {waited:?}")]
+    NoConfig {
+        /// The target being called.
+        target: String,
+        /// Where the configuration was to come from (the xDS server).
+        from: String,
+        /// How long the call waited.
+        waited: Duration,
+    },
+    /// No route of the target's table matches the request.
+    #[error("{target}: no route matches {path}")]
+    NoRoute {
+        /// The target being called.
+        target: String,
+        /// The request's path.
+        path: String,
+    },
+    /// The matching route is non-forwarding (Envoy's `non_forwarding_action`; gRPC fails such calls).
+    #[error("{target}: the route for {path} is non-forwarding")]
+    NonForwarding {
+        /// The target being called.
+        target: String,
+        /// The request's path.
+        path: String,
+    },
+    /// The route chose a cluster the table does not hold (it was deleted by the control plane).
+    #[error("{target}: cluster {cluster} is not available")]
+    ClusterNotFound {
+        /// The target being called.
+        target: String,
+        /// The cluster the route chose.
+        cluster: String,
+    },
+    /// The route's timeout ended the call.
+    #[error("{target}: route timeout {limit:?} exceeded")]
+    RouteTimeout {
+        /// The target being called.
+        target: String,
+        /// The route's timeout.
+        limit: Duration,
+    },
     /// No endpoint became ready before the wait ended.
     #[error("no ready endpoint for {target} after waiting {waited:?} ({known} endpoints known)")]
     NoReadyEndpoint {
-        /// The target being called.
+        /// The cluster being called.
         target: String,
         /// How long the call waited.
         waited: Duration,
@@ -26,12 +76,13 @@ pub enum Error {
     /// Every known endpoint failed its last connection attempt.
     #[error("all {count} endpoints of {target} failed to connect; last error: {last_error}")]
     AllEndpointsFailed {
-        /// The target being called.
+        /// The cluster being called.
         target: String,
         /// How many endpoints there are.
         count: usize,
         /// The most recent connection error.
-        last_error: String,
+        #[source]
+        last_error: Arc<Error>,
     },
     /// Connecting to one endpoint failed.
     #[error("connect to {addr} failed: {source}")]
@@ -47,37 +98,84 @@ pub enum Error {
     Handshake {
         /// The endpoint.
         addr: SocketAddr,
-        /// hyper's error.
+        /// The transport's error.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
-    /// A request was sent to an endpoint and failed there (stream reset,
-    /// connection lost while waiting for the response).
-    #[error("request to {addr} failed: {source}")]
+    /// A request was sent to an endpoint and failed there (stream reset, connection lost while waiting for
+    /// the response or reading its body).
+    #[error("request to {addr} failed ({failure}): {source}")]
     Upstream {
         /// The endpoint.
         addr: SocketAddr,
-        /// hyper's error.
+        /// How it failed.
+        failure: Failure,
+        /// The transport's error.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The balancer dropped the call, as its endpoint assignment's `drop_overloads` ask (a control plane
     /// shedding load).
     #[error("call to {target} dropped by the load balancer (drop category {category:?})")]
     Dropped {
-        /// The target being called.
+        /// The cluster being called.
         target: String,
         /// The drop category that matched.
         category: String,
     },
+    /// A layer of the stack failed the call with an error of its own (one speaking `BoxError`).
+    #[error("{target}: {source}")]
+    Layer {
+        /// The target being called.
+        target: String,
+        /// The layer's error.
+        #[source]
+        source: BoxError,
+    },
     /// A DNS lookup failed.
-    #[error("DNS lookup of {name} failed: {reason}")]
+    #[error("DNS lookup of {name} failed: {source}")]
     Dns {
         /// The name looked up.
         name: String,
         /// The resolver's error.
-        reason: String,
+        #[source]
+        source: BoxError,
     },
+}
+
+impl Error {
+    /// The gRPC status code a caller sees for this error (gRPC's status mapping for transport failures, A6's
+    /// UNAVAILABLE for calls that never reached a server).
+    pub fn grpc_code(&self) -> GrpcCode {
+        match self {
+            Self::InvalidTarget { .. } => GrpcCode::InvalidArgument,
+            Self::RouteTimeout { .. } => GrpcCode::DeadlineExceeded,
+            Self::Upstream { failure, .. } => failure.grpc_code(),
+            Self::NoConfig { .. }
+            | Self::NoRoute { .. }
+            | Self::NonForwarding { .. }
+            | Self::ClusterNotFound { .. }
+            | Self::NoReadyEndpoint { .. }
+            | Self::AllEndpointsFailed { .. }
+            | Self::Connect { .. }
+            | Self::Handshake { .. }
+            | Self::Dropped { .. }
+            | Self::Layer { .. }
+            | Self::Dns { .. } => GrpcCode::Unavailable,
+        }
+    }
+
+    /// Takes back an error that went through a layer speaking `BoxError` (tower's timeout, buffer and
+    /// limit layers): the stack's own error as it was; anything else is a layer's, named `target`.
+    pub(crate) fn from_layer(error: BoxError, target: &str, timeout: Option<Duration>) -> Self {
+        match error.downcast::<Self>() {
+            Ok(error) => *error,
+            Err(other) if other.is::<tower::timeout::error::Elapsed>() => {
+                Self::RouteTimeout { target: target.to_owned(), limit: timeout.unwrap_or_default() }
+            }
+            Err(source) => Self::Layer { target: target.to_owned(), source },
+        }
+    }
 }
 
 /// Result alias for mesh-tower.

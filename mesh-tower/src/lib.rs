@@ -33,10 +33,15 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod classify;
+pub mod cluster;
 pub mod connect;
 pub mod discover;
 mod error;
 pub mod replay;
+pub mod route;
+#[cfg(test)]
+mod testing;
 
 pub use error::{Error, Result};
 

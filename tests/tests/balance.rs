@@ -53,6 +53,51 @@ async fn round_robin_spreads_3000_calls_evenly_over_3_servers() {
     for (addr, n) in &run.by_endpoint {
         assert!((950..=1050).contains(n), "{addr} got {n} of 3000 calls: {:?}", run.by_endpoint);
     }
+    // Each call was classified once, at its trailers' grpc-status, and counted on its endpoint.
+    let endpoints = channel.endpoints();
+    for e in &endpoints {
+        assert_eq!((e.successes, e.failures), (run.by_endpoint[&e.endpoint.addr] as u32, 0), "{e:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_target_goes_through_a_route_whose_timeout_ends_slow_calls() {
+    let slow = EchoServer::start(Duration::from_millis(400)).await.unwrap();
+    let target = static_target(&[slow.addr]);
+    let routed = Channel::builder(target.as_str()).route_timeout(Duration::from_millis(100)).build().unwrap();
+    let status = call(&routed, &[]).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("route timeout 100ms exceeded") && status.message().contains(&target), "{status:?}");
+    let plain = Channel::builder(target.as_str()).build().unwrap();
+    assert_eq!(call(&plain, &[]).await.unwrap(), slow.addr, "without the route timeout the slow call succeeds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_targets_route_hash_policy_keeps_each_user_on_one_server() {
+    use mesh_core::policy::{HashPolicy, RouteHash};
+    let servers = [
+        EchoServer::start(Duration::ZERO).await.unwrap(),
+        EchoServer::start(Duration::ZERO).await.unwrap(),
+        EchoServer::start(Duration::ZERO).await.unwrap(),
+    ];
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let channel = Channel::builder(static_target(&addrs))
+        .lb("ring_hash".parse().unwrap())
+        .hash_policy(vec![RouteHash { policy: HashPolicy::Header("x-user".into()), terminal: false }])
+        .build()
+        .unwrap();
+    wait_ready(&channel, 3).await;
+    let mut homes = HashMap::new();
+    for user in 0..30 {
+        let user = format!("user-{user}");
+        let first = call(&channel, &[("x-user", user.clone())]).await.unwrap();
+        for _ in 0..5 {
+            assert_eq!(call(&channel, &[("x-user", user.clone())]).await.unwrap(), first, "{user} stays on one server");
+        }
+        homes.insert(user, first);
+    }
+    let used: std::collections::HashSet<_> = homes.values().collect();
+    assert!(used.len() >= 2, "30 users hash onto more than one of 3 servers: {homes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

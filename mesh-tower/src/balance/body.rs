@@ -1,3 +1,4 @@
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -7,17 +8,24 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::endpoint::Handle;
+use crate::Error;
+use crate::classify::{self, Failure, Outcome, Pending};
 
-/// Counts a request as in flight on its endpoint until dropped.
+/// Counts a request as in flight on its endpoint until dropped, and records the call's outcome there.
 pub(super) struct InFlight(Arc<dyn Counted>);
 
 trait Counted: Send + Sync {
     fn end(&self);
+    fn record(&self, failed: bool);
 }
 
 impl<B: Send + 'static> Counted for Handle<B> {
     fn end(&self) {
         Handle::end(self);
+    }
+
+    fn record(&self, failed: bool) {
+        Handle::record(self, failed);
     }
 }
 
@@ -58,43 +66,80 @@ impl Drop for InFlight {
     }
 }
 
-/// Response body of a balanced request. The request counts as in flight on
-/// its endpoint until the body ends or is dropped.
+/// Response body of a balanced request. The request counts as in flight on its endpoint until the body ends
+/// or is dropped. Where the body finds its last frame the call is classified once ([`crate::classify`]):
+/// the outcome is counted on the endpoint (a success or a failure) and kept ([`ResponseBody::outcome`]).
 pub struct ResponseBody {
     inner: Incoming,
     in_flight: Option<InFlight>,
+    /// The endpoint, named in a transport error of the body.
+    addr: SocketAddr,
+    /// What the head decided, or that the trailers will; the final outcome once the body has ended.
+    pending: Pending,
+    outcome: Option<Outcome>,
 }
 
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseBody").field("in_flight", &self.in_flight.is_some()).finish()
+        f.debug_struct("ResponseBody").field("in_flight", &self.in_flight.is_some()).field("outcome", &self.outcome).finish()
     }
 }
 
 impl ResponseBody {
-    pub(super) fn new(inner: Incoming, in_flight: InFlight) -> Self {
-        Self { inner, in_flight: Some(in_flight) }
+    pub(super) fn new(inner: Incoming, pending: Pending, addr: SocketAddr, in_flight: InFlight) -> Self {
+        Self { inner, in_flight: Some(in_flight), addr, pending, outcome: None }
+    }
+
+    /// What became of the call, once the body has ended (`None` before, and for a body dropped unread).
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.outcome
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.0.record(outcome.is_failure());
+        }
+        self.outcome = Some(outcome);
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         // The request ends with the body's last frame: trailers are always last in HTTP/2, and a body without
         // them ends when it yields `None` or is dropped. Not `is_end_stream()`: on HTTP/2 it takes the
         // connection-wide stream lock, which every call on the connection contends for.
-        let last = match &polled {
-            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
-            Poll::Ready(None | Some(Err(_))) => true,
-            Poll::Pending => false,
-        };
-        if last {
-            self.in_flight = None;
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let outcome = match self.pending {
+                        Pending::Decided(outcome) => outcome,
+                        Pending::Trailers => classify::trailers(Some(trailers)),
+                    };
+                    self.finish(outcome);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                if self.in_flight.is_some() {
+                    let outcome = match self.pending {
+                        Pending::Decided(outcome) => outcome,
+                        Pending::Trailers => classify::trailers(None),
+                    };
+                    self.finish(outcome);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(source))) => {
+                let failure = Failure::of(&source);
+                self.finish(Outcome::Failed(failure));
+                Poll::Ready(Some(Err(Error::Upstream { addr: self.addr, failure, source: source.into() })))
+            }
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -6,6 +6,7 @@ use mesh_core::LbPolicy;
 
 use super::body::{Counting, InFlight, ResponseBody};
 use super::{RequestBody, ServedBy, State, lock};
+use crate::classify::{self, Failure};
 use crate::connect::Connect;
 use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
 use crate::{Error, Result};
@@ -70,9 +71,12 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                                 handle.observe(now.saturating_sub(sent), now, decay);
                             }
                             let (mut parts, body) = response.into_parts();
-                            parts.extensions.insert(ServedBy(handle.addr()));
+                            let addr = handle.addr();
+                            parts.extensions.insert(ServedBy(addr));
+                            let pending = classify::pending(&parts);
                             counting.disarm();
-                            return Ok(http::Response::from_parts(parts, ResponseBody::new(body, InFlight::started(handle))));
+                            let body = ResponseBody::new(body, pending, addr, InFlight::started(handle));
+                            return Ok(http::Response::from_parts(parts, body));
                         }
                         Err(mut error) => {
                             drop(counting);
@@ -84,7 +88,7 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                             }
                             let error = error.into_error();
                             let Some(refusal) = refused(&error) else {
-                                return Err(Error::Upstream { addr: handle.addr(), source: error });
+                                return Err(upstream(&handle, error));
                             };
                             if refusal == Refusal::GoAway {
                                 // The connection takes no new streams: pick elsewhere until it is replaced.
@@ -92,7 +96,7 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                             }
                             let again = (resends < MAX_RESENDS).then(|| recorder.try_clone()).flatten().and_then(|body| copy.request(body));
                             let Some(again) = again else {
-                                return Err(Error::Upstream { addr: handle.addr(), source: error });
+                                return Err(upstream(&handle, error));
                             };
                             resends += 1;
                             tracing::debug!(target_name = %self.target, addr = %handle.addr(), ?refusal, resends, "refused unprocessed; resending");
@@ -103,12 +107,9 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                 }
                 Err(unpicked) => unpicked,
             };
-            if all_failed {
-                return Err(Error::AllEndpointsFailed {
-                    target: self.target.clone(),
-                    count: known,
-                    last_error: lock(&self.last_error).clone(),
-                });
+            // Every endpoint failed its last connect (a connect error is on record then): fail fast.
+            if all_failed && let Some(last_error) = lock(&self.last_error).clone() {
+                return Err(Error::AllEndpointsFailed { target: self.target.clone(), count: known, last_error });
             }
             // Subscribe before re-reading the snapshot so no change is missed.
             let Some((rx, deadline, started)) = waiting.as_mut() else {
@@ -121,6 +122,14 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
             }
         }
     }
+}
+
+/// A call that failed on `handle`'s endpoint after it was sent: classified, and counted as the endpoint's
+/// failure.
+fn upstream<B>(handle: &super::endpoint::Handle<B>, error: hyper::Error) -> Error {
+    let failure = Failure::of(&error);
+    handle.record(true);
+    Error::Upstream { addr: handle.addr(), failure, source: error.into() }
 }
 
 /// What a resend needs of the call's head: method, URI, version and headers, the headers' names and values in

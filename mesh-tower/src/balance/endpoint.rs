@@ -54,6 +54,10 @@ pub(super) struct Handle<B> {
     /// Boxed: 16 bytes with the lock instead of 24, whether connected or not.
     sender: Mutex<Option<Box<SendRequest<B>>>>,
     in_flight: AtomicU32,
+    /// Calls that ended, by outcome ([`crate::classify::Outcome::is_failure`]): what outlier detection reads.
+    /// They wrap at 2^32; readers take differences.
+    successes: AtomicU32,
+    failures: AtomicU32,
     /// Peak-EWMA RTT estimate in nanoseconds (`f32` bits), and when it was last updated (nanoseconds since the
     /// balancer's epoch). A sample too small to change the `f32` leaves the timestamp as it is, so its time
     /// counts in the next sample instead of being lost (which would stall the decay at high call rates).
@@ -99,6 +103,8 @@ impl<B> Handle<B> {
             addr: Addr::new(addr),
             sender: Mutex::new(None),
             in_flight: AtomicU32::new(0),
+            successes: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
             ewma_estimate: AtomicU32::new((default_rtt.as_nanos() as f32).to_bits()),
             ewma_stamp: AtomicU64::new(now.as_nanos() as u64),
             backoff_us: AtomicU32::new(micros(backoff)),
@@ -121,6 +127,17 @@ impl<B> Handle<B> {
 
     pub(super) fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed).into()
+    }
+
+    /// Counts a call that ended on this endpoint.
+    pub(super) fn record(&self, failed: bool) {
+        let counter = if failed { &self.failures } else { &self.successes };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls that ended here: (successes, failures), each wrapping at 2^32.
+    pub(super) fn outcomes(&self) -> (u32, u32) {
+        (self.successes.load(Ordering::Relaxed), self.failures.load(Ordering::Relaxed))
     }
 
     pub(super) fn begin(&self) {
@@ -446,7 +463,8 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         }
         // Boxed: the handshake's state is large and needed only once the TCP connect succeeded, so the attempts
         // that fail (a large unreachable set retries thousands) stay small tasks.
-        let (sender, connection) = Box::pin(builder.handshake(io)).await.map_err(|source| Error::Handshake { addr, source })?;
+        let (sender, connection) =
+            Box::pin(builder.handshake(io)).await.map_err(|source| Error::Handshake { addr, source: source.into() })?;
         let (tx, rx) = oneshot::channel();
         // The connection runs in its own task so that removing the endpoint
         // (which aborts the reconnect loop) does not cut requests in flight.
@@ -652,7 +670,7 @@ impl<B: RequestBody, C: Connect> Connections<B, C> {
                 } else {
                     tracing::warn!(target_name = %state.target, addr = %handle.addr(), %error, retry_in = ?backoff, "connect failed");
                 }
-                *lock(&state.last_error) = error.to_string();
+                *lock(&state.last_error) = Some(Arc::new(error));
                 handle.set_state(ConnState::TransientFailure);
                 state.schedule_refresh();
                 let next = backoff.mul_f64(1.6).min(policy.reconnect_backoff_max);
@@ -730,9 +748,10 @@ mod tests {
     #[test]
     fn per_endpoint_state_stays_small() {
         // A cluster can have tens of thousands of endpoints: the handle and its retry entry are what each costs
-        // the balancer besides its list entry (issue 3's memory target).
+        // the balancer besides its list entry (issue 3's memory target). 56 bytes before the outcome counters
+        // (issue 14), which outlier detection reads.
         let handle = std::mem::size_of::<Handle<http_body_util::Empty<bytes::Bytes>>>();
-        assert!(handle <= 56, "Handle is {handle} bytes");
+        assert!(handle <= 64, "Handle is {handle} bytes");
         assert_eq!(std::mem::size_of::<Due<http_body_util::Empty<bytes::Bytes>>>(), 16);
         for addr in ["10.1.2.3:80", "[2001:db8::1]:443", "[fe80::1%2]:8080"] {
             let addr: SocketAddr = addr.parse().unwrap();

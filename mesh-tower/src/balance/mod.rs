@@ -121,6 +121,11 @@ pub struct EndpointStatus {
     pub state: ConnState,
     /// Requests in flight on it.
     pub in_flight: u64,
+    /// Calls that ended on it as successes, and as failures (a transport failure, HTTP 5xx, or a gRPC
+    /// status that maps to 5xx), as [`crate::classify`] counts them; each wraps at 2^32.
+    pub successes: u32,
+    /// See `successes`.
+    pub failures: u32,
 }
 
 /// A load-balancing HTTP/2 client over a discovered endpoint set.
@@ -189,7 +194,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             next: AtomicUsize::new(0),
             seed: AtomicU64::new(0x5eed),
             wrr: Mutex::new((u64::MAX, WeightedRoundRobin::new())),
-            last_error: Mutex::new(String::new()),
+            last_error: Mutex::new(None),
             assignment: Mutex::default(),
         });
         let weak = Arc::downgrade(&state);
@@ -271,6 +276,8 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
                 endpoint: (**endpoint).clone(),
                 state: handle.state(),
                 in_flight: handle.in_flight(),
+                successes: handle.outcomes().0,
+                failures: handle.outcomes().1,
             })
             .collect()
     }
@@ -320,7 +327,7 @@ struct State<B, C> {
     /// Weighted round-robin scheduler and the generation it was built for.
     wrr: Mutex<(u64, WeightedRoundRobin<SocketAddr>)>,
     /// Most recent connection error, for error messages.
-    last_error: Mutex<String>,
+    last_error: Mutex<Option<Arc<Error>>>,
     /// The balancer's span: its discovery, connection and reconnect events are in it.
     span: tracing::Span,
     /// `config.tls`, shared by every endpoint's connection target.

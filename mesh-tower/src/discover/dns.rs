@@ -132,8 +132,8 @@ impl HickoryResolver {
 
     /// Uses the system configuration (`/etc/resolv.conf`).
     pub fn system() -> Result<Self> {
-        let text = std::fs::read_to_string("/etc/resolv.conf")
-            .map_err(|e| Error::Dns { name: "/etc/resolv.conf".into(), reason: e.to_string() })?;
+        let text =
+            std::fs::read_to_string("/etc/resolv.conf").map_err(|e| Error::Dns { name: "/etc/resolv.conf".into(), source: e.into() })?;
         let conf = ResolvConf::parse(&text);
         let mut config = ResolverConfig::from_name_servers(name_server_configs(&conf.servers));
         for domain in &conf.search {
@@ -154,12 +154,12 @@ impl HickoryResolver {
         builder.options_mut().cache_size = 0;
         builder.options_mut().timeout = Duration::from_secs(2);
         builder.options_mut().attempts = 2;
-        let inner = builder.build().map_err(|e| Error::Dns { name: "<resolver>".into(), reason: e.to_string() })?;
+        let inner = builder.build().map_err(|e| Error::Dns { name: "<resolver>".into(), source: e.into() })?;
         Ok(Self { inner })
     }
 
     async fn hosts(&self, name: &str, port: u16, weight: u32) -> Result<(Vec<Endpoint>, Instant)> {
-        let lookup = self.inner.lookup_ip(name).await.map_err(|e| Error::Dns { name: name.to_owned(), reason: e.to_string() })?;
+        let lookup = self.inner.lookup_ip(name).await.map_err(|e| Error::Dns { name: name.to_owned(), source: e.into() })?;
         let endpoints = lookup.iter().map(|ip| Endpoint::new(SocketAddr::new(ip, port)).with_weight(weight)).collect();
         Ok((endpoints, lookup.valid_until()))
     }
@@ -169,8 +169,7 @@ impl HickoryResolver {
         let (mut endpoints, valid_until) = match query {
             DnsQuery::Host { name, port } => self.hosts(name, *port, 1).await?,
             DnsQuery::Srv { name } => {
-                let lookup =
-                    self.inner.srv_lookup(name.as_str()).await.map_err(|e| Error::Dns { name: name.clone(), reason: e.to_string() })?;
+                let lookup = self.inner.srv_lookup(name.as_str()).await.map_err(|e| Error::Dns { name: name.clone(), source: e.into() })?;
                 let mut valid_until = lookup.valid_until();
                 let mut endpoints = Vec::new();
                 for record in lookup.answers() {
@@ -273,7 +272,7 @@ mod tests {
             let next = if answers.len() > 1 {
                 answers.remove(0)
             } else {
-                answers[0].as_ref().map(Clone::clone).map_err(|_| Error::Dns { name: "x".into(), reason: "down".into() })
+                answers[0].as_ref().map(Clone::clone).map_err(|_| Error::Dns { name: "x".into(), source: "down".into() })
             };
             Box::pin(async move { next })
         }
@@ -286,7 +285,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reresolves_at_ttl_and_keeps_last_good_on_failure() {
-        let failure = Err(Error::Dns { name: "x".into(), reason: "SERVFAIL".into() });
+        let failure = Err(Error::Dns { name: "x".into(), source: "SERVFAIL".into() });
         let script = Script(Mutex::new(vec![answer(&[1], 5), failure, answer(&[1], 5), answer(&[2], 5)]));
         let query = DnsQuery::Host { name: "x".into(), port: 1 };
         let mut stream = dns(Arc::new(script), query, DnsConfig::default());

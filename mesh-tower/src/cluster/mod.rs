@@ -1,0 +1,215 @@
+//! Clusters: what one is built from ([`ClusterTarget`]), and the per-cluster service built from it
+//! ([`NewCluster`]).
+//!
+//! A cluster's service is a stack over its balancer. Per-cluster policies go into [`NewCluster::new_cluster`],
+//! each one `layer` call in one place: the circuit breaker and concurrency limit, then outlier detection
+//! reading the endpoints' outcome counters (issue 15). A cluster is rebuilt exactly when its target changes:
+//! the target is plain data compared whole ([`crate::route::Publisher::cluster`]).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use mesh_core::Endpoint;
+use tokio::sync::watch;
+use tower::util::BoxCloneSyncService;
+
+use crate::balance::{Balancer, BalancerConfig, EndpointStatus, RequestBody, ResponseBody};
+use crate::connect::{Connect, TcpConnector};
+use crate::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
+use crate::discover::{self, BoxDiscover};
+use crate::{Error, Result};
+
+/// Everything a cluster's service is built from: plain data, compared whole.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterTarget {
+    /// The cluster's name: it names the cluster in errors, logs and spans.
+    pub name: String,
+    /// The balancer's settings: LB policy, connection policy, ready timeout, upstream TLS.
+    pub balancer: BalancerConfig,
+    /// Where its endpoints come from.
+    pub source: Source,
+}
+
+/// Where a cluster's endpoints come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// A fixed list (a `static:///` target, an xDS STATIC cluster).
+    Static(Vec<Endpoint>),
+    /// A DNS name, re-resolved at its TTL (a `dns:///` target, an xDS LOGICAL_DNS cluster).
+    Dns {
+        /// The DNS server to ask; `None` asks the system's.
+        server: Option<SocketAddr>,
+        /// What to look up.
+        query: DnsQuery,
+        /// Re-resolution timing.
+        config: DnsConfig,
+    },
+    /// An EDS resource of this name: only a [`Discovery`] that speaks xDS can follow it (mesh-tonic's).
+    Eds(String),
+}
+
+/// Turns a cluster's [`Source`] into a discovery stream.
+pub trait Discovery: Send + Sync + 'static {
+    /// The stream of endpoint changes for `cluster`'s `source`.
+    fn discover(&self, cluster: &str, source: &Source) -> Result<BoxDiscover>;
+}
+
+/// Static lists and DNS, with hickory (the system's resolver or the target's server). EDS sources fail: they
+/// need an xDS client.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StandardDiscovery;
+
+impl Discovery for StandardDiscovery {
+    fn discover(&self, cluster: &str, source: &Source) -> Result<BoxDiscover> {
+        match source {
+            Source::Static(endpoints) => Ok(discover::fixed(endpoints.clone())),
+            Source::Dns { server, query, config } => {
+                let resolver = match server {
+                    Some(server) => HickoryResolver::with_name_servers(&[*server])?,
+                    None => HickoryResolver::system()?,
+                };
+                Ok(dns(Arc::new(resolver), query.clone(), config.clone()))
+            }
+            Source::Eds(name) => Err(Error::InvalidTarget {
+                target: cluster.to_owned(),
+                reason: format!("EDS resource {name:?} needs an xDS client to follow it"),
+            }),
+        }
+    }
+}
+
+/// Makes the connector of a cluster's connections from its target.
+pub trait MakeConnect: Send + Sync + 'static {
+    /// The connector.
+    type Connect: Connect;
+
+    /// The connector for `cluster`'s endpoints.
+    fn make_connect(&self, cluster: &ClusterTarget) -> Self::Connect;
+}
+
+/// Plain TCP with the cluster's keepalive settings.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MakeTcp;
+
+impl MakeConnect for MakeTcp {
+    type Connect = TcpConnector;
+
+    fn make_connect(&self, cluster: &ClusterTarget) -> TcpConnector {
+        TcpConnector::from_policy(&cluster.balancer.connection)
+    }
+}
+
+/// Every cluster gets this connector (a test's fake network, or a connector shared by all clusters).
+#[derive(Clone, Debug)]
+pub struct SameConnector<C>(pub C);
+
+impl<C: Connect> MakeConnect for SameConnector<C> {
+    type Connect = C;
+
+    fn make_connect(&self, _: &ClusterTarget) -> C {
+        self.0.clone()
+    }
+}
+
+/// The per-cluster service: boxed at the boundary, so its layers can change without changing its type.
+pub type ClusterService<B> = BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, Error>;
+
+/// What a cluster shows of itself: its endpoints, and when they change.
+pub trait Inspect: Send + Sync + 'static {
+    /// Its endpoints and their state.
+    fn endpoints(&self) -> Vec<EndpointStatus>;
+    /// When it applied its latest endpoint set (`None` before the first).
+    fn endpoints_updated_at(&self) -> Option<SystemTime>;
+    /// Changes whenever its endpoints or their connection states change.
+    fn updates(&self) -> watch::Receiver<u64>;
+}
+
+impl<B: RequestBody, C: Connect> Inspect for Balancer<B, C> {
+    fn endpoints(&self) -> Vec<EndpointStatus> {
+        Balancer::endpoints(self)
+    }
+
+    fn endpoints_updated_at(&self) -> Option<SystemTime> {
+        Balancer::endpoints_updated_at(self)
+    }
+
+    fn updates(&self) -> watch::Receiver<u64> {
+        Balancer::updates(self)
+    }
+}
+
+/// A built cluster: its service, and a view of its balancer.
+pub struct Cluster<B> {
+    /// What calls go through.
+    pub service: ClusterService<B>,
+    /// Its endpoints, for status and warm-up.
+    pub inspect: Arc<dyn Inspect>,
+}
+
+impl<B> Clone for Cluster<B> {
+    fn clone(&self) -> Self {
+        Self { service: self.service.clone(), inspect: self.inspect.clone() }
+    }
+}
+
+impl<B> fmt::Debug for Cluster<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster").field("endpoints", &self.inspect.endpoints().len()).finish()
+    }
+}
+
+impl<B> Cluster<B> {
+    /// Whether it can take traffic: it has its first endpoint set, and that set is empty, has a ready
+    /// endpoint, or has failed to connect everywhere (calls then fail fast, as they would on it anyway).
+    pub fn can_serve(&self) -> bool {
+        use crate::balance::ConnState;
+        if self.inspect.endpoints_updated_at().is_none() {
+            return false;
+        }
+        let endpoints = self.inspect.endpoints();
+        endpoints.is_empty()
+            || endpoints.iter().any(|e| e.state == ConnState::Ready)
+            || endpoints.iter().all(|e| e.state == ConnState::TransientFailure)
+    }
+}
+
+/// Builds per-cluster services from targets: discovery from [`Discovery`], connections from [`MakeConnect`].
+pub struct NewCluster<M> {
+    discovery: Arc<dyn Discovery>,
+    make_connect: M,
+}
+
+impl<M> fmt::Debug for NewCluster<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NewCluster")
+    }
+}
+
+impl<M: MakeConnect> NewCluster<M> {
+    /// A builder over `discovery` and `make_connect`.
+    pub fn new(discovery: Arc<dyn Discovery>, make_connect: M) -> Self {
+        Self { discovery, make_connect }
+    }
+
+    /// Builds `target`'s cluster. `Err` carries a stand-in when its source could not be started (a resolver
+    /// that could not be built): a cluster with no endpoints, whose calls fail fast, to be built again later.
+    pub fn new_cluster<B: RequestBody>(&self, target: &ClusterTarget) -> Result<Cluster<B>, (Cluster<B>, Error)> {
+        let (discover, failed) = match self.discovery.discover(&target.name, &target.source) {
+            Ok(discover) => (discover, None),
+            Err(error) => (discover::fixed(Vec::new()), Some(error)),
+        };
+        let connector = self.make_connect.make_connect(target);
+        let balancer = Balancer::with_connector(target.name.clone(), discover, target.balancer.clone(), connector);
+        let service = tower::ServiceBuilder::new()
+            // Per-cluster layers go here, outermost first (issue 15: breaker, concurrency limit, outlier
+            // detection).
+            .service(balancer.clone());
+        let cluster = Cluster { service: BoxCloneSyncService::new(service), inspect: Arc::new(balancer) };
+        match failed {
+            None => Ok(cluster),
+            Some(error) => Err((cluster, error)),
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Routing: every target's calls go through a route table, whatever its kind.
+//!
+//! A [`Router`] matches each request's path and headers against its current [`Table`] (first match wins) and
+//! calls the route's built service ([`new_route`]): the route's policies as layers (the route timeout today;
+//! retries, hedging, faults and rate limits later) over a weighted split of its clusters, each cluster a built
+//! service over its balancer ([`crate::cluster::NewCluster`]). A [`Publisher`] builds tables: it keeps the
+//! built clusters, rebuilds a cluster exactly when its [`ClusterTarget`] changes (the replacement takes over
+//! once it can serve, so a rebuild never leaves calls waiting on an empty set), and publishes a table of
+//! freshly built routes over them. Calls in flight keep the services they started on; a new table takes the
+//! next call.
+//!
+//! An `xds:///` target's table comes from LDS and RDS, its clusters from CDS (mesh-tonic follows them); a
+//! `static:///` or `dns:///` target is a table with one route, matching every request, to one cluster.
+//!
+//! Generic over the request body; nothing here knows gRPC's or tonic's types.
+
+mod hash;
+mod service;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use mesh_core::{Route, RouteAction, RouteMatch};
+use tokio::sync::{mpsc, watch};
+use tower::ServiceExt;
+use tower::util::Oneshot;
+
+pub use service::{RouteService, RouteTarget, new_route};
+
+use crate::Error;
+use crate::balance::{EndpointStatus, RequestBody, ResponseBody};
+use crate::cluster::{Cluster, ClusterTarget, Inspect, MakeConnect, NewCluster};
+
+/// What requests are routed with: built routes in order, and the clusters they call.
+pub struct Table<B> {
+    /// Each route's matcher and built service (`None`: non-forwarding).
+    routes: Vec<(RouteMatch, Option<RouteService<B>>)>,
+    clusters: Vec<(String, Arc<dyn Inspect>)>,
+}
+
+impl<B> fmt::Debug for Table<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Table").field("routes", &self.routes.len()).field("clusters", &self.clusters.len()).finish()
+    }
+}
+
+/// Routes each request by the current table of its target. Cheap to clone; clones share the table.
+pub struct Router<B> {
+    target: Arc<str>,
+    /// Where tables come from (names it in [`Error::NoConfig`]).
+    from: Arc<str>,
+    /// Longest wait for a first table.
+    ready_timeout: Duration,
+    table: watch::Receiver<Option<Arc<Table<B>>>>,
+}
+
+impl<B> Clone for Router<B> {
+    fn clone(&self) -> Self {
+        Self { target: self.target.clone(), from: self.from.clone(), ready_timeout: self.ready_timeout, table: self.table.clone() }
+    }
+}
+
+impl<B> fmt::Debug for Router<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router").field("target", &self.target).finish()
+    }
+}
+
+impl<B> Router<B> {
+    /// The target it routes.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The current table's clusters and their endpoints (empty before the first table).
+    pub fn clusters(&self) -> Vec<(String, Vec<EndpointStatus>)> {
+        let table = self.table.borrow().clone();
+        table.map_or_else(Vec::new, |t| t.clusters.iter().map(|(name, c)| (name.clone(), c.endpoints())).collect())
+    }
+
+    /// Every endpoint of the current table's clusters.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        self.clusters().into_iter().flat_map(|(_, endpoints)| endpoints).collect()
+    }
+}
+
+impl<B: RequestBody> Router<B> {
+    fn route(&self, table: &Table<B>, request: http::Request<B>) -> RouterFuture<B> {
+        let path = request.uri().path();
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+        let Some((_, service)) = table.routes.iter().find(|(matcher, _)| matcher.matches(path, header)) else {
+            return RouterFuture::failed(Error::NoRoute { target: self.target.to_string(), path: path.to_owned() });
+        };
+        let Some(service) = service else {
+            return RouterFuture::failed(Error::NonForwarding { target: self.target.to_string(), path: path.to_owned() });
+        };
+        RouterFuture { state: State::Routed(service.clone().oneshot(request)) }
+    }
+}
+
+impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
+    type Response = http::Response<ResponseBody>;
+    type Error = Error;
+    type Future = RouterFuture<B>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // Waiting for a table happens per call, bounded by the ready timeout.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> RouterFuture<B> {
+        // Fast path: a table is there (every call after the first config).
+        if let Some(table) = self.table.borrow().clone() {
+            return self.route(&table, request);
+        }
+        let this = self.clone();
+        RouterFuture {
+            state: State::Waiting(Box::pin(async move {
+                let mut rx = this.table.clone();
+                let started = tokio::time::Instant::now();
+                let table = match tokio::time::timeout(this.ready_timeout, rx.wait_for(Option::is_some)).await {
+                    Ok(Ok(table)) => table.clone(),
+                    _ => None,
+                };
+                let Some(table) = table else {
+                    return Err(Error::NoConfig {
+                        target: this.target.to_string(),
+                        from: this.from.to_string(),
+                        waited: started.elapsed(),
+                    });
+                };
+                this.route(&table, request).await
+            })),
+        }
+    }
+}
+
+type Response = Result<http::Response<ResponseBody>, Error>;
+
+/// Future of a [`Router`] call.
+pub struct RouterFuture<B> {
+    state: State<B>,
+}
+
+enum State<B> {
+    Routed(Oneshot<RouteService<B>, http::Request<B>>),
+    /// The first table has not arrived: the call waits for it.
+    Waiting(Pin<Box<dyn Future<Output = Response> + Send>>),
+    Failed(Option<Error>),
+}
+
+impl<B> RouterFuture<B> {
+    fn failed(error: Error) -> Self {
+        Self { state: State::Failed(Some(error)) }
+    }
+}
+
+impl<B> fmt::Debug for RouterFuture<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RouterFuture")
+    }
+}
+
+impl<B: RequestBody> Future for RouterFuture<B> {
+    type Output = Response;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        match &mut self.get_mut().state {
+            State::Routed(call) => Pin::new(call).poll(cx),
+            State::Waiting(wait) => wait.as_mut().poll(cx),
+            State::Failed(error) => Poll::Ready(Err(error.take().expect("a RouterFuture polled after it completed"))),
+        }
+    }
+}
+
+/// A route that takes every request to one cluster: the table of a `static:///` or `dns:///` target.
+pub fn single_route(cluster: &str, policies: mesh_core::policy::RoutePolicies) -> Route {
+    Route {
+        matcher: RouteMatch::any(),
+        action: RouteAction::Clusters(vec![mesh_core::WeightedCluster { cluster: cluster.to_owned(), weight: 1 }]),
+        policies,
+    }
+}
+
+/// One cluster: what it was built for and the built cluster, and a replacement warming up.
+struct Slot<B> {
+    /// `None`: a stand-in whose source could not be started, built again on the next [`Publisher::cluster`].
+    built_for: Option<ClusterTarget>,
+    current: Cluster<B>,
+    /// Takes over once it can serve; its watcher wakes the publisher's owner as its state changes.
+    next: Option<(ClusterTarget, Cluster<B>, AbortOnDrop)>,
+}
+
+/// Builds and publishes a router's tables.
+pub struct Publisher<B, M> {
+    target: Arc<str>,
+    new_cluster: NewCluster<M>,
+    clusters: HashMap<String, Slot<B>>,
+    tx: watch::Sender<Option<Arc<Table<B>>>>,
+    /// Signalled when a replacement cluster's state changes, so its owner calls [`Publisher::cluster`] again.
+    wake: Option<mpsc::UnboundedSender<()>>,
+    seed: Arc<AtomicU64>,
+    channel_id: u64,
+}
+
+impl<B, M> fmt::Debug for Publisher<B, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publisher").field("target", &self.target).field("clusters", &self.clusters.len()).finish()
+    }
+}
+
+impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
+    /// A publisher for `target` and the router that follows its tables. `from` says where tables come from,
+    /// `ready_timeout` bounds a call's wait for the first table, and `wake` is signalled whenever a
+    /// replacement cluster's state changes.
+    pub fn new(
+        target: &str,
+        from: &str,
+        ready_timeout: Duration,
+        new_cluster: NewCluster<M>,
+        wake: Option<mpsc::UnboundedSender<()>>,
+    ) -> (Self, Router<B>) {
+        let (tx, table) = watch::channel(None);
+        let target: Arc<str> = target.into();
+        let router = Router { target: target.clone(), from: from.into(), ready_timeout, table };
+        let publisher =
+            Self { target, new_cluster, clusters: HashMap::new(), tx, wake, seed: Arc::default(), channel_id: hash::random_channel_id() };
+        (publisher, router)
+    }
+
+    /// Whether cluster `name` is built.
+    pub fn has_cluster(&self, name: &str) -> bool {
+        self.clusters.contains_key(name)
+    }
+
+    /// Makes cluster `target.name` follow `target`: builds it when new; when its target changed, builds a
+    /// replacement that takes over (at a later call) once it can serve; promotes a replacement that can.
+    pub fn cluster(&mut self, target: &ClusterTarget) {
+        let name = target.name.as_str();
+        if let Some(slot) = self.clusters.get_mut(name)
+            && let Some((_, next, _)) = &slot.next
+            && next.can_serve()
+            && let Some((built_for, next, _)) = slot.next.take()
+        {
+            tracing::debug!(cluster = name, "replacement cluster takes over");
+            slot.built_for = Some(built_for);
+            slot.current = next;
+        }
+        if let Some(slot) = self.clusters.get_mut(name) {
+            if slot.built_for.as_ref() == Some(target) {
+                slot.next = None;
+                return;
+            }
+            if slot.next.as_ref().is_some_and(|(pending, _, _)| pending == target) {
+                return;
+            }
+        }
+        let (built, ok) = match self.new_cluster.new_cluster(target) {
+            Ok(cluster) => (cluster, true),
+            Err((stand_in, error)) => {
+                tracing::error!(cluster = name, %error, "cluster's endpoints cannot be discovered; its calls fail until it is built again");
+                (stand_in, false)
+            }
+        };
+        match self.clusters.get_mut(name) {
+            None => {
+                let built_for = ok.then(|| target.clone());
+                self.clusters.insert(name.to_owned(), Slot { built_for, current: built, next: None });
+            }
+            // A stand-in replaces nothing that works.
+            Some(_) if !ok => {}
+            Some(slot) => {
+                let watcher = watch_updates(&built, self.wake.clone());
+                slot.next = Some((target.clone(), built, watcher));
+            }
+        }
+    }
+
+    /// Builds a table of `routes` over the built clusters and publishes it; clusters no route names are
+    /// dropped. A route naming a cluster that is not built fails its calls with [`Error::ClusterNotFound`].
+    pub fn publish(&mut self, routes: &[Route]) {
+        let mut named: Vec<&str> = Vec::new();
+        let built = routes
+            .iter()
+            .map(|route| {
+                let service = match &route.action {
+                    RouteAction::NonForwarding => None,
+                    RouteAction::Clusters(split) => {
+                        named.extend(split.iter().map(|c| c.cluster.as_str()));
+                        let clusters = split
+                            .iter()
+                            .map(|c| (c.cluster.clone(), c.weight, self.clusters.get(&c.cluster).map(|s| s.current.service.clone())))
+                            .collect();
+                        Some(new_route(RouteTarget {
+                            target: self.target.clone(),
+                            policies: route.policies.clone(),
+                            clusters,
+                            seed: self.seed.clone(),
+                            channel_id: self.channel_id,
+                        }))
+                    }
+                };
+                (route.matcher.clone(), service)
+            })
+            .collect();
+        self.clusters.retain(|name, _| named.contains(&name.as_str()));
+        let mut clusters: Vec<(String, Arc<dyn Inspect>)> =
+            self.clusters.iter().map(|(name, slot)| (name.clone(), slot.current.inspect.clone())).collect();
+        clusters.sort_by(|a, b| a.0.cmp(&b.0));
+        self.tx.send_replace(Some(Arc::new(Table { routes: built, clusters })));
+    }
+}
+
+/// Signals `wake` whenever `cluster` publishes a new endpoint snapshot.
+fn watch_updates<B>(cluster: &Cluster<B>, wake: Option<mpsc::UnboundedSender<()>>) -> AbortOnDrop {
+    let mut updates = cluster.inspect.updates();
+    let task = tokio::spawn(async move {
+        while updates.changed().await.is_ok() {
+            if wake.as_ref().is_some_and(|wake| wake.send(()).is_err()) {
+                return;
+            }
+        }
+    });
+    AbortOnDrop(task.abort_handle())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

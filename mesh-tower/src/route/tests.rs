@@ -1,0 +1,168 @@
+//! The router on tokio's paused clock over the fake connector: tables published and swapped while calls are
+//! in flight, route policies, routing errors, clusters rebuilt exactly when their target changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use mesh_core::policy::RoutePolicies;
+use mesh_core::{Endpoint, PathMatch, Route, RouteAction, RouteMatch, WeightedCluster};
+use tower::ServiceExt;
+
+use super::{Publisher, Router, single_route};
+use crate::Error;
+use crate::balance::{BalancerConfig, ServedBy};
+use crate::cluster::{ClusterTarget, NewCluster, SameConnector, Source, StandardDiscovery};
+use crate::testing::{FakeNet, Peer, addr};
+
+type Body = Empty<Bytes>;
+
+fn publisher(net: &FakeNet) -> (Publisher<Body, SameConnector<FakeNet>>, Router<Body>) {
+    let new_cluster = NewCluster::new(Arc::new(StandardDiscovery), SameConnector(net.clone()));
+    Publisher::new("test:///routed", "the test", Duration::from_secs(2), new_cluster, None)
+}
+
+fn cluster(name: &str, ports: &[u16]) -> ClusterTarget {
+    ClusterTarget {
+        name: name.to_owned(),
+        balancer: BalancerConfig::default(),
+        source: Source::Static(ports.iter().map(|&p| Endpoint::new(addr(p))).collect()),
+    }
+}
+
+async fn call(router: &Router<Body>, path: &str) -> Result<std::net::SocketAddr, Error> {
+    let request = http::Request::post(format!("http://routed{path}")).body(Empty::new()).unwrap();
+    let response = router.clone().oneshot(request).await?;
+    let served_by = response.extensions().get::<ServedBy>().unwrap().0;
+    let body = response.into_body().collect().await?.to_bytes();
+    assert_eq!(body, served_by.to_string(), "the reply comes from the endpoint named in ServedBy");
+    Ok(served_by)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_table_swapped_while_calls_are_in_flight_takes_the_next_calls_and_the_old_ones_finish() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::from_secs(1) });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1]));
+    publisher.publish(&[single_route("a", RoutePolicies::default())]);
+    let in_flight: Vec<_> = (0..5)
+        .map(|_| {
+            let router = router.clone();
+            tokio::spawn(async move { call(&router, "/pkg.Svc/Slow").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher.cluster(&cluster("b", &[2]));
+    publisher.publish(&[single_route("b", RoutePolicies::default())]);
+    assert!(!publisher.has_cluster("a"), "a cluster no route names is dropped from the publisher");
+    assert_eq!(call(&router, "/pkg.Svc/Fast").await.unwrap(), addr(2), "the new table takes the next call");
+    for call in in_flight {
+        assert_eq!(call.await.unwrap().unwrap(), addr(1), "a call in flight finishes on the cluster it started on");
+    }
+    assert_eq!(router.clusters().iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(), ["b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn routes_match_in_order_and_a_route_timeout_ends_the_call() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::from_secs(5) });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("slow", &[1]));
+    publisher.cluster(&cluster("fast", &[2]));
+    let exact = |path: &str| RouteMatch { path: PathMatch::Exact(path.into()), ..RouteMatch::any() };
+    let to = |cluster: &str| RouteAction::Clusters(vec![WeightedCluster { cluster: cluster.into(), weight: 1 }]);
+    let timeout = RoutePolicies { timeout: Some(Duration::from_millis(300)), ..RoutePolicies::default() };
+    publisher.publish(&[
+        Route { matcher: exact("/slow"), action: to("slow"), policies: timeout },
+        Route { matcher: exact("/gone"), action: to("deleted"), policies: RoutePolicies::default() },
+        Route { matcher: exact("/off"), action: RouteAction::NonForwarding, policies: RoutePolicies::default() },
+        Route { matcher: exact("/fast"), action: to("fast"), policies: RoutePolicies::default() },
+    ]);
+    let started = tokio::time::Instant::now();
+    let timed_out = call(&router, "/slow").await.unwrap_err();
+    assert!(matches!(timed_out, Error::RouteTimeout { limit, .. } if limit == Duration::from_millis(300)), "{timed_out}");
+    assert_eq!(started.elapsed(), Duration::from_millis(300), "the route timeout, not the server, ended the call");
+    assert_eq!(timed_out.grpc_code(), mesh_core::GrpcCode::DeadlineExceeded);
+    assert_eq!(call(&router, "/fast").await.unwrap(), addr(2));
+    let missing = call(&router, "/gone").await.unwrap_err();
+    assert!(matches!(&missing, Error::ClusterNotFound { cluster, .. } if cluster == "deleted"), "{missing}");
+    assert!(matches!(call(&router, "/off").await.unwrap_err(), Error::NonForwarding { .. }));
+    let unrouted = call(&router, "/other").await.unwrap_err();
+    assert!(matches!(&unrouted, Error::NoRoute { path, .. } if path == "/other"), "{unrouted}");
+    assert!(unrouted.to_string().contains("test:///routed"), "the error names the target: {unrouted}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waits_for_the_first_table_and_fails_unavailable_without_one() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    let started = tokio::time::Instant::now();
+    let error = call(&router, "/x").await.unwrap_err();
+    assert!(matches!(error, Error::NoConfig { waited, .. } if waited == Duration::from_secs(2)), "{error}");
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    let waiting = tokio::spawn({
+        let router = router.clone();
+        async move { call(&router, "/x").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publisher.cluster(&cluster("a", &[1]));
+    publisher.publish(&[single_route("a", RoutePolicies::default())]);
+    assert_eq!(waiting.await.unwrap().unwrap(), addr(1), "a waiting call goes once the table arrives");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cluster_is_rebuilt_exactly_when_its_target_changes_and_the_replacement_takes_over_once_ready() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    let routes = [single_route("a", RoutePolicies::default())];
+    publisher.cluster(&cluster("a", &[1]));
+    publisher.publish(&routes);
+    assert_eq!(call(&router, "/x").await.unwrap(), addr(1));
+    // The same target again builds nothing: no new connection.
+    publisher.cluster(&cluster("a", &[1]));
+    publisher.publish(&routes);
+    assert_eq!(call(&router, "/x").await.unwrap(), addr(1));
+    assert_eq!(net.attempts(addr(1)), 1, "an unchanged target keeps its cluster and connections");
+    // A changed target builds a replacement; the current cluster serves until the replacement can.
+    let moved = cluster("a", &[2]);
+    publisher.cluster(&moved);
+    publisher.publish(&routes);
+    assert_eq!(call(&router, "/x").await.unwrap(), addr(1), "the old cluster serves while its replacement warms up");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    publisher.cluster(&moved);
+    publisher.publish(&routes);
+    assert_eq!(call(&router, "/x").await.unwrap(), addr(2), "the replacement took over once it could serve");
+    let mut settings = moved.clone();
+    settings.balancer.lb = "p2c_ewma".parse().unwrap();
+    publisher.cluster(&settings);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    publisher.cluster(&settings);
+    publisher.publish(&routes);
+    assert_eq!(net.attempts(addr(2)), 2, "a changed setting (the LB policy) rebuilds the cluster: {:?}", router.endpoints());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_weighted_split_sends_each_cluster_its_share() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("one", &[1]));
+    publisher.cluster(&cluster("three", &[2]));
+    let split = vec![WeightedCluster { cluster: "one".into(), weight: 1 }, WeightedCluster { cluster: "three".into(), weight: 3 }];
+    publisher.publish(&[Route { matcher: RouteMatch::any(), action: RouteAction::Clusters(split), policies: RoutePolicies::default() }]);
+    let mut on_one = 0;
+    for _ in 0..2000 {
+        if call(&router, "/x").await.unwrap() == addr(1) {
+            on_one += 1;
+        }
+    }
+    assert!((400..600).contains(&on_one), "weight 1 of 4 takes a quarter of 2,000 calls: {on_one}");
+}
