@@ -39,10 +39,25 @@ impl EndpointTarget {
     }
 }
 
+/// Who the peer of a connection proved to be (its mTLS identity, such as a SPIFFE ID), as the connector
+/// learned it. The balancer puts it on every response the connection serves, as an extension.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerIdentity(pub Arc<str>);
+
+/// A connected stream, and what its connector learned of the peer.
+pub trait Connection {
+    /// The peer's proven identity; `None` for a connection that proves none (plaintext).
+    fn peer_identity(&self) -> Option<PeerIdentity> {
+        None
+    }
+}
+
+impl Connection for TokioIo<TcpStream> {}
+
 /// Opens byte streams to endpoints.
 pub trait Connect: Clone + Send + Sync + 'static {
-    /// The connected stream.
-    type Io: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static;
+    /// The connected stream; it hands back the peer's identity ([`Connection`]).
+    type Io: hyper::rt::Read + hyper::rt::Write + Connection + Send + Unpin + 'static;
 
     /// Connects to `target`. The caller applies the connect timeout.
     fn connect(&self, target: &EndpointTarget) -> ConnectFuture<Self::Io>;

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::endpoint::Handle;
+use super::handle::Handle;
 use crate::Error;
 use crate::classify::{self, Failure, Outcome, Pending};
 

@@ -54,8 +54,8 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
             let (all_failed, known) = match picked {
                 Ok(handle) => {
                     let sent = if decay.is_some() { self.now() } else { Default::default() };
-                    let response = match handle.send(request) {
-                        Ok(response) => response,
+                    let (response, peer) = match handle.send(request) {
+                        Ok(sent) => sent,
                         Err(unsent) => {
                             // Raced with a disconnect: the next snapshot will not offer it.
                             request = unsent;
@@ -73,6 +73,9 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                             let (mut parts, body) = response.into_parts();
                             let addr = handle.addr();
                             parts.extensions.insert(ServedBy(addr));
+                            if let Some(peer) = peer {
+                                parts.extensions.insert(peer);
+                            }
                             let pending = classify::pending(&parts);
                             counting.disarm();
                             let body = ResponseBody::new(body, pending, addr, InFlight::started(handle));
@@ -126,7 +129,7 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
 
 /// A call that failed on `handle`'s endpoint after it was sent: classified, and counted as the endpoint's
 /// failure.
-fn upstream<B>(handle: &super::endpoint::Handle<B>, error: hyper::Error) -> Error {
+fn upstream<B>(handle: &super::handle::Handle<B>, error: hyper::Error) -> Error {
     let failure = Failure::of(&error);
     handle.record(true);
     Error::Upstream { addr: handle.addr(), failure, source: error.into() }

@@ -24,7 +24,17 @@
 //! The endpoint that served a response is in its extensions as [`ServedBy`].
 //!
 //! This module has no `layer.rs`: the balancer is the leaf of the stack, the
-//! service other layers wrap, not a wrapper itself.
+//! service other layers wrap, not a wrapper itself. Its files, by concern:
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `mod.rs` | the [`Balancer`] handle a caller holds, its settings, the shared state and snapshot types |
+//! | `snapshot.rs` | discovery changes applied; the snapshot callers pick from, rebuilt and published |
+//! | `pool.rs` | the connection pool: connect through the connector, backoff, reconnect |
+//! | `handle.rs` | one endpoint: its connection's sender, in-flight and outcome counters, latency estimate |
+//! | `call.rs` | the call path: drop, pick, send, re-pick, transparent resend, wait |
+//! | `pick.rs` | pick dispatch: priority and locality, then the LB policy |
+//! | `body.rs` | the response body: in flight until the last frame, where the call is classified |
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -43,9 +53,11 @@
 
 mod body;
 mod call;
-mod endpoint;
 mod future;
+mod handle;
 mod pick;
+mod pool;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 
@@ -66,14 +78,15 @@ use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 
 pub use body::ResponseBody;
-pub use endpoint::ConnState;
 pub use future::ResponseFuture;
+pub use handle::ConnState;
 
 use crate::connect::{Connect, TcpConnector};
 use crate::discover::Discover;
 use crate::replay::ReplayBody;
 use crate::{BoxError, Error};
-use endpoint::{Connections, Handle};
+use handle::Handle;
+use pool::Connections;
 
 /// Settings of a [`Balancer`]: plain data.
 #[derive(Clone, Debug, PartialEq)]
@@ -266,6 +279,18 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         self.inner.state.snapshot().endpoints.binary_search_by_key(&addr, |(e, _)| e.addr).is_ok()
     }
 
+    /// Sends one request (the service's `call`, without needing `&mut`: the balancer is always ready). The call
+    /// keeps the balancer running until it ends, even if every handle to it is dropped meanwhile (a route table
+    /// swapped while calls wait for an endpoint of the old one).
+    pub fn send(&self, request: http::Request<B>) -> ResponseFuture {
+        let (inner, call) = (self.inner.clone(), self.inner.state.clone().call(request));
+        ResponseFuture::new(Box::pin(async move {
+            let response = call.await;
+            drop(inner);
+            response
+        }))
+    }
+
     /// The known endpoints and their connection state, sorted by address.
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
         let snapshot = self.inner.state.snapshot();
@@ -294,7 +319,7 @@ impl<B: RequestBody, C: Connect> tower::Service<http::Request<B>> for Balancer<B
     }
 
     fn call(&mut self, request: http::Request<B>) -> ResponseFuture {
-        ResponseFuture::new(Box::pin(self.inner.state.clone().call(request)))
+        self.send(request)
     }
 }
 

@@ -7,7 +7,7 @@ use mesh_core::LbPolicy;
 use mesh_core::lb::{LeastRequest, Random, SplitMix64, hash_key, p2c_by, pick_priority, pick_weighted};
 use mesh_core::policy::HashPolicy;
 
-use super::endpoint::{ConnState, Handle};
+use super::handle::{ConnState, Handle};
 use super::{RequestBody, RequestHash, Snapshot, State, lock};
 use crate::connect::Connect;
 

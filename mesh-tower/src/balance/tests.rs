@@ -170,3 +170,52 @@ async fn endpoints_outside_every_weighted_locality_still_take_calls() {
     }
     assert_eq!(seen.len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_response_carries_its_connections_peer_identity_and_counts_as_its_endpoints_outcome() {
+    use crate::classify::Outcome;
+    use crate::connect::PeerIdentity;
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    net.set(addr(2), Peer::Failing);
+    let spiffe = PeerIdentity("spiffe://mesh.local/ns/default/sa/greeter".into());
+    net.identities.lock().unwrap().insert(addr(1), spiffe.clone());
+    let (balancer, _tx) = balancer(&net, &[1, 2]);
+    until_state(&balancer, addr(2), ConnState::Ready).await;
+    until_state(&balancer, addr(1), ConnState::Ready).await;
+    for _ in 0..10 {
+        let response = balancer.clone().oneshot(http::Request::new(Empty::new())).await.unwrap();
+        let served_by = response.extensions().get::<ServedBy>().unwrap().0;
+        let peer = response.extensions().get::<PeerIdentity>().cloned();
+        assert_eq!(peer, (served_by == addr(1)).then(|| spiffe.clone()), "the identity is the serving connection's own");
+        let mut body = response.into_body();
+        while body.frame().await.is_some() {}
+        let expected = if served_by == addr(1) { Outcome::Http(200) } else { Outcome::Http(503) };
+        assert_eq!(body.outcome(), Some(expected));
+    }
+    let counts: Vec<_> = balancer.endpoints().iter().map(|e| (e.endpoint.addr, e.successes, e.failures)).collect();
+    assert_eq!(counts, [(addr(1), 5, 0), (addr(2), 0, 5)], "a 503 is its endpoint's failure, a 200 its success");
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_picked_onto_a_connection_that_died_are_re_picked_and_none_fails() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (balancer, _tx) = balancer(&net, &[1, 2]);
+    until_state(&balancer, addr(1), ConnState::Ready).await;
+    until_state(&balancer, addr(2), ConnState::Ready).await;
+    // Endpoint 1's server vanishes and will not come back; the balancer has not noticed yet.
+    net.set(addr(1), Peer::Down);
+    net.cut(addr(1));
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let balancer = balancer.clone();
+            tokio::spawn(async move { call(&balancer).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), addr(2), "a call that found its connection gone went to the live endpoint");
+    }
+    until_state(&balancer, addr(1), ConnState::TransientFailure).await;
+}

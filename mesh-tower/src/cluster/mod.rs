@@ -113,8 +113,75 @@ impl<C: Connect> MakeConnect for SameConnector<C> {
     }
 }
 
-/// The per-cluster service: boxed at the boundary, so its layers can change without changing its type.
-pub type ClusterService<B> = BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, Error>;
+/// The per-cluster service. A cluster with no policy to apply is its balancer, called directly (no
+/// allocation per call beyond the balancer's own); one with policies is its layers over the balancer, boxed
+/// at the boundary, so layers can change without changing this type.
+pub struct ClusterService<B>(Kind<B>);
+
+enum Kind<B> {
+    Balancer(Arc<dyn Leaf<B>>),
+    Layered(BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, Error>),
+}
+
+/// A balancer with its connector type erased.
+trait Leaf<B>: Send + Sync {
+    fn send(&self, request: http::Request<B>) -> crate::balance::ResponseFuture;
+}
+
+impl<B: RequestBody, C: Connect> Leaf<B> for Balancer<B, C> {
+    fn send(&self, request: http::Request<B>) -> crate::balance::ResponseFuture {
+        Balancer::send(self, request)
+    }
+}
+
+impl<B> Clone for ClusterService<B> {
+    fn clone(&self) -> Self {
+        Self(match &self.0 {
+            Kind::Balancer(balancer) => Kind::Balancer(balancer.clone()),
+            Kind::Layered(service) => Kind::Layered(service.clone()),
+        })
+    }
+}
+
+impl<B> fmt::Debug for ClusterService<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Kind::Balancer(_) => "ClusterService::Balancer",
+            Kind::Layered(_) => "ClusterService::Layered",
+        })
+    }
+}
+
+/// Future of a [`ClusterService`] call.
+pub type ClusterFuture<B> = futures_util::future::Either<
+    crate::balance::ResponseFuture,
+    tower::util::Oneshot<BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, Error>, http::Request<B>>,
+>;
+
+impl<B: RequestBody> ClusterService<B> {
+    /// A cluster with no layers: calls go straight to `balancer`.
+    pub fn balancer<C: Connect>(balancer: Balancer<B, C>) -> Self {
+        Self(Kind::Balancer(Arc::new(balancer)))
+    }
+
+    /// A cluster whose calls go through `service` (its layers over its balancer).
+    pub fn layered<S>(service: S) -> Self
+    where
+        S: tower::Service<http::Request<B>, Response = http::Response<ResponseBody>, Error = Error> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        Self(Kind::Layered(BoxCloneSyncService::new(service)))
+    }
+
+    /// Sends one request through the cluster (readiness included, for a layered one).
+    pub fn send(&self, request: http::Request<B>) -> ClusterFuture<B> {
+        use tower::ServiceExt;
+        match &self.0 {
+            Kind::Balancer(balancer) => futures_util::future::Either::Left(balancer.send(request)),
+            Kind::Layered(service) => futures_util::future::Either::Right(service.clone().oneshot(request)),
+        }
+    }
+}
 
 /// What a cluster shows of itself: its endpoints, and when they change.
 pub trait Inspect: Send + Sync + 'static {
@@ -202,11 +269,11 @@ impl<M: MakeConnect> NewCluster<M> {
         };
         let connector = self.make_connect.make_connect(target);
         let balancer = Balancer::with_connector(target.name.clone(), discover, target.balancer.clone(), connector);
-        let service = tower::ServiceBuilder::new()
-            // Per-cluster layers go here, outermost first (issue 15: breaker, concurrency limit, outlier
-            // detection).
-            .service(balancer.clone());
-        let cluster = Cluster { service: BoxCloneSyncService::new(service), inspect: Arc::new(balancer) };
+        // Per-cluster layers go here, outermost first (issue 15: breaker, concurrency limit, outlier detection):
+        // a cluster with a policy to apply is `ClusterService::layered(ServiceBuilder::new().layer(..)
+        // .service(balancer))`; one without calls its balancer directly.
+        let service = ClusterService::balancer(balancer.clone());
+        let cluster = Cluster { service, inspect: Arc::new(balancer) };
         match failed {
             None => Ok(cluster),
             Some(error) => Err((cluster, error)),

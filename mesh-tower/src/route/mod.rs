@@ -30,10 +30,8 @@ use std::time::Duration;
 
 use mesh_core::{Route, RouteAction, RouteMatch};
 use tokio::sync::{mpsc, watch};
-use tower::ServiceExt;
-use tower::util::Oneshot;
 
-pub use service::{RouteService, RouteTarget, new_route};
+pub use service::{RouteFuture, RouteService, RouteTarget, Split, SplitFuture, new_route};
 
 use crate::Error;
 use crate::balance::{EndpointStatus, RequestBody, ResponseBody};
@@ -102,7 +100,7 @@ impl<B: RequestBody> Router<B> {
         let Some(service) = service else {
             return RouterFuture::failed(Error::NonForwarding { target: self.target.to_string(), path: path.to_owned() });
         };
-        RouterFuture { state: State::Routed(service.clone().oneshot(request)) }
+        RouterFuture { state: State::Routed(service.send(request)) }
     }
 }
 
@@ -151,7 +149,7 @@ pub struct RouterFuture<B> {
 }
 
 enum State<B> {
-    Routed(Oneshot<RouteService<B>, http::Request<B>>),
+    Routed(RouteFuture<B>),
     /// The first table has not arrived: the call waits for it.
     Waiting(Pin<Box<dyn Future<Output = Response> + Send>>),
     Failed(Option<Error>),

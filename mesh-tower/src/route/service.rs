@@ -1,5 +1,6 @@
 //! The per-route service: the route's policies as layers over its weighted split of clusters.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -12,11 +13,51 @@ use tower::{ServiceBuilder, ServiceExt};
 
 use super::hash::route_hash;
 use crate::balance::{RequestBody, RequestHash, ResponseBody};
-use crate::cluster::ClusterService;
+use crate::cluster::{ClusterFuture, ClusterService};
 use crate::{BoxError, Error};
 
-/// The per-route service: boxed at the boundary, so its layers can change without changing its type.
-pub type RouteService<B> = BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, Error>;
+type Boxed<B> = BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, Error>;
+
+/// The per-route service. A route with no policy to apply is its split, called directly (no allocation per
+/// call); one with policies is its layers over the split, boxed at the boundary, so layers can change without
+/// changing this type.
+pub struct RouteService<B>(Kind<B>);
+
+enum Kind<B> {
+    Split(Split<B>),
+    Layered(Boxed<B>),
+}
+
+impl<B> Clone for RouteService<B> {
+    fn clone(&self) -> Self {
+        Self(match &self.0 {
+            Kind::Split(split) => Kind::Split(split.clone()),
+            Kind::Layered(service) => Kind::Layered(service.clone()),
+        })
+    }
+}
+
+impl<B> fmt::Debug for RouteService<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Kind::Split(_) => "RouteService::Split",
+            Kind::Layered(_) => "RouteService::Layered",
+        })
+    }
+}
+
+/// Future of a [`RouteService`] call.
+pub type RouteFuture<B> = Either<SplitFuture<B>, Oneshot<Boxed<B>, http::Request<B>>>;
+
+impl<B: RequestBody> RouteService<B> {
+    /// Sends one request through the route (readiness included, for a layered one).
+    pub fn send(&self, request: http::Request<B>) -> RouteFuture<B> {
+        match &self.0 {
+            Kind::Split(split) => Either::Left(split.send(request)),
+            Kind::Layered(service) => Either::Right(service.clone().oneshot(request)),
+        }
+    }
+}
 
 /// Everything a route's service is built from.
 pub struct RouteTarget<B> {
@@ -35,20 +76,26 @@ pub struct RouteTarget<B> {
 /// Builds a route's service: its policies as layers, outermost first, over the split.
 pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
     let timeout = target.policies.timeout;
+    // A route with nothing to layer calls its split directly.
+    let layered = timeout.is_some();
     let name = target.target.clone();
+    let split = Split::new(target);
+    if !layered {
+        return RouteService(Kind::Split(split));
+    }
     let service = ServiceBuilder::new()
         .map_err(move |error: BoxError| Error::from_layer(error, &name, timeout))
         // Per-route layers go here, outermost first (issue 15: retries and hedging within the route timeout,
-        // fault injection, rate limits, mirroring).
+        // fault injection, rate limits, mirroring), each also counted in `layered` above.
         .option_layer(timeout.map(tower::timeout::TimeoutLayer::new))
         // The layers above speak `BoxError`; the top of the stack takes the stack's own errors back.
         .map_err(BoxError::from)
-        .service(Split::new(target));
-    BoxCloneSyncService::new(service)
+        .service(split);
+    RouteService(Kind::Layered(BoxCloneSyncService::new(service)))
 }
 
 /// Picks one of the route's clusters by weight, sets the request's hash, and calls the cluster.
-pub(crate) struct Split<B> {
+pub struct Split<B> {
     inner: Arc<SplitInner<B>>,
 }
 
@@ -75,18 +122,11 @@ impl<B> Split<B> {
     }
 }
 
-type SplitFuture<B> = Either<Oneshot<ClusterService<B>, http::Request<B>>, Ready<Result<http::Response<ResponseBody>, Error>>>;
+/// Future of a [`Split`] call.
+pub type SplitFuture<B> = Either<ClusterFuture<B>, Ready<Result<http::Response<ResponseBody>, Error>>>;
 
-impl<B: RequestBody> tower::Service<http::Request<B>> for Split<B> {
-    type Response = http::Response<ResponseBody>;
-    type Error = Error;
-    type Future = SplitFuture<B>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> SplitFuture<B> {
+impl<B: RequestBody> Split<B> {
+    fn send(&self, mut request: http::Request<B>) -> SplitFuture<B> {
         let inner = &*self.inner;
         let chosen = match inner.clusters.as_slice() {
             [one] => one,
@@ -113,6 +153,20 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Split<B> {
         if let Some(hash) = route_hash(&inner.policies.hash, &request, inner.channel_id, &inner.seed) {
             request.extensions_mut().insert(RequestHash(hash));
         }
-        Either::Left(service.clone().oneshot(request))
+        Either::Left(service.send(request))
+    }
+}
+
+impl<B: RequestBody> tower::Service<http::Request<B>> for Split<B> {
+    type Response = http::Response<ResponseBody>;
+    type Error = Error;
+    type Future = SplitFuture<B>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> SplitFuture<B> {
+        self.send(request)
     }
 }

@@ -66,6 +66,27 @@ async fn a_table_swapped_while_calls_are_in_flight_takes_the_next_calls_and_the_
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_waiting_for_an_endpoint_of_a_replaced_cluster_still_gets_one() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::SlowConnect { connect: Duration::from_millis(500) });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1]));
+    publisher.publish(&[single_route("a", RoutePolicies::default())]);
+    let waiting = tokio::spawn({
+        let router = router.clone();
+        async move { call(&router, "/x").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher.cluster(&cluster("b", &[2]));
+    publisher.publish(&[single_route("b", RoutePolicies::default())]);
+    assert!(!publisher.has_cluster("a"), "nothing but the waiting call holds cluster a now");
+    let started = tokio::time::Instant::now();
+    assert_eq!(waiting.await.unwrap().unwrap(), addr(1), "the waiting call keeps its cluster running until it is served");
+    assert_eq!(started.elapsed(), Duration::from_millis(400), "it was served once the endpoint connected");
+}
+
+#[tokio::test(start_paused = true)]
 async fn routes_match_in_order_and_a_route_timeout_ends_the_call() {
     let net = FakeNet::default();
     net.set(addr(1), Peer::Up { delay: Duration::from_secs(5) });
