@@ -141,18 +141,30 @@ pub(crate) enum Pending {
 /// headers) or of a plain HTTP response (its status code; a non-200 answer to a gRPC request is one), `None`
 /// for a gRPC response whose status is still to come in its trailers.
 pub fn head(head: &http::response::Parts) -> Option<Outcome> {
-    match pending(head) {
+    match pending_of(head.status, &head.headers) {
+        Pending::Decided(outcome) => Some(outcome),
+        Pending::Trailers => None,
+    }
+}
+
+/// [`head`] of a whole response.
+pub fn head_of<T>(response: &http::Response<T>) -> Option<Outcome> {
+    match pending_of(response.status(), response.headers()) {
         Pending::Decided(outcome) => Some(outcome),
         Pending::Trailers => None,
     }
 }
 
 pub(crate) fn pending(head: &http::response::Parts) -> Pending {
-    let grpc = head.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !grpc || head.status != http::StatusCode::OK {
-        return Pending::Decided(Outcome::Http(head.status.as_u16()));
+    pending_of(head.status, &head.headers)
+}
+
+fn pending_of(status: http::StatusCode, headers: &http::HeaderMap) -> Pending {
+    let grpc = headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc || status != http::StatusCode::OK {
+        return Pending::Decided(Outcome::Http(status.as_u16()));
     }
-    match grpc_status(&head.headers) {
+    match grpc_status(headers) {
         Some(code) => Pending::Decided(Outcome::Grpc(code)),
         None => Pending::Trailers,
     }

@@ -5,12 +5,16 @@
 //! breaking, outlier detection, rate limits, fault injection, telemetry) to be
 //! added one module each.
 //!
-//! **What it does:** turns a changing set of [`mesh_core::Endpoint`]s into a
-//! `tower::Service<http::Request<B>>` that keeps one multiplexed HTTP/2
-//! connection per endpoint and spreads requests over the ready ones with any
-//! [`mesh_core::LbPolicy`]. Endpoints come and go without failing or dropping a
-//! request; a request that finds its connection gone is re-picked, and one a server
-//! refused unprocessed is resent (gRPC A6 transparent retry).
+//! **What it does:** routes each request by a table of routes
+//! ([`route::Router`]; per-route services from [`route::new_route`]) to
+//! per-cluster services ([`cluster::NewCluster`]) over a balancer
+//! ([`balance::Balancer`]): a changing set of [`mesh_core::Endpoint`]s, one
+//! multiplexed HTTP/2 connection per endpoint, requests spread over the ready
+//! ones with any [`mesh_core::LbPolicy`]. Endpoints come and go without failing
+//! or dropping a request; a request that finds its connection gone is re-picked,
+//! and one a server refused unprocessed is resent (gRPC A6 transparent retry).
+//! Each response is classified once ([`classify`]) and counted on its endpoint;
+//! every error maps to one gRPC code ([`Error::grpc_code`]).
 //!
 //! **What it does not do:** it knows nothing of gRPC or protobuf (that is
 //! `mesh-tonic`), nor of xDS (that is `xds-client`, which feeds a
@@ -39,6 +43,7 @@ pub mod connect;
 pub mod discover;
 mod error;
 pub mod replay;
+pub mod retry;
 pub mod route;
 #[cfg(test)]
 mod testing;

@@ -247,9 +247,110 @@ where
     }
 }
 
+/// What a resend needs of the call's head: method, URI, version and headers, the headers' names and values in
+/// one buffer, inline when small (a gRPC call's headers are a few dozen bytes). Cloning the `HeaderMap` instead
+/// costs two allocations, plus one per value not yet shared, on every call; this costs none for ordinary calls,
+/// and the map is rebuilt only for a resend (rare). Extensions stay behind: only this process reads them, and
+/// hyper does not send them.
+pub(crate) struct HeadCopy {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    /// Per header: name length (u16), name, value length (u32), value, sensitive (u8).
+    headers: Buffer,
+}
+
+/// Bytes held inline up to [`INLINE`], else on the heap.
+enum Buffer {
+    Inline(u8, [u8; INLINE]),
+    Heap(Vec<u8>),
+}
+
+/// Header bytes kept inside the call's own state.
+const INLINE: usize = 192;
+
+impl Buffer {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline(len, bytes) => &bytes[..usize::from(*len)],
+            Self::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl HeadCopy {
+    pub(crate) fn new(head: &http::request::Parts) -> Self {
+        let size: usize = head.headers.iter().map(|(n, v)| 7 + n.as_str().len() + v.len()).sum();
+        let mut heap = Vec::with_capacity(if size > INLINE { size } else { 0 });
+        let mut inline = [0u8; INLINE];
+        let mut at = 0;
+        let mut put = |bytes: &[u8]| match inline.get_mut(at..at + bytes.len()).filter(|_| size <= INLINE) {
+            Some(slot) => {
+                slot.copy_from_slice(bytes);
+                at += bytes.len();
+            }
+            None => heap.extend_from_slice(bytes),
+        };
+        for (name, value) in &head.headers {
+            // HTTP/2 header names are far below 64 KiB and values below 4 GiB (the peer's header list limit).
+            put(&(name.as_str().len() as u16).to_le_bytes());
+            put(name.as_str().as_bytes());
+            put(&(value.len() as u32).to_le_bytes());
+            put(value.as_bytes());
+            put(&[u8::from(value.is_sensitive())]);
+        }
+        let headers = if size <= INLINE { Buffer::Inline(size as u8, inline) } else { Buffer::Heap(heap) };
+        Self { method: head.method.clone(), uri: head.uri.clone(), version: head.version, headers }
+    }
+
+    /// The request to send again with `body`; `None` if the copy cannot be read back (it always can: it was
+    /// written from valid headers).
+    pub(crate) fn request<B>(&self, body: B) -> Option<http::Request<B>> {
+        let mut request = http::Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        let headers = request.headers_mut();
+        let mut rest = self.headers.bytes();
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_first_chunk::<2>()?;
+            let (name, tail) = tail.split_at_checked(usize::from(u16::from_le_bytes(*len)))?;
+            let (len, tail) = tail.split_first_chunk::<4>()?;
+            let (value, tail) = tail.split_at_checked(u32::from_le_bytes(*len) as usize)?;
+            let (sensitive, tail) = tail.split_first()?;
+            let mut value = http::HeaderValue::from_bytes(value).ok()?;
+            value.set_sensitive(*sensitive != 0);
+            headers.append(http::HeaderName::from_bytes(name).ok()?, value);
+            rest = tail;
+        }
+        Some(request)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_copy_gives_back_the_same_method_uri_and_headers_inline_or_not() {
+        for padding in [0, 500] {
+            let mut request = http::Request::post("http://greeter/pkg.Svc/Method").body(()).unwrap();
+            let headers = request.headers_mut();
+            headers.insert("te", http::HeaderValue::from_static("trailers"));
+            headers.append("x-many", http::HeaderValue::from_static("one"));
+            headers.append("x-many", http::HeaderValue::from_static("two"));
+            let mut secret = http::HeaderValue::from_str(&"s".repeat(padding + 1)).unwrap();
+            secret.set_sensitive(true);
+            headers.insert("authorization", secret);
+            let (head, ()) = request.into_parts();
+            let copy = HeadCopy::new(&head);
+            assert_eq!(matches!(copy.headers, Buffer::Inline(..)), padding == 0);
+            let again = copy.request(()).unwrap();
+            assert_eq!((again.method(), again.uri(), again.version()), (&head.method, &head.uri, head.version));
+            assert_eq!(again.headers(), &head.headers);
+            assert!(again.headers()["authorization"].is_sensitive());
+        }
+    }
     use http_body_util::{BodyExt, Full, StreamBody};
 
     fn chunks(parts: &[&'static [u8]]) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {

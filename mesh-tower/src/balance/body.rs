@@ -103,6 +103,16 @@ impl ResponseBody {
     }
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Dropped before its end: an outcome its head already decided (a trailers-only status, an HTTP error
+        // answer, which a retry drops unread) still counts; one still waiting for its trailers was cancelled.
+        if let (Some(in_flight), Pending::Decided(outcome)) = (self.in_flight.take(), self.pending) {
+            in_flight.0.record(outcome.is_failure());
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = Error;

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use mesh_core::LbPolicy;
 
 use super::body::{Counting, InFlight, ResponseBody};
-use super::{RequestBody, ServedBy, State, lock};
+use super::{PreviousAttempts, RequestBody, ServedBy, State, lock};
 use crate::classify::{self, Failure};
 use crate::connect::Connect;
-use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
+use crate::replay::{HeadCopy, ReplayBody};
 use crate::{Error, Result};
 
 /// How many times one call is resent transparently after a server refused it unprocessed. gRPC (A6) resends a
@@ -18,17 +18,19 @@ const MAX_RESENDS: u32 = 4;
 
 impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
     /// Sends one request: pick, send, re-pick when the connection was closed before the request was written,
-    /// resend when the server refused it unprocessed ([`refused`]), wait when nothing is ready.
-    pub(super) async fn call(self: Arc<Self>, request: http::Request<B>) -> Result<http::Response<ResponseBody>> {
+    /// resend when the server refused it unprocessed ([`refused`]), wait when nothing is ready. The body is
+    /// recorded by the caller ([`super::Balancer::send_replay`]).
+    pub(super) async fn call_replay(self: Arc<Self>, request: http::Request<ReplayBody<B>>) -> Result<http::Response<ResponseBody>> {
         let hash = self.request_hash(&request);
         let decay = match self.config.lb {
             LbPolicy::P2cEwma { decay, .. } => Some(decay),
             _ => None,
         };
-        // A body that records what it sends and a copy of the head, so a refused request can go again whole:
-        // hyper consumes the request it sends.
+        // The body records what it sends, and a copy of the head is kept, so a refused request can go again
+        // whole: hyper consumes the request it sends.
         let (head, body) = request.into_parts();
-        let body = ReplayBody::new(body, DEFAULT_REPLAY_LIMIT);
+        // Endpoints an earlier attempt of this call (a retry) went to: picked only when nothing else is ready.
+        let avoid = head.extensions.get::<PreviousAttempts>().map(|p| p.0.clone());
         let recorder = body.recorder();
         let copy = HeadCopy::new(&head);
         let mut request = http::Request::from_parts(head, body);
@@ -49,7 +51,17 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                         return Err(Error::Dropped { target: self.target.clone(), category: category.to_owned() });
                     }
                 }
-                self.pick(&snapshot, hash).cloned().ok_or((snapshot.all_failed, snapshot.endpoints.len()))
+                let mut picked = self.pick(&snapshot, hash);
+                if let Some(avoid) = &avoid {
+                    // Envoy's previous-hosts predicate: a few more draws, then take what the last one gave.
+                    for _ in 0..3 {
+                        match picked {
+                            Some(handle) if avoid.contains(&handle.addr()) => picked = self.pick(&snapshot, hash),
+                            _ => break,
+                        }
+                    }
+                }
+                picked.cloned().ok_or((snapshot.all_failed, snapshot.endpoints.len()))
             };
             let (all_failed, known) = match picked {
                 Ok(handle) => {
@@ -135,86 +147,6 @@ fn upstream<B>(handle: &super::handle::Handle<B>, error: hyper::Error) -> Error 
     Error::Upstream { addr: handle.addr(), failure, source: error.into() }
 }
 
-/// What a resend needs of the call's head: method, URI, version and headers, the headers' names and values in
-/// one buffer, inline when small (a gRPC call's headers are a few dozen bytes). Cloning the `HeaderMap` instead
-/// costs two allocations, plus one per value not yet shared, on every call; this costs none for ordinary calls,
-/// and the map is rebuilt only for a resend (rare). Extensions stay behind: only this process reads them, and
-/// hyper does not send them.
-struct HeadCopy {
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    /// Per header: name length (u16), name, value length (u32), value, sensitive (u8).
-    headers: Buffer,
-}
-
-/// Bytes held inline up to [`INLINE`], else on the heap.
-enum Buffer {
-    Inline(u8, [u8; INLINE]),
-    Heap(Vec<u8>),
-}
-
-/// Header bytes kept inside the call's own state.
-const INLINE: usize = 192;
-
-impl Buffer {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Self::Inline(len, bytes) => &bytes[..usize::from(*len)],
-            Self::Heap(bytes) => bytes,
-        }
-    }
-}
-
-impl HeadCopy {
-    fn new(head: &http::request::Parts) -> Self {
-        let size: usize = head.headers.iter().map(|(n, v)| 7 + n.as_str().len() + v.len()).sum();
-        let mut heap = Vec::with_capacity(if size > INLINE { size } else { 0 });
-        let mut inline = [0u8; INLINE];
-        let mut at = 0;
-        let mut put = |bytes: &[u8]| match inline.get_mut(at..at + bytes.len()).filter(|_| size <= INLINE) {
-            Some(slot) => {
-                slot.copy_from_slice(bytes);
-                at += bytes.len();
-            }
-            None => heap.extend_from_slice(bytes),
-        };
-        for (name, value) in &head.headers {
-            // HTTP/2 header names are far below 64 KiB and values below 4 GiB (the peer's header list limit).
-            put(&(name.as_str().len() as u16).to_le_bytes());
-            put(name.as_str().as_bytes());
-            put(&(value.len() as u32).to_le_bytes());
-            put(value.as_bytes());
-            put(&[u8::from(value.is_sensitive())]);
-        }
-        let headers = if size <= INLINE { Buffer::Inline(size as u8, inline) } else { Buffer::Heap(heap) };
-        Self { method: head.method.clone(), uri: head.uri.clone(), version: head.version, headers }
-    }
-
-    /// The request to send again with `body`; `None` if the copy cannot be read back (it always can: it was
-    /// written from valid headers).
-    fn request<B>(&self, body: B) -> Option<http::Request<B>> {
-        let mut request = http::Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        let headers = request.headers_mut();
-        let mut rest = self.headers.bytes();
-        while !rest.is_empty() {
-            let (len, tail) = rest.split_first_chunk::<2>()?;
-            let (name, tail) = tail.split_at_checked(usize::from(u16::from_le_bytes(*len)))?;
-            let (len, tail) = tail.split_first_chunk::<4>()?;
-            let (value, tail) = tail.split_at_checked(u32::from_le_bytes(*len) as usize)?;
-            let (sensitive, tail) = tail.split_first()?;
-            let mut value = http::HeaderValue::from_bytes(value).ok()?;
-            value.set_sensitive(*sensitive != 0);
-            headers.append(http::HeaderName::from_bytes(name).ok()?, value);
-            rest = tail;
-        }
-        Some(request)
-    }
-}
-
 /// How a server turned a request away before processing it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Refusal {
@@ -244,30 +176,4 @@ fn refused(error: &hyper::Error) -> Option<Refusal> {
         source = cause.source();
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_head_copy_gives_back_the_same_method_uri_and_headers_inline_or_not() {
-        for padding in [0, 500] {
-            let mut request = http::Request::post("http://greeter/pkg.Svc/Method").body(()).unwrap();
-            let headers = request.headers_mut();
-            headers.insert("te", http::HeaderValue::from_static("trailers"));
-            headers.append("x-many", http::HeaderValue::from_static("one"));
-            headers.append("x-many", http::HeaderValue::from_static("two"));
-            let mut secret = http::HeaderValue::from_str(&"s".repeat(padding + 1)).unwrap();
-            secret.set_sensitive(true);
-            headers.insert("authorization", secret);
-            let (head, ()) = request.into_parts();
-            let copy = HeadCopy::new(&head);
-            assert_eq!(matches!(copy.headers, Buffer::Inline(..)), padding == 0);
-            let again = copy.request(()).unwrap();
-            assert_eq!((again.method(), again.uri(), again.version()), (&head.method, &head.uri, head.version));
-            assert_eq!(again.headers(), &head.headers);
-            assert!(again.headers()["authorization"].is_sensitive());
-        }
-    }
 }

@@ -121,6 +121,11 @@ impl Default for BalancerConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RequestHash(pub u64);
 
+/// Request extension: the endpoints earlier attempts of this call went to (set by the retry layer). The
+/// balancer picks another endpoint when it can (Envoy's previous-hosts retry predicate: up to three more draws).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PreviousAttempts(pub Vec<SocketAddr>);
+
 /// Response extension naming the endpoint that served the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServedBy(pub SocketAddr);
@@ -164,13 +169,16 @@ impl<B, C: Connect> fmt::Debug for Balancer<B, C> {
 struct Inner<B, C: Connect> {
     /// Connections carry bodies that can be sent again (a refused request is resent transparently).
     state: Arc<State<ReplayBody<B>, C>>,
-    discovery: AbortHandle,
 }
 
-impl<B, C: Connect> Drop for Inner<B, C> {
+/// The balancer stops (its task, its endpoints' reconnects) when its state goes: when the last handle to it is
+/// dropped and the last call through it has ended, so a call never outlives the balancer serving it.
+impl<B, C> Drop for State<B, C> {
     fn drop(&mut self) {
-        self.discovery.abort();
-        for (_, handle) in std::mem::take(&mut *self.state.endpoints.lock().unwrap_or_else(|e| e.into_inner())).iter() {
+        if let Some(discovery) = self.discovery.get() {
+            discovery.abort();
+        }
+        for (_, handle) in std::mem::take(&mut *self.endpoints.lock().unwrap_or_else(|e| e.into_inner())).iter() {
             handle.stop();
         }
     }
@@ -209,6 +217,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             wrr: Mutex::new((u64::MAX, WeightedRoundRobin::new())),
             last_error: Mutex::new(None),
             assignment: Mutex::default(),
+            discovery: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&state);
         let republish = state.republish.clone();
@@ -248,7 +257,8 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             span,
         ))
         .abort_handle();
-        Self { inner: Arc::new(Inner { state, discovery }) }
+        let _ = state.discovery.set(discovery);
+        Self { inner: Arc::new(Inner { state }) }
     }
 
     /// The target this balancer serves.
@@ -283,12 +293,14 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
     /// keeps the balancer running until it ends, even if every handle to it is dropped meanwhile (a route table
     /// swapped while calls wait for an endpoint of the old one).
     pub fn send(&self, request: http::Request<B>) -> ResponseFuture {
-        let (inner, call) = (self.inner.clone(), self.inner.state.clone().call(request));
-        ResponseFuture::new(Box::pin(async move {
-            let response = call.await;
-            drop(inner);
-            response
-        }))
+        self.send_replay(request.map(|body| ReplayBody::new(body, crate::replay::DEFAULT_REPLAY_LIMIT)))
+    }
+
+    /// [`send`](Self::send) for a body already recorded for replay (the router records every call's once, for
+    /// retries and transparent resends alike).
+    pub fn send_replay(&self, request: http::Request<ReplayBody<B>>) -> ResponseFuture {
+        // The call holds the state, which keeps the balancer running until the call ends.
+        ResponseFuture::new(Box::pin(self.inner.state.clone().call_replay(request)))
     }
 
     /// The known endpoints and their connection state, sorted by address.
@@ -359,6 +371,8 @@ struct State<B, C> {
     tls: Option<Arc<TlsPolicy>>,
     /// What the latest whole-set change said beyond its endpoints. Written under the `endpoints` lock.
     assignment: Mutex<Arc<Assignment>>,
+    /// The discovery task, aborted when the state is dropped.
+    discovery: std::sync::OnceLock<AbortHandle>,
 }
 
 /// What an endpoint assignment (an EDS ClusterLoadAssignment) says beyond its endpoints.

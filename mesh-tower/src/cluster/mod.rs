@@ -19,6 +19,7 @@ use crate::balance::{Balancer, BalancerConfig, EndpointStatus, RequestBody, Resp
 use crate::connect::{Connect, TcpConnector};
 use crate::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
 use crate::discover::{self, BoxDiscover};
+use crate::replay::ReplayBody;
 use crate::{Error, Result};
 
 /// Everything a cluster's service is built from: plain data, compared whole.
@@ -118,19 +119,24 @@ impl<C: Connect> MakeConnect for SameConnector<C> {
 /// at the boundary, so layers can change without changing this type.
 pub struct ClusterService<B>(Kind<B>);
 
+/// Requests below the router: their bodies are recorded for replay (retries, transparent resends).
+type Request<B> = http::Request<ReplayBody<B>>;
+
+type Boxed<B> = BoxCloneSyncService<Request<B>, http::Response<ResponseBody>, Error>;
+
 enum Kind<B> {
     Balancer(Arc<dyn Leaf<B>>),
-    Layered(BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, Error>),
+    Layered(Boxed<B>),
 }
 
 /// A balancer with its connector type erased.
 trait Leaf<B>: Send + Sync {
-    fn send(&self, request: http::Request<B>) -> crate::balance::ResponseFuture;
+    fn send(&self, request: Request<B>) -> crate::balance::ResponseFuture;
 }
 
 impl<B: RequestBody, C: Connect> Leaf<B> for Balancer<B, C> {
-    fn send(&self, request: http::Request<B>) -> crate::balance::ResponseFuture {
-        Balancer::send(self, request)
+    fn send(&self, request: Request<B>) -> crate::balance::ResponseFuture {
+        Balancer::send_replay(self, request)
     }
 }
 
@@ -152,11 +158,8 @@ impl<B> fmt::Debug for ClusterService<B> {
     }
 }
 
-/// Future of a [`ClusterService`] call.
-pub type ClusterFuture<B> = futures_util::future::Either<
-    crate::balance::ResponseFuture,
-    tower::util::Oneshot<BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, Error>, http::Request<B>>,
->;
+/// Future of [`ClusterService::send`].
+pub type ClusterFuture<B> = futures_util::future::Either<crate::balance::ResponseFuture, tower::util::Oneshot<Boxed<B>, Request<B>>>;
 
 impl<B: RequestBody> ClusterService<B> {
     /// A cluster with no layers: calls go straight to `balancer`.
@@ -167,14 +170,14 @@ impl<B: RequestBody> ClusterService<B> {
     /// A cluster whose calls go through `service` (its layers over its balancer).
     pub fn layered<S>(service: S) -> Self
     where
-        S: tower::Service<http::Request<B>, Response = http::Response<ResponseBody>, Error = Error> + Clone + Send + Sync + 'static,
+        S: tower::Service<Request<B>, Response = http::Response<ResponseBody>, Error = Error> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
         Self(Kind::Layered(BoxCloneSyncService::new(service)))
     }
 
     /// Sends one request through the cluster (readiness included, for a layered one).
-    pub fn send(&self, request: http::Request<B>) -> ClusterFuture<B> {
+    pub fn send(&self, request: Request<B>) -> ClusterFuture<B> {
         use tower::ServiceExt;
         match &self.0 {
             Kind::Balancer(balancer) => futures_util::future::Either::Left(balancer.send(request)),
@@ -239,6 +242,29 @@ impl<B> Cluster<B> {
         endpoints.is_empty()
             || endpoints.iter().any(|e| e.state == ConnState::Ready)
             || endpoints.iter().all(|e| e.state == ConnState::TransientFailure)
+    }
+}
+
+impl<B: RequestBody> tower::Service<Request<B>> for ClusterService<B> {
+    type Response = http::Response<ResponseBody>;
+    type Error = Error;
+    type Future = futures_util::future::Either<
+        crate::balance::ResponseFuture,
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<http::Response<ResponseBody>>> + Send>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
+        match &mut self.0 {
+            Kind::Balancer(_) => std::task::Poll::Ready(Ok(())),
+            Kind::Layered(service) => service.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        match &mut self.0 {
+            Kind::Balancer(balancer) => futures_util::future::Either::Left(balancer.send(request)),
+            Kind::Layered(service) => futures_util::future::Either::Right(service.call(request)),
+        }
     }
 }
 

@@ -36,6 +36,7 @@ pub use service::{RouteFuture, RouteService, RouteTarget, Split, SplitFuture, ne
 use crate::Error;
 use crate::balance::{EndpointStatus, RequestBody, ResponseBody};
 use crate::cluster::{Cluster, ClusterTarget, Inspect, MakeConnect, NewCluster};
+use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
 
 /// What requests are routed with: built routes in order, and the clusters they call.
 pub struct Table<B> {
@@ -58,11 +59,20 @@ pub struct Router<B> {
     /// Longest wait for a first table.
     ready_timeout: Duration,
     table: watch::Receiver<Option<Arc<Table<B>>>>,
+    /// The latest table this clone has seen: a call checks for a newer one with one atomic load, instead of
+    /// taking the channel's lock and a reference count every call shares.
+    current: Option<Arc<Table<B>>>,
 }
 
 impl<B> Clone for Router<B> {
     fn clone(&self) -> Self {
-        Self { target: self.target.clone(), from: self.from.clone(), ready_timeout: self.ready_timeout, table: self.table.clone() }
+        Self {
+            target: self.target.clone(),
+            from: self.from.clone(),
+            ready_timeout: self.ready_timeout,
+            table: self.table.clone(),
+            current: self.current.clone(),
+        }
     }
 }
 
@@ -92,6 +102,8 @@ impl<B> Router<B> {
 
 impl<B: RequestBody> Router<B> {
     fn route(&self, table: &Table<B>, request: http::Request<B>) -> RouterFuture<B> {
+        // Recorded once per call, for the retries and transparent resends below.
+        let request = request.map(|body| ReplayBody::new(body, DEFAULT_REPLAY_LIMIT));
         let path = request.uri().path();
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
         let Some((_, service)) = table.routes.iter().find(|(matcher, _)| matcher.matches(path, header)) else {
@@ -115,9 +127,16 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
     }
 
     fn call(&mut self, request: http::Request<B>) -> RouterFuture<B> {
+        match self.table.has_changed() {
+            Ok(true) => self.current = self.table.borrow_and_update().clone(),
+            Ok(false) => {}
+            // The publisher is gone (a static target's publishes once): its last table stays.
+            Err(_) if self.current.is_none() => self.current = self.table.borrow().clone(),
+            Err(_) => {}
+        }
         // Fast path: a table is there (every call after the first config).
-        if let Some(table) = self.table.borrow().clone() {
-            return self.route(&table, request);
+        if let Some(table) = &self.current {
+            return self.route(table, request);
         }
         let this = self.clone();
         RouterFuture {
@@ -148,6 +167,8 @@ pub struct RouterFuture<B> {
     state: State<B>,
 }
 
+// `Routed` is every call's state; boxing it to shrink the rare ones would cost every call an allocation.
+#[allow(clippy::large_enum_variant)]
 enum State<B> {
     Routed(RouteFuture<B>),
     /// The first table has not arrived: the call waits for it.
@@ -228,7 +249,7 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
     ) -> (Self, Router<B>) {
         let (tx, table) = watch::channel(None);
         let target: Arc<str> = target.into();
-        let router = Router { target: target.clone(), from: from.into(), ready_timeout, table };
+        let router = Router { target: target.clone(), from: from.into(), ready_timeout, table, current: None };
         let publisher =
             Self { target, new_cluster, clusters: HashMap::new(), tx, wake, seed: Arc::default(), channel_id: hash::random_channel_id() };
         (publisher, router)

@@ -9,14 +9,18 @@ use futures_util::future::{Either, Ready, ready};
 use mesh_core::lb::{Random, SplitMix64};
 use mesh_core::policy::RoutePolicies;
 use tower::util::{BoxCloneSyncService, Oneshot};
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 use super::hash::route_hash;
 use crate::balance::{RequestBody, RequestHash, ResponseBody};
 use crate::cluster::{ClusterFuture, ClusterService};
+use crate::replay::ReplayBody;
 use crate::{BoxError, Error};
 
-type Boxed<B> = BoxCloneSyncService<http::Request<B>, http::Response<ResponseBody>, Error>;
+/// Requests below the router: their bodies are recorded for replay (retries, transparent resends).
+type Request<B> = http::Request<ReplayBody<B>>;
+
+type Boxed<B> = BoxCloneSyncService<Request<B>, http::Response<ResponseBody>, Error>;
 
 /// The per-route service. A route with no policy to apply is its split, called directly (no allocation per
 /// call); one with policies is its layers over the split, boxed at the boundary, so layers can change without
@@ -47,11 +51,11 @@ impl<B> fmt::Debug for RouteService<B> {
 }
 
 /// Future of a [`RouteService`] call.
-pub type RouteFuture<B> = Either<SplitFuture<B>, Oneshot<Boxed<B>, http::Request<B>>>;
+pub type RouteFuture<B> = Either<SplitFuture<B>, Oneshot<Boxed<B>, Request<B>>>;
 
 impl<B: RequestBody> RouteService<B> {
     /// Sends one request through the route (readiness included, for a layered one).
-    pub fn send(&self, request: http::Request<B>) -> RouteFuture<B> {
+    pub fn send(&self, request: Request<B>) -> RouteFuture<B> {
         match &self.0 {
             Kind::Split(split) => Either::Left(split.send(request)),
             Kind::Layered(service) => Either::Right(service.clone().oneshot(request)),
@@ -74,9 +78,17 @@ pub struct RouteTarget<B> {
 }
 
 /// Builds a route's service: its policies as layers, outermost first, over the split.
-pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
+pub fn new_route<B: RequestBody>(mut target: RouteTarget<B>) -> RouteService<B> {
+    // Per-attempt layers wrap each of the route's clusters, below the split: a call's cluster is drawn once and
+    // its retries stay in it (Envoy's and gRPC's order). One budget serves the route.
+    if let Some(policy) = &target.policies.retry {
+        let retry = crate::retry::RetryLayer::new(policy.clone());
+        for (_, _, service) in &mut target.clusters {
+            *service = service.take().map(|cluster| ClusterService::layered(retry.layer(cluster)));
+        }
+    }
     let timeout = target.policies.timeout;
-    // A route with nothing to layer calls its split directly.
+    // A route with nothing to layer above its split calls the split directly.
     let layered = timeout.is_some();
     let name = target.target.clone();
     let split = Split::new(target);
@@ -126,7 +138,7 @@ impl<B> Split<B> {
 pub type SplitFuture<B> = Either<ClusterFuture<B>, Ready<Result<http::Response<ResponseBody>, Error>>>;
 
 impl<B: RequestBody> Split<B> {
-    fn send(&self, mut request: http::Request<B>) -> SplitFuture<B> {
+    fn send(&self, mut request: Request<B>) -> SplitFuture<B> {
         let inner = &*self.inner;
         let chosen = match inner.clusters.as_slice() {
             [one] => one,
@@ -157,7 +169,7 @@ impl<B: RequestBody> Split<B> {
     }
 }
 
-impl<B: RequestBody> tower::Service<http::Request<B>> for Split<B> {
+impl<B: RequestBody> tower::Service<Request<B>> for Split<B> {
     type Response = http::Response<ResponseBody>;
     type Error = Error;
     type Future = SplitFuture<B>;
@@ -166,7 +178,7 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Split<B> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<B>) -> SplitFuture<B> {
+    fn call(&mut self, request: Request<B>) -> SplitFuture<B> {
         self.send(request)
     }
 }

@@ -187,3 +187,80 @@ async fn a_weighted_split_sends_each_cluster_its_share() {
     }
     assert!((400..600).contains(&on_one), "weight 1 of 4 takes a quarter of 2,000 calls: {on_one}");
 }
+
+fn with_retry(attempts: u32) -> RoutePolicies {
+    let retry = mesh_core::policy::RetryPolicy {
+        max_attempts: attempts,
+        retry_on: vec![mesh_core::GrpcCode::Unavailable],
+        ..mesh_core::policy::RetryPolicy::default()
+    };
+    RoutePolicies { retry: Some(retry), ..RoutePolicies::default() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_retry_policy_sends_a_failed_call_again_on_another_endpoint() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    let mut target = cluster("a", &[1, 2]);
+    target.balancer.lb = "round_robin".parse().unwrap();
+    publisher.cluster(&target);
+    publisher.publish(&[single_route("a", with_retry(2))]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    for _ in 0..20 {
+        assert_eq!(call(&router, "/x").await.unwrap(), addr(2), "a 503 (UNAVAILABLE) is retried on the other endpoint");
+    }
+    let failures: u32 = router.endpoints().iter().map(|e| e.failures).sum();
+    assert!(failures > 0, "the failing endpoint was tried, and its failures counted: {:?}", router.endpoints());
+
+    // Without a retry policy the same calls fail half the time.
+    publisher.publish(&[single_route("a", RoutePolicies::default())]);
+    let mut failed = 0;
+    for _ in 0..20 {
+        let response = router.clone().oneshot(http::Request::new(Empty::new())).await.unwrap();
+        if response.status() == http::StatusCode::SERVICE_UNAVAILABLE {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 10, "round robin sends every other call to the failing endpoint");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_stay_within_the_budget_when_every_endpoint_fails() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    net.set(addr(2), Peer::Failing);
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1, 2]));
+    publisher.publish(&[single_route("a", with_retry(5))]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let calls = 200;
+    for _ in 0..calls {
+        let response = router.clone().oneshot(http::Request::new(Empty::new())).await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE, "the last attempt's answer reaches the caller");
+    }
+    let attempts: u32 = router.endpoints().iter().map(|e| e.failures).sum();
+    // 20% of calls plus a floor of 10 retries per second over the (virtual) seconds the run took.
+    assert!(attempts > calls, "some calls were retried: {attempts}");
+    assert!(attempts <= calls + calls / 5 + 10 * 10, "retries stay within the budget: {attempts} attempts for {calls} calls");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_waits_a_full_jitter_backoff_capped_by_the_policy() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1]));
+    publisher.publish(&[single_route("a", with_retry(4))]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    for _ in 0..20 {
+        let started = tokio::time::Instant::now();
+        let response = router.clone().oneshot(http::Request::new(Empty::new())).await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        // Three backoffs: under 25, 50 and 100 ms (base 25 ms doubling, cap 250 ms).
+        assert!(started.elapsed() < Duration::from_millis(175), "{:?}", started.elapsed());
+    }
+    let attempts: u32 = router.endpoints().iter().map(|e| e.failures).sum();
+    assert_eq!(attempts, 80, "four attempts per call");
+}

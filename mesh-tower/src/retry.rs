@@ -1,0 +1,217 @@
+//! Retries: a call that failed with a retryable status is sent again, on another endpoint where one exists,
+//! after a backoff, within a budget.
+//!
+//! Semantics are gRPC's (A6) and Envoy's:
+//! - a call is retried when its response's head carries a gRPC status in the policy's `retry_on` (a
+//!   trailers-only response: a response with data is committed and never retried), or when it failed in the
+//!   stack with an error whose code is in `retry_on` (a lost connection, no ready endpoint). A call dropped by
+//!   the load balancer (`drop_overloads`) is never retried;
+//! - at most `max_attempts` attempts in all, the first included;
+//! - before attempt `n + 1`, a backoff drawn uniformly from `[0, min(max_backoff, base_backoff × 2^(n-1)))`
+//!   (full jitter; 25 ms base and 250 ms cap by default, as Envoy);
+//! - a server's `grpc-retry-pushback-ms` replaces the backoff; a negative or malformed one stops retries (A6);
+//! - each attempt prefers an endpoint no earlier attempt used ([`PreviousAttempts`]);
+//! - every retry withdraws from the route's budget (tower's `TpsBudget`: a share of recent calls plus a floor
+//!   per second, Linkerd's semantics), so a failing backend cannot turn calls into a retry storm;
+//! - the request body is replayed from what the stack recorded ([`crate::replay`]); a body past the replay
+//!   limit is not retried, and never sent twice in part.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use mesh_core::lb::{Random, SplitMix64};
+use mesh_core::policy::RetryPolicy;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::Error;
+use crate::balance::{PreviousAttempts, ResponseBody, ServedBy};
+use crate::classify::{self, Outcome};
+use crate::replay::{HeadCopy, ReplayBody};
+
+/// How long a retry budget remembers calls (Linkerd's default).
+const BUDGET_TTL: Duration = Duration::from_secs(10);
+/// Retries a budget allows per second whatever the call rate (Linkerd's default).
+const BUDGET_FLOOR_PER_SECOND: u32 = 10;
+
+/// What a retry layer counts, for the telemetry layer to export.
+#[derive(Debug, Default)]
+pub struct RetryStats {
+    /// Attempts after the first.
+    pub retries: AtomicU64,
+    /// Retries the budget refused.
+    pub budget_exhausted: AtomicU64,
+}
+
+/// A retry policy and its budget, shared by every call through it.
+#[derive(Clone)]
+pub struct RetryLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    policy: RetryPolicy,
+    budget: TpsBudget,
+    stats: Arc<RetryStats>,
+    seed: AtomicU64,
+}
+
+impl fmt::Debug for RetryLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayer").field("policy", &self.shared.policy).finish()
+    }
+}
+
+impl RetryLayer {
+    /// Retries under `policy`, with a budget of `policy.budget_ratio` of recent calls plus 10 per second.
+    pub fn new(policy: RetryPolicy) -> Self {
+        let ratio = policy.budget_ratio.clamp(0.0, 1000.0) as f32;
+        let budget = TpsBudget::new(BUDGET_TTL, BUDGET_FLOOR_PER_SECOND, ratio);
+        let shared = Shared { policy, budget, stats: Arc::default(), seed: AtomicU64::new(0x7e7) };
+        Self { shared: Arc::new(shared) }
+    }
+
+    /// What it has done so far.
+    pub fn stats(&self) -> Arc<RetryStats> {
+        self.shared.stats.clone()
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry { inner, shared: self.shared.clone() }
+    }
+}
+
+/// The retry service ([`RetryLayer`]).
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry").field("policy", &self.shared.policy).finish()
+    }
+}
+
+/// Whether an attempt's result asks for another attempt, and after what wait.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Final: hand the result to the caller.
+    Done,
+    /// Retry after the policy's backoff.
+    Backoff,
+    /// Retry after the server's pushback.
+    Pushback(Duration),
+}
+
+impl Shared {
+    fn verdict(&self, result: &Result<http::Response<ResponseBody>, Error>) -> Verdict {
+        let retryable = |code| self.policy.retry_on.contains(&code);
+        match result {
+            Ok(response) => {
+                let (code, headers) = match classify::head_of(response) {
+                    Some(Outcome::Grpc(code)) => (code, response.headers()),
+                    // A non-gRPC error answer (a proxy's 503) has the code gRPC's HTTP table gives it.
+                    Some(Outcome::Http(status)) if status >= 300 => (mesh_core::GrpcCode::from_http_status(status), response.headers()),
+                    _ => return Verdict::Done,
+                };
+                if !retryable(code) {
+                    return Verdict::Done;
+                }
+                match headers.get("grpc-retry-pushback-ms") {
+                    None => Verdict::Backoff,
+                    Some(value) => match std::str::from_utf8(value.as_bytes()).ok().and_then(|v| v.trim().parse::<i64>().ok()) {
+                        Some(ms) if ms >= 0 => Verdict::Pushback(Duration::from_millis(ms as u64)),
+                        // A6: a negative or malformed pushback means "do not retry".
+                        _ => Verdict::Done,
+                    },
+                }
+            }
+            Err(Error::Dropped { .. }) => Verdict::Done,
+            Err(error) if retryable(error.grpc_code()) => Verdict::Backoff,
+            Err(_) => Verdict::Done,
+        }
+    }
+
+    /// Full-jitter exponential backoff before attempt `attempt + 1` (`attempt` ≥ 1).
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.policy.base_backoff.as_secs_f64();
+        let cap = self.policy.max_backoff.as_secs_f64().max(base);
+        let ceiling = (base * 2f64.powi(attempt.saturating_sub(1).min(30) as i32)).min(cap);
+        let mut rng = SplitMix64::new(self.seed.fetch_add(1, Ordering::Relaxed));
+        let unit = rng.next_u64() as f64 / u64::MAX as f64;
+        Duration::from_secs_f64(ceiling * unit)
+    }
+}
+
+impl<S, B> Service<http::Request<ReplayBody<B>>> for Retry<S>
+where
+    S: Service<http::Request<ReplayBody<B>>, Response = http::Response<ResponseBody>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = http::Response<ResponseBody>;
+    type Error = Error;
+    type Future = BoxFuture<'static, Result<http::Response<ResponseBody>, Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReplayBody<B>>) -> Self::Future {
+        // The ready clone serves the first attempt; later ones take fresh clones and wait for readiness.
+        let fresh = self.inner.clone();
+        let first = std::mem::replace(&mut self.inner, fresh);
+        let (shared, retries) = (self.shared.clone(), self.inner.clone());
+        Box::pin(async move {
+            shared.budget.deposit();
+            let (head, body) = request.into_parts();
+            let recorder = body.recorder();
+            let copy = HeadCopy::new(&head);
+            let mut result = { first }.call(http::Request::from_parts(head, body)).await;
+            let mut previous: Vec<SocketAddr> = Vec::new();
+            for attempt in 1.. {
+                let wait = match shared.verdict(&result) {
+                    Verdict::Done => return result,
+                    Verdict::Backoff => shared.backoff(attempt),
+                    Verdict::Pushback(wait) => wait,
+                };
+                if attempt >= shared.policy.max_attempts {
+                    return result;
+                }
+                let Some(again) = recorder.try_clone().and_then(|body| copy.request(body)) else {
+                    // The body went past the replay limit: it cannot be sent again whole.
+                    return result;
+                };
+                if !shared.budget.withdraw() {
+                    shared.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(attempt, "retry budget exhausted; not retrying");
+                    return result;
+                }
+                match &result {
+                    Ok(response) => previous.extend(response.extensions().get::<ServedBy>().map(|s| s.0)),
+                    Err(Error::Upstream { addr, .. }) => previous.push(*addr),
+                    Err(_) => {}
+                }
+                drop(result);
+                shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(attempt, ?wait, "retrying");
+                tokio::time::sleep(wait).await;
+                let mut again = again;
+                again.extensions_mut().insert(PreviousAttempts(previous.clone()));
+                result = retries.clone().oneshot(again).await;
+            }
+            result
+        })
+    }
+}
