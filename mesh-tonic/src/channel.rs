@@ -279,7 +279,7 @@ enum Dispatch {
 
 /// Future of the service behind the queue: the router's, with its error mapped to a status and its body to
 /// tonic's errors.
-pub struct Call(RouterFuture<Body>);
+pub struct Call(RouterFuture);
 
 impl std::fmt::Debug for Call {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

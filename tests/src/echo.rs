@@ -29,12 +29,14 @@ pub struct Echo {
     reply: Bytes,
     delay: Duration,
     calls: Arc<AtomicU64>,
+    /// Per 100 calls, how many fail with UNAVAILABLE (spread evenly).
+    fail_percent: u64,
 }
 
 impl Echo {
     /// Replies `reply` after `delay`.
     pub fn new(reply: impl Into<Bytes>, delay: Duration) -> Self {
-        Self { reply: reply.into(), delay, calls: Arc::default() }
+        Self { reply: reply.into(), delay, calls: Arc::default(), fail_percent: 0 }
     }
 }
 
@@ -66,7 +68,11 @@ impl UnaryService<Bytes> for Handler {
     fn call(&mut self, _request: tonic::Request<Bytes>) -> Self::Future {
         let echo = self.0.clone();
         Box::pin(async move {
-            echo.calls.fetch_add(1, Ordering::Relaxed);
+            let n = echo.calls.fetch_add(1, Ordering::Relaxed);
+            // Calls n with (n × 37) mod 100 below the percentage fail: that share of every 100, spread out.
+            if (n * 37) % 100 < echo.fail_percent {
+                return Err(tonic::Status::unavailable("echo: failing on purpose"));
+            }
             if !echo.delay.is_zero() {
                 tokio::time::sleep(echo.delay).await;
             }
@@ -98,9 +104,18 @@ impl EchoServer {
 
     /// Starts a server on `addr` replying `reply` (its address when `None`).
     pub async fn start_with(addr: SocketAddr, delay: Duration, reply: Option<Bytes>) -> anyhow::Result<Self> {
+        Self::start_full(addr, delay, reply, 0).await
+    }
+
+    /// Starts a server on `127.0.0.1:0` that fails `percent` of its calls with UNAVAILABLE.
+    pub async fn start_failing(percent: u64) -> anyhow::Result<Self> {
+        Self::start_full("127.0.0.1:0".parse()?, Duration::ZERO, None, percent).await
+    }
+
+    async fn start_full(addr: SocketAddr, delay: Duration, reply: Option<Bytes>, fail_percent: u64) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let echo = Echo::new(reply.unwrap_or_else(|| addr.to_string().into()), delay);
+        let echo = Echo { fail_percent, ..Echo::new(reply.unwrap_or_else(|| addr.to_string().into()), delay) };
         let calls = echo.calls.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -341,3 +341,55 @@ fn meshctl_demo_runs_the_canary_and_follows_the_edits() {
     assert_eq!(backends.values().filter(|v| *v == "v1").count(), 2, "{summary}");
     assert_eq!(backends.values().filter(|v| *v == "v2").count(), 1, "{summary}");
 }
+
+/// A mesh file's retry policy reaches our client through mesh-control and is enforced: a backend failing 30% of
+/// its calls with UNAVAILABLE costs `meshctl call` and our channel no failed call, where without the policy
+/// about 15% fail (half the calls reach that backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_files_retry_policy_hides_a_backend_failing_30_percent() {
+    let flaky = EchoServer::start_failing(30).await.unwrap();
+    let healthy = EchoServer::start(Duration::ZERO).await.unwrap();
+    let dir = TempDir::new("retries").unwrap();
+    let file = dir.0.join("mesh.yaml");
+    let text = |retries: &str| {
+        format!(
+            "services:
+  greeter:
+    lb: round_robin
+    endpoints:
+      - {{ address: {a} }}
+      - {{ address: {b} }}
+{retries}",
+            a = flaky.addr,
+            b = healthy.addr,
+        )
+    };
+    std::fs::write(&file, text("")).unwrap();
+    let cp = MeshControl::start(&file, &dir.0).unwrap();
+    let channel = xds_channel(&cp, &[]);
+    let without = drive(&channel, 2000, 8, |_| {}).await;
+    let failed = without.failures.len() as f64 / 2000.0;
+    assert!((0.10..0.20).contains(&failed), "without retries about 15% fail: {failed:.3} ({} failures)", without.failures.len());
+
+    let tmp = dir.0.join("mesh.yaml.tmp");
+    std::fs::write(&tmp, text("    retries: { attempts: 3, on: [unavailable] }\n")).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    // The new route config reaches the channel: wait until a run of calls sees no failure.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let run = drive(&channel, 200, 8, |_| {}).await;
+        if run.failures.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the retry policy never arrived: {:?}", run.failures.first());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let with = drive(&channel, 2000, 8, |_| {}).await;
+    assert!(with.failures.len() < 20, "with retries under 1% fail: {} of 2000: {:?}", with.failures.len(), with.failures.first());
+    assert!(with.by_endpoint.get(&flaky.addr).copied().unwrap_or(0) > 500, "the flaky backend still serves: {:?}", with.by_endpoint);
+
+    let (_bootstrap_dir, bootstrap) = peers::write_bootstrap(cp.xds, &["xds_v3"]).unwrap();
+    // meshctl_xds_call asserts every one of its calls succeeded.
+    let summary = peers::meshctl_xds_call(&bootstrap, "xds:///greeter", METHOD, 2000).await;
+    assert_eq!(summary["ok"], 2000, "{summary}");
+}

@@ -158,8 +158,12 @@ impl<B> fmt::Debug for ClusterService<B> {
     }
 }
 
-/// Future of [`ClusterService::send`].
-pub type ClusterFuture<B> = futures_util::future::Either<crate::balance::ResponseFuture, tower::util::Oneshot<Boxed<B>, Request<B>>>;
+/// Future of a [`ClusterService`] call: the balancer's (one pointer), or a layered stack's, boxed, so the
+/// common case's future stays small as it moves through the queue and the caller's future.
+pub type ClusterFuture = futures_util::future::Either<
+    crate::balance::ResponseFuture,
+    futures_util::future::BoxFuture<'static, Result<http::Response<ResponseBody>>>,
+>;
 
 impl<B: RequestBody> ClusterService<B> {
     /// A cluster with no layers: calls go straight to `balancer`.
@@ -177,11 +181,11 @@ impl<B: RequestBody> ClusterService<B> {
     }
 
     /// Sends one request through the cluster (readiness included, for a layered one).
-    pub fn send(&self, request: Request<B>) -> ClusterFuture<B> {
+    pub fn send(&self, request: Request<B>) -> ClusterFuture {
         use tower::ServiceExt;
         match &self.0 {
             Kind::Balancer(balancer) => futures_util::future::Either::Left(balancer.send(request)),
-            Kind::Layered(service) => futures_util::future::Either::Right(service.clone().oneshot(request)),
+            Kind::Layered(service) => futures_util::future::Either::Right(Box::pin(service.clone().oneshot(request))),
         }
     }
 }
@@ -248,10 +252,7 @@ impl<B> Cluster<B> {
 impl<B: RequestBody> tower::Service<Request<B>> for ClusterService<B> {
     type Response = http::Response<ResponseBody>;
     type Error = Error;
-    type Future = futures_util::future::Either<
-        crate::balance::ResponseFuture,
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<http::Response<ResponseBody>>> + Send>>,
-    >;
+    type Future = ClusterFuture;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
         match &mut self.0 {

@@ -101,7 +101,7 @@ impl<B> Router<B> {
 }
 
 impl<B: RequestBody> Router<B> {
-    fn route(&self, table: &Table<B>, request: http::Request<B>) -> RouterFuture<B> {
+    fn route(&self, table: &Table<B>, request: http::Request<B>) -> RouterFuture {
         // Recorded once per call, for the retries and transparent resends below.
         let request = request.map(|body| ReplayBody::new(body, DEFAULT_REPLAY_LIMIT));
         let path = request.uri().path();
@@ -119,14 +119,14 @@ impl<B: RequestBody> Router<B> {
 impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
     type Response = http::Response<ResponseBody>;
     type Error = Error;
-    type Future = RouterFuture<B>;
+    type Future = RouterFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         // Waiting for a table happens per call, bounded by the ready timeout.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<B>) -> RouterFuture<B> {
+    fn call(&mut self, request: http::Request<B>) -> RouterFuture {
         match self.table.has_changed() {
             Ok(true) => self.current = self.table.borrow_and_update().clone(),
             Ok(false) => {}
@@ -163,32 +163,30 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
 type Response = Result<http::Response<ResponseBody>, Error>;
 
 /// Future of a [`Router`] call.
-pub struct RouterFuture<B> {
-    state: State<B>,
+pub struct RouterFuture {
+    state: State,
 }
 
-// `Routed` is every call's state; boxing it to shrink the rare ones would cost every call an allocation.
-#[allow(clippy::large_enum_variant)]
-enum State<B> {
-    Routed(RouteFuture<B>),
+enum State {
+    Routed(RouteFuture),
     /// The first table has not arrived: the call waits for it.
     Waiting(Pin<Box<dyn Future<Output = Response> + Send>>),
     Failed(Option<Error>),
 }
 
-impl<B> RouterFuture<B> {
+impl RouterFuture {
     fn failed(error: Error) -> Self {
         Self { state: State::Failed(Some(error)) }
     }
 }
 
-impl<B> fmt::Debug for RouterFuture<B> {
+impl fmt::Debug for RouterFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("RouterFuture")
     }
 }
 
-impl<B: RequestBody> Future for RouterFuture<B> {
+impl Future for RouterFuture {
     type Output = Response;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {

@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use futures_util::future::{Either, Ready, ready};
+use std::future::Future;
+use std::pin::Pin;
+
+use futures_util::future::{BoxFuture, Either};
 use mesh_core::lb::{Random, SplitMix64};
 use mesh_core::policy::RoutePolicies;
-use tower::util::{BoxCloneSyncService, Oneshot};
+use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
 use super::hash::route_hash;
@@ -51,14 +54,14 @@ impl<B> fmt::Debug for RouteService<B> {
 }
 
 /// Future of a [`RouteService`] call.
-pub type RouteFuture<B> = Either<SplitFuture<B>, Oneshot<Boxed<B>, Request<B>>>;
+pub type RouteFuture = Either<SplitFuture, BoxFuture<'static, Result<http::Response<ResponseBody>, Error>>>;
 
 impl<B: RequestBody> RouteService<B> {
     /// Sends one request through the route (readiness included, for a layered one).
-    pub fn send(&self, request: Request<B>) -> RouteFuture<B> {
+    pub fn send(&self, request: Request<B>) -> RouteFuture {
         match &self.0 {
             Kind::Split(split) => Either::Left(split.send(request)),
-            Kind::Layered(service) => Either::Right(service.clone().oneshot(request)),
+            Kind::Layered(service) => Either::Right(Box::pin(service.clone().oneshot(request))),
         }
     }
 }
@@ -135,10 +138,22 @@ impl<B> Split<B> {
 }
 
 /// Future of a [`Split`] call.
-pub type SplitFuture<B> = Either<ClusterFuture<B>, Ready<Result<http::Response<ResponseBody>, Error>>>;
+pub type SplitFuture = Either<ClusterFuture, Failed>;
+
+/// A call that failed before it left: its error, once.
+#[derive(Debug)]
+pub struct Failed(pub(crate) Option<Error>);
+
+impl Future for Failed {
+    type Output = Result<http::Response<ResponseBody>, Error>;
+
+    fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Err(self.get_mut().0.take().expect("a failed call polled after it completed")))
+    }
+}
 
 impl<B: RequestBody> Split<B> {
-    fn send(&self, mut request: Request<B>) -> SplitFuture<B> {
+    fn send(&self, mut request: Request<B>) -> SplitFuture {
         let inner = &*self.inner;
         let chosen = match inner.clusters.as_slice() {
             [one] => one,
@@ -153,14 +168,14 @@ impl<B: RequestBody> Split<B> {
                     Some(chosen) => chosen,
                     None => {
                         let path = request.uri().path().to_owned();
-                        return Either::Right(ready(Err(Error::NonForwarding { target: inner.target.to_string(), path })));
+                        return Either::Right(Failed(Some(Error::NonForwarding { target: inner.target.to_string(), path })));
                     }
                 }
             }
         };
         let (name, _, service) = chosen;
         let Some(service) = service else {
-            return Either::Right(ready(Err(Error::ClusterNotFound { target: inner.target.to_string(), cluster: name.clone() })));
+            return Either::Right(Failed(Some(Error::ClusterNotFound { target: inner.target.to_string(), cluster: name.clone() })));
         };
         if let Some(hash) = route_hash(&inner.policies.hash, &request, inner.channel_id, &inner.seed) {
             request.extensions_mut().insert(RequestHash(hash));
@@ -172,13 +187,13 @@ impl<B: RequestBody> Split<B> {
 impl<B: RequestBody> tower::Service<Request<B>> for Split<B> {
     type Response = http::Response<ResponseBody>;
     type Error = Error;
-    type Future = SplitFuture<B>;
+    type Future = SplitFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<B>) -> SplitFuture<B> {
+    fn call(&mut self, request: Request<B>) -> SplitFuture {
         self.send(request)
     }
 }
