@@ -108,6 +108,7 @@ async fn run(
     let _lds_forward = forward(&lds, &dirty_tx);
     let mut rds: Option<(String, Watch<RouteConfig>, AbortOnDrop)> = None;
     let mut clusters: HashMap<String, (Watch<ClusterResource>, AbortOnDrop)> = HashMap::new();
+    let mut unsupported = Unsupported::default();
     loop {
         // Listener → route config.
         let route_config: Option<RouteConfig> = match lds.value().map(|l| l.route.clone()) {
@@ -146,9 +147,11 @@ async fn run(
             }
             for (cluster_name, (cds, _)) in &clusters {
                 if let Some(cluster) = cds.value() {
+                    unsupported.cluster(cluster_name, &cluster.cluster);
                     publisher.cluster(&cluster_target(cluster_name, &cluster.cluster, &config));
                 }
             }
+            unsupported.routes(&name, routes);
             // A74: switch tables only when every named cluster is known (built, or gone from the server).
             let missing: Vec<&String> =
                 wanted.iter().filter(|c| !publisher.has_cluster(c) && clusters.get(*c).is_none_or(|(cds, _)| !is_gone(cds))).collect();
@@ -164,6 +167,49 @@ async fn run(
         }
         // Coalesce bursts.
         while dirty.try_recv().is_ok() {}
+    }
+}
+
+/// Says, once per change, which accepted policies this client does not enforce yet (the mesh's rule: config is
+/// enforced, NACKed, or logged as unsupported, never silently ignored).
+#[derive(Default)]
+struct Unsupported {
+    clusters: HashMap<String, Vec<&'static str>>,
+    routes: Vec<&'static str>,
+}
+
+impl Unsupported {
+    fn cluster(&mut self, name: &str, cluster: &mesh_core::Cluster) {
+        let policies = &cluster.policies;
+        let mut missing = Vec::new();
+        if policies.circuit_breakers != mesh_core::policy::CircuitBreakers::default() {
+            missing.push("circuit_breakers");
+        }
+        if policies.outlier_detection.is_some() {
+            missing.push("outlier_detection");
+        }
+        if policies.rate_limit.is_some() {
+            missing.push("rate_limit");
+        }
+        if self.clusters.get(name) != Some(&missing) {
+            if !missing.is_empty() {
+                tracing::warn!(cluster = name, unsupported = ?missing, "cluster policies accepted but not enforced by this client yet");
+            }
+            self.clusters.insert(name.to_owned(), missing);
+        }
+    }
+
+    fn routes(&mut self, target: &str, routes: &[Route]) {
+        let mut missing = Vec::new();
+        if routes.iter().any(|r| r.policies.fault.is_some()) {
+            missing.push("fault");
+        }
+        if self.routes != missing {
+            if !missing.is_empty() {
+                tracing::warn!(target_name = target, unsupported = ?missing, "route policies accepted but not enforced by this client yet");
+            }
+            self.routes = missing;
+        }
     }
 }
 

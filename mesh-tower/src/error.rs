@@ -63,6 +63,12 @@ pub enum Error {
         /// The route's timeout.
         limit: Duration,
     },
+    /// One attempt of a retried call ran past the route's per-try timeout.
+    #[error("attempt exceeded the per-try timeout of {limit:?}")]
+    AttemptTimeout {
+        /// The per-try timeout.
+        limit: Duration,
+    },
     /// No endpoint became ready before the wait ended.
     #[error("no ready endpoint for {target} after waiting {waited:?} ({known} endpoints known)")]
     NoReadyEndpoint {
@@ -149,7 +155,7 @@ impl Error {
     pub fn grpc_code(&self) -> GrpcCode {
         match self {
             Self::InvalidTarget { .. } => GrpcCode::InvalidArgument,
-            Self::RouteTimeout { .. } => GrpcCode::DeadlineExceeded,
+            Self::RouteTimeout { .. } | Self::AttemptTimeout { .. } => GrpcCode::DeadlineExceeded,
             Self::Upstream { failure, .. } => failure.grpc_code(),
             Self::NoConfig { .. }
             | Self::NoRoute { .. }

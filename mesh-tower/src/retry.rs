@@ -6,7 +6,8 @@
 //!   trailers-only response: a response with data is committed and never retried), or when it failed in the
 //!   stack with an error whose code is in `retry_on` (a lost connection, no ready endpoint). A call dropped by
 //!   the load balancer (`drop_overloads`) is never retried;
-//! - at most `max_attempts` attempts in all, the first included;
+//! - at most `max_attempts` attempts in all, the first included; each bounded by `per_try_timeout` when set,
+//!   and an attempt that timeout ends is retried (Envoy's per-try timeout; gRPC has none);
 //! - before attempt `n + 1`, a backoff drawn uniformly from `[0, min(max_backoff, base_backoff × 2^(n-1)))`
 //!   (full jitter; 25 ms base and 250 ms cap by default, as Envoy);
 //! - a server's `grpc-retry-pushback-ms` replaces the backoff; a negative or malformed one stops retries (A6);
@@ -138,6 +139,8 @@ impl Shared {
                 }
             }
             Err(Error::Dropped { .. }) => Verdict::Done,
+            // An attempt the per-try timeout ended is what that timeout is for: it is retried (Envoy).
+            Err(Error::AttemptTimeout { .. }) => Verdict::Backoff,
             Err(error) if retryable(error.grpc_code()) => Verdict::Backoff,
             Err(_) => Verdict::Done,
         }
@@ -178,7 +181,8 @@ where
             let (head, body) = request.into_parts();
             let recorder = body.recorder();
             let copy = HeadCopy::new(&head);
-            let mut result = { first }.call(http::Request::from_parts(head, body)).await;
+            let per_try = shared.policy.per_try_timeout;
+            let mut result = within(per_try, { first }.call(http::Request::from_parts(head, body))).await;
             let mut previous: Vec<SocketAddr> = Vec::new();
             for attempt in 1.. {
                 let wait = match shared.verdict(&result) {
@@ -209,9 +213,20 @@ where
                 tokio::time::sleep(wait).await;
                 let mut again = again;
                 again.extensions_mut().insert(PreviousAttempts(previous.clone()));
-                result = retries.clone().oneshot(again).await;
+                result = within(per_try, retries.clone().oneshot(again)).await;
             }
             result
         })
+    }
+}
+
+/// One attempt, ended by the per-try timeout when there is one.
+async fn within<F>(limit: Option<Duration>, attempt: F) -> Result<http::Response<ResponseBody>, Error>
+where
+    F: std::future::Future<Output = Result<http::Response<ResponseBody>, Error>>,
+{
+    match limit {
+        None => attempt.await,
+        Some(limit) => tokio::time::timeout(limit, attempt).await.unwrap_or(Err(Error::AttemptTimeout { limit })),
     }
 }

@@ -264,3 +264,39 @@ async fn a_retry_waits_a_full_jitter_backoff_capped_by_the_policy() {
     let attempts: u32 = router.endpoints().iter().map(|e| e.failures).sum();
     assert_eq!(attempts, 80, "four attempts per call");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_per_try_timeout_ends_a_slow_attempt_and_the_retry_goes_elsewhere() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::from_secs(5) });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    let mut target = cluster("a", &[1, 2]);
+    target.balancer.lb = "round_robin".parse().unwrap();
+    publisher.cluster(&target);
+    let mut policies = with_retry(2);
+    if let Some(retry) = policies.retry.as_mut() {
+        retry.per_try_timeout = Some(Duration::from_millis(200));
+    }
+    publisher.publish(&[single_route("a", policies)]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    for _ in 0..6 {
+        let started = tokio::time::Instant::now();
+        assert_eq!(call(&router, "/x").await.unwrap(), addr(2), "the slow endpoint's attempt was cut and retried");
+        assert!(started.elapsed() < Duration::from_millis(300), "at most one per-try timeout and a backoff: {:?}", started.elapsed());
+    }
+    // With one attempt only, the per-try timeout is the call's end.
+    let mut single = with_retry(1);
+    if let Some(retry) = single.retry.as_mut() {
+        retry.per_try_timeout = Some(Duration::from_millis(200));
+    }
+    publisher.publish(&[single_route("a", single)]);
+    let mut timed_out = 0;
+    for _ in 0..4 {
+        if let Err(Error::AttemptTimeout { limit }) = call(&router, "/x").await {
+            assert_eq!(limit, Duration::from_millis(200));
+            timed_out += 1;
+        }
+    }
+    assert_eq!(timed_out, 2, "every other call hits the slow endpoint");
+}
