@@ -202,7 +202,7 @@ impl ChannelBuilder {
         let authority = authority
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("authority {authority:?}: {e}") })?;
-        let cluster = ClusterTarget { name: self.target.clone(), balancer: self.config.clone(), source };
+        let cluster = ClusterTarget { name: self.target.clone(), balancer: self.config.clone(), source, breakers: Default::default() };
         let new_cluster = NewCluster::new(discovery, MakeTcp);
         let (mut publisher, router) = Publisher::new(&self.target, "the target", self.config.ready_timeout, new_cluster, None);
         publisher.cluster(&cluster);

@@ -91,7 +91,7 @@ fn cluster_target(name: &str, cluster: &mesh_core::Cluster, channel: &BalancerCo
             Source::Dns { server: None, query: DnsQuery::Host { name: host.clone(), port: *port }, config: DnsConfig::default() }
         }
     };
-    ClusterTarget { name: name.to_owned(), balancer, source }
+    ClusterTarget { name: name.to_owned(), balancer, source, breakers: cluster.policies.circuit_breakers.clone() }
 }
 
 /// Follows the target's listener, route config and clusters, and publishes a table whenever they change.
@@ -182,8 +182,12 @@ impl Unsupported {
     fn cluster(&mut self, name: &str, cluster: &mesh_core::Cluster) {
         let policies = &cluster.policies;
         let mut missing = Vec::new();
-        if policies.circuit_breakers != mesh_core::policy::CircuitBreakers::default() {
-            missing.push("circuit_breakers");
+        let (breakers, defaults) = (&policies.circuit_breakers, mesh_core::policy::CircuitBreakers::default());
+        // `max_requests` is enforced (mesh_tower::breaker); the other thresholds are not yet.
+        if (breakers.max_connections, breakers.max_pending_requests, breakers.max_retries)
+            != (defaults.max_connections, defaults.max_pending_requests, defaults.max_retries)
+        {
+            missing.push("circuit_breakers (max_connections, max_pending_requests, max_retries)");
         }
         if policies.outlier_detection.is_some() {
             missing.push("outlier_detection");

@@ -63,6 +63,14 @@ pub enum Error {
         /// The route's timeout.
         limit: Duration,
     },
+    /// The cluster's circuit breaker turned the call away: `limit` calls were already in flight. Never retried.
+    #[error("cluster {cluster} is at its limit of {limit} requests in flight (circuit breaker)")]
+    Overflow {
+        /// The cluster.
+        cluster: String,
+        /// Its `max_requests`.
+        limit: u32,
+    },
     /// One attempt of a retried call ran past the route's per-try timeout.
     #[error("attempt exceeded the per-try timeout of {limit:?}")]
     AttemptTimeout {
@@ -167,6 +175,7 @@ impl Error {
             | Self::Handshake { .. }
             | Self::Dropped { .. }
             | Self::Layer { .. }
+            | Self::Overflow { .. }
             | Self::Dns { .. } => GrpcCode::Unavailable,
         }
     }

@@ -37,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod breaker;
 pub mod classify;
 pub mod cluster;
 pub mod connect;

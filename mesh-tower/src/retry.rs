@@ -5,7 +5,7 @@
 //! - a call is retried when its response's head carries a gRPC status in the policy's `retry_on` (a
 //!   trailers-only response: a response with data is committed and never retried), or when it failed in the
 //!   stack with an error whose code is in `retry_on` (a lost connection, no ready endpoint). A call dropped by
-//!   the load balancer (`drop_overloads`) is never retried;
+//!   the load balancer (`drop_overloads`) or turned away by a circuit breaker is never retried;
 //! - at most `max_attempts` attempts in all, the first included; each bounded by `per_try_timeout` when set,
 //!   and an attempt that timeout ends is retried (Envoy's per-try timeout; gRPC has none);
 //! - before attempt `n + 1`, a backoff drawn uniformly from `[0, min(max_backoff, base_backoff × 2^(n-1)))`
@@ -138,7 +138,7 @@ impl Shared {
                     },
                 }
             }
-            Err(Error::Dropped { .. }) => Verdict::Done,
+            Err(Error::Dropped { .. } | Error::Overflow { .. }) => Verdict::Done,
             // An attempt the per-try timeout ended is what that timeout is for: it is retried (Envoy).
             Err(Error::AttemptTimeout { .. }) => Verdict::Backoff,
             Err(error) if retryable(error.grpc_code()) => Verdict::Backoff,

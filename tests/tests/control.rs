@@ -393,3 +393,37 @@ async fn the_mesh_files_retry_policy_hides_a_backend_failing_30_percent() {
     let summary = peers::meshctl_xds_call(&bootstrap, "xds:///greeter", METHOD, 2000).await;
     assert_eq!(summary["ok"], 2000, "{summary}");
 }
+
+/// A mesh file's `circuit_breakers.max_requests` reaches our client through mesh-control (CDS thresholds) and
+/// is enforced: calls over the limit fail at once with UNAVAILABLE naming the cluster, and never reach the
+/// backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_files_max_requests_fails_the_overflow_at_once() {
+    let slow = EchoServer::start(Duration::from_millis(500)).await.unwrap();
+    let dir = TempDir::new("breaker").unwrap();
+    let file = dir.0.join("mesh.yaml");
+    let text = format!(
+        "services:
+  greeter:
+    endpoints:
+      - {{ address: {a} }}
+    circuit_breakers: {{ max_requests: 4 }}
+",
+        a = slow.addr
+    );
+    std::fs::write(&file, text).unwrap();
+    let cp = MeshControl::start(&file, &dir.0).unwrap();
+    let channel = xds_channel(&cp, &[]);
+    // One call first, so the channel has its config and a connection.
+    drive(&channel, 1, 1, |_| {}).await;
+    let started = Instant::now();
+    let run = drive(&channel, 16, 16, |_| {}).await;
+    assert!(started.elapsed() < Duration::from_millis(1500), "the overflow did not wait: {:?}", started.elapsed());
+    assert!(run.failures.len() >= 10, "16 calls at once against a limit of 4: {:?}", run.failures);
+    for failure in &run.failures {
+        assert!(failure.contains("Unavailable") && failure.contains("circuit breaker") && failure.contains("greeter"), "{failure}");
+    }
+    let served: u64 = run.by_endpoint.values().sum();
+    assert!((4..=6).contains(&served), "about the limit got through: {served}");
+    assert_eq!(slow.calls(), 1 + served, "the overflow never reached the backend");
+}

@@ -77,6 +77,8 @@ pub struct ResponseBody {
     /// What the head decided, or that the trailers will; the final outcome once the body has ended.
     pending: Pending,
     outcome: Option<Outcome>,
+    /// Released when the body ends: a layer's hold on the call (a circuit breaker's place).
+    hold: Option<Box<dyn Send + Sync>>,
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -87,7 +89,7 @@ impl std::fmt::Debug for ResponseBody {
 
 impl ResponseBody {
     pub(super) fn new(inner: Incoming, pending: Pending, addr: SocketAddr, in_flight: InFlight) -> Self {
-        Self { inner, in_flight: Some(in_flight), addr, pending, outcome: None }
+        Self { inner, in_flight: Some(in_flight), addr, pending, outcome: None, hold: None }
     }
 
     /// What became of the call, once the body has ended (`None` before, and for a body dropped unread).
@@ -95,7 +97,14 @@ impl ResponseBody {
         self.outcome
     }
 
+    /// This body, releasing `hold` when it ends or is dropped.
+    pub fn holding(mut self, hold: Box<dyn Send + Sync>) -> Self {
+        self.hold = Some(hold);
+        self
+    }
+
     fn finish(&mut self, outcome: Outcome) {
+        self.hold = None;
         if let Some(in_flight) = self.in_flight.take() {
             in_flight.0.record(outcome.is_failure());
         }

@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use mesh_core::Endpoint;
+use mesh_core::policy::CircuitBreakers;
 use tokio::sync::watch;
 use tower::util::BoxCloneSyncService;
 
 use crate::balance::{Balancer, BalancerConfig, EndpointStatus, RequestBody, ResponseBody};
+use crate::breaker::BreakerLayer;
 use crate::connect::{Connect, TcpConnector};
 use crate::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
 use crate::discover::{self, BoxDiscover};
@@ -31,6 +33,8 @@ pub struct ClusterTarget {
     pub balancer: BalancerConfig,
     /// Where its endpoints come from.
     pub source: Source,
+    /// Circuit-breaker thresholds (`max_requests` is enforced; see [`crate::breaker`]).
+    pub breakers: CircuitBreakers,
 }
 
 /// Where a cluster's endpoints come from.
@@ -297,9 +301,19 @@ impl<M: MakeConnect> NewCluster<M> {
         let connector = self.make_connect.make_connect(target);
         let balancer = Balancer::with_connector(target.name.clone(), discover, target.balancer.clone(), connector);
         // Per-cluster layers go here, outermost first (issue 15: breaker, concurrency limit, outlier detection):
-        // a cluster with a policy to apply is `ClusterService::layered(ServiceBuilder::new().layer(..)
-        // .service(balancer))`; one without calls its balancer directly.
-        let service = ClusterService::balancer(balancer.clone());
+        // a cluster with a policy to apply is layered; one without calls its balancer directly. The breaker is
+        // installed when the cluster sets `max_requests` below Envoy's default (1024): at the default it costs
+        // every call a box and two shared atomics, and a single client process rarely holds 1024 calls.
+        let max_requests = target.breakers.max_requests;
+        let service = if max_requests < CircuitBreakers::default().max_requests {
+            ClusterService::layered(
+                tower::ServiceBuilder::new()
+                    .layer(BreakerLayer::new(&target.name, max_requests))
+                    .service(ClusterService::balancer(balancer.clone())),
+            )
+        } else {
+            ClusterService::balancer(balancer.clone())
+        };
         let cluster = Cluster { service, inspect: Arc::new(balancer) };
         match failed {
             None => Ok(cluster),

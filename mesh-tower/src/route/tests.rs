@@ -28,6 +28,7 @@ fn cluster(name: &str, ports: &[u16]) -> ClusterTarget {
         name: name.to_owned(),
         balancer: BalancerConfig::default(),
         source: Source::Static(ports.iter().map(|&p| Endpoint::new(addr(p))).collect()),
+        breakers: Default::default(),
     }
 }
 
@@ -299,4 +300,34 @@ async fn a_per_try_timeout_ends_a_slow_attempt_and_the_retry_goes_elsewhere() {
         }
     }
     assert_eq!(timed_out, 2, "every other call hits the slow endpoint");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_circuit_breaker_fails_calls_over_max_requests_at_once_and_frees_places_as_calls_end() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::from_secs(1) });
+    let (mut publisher, router) = publisher(&net);
+    let mut target = cluster("a", &[1]);
+    target.breakers.max_requests = 2;
+    publisher.cluster(&target);
+    // Retries on UNAVAILABLE would not hide an overflow: it is never retried.
+    publisher.publish(&[single_route("a", with_retry(3))]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let router = router.clone();
+            tokio::spawn(async move { call(&router, "/x").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    let overflow = call(&router, "/x").await.unwrap_err();
+    assert!(matches!(&overflow, Error::Overflow { cluster, limit: 2 } if cluster == "a"), "{overflow}");
+    assert_eq!(started.elapsed(), Duration::ZERO, "the overflow fails at once");
+    assert_eq!(overflow.grpc_code(), mesh_core::GrpcCode::Unavailable);
+    for call in held {
+        assert_eq!(call.await.unwrap().unwrap(), addr(1));
+    }
+    assert_eq!(call(&router, "/x").await.unwrap(), addr(1), "places free as calls end");
+    assert_eq!(net.served.load(std::sync::atomic::Ordering::SeqCst), 3, "the overflow never reached the server");
 }
