@@ -71,6 +71,14 @@ pub enum Error {
         /// Its `max_requests`.
         limit: u32,
     },
+    /// The caller's deadline (its `grpc-timeout`) ran out.
+    #[error("{target}: call exceeded its deadline (grpc-timeout {limit:?})")]
+    Deadline {
+        /// The target being called.
+        target: String,
+        /// The caller's timeout.
+        limit: Duration,
+    },
     /// One attempt of a retried call ran past the route's per-try timeout.
     #[error("attempt exceeded the per-try timeout of {limit:?}")]
     AttemptTimeout {
@@ -163,7 +171,7 @@ impl Error {
     pub fn grpc_code(&self) -> GrpcCode {
         match self {
             Self::InvalidTarget { .. } => GrpcCode::InvalidArgument,
-            Self::RouteTimeout { .. } | Self::AttemptTimeout { .. } => GrpcCode::DeadlineExceeded,
+            Self::RouteTimeout { .. } | Self::AttemptTimeout { .. } | Self::Deadline { .. } => GrpcCode::DeadlineExceeded,
             Self::Upstream { failure, .. } => failure.grpc_code(),
             Self::NoConfig { .. }
             | Self::NoRoute { .. }

@@ -41,6 +41,7 @@ pub mod breaker;
 pub mod classify;
 pub mod cluster;
 pub mod connect;
+pub mod deadline;
 pub mod discover;
 mod error;
 pub mod replay;

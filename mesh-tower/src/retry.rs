@@ -33,6 +33,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::Error;
 use crate::balance::{PreviousAttempts, ResponseBody, ServedBy};
 use crate::classify::{self, Outcome};
+use crate::deadline::Deadline;
 use crate::replay::{HeadCopy, ReplayBody};
 
 /// How long a retry budget remembers calls (Linkerd's default).
@@ -138,7 +139,7 @@ impl Shared {
                     },
                 }
             }
-            Err(Error::Dropped { .. } | Error::Overflow { .. }) => Verdict::Done,
+            Err(Error::Dropped { .. } | Error::Overflow { .. } | Error::Deadline { .. }) => Verdict::Done,
             // An attempt the per-try timeout ended is what that timeout is for: it is retried (Envoy).
             Err(Error::AttemptTimeout { .. }) => Verdict::Backoff,
             Err(error) if retryable(error.grpc_code()) => Verdict::Backoff,
@@ -179,6 +180,7 @@ where
         Box::pin(async move {
             shared.budget.deposit();
             let (head, body) = request.into_parts();
+            let deadline = head.extensions.get::<Deadline>().copied();
             let recorder = body.recorder();
             let copy = HeadCopy::new(&head);
             let per_try = shared.policy.per_try_timeout;
@@ -213,6 +215,16 @@ where
                 tokio::time::sleep(wait).await;
                 let mut again = again;
                 again.extensions_mut().insert(PreviousAttempts(previous.clone()));
+                if let Some(deadline) = deadline {
+                    // The server gets the caller's remaining time; none left means no attempt (the router's
+                    // deadline is about to end the call anyway).
+                    let left = deadline.0.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::AttemptTimeout { limit: Duration::ZERO });
+                    }
+                    again.headers_mut().insert(crate::deadline::GRPC_TIMEOUT, crate::deadline::format(left));
+                    again.extensions_mut().insert(deadline);
+                }
                 result = within(per_try, retries.clone().oneshot(again)).await;
             }
             result

@@ -41,6 +41,8 @@ pub(crate) struct FakeNet {
     pub(crate) served: Arc<AtomicU32>,
     /// The identity each address's connections prove (none when absent).
     pub(crate) identities: Arc<Mutex<HashMap<SocketAddr, PeerIdentity>>>,
+    /// The `grpc-timeout` of every request a server received, in order (`None`: it had none).
+    pub(crate) timeouts: Arc<Mutex<Vec<Option<Duration>>>>,
     /// The server side of each address's open connections.
     servers: Arc<Mutex<HashMap<SocketAddr, Vec<tokio::task::AbortHandle>>>>,
 }
@@ -105,6 +107,7 @@ impl Connect for FakeNet {
         let served = self.served.clone();
         let identity = self.identities.lock().unwrap().get(&addr).cloned();
         let servers = self.servers.clone();
+        let timeouts = self.timeouts.clone();
         Box::pin(async move {
             let (delay, status) = match peer {
                 Peer::Down => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "fake: refused")),
@@ -116,7 +119,9 @@ impl Connect for FakeNet {
                 }
             };
             let (client, server) = tokio::io::duplex(64 * 1024);
-            let service = service_fn(move |_request: http::Request<hyper::body::Incoming>| {
+            let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let timeout = request.headers().get(crate::deadline::GRPC_TIMEOUT).and_then(|v| crate::deadline::parse(v.as_bytes()));
+                timeouts.lock().unwrap().push(timeout);
                 let served = served.clone();
                 async move {
                     tokio::time::sleep(delay).await;

@@ -36,6 +36,7 @@ pub use service::{RouteFuture, RouteService, RouteTarget, Split, SplitFuture, ne
 use crate::Error;
 use crate::balance::{EndpointStatus, RequestBody, ResponseBody};
 use crate::cluster::{Cluster, ClusterTarget, Inspect, MakeConnect, NewCluster};
+use crate::deadline::{self, Deadline};
 use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
 
 /// What requests are routed with: built routes in order, and the clusters they call.
@@ -112,7 +113,19 @@ impl<B: RequestBody> Router<B> {
         let Some(service) = service else {
             return RouterFuture::failed(Error::NonForwarding { target: self.target.to_string(), path: path.to_owned() });
         };
-        RouterFuture { state: State::Routed(service.send(request)) }
+        // The caller's own deadline, when it sent one: the call ends there, and retries send what is left.
+        let limit = request.headers().get(deadline::GRPC_TIMEOUT).and_then(|v| deadline::parse(v.as_bytes()));
+        let Some(limit) = limit else {
+            return RouterFuture { state: State::Routed(service.send(request)) };
+        };
+        let mut request = request;
+        request.extensions_mut().insert(Deadline(tokio::time::Instant::now() + limit));
+        let (call, target) = (service.send(request), self.target.clone());
+        RouterFuture {
+            state: State::Waiting(Box::pin(async move {
+                tokio::time::timeout(limit, call).await.unwrap_or_else(|_| Err(Error::Deadline { target: target.to_string(), limit }))
+            })),
+        }
     }
 }
 
@@ -169,7 +182,7 @@ pub struct RouterFuture {
 
 enum State {
     Routed(RouteFuture),
-    /// The first table has not arrived: the call waits for it.
+    /// The first table has not arrived and the call waits for it, or the call runs under its caller's deadline.
     Waiting(Pin<Box<dyn Future<Output = Response> + Send>>),
     Failed(Option<Error>),
 }

@@ -331,3 +331,40 @@ async fn a_circuit_breaker_fails_calls_over_max_requests_at_once_and_frees_place
     assert_eq!(call(&router, "/x").await.unwrap(), addr(1), "places free as calls end");
     assert_eq!(net.served.load(std::sync::atomic::Ordering::SeqCst), 3, "the overflow never reached the server");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_callers_grpc_timeout_ends_the_call_and_each_retry_sends_the_time_left() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    net.set(addr(2), Peer::Up { delay: Duration::from_secs(5) });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("failing", &[1]));
+    publisher.cluster(&cluster("slow", &[2]));
+    let exact = |path: &str| RouteMatch { path: PathMatch::Exact(path.into()), ..RouteMatch::any() };
+    let to = |cluster: &str| RouteAction::Clusters(vec![WeightedCluster { cluster: cluster.into(), weight: 1 }]);
+    publisher.publish(&[
+        Route { matcher: exact("/failing"), action: to("failing"), policies: with_retry(3) },
+        Route { matcher: exact("/slow"), action: to("slow"), policies: RoutePolicies::default() },
+    ]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let with_timeout = |path: &str, timeout: &'static str| {
+        http::Request::post(format!("http://routed{path}")).header("grpc-timeout", timeout).body(Empty::new()).unwrap()
+    };
+
+    let started = tokio::time::Instant::now();
+    let error = router.clone().oneshot(with_timeout("/slow", "300m")).await.unwrap_err();
+    assert!(matches!(error, Error::Deadline { limit, .. } if limit == Duration::from_millis(300)), "{error}");
+    assert_eq!(started.elapsed(), Duration::from_millis(300), "the caller's deadline ended the call");
+    assert_eq!(error.grpc_code(), mesh_core::GrpcCode::DeadlineExceeded);
+
+    net.timeouts.lock().unwrap().clear();
+    let response = router.clone().oneshot(with_timeout("/failing", "1S")).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    let seen = net.timeouts.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "three attempts: {seen:?}");
+    assert_eq!(seen[0], Some(Duration::from_secs(1)), "the first attempt carries the caller's header as sent");
+    for pair in seen.windows(2) {
+        let (before, after) = (pair[0].unwrap(), pair[1].unwrap());
+        assert!(after < before && after > Duration::from_millis(500), "each retry sends the time left: {seen:?}");
+    }
+}
