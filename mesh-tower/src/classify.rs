@@ -140,15 +140,7 @@ pub(crate) enum Pending {
 /// What a response's head decides: the outcome of a trailers-only gRPC response (its `grpc-status` in the
 /// headers) or of a plain HTTP response (its status code; a non-200 answer to a gRPC request is one), `None`
 /// for a gRPC response whose status is still to come in its trailers.
-pub fn head(head: &http::response::Parts) -> Option<Outcome> {
-    match pending_of(head.status, &head.headers) {
-        Pending::Decided(outcome) => Some(outcome),
-        Pending::Trailers => None,
-    }
-}
-
-/// [`head`] of a whole response.
-pub fn head_of<T>(response: &http::Response<T>) -> Option<Outcome> {
+pub fn head<T>(response: &http::Response<T>) -> Option<Outcome> {
     match pending_of(response.status(), response.headers()) {
         Pending::Decided(outcome) => Some(outcome),
         Pending::Trailers => None,
@@ -187,12 +179,12 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<GrpcCode> {
 mod tests {
     use super::*;
 
-    fn response(status: u16, headers: &[(&str, &str)]) -> http::response::Parts {
+    fn response(status: u16, headers: &[(&str, &str)]) -> http::Response<()> {
         let mut builder = http::Response::builder().status(status);
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        builder.body(()).unwrap().into_parts().0
+        builder.body(()).unwrap()
     }
 
     #[test]

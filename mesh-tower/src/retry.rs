@@ -121,7 +121,7 @@ impl Shared {
         let retryable = |code| self.policy.retry_on.contains(&code);
         match result {
             Ok(response) => {
-                let (code, headers) = match classify::head_of(response) {
+                let (code, headers) = match classify::head(response) {
                     Some(Outcome::Grpc(code)) => (code, response.headers()),
                     // A non-gRPC error answer (a proxy's 503) has the code gRPC's HTTP table gives it.
                     Some(Outcome::Http(status)) if status >= 300 => (mesh_core::GrpcCode::from_http_status(status), response.headers()),
@@ -199,6 +199,10 @@ where
                     // The body went past the replay limit: it cannot be sent again whole.
                     return result;
                 };
+                // Under the caller's deadline, no attempt starts that the backoff would leave no time for.
+                if deadline.is_some_and(|d| d.0.saturating_duration_since(tokio::time::Instant::now()) <= wait) {
+                    return result;
+                }
                 if !shared.budget.withdraw() {
                     shared.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(attempt, "retry budget exhausted; not retrying");
@@ -216,12 +220,8 @@ where
                 let mut again = again;
                 again.extensions_mut().insert(PreviousAttempts(previous.clone()));
                 if let Some(deadline) = deadline {
-                    // The server gets the caller's remaining time; none left means no attempt (the router's
-                    // deadline is about to end the call anyway).
+                    // The server gets the caller's remaining time.
                     let left = deadline.0.saturating_duration_since(tokio::time::Instant::now());
-                    if left.is_zero() {
-                        return Err(Error::AttemptTimeout { limit: Duration::ZERO });
-                    }
                     again.headers_mut().insert(crate::deadline::GRPC_TIMEOUT, crate::deadline::format(left));
                     again.extensions_mut().insert(deadline);
                 }

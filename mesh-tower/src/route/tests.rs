@@ -32,6 +32,16 @@ fn cluster(name: &str, ports: &[u16]) -> ClusterTarget {
     }
 }
 
+/// Matches requests for exactly `path`.
+fn exact(path: &str) -> RouteMatch {
+    RouteMatch { path: PathMatch::Exact(path.into()), ..RouteMatch::any() }
+}
+
+/// Sends every request to `cluster`.
+fn to(cluster: &str) -> RouteAction {
+    RouteAction::Clusters(vec![WeightedCluster { cluster: cluster.into(), weight: 1 }])
+}
+
 async fn call(router: &Router<Body>, path: &str) -> Result<std::net::SocketAddr, Error> {
     let request = http::Request::post(format!("http://routed{path}")).body(Empty::new()).unwrap();
     let response = router.clone().oneshot(request).await?;
@@ -95,8 +105,6 @@ async fn routes_match_in_order_and_a_route_timeout_ends_the_call() {
     let (mut publisher, router) = publisher(&net);
     publisher.cluster(&cluster("slow", &[1]));
     publisher.cluster(&cluster("fast", &[2]));
-    let exact = |path: &str| RouteMatch { path: PathMatch::Exact(path.into()), ..RouteMatch::any() };
-    let to = |cluster: &str| RouteAction::Clusters(vec![WeightedCluster { cluster: cluster.into(), weight: 1 }]);
     let timeout = RoutePolicies { timeout: Some(Duration::from_millis(300)), ..RoutePolicies::default() };
     publisher.publish(&[
         Route { matcher: exact("/slow"), action: to("slow"), policies: timeout },
@@ -340,8 +348,6 @@ async fn the_callers_grpc_timeout_ends_the_call_and_each_retry_sends_the_time_le
     let (mut publisher, router) = publisher(&net);
     publisher.cluster(&cluster("failing", &[1]));
     publisher.cluster(&cluster("slow", &[2]));
-    let exact = |path: &str| RouteMatch { path: PathMatch::Exact(path.into()), ..RouteMatch::any() };
-    let to = |cluster: &str| RouteAction::Clusters(vec![WeightedCluster { cluster: cluster.into(), weight: 1 }]);
     publisher.publish(&[
         Route { matcher: exact("/failing"), action: to("failing"), policies: with_retry(3) },
         Route { matcher: exact("/slow"), action: to("slow"), policies: RoutePolicies::default() },
