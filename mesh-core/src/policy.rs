@@ -179,7 +179,7 @@ impl Default for ConnectionPolicy {
 }
 
 /// Envoy circuit-breaker thresholds (defaults as Envoy's).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CircuitBreakers {
     /// Maximum concurrent connections.
     pub max_connections: u32,
@@ -189,11 +189,51 @@ pub struct CircuitBreakers {
     pub max_requests: u32,
     /// Maximum concurrent retries.
     pub max_retries: u32,
+    /// The cluster's retry budget (Envoy's `retry_budget` threshold); `None` gives [`RetryBudget::default`].
+    pub retry_budget: Option<RetryBudget>,
 }
 
 impl Default for CircuitBreakers {
     fn default() -> Self {
-        Self { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
+        Self { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3, retry_budget: None }
+    }
+}
+
+/// A cluster's retry budget: retries stay within `ratio` of the calls of the last `window`, plus
+/// `min_per_second` retries a second whatever the call rate (Linkerd's budget; the numbers come from Envoy's
+/// `retry_budget`, whose defaults these are: 20%, and a floor of 3).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryBudget {
+    /// Retries allowed as a share of calls, 0 to 1 (Envoy's `budget_percent` / 100).
+    pub ratio: f64,
+    /// Retries allowed each second even when there were no calls (Envoy's `min_retry_concurrency`).
+    pub min_per_second: u32,
+    /// How long a call counts towards the budget (Envoy's `budget_interval`), 1 to 60 s.
+    pub window: Duration,
+}
+
+impl RetryBudget {
+    /// Shortest window.
+    pub const MIN_WINDOW: Duration = Duration::from_secs(1);
+    /// Longest window.
+    pub const MAX_WINDOW: Duration = Duration::from_secs(60);
+
+    /// Checks ranges: the ratio is 0 to 1, the window 1 to 60 s.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |field, reason: &str| Error::InvalidPolicy { policy: "retry_budget", field, reason: reason.to_owned() };
+        if !(0.0..=1.0).contains(&self.ratio) {
+            return Err(invalid("ratio", "must be 0 to 1 (0% to 100%)"));
+        }
+        if !(Self::MIN_WINDOW..=Self::MAX_WINDOW).contains(&self.window) {
+            return Err(invalid("window", "must be 1 s to 60 s"));
+        }
+        Ok(())
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self { ratio: 0.2, min_per_second: 3, window: Duration::from_secs(10) }
     }
 }
 
@@ -267,8 +307,6 @@ pub struct RetryPolicy {
     pub base_backoff: Duration,
     /// Largest backoff.
     pub max_backoff: Duration,
-    /// Retries allowed as a fraction of requests (Linkerd budget), e.g. 0.2.
-    pub budget_ratio: f64,
 }
 
 impl Default for RetryPolicy {
@@ -279,7 +317,6 @@ impl Default for RetryPolicy {
             per_try_timeout: None,
             base_backoff: Duration::from_millis(25),
             max_backoff: Duration::from_millis(250),
-            budget_ratio: 0.2,
         }
     }
 }

@@ -120,6 +120,11 @@ impl Channel {
     pub fn clusters(&self) -> Vec<(String, Vec<EndpointStatus>)> {
         self.inner.router.clusters()
     }
+
+    /// What each cluster's policy layers have done: retries, budget refusals, breaker overflows.
+    pub fn counts(&self) -> Vec<(String, mesh_tower::stats::ClusterCounts)> {
+        self.inner.router.counts()
+    }
 }
 
 impl ChannelBuilder {

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
@@ -14,6 +14,7 @@ use tower::{Layer, Service};
 
 use crate::Error;
 use crate::balance::ResponseBody;
+use crate::stats::ClusterStats;
 
 /// Caps a cluster's concurrent requests.
 #[derive(Clone)]
@@ -25,7 +26,7 @@ struct Shared {
     cluster: Arc<str>,
     max_requests: u32,
     in_flight: AtomicU32,
-    overflows: AtomicU64,
+    stats: Arc<ClusterStats>,
 }
 
 impl fmt::Debug for BreakerLayer {
@@ -35,15 +36,10 @@ impl fmt::Debug for BreakerLayer {
 }
 
 impl BreakerLayer {
-    /// At most `max_requests` calls in flight to `cluster`.
-    pub fn new(cluster: &str, max_requests: u32) -> Self {
-        let shared = Shared { cluster: cluster.into(), max_requests, in_flight: AtomicU32::new(0), overflows: AtomicU64::new(0) };
+    /// At most `max_requests` calls in flight to `cluster`, each one turned away counted in `stats`.
+    pub fn new(cluster: &str, max_requests: u32, stats: Arc<ClusterStats>) -> Self {
+        let shared = Shared { cluster: cluster.into(), max_requests, in_flight: AtomicU32::new(0), stats };
         Self { shared: Arc::new(shared) }
-    }
-
-    /// Calls turned away so far (for the telemetry layer).
-    pub fn overflows(&self) -> u64 {
-        self.shared.overflows.load(Ordering::Relaxed)
     }
 
     /// Calls in flight now.
@@ -99,7 +95,7 @@ where
         let shared = &self.shared;
         if shared.in_flight.fetch_add(1, Ordering::Relaxed) >= shared.max_requests {
             shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            shared.overflows.fetch_add(1, Ordering::Relaxed);
+            ClusterStats::add(&shared.stats.overflows);
             let error = Error::Overflow { cluster: shared.cluster.to_string(), limit: shared.max_requests };
             return Box::pin(std::future::ready(Err(error)));
         }

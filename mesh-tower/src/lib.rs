@@ -47,6 +47,7 @@ mod error;
 pub mod replay;
 pub mod retry;
 pub mod route;
+pub mod stats;
 #[cfg(test)]
 mod testing;
 

@@ -12,8 +12,9 @@
 //!   (full jitter; 25 ms base and 250 ms cap by default, as Envoy);
 //! - a server's `grpc-retry-pushback-ms` replaces the backoff; a negative or malformed one stops retries (A6);
 //! - each attempt prefers an endpoint no earlier attempt used ([`PreviousAttempts`]);
-//! - every retry withdraws from the route's budget (tower's `TpsBudget`: a share of recent calls plus a floor
-//!   per second, Linkerd's semantics), so a failing backend cannot turn calls into a retry storm;
+//! - every retry withdraws from its cluster's [`Budget`] (tower's `TpsBudget`: a share of recent calls plus a
+//!   floor per second, Linkerd's semantics, with the numbers of the cluster's Envoy `retry_budget`), so a failing
+//!   backend cannot turn calls into a retry storm;
 //! - the request body is replayed from what the stack recorded ([`crate::replay`]); a body past the replay
 //!   limit is not retried, and never sent twice in part.
 
@@ -26,8 +27,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use mesh_core::lb::{Random, SplitMix64};
-use mesh_core::policy::RetryPolicy;
-use tower::retry::budget::{Budget, TpsBudget};
+use mesh_core::policy::{RetryBudget, RetryPolicy};
+use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::Error;
@@ -35,22 +36,35 @@ use crate::balance::{PreviousAttempts, ResponseBody, ServedBy};
 use crate::classify::{self, Outcome};
 use crate::deadline::Deadline;
 use crate::replay::{HeadCopy, ReplayBody};
+use crate::stats::ClusterStats;
 
-/// How long a retry budget remembers calls (Linkerd's default).
-const BUDGET_TTL: Duration = Duration::from_secs(10);
-/// Retries a budget allows per second whatever the call rate (Linkerd's default).
-const BUDGET_FLOOR_PER_SECOND: u32 = 10;
+/// A cluster's retry budget, shared by every route's retries to it. Cheap to clone; clones share it.
+#[derive(Clone)]
+pub struct Budget(Arc<TpsBudget>);
 
-/// What a retry layer counts, for the telemetry layer to export.
-#[derive(Debug, Default)]
-pub struct RetryStats {
-    /// Attempts after the first.
-    pub retries: AtomicU64,
-    /// Retries the budget refused.
-    pub budget_exhausted: AtomicU64,
+impl Budget {
+    /// A budget with `settings`' numbers (out-of-range ones are brought to the nearest bound: validation
+    /// happens at the edge, and a budget never panics).
+    pub fn new(settings: &RetryBudget) -> Self {
+        let window = settings.window.clamp(RetryBudget::MIN_WINDOW, RetryBudget::MAX_WINDOW);
+        let ratio = settings.ratio.clamp(0.0, 1.0) as f32;
+        Self(Arc::new(TpsBudget::new(window, settings.min_per_second, ratio)))
+    }
 }
 
-/// A retry policy and its budget, shared by every call through it.
+impl Default for Budget {
+    fn default() -> Self {
+        Self::new(&RetryBudget::default())
+    }
+}
+
+impl fmt::Debug for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Budget")
+    }
+}
+
+/// A retry policy over a budget, shared by every call through it.
 #[derive(Clone)]
 pub struct RetryLayer {
     shared: Arc<Shared>,
@@ -58,8 +72,8 @@ pub struct RetryLayer {
 
 struct Shared {
     policy: RetryPolicy,
-    budget: TpsBudget,
-    stats: Arc<RetryStats>,
+    budget: Budget,
+    stats: Arc<ClusterStats>,
     seed: AtomicU64,
 }
 
@@ -70,17 +84,14 @@ impl fmt::Debug for RetryLayer {
 }
 
 impl RetryLayer {
-    /// Retries under `policy`, with a budget of `policy.budget_ratio` of recent calls plus 10 per second.
+    /// Retries under `policy`, within a budget of its own with the default numbers.
     pub fn new(policy: RetryPolicy) -> Self {
-        let ratio = policy.budget_ratio.clamp(0.0, 1000.0) as f32;
-        let budget = TpsBudget::new(BUDGET_TTL, BUDGET_FLOOR_PER_SECOND, ratio);
-        let shared = Shared { policy, budget, stats: Arc::default(), seed: AtomicU64::new(0x7e7) };
-        Self { shared: Arc::new(shared) }
+        Self::within(policy, Budget::default(), Arc::default())
     }
 
-    /// What it has done so far.
-    pub fn stats(&self) -> Arc<RetryStats> {
-        self.shared.stats.clone()
+    /// Retries under `policy` within `budget`, counted in `stats` (a cluster's: [`crate::cluster::Cluster`]).
+    pub fn within(policy: RetryPolicy, budget: Budget, stats: Arc<ClusterStats>) -> Self {
+        Self { shared: Arc::new(Shared { policy, budget, stats, seed: AtomicU64::new(0x7e7) }) }
     }
 }
 
@@ -178,7 +189,7 @@ where
         let first = std::mem::replace(&mut self.inner, fresh);
         let (shared, retries) = (self.shared.clone(), self.inner.clone());
         Box::pin(async move {
-            shared.budget.deposit();
+            shared.budget.0.deposit();
             let (head, body) = request.into_parts();
             let deadline = head.extensions.get::<Deadline>().copied();
             let recorder = body.recorder();
@@ -203,8 +214,8 @@ where
                 if deadline.is_some_and(|d| d.0.saturating_duration_since(tokio::time::Instant::now()) <= wait) {
                     return result;
                 }
-                if !shared.budget.withdraw() {
-                    shared.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                if !shared.budget.0.withdraw() {
+                    ClusterStats::add(&shared.stats.retry_budget_exhausted);
                     tracing::debug!(attempt, "retry budget exhausted; not retrying");
                     return result;
                 }
@@ -214,7 +225,7 @@ where
                     Err(_) => {}
                 }
                 drop(result);
-                shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                ClusterStats::add(&shared.stats.retries);
                 tracing::debug!(attempt, ?wait, "retrying");
                 tokio::time::sleep(wait).await;
                 let mut again = again;

@@ -101,6 +101,23 @@ fn xds_channel(cp: &MeshControl, features: &[&str]) -> Channel {
     Channel::builder("xds:///greeter").timeout(Duration::from_secs(10)).build_xds(client, "greeter").unwrap()
 }
 
+/// mesh-control serving a mesh file of one service, `greeter`, with `endpoints` and the service-level `policies`
+/// (one YAML line each).
+fn greeter_mesh(name: &str, endpoints: &[SocketAddr], policies: &[&str]) -> (TempDir, MeshControl) {
+    let dir = TempDir::new(name).unwrap();
+    let file = dir.0.join("mesh.yaml");
+    let mut text = String::from("services:\n  greeter:\n    endpoints:\n");
+    for addr in endpoints {
+        text.push_str(&format!("      - {{ address: {addr} }}\n"));
+    }
+    for policy in policies {
+        text.push_str(&format!("    {policy}\n"));
+    }
+    std::fs::write(&file, text).unwrap();
+    let cp = MeshControl::start(&file, &dir.0).unwrap();
+    (dir, cp)
+}
+
 fn envoy_channel(port: u16) -> Channel {
     Channel::builder(format!("static:///127.0.0.1:{port}")).timeout(Duration::from_secs(10)).build().unwrap()
 }
@@ -394,25 +411,40 @@ async fn the_mesh_files_retry_policy_hides_a_backend_failing_30_percent() {
     assert_eq!(summary["ok"], 2000, "{summary}");
 }
 
+/// A mesh file's retry budget reaches our client as the cluster's CDS `retry_budget` and bounds the retries to
+/// a backend failing every call: attempts stay within (1 + budget) × calls, plus the budget's floor of 3
+/// retries a second over its 10 s window. The budget here is 50%, above the default 20%, so the count also
+/// shows which budget was applied. The cluster's counts say the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_failing_every_call_gets_no_more_retries_than_the_cds_retry_budget() {
+    let failing = EchoServer::start_failing(100).await.unwrap();
+    let retries = "retries: { attempts: 5, on: [unavailable], backoff: { base: 1ms, max: 5ms }, budget_percent: 50 }";
+    let (_dir, cp) = greeter_mesh("budget", &[failing.addr], &[retries]);
+    let channel = xds_channel(&cp, &[]);
+    let calls = 400;
+    let run = drive(&channel, calls, 8, |_| {}).await;
+    assert_eq!(run.failures.len() as u64, calls, "every call fails: {:?}", run.by_endpoint);
+    for failure in run.failures.iter().take(5) {
+        assert!(failure.contains("Unavailable"), "{failure}");
+    }
+    let attempts = failing.calls();
+    let (share, floor) = (calls / 2, 3 * 10);
+    // Without a budget: 5 attempts a call. With the default 20%, at most 1.2 × calls + the floor.
+    assert!(attempts >= calls + calls * 3 / 10, "the 50% budget was applied, not the default 20%: {attempts} attempts");
+    assert!(attempts <= calls + share + floor, "attempts stay within (1 + 50%) × {calls} + {floor}: {attempts}");
+    let counts = channel.counts();
+    let (_, greeter) = counts.iter().find(|(name, _)| name == "greeter").unwrap_or_else(|| panic!("{counts:?}"));
+    assert_eq!(greeter.retries, attempts - calls, "each retry is counted: {greeter:?}");
+    assert!(greeter.retry_budget_exhausted > 0, "the budget refused retries: {greeter:?}");
+}
+
 /// A mesh file's `circuit_breakers.max_requests` reaches our client through mesh-control (CDS thresholds) and
 /// is enforced: calls over the limit fail at once with UNAVAILABLE naming the cluster, and never reach the
 /// backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_files_max_requests_fails_the_overflow_at_once() {
     let slow = EchoServer::start(Duration::from_millis(500)).await.unwrap();
-    let dir = TempDir::new("breaker").unwrap();
-    let file = dir.0.join("mesh.yaml");
-    let text = format!(
-        "services:
-  greeter:
-    endpoints:
-      - {{ address: {a} }}
-    circuit_breakers: {{ max_requests: 4 }}
-",
-        a = slow.addr
-    );
-    std::fs::write(&file, text).unwrap();
-    let cp = MeshControl::start(&file, &dir.0).unwrap();
+    let (_dir, cp) = greeter_mesh("breaker", &[slow.addr], &["circuit_breakers: { max_requests: 4 }"]);
     let channel = xds_channel(&cp, &[]);
     // One call first, so the channel has its config and a connection.
     drive(&channel, 1, 1, |_| {}).await;

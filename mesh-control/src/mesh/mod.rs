@@ -19,7 +19,7 @@ use std::time::Duration;
 use mesh_core::GrpcCode;
 use mesh_core::model::{Endpoint, HeaderMatch, Locality, PathMatch, Regex, RouteMatch, StringMatch};
 use mesh_core::policy::{
-    AuthzAction, AuthzRule, CircuitBreakers, FaultInjection, LbPolicy, MtlsMode, OutlierDetection, RateLimit, RetryPolicy,
+    AuthzAction, AuthzRule, CircuitBreakers, FaultInjection, LbPolicy, MtlsMode, OutlierDetection, RateLimit, RetryBudget, RetryPolicy,
 };
 use serde_saphyr::Spanned;
 
@@ -411,6 +411,10 @@ impl Validator<'_> {
             }
             let timeout = self.opt_duration(&format!("{rfield}.timeout"), r.timeout.as_ref())?;
             let retry = r.retries.as_ref().map(|x| self.retries(&format!("{rfield}.retries"), x)).transpose()?;
+            if let Some(x) = r.retries.as_ref().filter(|x| x.value.budget_percent.is_some()) {
+                let reason = "the retry budget is the cluster's, shared by its routes: set it in the service's retries";
+                return self.error(&x.referenced, format!("{rfield}.retries.budget_percent"), reason);
+            }
             routes.push(Route { matches, split, timeout, retry });
         }
         if routes.is_empty() {
@@ -418,13 +422,24 @@ impl Validator<'_> {
         }
         let timeout = self.opt_duration(&format!("{field}.timeout"), raw.timeout.as_ref())?;
         let retry = raw.retries.as_ref().map(|r| self.retries(&format!("{field}.retries"), r)).transpose()?;
+        // A service with retries gets a retry budget, `budget_percent` of its calls (20% by default).
+        let retry_budget = match &raw.retries {
+            None => None,
+            Some(r) => Some(match r.value.budget_percent {
+                None => RetryBudget::default(),
+                Some(p) if (0.0..=100.0).contains(&p) => RetryBudget { ratio: p / 100.0, ..RetryBudget::default() },
+                Some(_) => return self.error(&r.referenced, format!("{field}.retries.budget_percent"), "a percentage is 0 to 100"),
+            }),
+        };
         let defaults = CircuitBreakers::default();
         let circuit_breakers = raw.circuit_breakers.as_ref().map_or(defaults.clone(), |c| CircuitBreakers {
             max_connections: c.max_connections.unwrap_or(defaults.max_connections),
             max_pending_requests: c.max_pending_requests.unwrap_or(defaults.max_pending_requests),
             max_requests: c.max_requests.unwrap_or(defaults.max_requests),
             max_retries: c.max_retries.unwrap_or(defaults.max_retries),
+            retry_budget: None,
         });
+        let circuit_breakers = CircuitBreakers { retry_budget, ..circuit_breakers };
         let outlier_detection = match &raw.outlier_detection {
             None => None,
             Some(o) => {
@@ -679,12 +694,7 @@ impl Validator<'_> {
                 (base, max)
             }
         };
-        let budget_ratio = match raw.budget_percent {
-            None => d.budget_ratio,
-            Some(p) if (0.0..=100.0).contains(&p) => p / 100.0,
-            Some(_) => return self.error(&r.referenced, format!("{field}.budget_percent"), "a percentage is 0 to 100"),
-        };
-        Ok(RetryPolicy { max_attempts: raw.attempts, retry_on, per_try_timeout, base_backoff, max_backoff, budget_ratio })
+        Ok(RetryPolicy { max_attempts: raw.attempts, retry_on, per_try_timeout, base_backoff, max_backoff })
     }
 
     fn percent(&self, field: &str, p: &Spanned<u32>) -> Checked<u32> {

@@ -31,6 +31,8 @@ fn example_is_valid() {
     assert_eq!(greeter.routes[0].matches.headers[0].name, "x-canary");
     assert_eq!(greeter.retry.as_ref().unwrap().retry_on, [mesh_core::GrpcCode::Unavailable, mesh_core::GrpcCode::Cancelled]);
     assert_eq!(greeter.timeout, Some(Duration::from_secs(5)));
+    let budget = mesh_core::policy::RetryBudget { ratio: 0.2, ..Default::default() };
+    assert_eq!(greeter.circuit_breakers.retry_budget, Some(budget), "the service's retries bring the cluster a budget");
     assert_eq!(greeter.sidecar_port, Some(15001));
     assert_eq!(greeter.mtls, MtlsMode::Permissive);
     assert_eq!(greeter.authorization.len(), 1);
@@ -76,6 +78,20 @@ fn bad_values_are_rejected_precisely() {
         ("    routes:", "    mtls: on\n    routes:", 9, "services.greeter.mtls", "not one of disable, permissive, strict"),
         ("    routes:", "    retries: { attempts: 0 }\n    routes:", 9, "services.greeter.retries.attempts", "at least 1"),
         ("    routes:", "    retries: { attempts: 2, on: [flaky] }\n    routes:", 9, "services.greeter.retries.on", "\"flaky\""),
+        (
+            "    routes:",
+            "    retries: { attempts: 2, budget_percent: 150 }\n    routes:",
+            9,
+            "services.greeter.retries.budget_percent",
+            "0 to 100",
+        ),
+        (
+            "      - split:",
+            "      - retries: { attempts: 2, budget_percent: 50 }\n        split:",
+            10,
+            "services.greeter.routes[0].retries.budget_percent",
+            "set it in the service's retries",
+        ),
         (
             "    routes:",
             "    fault: { abort: { percent: 200, grpc_status: 14 } }\n    routes:",

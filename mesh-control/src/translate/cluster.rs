@@ -127,10 +127,11 @@ fn policy_list(types: &[&str]) -> LoadBalancingPolicy {
 
 fn circuit_breakers(service: &Service) -> CircuitBreakers {
     let cb = &service.circuit_breakers;
-    let retry_budget = service.retry.as_ref().map(|r| RetryBudget {
-        budget_percent: Some(Percent { value: r.budget_ratio * 100.0 }),
-        min_retry_concurrency: Some(UInt32Value { value: cb.max_retries }),
-        budget_interval: None,
+    let retry_budget = cb.retry_budget.as_ref().map(|b| RetryBudget {
+        budget_percent: Some(Percent { value: b.ratio * 100.0 }),
+        min_retry_concurrency: Some(UInt32Value { value: b.min_per_second }),
+        // Unset means 10 s to our client (and "active requests only" to Envoy, as before).
+        budget_interval: (b.window != mesh_core::policy::RetryBudget::default().window).then(|| super::duration(b.window)),
     });
     CircuitBreakers {
         thresholds: vec![Thresholds {

@@ -22,6 +22,8 @@ use crate::connect::{Connect, TcpConnector};
 use crate::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
 use crate::discover::{self, BoxDiscover};
 use crate::replay::ReplayBody;
+use crate::retry::Budget;
+use crate::stats::ClusterStats;
 use crate::{Error, Result};
 
 /// Everything a cluster's service is built from: plain data, compared whole.
@@ -218,17 +220,21 @@ impl<B: RequestBody, C: Connect> Inspect for Balancer<B, C> {
     }
 }
 
-/// A built cluster: its service, and a view of its balancer.
+/// A built cluster: its service, a view of its balancer, and what every route's layers over it share.
 pub struct Cluster<B> {
     /// What calls go through.
     pub service: ClusterService<B>,
     /// Its endpoints, for status and warm-up.
     pub inspect: Arc<dyn Inspect>,
+    /// The retry budget every route's retries to it draw on (Envoy's: a cluster's budget).
+    pub budget: Budget,
+    /// What its layers, and the routes' layers over it, have done.
+    pub stats: Arc<ClusterStats>,
 }
 
 impl<B> Clone for Cluster<B> {
     fn clone(&self) -> Self {
-        Self { service: self.service.clone(), inspect: self.inspect.clone() }
+        Self { service: self.service.clone(), inspect: self.inspect.clone(), budget: self.budget.clone(), stats: self.stats.clone() }
     }
 }
 
@@ -304,17 +310,19 @@ impl<M: MakeConnect> NewCluster<M> {
         // a cluster with a policy to apply is layered; one without calls its balancer directly. The breaker is
         // installed when the cluster sets `max_requests` below Envoy's default (1024): at the default it costs
         // every call a box and two shared atomics, and a single client process rarely holds 1024 calls.
+        let stats = Arc::new(ClusterStats::default());
         let max_requests = target.breakers.max_requests;
         let service = if max_requests < CircuitBreakers::default().max_requests {
             ClusterService::layered(
                 tower::ServiceBuilder::new()
-                    .layer(BreakerLayer::new(&target.name, max_requests))
+                    .layer(BreakerLayer::new(&target.name, max_requests, stats.clone()))
                     .service(ClusterService::balancer(balancer.clone())),
             )
         } else {
             ClusterService::balancer(balancer.clone())
         };
-        let cluster = Cluster { service, inspect: Arc::new(balancer) };
+        let budget = Budget::new(&target.breakers.retry_budget.clone().unwrap_or_default());
+        let cluster = Cluster { service, inspect: Arc::new(balancer), budget, stats };
         match failed {
             None => Ok(cluster),
             Some(error) => Err((cluster, error)),

@@ -35,15 +35,16 @@ pub use service::{RouteFuture, RouteService, RouteTarget, Split, SplitFuture, ne
 
 use crate::Error;
 use crate::balance::{EndpointStatus, RequestBody, ResponseBody};
-use crate::cluster::{Cluster, ClusterTarget, Inspect, MakeConnect, NewCluster};
+use crate::cluster::{Cluster, ClusterTarget, MakeConnect, NewCluster};
 use crate::deadline::{self, Deadline};
 use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
+use crate::stats::ClusterCounts;
 
 /// What requests are routed with: built routes in order, and the clusters they call.
 pub struct Table<B> {
     /// Each route's matcher and built service (`None`: non-forwarding).
     routes: Vec<(RouteMatch, Option<RouteService<B>>)>,
-    clusters: Vec<(String, Arc<dyn Inspect>)>,
+    clusters: Vec<(String, Cluster<B>)>,
 }
 
 impl<B> fmt::Debug for Table<B> {
@@ -92,7 +93,13 @@ impl<B> Router<B> {
     /// The current table's clusters and their endpoints (empty before the first table).
     pub fn clusters(&self) -> Vec<(String, Vec<EndpointStatus>)> {
         let table = self.table.borrow().clone();
-        table.map_or_else(Vec::new, |t| t.clusters.iter().map(|(name, c)| (name.clone(), c.endpoints())).collect())
+        table.map_or_else(Vec::new, |t| t.clusters.iter().map(|(name, c)| (name.clone(), c.inspect.endpoints())).collect())
+    }
+
+    /// What the current table's clusters, and the routes' layers over them, have counted.
+    pub fn counts(&self) -> Vec<(String, ClusterCounts)> {
+        let table = self.table.borrow().clone();
+        table.map_or_else(Vec::new, |t| t.clusters.iter().map(|(name, c)| (name.clone(), c.stats.counts())).collect())
     }
 
     /// Every endpoint of the current table's clusters.
@@ -327,7 +334,7 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
                         named.extend(split.iter().map(|c| c.cluster.as_str()));
                         let clusters = split
                             .iter()
-                            .map(|c| (c.cluster.clone(), c.weight, self.clusters.get(&c.cluster).map(|s| s.current.service.clone())))
+                            .map(|c| (c.cluster.clone(), c.weight, self.clusters.get(&c.cluster).map(|s| s.current.clone())))
                             .collect();
                         Some(new_route(RouteTarget {
                             target: self.target.clone(),
@@ -342,8 +349,8 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
             })
             .collect();
         self.clusters.retain(|name, _| named.contains(&name.as_str()));
-        let mut clusters: Vec<(String, Arc<dyn Inspect>)> =
-            self.clusters.iter().map(|(name, slot)| (name.clone(), slot.current.inspect.clone())).collect();
+        let mut clusters: Vec<(String, Cluster<B>)> =
+            self.clusters.iter().map(|(name, slot)| (name.clone(), slot.current.clone())).collect();
         clusters.sort_by(|a, b| a.0.cmp(&b.0));
         self.tx.send_replace(Some(Arc::new(Table { routes: built, clusters })));
     }

@@ -16,8 +16,9 @@ use tower::{Layer, ServiceBuilder, ServiceExt};
 
 use super::hash::route_hash;
 use crate::balance::{RequestBody, RequestHash, ResponseBody};
-use crate::cluster::{ClusterFuture, ClusterService};
+use crate::cluster::{Cluster, ClusterFuture, ClusterService};
 use crate::replay::ReplayBody;
+use crate::retry::RetryLayer;
 use crate::{BoxError, Error};
 
 /// Requests below the router: their bodies are recorded for replay (retries, transparent resends).
@@ -72,8 +73,8 @@ pub struct RouteTarget<B> {
     pub target: Arc<str>,
     /// The route's policies.
     pub policies: RoutePolicies,
-    /// The clusters it splits over: name, weight, and the cluster's service (`None`: not in the table).
-    pub clusters: Vec<(String, u32, Option<ClusterService<B>>)>,
+    /// The clusters it splits over: name, weight, and the built cluster (`None`: not in the table).
+    pub clusters: Vec<(String, u32, Option<Cluster<B>>)>,
     /// Draws for the weighted split and for random hashes, shared by the target's routes.
     pub seed: Arc<AtomicU64>,
     /// The channel's id, for `io.grpc.channel_id` hashing.
@@ -81,20 +82,29 @@ pub struct RouteTarget<B> {
 }
 
 /// Builds a route's service: its policies as layers, outermost first, over the split.
-pub fn new_route<B: RequestBody>(mut target: RouteTarget<B>) -> RouteService<B> {
+pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
+    let RouteTarget { target, policies, clusters, seed, channel_id } = target;
     // Per-attempt layers wrap each of the route's clusters, below the split: a call's cluster is drawn once and
-    // its retries stay in it (Envoy's and gRPC's order). One budget serves the route.
-    if let Some(policy) = &target.policies.retry {
-        let retry = crate::retry::RetryLayer::new(policy.clone());
-        for (_, _, service) in &mut target.clusters {
-            *service = service.take().map(|cluster| ClusterService::layered(retry.layer(cluster)));
-        }
-    }
-    let timeout = target.policies.timeout;
+    // its retries stay in it (Envoy's and gRPC's order), within that cluster's budget.
+    let clusters: Vec<(String, u32, Option<ClusterService<B>>)> = clusters
+        .into_iter()
+        .map(|(name, weight, cluster)| {
+            let service = cluster.map(|cluster| match &policies.retry {
+                None => cluster.service,
+                Some(policy) => {
+                    let retry = RetryLayer::within(policy.clone(), cluster.budget, cluster.stats);
+                    ClusterService::layered(retry.layer(cluster.service))
+                }
+            });
+            (name, weight, service)
+        })
+        .collect();
+    let timeout = policies.timeout;
     // A route with nothing to layer above its split calls the split directly.
     let layered = timeout.is_some();
-    let name = target.target.clone();
-    let split = Split::new(target);
+    let name = target.clone();
+    let total = clusters_weight(&clusters);
+    let split = Split { inner: Arc::new(SplitInner { target, policies, clusters, total, seed, channel_id }) };
     if !layered {
         return RouteService(Kind::Split(split));
     }
@@ -129,12 +139,8 @@ impl<B> Clone for Split<B> {
     }
 }
 
-impl<B> Split<B> {
-    fn new(target: RouteTarget<B>) -> Self {
-        let total = target.clusters.iter().map(|(_, weight, _)| u64::from(*weight)).sum();
-        let RouteTarget { target, policies, clusters, seed, channel_id } = target;
-        Self { inner: Arc::new(SplitInner { target, policies, clusters, total, seed, channel_id }) }
-    }
+fn clusters_weight<S>(clusters: &[(String, u32, S)]) -> u64 {
+    clusters.iter().map(|(_, weight, _)| u64::from(*weight)).sum()
 }
 
 /// Future of a [`Split`] call.

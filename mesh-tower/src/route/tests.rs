@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use mesh_core::policy::RoutePolicies;
+use mesh_core::policy::{RetryBudget, RoutePolicies};
 use mesh_core::{Endpoint, PathMatch, Route, RouteAction, RouteMatch, WeightedCluster};
 use tower::ServiceExt;
 
@@ -236,23 +236,51 @@ async fn a_route_retry_policy_sends_a_failed_call_again_on_another_endpoint() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn retries_stay_within_the_budget_when_every_endpoint_fails() {
+async fn retries_stay_within_the_clusters_budget_when_every_endpoint_fails() {
     let net = FakeNet::default();
     net.set(addr(1), Peer::Failing);
     net.set(addr(2), Peer::Failing);
     let (mut publisher, router) = publisher(&net);
-    publisher.cluster(&cluster("a", &[1, 2]));
+    let mut target = cluster("a", &[1, 2]);
+    // Half the calls, and no floor: the budget alone bounds the retries.
+    target.breakers.retry_budget = Some(RetryBudget { ratio: 0.5, min_per_second: 0, ..RetryBudget::default() });
+    publisher.cluster(&target);
+    publisher.publish(&[single_route("a", with_retry(5))]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let calls = 200;
+    for i in 0..calls {
+        let response = router.clone().oneshot(http::Request::new(Empty::new())).await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE, "the last attempt's answer reaches the caller");
+        if i == calls / 2 {
+            // A new table (an xDS update) keeps the cluster, and with it the budget and its counts.
+            publisher.publish(&[single_route("a", with_retry(5))]);
+        }
+    }
+    let attempts: u64 = router.endpoints().iter().map(|e| u64::from(e.failures)).sum();
+    let retries = attempts - calls;
+    assert!((calls * 2 / 5..=calls / 2).contains(&retries), "retries are half the calls: {retries} for {calls} calls");
+    let counts = router.counts();
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    assert_eq!(counts[0].1.retries, retries, "each retry is counted on the cluster: {counts:?}");
+    assert!(counts[0].1.retry_budget_exhausted >= calls / 2, "the budget turned retries away: {counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_budget_allows_a_fifth_of_calls_plus_a_floor() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1]));
     publisher.publish(&[single_route("a", with_retry(5))]);
     tokio::time::sleep(Duration::from_millis(10)).await;
     let calls = 200;
     for _ in 0..calls {
-        let response = router.clone().oneshot(http::Request::new(Empty::new())).await.unwrap();
-        assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE, "the last attempt's answer reaches the caller");
+        router.clone().oneshot(http::Request::new(Empty::new())).await.unwrap();
     }
-    let attempts: u32 = router.endpoints().iter().map(|e| e.failures).sum();
-    // 20% of calls plus a floor of 10 retries per second over the (virtual) seconds the run took.
-    assert!(attempts > calls, "some calls were retried: {attempts}");
-    assert!(attempts <= calls + calls / 5 + 10 * 10, "retries stay within the budget: {attempts} attempts for {calls} calls");
+    let retries = router.counts()[0].1.retries;
+    // 20% of calls, plus a floor of 3 retries a second over the 10 s window.
+    assert!(retries > calls / 5, "the floor adds to the share: {retries}");
+    assert!(retries <= calls / 5 + 3 * 10, "retries stay within the budget: {retries} retries for {calls} calls");
 }
 
 #[tokio::test(start_paused = true)]
@@ -260,7 +288,10 @@ async fn a_retry_waits_a_full_jitter_backoff_capped_by_the_policy() {
     let net = FakeNet::default();
     net.set(addr(1), Peer::Failing);
     let (mut publisher, router) = publisher(&net);
-    publisher.cluster(&cluster("a", &[1]));
+    let mut target = cluster("a", &[1]);
+    // Room for every retry: three per call.
+    target.breakers.retry_budget = Some(RetryBudget { min_per_second: 100, ..RetryBudget::default() });
+    publisher.cluster(&target);
     publisher.publish(&[single_route("a", with_retry(4))]);
     tokio::time::sleep(Duration::from_millis(10)).await;
     for _ in 0..20 {

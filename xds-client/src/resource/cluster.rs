@@ -1,5 +1,6 @@
 //! CDS: clusters (gRPC A27, A42, A48, A52 rules; Envoy defaults).
 
+use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget as RetryBudgetProto;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::ring_hash_lb_config::HashFunction;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, LbConfig, LbPolicy as ProtoLbPolicy};
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster as ProtoCluster, LoadBalancingPolicy};
@@ -13,7 +14,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_c
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use mesh_core::lb::{MAX_RING_SIZE, RingHashConfig};
-use mesh_core::policy::{ClusterPolicies, DEFAULT_HASH_HEADER, HashPolicy, OutlierDetection, TlsPolicy};
+use mesh_core::policy::{ClusterPolicies, DEFAULT_HASH_HEADER, HashPolicy, OutlierDetection, RetryBudget, TlsPolicy};
 use mesh_core::{Cluster, ClusterDiscovery, Endpoint, LbPolicy, ServiceName};
 use prost::Message;
 
@@ -182,6 +183,9 @@ fn policies(c: &ProtoCluster) -> Result<ClusterPolicies, String> {
                 *field = v.value;
             }
         }
+        if let Some(b) = &t.retry_budget {
+            cb.retry_budget = Some(retry_budget(b)?);
+        }
     }
     if let Some(od) = &c.outlier_detection {
         let mut o = OutlierDetection::default();
@@ -206,6 +210,32 @@ fn policies(c: &ProtoCluster) -> Result<ClusterPolicies, String> {
         p.tls = tls(ts).map_err(|e| format!("transport_socket: {e}"))?;
     }
     Ok(p)
+}
+
+/// A threshold's `retry_budget`, read as a Linkerd-style budget (DESIGN.md): `budget_percent` of the calls of
+/// the last `budget_interval` (10 s when unset or zero), plus `min_retry_concurrency` retries a second.
+fn retry_budget(b: &RetryBudgetProto) -> Result<RetryBudget, String> {
+    let d = RetryBudget::default();
+    let ratio = match &b.budget_percent {
+        None => d.ratio,
+        Some(p) if (0.0..=100.0).contains(&p.value) => p.value / 100.0,
+        Some(p) => return Err(format!("circuit_breakers.retry_budget.budget_percent: {} is not 0 to 100", p.value)),
+    };
+    let min_per_second = b.min_retry_concurrency.map_or(d.min_per_second, |v| v.value);
+    let window = match &b.budget_interval {
+        None => d.window,
+        Some(i) => match duration(i, "circuit_breakers.retry_budget.budget_interval")? {
+            zero if zero.is_zero() => d.window,
+            window => {
+                let clamped = window.clamp(RetryBudget::MIN_WINDOW, RetryBudget::MAX_WINDOW);
+                if clamped != window {
+                    tracing::warn!(?window, ?clamped, "retry_budget.budget_interval outside 1 s to 60 s; using the nearest bound");
+                }
+                clamped
+            }
+        },
+    };
+    Ok(RetryBudget { ratio, min_per_second, window })
 }
 
 /// Upstream TLS from the transport socket; raw buffer means plaintext.
@@ -266,6 +296,7 @@ mod tests {
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
         CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher,
     };
+    use envoy_types::pb::envoy::r#type::v3::Percent;
     use envoy_types::pb::google::protobuf::{Any, Duration as ProtoDuration, UInt32Value, UInt64Value};
 
     use super::super::{DecodeError, Resource, ResourceType, to_any};
@@ -350,6 +381,11 @@ mod tests {
                 Thresholds {
                     max_requests: Some(UInt32Value { value: 99 }),
                     max_retries: Some(UInt32Value { value: 7 }),
+                    retry_budget: Some(RetryBudgetProto {
+                        budget_percent: Some(Percent { value: 50.0 }),
+                        min_retry_concurrency: Some(UInt32Value { value: 2 }),
+                        budget_interval: Some(ProtoDuration { seconds: 0, nanos: 100_000_000 }),
+                    }),
                     ..Default::default()
                 },
             ],
@@ -370,6 +406,9 @@ mod tests {
         assert_eq!(cl.policies.connection.connect_timeout, Duration::from_secs(2));
         let cb = &cl.policies.circuit_breakers;
         assert_eq!((cb.max_connections, cb.max_requests, cb.max_retries), (1024, 99, 7));
+        // A window under a second is raised to one (tower's budget needs 1 to 60 s).
+        let budget = RetryBudget { ratio: 0.5, min_per_second: 2, window: Duration::from_secs(1) };
+        assert_eq!(cb.retry_budget, Some(budget));
         let od = cl.policies.outlier_detection.as_ref().unwrap();
         assert_eq!((od.consecutive_5xx, od.interval, od.base_ejection_time), (3, Duration::from_secs(10), Duration::from_secs(60)));
         let tls = cl.policies.tls.as_ref().unwrap();
@@ -494,6 +533,11 @@ mod tests {
         c.outlier_detection = Some(ProtoOutlier { max_ejection_percent: Some(UInt32Value { value: 101 }), ..Default::default() });
         assert!(reason(&c).contains("outlier_detection.max_ejection_percent"));
         c.outlier_detection = None;
+        let budget = RetryBudgetProto { budget_percent: Some(Percent { value: 120.0 }), ..Default::default() };
+        let thresholds = Thresholds { retry_budget: Some(budget), ..Default::default() };
+        c.circuit_breakers = Some(CircuitBreakers { thresholds: vec![thresholds], ..Default::default() });
+        assert!(reason(&c).contains("circuit_breakers.retry_budget.budget_percent: 120 is not 0 to 100"), "{}", reason(&c));
+        c.circuit_breakers = None;
         c.connect_timeout = Some(ProtoDuration { seconds: -1, nanos: 0 });
         assert!(reason(&c).contains("connect_timeout"));
     }

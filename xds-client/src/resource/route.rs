@@ -257,7 +257,7 @@ fn retry_policy(rp: &ProtoRetry) -> Result<Option<RetryPolicy>, String> {
         return Ok(None);
     }
     let max_attempts = num_retries.saturating_add(1).min(MAX_ATTEMPTS);
-    Ok(Some(RetryPolicy { max_attempts, retry_on, per_try_timeout, base_backoff, max_backoff, ..RetryPolicy::default() }))
+    Ok(Some(RetryPolicy { max_attempts, retry_on, per_try_timeout, base_backoff, max_backoff }))
 }
 
 #[cfg(test)]

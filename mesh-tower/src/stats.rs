@@ -1,0 +1,42 @@
+//! What a cluster's layers do, counted where they act: one set of counters per cluster, shared by every
+//! layer over it, read as a [`ClusterCounts`] snapshot by the telemetry layer, the admin endpoint and tests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A cluster's counters (relaxed atomics: each is a tally, read on its own).
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Attempts after a call's first (Envoy's `upstream_rq_retry`).
+    pub(crate) retries: AtomicU64,
+    /// Retries the budget refused (Envoy's `upstream_rq_retry_overflow`).
+    pub(crate) retry_budget_exhausted: AtomicU64,
+    /// Calls the circuit breaker turned away (Envoy's `upstream_rq_pending_overflow`).
+    pub(crate) overflows: AtomicU64,
+}
+
+/// A snapshot of a cluster's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterCounts {
+    /// Attempts after a call's first.
+    pub retries: u64,
+    /// Retries the budget refused.
+    pub retry_budget_exhausted: u64,
+    /// Calls the circuit breaker turned away.
+    pub overflows: u64,
+}
+
+impl ClusterStats {
+    /// The counts now.
+    pub fn counts(&self) -> ClusterCounts {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ClusterCounts {
+            retries: read(&self.retries),
+            retry_budget_exhausted: read(&self.retry_budget_exhausted),
+            overflows: read(&self.overflows),
+        }
+    }
+
+    pub(crate) fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
