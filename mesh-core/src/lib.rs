@@ -20,6 +20,7 @@ mod error;
 pub mod grpc;
 pub mod lb;
 pub mod model;
+pub mod outlier;
 pub mod policy;
 
 pub use error::{Error, Result};

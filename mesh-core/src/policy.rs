@@ -237,27 +237,127 @@ impl Default for RetryBudget {
     }
 }
 
-/// Outlier detection (Envoy semantics and defaults).
+/// Outlier detection: endpoints that fail are ejected, taking no traffic for a while (Envoy's semantics and
+/// defaults; gRPC A50's for success rate and failure percentage). An algorithm whose Envoy `enforcing_*`
+/// percentage is 0 is `None` here. See [`crate::outlier`] for the decisions.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutlierDetection {
-    /// Consecutive 5xx / UNAVAILABLE responses that eject an endpoint.
-    pub consecutive_5xx: u32,
-    /// How often ejection is evaluated.
+    /// How often success rate and failure percentage are evaluated, and ejections ended.
     pub interval: Duration,
-    /// Base ejection time, multiplied by the number of ejections.
+    /// An ejection lasts this times the endpoint's ejection count.
     pub base_ejection_time: Duration,
-    /// Most endpoints that may be ejected at once, in percent.
+    /// Longest ejection (or `base_ejection_time`, if longer).
+    pub max_ejection_time: Duration,
+    /// Most endpoints ejected at once, in percent of the cluster.
     pub max_ejection_percent: u32,
+    /// One endpoint may be ejected whatever `max_ejection_percent` says (Envoy's `always_eject_one_host`).
+    pub always_eject_one: bool,
+    /// Consecutive server errors (5xx, or gRPC codes that map to 5xx, or transport failures) that eject at once.
+    pub consecutive_5xx: Option<Consecutive>,
+    /// Consecutive gateway errors (502, 503, 504, UNAVAILABLE, DEADLINE_EXCEEDED, transport failures).
+    pub consecutive_gateway: Option<Consecutive>,
+    /// Ejection of endpoints whose success rate is far below the cluster's mean.
+    pub success_rate: Option<SuccessRate>,
+    /// Ejection of endpoints whose failure percentage is over a threshold.
+    pub failure_percentage: Option<FailurePercentage>,
 }
 
 impl Default for OutlierDetection {
     fn default() -> Self {
         Self {
-            consecutive_5xx: 5,
             interval: Duration::from_secs(10),
             base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 10,
+            always_eject_one: false,
+            consecutive_5xx: Some(Consecutive { threshold: 5, enforcing: 100 }),
+            consecutive_gateway: None,
+            success_rate: Some(SuccessRate::default()),
+            failure_percentage: None,
         }
+    }
+}
+
+impl OutlierDetection {
+    /// Longest consecutive-failure threshold: the per-endpoint counters are a byte each.
+    pub const MAX_CONSECUTIVE: u32 = 255;
+
+    /// Checks ranges: percentages 0 to 100, a non-zero interval, consecutive thresholds 1 to 255.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |field, reason: &str| Error::InvalidPolicy { policy: "outlier_detection", field, reason: reason.to_owned() };
+        let percent = |field, value: u32| if value > 100 { Err(invalid(field, "a percentage is 0 to 100")) } else { Ok(()) };
+        if self.interval.is_zero() {
+            return Err(invalid("interval", "must be greater than zero"));
+        }
+        percent("max_ejection_percent", self.max_ejection_percent)?;
+        for (field, consecutive) in [("consecutive_5xx", &self.consecutive_5xx), ("consecutive_gateway_failure", &self.consecutive_gateway)]
+        {
+            if let Some(c) = consecutive {
+                if !(1..=Self::MAX_CONSECUTIVE).contains(&c.threshold) {
+                    return Err(invalid(field, "must be 1 to 255"));
+                }
+                percent(field, c.enforcing)?;
+            }
+        }
+        if let Some(s) = &self.success_rate {
+            percent("enforcing_success_rate", s.enforcing)?;
+        }
+        if let Some(f) = &self.failure_percentage {
+            percent("failure_percentage_threshold", f.threshold)?;
+            percent("enforcing_failure_percentage", f.enforcing)?;
+        }
+        Ok(())
+    }
+}
+
+/// Ejection after consecutive failures, checked as each call ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Consecutive {
+    /// Failures in a row that eject (1 to 255).
+    pub threshold: u32,
+    /// Chance, in percent, that a tripped endpoint is ejected.
+    pub enforcing: u32,
+}
+
+/// Success-rate ejection (Envoy's defaults): at each interval, among endpoints with at least `request_volume`
+/// calls in it, and only when there are `minimum_hosts` of them, those whose success rate is below
+/// `mean − stdev × stdev_factor / 1000` are ejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SuccessRate {
+    /// Standard deviations below the mean, in thousandths (1900 = 1.9).
+    pub stdev_factor: u32,
+    /// Chance, in percent, that an outlier is ejected.
+    pub enforcing: u32,
+    /// Endpoints with enough calls needed for the algorithm to run.
+    pub minimum_hosts: u32,
+    /// Calls in the interval for an endpoint to count.
+    pub request_volume: u32,
+}
+
+impl Default for SuccessRate {
+    fn default() -> Self {
+        Self { stdev_factor: 1900, enforcing: 100, minimum_hosts: 5, request_volume: 100 }
+    }
+}
+
+/// Failure-percentage ejection (Envoy's defaults, save `enforcing`, which Envoy defaults to 0, turning it off):
+/// at each interval, among endpoints with at least `request_volume` calls, and only when there are
+/// `minimum_hosts` of them, those failing `threshold` percent of calls or more are ejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailurePercentage {
+    /// Failure percentage that ejects.
+    pub threshold: u32,
+    /// Chance, in percent, that an outlier is ejected.
+    pub enforcing: u32,
+    /// Endpoints with enough calls needed for the algorithm to run.
+    pub minimum_hosts: u32,
+    /// Calls in the interval for an endpoint to count.
+    pub request_volume: u32,
+}
+
+impl Default for FailurePercentage {
+    fn default() -> Self {
+        Self { threshold: 85, enforcing: 100, minimum_hosts: 5, request_volume: 50 }
     }
 }
 

@@ -181,6 +181,13 @@ impl ChannelBuilder {
         self
     }
 
+    /// Outlier detection for `static:///` and `dns:///` targets (an `xds:///` target's clusters carry their
+    /// own, from CDS): endpoints that fail are ejected for a while ([`mesh_core::outlier`]).
+    pub fn outlier_detection(mut self, outlier: mesh_core::policy::OutlierDetection) -> Self {
+        self.config.outlier_detection = Some(outlier);
+        self
+    }
+
     /// Builds the channel; starts discovery and connections. Needs a tokio runtime.
     pub fn build(self) -> Result<Channel> {
         let target = Target::parse(&self.target)?;

@@ -74,13 +74,14 @@ impl Discovery for XdsDiscovery {
     }
 }
 
-/// What a CDS cluster builds: the channel's balancer settings with the cluster's LB policy, connect timeout
-/// and TLS policy, and its endpoint source.
+/// What a CDS cluster builds: the channel's balancer settings with the cluster's LB policy, connect timeout,
+/// TLS policy and outlier detection, and its endpoint source.
 fn cluster_target(name: &str, cluster: &mesh_core::Cluster, channel: &BalancerConfig) -> ClusterTarget {
     let mut balancer = channel.clone();
     balancer.lb = cluster.lb.clone();
     balancer.connection.connect_timeout = cluster.policies.connection.connect_timeout;
     balancer.tls = cluster.policies.tls.clone();
+    balancer.outlier_detection = cluster.policies.outlier_detection.clone();
     let source = match &cluster.discovery {
         ClusterDiscovery::Static => Source::Static(cluster.endpoints.clone()),
         ClusterDiscovery::Eds { service_name } => Source::Eds(service_name.clone().unwrap_or_else(|| name.to_owned())),
@@ -188,9 +189,6 @@ impl Unsupported {
             != (defaults.max_connections, defaults.max_pending_requests, defaults.max_retries)
         {
             missing.push("circuit_breakers (max_connections, max_pending_requests, max_retries)");
-        }
-        if policies.outlier_detection.is_some() {
-            missing.push("outlier_detection");
         }
         if policies.rate_limit.is_some() {
             missing.push("rate_limit");

@@ -118,6 +118,16 @@ impl Outcome {
         }
     }
 
+    /// Whether the failure is a gateway error, as Envoy's consecutive-gateway-failure detection counts it: a
+    /// transport failure, HTTP 502, 503 or 504, or UNAVAILABLE or DEADLINE_EXCEEDED (which map to 503 and 504).
+    pub fn is_gateway_failure(self) -> bool {
+        match self {
+            Self::Grpc(code) => matches!(code, GrpcCode::Unavailable | GrpcCode::DeadlineExceeded),
+            Self::Http(status) => matches!(status, 502..=504),
+            Self::Failed(_) => true,
+        }
+    }
+
     /// The gRPC status of the call (gRPC's HTTP-to-gRPC table for a plain HTTP answer).
     pub fn grpc_code(self) -> GrpcCode {
         match self {
@@ -209,6 +219,9 @@ mod tests {
         assert!(!Outcome::Grpc(GrpcCode::Ok).is_failure());
         assert!(!Outcome::Grpc(GrpcCode::NotFound).is_failure());
         assert!(!Outcome::Http(404).is_failure());
+        assert!(Outcome::Grpc(GrpcCode::DeadlineExceeded).is_gateway_failure());
+        assert!(Outcome::Http(503).is_gateway_failure() && Outcome::Failed(Failure::Reset(0x2)).is_gateway_failure());
+        assert!(!Outcome::Grpc(GrpcCode::Internal).is_gateway_failure() && !Outcome::Http(500).is_gateway_failure());
         assert_eq!(Outcome::Http(404).grpc_code(), GrpcCode::Unimplemented);
         assert_eq!(Failure::Reset(0x8).grpc_code(), GrpcCode::Cancelled);
         assert_eq!(Failure::Reset(0x0).grpc_code(), GrpcCode::Internal);

@@ -12,6 +12,8 @@ pub struct ClusterStats {
     pub(crate) retry_budget_exhausted: AtomicU64,
     /// Calls the circuit breaker turned away (Envoy's `upstream_rq_pending_overflow`).
     pub(crate) overflows: AtomicU64,
+    /// Endpoints outlier detection ejected (Envoy's `outlier_detection.ejections_enforced_total`).
+    pub(crate) ejections: AtomicU64,
 }
 
 /// A snapshot of a cluster's counters.
@@ -23,6 +25,8 @@ pub struct ClusterCounts {
     pub retry_budget_exhausted: u64,
     /// Calls the circuit breaker turned away.
     pub overflows: u64,
+    /// Endpoints outlier detection ejected.
+    pub ejections: u64,
 }
 
 impl ClusterStats {
@@ -33,6 +37,7 @@ impl ClusterStats {
             retries: read(&self.retries),
             retry_budget_exhausted: read(&self.retry_budget_exhausted),
             overflows: read(&self.overflows),
+            ejections: read(&self.ejections),
         }
     }
 

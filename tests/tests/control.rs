@@ -438,6 +438,51 @@ async fn a_backend_failing_every_call_gets_no_more_retries_than_the_cds_retry_bu
     assert!(greeter.retry_budget_exhausted > 0, "the budget refused retries: {greeter:?}");
 }
 
+/// A mesh file's outlier detection reaches our client and a real Envoy through mesh-control (CDS
+/// `outlier_detection`), and both treat an endpoint failing every call alike: ejected after 3 failures in a row,
+/// back after the 1 s ejection time, and ejected again after 3 more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erroring_endpoint_is_ejected_at_its_consecutive_failures_and_returns_after_the_ejection_time() {
+    let failing = EchoServer::start_failing(100).await.unwrap();
+    let (a, b) = (EchoServer::start(Duration::ZERO).await.unwrap(), EchoServer::start(Duration::ZERO).await.unwrap());
+    let port = peers::free_port().unwrap();
+    let outlier = "outlier_detection: { consecutive_errors: 3, interval: 100ms, base_ejection_time: 1s, max_ejection_percent: 50 }";
+    let sidecar = format!("sidecar: {{ port: {port} }}");
+    let (_dir, cp) = greeter_mesh("outlier", &[failing.addr, a.addr, b.addr], &["lb: round_robin", outlier, &sidecar]);
+
+    let channel = xds_channel(&cp, &[]);
+    // Our client ejects as the third failure ends; a call already picking may still land there.
+    let second = ejects_and_returns("our client", &failing, 4, || drive(&channel, 60, 1, |_| {})).await;
+    assert!((3..=4).contains(&second), "our client ejects it again after 3 more failures: {second}");
+    let counts = channel.counts();
+    assert!(counts.iter().any(|(name, c)| name == "greeter" && c.ejections >= 2), "both ejections counted: {counts:?}");
+
+    let mut envoy = Envoy::start(cp.xds, false, "envoy-outlier").unwrap();
+    envoy.wait_for_listener(port, Duration::from_secs(60)).unwrap();
+    let through = envoy_channel(port);
+    // Envoy ejects on its main thread, after the worker that saw the failure posts it there. (Envoy 1.40 marks
+    // the endpoint ejected again after it returns, but keeps sending it every third call: the second ejection is
+    // checked only as the endpoint's return.)
+    ejects_and_returns("envoy", &failing, 5, || drive_via_proxy(&through, 60, 1)).await;
+}
+
+/// Runs 60 calls one at a time: the failing endpoint gets 3 to `most` of them (ejected), and the rest succeed;
+/// then, past the ejection time, 60 more: it gets traffic again. Returns how many of those it got.
+async fn ejects_and_returns<F: std::future::Future<Output = Run>>(who: &str, failing: &EchoServer, most: u64, run: impl Fn() -> F) -> u64 {
+    let before = failing.calls();
+    let first = run().await;
+    let hit = failing.calls() - before;
+    assert!((3..=most).contains(&hit), "{who}: the failing endpoint got {hit} of 60 calls: {:?}", first.failures);
+    assert_eq!(first.failures.len() as u64, hit, "{who}: every other call succeeds: {:?}", first.failures);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = failing.calls();
+    let again = run().await;
+    let hit = failing.calls() - before;
+    assert!(hit >= 1, "{who}: after the ejection time the endpoint gets traffic again: {:?}", again.by_endpoint);
+    assert_eq!(again.failures.len() as u64, hit, "{who}: {:?}", again.failures);
+    hit
+}
+
 /// A mesh file's `circuit_breakers.max_requests` reaches our client through mesh-control (CDS thresholds) and
 /// is enforced: calls over the limit fail at once with UNAVAILABLE naming the cluster, and never reach the
 /// backend.

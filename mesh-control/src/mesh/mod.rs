@@ -19,11 +19,12 @@ use std::time::Duration;
 use mesh_core::GrpcCode;
 use mesh_core::model::{Endpoint, HeaderMatch, Locality, PathMatch, Regex, RouteMatch, StringMatch};
 use mesh_core::policy::{
-    AuthzAction, AuthzRule, CircuitBreakers, FaultInjection, LbPolicy, MtlsMode, OutlierDetection, RateLimit, RetryBudget, RetryPolicy,
+    AuthzAction, AuthzRule, CircuitBreakers, Consecutive, FailurePercentage, FaultInjection, LbPolicy, MtlsMode, OutlierDetection,
+    RateLimit, RetryBudget, RetryPolicy, SuccessRate,
 };
 use serde_saphyr::Spanned;
 
-use raw::{RawEndpoint, RawKube, RawMesh, RawPort, RawRetries, RawService};
+use raw::{RawEndpoint, RawKube, RawMesh, RawOutlierDetection, RawPort, RawRetries, RawService};
 
 /// The embedded example mesh: `greeter` with subsets v1 (two endpoints) and v2 (one), split 90/10.
 pub const EXAMPLE: &str = include_str!("../../examples/mesh.yaml");
@@ -440,24 +441,8 @@ impl Validator<'_> {
             retry_budget: None,
         });
         let circuit_breakers = CircuitBreakers { retry_budget, ..circuit_breakers };
-        let outlier_detection = match &raw.outlier_detection {
-            None => None,
-            Some(o) => {
-                let d = OutlierDetection::default();
-                let ofield = format!("{field}.outlier_detection");
-                if let Some(p) = o.max_ejection_percent.as_ref().filter(|p| p.value > 100) {
-                    return self.error(&p.referenced, format!("{ofield}.max_ejection_percent"), "a percentage is 0 to 100");
-                }
-                Some(OutlierDetection {
-                    consecutive_5xx: o.consecutive_errors.unwrap_or(d.consecutive_5xx),
-                    interval: self.opt_duration(&format!("{ofield}.interval"), o.interval.as_ref())?.unwrap_or(d.interval),
-                    base_ejection_time: self
-                        .opt_duration(&format!("{ofield}.base_ejection_time"), o.base_ejection_time.as_ref())?
-                        .unwrap_or(d.base_ejection_time),
-                    max_ejection_percent: o.max_ejection_percent.as_ref().map_or(d.max_ejection_percent, |p| p.value),
-                })
-            }
-        };
+        let outlier_detection =
+            raw.outlier_detection.as_ref().map(|o| self.outlier_detection(&format!("{field}.outlier_detection"), o)).transpose()?;
         let rate_limit = match &raw.rate_limit {
             None => None,
             Some(r) if r.value.requests_per_second == 0 => {
@@ -695,6 +680,59 @@ impl Validator<'_> {
             }
         };
         Ok(RetryPolicy { max_attempts: raw.attempts, retry_on, per_try_timeout, base_backoff, max_backoff })
+    }
+
+    /// Consecutive errors eject (5 by default); gateway errors, success rate and failure percentage only when
+    /// given (so Envoy and our client, which both get explicit `enforcing_*` values, agree).
+    fn outlier_detection(&self, field: &str, o: &RawOutlierDetection) -> Checked<OutlierDetection> {
+        let d = OutlierDetection::default();
+        let consecutive = |name: &str, threshold: Option<&Spanned<u32>>, default: Option<u32>| -> Checked<Option<Consecutive>> {
+            match (threshold, default) {
+                (Some(t), _) if !(1..=OutlierDetection::MAX_CONSECUTIVE).contains(&t.value) => {
+                    self.error(&t.referenced, format!("{field}.{name}"), "must be 1 to 255")
+                }
+                (Some(t), _) => Ok(Some(Consecutive { threshold: t.value, enforcing: 100 })),
+                (None, default) => Ok(default.map(|threshold| Consecutive { threshold, enforcing: 100 })),
+            }
+        };
+        let max_ejection_percent =
+            o.max_ejection_percent.as_ref().map(|p| self.percent(&format!("{field}.max_ejection_percent"), p)).transpose()?;
+        let success_rate = o.success_rate.as_ref().map(|s| {
+            let r = SuccessRate::default();
+            SuccessRate {
+                stdev_factor: s.stdev_factor.map_or(r.stdev_factor, |f| (f.clamp(0.0, 1_000_000.0) * 1000.0).round() as u32),
+                enforcing: 100,
+                minimum_hosts: s.minimum_hosts.unwrap_or(r.minimum_hosts),
+                request_volume: s.request_volume.unwrap_or(r.request_volume),
+            }
+        });
+        let failure_percentage = match &o.failure_percentage {
+            None => None,
+            Some(f) => {
+                let p = FailurePercentage::default();
+                Some(FailurePercentage {
+                    threshold: self.percent(&format!("{field}.failure_percentage.threshold"), &f.threshold)?,
+                    enforcing: 100,
+                    minimum_hosts: f.minimum_hosts.unwrap_or(p.minimum_hosts),
+                    request_volume: f.request_volume.unwrap_or(p.request_volume),
+                })
+            }
+        };
+        Ok(OutlierDetection {
+            interval: self.opt_duration(&format!("{field}.interval"), o.interval.as_ref())?.unwrap_or(d.interval),
+            base_ejection_time: self
+                .opt_duration(&format!("{field}.base_ejection_time"), o.base_ejection_time.as_ref())?
+                .unwrap_or(d.base_ejection_time),
+            max_ejection_time: self
+                .opt_duration(&format!("{field}.max_ejection_time"), o.max_ejection_time.as_ref())?
+                .unwrap_or(d.max_ejection_time),
+            max_ejection_percent: max_ejection_percent.unwrap_or(d.max_ejection_percent),
+            always_eject_one: false,
+            consecutive_5xx: consecutive("consecutive_errors", o.consecutive_errors.as_ref(), Some(5))?,
+            consecutive_gateway: consecutive("consecutive_gateway_errors", o.consecutive_gateway_errors.as_ref(), None)?,
+            success_rate,
+            failure_percentage,
+        })
     }
 
     fn percent(&self, field: &str, p: &Spanned<u32>) -> Checked<u32> {

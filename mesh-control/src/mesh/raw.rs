@@ -142,10 +142,30 @@ pub(super) struct RawCircuitBreakers {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawOutlierDetection {
-    pub(super) consecutive_errors: Option<u32>,
+    pub(super) consecutive_errors: Option<Spanned<u32>>,
+    pub(super) consecutive_gateway_errors: Option<Spanned<u32>>,
     pub(super) interval: Option<Spanned<String>>,
     pub(super) base_ejection_time: Option<Spanned<String>>,
+    pub(super) max_ejection_time: Option<Spanned<String>>,
     pub(super) max_ejection_percent: Option<Spanned<u32>>,
+    pub(super) success_rate: Option<RawSuccessRate>,
+    pub(super) failure_percentage: Option<RawFailurePercentage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSuccessRate {
+    pub(super) stdev_factor: Option<f64>,
+    pub(super) minimum_hosts: Option<u32>,
+    pub(super) request_volume: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFailurePercentage {
+    pub(super) threshold: Spanned<u32>,
+    pub(super) minimum_hosts: Option<u32>,
+    pub(super) request_volume: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

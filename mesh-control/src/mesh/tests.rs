@@ -86,6 +86,27 @@ fn bad_values_are_rejected_precisely() {
             "0 to 100",
         ),
         (
+            "    routes:",
+            "    outlier_detection: { interval: 0s }\n    routes:",
+            9,
+            "services.greeter.outlier_detection.interval",
+            "more than 0",
+        ),
+        (
+            "    routes:",
+            "    outlier_detection: { consecutive_errors: 0 }\n    routes:",
+            9,
+            "services.greeter.outlier_detection.consecutive_errors",
+            "1 to 255",
+        ),
+        (
+            "    routes:",
+            "    outlier_detection: { failure_percentage: { threshold: 101 } }\n    routes:",
+            9,
+            "services.greeter.outlier_detection.failure_percentage.threshold",
+            "0 to 100",
+        ),
+        (
             "      - split:",
             "      - retries: { attempts: 2, budget_percent: 50 }\n        split:",
             10,

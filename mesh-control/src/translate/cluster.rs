@@ -27,7 +27,7 @@ use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Any, UInt32Value, UInt64Value};
 use envoy_types::util::pack_any;
 use mesh_core::model::{Endpoint, HealthStatus, Locality};
-use mesh_core::policy::{LbPolicy, MtlsMode};
+use mesh_core::policy::{Consecutive, FailurePercentage, LbPolicy, MtlsMode, SuccessRate};
 
 use super::{ads, duration};
 use crate::mesh::{EndpointSource, KubeRef, Service, Subset, cluster_name};
@@ -65,13 +65,7 @@ pub(super) fn cluster(service: &Service, name: &str) -> Cluster {
         eds_cluster_config: Some(EdsClusterConfig { eds_config: Some(ads()), service_name: name.to_owned() }),
         connect_timeout: Some(duration(std::time::Duration::from_secs(1))),
         circuit_breakers: Some(circuit_breakers(service)),
-        outlier_detection: service.outlier_detection.as_ref().map(|o| OutlierDetection {
-            consecutive_5xx: Some(UInt32Value { value: o.consecutive_5xx }),
-            interval: Some(duration(o.interval)),
-            base_ejection_time: Some(duration(o.base_ejection_time)),
-            max_ejection_percent: Some(UInt32Value { value: o.max_ejection_percent }),
-            ..Default::default()
-        }),
+        outlier_detection: service.outlier_detection.as_ref().map(outlier_detection),
         typed_extension_protocol_options: [("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_owned(), http2())].into(),
         transport_socket: (service.mtls == MtlsMode::Strict).then(mtls_socket),
         ..Default::default()
@@ -123,6 +117,36 @@ fn policy_list(types: &[&str]) -> LoadBalancingPolicy {
         })
         .collect();
     LoadBalancingPolicy { policies }
+}
+
+/// Every field explicit, `enforcing_*` included, so Envoy's defaults (success rate on) never differ from ours.
+fn outlier_detection(o: &mesh_core::policy::OutlierDetection) -> OutlierDetection {
+    let u32v = |value: u32| Some(UInt32Value { value });
+    let (c5, cg) = (
+        o.consecutive_5xx.unwrap_or(Consecutive { threshold: 5, enforcing: 0 }),
+        o.consecutive_gateway.unwrap_or(Consecutive { threshold: 5, enforcing: 0 }),
+    );
+    let rate = o.success_rate.unwrap_or(SuccessRate { enforcing: 0, ..SuccessRate::default() });
+    let percentage = o.failure_percentage.unwrap_or(FailurePercentage { enforcing: 0, ..FailurePercentage::default() });
+    OutlierDetection {
+        interval: Some(duration(o.interval)),
+        base_ejection_time: Some(duration(o.base_ejection_time)),
+        max_ejection_time: Some(duration(o.max_ejection_time)),
+        max_ejection_percent: u32v(o.max_ejection_percent),
+        consecutive_5xx: u32v(c5.threshold),
+        enforcing_consecutive_5xx: u32v(c5.enforcing),
+        consecutive_gateway_failure: u32v(cg.threshold),
+        enforcing_consecutive_gateway_failure: u32v(cg.enforcing),
+        success_rate_stdev_factor: u32v(rate.stdev_factor),
+        enforcing_success_rate: u32v(rate.enforcing),
+        success_rate_minimum_hosts: u32v(rate.minimum_hosts),
+        success_rate_request_volume: u32v(rate.request_volume),
+        failure_percentage_threshold: u32v(percentage.threshold),
+        enforcing_failure_percentage: u32v(percentage.enforcing),
+        failure_percentage_minimum_hosts: u32v(percentage.minimum_hosts),
+        failure_percentage_request_volume: u32v(percentage.request_volume),
+        ..Default::default()
+    }
 }
 
 fn circuit_breakers(service: &Service) -> CircuitBreakers {

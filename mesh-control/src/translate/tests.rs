@@ -84,7 +84,7 @@ fn proxyless_policies_and_optional_filters() {
     endpoints: [127.0.0.1:1]
     fault: { abort: { percent: 5, grpc_status: unavailable } }
     rate_limit: { requests_per_second: 10 }
-    outlier_detection: { consecutive_errors: 3 }
+    outlier_detection: { consecutive_errors: 3, failure_percentage: { threshold: 60 }, max_ejection_time: 90s }
     mtls: strict
 ";
     let mesh = parse("m", text).unwrap();
@@ -93,7 +93,12 @@ fn proxyless_policies_and_optional_filters() {
     assert!(l.http_filters.iter().any(|f| f.contains("fault")), "{:?}", l.http_filters);
     let Decoded::Cluster(c) = decoded(&out, CLUSTER, "a") else { unreachable!() };
     assert_eq!(c.cluster.lb.name(), "ring_hash");
-    assert_eq!(c.cluster.policies.outlier_detection.as_ref().unwrap().consecutive_5xx, 3);
+    // Our client reads back what the file said: every algorithm explicit, so Envoy's defaults (success rate on)
+    // never differ from the file's.
+    let sent = mesh.services["a"].outlier_detection.clone().unwrap();
+    assert_eq!(sent.consecutive_5xx, Some(mesh_core::policy::Consecutive { threshold: 3, enforcing: 100 }));
+    assert_eq!((sent.success_rate, sent.failure_percentage.map(|f| f.threshold)), (None, Some(60)));
+    assert_eq!(c.cluster.policies.outlier_detection, Some(sent));
     assert!(c.cluster.policies.tls.is_some(), "strict mTLS sets upstream TLS");
 }
 

@@ -16,7 +16,7 @@ pub(super) struct InFlight(Arc<dyn Counted>);
 
 trait Counted: Send + Sync {
     fn end(&self);
-    fn record(&self, failed: bool);
+    fn record(&self, outcome: Outcome);
 }
 
 impl<B: Send + 'static> Counted for Handle<B> {
@@ -24,8 +24,8 @@ impl<B: Send + 'static> Counted for Handle<B> {
         Handle::end(self);
     }
 
-    fn record(&self, failed: bool) {
-        Handle::record(self, failed);
+    fn record(&self, outcome: Outcome) {
+        Handle::record(self, outcome.is_failure(), outcome.is_gateway_failure());
     }
 }
 
@@ -106,7 +106,7 @@ impl ResponseBody {
     fn finish(&mut self, outcome: Outcome) {
         self.hold = None;
         if let Some(in_flight) = self.in_flight.take() {
-            in_flight.0.record(outcome.is_failure());
+            in_flight.0.record(outcome);
         }
         self.outcome = Some(outcome);
     }
@@ -117,7 +117,7 @@ impl Drop for ResponseBody {
         // Dropped before its end: an outcome its head already decided (a trailers-only status, an HTTP error
         // answer, which a retry drops unread) still counts; one still waiting for its trailers was cancelled.
         if let (Some(in_flight), Pending::Decided(outcome)) = (self.in_flight.take(), self.pending) {
-            in_flight.0.record(outcome.is_failure());
+            in_flight.0.record(outcome);
         }
     }
 }

@@ -143,7 +143,7 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
 /// failure.
 fn upstream<B>(handle: &super::handle::Handle<B>, error: hyper::Error) -> Error {
     let failure = Failure::of(&error);
-    handle.record(true);
+    handle.record(true, true);
     Error::Upstream { addr: handle.addr(), failure, source: error.into() }
 }
 

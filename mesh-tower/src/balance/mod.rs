@@ -6,7 +6,8 @@
 //! [`ConnectionPolicy`], so a dead peer is detected idle or busy). Each request is sent to one
 //! *ready* endpoint chosen by the cluster's [`LbPolicy`]:
 //!
-//! - endpoints still connecting, or whose last connect failed, get no traffic;
+//! - endpoints still connecting, or whose last connect failed, get no traffic, nor do endpoints outlier
+//!   detection ejected ([`BalancerConfig::outlier_detection`]);
 //! - when several priority levels exist, traffic is spread over them by
 //!   Envoy's priority load with the overprovisioning factor (1.4 by default),
 //!   so a level that loses health fails over gradually;
@@ -35,6 +36,7 @@
 //! | `call.rs` | the call path: drop, pick, send, re-pick, transparent resend, wait |
 //! | `pick.rs` | pick dispatch: priority and locality, then the LB policy |
 //! | `body.rs` | the response body: in flight until the last frame, where the call is classified |
+//! | `outlier.rs` | outlier detection: consecutive-failure trips, the detector that ejects and returns endpoints |
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -55,6 +57,7 @@ mod body;
 mod call;
 mod future;
 mod handle;
+mod outlier;
 mod pick;
 mod pool;
 mod snapshot;
@@ -72,7 +75,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use mesh_core::lb::{DEFAULT_OVERPROVISIONING_FACTOR, RingHash, WeightedRoundRobin};
-use mesh_core::policy::{ConnectionPolicy, TlsPolicy};
+use mesh_core::policy::{ConnectionPolicy, OutlierDetection, TlsPolicy};
 use mesh_core::{DropOverload, Endpoint, LbPolicy, Locality};
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
@@ -101,6 +104,8 @@ pub struct BalancerConfig {
     pub overprovisioning_factor: u32,
     /// The cluster's upstream TLS, handed to the connector with each endpoint; `None` means plaintext.
     pub tls: Option<TlsPolicy>,
+    /// Ejection of failing endpoints; `None` turns it off.
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 impl Default for BalancerConfig {
@@ -111,6 +116,7 @@ impl Default for BalancerConfig {
             ready_timeout: Duration::from_secs(10),
             overprovisioning_factor: DEFAULT_OVERPROVISIONING_FACTOR,
             tls: None,
+            outlier_detection: None,
         }
     }
 }
@@ -144,6 +150,8 @@ pub struct EndpointStatus {
     pub successes: u32,
     /// See `successes`.
     pub failures: u32,
+    /// Whether outlier detection has ejected it.
+    pub ejected: bool,
 }
 
 /// A load-balancing HTTP/2 client over a discovered endpoint set.
@@ -201,7 +209,16 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
     pub fn with_connector(target: impl Into<String>, discover: impl Discover, config: BalancerConfig, connector: C) -> Self {
         let ring = matches!(config.lb, LbPolicy::RingHash { .. });
         let target = target.into();
+        let (mut detector, trip) = match &config.outlier_detection {
+            Some(outlier) => {
+                let (detector, trip) = outlier::Detector::new(outlier.clone());
+                (Some(detector), Some(trip))
+            }
+            None => (None, None),
+        };
         let state = Arc::new(State {
+            trip,
+            stats: Arc::default(),
             span: tracing::info_span!("balancer", target = %target, lb = config.lb.name()),
             tls: config.tls.clone().map(Arc::new),
             target,
@@ -251,6 +268,10 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
                             Some(state) => state.refresh(),
                             None => return,
                         },
+                        event = detect(&mut detector) => match (weak.upgrade(), &mut detector) {
+                            (Some(state), Some(detector)) => detector.handle(event, &state),
+                            _ => return,
+                        },
                     }
                 }
             },
@@ -259,6 +280,11 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         .abort_handle();
         let _ = state.discovery.set(discovery);
         Self { inner: Arc::new(Inner { state }) }
+    }
+
+    /// What it counts (outlier ejections), and what the layers over it add (the cluster's counts).
+    pub fn stats(&self) -> Arc<crate::stats::ClusterStats> {
+        self.inner.state.stats.clone()
     }
 
     /// The target this balancer serves.
@@ -315,6 +341,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
                 in_flight: handle.in_flight(),
                 successes: handle.outcomes().0,
                 failures: handle.outcomes().1,
+                ejected: handle.is_ejected(),
             })
             .collect()
     }
@@ -373,6 +400,18 @@ struct State<B, C> {
     assignment: Mutex<Arc<Assignment>>,
     /// The discovery task, aborted when the state is dropped.
     discovery: std::sync::OnceLock<AbortHandle>,
+    /// Outlier detection's trip, shared by every endpoint's handle; `None` when off.
+    trip: Option<Arc<outlier::Trip>>,
+    /// The cluster's counts.
+    stats: Arc<crate::stats::ClusterStats>,
+}
+
+/// The detector's next event; never, without one.
+async fn detect<B: RequestBody>(detector: &mut Option<outlier::Detector<B>>) -> outlier::Event {
+    match detector {
+        Some(detector) => detector.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What an endpoint assignment (an EDS ClusterLoadAssignment) says beyond its endpoints.

@@ -48,12 +48,13 @@ impl<B: RequestBody, C: Connect> State<B, C> {
     pub(super) fn pick<'s>(&self, snapshot: &'s Snapshot<B>, hash: Option<u64>) -> Option<&'s Arc<Handle<B>>> {
         if let (Some(ring), Some(hash)) = (&snapshot.ring, hash) {
             // gRPC's ring-hash pick (A42): take the first endpoint on the ring
-            // that has not failed; if it is still connecting (or connected but
-            // not yet in this snapshot), wait for it rather than spill its
-            // keys onto a neighbour.
+            // that has not failed and is not ejected; if it is still connecting
+            // (or connected but not yet in this snapshot), wait for it rather
+            // than spill its keys onto a neighbour.
             let candidate = |i: usize| {
                 let (endpoint, handle) = &snapshot.endpoints[i];
-                snapshot.ready[i] || (handle.state() != ConnState::TransientFailure && endpoint.health.is_routable())
+                snapshot.ready[i]
+                    || (handle.state() != ConnState::TransientFailure && !handle.is_ejected() && endpoint.health.is_routable())
             };
             let index = *ring.pick_where(hash, |&i| candidate(i))?;
             return snapshot.ready[index].then(|| &snapshot.endpoints[index].1);

@@ -114,7 +114,7 @@ impl<B: RequestBody, C: Connect> State<B, C> {
             _ => Duration::from_millis(30),
         };
         tracing::debug!(target_name = %self.target, addr = %endpoint.addr, "endpoint added");
-        Arc::new(Handle::new(endpoint.addr, default_rtt, self.now(), self.config.connection.reconnect_backoff_base))
+        Arc::new(Handle::new(endpoint.addr, default_rtt, self.now(), self.config.connection.reconnect_backoff_base, self.trip.clone()))
     }
 
     /// Asks for a snapshot rebuild after a connection state change.
@@ -138,13 +138,29 @@ impl<B: RequestBody, C: Connect> State<B, C> {
         let mut levels = vec![Vec::new(); priorities.len()];
         let mut ready = vec![false; list.len()];
         let mut health = vec![PriorityHealth { healthy: 0, total: 0 }; priorities.len()];
+        // Ready endpoints outlier detection ejected, per level: a level left with none serves from these.
+        let mut ejected = vec![Vec::new(); priorities.len()];
         for (i, (endpoint, handle)) in list.iter().enumerate() {
             let level = priorities.binary_search(&endpoint.priority).unwrap_or(0);
             health[level].total += 1;
             if handle.state() == ConnState::Ready && endpoint.health.is_routable() {
+                if handle.is_ejected() {
+                    ejected[level].push(i);
+                    continue;
+                }
                 health[level].healthy += 1;
                 levels[level].push(i);
                 ready[i] = true;
+            }
+        }
+        for (level, ejected) in ejected.into_iter().enumerate() {
+            if levels[level].is_empty() && !ejected.is_empty() {
+                tracing::debug!(target_name = %self.target, level, "every ready endpoint of the level is ejected; serving from them");
+                health[level].healthy = ejected.len() as u32;
+                for &i in &ejected {
+                    ready[i] = true;
+                }
+                levels[level] = ejected;
             }
         }
         let assignment = lock(&self.assignment).clone();

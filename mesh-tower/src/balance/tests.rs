@@ -219,3 +219,120 @@ async fn calls_picked_onto_a_connection_that_died_are_re_picked_and_none_fails()
     }
     until_state(&balancer, addr(1), ConnState::TransientFailure).await;
 }
+
+fn outlier_balancer(net: &FakeNet, ports: &[u16], outlier: mesh_core::policy::OutlierDetection) -> Balancer<Empty<Bytes>, FakeNet> {
+    let (tx, source) = discover::channel();
+    tx.send(Change::reset(ports.iter().map(|&p| Endpoint::new(addr(p)))));
+    std::mem::forget(tx);
+    let config = BalancerConfig { lb: "round_robin".parse().unwrap(), outlier_detection: Some(outlier), ..BalancerConfig::default() };
+    Balancer::with_connector("fake", source, config, net.clone())
+}
+
+fn consecutive(threshold: u32, base: Duration) -> mesh_core::policy::OutlierDetection {
+    mesh_core::policy::OutlierDetection {
+        interval: Duration::from_secs(1),
+        base_ejection_time: base,
+        max_ejection_percent: 50,
+        consecutive_5xx: Some(mesh_core::policy::Consecutive { threshold, enforcing: 100 }),
+        success_rate: None,
+        ..Default::default()
+    }
+}
+
+/// Sends `n` calls; the endpoint of each answer, 503s included.
+async fn served(balancer: &Balancer<Empty<Bytes>, FakeNet>, n: usize) -> Vec<SocketAddr> {
+    let mut served = Vec::new();
+    for _ in 0..n {
+        let response = balancer.clone().oneshot(http::Request::new(Empty::new())).await.unwrap();
+        served.push(response.extensions().get::<ServedBy>().unwrap().0);
+        response.into_body().collect().await.unwrap();
+    }
+    served
+}
+
+fn ejected(balancer: &Balancer<Empty<Bytes>, FakeNet>) -> Vec<SocketAddr> {
+    balancer.endpoints().into_iter().filter(|e| e.ejected).map(|e| e.endpoint.addr).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn consecutive_failures_eject_an_endpoint_at_once_until_its_ejection_time_is_up() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    net.set(addr(3), Peer::Up { delay: Duration::ZERO });
+    let balancer = outlier_balancer(&net, &[1, 2, 3], consecutive(3, Duration::from_secs(5)));
+    for port in [1, 2, 3] {
+        until_state(&balancer, addr(port), ConnState::Ready).await;
+    }
+    let run = served(&balancer, 30).await;
+    let failed = run.iter().filter(|&&a| a == addr(1)).count();
+    assert_eq!(failed, 3, "ejected at the third failure in a row: {run:?}");
+    assert_eq!(ejected(&balancer), [addr(1)]);
+    assert_eq!(balancer.stats().counts().ejections, 1);
+
+    // Ejected at once (the calls take no virtual time) for 5 s; it returns at the interval that ends then.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(ejected(&balancer), [addr(1)], "still out before its time is up");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(ejected(&balancer).is_empty(), "back after its ejection time");
+    let run = served(&balancer, 30).await;
+    assert_eq!(run.iter().filter(|&&a| a == addr(1)).count(), 3, "it gets traffic again, and is ejected again: {run:?}");
+    // The second ejection lasts twice as long: 10 s.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(ejected(&balancer), [addr(1)], "the second ejection is longer");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(ejected(&balancer).is_empty());
+    assert_eq!(balancer.stats().counts().ejections, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_ejection_percent_keeps_endpoints_serving_and_a_level_all_ejected_still_serves() {
+    let net = FakeNet::default();
+    for port in [1, 2, 3, 4] {
+        net.set(addr(port), Peer::Failing);
+    }
+    let balancer = outlier_balancer(&net, &[1, 2, 3, 4], consecutive(2, Duration::from_secs(30)));
+    for port in [1, 2, 3, 4] {
+        until_state(&balancer, addr(port), ConnState::Ready).await;
+    }
+    served(&balancer, 40).await;
+    assert_eq!(ejected(&balancer).len(), 2, "50% of four: {:?}", balancer.endpoints());
+
+    let everything = mesh_core::policy::OutlierDetection { max_ejection_percent: 100, ..consecutive(2, Duration::from_secs(30)) };
+    let balancer = outlier_balancer(&net, &[1, 2], everything);
+    for port in [1, 2] {
+        until_state(&balancer, addr(port), ConnState::Ready).await;
+    }
+    served(&balancer, 10).await;
+    assert_eq!(ejected(&balancer).len(), 2);
+    let run = served(&balancer, 4).await;
+    assert_eq!(run.len(), 4, "with every endpoint ejected, calls still go to them rather than wait for none");
+}
+
+#[tokio::test(start_paused = true)]
+async fn success_rate_ejects_the_outlier_at_the_interval() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    for port in 2..=5 {
+        net.set(addr(port), Peer::Up { delay: Duration::ZERO });
+    }
+    let rate = mesh_core::policy::SuccessRate { request_volume: 10, ..Default::default() };
+    let config = mesh_core::policy::OutlierDetection {
+        consecutive_5xx: None,
+        success_rate: Some(rate),
+        max_ejection_percent: 20,
+        ..consecutive(5, Duration::from_secs(30))
+    };
+    let balancer = outlier_balancer(&net, &[1, 2, 3, 4, 5], config);
+    for port in 1..=5 {
+        until_state(&balancer, addr(port), ConnState::Ready).await;
+    }
+    // 100 calls, 20 on each: within the first interval, nothing is decided yet.
+    served(&balancer, 100).await;
+    assert!(ejected(&balancer).is_empty(), "no consecutive detection here");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Rates 0, 100, 100, 100, 100: mean 80, stdev 40, threshold 80 − 1.9 × 40 = 4.
+    assert_eq!(ejected(&balancer), [addr(1)]);
+    let run = served(&balancer, 20).await;
+    assert!(!run.contains(&addr(1)), "{run:?}");
+}

@@ -310,7 +310,7 @@ impl<M: MakeConnect> NewCluster<M> {
         // a cluster with a policy to apply is layered; one without calls its balancer directly. The breaker is
         // installed when the cluster sets `max_requests` below Envoy's default (1024): at the default it costs
         // every call a box and two shared atomics, and a single client process rarely holds 1024 calls.
-        let stats = Arc::new(ClusterStats::default());
+        let stats = balancer.stats();
         let max_requests = target.breakers.max_requests;
         let service = if max_requests < CircuitBreakers::default().max_requests {
             ClusterService::layered(

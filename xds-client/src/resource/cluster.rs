@@ -1,5 +1,6 @@
 //! CDS: clusters (gRPC A27, A42, A48, A52 rules; Envoy defaults).
 
+use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection as ProtoOutlier;
 use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget as RetryBudgetProto;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::ring_hash_lb_config::HashFunction;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, LbConfig, LbPolicy as ProtoLbPolicy};
@@ -13,10 +14,14 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsC
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, UInt32Value};
 use mesh_core::lb::{MAX_RING_SIZE, RingHashConfig};
-use mesh_core::policy::{ClusterPolicies, DEFAULT_HASH_HEADER, HashPolicy, OutlierDetection, RetryBudget, TlsPolicy};
+use mesh_core::policy::{
+    ClusterPolicies, Consecutive, DEFAULT_HASH_HEADER, FailurePercentage, HashPolicy, OutlierDetection, RetryBudget, SuccessRate, TlsPolicy,
+};
 use mesh_core::{Cluster, ClusterDiscovery, Endpoint, LbPolicy, ServiceName};
 use prost::Message;
+use std::time::Duration;
 
 use super::{duration, endpoint, extension_type};
 
@@ -188,28 +193,63 @@ fn policies(c: &ProtoCluster) -> Result<ClusterPolicies, String> {
         }
     }
     if let Some(od) = &c.outlier_detection {
-        let mut o = OutlierDetection::default();
-        if let Some(v) = od.consecutive_5xx {
-            o.consecutive_5xx = v.value;
-        }
-        if let Some(d) = &od.interval {
-            o.interval = duration(d, "outlier_detection.interval")?;
-        }
-        if let Some(d) = &od.base_ejection_time {
-            o.base_ejection_time = duration(d, "outlier_detection.base_ejection_time")?;
-        }
-        if let Some(v) = od.max_ejection_percent {
-            if v.value > 100 {
-                return Err(format!("outlier_detection.max_ejection_percent: {} is over 100", v.value));
-            }
-            o.max_ejection_percent = v.value;
-        }
-        p.outlier_detection = Some(o);
+        p.outlier_detection = Some(outlier_detection(od).map_err(|e| format!("outlier_detection.{e}"))?);
     }
     if let Some(ts) = &c.transport_socket {
         p.tls = tls(ts).map_err(|e| format!("transport_socket: {e}"))?;
     }
     Ok(p)
+}
+
+/// Outlier detection, with Envoy's defaults for every unset field. An algorithm whose `enforcing_*` is 0 is
+/// off. What is not enforced (local-origin splitting, ejection jitter, degraded hosts) is logged.
+fn outlier_detection(od: &ProtoOutlier) -> Result<OutlierDetection, String> {
+    let d = OutlierDetection::default();
+    let (rate, percentage) = (SuccessRate::default(), FailurePercentage::default());
+    let u32_or = |v: Option<UInt32Value>, default: u32| v.map_or(default, |v| v.value);
+    let duration_or = |v: &Option<ProtoDuration>, field: &str, default: Duration| v.as_ref().map_or(Ok(default), |v| duration(v, field));
+    let consecutive = |threshold, enforcing| Some(Consecutive { threshold, enforcing }).filter(|c| c.enforcing > 0);
+    let config = OutlierDetection {
+        interval: duration_or(&od.interval, "interval", d.interval)?,
+        base_ejection_time: duration_or(&od.base_ejection_time, "base_ejection_time", d.base_ejection_time)?,
+        max_ejection_time: duration_or(&od.max_ejection_time, "max_ejection_time", d.max_ejection_time)?,
+        max_ejection_percent: u32_or(od.max_ejection_percent, d.max_ejection_percent),
+        always_eject_one: od.always_eject_one_host.is_some_and(|v| v.value),
+        consecutive_5xx: consecutive(u32_or(od.consecutive_5xx, 5), u32_or(od.enforcing_consecutive_5xx, 100)),
+        consecutive_gateway: consecutive(u32_or(od.consecutive_gateway_failure, 5), u32_or(od.enforcing_consecutive_gateway_failure, 0)),
+        success_rate: Some(SuccessRate {
+            stdev_factor: u32_or(od.success_rate_stdev_factor, rate.stdev_factor),
+            enforcing: u32_or(od.enforcing_success_rate, 100),
+            minimum_hosts: u32_or(od.success_rate_minimum_hosts, rate.minimum_hosts),
+            request_volume: u32_or(od.success_rate_request_volume, rate.request_volume),
+        })
+        .filter(|s| s.enforcing > 0),
+        failure_percentage: Some(FailurePercentage {
+            threshold: u32_or(od.failure_percentage_threshold, percentage.threshold),
+            enforcing: u32_or(od.enforcing_failure_percentage, 0),
+            minimum_hosts: u32_or(od.failure_percentage_minimum_hosts, percentage.minimum_hosts),
+            request_volume: u32_or(od.failure_percentage_request_volume, percentage.request_volume),
+        })
+        .filter(|f| f.enforcing > 0),
+    };
+    config.validate().map_err(|e| match e {
+        mesh_core::Error::InvalidPolicy { field, reason, .. } => format!("{field}: {reason}"),
+        other => other.to_string(),
+    })?;
+    let mut unsupported = Vec::new();
+    if od.split_external_local_origin_errors {
+        unsupported.push("split_external_local_origin_errors");
+    }
+    if od.max_ejection_time_jitter.as_ref().is_some_and(|j| j.seconds != 0 || j.nanos != 0) {
+        unsupported.push("max_ejection_time_jitter");
+    }
+    if od.detect_degraded_hosts.is_some_and(|v| v.value) {
+        unsupported.push("detect_degraded_hosts");
+    }
+    if !unsupported.is_empty() {
+        tracing::warn!(?unsupported, "outlier_detection fields accepted but not enforced");
+    }
+    Ok(config)
 }
 
 /// A threshold's `retry_budget`, read as a Linkerd-style budget (DESIGN.md): `budget_percent` of the calls of
@@ -278,14 +318,12 @@ fn exact_san(m: &StringMatcher) -> Result<String, String> {
 #[cfg(test)]
 #[allow(deprecated)]
 mod tests {
-    use std::time::Duration;
-
+    use envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers;
     use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
     use envoy_types::pb::envoy::config::cluster::v3::cluster::{
         CustomClusterType, EdsClusterConfig, LeastRequestLbConfig, RingHashLbConfig,
     };
     use envoy_types::pb::envoy::config::cluster::v3::load_balancing_policy::Policy;
-    use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, OutlierDetection as ProtoOutlier};
     use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
     use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
     use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, TypedExtensionConfig};
@@ -297,7 +335,7 @@ mod tests {
         CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher,
     };
     use envoy_types::pb::envoy::r#type::v3::Percent;
-    use envoy_types::pb::google::protobuf::{Any, Duration as ProtoDuration, UInt32Value, UInt64Value};
+    use envoy_types::pb::google::protobuf::{Any, UInt64Value};
 
     use super::super::{DecodeError, Resource, ResourceType, to_any};
     use super::*;
@@ -394,6 +432,10 @@ mod tests {
         c.outlier_detection = Some(ProtoOutlier {
             consecutive_5xx: Some(UInt32Value { value: 3 }),
             base_ejection_time: Some(ProtoDuration { seconds: 60, nanos: 0 }),
+            enforcing_consecutive_gateway_failure: Some(UInt32Value { value: 50 }),
+            enforcing_success_rate: Some(UInt32Value { value: 0 }),
+            enforcing_failure_percentage: Some(UInt32Value { value: 100 }),
+            failure_percentage_threshold: Some(UInt32Value { value: 40 }),
             ..Default::default()
         });
         c.transport_socket = tls_socket("greeter.svc", vec![san("spiffe://mesh/greeter")]);
@@ -410,7 +452,16 @@ mod tests {
         let budget = RetryBudget { ratio: 0.5, min_per_second: 2, window: Duration::from_secs(1) };
         assert_eq!(cb.retry_budget, Some(budget));
         let od = cl.policies.outlier_detection.as_ref().unwrap();
-        assert_eq!((od.consecutive_5xx, od.interval, od.base_ejection_time), (3, Duration::from_secs(10), Duration::from_secs(60)));
+        assert_eq!(
+            (od.interval, od.base_ejection_time, od.max_ejection_time),
+            (Duration::from_secs(10), Duration::from_secs(60), Duration::from_secs(300))
+        );
+        assert_eq!(od.consecutive_5xx, Some(Consecutive { threshold: 3, enforcing: 100 }));
+        assert_eq!(od.consecutive_gateway, Some(Consecutive { threshold: 5, enforcing: 50 }), "on when enforced");
+        assert_eq!(od.success_rate, None, "enforcing_success_rate 0 turns it off");
+        assert_eq!(od.failure_percentage, Some(FailurePercentage { threshold: 40, ..FailurePercentage::default() }));
+        let defaults = decode_cluster(&ProtoCluster { outlier_detection: Some(ProtoOutlier::default()), ..eds("d") }).unwrap();
+        assert_eq!(defaults.cluster.policies.outlier_detection, Some(OutlierDetection::default()), "Envoy's defaults");
         let tls = cl.policies.tls.as_ref().unwrap();
         assert_eq!(tls.server_name.as_deref(), Some("greeter.svc"));
         assert_eq!(tls.allowed_identities, ["spiffe://mesh/greeter", "spiffe://mesh/typed"]);
@@ -532,6 +583,8 @@ mod tests {
         c.transport_socket = None;
         c.outlier_detection = Some(ProtoOutlier { max_ejection_percent: Some(UInt32Value { value: 101 }), ..Default::default() });
         assert!(reason(&c).contains("outlier_detection.max_ejection_percent"));
+        c.outlier_detection = Some(ProtoOutlier { consecutive_5xx: Some(UInt32Value { value: 0 }), ..Default::default() });
+        assert!(reason(&c).contains("outlier_detection.consecutive_5xx: must be 1 to 255"), "{}", reason(&c));
         c.outlier_detection = None;
         let budget = RetryBudgetProto { budget_percent: Some(Percent { value: 120.0 }), ..Default::default() };
         let thresholds = Thresholds { retry_budget: Some(budget), ..Default::default() };
