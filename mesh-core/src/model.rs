@@ -198,7 +198,7 @@ pub enum PathMatch {
 }
 
 /// How a header value (or any string) is matched (Envoy `StringMatcher`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum StringMatch {
     /// Equal to.
     Exact(String),
@@ -230,7 +230,7 @@ impl StringMatch {
 }
 
 /// A header condition of a route.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HeaderMatch {
     /// Lower-case header name.
     pub name: String,
@@ -272,7 +272,14 @@ impl RouteMatch {
             PathMatch::Exact(p) => path.eq_ignore_ascii_case(p),
             PathMatch::Regex(r) => r.is_full_match(path),
         };
-        path_ok && self.headers.iter().all(|h| h.matcher.matches(header(&h.name)) != h.invert)
+        path_ok && self.headers.iter().all(|h| h.matches(header(&h.name)))
+    }
+}
+
+impl HeaderMatch {
+    /// Whether a request whose header of this name has `value` (`None`: absent) matches.
+    pub fn matches(&self, value: Option<&str>) -> bool {
+        self.matcher.matches(value) != self.invert
     }
 }
 

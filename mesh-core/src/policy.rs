@@ -421,14 +421,48 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Fault injection (Envoy HTTP fault filter).
-#[derive(Clone, Debug, PartialEq)]
+/// Fault injection (Envoy's HTTP fault filter; gRPC A33): a share of calls is delayed, then a share aborted,
+/// before they leave. Shares are in parts per million (Envoy's `FractionalPercent` at its finest).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct FaultInjection {
-    /// Delay added to a share of requests: (delay, percent).
-    pub delay: Option<(Duration, u32)>,
-    /// Abort a share of requests with a gRPC status: (code, percent).
-    pub abort: Option<(GrpcCode, u32)>,
+    /// The delay, and the share of calls it applies to.
+    pub delay: Option<FaultDelay>,
+    /// The abort, and the share of calls it applies to.
+    pub abort: Option<FaultAbort>,
+    /// Most calls under a fault at once; `None`: no limit.
+    pub max_active_faults: Option<u32>,
+    /// Only requests whose headers match every one of these are faulted.
+    pub headers: Vec<crate::HeaderMatch>,
 }
+
+impl FaultInjection {
+    /// Whether it can fault a call at all (it has a delay or an abort).
+    pub fn injects(&self) -> bool {
+        self.delay.is_some() || self.abort.is_some()
+    }
+}
+
+/// A fault's delay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultDelay {
+    /// The delay; `None` takes it from the request's `x-envoy-fault-delay-request` header (milliseconds).
+    pub fixed: Option<Duration>,
+    /// Share of calls delayed, in parts per million.
+    pub per_million: u32,
+}
+
+/// A fault's abort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultAbort {
+    /// The status the call fails with; `None` takes it from the request's `x-envoy-fault-abort-grpc-request`
+    /// header (a gRPC code) or `x-envoy-fault-abort-request` header (an HTTP status, by gRPC's HTTP table).
+    pub code: Option<GrpcCode>,
+    /// Share of calls aborted, in parts per million.
+    pub per_million: u32,
+}
+
+/// Parts per million in a percent.
+pub const PER_MILLION_PER_PERCENT: u32 = 10_000;
 
 /// Mutual TLS between workloads (Istio's `PeerAuthentication` modes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -127,7 +127,13 @@ async fn run(
                 rds.as_ref().and_then(|(_, w, _)| w.value()).map(|rc| (*rc).clone())
             }
         };
-        let routes: Option<Vec<Route>> = route_config.and_then(|rc| rc.virtual_host_for(&name).map(|vh| vh.routes.clone()));
+        let mut routes: Option<Vec<Route>> = route_config.and_then(|rc| rc.virtual_host_for(&name).map(|vh| vh.routes.clone()));
+        // The listener's fault filter applies to every route, unless a route overrides it; without the filter,
+        // overrides have nothing to override (A39).
+        let listener_fault = lds.value().and_then(|l| l.fault.clone());
+        for route in routes.iter_mut().flatten() {
+            route.policies.fault = listener_fault.as_ref().map(|base| route.policies.fault.take().unwrap_or_else(|| base.clone()));
+        }
 
         // Clusters the routes name: follow each, hand its target to the publisher.
         if let Some(routes) = &routes {
@@ -152,7 +158,6 @@ async fn run(
                     publisher.cluster(&cluster_target(cluster_name, &cluster.cluster, &config));
                 }
             }
-            unsupported.routes(&name, routes);
             // A74: switch tables only when every named cluster is known (built, or gone from the server).
             let missing: Vec<&String> =
                 wanted.iter().filter(|c| !publisher.has_cluster(c) && clusters.get(*c).is_none_or(|(cds, _)| !is_gone(cds))).collect();
@@ -176,7 +181,6 @@ async fn run(
 #[derive(Default)]
 struct Unsupported {
     clusters: HashMap<String, Vec<&'static str>>,
-    routes: Vec<&'static str>,
 }
 
 impl Unsupported {
@@ -198,19 +202,6 @@ impl Unsupported {
                 tracing::warn!(cluster = name, unsupported = ?missing, "cluster policies accepted but not enforced by this client yet");
             }
             self.clusters.insert(name.to_owned(), missing);
-        }
-    }
-
-    fn routes(&mut self, target: &str, routes: &[Route]) {
-        let mut missing = Vec::new();
-        if routes.iter().any(|r| r.policies.fault.is_some()) {
-            missing.push("fault");
-        }
-        if self.routes != missing {
-            if !missing.is_empty() {
-                tracing::warn!(target_name = target, unsupported = ?missing, "route policies accepted but not enforced by this client yet");
-            }
-            self.routes = missing;
         }
     }
 }

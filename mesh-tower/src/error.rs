@@ -145,6 +145,14 @@ pub enum Error {
         /// The drop category that matched.
         category: String,
     },
+    /// Fault injection aborted the call (Envoy's fault filter, gRPC A33): it never left.
+    #[error("{target}: fault injected: call aborted with {code:?}")]
+    FaultAbort {
+        /// The target being called.
+        target: String,
+        /// The status it fails with.
+        code: GrpcCode,
+    },
     /// A layer of the stack failed the call with an error of its own (one speaking `BoxError`).
     #[error("{target}: {source}")]
     Layer {
@@ -173,6 +181,7 @@ impl Error {
             Self::InvalidTarget { .. } => GrpcCode::InvalidArgument,
             Self::RouteTimeout { .. } | Self::AttemptTimeout { .. } | Self::Deadline { .. } => GrpcCode::DeadlineExceeded,
             Self::Upstream { failure, .. } => failure.grpc_code(),
+            Self::FaultAbort { code, .. } => *code,
             Self::NoConfig { .. }
             | Self::NoRoute { .. }
             | Self::NonForwarding { .. }

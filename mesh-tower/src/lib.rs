@@ -44,6 +44,7 @@ pub mod connect;
 pub mod deadline;
 pub mod discover;
 mod error;
+pub mod fault;
 pub mod replay;
 pub mod retry;
 pub mod route;

@@ -483,6 +483,28 @@ async fn ejects_and_returns<F: std::future::Future<Output = Run>>(who: &str, fai
     hit
 }
 
+/// A mesh file's fault injection reaches our client through mesh-control (the listener's HTTP fault filter)
+/// and is enforced: every call is delayed 100 ms, and half are aborted with the file's status without reaching
+/// the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_files_fault_injection_delays_and_aborts_its_share_of_calls() {
+    let backend = EchoServer::start(Duration::ZERO).await.unwrap();
+    let fault = "fault: { delay: { percent: 100, duration: 100ms }, abort: { percent: 50, grpc_status: resource_exhausted } }";
+    let (_dir, cp) = greeter_mesh("fault", &[backend.addr], &[fault]);
+    let channel = xds_channel(&cp, &[]);
+    let started = Instant::now();
+    let calls = 400;
+    let run = drive(&channel, calls, 40, |_| {}).await;
+    // 400 calls, 40 at a time, each delayed 100 ms: at least ten rounds of 100 ms.
+    assert!(started.elapsed() >= Duration::from_secs(1), "every call was delayed: {:?}", started.elapsed());
+    let aborted = run.failures.len() as u64;
+    assert!((150..250).contains(&aborted), "half the calls are aborted: {aborted} of {calls}");
+    for failure in &run.failures {
+        assert!(failure.contains("ResourceExhausted") && failure.contains("fault injected"), "{failure}");
+    }
+    assert_eq!(backend.calls(), calls - aborted, "an aborted call never reaches the backend");
+}
+
 /// A mesh file's `circuit_breakers.max_requests` reaches our client through mesh-control (CDS thresholds) and
 /// is enforced: calls over the limit fail at once with UNAVAILABLE naming the cluster, and never reach the
 /// backend.

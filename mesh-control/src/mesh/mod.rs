@@ -19,8 +19,8 @@ use std::time::Duration;
 use mesh_core::GrpcCode;
 use mesh_core::model::{Endpoint, HeaderMatch, Locality, PathMatch, Regex, RouteMatch, StringMatch};
 use mesh_core::policy::{
-    AuthzAction, AuthzRule, CircuitBreakers, Consecutive, FailurePercentage, FaultInjection, LbPolicy, MtlsMode, OutlierDetection,
-    RateLimit, RetryBudget, RetryPolicy, SuccessRate,
+    AuthzAction, AuthzRule, CircuitBreakers, Consecutive, FailurePercentage, FaultAbort, FaultDelay, FaultInjection, LbPolicy, MtlsMode,
+    OutlierDetection, PER_MILLION_PER_PERCENT, RateLimit, RetryBudget, RetryPolicy, SuccessRate,
 };
 use serde_saphyr::Spanned;
 
@@ -462,7 +462,8 @@ impl Validator<'_> {
                     None => None,
                     Some(d) => {
                         let pct = self.percent(&format!("{ffield}.delay.percent"), &d.percent)?;
-                        Some((self.duration(&format!("{ffield}.delay.duration"), &d.duration)?, pct))
+                        let fixed = Some(self.duration(&format!("{ffield}.delay.duration"), &d.duration)?);
+                        Some(FaultDelay { fixed, per_million: pct * PER_MILLION_PER_PERCENT })
                     }
                 };
                 let abort = match &f.value.abort {
@@ -483,10 +484,10 @@ impl Validator<'_> {
                                 );
                             }
                         };
-                        Some((code, pct))
+                        Some(FaultAbort { code: Some(code), per_million: pct * PER_MILLION_PER_PERCENT })
                     }
                 };
-                Some(FaultInjection { delay, abort })
+                Some(FaultInjection { delay, abort, ..FaultInjection::default() })
             }
         };
         let mtls = match &raw.mtls {

@@ -119,16 +119,24 @@ fn percent(numerator: u32) -> FractionalPercent {
 }
 
 fn fault_filter(fault: &mesh_core::policy::FaultInjection) -> HttpFault {
+    let per_million = |numerator| FractionalPercent { numerator, denominator: fractional_percent::DenominatorType::Million as i32 };
     HttpFault {
-        delay: fault.delay.map(|(delay, pct)| FaultDelay {
-            percentage: Some(percent(pct)),
-            fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(duration(delay))),
+        delay: fault.delay.map(|d| FaultDelay {
+            percentage: Some(per_million(d.per_million)),
+            fault_delay_secifier: Some(match d.fixed {
+                Some(delay) => fault_delay::FaultDelaySecifier::FixedDelay(duration(delay)),
+                None => fault_delay::FaultDelaySecifier::HeaderDelay(Default::default()),
+            }),
         }),
-        abort: fault.abort.map(|(code, pct)| FaultAbort {
-            percentage: Some(percent(pct)),
-            error_type: Some(fault_abort::ErrorType::GrpcStatus(code.as_i32().unsigned_abs())),
+        abort: fault.abort.map(|a| FaultAbort {
+            percentage: Some(per_million(a.per_million)),
+            error_type: Some(match a.code {
+                Some(code) => fault_abort::ErrorType::GrpcStatus(code.as_i32().unsigned_abs()),
+                None => fault_abort::ErrorType::HeaderAbort(Default::default()),
+            }),
             ..Default::default()
         }),
+        max_active_faults: fault.max_active_faults.map(|value| UInt32Value { value }),
         ..Default::default()
     }
 }

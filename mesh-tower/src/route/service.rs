@@ -17,6 +17,7 @@ use tower::{Layer, ServiceBuilder, ServiceExt};
 use super::hash::route_hash;
 use crate::balance::{RequestBody, RequestHash, ResponseBody};
 use crate::cluster::{Cluster, ClusterFuture, ClusterService};
+use crate::fault::FaultLayer;
 use crate::replay::ReplayBody;
 use crate::retry::RetryLayer;
 use crate::{BoxError, Error};
@@ -100,8 +101,9 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
         })
         .collect();
     let timeout = policies.timeout;
+    let fault = policies.fault.clone().filter(|f| f.injects()).map(|fault| FaultLayer::new(&target, fault));
     // A route with nothing to layer above its split calls the split directly.
-    let layered = timeout.is_some();
+    let layered = timeout.is_some() || fault.is_some();
     let name = target.clone();
     let total = clusters_weight(&clusters);
     let split = Split { inner: Arc::new(SplitInner { target, policies, clusters, total, seed, channel_id }) };
@@ -109,9 +111,11 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
         return RouteService(Kind::Split(split));
     }
     let service = ServiceBuilder::new()
+        // Faults first, once per call (Envoy's fault filter runs before its router and its timeouts).
+        .option_layer(fault)
         .map_err(move |error: BoxError| Error::from_layer(error, &name, timeout))
-        // Per-route layers go here, outermost first (issue 15: retries and hedging within the route timeout,
-        // fault injection, rate limits, mirroring), each also counted in `layered` above.
+        // Per-route layers go here, outermost first (issue 15: hedging within the route timeout, rate limits,
+        // mirroring), each also counted in `layered` above.
         .option_layer(timeout.map(tower::timeout::TimeoutLayer::new))
         // The layers above speak `BoxError`; the top of the stack takes the stack's own errors back.
         .map_err(BoxError::from)

@@ -405,3 +405,82 @@ async fn the_callers_grpc_timeout_ends_the_call_and_each_retry_sends_the_time_le
         assert!(after < before && after > Duration::from_millis(500), "each retry sends the time left: {seen:?}");
     }
 }
+
+fn with_fault(fault: mesh_core::policy::FaultInjection) -> RoutePolicies {
+    RoutePolicies { fault: Some(fault), ..RoutePolicies::default() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_fault_delays_then_aborts_its_share_of_calls_before_they_leave() {
+    use mesh_core::policy::{FaultAbort, FaultDelay, FaultInjection};
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1]));
+    let delay = FaultDelay { fixed: Some(Duration::from_secs(1)), per_million: 1_000_000 };
+    let abort = FaultAbort { code: Some(mesh_core::GrpcCode::ResourceExhausted), per_million: 250_000 };
+    publisher.publish(&[single_route("a", with_fault(FaultInjection { delay: Some(delay), abort: Some(abort), ..Default::default() }))]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let served_before = net.served.load(std::sync::atomic::Ordering::SeqCst);
+    let (mut aborted, calls) = (0, 400);
+    for _ in 0..calls {
+        let started = tokio::time::Instant::now();
+        match call(&router, "/x").await {
+            Ok(_) => {}
+            Err(error) => {
+                assert_eq!(error.grpc_code(), mesh_core::GrpcCode::ResourceExhausted, "{error}");
+                assert!(error.to_string().contains("fault injected"), "{error}");
+                aborted += 1;
+            }
+        }
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "every call is delayed first");
+    }
+    assert!((70..130).contains(&aborted), "a quarter of 400 calls are aborted: {aborted}");
+    let served = net.served.load(std::sync::atomic::Ordering::SeqCst) - served_before;
+    assert_eq!(served, calls - aborted, "an aborted call never reaches the server");
+}
+
+#[tokio::test(start_paused = true)]
+async fn header_controlled_faults_follow_the_request_headers_and_max_active_faults_bounds_them() {
+    use mesh_core::policy::{FaultAbort, FaultDelay, FaultInjection};
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1]));
+    let fault = FaultInjection {
+        delay: Some(FaultDelay { fixed: None, per_million: 1_000_000 }),
+        abort: Some(FaultAbort { code: None, per_million: 1_000_000 }),
+        max_active_faults: Some(2),
+        ..Default::default()
+    };
+    publisher.publish(&[single_route("a", with_fault(fault))]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let send = |headers: &[(&'static str, &str)]| {
+        let mut request = http::Request::post("http://routed/x").body(Empty::new()).unwrap();
+        for (name, value) in headers {
+            request.headers_mut().insert(*name, value.parse().unwrap());
+        }
+        router.clone().oneshot(request)
+    };
+    assert!(send(&[]).await.is_ok(), "without the headers nothing is injected");
+    let error = send(&[("x-envoy-fault-abort-grpc-request", "14")]).await.unwrap_err();
+    assert_eq!(error.grpc_code(), mesh_core::GrpcCode::Unavailable);
+    let error = send(&[("x-envoy-fault-abort-request", "429")]).await.unwrap_err();
+    assert_eq!(error.grpc_code(), mesh_core::GrpcCode::Unavailable, "HTTP 429 reads as UNAVAILABLE (gRPC's table)");
+    let none = send(&[("x-envoy-fault-abort-grpc-request", "14"), ("x-envoy-fault-abort-request-percentage", "0")]).await;
+    assert!(none.is_ok(), "the percentage header lowers the share to nothing");
+    // Three delayed calls at once, two faults allowed: the third goes undelayed.
+    let started = tokio::time::Instant::now();
+    let delayed = [("x-envoy-fault-delay-request", "500")];
+    let (a, b, c) = tokio::join!(
+        async { send(&delayed).await.map(|_| started.elapsed()) },
+        async { send(&delayed).await.map(|_| started.elapsed()) },
+        async {
+            tokio::task::yield_now().await;
+            send(&delayed).await.map(|_| started.elapsed())
+        }
+    );
+    let mut took = [a.unwrap(), b.unwrap(), c.unwrap()];
+    took.sort();
+    assert_eq!(took, [Duration::ZERO, Duration::from_millis(500), Duration::from_millis(500)]);
+}

@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, HttpFilter};
 use prost::Message;
 
-use super::{extension_type, route};
+use super::{extension_type, fault, route};
 
 /// Message name of the HTTP connection manager an API listener must hold.
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -16,7 +16,7 @@ const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.H
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 /// HTTP filters besides the router whose configuration the client accepts;
 /// their names are passed on in [`ListenerResource::http_filters`].
-const KNOWN_FILTERS: &[&str] = &[ROUTER, "envoy.extensions.filters.http.fault.v3.HTTPFault"];
+const KNOWN_FILTERS: &[&str] = &[ROUTER, fault::HTTP_FAULT];
 
 /// A client-side listener: where its routes come from and its HTTP filters.
 #[derive(Clone, Debug)]
@@ -28,6 +28,8 @@ pub struct ListenerResource {
     /// HTTP filter names in order, the router last; optional filters the
     /// client does not know are left out.
     pub http_filters: Vec<String>,
+    /// The fault filter's configuration, for routes without an override of their own.
+    pub fault: Option<mesh_core::policy::FaultInjection>,
 }
 
 /// Where a listener's routes come from.
@@ -56,13 +58,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ListenerResource, String> {
         Some(RouteSpecifier::ScopedRoutes(_)) => return Err("scoped_routes: scoped routes not supported".into()),
         None => return Err("HttpConnectionManager has neither rds nor route_config".into()),
     };
-    let http_filters = http_filters(&hcm.http_filters)?;
-    Ok(ListenerResource { name: listener.name, route, http_filters })
+    let (http_filters, fault) = http_filters(&hcm.http_filters)?;
+    Ok(ListenerResource { name: listener.name, route, http_filters, fault })
 }
 
 /// Filter names in order (gRPC A39): unique names, known config types unless
-/// optional, the router last.
-fn http_filters(filters: &[HttpFilter]) -> Result<Vec<String>, String> {
+/// optional, the router last; and the fault filter's configuration.
+fn http_filters(filters: &[HttpFilter]) -> Result<(Vec<String>, Option<mesh_core::policy::FaultInjection>), String> {
+    let mut fault = None;
     let mut names = Vec::with_capacity(filters.len());
     let mut seen = HashSet::new();
     let mut last_is_router = false;
@@ -85,13 +88,21 @@ fn http_filters(filters: &[HttpFilter]) -> Result<Vec<String>, String> {
             let ty = if ty.is_empty() { "no typed_config" } else { ty.as_ref() };
             return Err(format!("http_filters[{i}]: filter {:?} has unsupported config type ({ty})", f.name));
         }
+        if ty == fault::HTTP_FAULT
+            && let Some(ConfigType::TypedConfig(any)) = &f.config_type
+        {
+            if fault.is_some() {
+                return Err(format!("http_filters[{i}]: a second fault filter ({:?})", f.name));
+            }
+            fault = Some(fault::decode(any).map_err(|e| format!("http_filters[{i}] ({}): {e}", f.name))?);
+        }
         last_is_router = ty == ROUTER;
         names.push(f.name.clone());
     }
     if !last_is_router {
         return Err(format!("http_filters: the last filter must be the router ({ROUTER})"));
     }
-    Ok(names)
+    Ok((names, fault))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use prost::Message;
 
 pub mod cluster;
 pub mod endpoint;
+mod fault;
 pub mod listener;
 pub mod route;
 

@@ -5,6 +5,7 @@
 //! specifier plugins, redirects, direct responses and filter actions, and
 //! CONNECT or URI-template path matchers.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
@@ -13,18 +14,22 @@ use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
 use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier;
 use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, RetryPolicy as ProtoRetry, Route as ProtoRoute, RouteAction as ProtoAction, RouteConfiguration,
+    FilterConfig, HeaderMatcher, RetryPolicy as ProtoRetry, Route as ProtoRoute, RouteAction as ProtoAction, RouteConfiguration,
     RouteMatch as ProtoMatch, VirtualHost as ProtoVirtualHost, WeightedCluster as ProtoWeighted,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
-use mesh_core::policy::{HashPolicy, RetryPolicy, RouteHash, RoutePolicies};
+use envoy_types::pb::google::protobuf::Any;
+use mesh_core::policy::{FaultInjection, HashPolicy, RetryPolicy, RouteHash, RoutePolicies};
 use mesh_core::{
     GrpcCode, HeaderMatch, PathMatch, Regex, Route, RouteAction, RouteConfig, RouteMatch, StringMatch, VirtualHost, WeightedCluster,
 };
 use prost::Message;
 
-use super::duration;
+use super::{duration, fault};
+
+/// Message name of a per-route filter override wrapper (A39).
+const FILTER_CONFIG: &str = "envoy.config.route.v3.FilterConfig";
 
 /// Most attempts a retry policy may ask for (gRPC caps at 5).
 const MAX_ATTEMPTS: u32 = 5;
@@ -50,9 +55,10 @@ fn virtual_host(vh: &ProtoVirtualHost) -> Result<VirtualHost, String> {
     if vh.domains.is_empty() {
         return Err("domains: empty".into());
     }
+    let vh_fault = fault_override(&vh.typed_per_filter_config).map_err(|e| format!("typed_per_filter_config: {e}"))?;
     let mut routes = Vec::with_capacity(vh.routes.len());
     for (i, r) in vh.routes.iter().enumerate() {
-        match route(r, vh.retry_policy.as_ref()) {
+        match route(r, vh.retry_policy.as_ref(), vh_fault.as_ref()) {
             Ok(Some(r)) => routes.push(r),
             Ok(None) => tracing::debug!(virtual_host = %vh.name, route = %r.name, "skipping route the client cannot use"),
             Err(e) => return Err(format!("routes[{i}] ({:?}): {e}", r.name)),
@@ -61,8 +67,28 @@ fn virtual_host(vh: &ProtoVirtualHost) -> Result<VirtualHost, String> {
     Ok(VirtualHost { name: vh.name.clone(), domains: vh.domains.clone(), routes })
 }
 
+/// A fault filter override among a route's or virtual host's `typed_per_filter_config` (A39), bare or in a
+/// `FilterConfig`. Overrides are found by type: a listener has at most one fault filter.
+fn fault_override(configs: &HashMap<String, Any>) -> Result<Option<FaultInjection>, String> {
+    for (name, any) in configs {
+        let any = match super::type_name(&any.type_url) {
+            FILTER_CONFIG => {
+                match FilterConfig::decode(any.value.as_slice()).map_err(|e| format!("{name}: malformed FilterConfig: {e}"))? {
+                    FilterConfig { config: Some(inner), disabled: false, .. } => inner,
+                    _ => continue,
+                }
+            }
+            _ => any.clone(),
+        };
+        if super::type_name(&any.type_url) == fault::HTTP_FAULT {
+            return fault::decode(&any).map(Some).map_err(|e| format!("{name}: {e}"));
+        }
+    }
+    Ok(None)
+}
+
 /// The route, or `None` when the client can never use it.
-fn route(r: &ProtoRoute, vh_retry: Option<&ProtoRetry>) -> Result<Option<Route>, String> {
+fn route(r: &ProtoRoute, vh_retry: Option<&ProtoRetry>, vh_fault: Option<&FaultInjection>) -> Result<Option<Route>, String> {
     let m = r.r#match.as_ref().ok_or("match: missing")?;
     let action = r.action.as_ref().ok_or("action: missing")?;
     if !m.query_parameters.is_empty() {
@@ -71,7 +97,12 @@ fn route(r: &ProtoRoute, vh_retry: Option<&ProtoRetry>) -> Result<Option<Route>,
     let Some(matcher) = route_match(m)? else { return Ok(None) };
     let (action, policies) = match action {
         Action::Route(ra) => match clusters(ra)? {
-            Some(clusters) => (RouteAction::Clusters(clusters), route_policies(ra, vh_retry)?),
+            Some(clusters) => {
+                let mut policies = route_policies(ra, vh_retry)?;
+                let fault = fault_override(&r.typed_per_filter_config).map_err(|e| format!("typed_per_filter_config: {e}"))?;
+                policies.fault = fault.or_else(|| vh_fault.cloned());
+                (RouteAction::Clusters(clusters), policies)
+            }
             None => return Ok(None),
         },
         Action::NonForwardingAction(_) => (RouteAction::NonForwarding, RoutePolicies::default()),
@@ -99,7 +130,7 @@ fn route_match(m: &ProtoMatch) -> Result<Option<RouteMatch>, String> {
 
 // The direct matchers are deprecated in favour of string_match but still sent.
 #[allow(deprecated)]
-fn header(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
+pub(crate) fn header(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
     if h.name.is_empty() {
         return Err("name: empty".into());
     }
@@ -269,10 +300,46 @@ mod tests {
         DirectResponseAction, NonForwardingAction, QueryParameterMatcher, RedirectAction, retry_policy::RetryBackOff,
     };
     use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
-    use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as ProtoDuration, UInt32Value};
+    use envoy_types::pb::google::protobuf::{BoolValue, Duration as ProtoDuration, UInt32Value};
 
     use super::super::{DecodeError, Resource, ResourceType, to_any};
     use super::*;
+
+    #[test]
+    fn fault_overrides_come_from_the_route_then_its_virtual_host() {
+        use envoy_types::pb::envoy::extensions::filters::http::fault::v3::fault_abort::ErrorType;
+        use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault};
+        let abort = |code| {
+            let f = HttpFault {
+                abort: Some(FaultAbort { error_type: Some(ErrorType::GrpcStatus(code)), ..Default::default() }),
+                ..Default::default()
+            };
+            to_any(&f)
+        };
+        let mut overridden = route(
+            "own",
+            Some(ProtoMatch { path_specifier: Some(PathSpecifier::Prefix("/a".into())), ..Default::default() }),
+            Some(Action::Route(to("c"))),
+        );
+        let wrapped = FilterConfig { config: Some(abort(8)), ..Default::default() };
+        overridden.typed_per_filter_config = [("envoy.filters.http.fault".to_owned(), to_any(&wrapped))].into();
+        let plain = route(
+            "vh",
+            Some(ProtoMatch { path_specifier: Some(PathSpecifier::Prefix("/".into())), ..Default::default() }),
+            Some(Action::Route(to("c"))),
+        );
+        let vh = ProtoVirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes: vec![overridden, plain],
+            typed_per_filter_config: [("fault".to_owned(), abort(14))].into(),
+            ..Default::default()
+        };
+        let rc = decode_rc(&to_any(&RouteConfiguration { name: "r".into(), virtual_hosts: vec![vh], ..Default::default() })).unwrap();
+        let code = |i: usize| rc.virtual_hosts[0].routes[i].policies.fault.as_ref().and_then(|f| f.abort).and_then(|a| a.code);
+        assert_eq!(code(0), Some(GrpcCode::ResourceExhausted), "the route's own override, in a FilterConfig");
+        assert_eq!(code(1), Some(GrpcCode::Unavailable), "the virtual host's");
+    }
 
     fn pd(ms: i64) -> Option<ProtoDuration> {
         Some(ProtoDuration { seconds: ms / 1000, nanos: (ms % 1000) as i32 * 1_000_000 })
