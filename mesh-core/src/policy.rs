@@ -132,8 +132,6 @@ pub struct ClusterPolicies {
     pub circuit_breakers: CircuitBreakers,
     /// Ejection of misbehaving endpoints; `None` disables it.
     pub outlier_detection: Option<OutlierDetection>,
-    /// Local rate limit; `None` disables it.
-    pub rate_limit: Option<RateLimit>,
     /// Upstream TLS; `None` means plaintext.
     pub tls: Option<TlsPolicy>,
 }
@@ -361,8 +359,9 @@ impl Default for FailurePercentage {
     }
 }
 
-/// Token-bucket local rate limit.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Token-bucket local rate limit (Envoy's `local_ratelimit` token bucket): up to `max_tokens` calls at once,
+/// refilled by `tokens_per_fill` every `fill_interval`. Calls over it fail RESOURCE_EXHAUSTED.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RateLimit {
     /// Bucket capacity.
     pub max_tokens: u32,
@@ -370,6 +369,23 @@ pub struct RateLimit {
     pub tokens_per_fill: u32,
     /// Fill interval.
     pub fill_interval: Duration,
+}
+
+impl RateLimit {
+    /// Checks ranges: at least one token, refilled by at least one, every 1 ms or more.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |field, reason: &str| Error::InvalidPolicy { policy: "rate_limit", field, reason: reason.to_owned() };
+        if self.max_tokens == 0 {
+            return Err(invalid("max_tokens", "must be at least 1"));
+        }
+        if self.tokens_per_fill == 0 {
+            return Err(invalid("tokens_per_fill", "must be at least 1"));
+        }
+        if self.fill_interval < Duration::from_millis(1) {
+            return Err(invalid("fill_interval", "must be at least 1 ms"));
+        }
+        Ok(())
+    }
 }
 
 /// Upstream TLS settings.
@@ -392,6 +408,9 @@ pub struct RoutePolicies {
     pub hash: Vec<RouteHash>,
     /// Fault injection; `None` means none.
     pub fault: Option<FaultInjection>,
+    /// Local rate limit; `None` means none. Routes with equal limits share one bucket (a listener's limit is
+    /// every route's).
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Retries (Envoy/gRPC semantics).

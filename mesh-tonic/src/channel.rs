@@ -346,6 +346,11 @@ fn status_from_queue(error: tower::BoxError) -> Status {
 /// its message the error's, causes included.
 pub fn status_from(error: mesh_tower::Error) -> Status {
     let code = tonic::Code::from_i32(error.grpc_code().as_i32());
+    // A rate-limited call says when to come back, in whole seconds rounded up (HTTP's `retry-after`).
+    let retry_after = match &error {
+        mesh_tower::Error::RateLimited { retry_after, .. } => Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)),
+        _ => None,
+    };
     let mut message = error.to_string();
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
@@ -356,5 +361,28 @@ pub fn status_from(error: mesh_tower::Error) -> Status {
         }
         source = cause.source();
     }
-    Status::new(code, message)
+    let mut status = Status::new(code, message);
+    if let Some(seconds) = retry_after {
+        status.metadata_mut().insert("retry-after", seconds.into());
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limited_call_says_when_to_come_back() {
+        let limit = mesh_core::policy::RateLimit { max_tokens: 5, tokens_per_fill: 5, fill_interval: Duration::from_secs(1) };
+        let error = mesh_tower::Error::RateLimited {
+            target: "xds:///greeter".into(),
+            limit: Box::new(limit),
+            retry_after: Duration::from_millis(1200),
+        };
+        let status = status_from(error);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.metadata().get("retry-after").and_then(|v| v.to_str().ok()), Some("2"), "seconds, rounded up");
+        assert!(status.message().contains("rate limited (5 calls per 1s)"), "{}", status.message());
+    }
 }

@@ -130,9 +130,12 @@ async fn run(
         let mut routes: Option<Vec<Route>> = route_config.and_then(|rc| rc.virtual_host_for(&name).map(|vh| vh.routes.clone()));
         // The listener's fault filter applies to every route, unless a route overrides it; without the filter,
         // overrides have nothing to override (A39).
-        let listener_fault = lds.value().and_then(|l| l.fault.clone());
+        let listener = lds.value();
+        let listener_fault = listener.as_ref().and_then(|l| l.fault.clone());
         for route in routes.iter_mut().flatten() {
             route.policies.fault = listener_fault.as_ref().map(|base| route.policies.fault.take().unwrap_or_else(|| base.clone()));
+            // The listener's rate limit is one bucket for the target's calls, whatever their route.
+            route.policies.rate_limit = listener.as_ref().and_then(|l| l.rate_limit.clone());
         }
 
         // Clusters the routes name: follow each, hand its target to the publisher.
@@ -193,9 +196,6 @@ impl Unsupported {
             != (defaults.max_connections, defaults.max_pending_requests, defaults.max_retries)
         {
             missing.push("circuit_breakers (max_connections, max_pending_requests, max_retries)");
-        }
-        if policies.rate_limit.is_some() {
-            missing.push("rate_limit");
         }
         if self.clusters.get(name) != Some(&missing) {
             if !missing.is_empty() {

@@ -153,6 +153,16 @@ pub enum Error {
         /// The status it fails with.
         code: GrpcCode,
     },
+    /// The local rate limit turned the call away (RESOURCE_EXHAUSTED). Never retried.
+    #[error("{target}: rate limited ({} calls per {:?}); retry after {retry_after:?}", limit.max_tokens, limit.fill_interval)]
+    RateLimited {
+        /// The target being called.
+        target: String,
+        /// The limit (boxed: errors stay small).
+        limit: Box<mesh_core::policy::RateLimit>,
+        /// When the next call would be let through.
+        retry_after: Duration,
+    },
     /// A layer of the stack failed the call with an error of its own (one speaking `BoxError`).
     #[error("{target}: {source}")]
     Layer {
@@ -182,6 +192,7 @@ impl Error {
             Self::RouteTimeout { .. } | Self::AttemptTimeout { .. } | Self::Deadline { .. } => GrpcCode::DeadlineExceeded,
             Self::Upstream { failure, .. } => failure.grpc_code(),
             Self::FaultAbort { code, .. } => *code,
+            Self::RateLimited { .. } => GrpcCode::ResourceExhausted,
             Self::NoConfig { .. }
             | Self::NoRoute { .. }
             | Self::NonForwarding { .. }

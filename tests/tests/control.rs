@@ -505,6 +505,25 @@ async fn the_mesh_files_fault_injection_delays_and_aborts_its_share_of_calls() {
     assert_eq!(backend.calls(), calls - aborted, "an aborted call never reaches the backend");
 }
 
+/// A mesh file's rate limit reaches our client through mesh-control (the listener's local rate limit filter)
+/// and is enforced as one bucket: calls over it fail RESOURCE_EXHAUSTED at once and never reach the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_files_rate_limit_turns_away_calls_over_the_bucket() {
+    let backend = EchoServer::start(Duration::ZERO).await.unwrap();
+    let (_dir, cp) = greeter_mesh("ratelimit", &[backend.addr], &["rate_limit: { requests_per_second: 5, burst: 20 }"]);
+    let channel = xds_channel(&cp, &[]);
+    let started = Instant::now();
+    let run = drive(&channel, 100, 10, |_| {}).await;
+    let ok = 100 - run.failures.len() as u64;
+    // A burst of 20, and 5 more a second while the run lasts.
+    let most = 20 + (started.elapsed().as_secs_f64() * 5.0).ceil() as u64;
+    assert!((20..=most).contains(&ok), "the bucket lets 20 through, then 5 a second: {ok} in {:?}", started.elapsed());
+    for failure in &run.failures {
+        assert!(failure.contains("ResourceExhausted") && failure.contains("rate limited"), "{failure}");
+    }
+    assert_eq!(backend.calls(), ok, "a call over the limit never reaches the backend");
+}
+
 /// A mesh file's `circuit_breakers.max_requests` reaches our client through mesh-control (CDS thresholds) and
 /// is enforced: calls over the limit fail at once with UNAVAILABLE naming the cluster, and never reach the
 /// backend.

@@ -28,6 +28,7 @@ use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mesh_core::policy::RateLimit;
 use mesh_core::{Route, RouteAction, RouteMatch};
 use tokio::sync::{mpsc, watch};
 
@@ -37,6 +38,7 @@ use crate::Error;
 use crate::balance::{EndpointStatus, RequestBody, ResponseBody};
 use crate::cluster::{Cluster, ClusterTarget, MakeConnect, NewCluster};
 use crate::deadline::{self, Deadline};
+use crate::ratelimit::RateLimitLayer;
 use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
 use crate::stats::ClusterCounts;
 
@@ -246,6 +248,8 @@ pub struct Publisher<B, M> {
     wake: Option<mpsc::UnboundedSender<()>>,
     seed: Arc<AtomicU64>,
     channel_id: u64,
+    /// Rate-limit buckets by limit, kept across tables while a route has the limit.
+    limiters: HashMap<RateLimit, RateLimitLayer>,
 }
 
 impl<B, M> fmt::Debug for Publisher<B, M> {
@@ -268,8 +272,16 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
         let (tx, table) = watch::channel(None);
         let target: Arc<str> = target.into();
         let router = Router { target: target.clone(), from: from.into(), ready_timeout, table, current: None };
-        let publisher =
-            Self { target, new_cluster, clusters: HashMap::new(), tx, wake, seed: Arc::default(), channel_id: hash::random_channel_id() };
+        let publisher = Self {
+            target,
+            new_cluster,
+            clusters: HashMap::new(),
+            tx,
+            wake,
+            seed: Arc::default(),
+            channel_id: hash::random_channel_id(),
+            limiters: HashMap::new(),
+        };
         (publisher, router)
     }
 
@@ -325,6 +337,7 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
     /// dropped. A route naming a cluster that is not built fails its calls with [`Error::ClusterNotFound`].
     pub fn publish(&mut self, routes: &[Route]) {
         let mut named: Vec<&str> = Vec::new();
+        let mut limits: Vec<&RateLimit> = Vec::new();
         let built = routes
             .iter()
             .map(|route| {
@@ -336,12 +349,18 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
                             .iter()
                             .map(|c| (c.cluster.clone(), c.weight, self.clusters.get(&c.cluster).map(|s| s.current.clone())))
                             .collect();
+                        let rate_limit = route.policies.rate_limit.as_ref().map(|limit| {
+                            limits.push(limit);
+                            let target = &self.target;
+                            self.limiters.entry(limit.clone()).or_insert_with(|| RateLimitLayer::new(target, limit.clone())).clone()
+                        });
                         Some(new_route(RouteTarget {
                             target: self.target.clone(),
                             policies: route.policies.clone(),
                             clusters,
                             seed: self.seed.clone(),
                             channel_id: self.channel_id,
+                            rate_limit,
                         }))
                     }
                 };
@@ -349,6 +368,7 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
             })
             .collect();
         self.clusters.retain(|name, _| named.contains(&name.as_str()));
+        self.limiters.retain(|limit, _| limits.contains(&limit));
         let mut clusters: Vec<(String, Cluster<B>)> =
             self.clusters.iter().map(|(name, slot)| (name.clone(), slot.current.clone())).collect();
         clusters.sort_by(|a, b| a.0.cmp(&b.0));

@@ -18,6 +18,7 @@ use super::hash::route_hash;
 use crate::balance::{RequestBody, RequestHash, ResponseBody};
 use crate::cluster::{Cluster, ClusterFuture, ClusterService};
 use crate::fault::FaultLayer;
+use crate::ratelimit::RateLimitLayer;
 use crate::replay::ReplayBody;
 use crate::retry::RetryLayer;
 use crate::{BoxError, Error};
@@ -80,11 +81,13 @@ pub struct RouteTarget<B> {
     pub seed: Arc<AtomicU64>,
     /// The channel's id, for `io.grpc.channel_id` hashing.
     pub channel_id: u64,
+    /// The bucket of the route's rate limit (`policies.rate_limit`), shared by the routes with the same limit.
+    pub rate_limit: Option<RateLimitLayer>,
 }
 
 /// Builds a route's service: its policies as layers, outermost first, over the split.
 pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
-    let RouteTarget { target, policies, clusters, seed, channel_id } = target;
+    let RouteTarget { target, policies, clusters, seed, channel_id, rate_limit } = target;
     // Per-attempt layers wrap each of the route's clusters, below the split: a call's cluster is drawn once and
     // its retries stay in it (Envoy's and gRPC's order), within that cluster's budget.
     let clusters: Vec<(String, u32, Option<ClusterService<B>>)> = clusters
@@ -103,7 +106,7 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
     let timeout = policies.timeout;
     let fault = policies.fault.clone().filter(|f| f.injects()).map(|fault| FaultLayer::new(&target, fault));
     // A route with nothing to layer above its split calls the split directly.
-    let layered = timeout.is_some() || fault.is_some();
+    let layered = timeout.is_some() || fault.is_some() || rate_limit.is_some();
     let name = target.clone();
     let total = clusters_weight(&clusters);
     let split = Split { inner: Arc::new(SplitInner { target, policies, clusters, total, seed, channel_id }) };
@@ -111,8 +114,10 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
         return RouteService(Kind::Split(split));
     }
     let service = ServiceBuilder::new()
-        // Faults first, once per call (Envoy's fault filter runs before its router and its timeouts).
+        // Faults first, once per call (Envoy's fault filter runs before its router and its timeouts), then the
+        // rate limit (the filter order mesh-control writes).
         .option_layer(fault)
+        .option_layer(rate_limit)
         .map_err(move |error: BoxError| Error::from_layer(error, &name, timeout))
         // Per-route layers go here, outermost first (issue 15: hedging within the route timeout, rate limits,
         // mirroring), each also counted in `layered` above.

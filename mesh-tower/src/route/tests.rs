@@ -484,3 +484,35 @@ async fn header_controlled_faults_follow_the_request_headers_and_max_active_faul
     took.sort();
     assert_eq!(took, [Duration::ZERO, Duration::from_millis(500), Duration::from_millis(500)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limited_route_turns_away_calls_over_its_bucket_and_a_new_table_keeps_the_bucket() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1]));
+    let limit = mesh_core::policy::RateLimit { max_tokens: 5, tokens_per_fill: 5, fill_interval: Duration::from_secs(1) };
+    let routes = [single_route("a", RoutePolicies { rate_limit: Some(limit.clone()), ..RoutePolicies::default() })];
+    publisher.publish(&routes);
+    let results = async || {
+        let mut limited = Vec::new();
+        for _ in 0..10 {
+            match call(&router, "/x").await {
+                Ok(_) => {}
+                Err(Error::RateLimited { retry_after, .. }) => limited.push(retry_after),
+                Err(other) => panic!("{other}"),
+            }
+        }
+        limited
+    };
+    let limited = results().await;
+    assert_eq!(limited.len(), 5, "a bucket of 5: {limited:?}");
+    assert!(limited.iter().all(|&after| after <= Duration::from_millis(200)), "one token every 200 ms: {limited:?}");
+    let error = Error::RateLimited { target: String::new(), limit: Box::new(limit.clone()), retry_after: Duration::ZERO };
+    assert_eq!(error.grpc_code(), mesh_core::GrpcCode::ResourceExhausted);
+    // A new table with the same limit keeps the drained bucket.
+    publisher.publish(&routes);
+    assert!(matches!(call(&router, "/x").await, Err(Error::RateLimited { .. })), "the bucket was not refilled by the new table");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(results().await.len(), 5, "refilled after the fill interval");
+}

@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, HttpFilter};
 use prost::Message;
 
-use super::{extension_type, fault, route};
+use super::{extension_type, fault, ratelimit, route};
 
 /// Message name of the HTTP connection manager an API listener must hold.
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -16,7 +16,7 @@ const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.H
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 /// HTTP filters besides the router whose configuration the client accepts;
 /// their names are passed on in [`ListenerResource::http_filters`].
-const KNOWN_FILTERS: &[&str] = &[ROUTER, fault::HTTP_FAULT];
+const KNOWN_FILTERS: &[&str] = &[ROUTER, fault::HTTP_FAULT, ratelimit::LOCAL_RATE_LIMIT];
 
 /// A client-side listener: where its routes come from and its HTTP filters.
 #[derive(Clone, Debug)]
@@ -30,6 +30,8 @@ pub struct ListenerResource {
     pub http_filters: Vec<String>,
     /// The fault filter's configuration, for routes without an override of their own.
     pub fault: Option<mesh_core::policy::FaultInjection>,
+    /// The local rate limit filter's bucket, shared by every route.
+    pub rate_limit: Option<mesh_core::policy::RateLimit>,
 }
 
 /// Where a listener's routes come from.
@@ -58,14 +60,21 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ListenerResource, String> {
         Some(RouteSpecifier::ScopedRoutes(_)) => return Err("scoped_routes: scoped routes not supported".into()),
         None => return Err("HttpConnectionManager has neither rds nor route_config".into()),
     };
-    let (http_filters, fault) = http_filters(&hcm.http_filters)?;
-    Ok(ListenerResource { name: listener.name, route, http_filters, fault })
+    let Filters { names: http_filters, fault, rate_limit } = http_filters(&hcm.http_filters)?;
+    Ok(ListenerResource { name: listener.name, route, http_filters, fault, rate_limit })
+}
+
+/// What a listener's HTTP filters say.
+struct Filters {
+    names: Vec<String>,
+    fault: Option<mesh_core::policy::FaultInjection>,
+    rate_limit: Option<mesh_core::policy::RateLimit>,
 }
 
 /// Filter names in order (gRPC A39): unique names, known config types unless
-/// optional, the router last; and the fault filter's configuration.
-fn http_filters(filters: &[HttpFilter]) -> Result<(Vec<String>, Option<mesh_core::policy::FaultInjection>), String> {
-    let mut fault = None;
+/// optional, the router last; and the fault and rate limit filters' configurations (one of each at most).
+fn http_filters(filters: &[HttpFilter]) -> Result<Filters, String> {
+    let (mut fault, mut rate_limit) = (None, None);
     let mut names = Vec::with_capacity(filters.len());
     let mut seen = HashSet::new();
     let mut last_is_router = false;
@@ -96,13 +105,21 @@ fn http_filters(filters: &[HttpFilter]) -> Result<(Vec<String>, Option<mesh_core
             }
             fault = Some(fault::decode(any).map_err(|e| format!("http_filters[{i}] ({}): {e}", f.name))?);
         }
+        if ty == ratelimit::LOCAL_RATE_LIMIT
+            && let Some(ConfigType::TypedConfig(any)) = &f.config_type
+        {
+            if rate_limit.is_some() {
+                return Err(format!("http_filters[{i}]: a second local rate limit filter ({:?})", f.name));
+            }
+            rate_limit = ratelimit::decode(any).map_err(|e| format!("http_filters[{i}] ({}): {e}", f.name))?;
+        }
         last_is_router = ty == ROUTER;
         names.push(f.name.clone());
     }
     if !last_is_router {
         return Err(format!("http_filters: the last filter must be the router ({ROUTER})"));
     }
-    Ok((names, fault))
+    Ok(Filters { names, fault, rate_limit })
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod endpoint;
 mod fault;
 pub mod listener;
+mod ratelimit;
 pub mod route;
 
 pub use cluster::ClusterResource;

@@ -248,7 +248,7 @@ fn route_policies(ra: &ProtoAction, vh_retry: Option<&ProtoRetry>) -> Result<Rou
             Some(RouteHash { policy, terminal: h.terminal })
         })
         .collect();
-    Ok(RoutePolicies { timeout: timeout.filter(|t| !t.is_zero()), retry, hash, fault: None })
+    Ok(RoutePolicies { timeout: timeout.filter(|t| !t.is_zero()), retry, hash, ..RoutePolicies::default() })
 }
 
 /// gRPC's retry rules (A44); `None` when no gRPC status code is retried.
