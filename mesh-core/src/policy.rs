@@ -411,6 +411,21 @@ pub struct RoutePolicies {
     /// Local rate limit; `None` means none. Routes with equal limits share one bucket (a listener's limit is
     /// every route's).
     pub rate_limit: Option<RateLimit>,
+    /// Hedging; `None` means none. A route with hedging does not also retry (gRPC A6).
+    pub hedge: Option<HedgePolicy>,
+}
+
+/// Hedging (gRPC A6's hedging policy): if a call's attempt has not answered after `delay`, another is sent,
+/// up to `max_attempts` in all; the first final answer wins and the others are cancelled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HedgePolicy {
+    /// Attempts in all, the first included (2 to 5).
+    pub max_attempts: u32,
+    /// Wait before each further attempt.
+    pub delay: Duration,
+    /// Statuses that do not end the call while other attempts may still answer; such an answer also sends
+    /// the next attempt at once.
+    pub non_fatal: Vec<GrpcCode>,
 }
 
 /// Retries (Envoy/gRPC semantics).

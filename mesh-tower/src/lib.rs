@@ -45,6 +45,7 @@ pub mod deadline;
 pub mod discover;
 mod error;
 pub mod fault;
+pub mod hedge;
 pub mod ratelimit;
 pub mod replay;
 pub mod retry;

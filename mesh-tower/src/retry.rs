@@ -52,6 +52,18 @@ impl Budget {
     }
 }
 
+impl Budget {
+    /// Records a call.
+    pub(crate) fn deposit(&self) {
+        self.0.deposit();
+    }
+
+    /// Takes one retry (or hedge) from the budget, if it allows one.
+    pub(crate) fn withdraw(&self) -> bool {
+        self.0.withdraw()
+    }
+}
+
 impl Default for Budget {
     fn default() -> Self {
         Self::new(&RetryBudget::default())
@@ -118,7 +130,7 @@ impl<S> fmt::Debug for Retry<S> {
 
 /// Whether an attempt's result asks for another attempt, and after what wait.
 #[derive(Debug, PartialEq)]
-enum Verdict {
+pub(crate) enum Verdict {
     /// Final: hand the result to the caller.
     Done,
     /// Retry after the policy's backoff.
@@ -127,37 +139,38 @@ enum Verdict {
     Pushback(Duration),
 }
 
-impl Shared {
-    fn verdict(&self, result: &Result<http::Response<ResponseBody>, Error>) -> Verdict {
-        let retryable = |code| self.policy.retry_on.contains(&code);
-        match result {
-            Ok(response) => {
-                let (code, headers) = match classify::head(response) {
-                    Some(Outcome::Grpc(code)) => (code, response.headers()),
-                    // A non-gRPC error answer (a proxy's 503) has the code gRPC's HTTP table gives it.
-                    Some(Outcome::Http(status)) if status >= 300 => (mesh_core::GrpcCode::from_http_status(status), response.headers()),
-                    _ => return Verdict::Done,
-                };
-                if !retryable(code) {
-                    return Verdict::Done;
-                }
-                match headers.get("grpc-retry-pushback-ms") {
-                    None => Verdict::Backoff,
-                    Some(value) => match std::str::from_utf8(value.as_bytes()).ok().and_then(|v| v.trim().parse::<i64>().ok()) {
-                        Some(ms) if ms >= 0 => Verdict::Pushback(Duration::from_millis(ms as u64)),
-                        // A6: a negative or malformed pushback means "do not retry".
-                        _ => Verdict::Done,
-                    },
-                }
+/// What an attempt's result says, under a policy retrying `retry_on` (the hedging layer reads it too).
+pub(crate) fn verdict(retry_on: &[mesh_core::GrpcCode], result: &Result<http::Response<ResponseBody>, Error>) -> Verdict {
+    let retryable = |code| retry_on.contains(&code);
+    match result {
+        Ok(response) => {
+            let (code, headers) = match classify::head(response) {
+                Some(Outcome::Grpc(code)) => (code, response.headers()),
+                // A non-gRPC error answer (a proxy's 503) has the code gRPC's HTTP table gives it.
+                Some(Outcome::Http(status)) if status >= 300 => (mesh_core::GrpcCode::from_http_status(status), response.headers()),
+                _ => return Verdict::Done,
+            };
+            if !retryable(code) {
+                return Verdict::Done;
             }
-            Err(Error::Dropped { .. } | Error::Overflow { .. } | Error::Deadline { .. }) => Verdict::Done,
-            // An attempt the per-try timeout ended is what that timeout is for: it is retried (Envoy).
-            Err(Error::AttemptTimeout { .. }) => Verdict::Backoff,
-            Err(error) if retryable(error.grpc_code()) => Verdict::Backoff,
-            Err(_) => Verdict::Done,
+            match headers.get("grpc-retry-pushback-ms") {
+                None => Verdict::Backoff,
+                Some(value) => match std::str::from_utf8(value.as_bytes()).ok().and_then(|v| v.trim().parse::<i64>().ok()) {
+                    Some(ms) if ms >= 0 => Verdict::Pushback(Duration::from_millis(ms as u64)),
+                    // A6: a negative or malformed pushback means "do not retry".
+                    _ => Verdict::Done,
+                },
+            }
         }
+        Err(Error::Dropped { .. } | Error::Overflow { .. } | Error::Deadline { .. }) => Verdict::Done,
+        // An attempt the per-try timeout ended is what that timeout is for: it is retried (Envoy).
+        Err(Error::AttemptTimeout { .. }) => Verdict::Backoff,
+        Err(error) if retryable(error.grpc_code()) => Verdict::Backoff,
+        Err(_) => Verdict::Done,
     }
+}
 
+impl Shared {
     /// Full-jitter exponential backoff before attempt `attempt + 1` (`attempt` ≥ 1).
     fn backoff(&self, attempt: u32) -> Duration {
         let base = self.policy.base_backoff.as_secs_f64();
@@ -189,7 +202,7 @@ where
         let first = std::mem::replace(&mut self.inner, fresh);
         let (shared, retries) = (self.shared.clone(), self.inner.clone());
         Box::pin(async move {
-            shared.budget.0.deposit();
+            shared.budget.deposit();
             let (head, body) = request.into_parts();
             let deadline = head.extensions.get::<Deadline>().copied();
             let recorder = body.recorder();
@@ -198,7 +211,7 @@ where
             let mut result = within(per_try, { first }.call(http::Request::from_parts(head, body))).await;
             let mut previous: Vec<SocketAddr> = Vec::new();
             for attempt in 1.. {
-                let wait = match shared.verdict(&result) {
+                let wait = match verdict(&shared.policy.retry_on, &result) {
                     Verdict::Done => return result,
                     Verdict::Backoff => shared.backoff(attempt),
                     Verdict::Pushback(wait) => wait,
@@ -214,7 +227,7 @@ where
                 if deadline.is_some_and(|d| d.0.saturating_duration_since(tokio::time::Instant::now()) <= wait) {
                     return result;
                 }
-                if !shared.budget.0.withdraw() {
+                if !shared.budget.withdraw() {
                     ClusterStats::add(&shared.stats.retry_budget_exhausted);
                     tracing::debug!(attempt, "retry budget exhausted; not retrying");
                     return result;

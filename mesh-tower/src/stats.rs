@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct ClusterStats {
     /// Attempts after a call's first (Envoy's `upstream_rq_retry`).
     pub(crate) retries: AtomicU64,
-    /// Retries the budget refused (Envoy's `upstream_rq_retry_overflow`).
+    /// Retries and hedges the budget refused (Envoy's `upstream_rq_retry_overflow`).
     pub(crate) retry_budget_exhausted: AtomicU64,
+    /// Hedged attempts sent (A96's hedge count).
+    pub(crate) hedges: AtomicU64,
     /// Calls the circuit breaker turned away (Envoy's `upstream_rq_pending_overflow`).
     pub(crate) overflows: AtomicU64,
     /// Endpoints outlier detection ejected (Envoy's `outlier_detection.ejections_enforced_total`).
@@ -21,8 +23,10 @@ pub struct ClusterStats {
 pub struct ClusterCounts {
     /// Attempts after a call's first.
     pub retries: u64,
-    /// Retries the budget refused.
+    /// Retries and hedges the budget refused.
     pub retry_budget_exhausted: u64,
+    /// Hedged attempts sent.
+    pub hedges: u64,
     /// Calls the circuit breaker turned away.
     pub overflows: u64,
     /// Endpoints outlier detection ejected.
@@ -36,6 +40,7 @@ impl ClusterStats {
         ClusterCounts {
             retries: read(&self.retries),
             retry_budget_exhausted: read(&self.retry_budget_exhausted),
+            hedges: read(&self.hedges),
             overflows: read(&self.overflows),
             ejections: read(&self.ejections),
         }

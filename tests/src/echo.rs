@@ -31,12 +31,14 @@ pub struct Echo {
     calls: Arc<AtomicU64>,
     /// Per 100 calls, how many fail with UNAVAILABLE (spread evenly).
     fail_percent: u64,
+    /// Per 100 calls, how many are answered after the tail delay instead (spread evenly).
+    tail: (u64, Duration),
 }
 
 impl Echo {
     /// Replies `reply` after `delay`.
     pub fn new(reply: impl Into<Bytes>, delay: Duration) -> Self {
-        Self { reply: reply.into(), delay, calls: Arc::default(), fail_percent: 0 }
+        Self { reply: reply.into(), delay, calls: Arc::default(), fail_percent: 0, tail: (0, Duration::ZERO) }
     }
 }
 
@@ -73,8 +75,9 @@ impl UnaryService<Bytes> for Handler {
             if (n * 37) % 100 < echo.fail_percent {
                 return Err(tonic::Status::unavailable("echo: failing on purpose"));
             }
-            if !echo.delay.is_zero() {
-                tokio::time::sleep(echo.delay).await;
+            let delay = if (n * 37 + 11) % 100 < echo.tail.0 { echo.tail.1 } else { echo.delay };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
             }
             Ok(tonic::Response::new(echo.reply))
         })
@@ -112,10 +115,21 @@ impl EchoServer {
         Self::start_full("127.0.0.1:0".parse()?, Duration::ZERO, None, percent).await
     }
 
+    /// Starts a server on `127.0.0.1:0` that answers `percent` of its calls after `tail`, the rest at once.
+    pub async fn start_with_tail(percent: u64, tail: Duration) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        Self::serve(listener, Echo { tail: (percent, tail), ..Echo::new(addr.to_string(), Duration::ZERO) })
+    }
+
     async fn start_full(addr: SocketAddr, delay: Duration, reply: Option<Bytes>, fail_percent: u64) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let echo = Echo { fail_percent, ..Echo::new(reply.unwrap_or_else(|| addr.to_string().into()), delay) };
+        Self::serve(listener, Echo { fail_percent, ..Echo::new(reply.unwrap_or_else(|| addr.to_string().into()), delay) })
+    }
+
+    fn serve(listener: TcpListener, echo: Echo) -> anyhow::Result<Self> {
+        let addr = listener.local_addr()?;
         let calls = echo.calls.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -19,8 +19,8 @@ use std::time::Duration;
 use mesh_core::GrpcCode;
 use mesh_core::model::{Endpoint, HeaderMatch, Locality, PathMatch, Regex, RouteMatch, StringMatch};
 use mesh_core::policy::{
-    AuthzAction, AuthzRule, CircuitBreakers, Consecutive, FailurePercentage, FaultAbort, FaultDelay, FaultInjection, LbPolicy, MtlsMode,
-    OutlierDetection, PER_MILLION_PER_PERCENT, RateLimit, RetryBudget, RetryPolicy, SuccessRate,
+    AuthzAction, AuthzRule, CircuitBreakers, Consecutive, FailurePercentage, FaultAbort, FaultDelay, FaultInjection, HedgePolicy, LbPolicy,
+    MtlsMode, OutlierDetection, PER_MILLION_PER_PERCENT, RateLimit, RetryBudget, RetryPolicy, SuccessRate,
 };
 use serde_saphyr::Spanned;
 
@@ -70,6 +70,8 @@ pub struct Service {
     pub timeout: Option<Duration>,
     /// Default retry policy.
     pub retry: Option<RetryPolicy>,
+    /// Hedging (sent to clients as a retry policy whose per-try timeout hedges); excludes `retry`.
+    pub hedge: Option<HedgePolicy>,
     /// Circuit-breaker thresholds.
     pub circuit_breakers: CircuitBreakers,
     /// Outlier detection.
@@ -100,6 +102,7 @@ impl Service {
             subsets: BTreeMap::new(),
             timeout: None,
             retry: None,
+            hedge: None,
             circuit_breakers: CircuitBreakers::default(),
             outlier_detection: None,
             rate_limit: None,
@@ -423,6 +426,32 @@ impl Validator<'_> {
         }
         let timeout = self.opt_duration(&format!("{field}.timeout"), raw.timeout.as_ref())?;
         let retry = raw.retries.as_ref().map(|r| self.retries(&format!("{field}.retries"), r)).transpose()?;
+        let hedge = match &raw.hedge {
+            None => None,
+            Some(h) => {
+                let hfield = format!("{field}.hedge");
+                if raw.retries.is_some() {
+                    return self.error(&h.referenced, hfield, "a service hedges or retries, not both (gRPC A6): drop one");
+                }
+                if !(2..=5).contains(&h.value.attempts) {
+                    return self.error(&h.referenced, format!("{hfield}.attempts"), "2 to 5 (the first attempt and its hedges)");
+                }
+                let delay = self.duration(&format!("{hfield}.delay"), &h.value.delay)?;
+                let mut non_fatal = Vec::new();
+                for code in &h.value.on {
+                    let Some(parsed) = GrpcCode::from_name(code).filter(|c| GrpcCode::RETRYABLE.contains(c)) else {
+                        let names: Vec<String> = GrpcCode::RETRYABLE.iter().map(|c| c.name().to_ascii_lowercase()).collect();
+                        return self.error(&h.referenced, format!("{hfield}.on"), format!("{code:?} is not one of {}", names.join(", ")));
+                    };
+                    non_fatal.push(parsed);
+                }
+                // Sent as a retry policy's retry_on, which must name a status for clients to read it.
+                if non_fatal.is_empty() {
+                    non_fatal.push(GrpcCode::Unavailable);
+                }
+                Some(HedgePolicy { max_attempts: h.value.attempts, delay, non_fatal })
+            }
+        };
         // A service with retries gets a retry budget, `budget_percent` of its calls (20% by default).
         let retry_budget = match &raw.retries {
             None => None,
@@ -535,6 +564,7 @@ impl Validator<'_> {
             routes,
             timeout,
             retry,
+            hedge,
             circuit_breakers,
             outlier_detection,
             rate_limit,

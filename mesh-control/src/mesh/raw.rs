@@ -33,6 +33,7 @@ pub(super) struct RawService {
     pub(super) routes: Vec<Spanned<RawRoute>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) retries: Option<Spanned<RawRetries>>,
+    pub(super) hedge: Option<Spanned<RawHedge>>,
     pub(super) circuit_breakers: Option<RawCircuitBreakers>,
     pub(super) outlier_detection: Option<RawOutlierDetection>,
     pub(super) rate_limit: Option<Spanned<RawRateLimit>>,
@@ -121,6 +122,15 @@ pub(super) struct RawRetries {
     pub(super) per_try_timeout: Option<Spanned<String>>,
     pub(super) backoff: Option<RawBackoff>,
     pub(super) budget_percent: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHedge {
+    pub(super) attempts: u32,
+    pub(super) delay: Spanned<String>,
+    #[serde(default)]
+    pub(super) on: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

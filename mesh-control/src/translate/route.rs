@@ -6,8 +6,8 @@ use envoy_types::pb::envoy::config::route::v3::route_action::{ClusterSpecifier, 
 use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
 use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, RetryPolicy as PbRetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
-    retry_policy, route,
+    HeaderMatcher, HedgePolicy as PbHedgePolicy, RetryPolicy as PbRetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost, WeightedCluster, retry_policy, route,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher};
@@ -76,8 +76,18 @@ fn route(service: &Service, r: &crate::mesh::Route) -> Route {
         cluster_specifier: Some(cluster_specifier),
         timeout: timeout.map(duration),
         max_stream_duration: timeout.map(|t| MaxStreamDuration { max_stream_duration: Some(duration(t)), ..Default::default() }),
-        // One attempt means no retries; gRPC rejects a retry policy with num_retries 0.
-        retry_policy: r.retry.as_ref().or(service.retry.as_ref()).filter(|p| p.max_attempts > 1).map(retry),
+        // One attempt means no retries; gRPC rejects a retry policy with num_retries 0. A hedging service sends
+        // a retry policy whose per-try timeout is the hedge delay, hedged on that timeout (Envoy's form).
+        retry_policy: match &service.hedge {
+            Some(h) => Some(retry(&RetryPolicy {
+                max_attempts: h.max_attempts,
+                retry_on: h.non_fatal.clone(),
+                per_try_timeout: Some(h.delay),
+                ..RetryPolicy::default()
+            })),
+            None => r.retry.as_ref().or(service.retry.as_ref()).filter(|p| p.max_attempts > 1).map(retry),
+        },
+        hedge_policy: service.hedge.as_ref().map(|_| PbHedgePolicy { hedge_on_per_try_timeout: true, ..Default::default() }),
         hash_policy,
         ..Default::default()
     };

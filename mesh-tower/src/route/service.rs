@@ -18,6 +18,7 @@ use super::hash::route_hash;
 use crate::balance::{RequestBody, RequestHash, ResponseBody};
 use crate::cluster::{Cluster, ClusterFuture, ClusterService};
 use crate::fault::FaultLayer;
+use crate::hedge::HedgeLayer;
 use crate::ratelimit::RateLimitLayer;
 use crate::replay::ReplayBody;
 use crate::retry::RetryLayer;
@@ -93,12 +94,17 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
     let clusters: Vec<(String, u32, Option<ClusterService<B>>)> = clusters
         .into_iter()
         .map(|(name, weight, cluster)| {
-            let service = cluster.map(|cluster| match &policies.retry {
-                None => cluster.service,
-                Some(policy) => {
+            // A route hedges or retries (gRPC A6), within the cluster's budget either way.
+            let service = cluster.map(|cluster| match (&policies.hedge, &policies.retry) {
+                (Some(policy), _) => {
+                    let hedge = HedgeLayer::within(policy.clone(), cluster.budget, cluster.stats);
+                    ClusterService::layered(hedge.layer(cluster.service))
+                }
+                (None, Some(policy)) => {
                     let retry = RetryLayer::within(policy.clone(), cluster.budget, cluster.stats);
                     ClusterService::layered(retry.layer(cluster.service))
                 }
+                (None, None) => cluster.service,
             });
             (name, weight, service)
         })

@@ -516,3 +516,32 @@ async fn a_rate_limited_route_turns_away_calls_over_its_bucket_and_a_new_table_k
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(results().await.len(), 5, "refilled after the fill interval");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hedged_route_sends_a_second_attempt_after_the_delay_and_the_first_answer_wins() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::from_secs(1) });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    let mut target = cluster("a", &[1, 2]);
+    target.balancer.lb = "round_robin".parse().unwrap();
+    target.breakers.retry_budget = Some(RetryBudget { ratio: 1.0, ..RetryBudget::default() });
+    publisher.cluster(&target);
+    let hedge = mesh_core::policy::HedgePolicy { max_attempts: 2, delay: Duration::from_millis(100), non_fatal: vec![] };
+    publisher.publish(&[single_route("a", RoutePolicies { hedge: Some(hedge), ..RoutePolicies::default() })]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut hedged = 0;
+    for _ in 0..20 {
+        let started = tokio::time::Instant::now();
+        assert_eq!(call(&router, "/x").await.unwrap(), addr(2), "the fast endpoint's answer wins");
+        let took = started.elapsed();
+        assert!(took == Duration::ZERO || took == Duration::from_millis(100), "answered at once, or by the hedge: {took:?}");
+        hedged += u64::from(took > Duration::ZERO);
+    }
+    assert_eq!(router.counts()[0].1.hedges, hedged, "each hedge is counted");
+    // Round robin over two endpoints with two picks a hedged call: every first attempt lands on the slow one.
+    assert_eq!(hedged, 20, "every call was hedged");
+    // The slow attempts lost and were cancelled: none of them was answered.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(net.served.load(std::sync::atomic::Ordering::SeqCst), 20, "only the winners were served");
+}

@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::google::protobuf::Any;
-use mesh_core::policy::{FaultInjection, HashPolicy, RetryPolicy, RouteHash, RoutePolicies};
+use mesh_core::policy::{FaultInjection, HashPolicy, HedgePolicy, RetryPolicy, RouteHash, RoutePolicies};
 use mesh_core::{
     GrpcCode, HeaderMatch, PathMatch, Regex, Route, RouteAction, RouteConfig, RouteMatch, StringMatch, VirtualHost, WeightedCluster,
 };
@@ -56,6 +56,9 @@ fn virtual_host(vh: &ProtoVirtualHost) -> Result<VirtualHost, String> {
         return Err("domains: empty".into());
     }
     let vh_fault = fault_override(&vh.typed_per_filter_config).map_err(|e| format!("typed_per_filter_config: {e}"))?;
+    if vh.hedge_policy.is_some() {
+        tracing::warn!(virtual_host = %vh.name, "a virtual host's hedge_policy is not enforced; set it on its routes");
+    }
     let mut routes = Vec::with_capacity(vh.routes.len());
     for (i, r) in vh.routes.iter().enumerate() {
         match route(r, vh.retry_policy.as_ref(), vh_fault.as_ref()) {
@@ -231,9 +234,26 @@ fn route_policies(ra: &ProtoAction, vh_retry: Option<&ProtoRetry>) -> Result<Rou
             (None, None, Some(d)) => Some(duration(d, "route.timeout")?),
             (None, None, None) => None,
         };
-    let retry = match ra.retry_policy.as_ref().or(vh_retry) {
+    let mut retry = match ra.retry_policy.as_ref().or(vh_retry) {
         Some(rp) => retry_policy(rp).map_err(|e| format!("retry_policy.{e}"))?,
         None => None,
+    };
+    // Envoy's hedge_on_per_try_timeout: an attempt still out at its per-try timeout gets a hedge beside it,
+    // and a failed one is retried. That is A6's hedging with the retry policy's attempts, its per-try timeout
+    // as the delay, and its retry_on as the non-fatal codes; the route hedges instead of retrying.
+    let delay = retry.as_ref().and_then(|r| r.per_try_timeout);
+    let hedge = match (&ra.hedge_policy, delay) {
+        (Some(h), Some(delay)) if h.hedge_on_per_try_timeout => {
+            if h.initial_requests.is_some_and(|n| n.value > 1) || h.additional_request_chance.is_some() {
+                tracing::warn!("hedge_policy.initial_requests and additional_request_chance are not enforced");
+            }
+            retry.take().map(|retried| HedgePolicy { max_attempts: retried.max_attempts, delay, non_fatal: retried.retry_on })
+        }
+        (Some(_), _) => {
+            tracing::warn!("hedge_policy without hedge_on_per_try_timeout and a per-try timeout has no delay to hedge at; not enforced");
+            None
+        }
+        (None, _) => None,
     };
     let hash = ra
         .hash_policy
@@ -248,7 +268,7 @@ fn route_policies(ra: &ProtoAction, vh_retry: Option<&ProtoRetry>) -> Result<Rou
             Some(RouteHash { policy, terminal: h.terminal })
         })
         .collect();
-    Ok(RoutePolicies { timeout: timeout.filter(|t| !t.is_zero()), retry, hash, ..RoutePolicies::default() })
+    Ok(RoutePolicies { timeout: timeout.filter(|t| !t.is_zero()), retry, hash, hedge, ..RoutePolicies::default() })
 }
 
 /// gRPC's retry rules (A44); `None` when no gRPC status code is retried.
