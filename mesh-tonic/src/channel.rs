@@ -121,9 +121,15 @@ impl Channel {
         self.inner.router.clusters()
     }
 
-    /// What each cluster's policy layers have done: retries, budget refusals, breaker overflows.
+    /// What each cluster's policy layers have done: retries, hedges, budget refusals, breaker overflows,
+    /// ejections.
     pub fn counts(&self) -> Vec<(String, mesh_tower::stats::ClusterCounts)> {
         self.inner.router.counts()
+    }
+
+    /// What the target's route layers above the split have done: rate-limited calls, injected faults.
+    pub fn target_counts(&self) -> mesh_tower::stats::TargetCounts {
+        self.inner.router.target_counts()
     }
 }
 

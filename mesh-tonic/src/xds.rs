@@ -191,11 +191,11 @@ impl Unsupported {
         let policies = &cluster.policies;
         let mut missing = Vec::new();
         let (breakers, defaults) = (&policies.circuit_breakers, mesh_core::policy::CircuitBreakers::default());
-        // `max_requests` is enforced (mesh_tower::breaker); the other thresholds are not yet.
-        if (breakers.max_connections, breakers.max_pending_requests, breakers.max_retries)
-            != (defaults.max_connections, defaults.max_pending_requests, defaults.max_retries)
-        {
-            missing.push("circuit_breakers (max_connections, max_pending_requests, max_retries)");
+        // `max_requests` is enforced (mesh_tower::breaker), and `max_retries` without a retry budget
+        // (mesh_tower::retry::Budget); one connection per endpoint makes `max_connections` moot; the pending
+        // cap is not enforced yet.
+        if breakers.max_pending_requests != defaults.max_pending_requests {
+            missing.push("circuit_breakers.max_pending_requests");
         }
         if self.clusters.get(name) != Some(&missing) {
             if !missing.is_empty() {

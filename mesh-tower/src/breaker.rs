@@ -95,7 +95,7 @@ where
         let shared = &self.shared;
         if shared.in_flight.fetch_add(1, Ordering::Relaxed) >= shared.max_requests {
             shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            ClusterStats::add(&shared.stats.overflows);
+            crate::stats::count(&shared.stats.overflows);
             let error = Error::Overflow { cluster: shared.cluster.to_string(), limit: shared.max_requests };
             return Box::pin(std::future::ready(Err(error)));
         }

@@ -28,6 +28,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::Error;
 use crate::balance::ResponseBody;
+use crate::stats::TargetStats;
 
 /// Delay header of a header-controlled delay (milliseconds).
 pub const DELAY_HEADER: &str = "x-envoy-fault-delay-request";
@@ -40,26 +41,6 @@ pub const ABORT_HTTP_HEADER: &str = "x-envoy-fault-abort-request";
 /// Lowers the abort's share (percent).
 pub const ABORT_PERCENTAGE_HEADER: &str = "x-envoy-fault-abort-request-percentage";
 
-/// What a fault layer has done.
-#[derive(Debug, Default)]
-pub struct FaultStats {
-    delays: AtomicU64,
-    aborts: AtomicU64,
-    /// Faults skipped because `max_active_faults` were active (Envoy's `faults_overflow`).
-    overflows: AtomicU64,
-}
-
-/// A snapshot of [`FaultStats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FaultCounts {
-    /// Calls delayed.
-    pub delays: u64,
-    /// Calls aborted.
-    pub aborts: u64,
-    /// Faults not injected because too many were active.
-    pub overflows: u64,
-}
-
 /// Injects a route's faults.
 #[derive(Clone)]
 pub struct FaultLayer {
@@ -71,7 +52,7 @@ struct Shared {
     fault: FaultInjection,
     active: AtomicU32,
     seed: AtomicU64,
-    stats: FaultStats,
+    stats: Arc<TargetStats>,
 }
 
 impl fmt::Debug for FaultLayer {
@@ -81,21 +62,10 @@ impl fmt::Debug for FaultLayer {
 }
 
 impl FaultLayer {
-    /// Injects `fault` into calls to `target` (which names it in errors).
-    pub fn new(target: &str, fault: FaultInjection) -> Self {
-        let shared =
-            Shared { target: target.into(), fault, active: AtomicU32::new(0), seed: AtomicU64::new(0xfa17), stats: FaultStats::default() };
+    /// Injects `fault` into calls to `target` (which names it in errors), counted in `stats`.
+    pub fn new(target: &str, fault: FaultInjection, stats: Arc<TargetStats>) -> Self {
+        let shared = Shared { target: target.into(), fault, active: AtomicU32::new(0), seed: AtomicU64::new(0xfa17), stats };
         Self { shared: Arc::new(shared) }
-    }
-
-    /// What it has injected.
-    pub fn counts(&self) -> FaultCounts {
-        let stats = &self.shared.stats;
-        FaultCounts {
-            delays: stats.delays.load(Ordering::Relaxed),
-            aborts: stats.aborts.load(Ordering::Relaxed),
-            overflows: stats.overflows.load(Ordering::Relaxed),
-        }
     }
 }
 
@@ -190,18 +160,18 @@ where
             && shared.active.fetch_add(1, Ordering::Relaxed) >= max
         {
             shared.active.fetch_sub(1, Ordering::Relaxed);
-            shared.stats.overflows.fetch_add(1, Ordering::Relaxed);
+            crate::stats::count(&shared.stats.fault_overflows);
             return Box::pin(self.inner.call(request));
         }
         let active = shared.fault.max_active_faults.map(|_| Active(shared.clone()));
         let (shared, inner) = (shared.clone(), self.inner.clone());
         Box::pin(async move {
             if let Some(delay) = decision.delay {
-                shared.stats.delays.fetch_add(1, Ordering::Relaxed);
+                crate::stats::count(&shared.stats.fault_delays);
                 tokio::time::sleep(delay).await;
             }
             if let Some(code) = decision.abort {
-                shared.stats.aborts.fetch_add(1, Ordering::Relaxed);
+                crate::stats::count(&shared.stats.fault_aborts);
                 return Err(Error::FaultAbort { target: shared.target.to_string(), code });
             }
             let response = inner.oneshot(request).await;

@@ -115,10 +115,10 @@ where
                 }
                 let Some(again) = recorder.try_clone().and_then(|body| copy.request(body)) else { return false };
                 if !shared.budget.withdraw() {
-                    ClusterStats::add(&shared.stats.retry_budget_exhausted);
+                    crate::stats::count(&shared.stats.retry_budget_exhausted);
                     return false;
                 }
-                ClusterStats::add(&shared.stats.hedges);
+                crate::stats::count(&shared.stats.hedges);
                 *sent += 1;
                 attempts.push(Box::pin(more.clone().oneshot(again)));
                 true

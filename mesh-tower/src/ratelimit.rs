@@ -11,7 +11,6 @@
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use tower::{Layer, Service};
 
 use crate::Error;
 use crate::balance::ResponseBody;
+use crate::stats::TargetStats;
 
 /// Tokio's clock, as governor reads it: the time since the limiter was made.
 #[derive(Clone, Debug)]
@@ -50,7 +50,7 @@ struct Shared {
     target: Arc<str>,
     limit: RateLimit,
     limiter: Gcra,
-    limited: AtomicU64,
+    stats: Arc<TargetStats>,
 }
 
 impl fmt::Debug for RateLimitLayer {
@@ -60,25 +60,20 @@ impl fmt::Debug for RateLimitLayer {
 }
 
 impl RateLimitLayer {
-    /// A bucket for `limit` on calls to `target` (which names it in errors). Out-of-range numbers are brought
-    /// to the nearest valid ones: validation happens at the edge, and a limiter never panics.
-    pub fn new(target: &str, limit: RateLimit) -> Self {
+    /// A bucket for `limit` on calls to `target` (which names it in errors), counted in `stats`. Out-of-range
+    /// numbers are brought to the nearest valid ones: validation happens at the edge, and a limiter never panics.
+    pub fn new(target: &str, limit: RateLimit, stats: Arc<TargetStats>) -> Self {
         let tokens = NonZeroU32::new(limit.tokens_per_fill).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(limit.max_tokens).unwrap_or(NonZeroU32::MIN);
         let period = (limit.fill_interval / tokens.get()).max(Duration::from_nanos(1));
         let quota = Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN)).allow_burst(burst);
         let limiter = RateLimiter::direct_with_clock(quota, TokioClock(tokio::time::Instant::now()));
-        Self { shared: Arc::new(Shared { target: target.into(), limit, limiter, limited: AtomicU64::new(0) }) }
+        Self { shared: Arc::new(Shared { target: target.into(), limit, limiter, stats }) }
     }
 
     /// The limit it enforces.
     pub fn limit(&self) -> &RateLimit {
         &self.shared.limit
-    }
-
-    /// Calls it turned away.
-    pub fn limited(&self) -> u64 {
-        self.shared.limited.load(Ordering::Relaxed)
     }
 }
 
@@ -120,7 +115,7 @@ where
         match self.shared.limiter.check() {
             Ok(()) => Either::Left(self.inner.call(request)),
             Err(not_until) => {
-                self.shared.limited.fetch_add(1, Ordering::Relaxed);
+                crate::stats::count(&self.shared.stats.rate_limited);
                 let retry_after = not_until.wait_time_from(self.shared.limiter_now());
                 let (target, limit) = (self.shared.target.to_string(), Box::new(self.shared.limit.clone()));
                 let error = Error::RateLimited { target, limit, retry_after };

@@ -21,13 +21,13 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use mesh_core::lb::{Random, SplitMix64};
-use mesh_core::policy::{RetryBudget, RetryPolicy};
+use mesh_core::policy::{CircuitBreakers, RetryBudget, RetryPolicy};
 use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
 
@@ -39,28 +39,72 @@ use crate::replay::{HeadCopy, ReplayBody};
 use crate::stats::ClusterStats;
 
 /// A cluster's retry budget, shared by every route's retries to it. Cheap to clone; clones share it.
+///
+/// A rate budget always; and when the cluster sets no `retry_budget`, Envoy's `max_retries` threshold too, a cap
+/// on retries in flight at once (Envoy uses one or the other; a cluster without a budget gets both here).
 #[derive(Clone)]
-pub struct Budget(Arc<TpsBudget>);
+pub struct Budget(Arc<BudgetInner>);
+
+struct BudgetInner {
+    rate: TpsBudget,
+    /// Envoy's `max_retries`: most retries in flight at once; `None` when the rate budget replaces it.
+    max_concurrent: Option<u32>,
+    in_flight: AtomicU32,
+}
 
 impl Budget {
     /// A budget with `settings`' numbers (out-of-range ones are brought to the nearest bound: validation
     /// happens at the edge, and a budget never panics).
     pub fn new(settings: &RetryBudget) -> Self {
+        Self::with_cap(settings, None)
+    }
+
+    /// A cluster's budget: its `retry_budget`, or, without one, the default rate budget and its `max_retries`.
+    pub fn for_cluster(breakers: &CircuitBreakers) -> Self {
+        match &breakers.retry_budget {
+            Some(budget) => Self::new(budget),
+            None => Self::with_cap(&RetryBudget::default(), Some(breakers.max_retries)),
+        }
+    }
+
+    fn with_cap(settings: &RetryBudget, max_concurrent: Option<u32>) -> Self {
         let window = settings.window.clamp(RetryBudget::MIN_WINDOW, RetryBudget::MAX_WINDOW);
         let ratio = settings.ratio.clamp(0.0, 1.0) as f32;
-        Self(Arc::new(TpsBudget::new(window, settings.min_per_second, ratio)))
+        let rate = TpsBudget::new(window, settings.min_per_second, ratio);
+        Self(Arc::new(BudgetInner { rate, max_concurrent, in_flight: AtomicU32::new(0) }))
+    }
+
+    /// Records a call.
+    pub(crate) fn deposit(&self) {
+        self.0.rate.deposit();
+    }
+
+    /// Takes one retry (or hedge) from the rate budget, if it allows one.
+    pub(crate) fn withdraw(&self) -> bool {
+        self.0.rate.withdraw()
+    }
+
+    /// A place for one retry in flight, if `max_retries` leaves one (always, without the cap).
+    pub(crate) fn start_retry(&self) -> Option<InFlightRetry> {
+        let inner = &self.0;
+        if let Some(max) = inner.max_concurrent
+            && inner.in_flight.fetch_add(1, Ordering::Relaxed) >= max
+        {
+            inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InFlightRetry(inner.max_concurrent.map(|_| self.0.clone())))
     }
 }
 
-impl Budget {
-    /// Records a call.
-    pub(crate) fn deposit(&self) {
-        self.0.deposit();
-    }
+/// A retry's place under `max_retries`, given back when dropped.
+pub(crate) struct InFlightRetry(Option<Arc<BudgetInner>>);
 
-    /// Takes one retry (or hedge) from the budget, if it allows one.
-    pub(crate) fn withdraw(&self) -> bool {
-        self.0.withdraw()
+impl Drop for InFlightRetry {
+    fn drop(&mut self) {
+        if let Some(inner) = &self.0 {
+            inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -227,8 +271,13 @@ where
                 if deadline.is_some_and(|d| d.0.saturating_duration_since(tokio::time::Instant::now()) <= wait) {
                     return result;
                 }
+                let Some(in_flight) = shared.budget.start_retry() else {
+                    crate::stats::count(&shared.stats.retry_overflows);
+                    tracing::debug!(attempt, "max_retries retries in flight; not retrying");
+                    return result;
+                };
                 if !shared.budget.withdraw() {
-                    ClusterStats::add(&shared.stats.retry_budget_exhausted);
+                    crate::stats::count(&shared.stats.retry_budget_exhausted);
                     tracing::debug!(attempt, "retry budget exhausted; not retrying");
                     return result;
                 }
@@ -238,7 +287,7 @@ where
                     Err(_) => {}
                 }
                 drop(result);
-                ClusterStats::add(&shared.stats.retries);
+                crate::stats::count(&shared.stats.retries);
                 tracing::debug!(attempt, ?wait, "retrying");
                 tokio::time::sleep(wait).await;
                 let mut again = again;
@@ -250,6 +299,7 @@ where
                     again.extensions_mut().insert(deadline);
                 }
                 result = within(per_try, retries.clone().oneshot(again)).await;
+                drop(in_flight);
             }
             result
         })

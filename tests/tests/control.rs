@@ -503,6 +503,8 @@ async fn the_mesh_files_fault_injection_delays_and_aborts_its_share_of_calls() {
         assert!(failure.contains("ResourceExhausted") && failure.contains("fault injected"), "{failure}");
     }
     assert_eq!(backend.calls(), calls - aborted, "an aborted call never reaches the backend");
+    let counts = channel.target_counts();
+    assert_eq!((counts.fault_delays, counts.fault_aborts), (calls, aborted), "the faults are counted: {counts:?}");
 }
 
 /// A mesh file's rate limit reaches our client through mesh-control (the listener's local rate limit filter)
@@ -522,6 +524,7 @@ async fn the_mesh_files_rate_limit_turns_away_calls_over_the_bucket() {
         assert!(failure.contains("ResourceExhausted") && failure.contains("rate limited"), "{failure}");
     }
     assert_eq!(backend.calls(), ok, "a call over the limit never reaches the backend");
+    assert_eq!(channel.target_counts().rate_limited, 100 - ok, "each call turned away is counted");
 }
 
 /// A mesh file's hedging reaches our client through mesh-control (Envoy's hedge_on_per_try_timeout form) and

@@ -18,7 +18,6 @@ use tokio::sync::Notify;
 use super::handle::Handle;
 use super::{RequestBody, State, lock};
 use crate::connect::Connect;
-use crate::stats::ClusterStats;
 
 /// What each endpoint's handle shares with the detector: the consecutive thresholds, and the wake-up for a trip.
 #[derive(Debug)]
@@ -139,7 +138,7 @@ impl<B: RequestBody> Detector<B> {
                     let tracked = &self.tracked[i];
                     tracked.handle.set_ejected(true);
                     tracked.handle.consecutive.store(0, Ordering::Relaxed);
-                    ClusterStats::add(&state.stats.ejections);
+                    crate::stats::count(&state.stats.ejections);
                     let time = self.config.ejection_time(tracked.host.multiplier);
                     tracing::info!(addr = %tracked.addr, reason = reason.name(), ?time, "endpoint ejected");
                 }

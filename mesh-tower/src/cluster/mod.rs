@@ -321,7 +321,7 @@ impl<M: MakeConnect> NewCluster<M> {
         } else {
             ClusterService::balancer(balancer.clone())
         };
-        let budget = Budget::new(&target.breakers.retry_budget.clone().unwrap_or_default());
+        let budget = Budget::for_cluster(&target.breakers);
         let cluster = Cluster { service, inspect: Arc::new(balancer), budget, stats };
         match failed {
             None => Ok(cluster),

@@ -40,7 +40,7 @@ use crate::cluster::{Cluster, ClusterTarget, MakeConnect, NewCluster};
 use crate::deadline::{self, Deadline};
 use crate::ratelimit::RateLimitLayer;
 use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
-use crate::stats::ClusterCounts;
+use crate::stats::{ClusterCounts, TargetCounts, TargetStats};
 
 /// What requests are routed with: built routes in order, and the clusters they call.
 pub struct Table<B> {
@@ -66,6 +66,8 @@ pub struct Router<B> {
     /// The latest table this clone has seen: a call checks for a newer one with one atomic load, instead of
     /// taking the channel's lock and a reference count every call shares.
     current: Option<Arc<Table<B>>>,
+    /// What the target's route layers counted.
+    stats: Arc<TargetStats>,
 }
 
 impl<B> Clone for Router<B> {
@@ -76,6 +78,7 @@ impl<B> Clone for Router<B> {
             ready_timeout: self.ready_timeout,
             table: self.table.clone(),
             current: self.current.clone(),
+            stats: self.stats.clone(),
         }
     }
 }
@@ -96,6 +99,11 @@ impl<B> Router<B> {
     pub fn clusters(&self) -> Vec<(String, Vec<EndpointStatus>)> {
         let table = self.table.borrow().clone();
         table.map_or_else(Vec::new, |t| t.clusters.iter().map(|(name, c)| (name.clone(), c.inspect.endpoints())).collect())
+    }
+
+    /// What the target's route layers above the split (rate limits, faults) have counted.
+    pub fn target_counts(&self) -> TargetCounts {
+        self.stats.counts()
     }
 
     /// What the current table's clusters, and the routes' layers over them, have counted.
@@ -250,6 +258,7 @@ pub struct Publisher<B, M> {
     channel_id: u64,
     /// Rate-limit buckets by limit, kept across tables while a route has the limit.
     limiters: HashMap<RateLimit, RateLimitLayer>,
+    stats: Arc<TargetStats>,
 }
 
 impl<B, M> fmt::Debug for Publisher<B, M> {
@@ -271,7 +280,8 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
     ) -> (Self, Router<B>) {
         let (tx, table) = watch::channel(None);
         let target: Arc<str> = target.into();
-        let router = Router { target: target.clone(), from: from.into(), ready_timeout, table, current: None };
+        let stats = Arc::new(TargetStats::default());
+        let router = Router { target: target.clone(), from: from.into(), ready_timeout, table, current: None, stats: stats.clone() };
         let publisher = Self {
             target,
             new_cluster,
@@ -281,6 +291,7 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
             seed: Arc::default(),
             channel_id: hash::random_channel_id(),
             limiters: HashMap::new(),
+            stats,
         };
         (publisher, router)
     }
@@ -351,8 +362,9 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
                             .collect();
                         let rate_limit = route.policies.rate_limit.as_ref().map(|limit| {
                             limits.push(limit);
-                            let target = &self.target;
-                            self.limiters.entry(limit.clone()).or_insert_with(|| RateLimitLayer::new(target, limit.clone())).clone()
+                            let (target, stats) = (&self.target, &self.stats);
+                            let new = || RateLimitLayer::new(target, limit.clone(), stats.clone());
+                            self.limiters.entry(limit.clone()).or_insert_with(new).clone()
                         });
                         Some(new_route(RouteTarget {
                             target: self.target.clone(),
@@ -361,6 +373,7 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
                             seed: self.seed.clone(),
                             channel_id: self.channel_id,
                             rate_limit,
+                            stats: self.stats.clone(),
                         }))
                     }
                 };

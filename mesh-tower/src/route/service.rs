@@ -22,6 +22,7 @@ use crate::hedge::HedgeLayer;
 use crate::ratelimit::RateLimitLayer;
 use crate::replay::ReplayBody;
 use crate::retry::RetryLayer;
+use crate::stats::TargetStats;
 use crate::{BoxError, Error};
 
 /// Requests below the router: their bodies are recorded for replay (retries, transparent resends).
@@ -84,11 +85,13 @@ pub struct RouteTarget<B> {
     pub channel_id: u64,
     /// The bucket of the route's rate limit (`policies.rate_limit`), shared by the routes with the same limit.
     pub rate_limit: Option<RateLimitLayer>,
+    /// The target's counts, for the layers above the split.
+    pub stats: Arc<TargetStats>,
 }
 
 /// Builds a route's service: its policies as layers, outermost first, over the split.
 pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
-    let RouteTarget { target, policies, clusters, seed, channel_id, rate_limit } = target;
+    let RouteTarget { target, policies, clusters, seed, channel_id, rate_limit, stats } = target;
     // Per-attempt layers wrap each of the route's clusters, below the split: a call's cluster is drawn once and
     // its retries stay in it (Envoy's and gRPC's order), within that cluster's budget.
     let clusters: Vec<(String, u32, Option<ClusterService<B>>)> = clusters
@@ -110,7 +113,7 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
         })
         .collect();
     let timeout = policies.timeout;
-    let fault = policies.fault.clone().filter(|f| f.injects()).map(|fault| FaultLayer::new(&target, fault));
+    let fault = policies.fault.clone().filter(|f| f.injects()).map(|fault| FaultLayer::new(&target, fault, stats));
     // A route with nothing to layer above its split calls the split directly.
     let layered = timeout.is_some() || fault.is_some() || rate_limit.is_some();
     let name = target.clone();

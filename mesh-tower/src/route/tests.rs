@@ -438,6 +438,8 @@ async fn a_route_fault_delays_then_aborts_its_share_of_calls_before_they_leave()
     assert!((70..130).contains(&aborted), "a quarter of 400 calls are aborted: {aborted}");
     let served = net.served.load(std::sync::atomic::Ordering::SeqCst) - served_before;
     assert_eq!(served, calls - aborted, "an aborted call never reaches the server");
+    let counts = router.target_counts();
+    assert_eq!((counts.fault_delays, counts.fault_aborts), (calls as u64, aborted as u64), "each fault is counted: {counts:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -483,6 +485,7 @@ async fn header_controlled_faults_follow_the_request_headers_and_max_active_faul
     let mut took = [a.unwrap(), b.unwrap(), c.unwrap()];
     took.sort();
     assert_eq!(took, [Duration::ZERO, Duration::from_millis(500), Duration::from_millis(500)]);
+    assert_eq!(router.target_counts().fault_overflows, 1, "the fault past max_active_faults is counted");
 }
 
 #[tokio::test(start_paused = true)]
@@ -515,6 +518,7 @@ async fn a_rate_limited_route_turns_away_calls_over_its_bucket_and_a_new_table_k
     assert!(matches!(call(&router, "/x").await, Err(Error::RateLimited { .. })), "the bucket was not refilled by the new table");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(results().await.len(), 5, "refilled after the fill interval");
+    assert_eq!(router.target_counts().rate_limited, 11, "every call turned away is counted");
 }
 
 #[tokio::test(start_paused = true)]
@@ -544,4 +548,22 @@ async fn a_hedged_route_sends_a_second_attempt_after_the_delay_and_the_first_ans
     // The slow attempts lost and were cancelled: none of them was answered.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(net.served.load(std::sync::atomic::Ordering::SeqCst), 20, "only the winners were served");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_retry_budget_max_retries_caps_the_retries_in_flight() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    let (mut publisher, router) = publisher(&net);
+    let mut target = cluster("a", &[1]);
+    target.breakers.max_retries = 1;
+    publisher.cluster(&target);
+    publisher.publish(&[single_route("a", with_retry(2))]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let calls = (0..10).map(|_| router.clone().oneshot(http::Request::new(Empty::new())));
+    for response in futures_util::future::join_all(calls).await {
+        assert_eq!(response.unwrap().status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let counts = router.counts()[0].1;
+    assert_eq!((counts.retries, counts.retry_overflows), (1, 9), "ten failures at once, one retry allowed in flight: {counts:?}");
 }
