@@ -435,6 +435,9 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// gRPC status codes that are retried (of [`GrpcCode::RETRYABLE`]).
     pub retry_on: Vec<GrpcCode>,
+    /// HTTP conditions that are retried (Envoy's `x-envoy-retry-on` names), for plain HTTP calls and the
+    /// failures of any call.
+    pub http_retry_on: HttpRetryOn,
     /// Deadline of one attempt.
     pub per_try_timeout: Option<Duration>,
     /// First backoff.
@@ -448,10 +451,63 @@ impl Default for RetryPolicy {
         Self {
             max_attempts: 2,
             retry_on: vec![GrpcCode::Unavailable],
+            http_retry_on: HttpRetryOn::default(),
             per_try_timeout: None,
             base_backoff: Duration::from_millis(25),
             max_backoff: Duration::from_millis(250),
         }
+    }
+}
+
+/// Envoy's HTTP retry conditions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpRetryOn {
+    /// `5xx`: any 5xx answer, or none at all (a reset, a lost connection, a failed connect).
+    pub five_xx: bool,
+    /// `gateway-error`: a 502, 503 or 504 answer.
+    pub gateway_error: bool,
+    /// `reset`: no answer (a reset, a lost connection).
+    pub reset: bool,
+    /// `connect-failure`: the connection could not be made.
+    pub connect_failure: bool,
+    /// `retriable-status-codes`: these answers.
+    pub retriable_status_codes: Vec<u16>,
+}
+
+impl HttpRetryOn {
+    /// The conditions' names, as `x-envoy-retry-on` and xDS `retry_on` spell them.
+    pub const NAMES: [&'static str; 5] = ["5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes"];
+
+    /// Turns on the condition `name` (one of [`Self::NAMES`]); `false` when it is not one.
+    pub fn set(&mut self, name: &str) -> bool {
+        match name {
+            "5xx" => self.five_xx = true,
+            "gateway-error" => self.gateway_error = true,
+            "reset" => self.reset = true,
+            "connect-failure" => self.connect_failure = true,
+            // The codes come with the policy's own list; the name alone adds none.
+            "retriable-status-codes" => {}
+            _ => return false,
+        }
+        true
+    }
+
+    /// The names of the conditions on, as xDS `retry_on` spells them.
+    pub fn names(&self) -> Vec<&'static str> {
+        let on = [self.five_xx, self.gateway_error, self.reset, self.connect_failure, !self.retriable_status_codes.is_empty()];
+        Self::NAMES.iter().zip(on).filter(|(_, on)| *on).map(|(name, _)| *name).collect()
+    }
+
+    /// Whether any condition is on.
+    pub fn any(&self) -> bool {
+        !self.names().is_empty()
+    }
+
+    /// Whether an answer with HTTP `status` is retried.
+    pub fn retries_status(&self, status: u16) -> bool {
+        (self.five_xx && status >= 500)
+            || (self.gateway_error && (502..=504).contains(&status))
+            || self.retriable_status_codes.contains(&status)
     }
 }
 

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
-use mesh_core::policy::HedgePolicy;
+use mesh_core::policy::{HedgePolicy, HttpRetryOn};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::Error;
@@ -127,7 +127,7 @@ where
             loop {
                 tokio::select! {
                     Some(result) = attempts.next() => {
-                        if verdict(&policy.non_fatal, &result) == Verdict::Done {
+                        if verdict(&policy.non_fatal, &HttpRetryOn::default(), &result) == Verdict::Done {
                             // The winner: the attempts still out are dropped with `attempts`, which cancels them.
                             return result;
                         }

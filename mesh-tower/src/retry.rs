@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use mesh_core::lb::{Random, SplitMix64};
-use mesh_core::policy::{CircuitBreakers, RetryBudget, RetryPolicy};
+use mesh_core::policy::{CircuitBreakers, HttpRetryOn, RetryBudget, RetryPolicy};
 use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
 
@@ -183,13 +183,19 @@ pub(crate) enum Verdict {
     Pushback(Duration),
 }
 
-/// What an attempt's result says, under a policy retrying `retry_on` (the hedging layer reads it too).
-pub(crate) fn verdict(retry_on: &[mesh_core::GrpcCode], result: &Result<http::Response<ResponseBody>, Error>) -> Verdict {
+/// What an attempt's result says, under a policy retrying `retry_on` and the `http` conditions (the hedging
+/// layer reads it too, with no HTTP conditions).
+pub(crate) fn verdict(
+    retry_on: &[mesh_core::GrpcCode],
+    http: &HttpRetryOn,
+    result: &Result<http::Response<ResponseBody>, Error>,
+) -> Verdict {
     let retryable = |code| retry_on.contains(&code);
     match result {
         Ok(response) => {
             let (code, headers) = match classify::head(response) {
                 Some(Outcome::Grpc(code)) => (code, response.headers()),
+                Some(Outcome::Http(status)) if http.retries_status(status) => return Verdict::Backoff,
                 // A non-gRPC error answer (a proxy's 503) has the code gRPC's HTTP table gives it.
                 Some(Outcome::Http(status)) if status >= 300 => (mesh_core::GrpcCode::from_http_status(status), response.headers()),
                 _ => return Verdict::Done,
@@ -209,6 +215,11 @@ pub(crate) fn verdict(retry_on: &[mesh_core::GrpcCode], result: &Result<http::Re
         Err(Error::Dropped { .. } | Error::Overflow { .. } | Error::Deadline { .. }) => Verdict::Done,
         // An attempt the per-try timeout ended is what that timeout is for: it is retried (Envoy).
         Err(Error::AttemptTimeout { .. }) => Verdict::Backoff,
+        // No answer at all: Envoy's `reset` and `connect-failure`, both under `5xx`.
+        Err(Error::Upstream { .. }) if http.reset || http.five_xx => Verdict::Backoff,
+        Err(Error::Connect { .. } | Error::Handshake { .. } | Error::AllEndpointsFailed { .. }) if http.connect_failure || http.five_xx => {
+            Verdict::Backoff
+        }
         Err(error) if retryable(error.grpc_code()) => Verdict::Backoff,
         Err(_) => Verdict::Done,
     }
@@ -255,7 +266,7 @@ where
             let mut result = within(per_try, { first }.call(http::Request::from_parts(head, body))).await;
             let mut previous: Vec<SocketAddr> = Vec::new();
             for attempt in 1.. {
-                let wait = match verdict(&shared.policy.retry_on, &result) {
+                let wait = match verdict(&shared.policy.retry_on, &shared.policy.http_retry_on, &result) {
                     Verdict::Done => return result,
                     Verdict::Backoff => shared.backoff(attempt),
                     Verdict::Pushback(wait) => wait,

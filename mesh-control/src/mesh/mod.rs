@@ -19,8 +19,8 @@ use std::time::Duration;
 use mesh_core::GrpcCode;
 use mesh_core::model::{Endpoint, HeaderMatch, Locality, PathMatch, Regex, RouteMatch, StringMatch};
 use mesh_core::policy::{
-    AuthzAction, AuthzRule, CircuitBreakers, Consecutive, FailurePercentage, FaultAbort, FaultDelay, FaultInjection, HedgePolicy, LbPolicy,
-    MtlsMode, OutlierDetection, PER_MILLION_PER_PERCENT, RateLimit, RetryBudget, RetryPolicy, SuccessRate,
+    AuthzAction, AuthzRule, CircuitBreakers, Consecutive, FailurePercentage, FaultAbort, FaultDelay, FaultInjection, HedgePolicy,
+    HttpRetryOn, LbPolicy, MtlsMode, OutlierDetection, PER_MILLION_PER_PERCENT, RateLimit, RetryBudget, RetryPolicy, SuccessRate,
 };
 use serde_saphyr::Spanned;
 
@@ -685,15 +685,21 @@ impl Validator<'_> {
             return self.error(&r.referenced, format!("{field}.attempts"), "attempts counts the first try: at least 1");
         }
         let mut retry_on = Vec::new();
+        let mut http_retry_on = HttpRetryOn::default();
         for code in &raw.on {
+            // Envoy's HTTP conditions, for plain HTTP calls through the sidecar and any call's failures.
+            if code != "retriable-status-codes" && http_retry_on.set(code) {
+                continue;
+            }
             let Some(parsed) = GrpcCode::from_name(code).filter(|c| GrpcCode::RETRYABLE.contains(c)) else {
-                let names: Vec<String> = GrpcCode::RETRYABLE.iter().map(|c| c.name().to_ascii_lowercase()).collect();
+                let mut names: Vec<String> = GrpcCode::RETRYABLE.iter().map(|c| c.name().to_ascii_lowercase()).collect();
+                names.extend(HttpRetryOn::NAMES[..4].iter().map(|n| n.to_string()));
                 let reason = format!("{code:?} is not one of {}", names.join(", "));
                 return self.error(&r.referenced, format!("{field}.on"), reason);
             };
             retry_on.push(parsed);
         }
-        if retry_on.is_empty() {
+        if retry_on.is_empty() && !http_retry_on.any() {
             retry_on = d.retry_on.clone();
         }
         let per_try_timeout = self.opt_duration(&format!("{field}.per_try_timeout"), raw.per_try_timeout.as_ref())?;
@@ -710,7 +716,7 @@ impl Validator<'_> {
                 (base, max)
             }
         };
-        Ok(RetryPolicy { max_attempts: raw.attempts, retry_on, per_try_timeout, base_backoff, max_backoff })
+        Ok(RetryPolicy { max_attempts: raw.attempts, retry_on, http_retry_on, per_try_timeout, base_backoff, max_backoff })
     }
 
     /// Consecutive errors eject (5 by default); gateway errors, success rate and failure percentage only when

@@ -105,7 +105,14 @@ fn regex(pattern: &str) -> RegexMatcher {
 /// gRPC status names as Envoy's and gRPC's `retry_on` spell them (`UNAVAILABLE` → `unavailable`).
 fn retry(r: &RetryPolicy) -> PbRetryPolicy {
     PbRetryPolicy {
-        retry_on: r.retry_on.iter().map(|c| c.retry_on_name()).collect::<Vec<_>>().join(","),
+        retry_on: r
+            .retry_on
+            .iter()
+            .map(|c| c.retry_on_name())
+            .chain(r.http_retry_on.names().into_iter().map(str::to_owned))
+            .collect::<Vec<_>>()
+            .join(","),
+        retriable_status_codes: r.http_retry_on.retriable_status_codes.iter().map(|&c| u32::from(c)).collect(),
         num_retries: Some(UInt32Value { value: r.max_attempts.saturating_sub(1) }),
         per_try_timeout: r.per_try_timeout.map(duration),
         retry_back_off: Some(retry_policy::RetryBackOff {

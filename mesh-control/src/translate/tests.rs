@@ -157,3 +157,26 @@ fn one_attempt_sends_no_retry_policy_and_shared_subset_endpoints_appear_once() {
     let want: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"].iter().map(|a| a.parse().unwrap()).collect();
     assert_eq!(addrs, want);
 }
+
+#[test]
+fn retry_conditions_and_hedging_reach_clients_as_the_file_says() {
+    let text = "services:
+  a:
+    endpoints: [127.0.0.1:1]
+    retries: { attempts: 3, on: [unavailable, 5xx, reset] }
+  b:
+    endpoints: [127.0.0.1:2]
+    hedge: { attempts: 3, delay: 40ms }
+";
+    let mesh = parse("m", text).unwrap();
+    let out = resources(&mesh, Shape::Proxyless, None, &no_kube);
+    let Decoded::RouteConfiguration(rc) = decoded(&out, ROUTE, "a") else { unreachable!() };
+    let retry = rc.virtual_hosts[0].routes[0].policies.retry.clone().expect("a retry policy");
+    assert_eq!((retry.retry_on, retry.http_retry_on.names()), (vec![mesh_core::GrpcCode::Unavailable], vec!["5xx", "reset"]));
+    let Decoded::RouteConfiguration(rc) = decoded(&out, ROUTE, "b") else { unreachable!() };
+    let policies = &rc.virtual_hosts[0].routes[0].policies;
+    assert!(policies.retry.is_none(), "a hedging route does not also retry");
+    let hedge = policies.hedge.clone().expect("hedging");
+    assert_eq!((hedge.max_attempts, hedge.delay), (3, std::time::Duration::from_millis(40)));
+    assert!(parse("m", &text.replace("    hedge:", "    retries: { attempts: 2 }\n    hedge:")).is_err(), "hedge or retries, not both");
+}

@@ -567,3 +567,23 @@ async fn without_a_retry_budget_max_retries_caps_the_retries_in_flight() {
     let counts = router.counts()[0].1;
     assert_eq!((counts.retries, counts.retry_overflows), (1, 9), "ten failures at once, one retry allowed in flight: {counts:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn envoys_http_conditions_retry_a_plain_http_error_answer() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    let mut target = cluster("a", &[1, 2]);
+    target.balancer.lb = "round_robin".parse().unwrap();
+    publisher.cluster(&target);
+    let mut http_retry_on = mesh_core::policy::HttpRetryOn::default();
+    assert!(http_retry_on.set("gateway-error"));
+    let retry = mesh_core::policy::RetryPolicy { max_attempts: 2, retry_on: vec![], http_retry_on, ..Default::default() };
+    publisher.publish(&[single_route("a", RoutePolicies { retry: Some(retry), ..RoutePolicies::default() })]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    for _ in 0..10 {
+        assert_eq!(call(&router, "/x").await.unwrap(), addr(2), "a 503 is a gateway error: retried on the other endpoint");
+    }
+    assert!(router.counts()[0].1.retries >= 4, "{:?}", router.counts());
+}

@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::google::protobuf::Any;
-use mesh_core::policy::{FaultInjection, HashPolicy, HedgePolicy, RetryPolicy, RouteHash, RoutePolicies};
+use mesh_core::policy::{FaultInjection, HashPolicy, HedgePolicy, HttpRetryOn, RetryPolicy, RouteHash, RoutePolicies};
 use mesh_core::{
     GrpcCode, HeaderMatch, PathMatch, Regex, Route, RouteAction, RouteConfig, RouteMatch, StringMatch, VirtualHost, WeightedCluster,
 };
@@ -271,18 +271,31 @@ fn route_policies(ra: &ProtoAction, vh_retry: Option<&ProtoRetry>) -> Result<Rou
     Ok(RoutePolicies { timeout: timeout.filter(|t| !t.is_zero()), retry, hash, hedge, ..RoutePolicies::default() })
 }
 
-/// gRPC's retry rules (A44); `None` when no gRPC status code is retried.
+/// gRPC's retry rules (A44) for status codes, and Envoy's HTTP conditions (`5xx`, `gateway-error`, `reset`,
+/// `connect-failure`, `retriable-status-codes`) beside them (gRPC ignores those; Envoy, and so the sidecar, acts
+/// on them); `None` when nothing is retried.
 fn retry_policy(rp: &ProtoRetry) -> Result<Option<RetryPolicy>, String> {
     let mut retry_on = Vec::new();
-    for name in rp.retry_on.split(',') {
-        // Envoy's HTTP conditions (5xx, reset, ...) are not gRPC's to act on (A44); gRPC spells codes in lowercase
-        // with dashes, so `deadline_exceeded` is not one of them either.
+    let mut http = HttpRetryOn::default();
+    let mut unsupported = Vec::new();
+    for name in rp.retry_on.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if http.set(name) {
+            continue;
+        }
+        // gRPC spells codes in lowercase with dashes, so `deadline_exceeded` is not one of them.
         let Some(code) = GrpcCode::from_name(name).filter(|c| GrpcCode::RETRYABLE.contains(c) && !name.contains('_')) else {
+            unsupported.push(name);
             continue;
         };
         if !retry_on.contains(&code) {
             retry_on.push(code);
         }
+    }
+    if !unsupported.is_empty() {
+        tracing::warn!(?unsupported, "retry_on conditions accepted but not enforced");
+    }
+    if rp.retry_on.split(',').any(|n| n.trim() == "retriable-status-codes") {
+        http.retriable_status_codes = rp.retriable_status_codes.iter().filter_map(|&c| u16::try_from(c).ok()).collect();
     }
     let num_retries = rp.num_retries.map_or(1, |n| n.value);
     if num_retries == 0 {
@@ -304,11 +317,11 @@ fn retry_policy(rp: &ProtoRetry) -> Result<Option<RetryPolicy>, String> {
         return Err("retry_back_off.max_interval: must not be less than base_interval".into());
     }
     let per_try_timeout = rp.per_try_timeout.as_ref().map(|d| duration(d, "per_try_timeout")).transpose()?.filter(|d| !d.is_zero());
-    if retry_on.is_empty() {
+    if retry_on.is_empty() && !http.any() {
         return Ok(None);
     }
     let max_attempts = num_retries.saturating_add(1).min(MAX_ATTEMPTS);
-    Ok(Some(RetryPolicy { max_attempts, retry_on, per_try_timeout, base_backoff, max_backoff }))
+    Ok(Some(RetryPolicy { max_attempts, retry_on, http_retry_on: http, per_try_timeout, base_backoff, max_backoff }))
 }
 
 #[cfg(test)]
@@ -510,6 +523,7 @@ mod tests {
         assert_eq!(r.policies.timeout, Some(Duration::from_secs(2)));
         let retry = r.policies.retry.as_ref().unwrap();
         assert_eq!(retry.retry_on, [GrpcCode::Unavailable, GrpcCode::Cancelled]);
+        assert_eq!(retry.http_retry_on.names(), ["5xx"], "Envoy's HTTP conditions are kept beside the codes");
         assert_eq!(retry.max_attempts, 5);
         assert_eq!((retry.base_backoff, retry.max_backoff), (Duration::from_millis(100), Duration::from_secs(1)));
         assert_eq!(
@@ -594,6 +608,23 @@ mod tests {
         let err =
             decode_rc(&to_any(&RouteConfiguration { name: "routes".into(), virtual_hosts: vec![vh], ..Default::default() })).unwrap_err();
         assert!(err.reason.contains("virtual_hosts[0] (\"nodomain\"): domains: empty"), "{err}");
+    }
+
+    #[test]
+    fn http_retry_conditions_alone_make_a_policy() {
+        let rp = ProtoRetry {
+            retry_on: "gateway-error, reset,connect-failure,retriable-status-codes,retriable-4xx".into(),
+            retriable_status_codes: vec![409, 429],
+            ..Default::default()
+        };
+        let retry = retry_policy(&rp).unwrap().expect("a policy of HTTP conditions only");
+        assert!(retry.retry_on.is_empty());
+        let http = &retry.http_retry_on;
+        assert_eq!(http.names(), ["gateway-error", "reset", "connect-failure", "retriable-status-codes"]);
+        assert_eq!(http.retriable_status_codes, [409, 429]);
+        assert!(http.retries_status(503) && http.retries_status(409) && !http.retries_status(500));
+        let none = ProtoRetry { retry_on: "retriable-4xx".into(), ..Default::default() };
+        assert!(retry_policy(&none).unwrap().is_none(), "nothing this client acts on: no policy");
     }
 
     #[test]
