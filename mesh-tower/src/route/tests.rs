@@ -206,8 +206,8 @@ fn with_retry(attempts: u32) -> RoutePolicies {
     RoutePolicies { retry: Some(retry), ..RoutePolicies::default() }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_route_retry_policy_sends_a_failed_call_again_on_another_endpoint() {
+/// Cluster `a`, round robin over a failing endpoint (503s, port 1) and a healthy one (port 2).
+fn failing_and_up() -> (FakeNet, Publisher<Body, SameConnector<FakeNet>>, Router<Body>) {
     let net = FakeNet::default();
     net.set(addr(1), Peer::Failing);
     net.set(addr(2), Peer::Up { delay: Duration::ZERO });
@@ -215,6 +215,12 @@ async fn a_route_retry_policy_sends_a_failed_call_again_on_another_endpoint() {
     let mut target = cluster("a", &[1, 2]);
     target.balancer.lb = "round_robin".parse().unwrap();
     publisher.cluster(&target);
+    (net, publisher, router)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_retry_policy_sends_a_failed_call_again_on_another_endpoint() {
+    let (_net, mut publisher, router) = failing_and_up();
     publisher.publish(&[single_route("a", with_retry(2))]);
     tokio::time::sleep(Duration::from_millis(10)).await;
     for _ in 0..20 {
@@ -570,13 +576,7 @@ async fn without_a_retry_budget_max_retries_caps_the_retries_in_flight() {
 
 #[tokio::test(start_paused = true)]
 async fn envoys_http_conditions_retry_a_plain_http_error_answer() {
-    let net = FakeNet::default();
-    net.set(addr(1), Peer::Failing);
-    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
-    let (mut publisher, router) = publisher(&net);
-    let mut target = cluster("a", &[1, 2]);
-    target.balancer.lb = "round_robin".parse().unwrap();
-    publisher.cluster(&target);
+    let (_net, mut publisher, router) = failing_and_up();
     let mut http_retry_on = mesh_core::policy::HttpRetryOn::default();
     assert!(http_retry_on.set("gateway-error"));
     let retry = mesh_core::policy::RetryPolicy { max_attempts: 2, retry_on: vec![], http_retry_on, ..Default::default() };
