@@ -34,6 +34,8 @@ pub struct Run {
     pub by_endpoint: BTreeMap<SocketAddr, u64>,
     /// Failed calls, as `Code: message`.
     pub failures: Vec<String>,
+    /// Every call's latency, in the order calls ended per worker.
+    pub latencies: Vec<std::time::Duration>,
 }
 
 /// One echo call through a proxy (Envoy): returns the backend that answered, read from the reply.
@@ -71,7 +73,9 @@ async fn drive_inner(
         workers.push(tokio::spawn(async move {
             let mut run = Run::default();
             while remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1)).is_ok() {
+                let started = std::time::Instant::now();
                 let result = if proxied { call_via_proxy(&channel).await } else { call(&channel, &[]).await };
+                run.latencies.push(started.elapsed());
                 match result {
                     Ok(addr) => *run.by_endpoint.entry(addr).or_default() += 1,
                     Err(status) => run.failures.push(format!("{:?}: {}", status.code(), status.message())),
@@ -94,8 +98,17 @@ impl Run {
                 *total.by_endpoint.entry(addr).or_default() += n;
             }
             total.failures.extend(run.failures);
+            total.latencies.extend(run.latencies);
         }
         total
+    }
+
+    /// The latency at quantile `q` (0.99 for p99) of every call.
+    pub fn percentile(&self, q: f64) -> std::time::Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let index = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+        sorted.get(index).copied().unwrap_or_default()
     }
 
     /// Share of calls served by `endpoints`.

@@ -119,6 +119,30 @@ async fn p2c_ewma_sends_most_calls_to_the_fast_servers() {
     assert!(share_fast >= 0.80, "fast servers got {:.1}% (slow got {to_slow}): {:?}", share_fast * 100.0, run.by_endpoint);
 }
 
+/// One slow pod (Buoyant's benchmark shape, at test scale): five backends, one answering 200 ms late, the
+/// others at 2 ms, at concurrency 16. P2C-EWMA keeps its tail off the slow pod and round robin does not: the
+/// ordering of their p99s is asserted, not a time (BENCHMARKS.md has the numbers, from `bench-slowpod`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_slow_pod_p2c_ewma_has_a_lower_p99_than_round_robin() {
+    let mut servers = Vec::new();
+    for _ in 0..4 {
+        servers.push(EchoServer::start(Duration::from_millis(2)).await.unwrap());
+    }
+    servers.push(EchoServer::start(Duration::from_millis(200)).await.unwrap());
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let mut p99 = Vec::new();
+    for lb in ["p2c_ewma", "round_robin"] {
+        let channel = Channel::builder(static_target(&addrs)).lb(lb.parse().unwrap()).build().unwrap();
+        wait_ready(&channel, 5).await;
+        let run = drive(&channel, 800, 16, |_| {}).await;
+        assert!(run.failures.is_empty(), "{lb}: {:?}", run.failures);
+        p99.push((lb, run.percentile(0.99), run.by_endpoint.get(&addrs[4]).copied().unwrap_or(0)));
+    }
+    let [(_, p2c, p2c_slow), (_, rr, rr_slow)] = p99[..] else { unreachable!() };
+    assert!(p2c < rr, "p2c_ewma's p99 is below round robin's with one slow pod: {p99:?}");
+    assert!(p2c_slow * 10 < rr_slow, "p2c_ewma sends the slow pod a small share of what round robin does: {p99:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_added_and_removed_mid_run_fail_no_call() {
     let mut servers = Vec::new();
