@@ -86,6 +86,8 @@ pub struct ChannelBuilder {
     dns: DnsConfig,
     /// The policies of the one route of a `static:///` or `dns:///` target.
     route: RoutePolicies,
+    /// The circuit breakers of its one cluster.
+    breakers: mesh_core::policy::CircuitBreakers,
 }
 
 impl Channel {
@@ -97,6 +99,7 @@ impl Channel {
             timeout: None,
             dns: DnsConfig::default(),
             route: RoutePolicies::default(),
+            breakers: Default::default(),
         }
     }
 
@@ -187,6 +190,31 @@ impl ChannelBuilder {
         self
     }
 
+    /// Retries for `static:///` and `dns:///` targets (an `xds:///` target's routes carry their own), within
+    /// the cluster's retry budget ([`Self::circuit_breakers`]).
+    pub fn retry(mut self, retry: mesh_core::policy::RetryPolicy) -> Self {
+        self.route.retry = Some(retry);
+        self
+    }
+
+    /// Hedging for `static:///` and `dns:///` targets, instead of retries.
+    pub fn hedge(mut self, hedge: mesh_core::policy::HedgePolicy) -> Self {
+        self.route.hedge = Some(hedge);
+        self
+    }
+
+    /// A local rate limit on the target's calls, for `static:///` and `dns:///` targets.
+    pub fn rate_limit(mut self, limit: mesh_core::policy::RateLimit) -> Self {
+        self.route.rate_limit = Some(limit);
+        self
+    }
+
+    /// Circuit breakers and the retry budget for `static:///` and `dns:///` targets (Envoy's thresholds).
+    pub fn circuit_breakers(mut self, breakers: mesh_core::policy::CircuitBreakers) -> Self {
+        self.breakers = breakers;
+        self
+    }
+
     /// Outlier detection for `static:///` and `dns:///` targets (an `xds:///` target's clusters carry their
     /// own, from CDS): endpoints that fail are ejected for a while ([`mesh_core::outlier`]).
     pub fn outlier_detection(mut self, outlier: mesh_core::policy::OutlierDetection) -> Self {
@@ -217,10 +245,19 @@ impl ChannelBuilder {
     /// source. The cluster is named by the target.
     fn build_routed(self, authority: &str, discovery: Arc<dyn Discovery>, source: Source) -> Result<Channel> {
         self.config.lb.validate()?;
+        if let Some(outlier) = &self.config.outlier_detection {
+            outlier.validate()?;
+        }
+        if let Some(limit) = &self.route.rate_limit {
+            limit.validate()?;
+        }
+        if let Some(budget) = &self.breakers.retry_budget {
+            budget.validate()?;
+        }
         let authority = authority
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("authority {authority:?}: {e}") })?;
-        let cluster = ClusterTarget { name: self.target.clone(), balancer: self.config.clone(), source, breakers: Default::default() };
+        let cluster = ClusterTarget { name: self.target.clone(), balancer: self.config.clone(), source, breakers: self.breakers.clone() };
         let new_cluster = NewCluster::new(discovery, MakeTcp);
         let (mut publisher, router) = Publisher::new(&self.target, "the target", self.config.ready_timeout, new_cluster, None);
         publisher.cluster(&cluster);

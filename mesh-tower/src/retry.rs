@@ -12,9 +12,9 @@
 //!   (full jitter; 25 ms base and 250 ms cap by default, as Envoy);
 //! - a server's `grpc-retry-pushback-ms` replaces the backoff; a negative or malformed one stops retries (A6);
 //! - each attempt prefers an endpoint no earlier attempt used ([`PreviousAttempts`]);
-//! - every retry withdraws from its cluster's [`Budget`] (tower's `TpsBudget`: a share of recent calls plus a
-//!   floor per second, Linkerd's semantics, with the numbers of the cluster's Envoy `retry_budget`), so a failing
-//!   backend cannot turn calls into a retry storm;
+//! - every retry withdraws from its cluster's [`Budget`] (a share of recent calls plus a floor per second,
+//!   Linkerd's semantics, with the numbers of the cluster's Envoy `retry_budget`), so a failing backend cannot
+//!   turn calls into a retry storm;
 //! - the request body is replayed from what the stack recorded ([`crate::replay`]); a body past the replay
 //!   limit is not retried, and never sent twice in part.
 
@@ -28,7 +28,6 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use mesh_core::lb::{Random, SplitMix64};
 use mesh_core::policy::{CircuitBreakers, HttpRetryOn, RetryBudget, RetryPolicy};
-use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::Error;
@@ -46,7 +45,7 @@ use crate::stats::ClusterStats;
 pub struct Budget(Arc<BudgetInner>);
 
 struct BudgetInner {
-    rate: TpsBudget,
+    rate: RateBudget,
     /// Envoy's `max_retries`: most retries in flight at once; `None` when the rate budget replaces it.
     max_concurrent: Option<u32>,
     in_flight: AtomicU32,
@@ -68,10 +67,7 @@ impl Budget {
     }
 
     fn with_cap(settings: &RetryBudget, max_concurrent: Option<u32>) -> Self {
-        let window = settings.window.clamp(RetryBudget::MIN_WINDOW, RetryBudget::MAX_WINDOW);
-        let ratio = settings.ratio.clamp(0.0, 1.0) as f32;
-        let rate = TpsBudget::new(window, settings.min_per_second, ratio);
-        Self(Arc::new(BudgetInner { rate, max_concurrent, in_flight: AtomicU32::new(0) }))
+        Self(Arc::new(BudgetInner { rate: RateBudget::new(settings), max_concurrent, in_flight: AtomicU32::new(0) }))
     }
 
     /// Records a call.
@@ -94,6 +90,91 @@ impl Budget {
             return None;
         }
         Some(InFlightRetry(inner.max_concurrent.map(|_| self.0.clone())))
+    }
+}
+
+/// Linkerd's rate budget, lock-free on tokio's clock: retries in the last `window` stay under `ratio` of the
+/// calls in it plus `min_per_second` × the window. Calls and retries are counted in ten slots of a tenth of
+/// the window each, a slot reused when its time comes round again. Two retries decided at once may both pass
+/// the last place; the budget is a bound on load, not an exact count.
+struct RateBudget {
+    calls: Slots,
+    retries: Slots,
+    ratio: f64,
+    floor: f64,
+    epoch: tokio::time::Instant,
+    slot: Duration,
+}
+
+/// Counts per slot of time: each packs the slot's number (high 32 bits) and its count (low 32 bits).
+struct Slots([AtomicU64; SLOTS]);
+
+const SLOTS: usize = 10;
+
+impl RateBudget {
+    fn new(settings: &RetryBudget) -> Self {
+        let window = settings.window.clamp(RetryBudget::MIN_WINDOW, RetryBudget::MAX_WINDOW);
+        Self {
+            calls: Slots(Default::default()),
+            retries: Slots(Default::default()),
+            ratio: settings.ratio.clamp(0.0, 1.0),
+            floor: f64::from(settings.min_per_second) * window.as_secs_f64(),
+            epoch: tokio::time::Instant::now(),
+            slot: window / SLOTS as u32,
+        }
+    }
+
+    /// The current slot's number (counted from 1, so an untouched slot, numbered 0, is never current).
+    fn now(&self) -> u64 {
+        (self.epoch.elapsed().as_nanos() / self.slot.as_nanos().max(1)) as u64 + 1
+    }
+
+    fn deposit(&self) {
+        self.calls.add(self.now());
+    }
+
+    fn withdraw(&self) -> bool {
+        let now = self.now();
+        let allowed = self.ratio * self.calls.sum(now) as f64 + self.floor;
+        if (self.retries.sum(now) as f64) < allowed {
+            self.retries.add(now);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Slots {
+    fn add(&self, now: u64) {
+        let slot = &self.0[now as usize % SLOTS];
+        let stamp = (now as u32 as u64) << 32;
+        let mut current = slot.load(Ordering::Relaxed);
+        loop {
+            if current & !0xffff_ffff == stamp {
+                slot.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            // A slot last used a window (or more) ago starts over.
+            match slot.compare_exchange_weak(current, stamp | 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Counts of the slots within the window ending at slot `now`.
+    fn sum(&self, now: u64) -> u64 {
+        let oldest = now.saturating_sub(SLOTS as u64 - 1) as u32;
+        self.0
+            .iter()
+            .map(|slot| slot.load(Ordering::Relaxed))
+            .filter(|packed| {
+                let stamp = (packed >> 32) as u32;
+                stamp >= oldest && stamp <= now as u32 && stamp != 0
+            })
+            .map(|packed| packed & 0xffff_ffff)
+            .sum()
     }
 }
 

@@ -254,7 +254,7 @@ impl http_body::Body for Wrapped {
 }
 
 /// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
-const VARIANTS: [&str; 9] = [
+const VARIANTS: [&str; 10] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
     // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
@@ -262,6 +262,8 @@ const VARIANTS: [&str; 9] = [
     "mesh Channel (p2c_ewma)",
     "mesh Channel (round_robin)",
     "mesh Channel (p2c_ewma, HTTP/2 PING keepalive 10 s)",
+    // Issue 15's cost target: every policy layer installed, none triggering.
+    "mesh Channel (p2c_ewma, full policy stack: retries, budget, breaker, outlier detection, rate limit)",
     "mesh Channel (p2c_ewma, calls not polled ready: no queue) [diag]",
     "raw hyper connection, plain socket [diag]",
     "raw hyper connection, mesh connector [diag]",
@@ -283,12 +285,26 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         2 => caller!(mesh().lb(LbPolicy::p2c_ewma()).build()?),
         3 => caller!(mesh().lb(LbPolicy::RoundRobin).build()?),
         4 => caller!(mesh().lb(LbPolicy::p2c_ewma()).http2_keepalive(Some(Duration::from_secs(10))).build()?),
-        5 => caller!(mesh().lb(LbPolicy::p2c_ewma()).build()?, false),
-        6 => caller!(raw_hyper(addr, false).await?),
-        7 => caller!(raw_hyper(addr, true).await?),
-        8 => caller!(balancer_like(addr).await?),
+        5 => caller!(full_policy_stack(mesh().lb(LbPolicy::p2c_ewma())).build()?),
+        6 => caller!(mesh().lb(LbPolicy::p2c_ewma()).build()?, false),
+        7 => caller!(raw_hyper(addr, false).await?),
+        8 => caller!(raw_hyper(addr, true).await?),
+        9 => caller!(balancer_like(addr).await?),
         _ => anyhow::bail!("no variant {i}"),
     })
+}
+
+/// Every policy layer of issue 15 on the channel's one route and cluster, set so that none triggers: retries
+/// (UNAVAILABLE, 3 attempts) within the default retry budget, a breaker at 1,000 calls in flight (below Envoy's
+/// default, so the layer is installed), outlier detection with Envoy's defaults, and a rate limit far above the
+/// benchmark's rate.
+fn full_policy_stack(builder: mesh_tonic::ChannelBuilder) -> mesh_tonic::ChannelBuilder {
+    use mesh_core::policy::{CircuitBreakers, OutlierDetection, RateLimit, RetryBudget, RetryPolicy};
+    builder
+        .retry(RetryPolicy { max_attempts: 3, ..RetryPolicy::default() })
+        .circuit_breakers(CircuitBreakers { max_requests: 1000, retry_budget: Some(RetryBudget::default()), ..CircuitBreakers::default() })
+        .outlier_detection(OutlierDetection::default())
+        .rate_limit(RateLimit { max_tokens: u32::MAX, tokens_per_fill: 1_000_000, fill_interval: Duration::from_millis(1) })
 }
 
 /// The variants this run measures, as `(index in VARIANTS, name)`.
