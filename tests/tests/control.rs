@@ -567,6 +567,42 @@ async fn hedging_cuts_the_p99_of_a_backend_with_a_slow_tail_by_half() {
     assert!(with * 2 <= without, "hedging cuts p99 by half: {with:?} with, {without:?} without");
 }
 
+/// The same retry policy, from one mesh-control, given to our client and to a real Envoy sidecar, against a
+/// backend failing 30% of its calls: both retry, and ours hides the failures (under 1% of calls fail). Envoy
+/// reads the same `retry_budget` (20%, minimum 3) as a cap on *concurrent* retries, and retries waiting out
+/// their backoff count against it, so at 8 calls in flight it turns retries away: every call Envoy fails is
+/// one its budget refused to retry (`upstream_rq_retry_overflow`). That difference is the budget's meaning
+/// (DESIGN.md), and this test keeps it visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_and_envoy_fed_the_same_retry_policy_both_retry_and_differ_only_by_the_budgets_meaning() {
+    let flaky = EchoServer::start_failing(30).await.unwrap();
+    let healthy = EchoServer::start(Duration::ZERO).await.unwrap();
+    let port = peers::free_port().unwrap();
+    let sidecar = format!("sidecar: {{ port: {port} }}");
+    let policies = ["lb: round_robin", "retries: { attempts: 3, on: [unavailable] }", &sidecar];
+    let (_dir, cp) = greeter_mesh("retry-parity", &[flaky.addr, healthy.addr], &policies);
+
+    let ours = drive(&xds_channel(&cp, &[]), 2000, 8, |_| {}).await;
+    assert!(ours.failures.len() < 20, "our client: under 1% of 2000 calls fail: {} ({:?})", ours.failures.len(), ours.failures.first());
+    assert!(ours.by_endpoint.get(&flaky.addr).copied().unwrap_or(0) > 500, "the flaky backend still serves: {:?}", ours.by_endpoint);
+
+    let mut envoy = Envoy::start(cp.xds, false, "envoy-retries").unwrap();
+    envoy.wait_for_listener(port, Duration::from_secs(60)).unwrap();
+    let through_envoy = drive_via_proxy(&envoy_channel(port), 2000, 8).await;
+    let stats = envoy.admin_get("/stats?filter=cluster.greeter.upstream_rq_retry").unwrap();
+    let stat = |name: &str| -> u64 {
+        let line =
+            stats.lines().find(|l| l.starts_with(&format!("cluster.greeter.{name}:"))).unwrap_or_else(|| panic!("{name} in {stats}"));
+        line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    assert!(stat("upstream_rq_retry_success") > 50, "envoy retries the same failures: {stats}");
+    let failed = through_envoy.failures.len() as u64;
+    assert!(
+        failed <= stat("upstream_rq_retry_overflow") + stat("upstream_rq_retry_limit_exceeded"),
+        "each call envoy failed was one its budget or attempts refused: {failed} failed, {stats}"
+    );
+}
+
 /// A mesh file's `circuit_breakers.max_requests` reaches our client through mesh-control (CDS thresholds) and
 /// is enforced: calls over the limit fail at once with UNAVAILABLE naming the cluster, and never reach the
 /// backend.
