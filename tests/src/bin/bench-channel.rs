@@ -254,7 +254,7 @@ impl http_body::Body for Wrapped {
 }
 
 /// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
-const VARIANTS: [&str; 10] = [
+const VARIANTS: [&str; 14] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
     // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
@@ -268,6 +268,11 @@ const VARIANTS: [&str; 10] = [
     "raw hyper connection, plain socket [diag]",
     "raw hyper connection, mesh connector [diag]",
     "raw hyper connection, balancer-like call path [diag]",
+    // The full policy stack one layer at a time, to find which carries its cost.
+    "mesh Channel (p2c_ewma, layer: retries and budget) [diag]",
+    "mesh Channel (p2c_ewma, layer: breaker) [diag]",
+    "mesh Channel (p2c_ewma, layer: outlier detection) [diag]",
+    "mesh Channel (p2c_ewma, layer: rate limit) [diag]",
 ];
 
 /// Variants that form the baseline.
@@ -290,6 +295,7 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         7 => caller!(raw_hyper(addr, false).await?),
         8 => caller!(raw_hyper(addr, true).await?),
         9 => caller!(balancer_like(addr).await?),
+        10..=13 => caller!(one_layer(mesh().lb(LbPolicy::p2c_ewma()), i - 10).build()?),
         _ => anyhow::bail!("no variant {i}"),
     })
 }
@@ -305,6 +311,20 @@ fn full_policy_stack(builder: mesh_tonic::ChannelBuilder) -> mesh_tonic::Channel
         .circuit_breakers(CircuitBreakers { max_requests: 1000, retry_budget: Some(RetryBudget::default()), ..CircuitBreakers::default() })
         .outlier_detection(OutlierDetection::default())
         .rate_limit(RateLimit { max_tokens: u32::MAX, tokens_per_fill: 1_000_000, fill_interval: Duration::from_millis(1) })
+}
+
+/// One layer of [`full_policy_stack`], set the same way: 0 retries and budget, 1 breaker, 2 outlier detection,
+/// 3 rate limit.
+fn one_layer(builder: mesh_tonic::ChannelBuilder, layer: usize) -> mesh_tonic::ChannelBuilder {
+    use mesh_core::policy::{CircuitBreakers, OutlierDetection, RateLimit, RetryBudget, RetryPolicy};
+    match layer {
+        0 => builder
+            .retry(RetryPolicy { max_attempts: 3, ..RetryPolicy::default() })
+            .circuit_breakers(CircuitBreakers { retry_budget: Some(RetryBudget::default()), ..CircuitBreakers::default() }),
+        1 => builder.circuit_breakers(CircuitBreakers { max_requests: 1000, ..CircuitBreakers::default() }),
+        2 => builder.outlier_detection(OutlierDetection::default()),
+        _ => builder.rate_limit(RateLimit { max_tokens: u32::MAX, tokens_per_fill: 1_000_000, fill_interval: Duration::from_millis(1) }),
+    }
 }
 
 /// The variants this run measures, as `(index in VARIANTS, name)`.
