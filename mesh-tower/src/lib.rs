@@ -46,6 +46,7 @@ pub mod discover;
 mod error;
 pub mod fault;
 pub mod hedge;
+mod layered;
 pub mod ratelimit;
 pub mod replay;
 pub mod retry;

@@ -14,7 +14,6 @@ use std::time::SystemTime;
 use mesh_core::Endpoint;
 use mesh_core::policy::CircuitBreakers;
 use tokio::sync::watch;
-use tower::util::BoxCloneSyncService;
 
 use crate::balance::{Balancer, BalancerConfig, EndpointStatus, RequestBody, ResponseBody};
 use crate::breaker::BreakerLayer;
@@ -128,7 +127,7 @@ pub struct ClusterService<B>(Kind<B>);
 /// Requests below the router: their bodies are recorded for replay (retries, transparent resends).
 type Request<B> = http::Request<ReplayBody<B>>;
 
-type Boxed<B> = BoxCloneSyncService<Request<B>, http::Response<ResponseBody>, Error>;
+type Boxed<B> = crate::layered::Layered<Request<B>>;
 
 enum Kind<B> {
     Balancer(Arc<dyn Leaf<B>>),
@@ -183,15 +182,14 @@ impl<B: RequestBody> ClusterService<B> {
         S: tower::Service<Request<B>, Response = http::Response<ResponseBody>, Error = Error> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
-        Self(Kind::Layered(BoxCloneSyncService::new(service)))
+        Self(Kind::Layered(crate::layered::Layered::new(service)))
     }
 
     /// Sends one request through the cluster (readiness included, for a layered one).
     pub fn send(&self, request: Request<B>) -> ClusterFuture {
-        use tower::ServiceExt;
         match &self.0 {
             Kind::Balancer(balancer) => futures_util::future::Either::Left(balancer.send(request)),
-            Kind::Layered(service) => futures_util::future::Either::Right(Box::pin(service.clone().oneshot(request))),
+            Kind::Layered(service) => futures_util::future::Either::Right(service.send(request)),
         }
     }
 }
@@ -264,17 +262,18 @@ impl<B: RequestBody> tower::Service<Request<B>> for ClusterService<B> {
     type Error = Error;
     type Future = ClusterFuture;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
         match &mut self.0 {
             Kind::Balancer(_) => std::task::Poll::Ready(Ok(())),
-            Kind::Layered(service) => service.poll_ready(cx),
+            // A layered stack waits for its readiness inside each call.
+            Kind::Layered(_) => std::task::Poll::Ready(Ok(())),
         }
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         match &mut self.0 {
             Kind::Balancer(balancer) => futures_util::future::Either::Left(balancer.send(request)),
-            Kind::Layered(service) => futures_util::future::Either::Right(service.call(request)),
+            Kind::Layered(service) => futures_util::future::Either::Right(service.send(request)),
         }
     }
 }

@@ -11,8 +11,7 @@ use std::pin::Pin;
 use futures_util::future::{BoxFuture, Either};
 use mesh_core::lb::{Random, SplitMix64};
 use mesh_core::policy::RoutePolicies;
-use tower::util::BoxCloneSyncService;
-use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder};
 
 use super::hash::route_hash;
 use crate::balance::{RequestBody, RequestHash, ResponseBody};
@@ -28,7 +27,7 @@ use crate::{BoxError, Error};
 /// Requests below the router: their bodies are recorded for replay (retries, transparent resends).
 type Request<B> = http::Request<ReplayBody<B>>;
 
-type Boxed<B> = BoxCloneSyncService<Request<B>, http::Response<ResponseBody>, Error>;
+type Boxed<B> = crate::layered::Layered<Request<B>>;
 
 /// The per-route service. A route with no policy to apply is its split, called directly (no allocation per
 /// call); one with policies is its layers over the split, boxed at the boundary, so layers can change without
@@ -66,7 +65,7 @@ impl<B: RequestBody> RouteService<B> {
     pub fn send(&self, request: Request<B>) -> RouteFuture {
         match &self.0 {
             Kind::Split(split) => Either::Left(split.send(request)),
-            Kind::Layered(service) => Either::Right(Box::pin(service.clone().oneshot(request))),
+            Kind::Layered(service) => Either::Right(service.send(request)),
         }
     }
 }
@@ -134,7 +133,7 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
         // The layers above speak `BoxError`; the top of the stack takes the stack's own errors back.
         .map_err(BoxError::from)
         .service(split);
-    RouteService(Kind::Layered(BoxCloneSyncService::new(service)))
+    RouteService(Kind::Layered(crate::layered::Layered::new(service)))
 }
 
 /// Picks one of the route's clusters by weight, sets the request's hash, and calls the cluster.
