@@ -247,7 +247,14 @@ fn route_policies(ra: &ProtoAction, vh_retry: Option<&ProtoRetry>) -> Result<Rou
             if h.initial_requests.is_some_and(|n| n.value > 1) || h.additional_request_chance.is_some() {
                 tracing::warn!("hedge_policy.initial_requests and additional_request_chance are not enforced");
             }
-            retry.take().map(|retried| HedgePolicy { max_attempts: retried.max_attempts, delay, non_fatal: retried.retry_on })
+            retry.take().map(|retried| {
+                // A hedged attempt's failure is non-fatal by its gRPC code only; the HTTP conditions of the
+                // retry policy it replaces have no hedging meaning here.
+                if retried.http_retry_on.any() {
+                    tracing::warn!(conditions = ?retried.http_retry_on.names(), "HTTP retry_on conditions of a hedged route are not enforced");
+                }
+                HedgePolicy { max_attempts: retried.max_attempts, delay, non_fatal: retried.retry_on }
+            })
         }
         (Some(_), _) => {
             tracing::warn!("hedge_policy without hedge_on_per_try_timeout and a per-try timeout has no delay to hedge at; not enforced");
