@@ -212,6 +212,13 @@ pub enum StringMatch {
     Regex(Regex),
     /// The header is present (`true`) or absent (`false`).
     Present(bool),
+    /// The value is a decimal integer in `start..end` (Envoy's `range_match`; gRPC A28).
+    Range {
+        /// Lowest value matched.
+        start: i64,
+        /// First value above the range.
+        end: i64,
+    },
 }
 
 impl StringMatch {
@@ -225,6 +232,7 @@ impl StringMatch {
             (Self::Suffix(s), Some(v)) => v.ends_with(s.as_str()),
             (Self::Contains(s), Some(v)) => v.contains(s.as_str()),
             (Self::Regex(r), Some(v)) => r.is_full_match(v),
+            (Self::Range { start, end }, Some(v)) => v.parse::<i64>().is_ok_and(|n| (*start..*end).contains(&n)),
         }
     }
 }
@@ -249,12 +257,21 @@ pub struct RouteMatch {
     pub case_sensitive: bool,
     /// Header conditions that must all hold.
     pub headers: Vec<HeaderMatch>,
+    /// The share of matching requests the route takes, in parts per million (Envoy's `runtime_fraction`, its
+    /// default value: gRPC A28); `None` takes them all. The others go on to the next route.
+    pub fraction: Option<u32>,
 }
 
 impl RouteMatch {
     /// Matches every request.
     pub fn any() -> Self {
-        Self { path: PathMatch::Prefix(String::new()), case_sensitive: true, headers: Vec::new() }
+        Self { path: PathMatch::Prefix(String::new()), case_sensitive: true, headers: Vec::new(), fraction: None }
+    }
+
+    /// Whether a request that [`matches`](Self::matches) is taken, given a uniform draw below one million
+    /// (drawn only for a route with a fraction).
+    pub fn takes(&self, draw: impl FnOnce() -> u32) -> bool {
+        self.fraction.is_none_or(|share| draw() < share)
     }
 
     /// Matches paths starting with `prefix`.
@@ -486,6 +503,21 @@ mod tests {
         assert!(!header.matches("/x", none));
         assert!(Regex::new("(").is_err());
         assert!(Regex::new("a)|(?:b").is_err(), "a pattern must not escape the anchors");
+    }
+
+    #[test]
+    fn a_range_matches_integers_from_its_start_up_to_its_end() {
+        let range = StringMatch::Range { start: -10, end: 10 };
+        assert!(range.matches(Some("-10")) && range.matches(Some("9")));
+        assert!(!range.matches(Some("10")) && !range.matches(Some("-11")));
+        assert!(!range.matches(Some("5.0")) && !range.matches(Some("five")) && !range.matches(None));
+    }
+
+    #[test]
+    fn a_route_with_a_fraction_takes_the_draws_below_it() {
+        let half = RouteMatch { fraction: Some(500_000), ..RouteMatch::any() };
+        assert!(half.takes(|| 499_999) && !half.takes(|| 500_000));
+        assert!(RouteMatch::any().takes(|| unreachable!("no fraction, no draw")));
     }
 
     #[test]

@@ -413,6 +413,21 @@ pub struct RoutePolicies {
     pub rate_limit: Option<RateLimit>,
     /// Hedging; `None` means none. A route with hedging does not also retry (gRPC A6).
     pub hedge: Option<HedgePolicy>,
+    /// Shadow clusters a share of the route's calls is copied to (Envoy's `request_mirror_policies`).
+    pub mirrors: Vec<Mirror>,
+}
+
+/// Request mirroring: a copy of a share of a route's calls goes to another cluster, fire and forget; its
+/// answer is dropped and never changes the call's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    /// The shadow cluster.
+    pub cluster: String,
+    /// The share of calls copied, in parts per million.
+    pub per_million: u32,
+    /// Whether the copy's authority gets `-shadow` appended to its host (Envoy's default), so the shadow can
+    /// tell copies from calls.
+    pub shadow_host: bool,
 }
 
 /// Hedging (gRPC A6's hedging policy): if a call's attempt has not answered after `delay`, another is sent,

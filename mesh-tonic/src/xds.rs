@@ -143,7 +143,9 @@ async fn run(
             let wanted: Vec<String> = routes
                 .iter()
                 .filter_map(|r| match &r.action {
-                    RouteAction::Clusters(c) => Some(c.iter().map(|w| w.cluster.clone())),
+                    RouteAction::Clusters(c) => {
+                        Some(c.iter().map(|w| w.cluster.clone()).chain(r.policies.mirrors.iter().map(|m| m.cluster.clone())))
+                    }
                     RouteAction::NonForwarding => None,
                 })
                 .flatten()

@@ -47,6 +47,7 @@ mod error;
 pub mod fault;
 pub mod hedge;
 mod layered;
+pub mod mirror;
 pub mod ratelimit;
 pub mod replay;
 pub mod retry;

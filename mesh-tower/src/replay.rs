@@ -44,7 +44,8 @@ pub struct ReplayBody<B> {
 }
 
 struct Shared<B> {
-    inner: B,
+    /// The original body; `None` in a [`Recorder::snapshot`], which holds only what was recorded.
+    inner: Option<B>,
     /// Frames read from `inner`, in order, while within the limit.
     frames: Frames,
     /// Bytes of data in `frames`.
@@ -118,7 +119,7 @@ pub enum ReplayError {
 impl<B> ReplayBody<B> {
     /// Wraps `inner`, recording up to `limit` bytes of it.
     pub fn new(inner: B, limit: usize) -> Self {
-        let shared = Shared { inner, frames: Frames::default(), bytes: 0, limit, lost: false, ended: false, newest: 0 };
+        let shared = Shared { inner: Some(inner), frames: Frames::default(), bytes: 0, limit, lost: false, ended: false, newest: 0 };
         Self { shared: Arc::new(Mutex::new(shared)), copy: 0, replayed: 0 }
     }
 
@@ -141,6 +142,29 @@ impl<B> Recorder<B> {
     /// As [`ReplayBody::try_clone`].
     pub(crate) fn try_clone(&self) -> Option<ReplayBody<B>> {
         copy(&self.0)
+    }
+
+    /// A body of its own holding the whole body as recorded so far, when all of it was (the original ended
+    /// within the limit); `None` otherwise. It shares nothing with the original: reading either leaves the
+    /// other alone (a mirror's copy, sent beside the call's own attempts).
+    pub(crate) fn snapshot(&self) -> Option<ReplayBody<B>>
+    where
+        B: Body,
+    {
+        let state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let complete = state.ended || state.inner.as_ref().is_none_or(Body::is_end_stream);
+        if state.lost || !complete {
+            return None;
+        }
+        let mut frames = Frames::default();
+        for recorded in state.frames.iter() {
+            frames.push(match recorded {
+                Recorded::Data(data) => Recorded::Data(data.clone()),
+                Recorded::Trailers(trailers) => Recorded::Trailers(trailers.clone()),
+            });
+        }
+        let shared = Shared { inner: None, frames, bytes: state.bytes, limit: state.limit, lost: false, ended: true, newest: 0 };
+        Some(ReplayBody { shared: Arc::new(Mutex::new(shared)), copy: 0, replayed: 0 })
     }
 }
 
@@ -177,11 +201,11 @@ where
             this.replayed += 1;
             return Poll::Ready(Some(Ok(recorded.frame())));
         }
-        if shared.ended {
-            return Poll::Ready(None);
-        }
         let shared = &mut *shared;
-        match Pin::new(&mut shared.inner).poll_frame(cx) {
+        let Some(inner) = shared.inner.as_mut().filter(|_| !shared.ended) else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 shared.ended = true;
@@ -220,7 +244,9 @@ where
 
     fn is_end_stream(&self) -> bool {
         let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        shared.newest == self.copy && self.replayed >= shared.frames.len() && (shared.ended || shared.inner.is_end_stream())
+        shared.newest == self.copy
+            && self.replayed >= shared.frames.len()
+            && (shared.ended || shared.inner.as_ref().is_none_or(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -237,7 +263,9 @@ where
         if shared.ended {
             return SizeHint::with_exact(unread);
         }
-        let inner = shared.inner.size_hint();
+        let Some(inner) = shared.inner.as_ref().map(Body::size_hint) else {
+            return SizeHint::with_exact(unread);
+        };
         let mut hint = SizeHint::new();
         hint.set_lower(unread + inner.lower());
         if let Some(upper) = inner.upper() {

@@ -1,6 +1,6 @@
 //! What the layers do, counted where they act: one set of counters per cluster, shared by every layer over it
 //! ([`ClusterStats`]), and one per target for the layers above the split ([`TargetStats`]: rate limits,
-//! faults). Read as snapshots by the telemetry layer, the admin endpoint and tests.
+//! faults, mirrors). Read as snapshots by the telemetry layer, the admin endpoint and tests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -69,6 +69,10 @@ pub struct TargetStats {
     pub(crate) fault_aborts: AtomicU64,
     /// Faults not injected because `max_active_faults` were active (Envoy's `fault.faults_overflow`).
     pub(crate) fault_overflows: AtomicU64,
+    /// Copies of calls sent to shadow clusters.
+    pub(crate) mirrored: AtomicU64,
+    /// Calls drawn for mirroring but not copied (body not whole, or the shadow cluster unknown).
+    pub(crate) mirrors_skipped: AtomicU64,
 }
 
 /// A snapshot of a target's counters.
@@ -82,6 +86,10 @@ pub struct TargetCounts {
     pub fault_aborts: u64,
     /// Faults not injected because too many were active.
     pub fault_overflows: u64,
+    /// Copies of calls sent to shadow clusters.
+    pub mirrored: u64,
+    /// Calls drawn for mirroring but not copied.
+    pub mirrors_skipped: u64,
 }
 
 impl TargetStats {
@@ -93,6 +101,8 @@ impl TargetStats {
             fault_delays: read(&self.fault_delays),
             fault_aborts: read(&self.fault_aborts),
             fault_overflows: read(&self.fault_overflows),
+            mirrored: read(&self.mirrored),
+            mirrors_skipped: read(&self.mirrors_skipped),
         }
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct FakeNet {
     pub(crate) identities: Arc<Mutex<HashMap<SocketAddr, PeerIdentity>>>,
     /// The `grpc-timeout` of every request a server received, in order (`None`: it had none).
     pub(crate) timeouts: Arc<Mutex<Vec<Option<Duration>>>>,
+    /// The address and authority of every request a server received, in order.
+    pub(crate) authorities: Arc<Mutex<Vec<(SocketAddr, String)>>>,
     /// The server side of each address's open connections.
     servers: Arc<Mutex<HashMap<SocketAddr, Vec<tokio::task::AbortHandle>>>>,
 }
@@ -108,6 +110,7 @@ impl Connect for FakeNet {
         let identity = self.identities.lock().unwrap().get(&addr).cloned();
         let servers = self.servers.clone();
         let timeouts = self.timeouts.clone();
+        let authorities = self.authorities.clone();
         Box::pin(async move {
             let (delay, status) = match peer {
                 Peer::Down => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "fake: refused")),
@@ -122,6 +125,8 @@ impl Connect for FakeNet {
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let timeout = request.headers().get(crate::deadline::GRPC_TIMEOUT).and_then(|v| crate::deadline::parse(v.as_bytes()));
                 timeouts.lock().unwrap().push(timeout);
+                let authority = request.uri().authority().map_or_else(String::new, |a| a.to_string());
+                authorities.lock().unwrap().push((addr, authority));
                 let served = served.clone();
                 async move {
                     tokio::time::sleep(delay).await;

@@ -606,6 +606,48 @@ async fn our_client_and_envoy_fed_the_same_retry_policy_both_retry_and_differ_on
     );
 }
 
+/// A mesh file's `mirror` reaches our client and an Envoy sidecar through mesh-control (the route's
+/// request_mirror_policies): both answer every call from the split's subset and copy each to the mirror's, which
+/// sees the copies; the copies change no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_files_mirror_copies_calls_to_the_shadow_for_our_client_and_envoy() {
+    let primary = EchoServer::start(Duration::ZERO).await.unwrap();
+    let shadow = EchoServer::start(Duration::from_millis(50)).await.unwrap();
+    let port = peers::free_port().unwrap();
+    let dir = TempDir::new("mirror").unwrap();
+    let file = dir.0.join("mesh.yaml");
+    let text = format!(
+        "services:\n  greeter:\n    endpoints:\n      - {{ address: {}, labels: {{ version: v1 }} }}\n      \
+         - {{ address: {}, labels: {{ version: v2 }} }}\n    subsets:\n      v1: {{ labels: {{ version: v1 }} }}\n      \
+         v2: {{ labels: {{ version: v2 }} }}\n    routes:\n      - split: {{ v1: 100 }}\n        mirror: {{ v2: 100 }}\n    \
+         sidecar: {{ port: {port} }}\n",
+        primary.addr, shadow.addr
+    );
+    std::fs::write(&file, text).unwrap();
+    let cp = MeshControl::start(&file, &dir.0).unwrap();
+    let copies_reach = async |want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shadow.calls() < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(shadow.calls(), want, "the shadow got a copy of every call");
+    };
+
+    let channel = xds_channel(&cp, &[]);
+    let ours = drive(&channel, 200, 8, |_| {}).await;
+    assert!(ours.failures.is_empty(), "{:?}", ours.failures);
+    assert_eq!(ours.by_endpoint.get(&primary.addr).copied(), Some(200), "every answer is the split's: {:?}", ours.by_endpoint);
+    copies_reach(200).await;
+    assert_eq!(channel.target_counts().mirrored, 200, "each copy is counted");
+
+    let mut envoy = Envoy::start(cp.xds, false, "envoy-mirror").unwrap();
+    envoy.wait_for_listener(port, Duration::from_secs(60)).unwrap();
+    let through_envoy = drive_via_proxy(&envoy_channel(port), 200, 8).await;
+    assert!(through_envoy.failures.is_empty(), "{:?}", through_envoy.failures);
+    assert_eq!(primary.calls(), 400, "envoy answers from the split's subset too");
+    copies_reach(400).await;
+}
+
 /// A mesh file's `circuit_breakers.max_requests` reaches our client through mesh-control (CDS thresholds) and
 /// is enforced: calls over the limit fail at once with UNAVAILABLE naming the cluster, and never reach the
 /// backend.

@@ -163,12 +163,14 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// Retries (override the service's).
     pub retry: Option<RetryPolicy>,
+    /// Shadow clusters (names from [`cluster_name`]) and the percent of calls copied to each.
+    pub mirror: Vec<(String, u32)>,
 }
 
 impl Route {
     /// The default route: every call to the whole service, no policies of its own.
     fn to_whole(service: &str) -> Self {
-        Self { matches: RouteMatch::any(), split: vec![(cluster_name(service, None), 1)], timeout: None, retry: None }
+        Self { matches: RouteMatch::any(), split: vec![(cluster_name(service, None), 1)], timeout: None, retry: None, mirror: Vec::new() }
     }
 }
 
@@ -297,16 +299,17 @@ impl Validator<'_> {
             }
             services.insert(name.clone(), self.service(&field, name, svc)?);
         }
-        // Routes may split to other services: check every backend exists now that all are known.
+        // Routes may split and mirror to other services: check every backend exists now that all are known.
         for (name, svc) in &raw.services {
             for (i, route) in svc.value.routes.iter().enumerate() {
-                for (key, weight) in &route.value.split.value {
+                let mirror = route.value.mirror.iter().flatten().map(|(key, percent)| ("mirror", key, percent));
+                for (field, key, value) in route.value.split.value.iter().map(|(key, weight)| ("split", key, weight)).chain(mirror) {
                     let own = svc.value.subsets.contains_key(key) || key == name;
                     if !own && !raw.services.contains_key(key) {
                         let subsets: Vec<&str> = svc.value.subsets.keys().map(String::as_str).collect();
                         return self.error(
-                            &weight.referenced,
-                            format!("services.{name}.routes[{i}].split.{key}"),
+                            &value.referenced,
+                            format!("services.{name}.routes[{i}].{field}.{key}"),
                             format!("{key:?} is neither a subset of {name} ({}) nor a service", subsets.join(", ")),
                         );
                     }
@@ -401,10 +404,19 @@ impl Validator<'_> {
                 None => RouteMatch::any(),
                 Some(m) => self.route_match(&rfield, m, &route.referenced)?,
             };
-            let mut split = Vec::new();
-            for (key, weight) in &r.split.value {
-                let cluster = if raw.subsets.contains_key(key) { cluster_name(name, Some(key)) } else { cluster_name(key, None) };
-                split.push((cluster, weight.value));
+            let cluster =
+                |key: &String| if raw.subsets.contains_key(key) { cluster_name(name, Some(key)) } else { cluster_name(key, None) };
+            let split: Vec<(String, u32)> = r.split.value.iter().map(|(key, weight)| (cluster(key), weight.value)).collect();
+            let mut mirror = Vec::new();
+            for (key, percent) in r.mirror.iter().flatten() {
+                if percent.value == 0 || percent.value > 100 {
+                    return self.error(
+                        &percent.referenced,
+                        format!("{rfield}.mirror.{key}"),
+                        "a mirror's share is a percent from 1 to 100",
+                    );
+                }
+                mirror.push((cluster(key), percent.value));
             }
             let total: u64 = split.iter().map(|(_, w)| u64::from(*w)).sum();
             if total == 0 {
@@ -419,7 +431,7 @@ impl Validator<'_> {
                 let reason = "the retry budget is the cluster's, shared by its routes: set it in the service's retries";
                 return self.error(&x.referenced, format!("{rfield}.retries.budget_percent"), reason);
             }
-            routes.push(Route { matches, split, timeout, retry });
+            routes.push(Route { matches, split, timeout, retry, mirror });
         }
         if routes.is_empty() {
             routes.push(Route::to_whole(name));
@@ -675,7 +687,7 @@ impl Validator<'_> {
             }
             headers.push(HeaderMatch { name: name.to_ascii_lowercase(), matcher: StringMatch::Exact(value.value.clone()), invert: false });
         }
-        Ok(RouteMatch { path, case_sensitive: true, headers })
+        Ok(RouteMatch { path, case_sensitive: true, headers, fraction: None })
     }
 
     fn retries(&self, field: &str, r: &Spanned<RawRetries>) -> Checked<RetryPolicy> {

@@ -101,6 +101,8 @@ pub(super) struct RawRoute {
     pub(super) split: Spanned<BTreeMap<String, Spanned<u32>>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) retries: Option<Spanned<RawRetries>>,
+    /// Subsets or services a share of the route's calls is copied to, each with its percent.
+    pub(super) mirror: Option<BTreeMap<String, Spanned<u32>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

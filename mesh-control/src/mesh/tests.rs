@@ -121,6 +121,20 @@ fn bad_values_are_rejected_precisely() {
             "0 to 100",
         ),
         (
+            "      - split:",
+            "      - mirror: { v2: 0 }\n        split:",
+            10,
+            "services.greeter.routes[0].mirror.v2",
+            "percent from 1 to 100",
+        ),
+        (
+            "      - split:",
+            "      - mirror: { v3: 10 }\n        split:",
+            10,
+            "services.greeter.routes[0].mirror.v3",
+            "neither a subset of greeter",
+        ),
+        (
             "    routes:",
             "    authorization:\n      - { action: allow, from: [frontend] }\n    routes:",
             10,

@@ -77,12 +77,13 @@ pub fn resources(mesh: &Mesh, shape: Shape, view: Option<&BTreeSet<String>>, kub
             out.push(pack(ENDPOINT, &name, cluster::load_assignment(&name, &endpoints)));
         }
     }
-    // A route may split to a service outside the view: its clusters come along so the route is complete.
+    // A route may split (or mirror) to a service outside the view: its clusters come along so the route is complete.
     let names: BTreeSet<String> = out.iter().filter(|r| r.type_url == CLUSTER).map(|r| r.name.clone()).collect();
     let mut missing = BTreeSet::new();
     for service in mesh.services.values().filter(|s| view.is_none_or(|v| v.contains(&s.name))) {
         for route in &service.routes {
-            missing.extend(route.split.iter().map(|(c, _)| c.clone()).filter(|c| !names.contains(c)));
+            let named = route.split.iter().chain(&route.mirror).map(|(c, _)| c.clone());
+            missing.extend(named.filter(|c| !names.contains(c)));
         }
     }
     for name in missing {

@@ -1,8 +1,11 @@
 //! RDS.
 
+use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
 use envoy_types::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
 use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::{Header as HashHeader, PolicySpecifier};
-use envoy_types::pb::envoy::config::route::v3::route_action::{ClusterSpecifier, HashPolicy as PbHashPolicy, MaxStreamDuration};
+use envoy_types::pb::envoy::config::route::v3::route_action::{
+    ClusterSpecifier, HashPolicy as PbHashPolicy, MaxStreamDuration, RequestMirrorPolicy,
+};
 use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
 use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
 use envoy_types::pb::envoy::config::route::v3::{
@@ -11,6 +14,8 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher};
+use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, Int64Range};
 use envoy_types::pb::google::protobuf::UInt32Value;
 use mesh_core::model::{PathMatch, StringMatch};
 use mesh_core::policy::{HashPolicy, LbPolicy, RetryPolicy};
@@ -46,6 +51,7 @@ fn route(service: &Service, r: &crate::mesh::Route) -> Route {
                 StringMatch::Suffix(v) => pattern(MatchPattern::Suffix(v.clone())),
                 StringMatch::Contains(v) => pattern(MatchPattern::Contains(v.clone())),
                 StringMatch::Regex(re) => pattern(MatchPattern::SafeRegex(regex(re.as_str()))),
+                StringMatch::Range { start, end } => HeaderMatchSpecifier::RangeMatch(Int64Range { start: *start, end: *end }),
             };
             HeaderMatcher { name: h.name.clone(), invert_match: h.invert, header_match_specifier: Some(spec), ..Default::default() }
         })
@@ -89,6 +95,18 @@ fn route(service: &Service, r: &crate::mesh::Route) -> Route {
         },
         hedge_policy: service.hedge.as_ref().map(|_| PbHedgePolicy { hedge_on_per_try_timeout: true, ..Default::default() }),
         hash_policy,
+        request_mirror_policies: r
+            .mirror
+            .iter()
+            .map(|(cluster, percent)| RequestMirrorPolicy {
+                cluster: cluster.clone(),
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(FractionalPercent { numerator: *percent, denominator: DenominatorType::Hundred as i32 }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     };
     Route {

@@ -24,10 +24,11 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mesh_core::lb::{Random, SplitMix64};
 use mesh_core::policy::RateLimit;
 use mesh_core::{Route, RouteAction, RouteMatch};
 use tokio::sync::{mpsc, watch};
@@ -47,6 +48,8 @@ pub struct Table<B> {
     /// Each route's matcher and built service (`None`: non-forwarding).
     routes: Vec<(RouteMatch, Option<RouteService<B>>)>,
     clusters: Vec<(String, Cluster<B>)>,
+    /// Draws for routes that take a fraction of their matches (shared with the routes' splits).
+    seed: Arc<AtomicU64>,
 }
 
 impl<B> fmt::Debug for Table<B> {
@@ -124,7 +127,8 @@ impl<B: RequestBody> Router<B> {
         let request = request.map(|body| ReplayBody::new(body, DEFAULT_REPLAY_LIMIT));
         let path = request.uri().path();
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
-        let Some((_, service)) = table.routes.iter().find(|(matcher, _)| matcher.matches(path, header)) else {
+        let draw = || SplitMix64::new(table.seed.fetch_add(1, Ordering::Relaxed)).below(1_000_000) as u32;
+        let Some((_, service)) = table.routes.iter().find(|(matcher, _)| matcher.matches(path, header) && matcher.takes(draw)) else {
             return RouterFuture::failed(Error::NoRoute { target: self.target.to_string(), path: path.to_owned() });
         };
         let Some(service) = service else {
@@ -356,10 +360,10 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
                     RouteAction::NonForwarding => None,
                     RouteAction::Clusters(split) => {
                         named.extend(split.iter().map(|c| c.cluster.as_str()));
-                        let clusters = split
-                            .iter()
-                            .map(|c| (c.cluster.clone(), c.weight, self.clusters.get(&c.cluster).map(|s| s.current.clone())))
-                            .collect();
+                        let built = |name: &str| self.clusters.get(name).map(|s| s.current.clone());
+                        let clusters = split.iter().map(|c| (c.cluster.clone(), c.weight, built(&c.cluster))).collect();
+                        named.extend(route.policies.mirrors.iter().map(|m| m.cluster.as_str()));
+                        let mirrors = route.policies.mirrors.iter().map(|m| built(&m.cluster)).collect();
                         let rate_limit = route.policies.rate_limit.as_ref().map(|limit| {
                             limits.push(limit);
                             let (target, stats) = (&self.target, &self.stats);
@@ -370,6 +374,7 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
                             target: self.target.clone(),
                             policies: route.policies.clone(),
                             clusters,
+                            mirrors,
                             seed: self.seed.clone(),
                             channel_id: self.channel_id,
                             rate_limit,
@@ -385,7 +390,7 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
         let mut clusters: Vec<(String, Cluster<B>)> =
             self.clusters.iter().map(|(name, slot)| (name.clone(), slot.current.clone())).collect();
         clusters.sort_by(|a, b| a.0.cmp(&b.0));
-        self.tx.send_replace(Some(Arc::new(Table { routes: built, clusters })));
+        self.tx.send_replace(Some(Arc::new(Table { routes: built, clusters, seed: self.seed.clone() })));
     }
 }
 

@@ -18,6 +18,7 @@ use crate::balance::{RequestBody, RequestHash, ResponseBody};
 use crate::cluster::{Cluster, ClusterFuture, ClusterService};
 use crate::fault::FaultLayer;
 use crate::hedge::HedgeLayer;
+use crate::mirror::MirrorLayer;
 use crate::ratelimit::RateLimitLayer;
 use crate::replay::ReplayBody;
 use crate::retry::RetryLayer;
@@ -78,6 +79,8 @@ pub struct RouteTarget<B> {
     pub policies: RoutePolicies,
     /// The clusters it splits over: name, weight, and the built cluster (`None`: not in the table).
     pub clusters: Vec<(String, u32, Option<Cluster<B>>)>,
+    /// The built shadow cluster of each of `policies.mirrors` (`None`: not in the table).
+    pub mirrors: Vec<Option<Cluster<B>>>,
     /// Draws for the weighted split and for random hashes, shared by the target's routes.
     pub seed: Arc<AtomicU64>,
     /// The channel's id, for `io.grpc.channel_id` hashing.
@@ -90,7 +93,7 @@ pub struct RouteTarget<B> {
 
 /// Builds a route's service: its policies as layers, outermost first, over the split.
 pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
-    let RouteTarget { target, policies, clusters, seed, channel_id, rate_limit, stats } = target;
+    let RouteTarget { target, policies, clusters, mirrors, seed, channel_id, rate_limit, stats } = target;
     // Per-attempt layers wrap each of the route's clusters, below the split: a call's cluster is drawn once and
     // its retries stay in it (Envoy's and gRPC's order), within that cluster's budget.
     let clusters: Vec<(String, u32, Option<ClusterService<B>>)> = clusters
@@ -112,9 +115,14 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
         })
         .collect();
     let timeout = policies.timeout;
-    let fault = policies.fault.clone().filter(|f| f.injects()).map(|fault| FaultLayer::new(&target, fault, stats));
+    let fault = policies.fault.clone().filter(|f| f.injects()).map(|fault| FaultLayer::new(&target, fault, stats.clone()));
+    // Copies go to the shadow cluster's own service: its balancer, without the route's retries.
+    let mirror = (!policies.mirrors.is_empty()).then(|| {
+        let shadows = policies.mirrors.iter().cloned().zip(mirrors.into_iter().map(|c| c.map(|c| c.service))).collect();
+        MirrorLayer::new(shadows, timeout, stats)
+    });
     // A route with nothing to layer above its split calls the split directly.
-    let layered = timeout.is_some() || fault.is_some() || rate_limit.is_some();
+    let layered = timeout.is_some() || fault.is_some() || rate_limit.is_some() || mirror.is_some();
     let name = target.clone();
     let total = clusters_weight(&clusters);
     let split = Split { inner: Arc::new(SplitInner { target, policies, clusters, total, seed, channel_id }) };
@@ -127,8 +135,9 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
         .option_layer(fault)
         .option_layer(rate_limit)
         .map_err(move |error: BoxError| Error::from_layer(error, &name, timeout))
-        // Per-route layers go here, outermost first (issue 15: hedging within the route timeout, rate limits,
-        // mirroring), each also counted in `layered` above.
+        // Per-route layers go here, outermost first, each also counted in `layered` above. A call that timed
+        // out is still mirrored (Envoy shadows whatever the answer).
+        .option_layer(mirror)
         .option_layer(timeout.map(tower::timeout::TimeoutLayer::new))
         // The layers above speak `BoxError`; the top of the stack takes the stack's own errors back.
         .map_err(BoxError::from)

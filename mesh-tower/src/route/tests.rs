@@ -587,3 +587,60 @@ async fn envoys_http_conditions_retry_a_plain_http_error_answer() {
     }
     assert!(router.counts()[0].1.retries >= 4, "{:?}", router.counts());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_mirrored_route_copies_its_share_to_the_shadow_without_waiting_for_it() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    // The shadow is slow: the calls must not wait for it.
+    net.set(addr(2), Peer::Up { delay: Duration::from_secs(1) });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1]));
+    publisher.cluster(&cluster("shadow", &[2]));
+    let mirror = |per_million| mesh_core::policy::Mirror { cluster: "shadow".into(), per_million, shadow_host: true };
+    publisher.publish(&[single_route("a", RoutePolicies { mirrors: vec![mirror(1_000_000)], ..RoutePolicies::default() })]);
+    let started = tokio::time::Instant::now();
+    for _ in 0..10 {
+        assert_eq!(call(&router, "/x").await.unwrap(), addr(1), "the answer is the call's own");
+    }
+    assert_eq!(started.elapsed(), Duration::ZERO, "no call waited for its copy");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = net.authorities.lock().unwrap().clone();
+    let shadowed: Vec<&String> = seen.iter().filter(|(a, _)| *a == addr(2)).map(|(_, authority)| authority).collect();
+    assert_eq!(shadowed.len(), 10, "every call copied: {seen:?}");
+    assert!(shadowed.iter().all(|a| *a == "routed-shadow"), "the copy's host says it is one: {shadowed:?}");
+    assert!(seen.iter().filter(|(a, _)| *a == addr(1)).all(|(_, a)| a == "routed"), "the call's own host is unchanged");
+    assert_eq!(router.target_counts().mirrored, 10);
+
+    // A share: about that many calls copied.
+    publisher.publish(&[single_route("a", RoutePolicies { mirrors: vec![mirror(250_000)], ..RoutePolicies::default() })]);
+    for _ in 0..400 {
+        call(&router, "/x").await.unwrap();
+    }
+    let copied = router.target_counts().mirrored - 10;
+    assert!((60..=140).contains(&copied), "25% of 400 calls copied, not {copied}");
+
+    // A mirror to a cluster the table lacks sends nothing and counts the skip; the calls still succeed.
+    let lost = mesh_core::policy::Mirror { cluster: "gone".into(), ..mirror(1_000_000) };
+    publisher.publish(&[single_route("a", RoutePolicies { mirrors: vec![lost], ..RoutePolicies::default() })]);
+    call(&router, "/x").await.unwrap();
+    assert_eq!(router.target_counts().mirrors_skipped, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_with_a_runtime_fraction_takes_its_share_and_the_rest_fall_through() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let (mut publisher, router) = publisher(&net);
+    publisher.cluster(&cluster("a", &[1]));
+    publisher.cluster(&cluster("b", &[2]));
+    let some =
+        Route { matcher: RouteMatch { fraction: Some(300_000), ..RouteMatch::any() }, action: to("a"), policies: RoutePolicies::default() };
+    publisher.publish(&[some, single_route("b", RoutePolicies::default())]);
+    let mut to_a = 0;
+    for _ in 0..500 {
+        to_a += u32::from(call(&router, "/x").await.unwrap() == addr(1));
+    }
+    assert!((110..=190).contains(&to_a), "30% of 500 calls take the first route, not {to_a}");
+}

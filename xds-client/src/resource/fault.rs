@@ -68,7 +68,7 @@ pub(crate) fn decode(any: &Any) -> Result<FaultInjection, String> {
 }
 
 /// A share in parts per million; unset is 0 (Envoy: no percentage, no fault).
-fn per_million(p: Option<&FractionalPercent>, field: &str) -> Result<u32, String> {
+pub(super) fn per_million(p: Option<&FractionalPercent>, field: &str) -> Result<u32, String> {
     let Some(p) = p else { return Ok(0) };
     let scale = match DenominatorType::try_from(p.denominator) {
         Ok(DenominatorType::Hundred) => 10_000,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
 use envoy_types::pb::envoy::config::route::v3::route::Action;
 use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
+use envoy_types::pb::envoy::config::route::v3::route_action::RequestMirrorPolicy as ProtoMirror;
 use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier;
 use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
 use envoy_types::pb::envoy::config::route::v3::{
@@ -20,7 +21,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::google::protobuf::Any;
-use mesh_core::policy::{FaultInjection, HashPolicy, HedgePolicy, HttpRetryOn, RetryPolicy, RouteHash, RoutePolicies};
+use mesh_core::policy::{FaultInjection, HashPolicy, HedgePolicy, HttpRetryOn, Mirror, RetryPolicy, RouteHash, RoutePolicies};
 use mesh_core::{
     GrpcCode, HeaderMatch, PathMatch, Regex, Route, RouteAction, RouteConfig, RouteMatch, StringMatch, VirtualHost, WeightedCluster,
 };
@@ -128,7 +129,12 @@ fn route_match(m: &ProtoMatch) -> Result<Option<RouteMatch>, String> {
         .enumerate()
         .map(|(i, h)| header(h).map_err(|e| format!("match.headers[{i}] ({:?}): {e}", h.name)))
         .collect::<Result<_, _>>()?;
-    Ok(Some(RouteMatch { path, case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value), headers }))
+    // As gRPC (A28): the runtime fraction's default value, no runtime.
+    let fraction = match &m.runtime_fraction {
+        None => None,
+        Some(f) => Some(fault::per_million(f.default_value.as_ref(), "match.runtime_fraction.default_value")?),
+    };
+    Ok(Some(RouteMatch { path, case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value), headers, fraction }))
 }
 
 // The direct matchers are deprecated in favour of string_match but still sent.
@@ -146,7 +152,8 @@ pub(crate) fn header(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
         Some(HeaderMatchSpecifier::PresentMatch(present)) => StringMatch::Present(*present),
         Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => StringMatch::Regex(regex(&r.regex).map_err(|e| format!("safe_regex_match: {e}"))?),
         Some(HeaderMatchSpecifier::StringMatch(sm)) => string_match(sm).map_err(|e| format!("string_match: {e}"))?,
-        Some(HeaderMatchSpecifier::RangeMatch(_)) => return Err("range_match: not supported".into()),
+        Some(HeaderMatchSpecifier::RangeMatch(r)) if r.start < r.end => StringMatch::Range { start: r.start, end: r.end },
+        Some(HeaderMatchSpecifier::RangeMatch(r)) => return Err(format!("range_match: start {} is not below end {}", r.start, r.end)),
     };
     Ok(HeaderMatch { name: h.name.to_ascii_lowercase(), matcher, invert: h.invert_match })
 }
@@ -275,7 +282,31 @@ fn route_policies(ra: &ProtoAction, vh_retry: Option<&ProtoRetry>) -> Result<Rou
             Some(RouteHash { policy, terminal: h.terminal })
         })
         .collect();
-    Ok(RoutePolicies { timeout: timeout.filter(|t| !t.is_zero()), retry, hash, hedge, ..RoutePolicies::default() })
+    let mirrors = ra
+        .request_mirror_policies
+        .iter()
+        .enumerate()
+        .map(|(i, m)| mirror(m).map_err(|e| format!("route.request_mirror_policies[{i}]: {e}")))
+        .collect::<Result<_, _>>()?;
+    Ok(RoutePolicies { timeout: timeout.filter(|t| !t.is_zero()), retry, hash, hedge, mirrors, ..RoutePolicies::default() })
+}
+
+/// A mirror policy: its cluster and share (unset: every call, as Envoy).
+fn mirror(m: &ProtoMirror) -> Result<Mirror, String> {
+    if !m.cluster_header.is_empty() {
+        return Err("cluster_header: not supported (name the cluster)".into());
+    }
+    if m.cluster.is_empty() {
+        return Err("cluster: empty".into());
+    }
+    let per_million = match &m.runtime_fraction {
+        None => 1_000_000,
+        Some(f) => fault::per_million(f.default_value.as_ref(), "runtime_fraction.default_value")?,
+    };
+    if m.trace_sampled.is_some() {
+        tracing::warn!(cluster = %m.cluster, "request_mirror_policies.trace_sampled is not enforced");
+    }
+    Ok(Mirror { cluster: m.cluster.clone(), per_million, shadow_host: !m.disable_shadow_host_suffix_append })
 }
 
 /// gRPC's retry rules (A44) for status codes, and Envoy's HTTP conditions (`5xx`, `gateway-error`, `reset`,
@@ -632,6 +663,46 @@ mod tests {
         assert!(http.retries_status(503) && http.retries_status(409) && !http.retries_status(500));
         let none = ProtoRetry { retry_on: "retriable-4xx".into(), ..Default::default() };
         assert!(retry_policy(&none).unwrap().is_none(), "nothing this client acts on: no policy");
+    }
+
+    #[test]
+    fn mirrors_ranges_and_runtime_fractions_are_read_and_bad_ones_rejected() {
+        use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
+        use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, Int64Range, fractional_percent::DenominatorType};
+        let fraction = |numerator, denominator: DenominatorType| {
+            Some(RuntimeFractionalPercent {
+                default_value: Some(FractionalPercent { numerator, denominator: denominator as i32 }),
+                ..Default::default()
+            })
+        };
+        let mut action = to("c");
+        action.request_mirror_policies = vec![
+            ProtoMirror { cluster: "shadow".into(), runtime_fraction: fraction(25, DenominatorType::Hundred), ..Default::default() },
+            ProtoMirror { cluster: "all".into(), disable_shadow_host_suffix_append: true, ..Default::default() },
+        ];
+        let mut m = prefix("/").unwrap();
+        m.runtime_fraction = fraction(10, DenominatorType::TenThousand);
+        m.headers = vec![header("x-n", HeaderMatchSpecifier::RangeMatch(Int64Range { start: 1, end: 5 }), false)];
+        let rc = decode_rc(&config(vec![route("r", Some(m.clone()), Some(Action::Route(action.clone())))])).unwrap();
+        let r = &rc.virtual_hosts[0].routes[0];
+        assert_eq!(
+            r.policies.mirrors,
+            [
+                Mirror { cluster: "shadow".into(), per_million: 250_000, shadow_host: true },
+                Mirror { cluster: "all".into(), per_million: 1_000_000, shadow_host: false },
+            ]
+        );
+        assert_eq!(r.matcher.fraction, Some(1_000));
+        assert_eq!(r.matcher.headers[0].matcher, StringMatch::Range { start: 1, end: 5 });
+
+        let mut by_header = action.clone();
+        by_header.request_mirror_policies = vec![ProtoMirror { cluster_header: "x-shadow".into(), ..Default::default() }];
+        let why = reason(vec![route("r", prefix("/"), Some(Action::Route(by_header)))]);
+        assert!(why.contains("request_mirror_policies[0]: cluster_header"), "{why}");
+        let mut empty = m.clone();
+        empty.headers = vec![header("x-n", HeaderMatchSpecifier::RangeMatch(Int64Range { start: 5, end: 5 }), false)];
+        let why = reason(vec![route("r", Some(empty), Some(Action::Route(to("c"))))]);
+        assert!(why.contains("range_match: start 5 is not below end 5"), "{why}");
     }
 
     #[test]
