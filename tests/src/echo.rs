@@ -6,8 +6,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,12 +33,15 @@ pub struct Echo {
     fail_percent: u64,
     /// Per 100 calls, how many are answered after the tail delay instead (spread evenly).
     tail: (u64, Duration),
+    /// The `grpc-timeout` of every call received, in order (`None`: it had none), read before tonic takes
+    /// the header off.
+    timeouts: Arc<Mutex<Vec<Option<Duration>>>>,
 }
 
 impl Echo {
     /// Replies `reply` after `delay`.
     pub fn new(reply: impl Into<Bytes>, delay: Duration) -> Self {
-        Self { reply: reply.into(), delay, calls: Arc::default(), fail_percent: 0, tail: (0, Duration::ZERO) }
+        Self { reply: reply.into(), delay, calls: Arc::default(), fail_percent: 0, tail: (0, Duration::ZERO), timeouts: Arc::default() }
     }
 }
 
@@ -56,6 +59,8 @@ impl tower::Service<http::Request<Body>> for Echo {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let timeout = request.headers().get(mesh_tower::deadline::GRPC_TIMEOUT).and_then(|v| mesh_tower::deadline::parse(v.as_bytes()));
+        self.timeouts.lock().unwrap_or_else(|e| e.into_inner()).push(timeout);
         let handler = Handler(self.clone());
         Box::pin(async move { Ok(Grpc::new(BytesCodec).unary(handler, request).await) })
     }
@@ -90,6 +95,7 @@ pub struct EchoServer {
     /// Where it listens.
     pub addr: SocketAddr,
     calls: Arc<AtomicU64>,
+    timeouts: Arc<Mutex<Vec<Option<Duration>>>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -130,7 +136,7 @@ impl EchoServer {
 
     fn serve(listener: TcpListener, echo: Echo) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
-        let calls = echo.calls.clone();
+        let (calls, timeouts) = (echo.calls.clone(), echo.timeouts.clone());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
@@ -144,12 +150,17 @@ impl EchoServer {
                 tracing::error!(%error, "echo server failed");
             }
         });
-        Ok(Self { addr, calls, shutdown: Some(tx), task })
+        Ok(Self { addr, calls, timeouts, shutdown: Some(tx), task })
     }
 
     /// Calls this server has answered.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The `grpc-timeout` each call arrived with, in order (`None`: none).
+    pub fn timeouts(&self) -> Vec<Option<Duration>> {
+        self.timeouts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Graceful shutdown: stops accepting, lets in-flight calls finish.

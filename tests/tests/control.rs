@@ -606,6 +606,46 @@ async fn our_client_and_envoy_fed_the_same_retry_policy_both_retry_and_differ_on
     );
 }
 
+/// The caller's deadline, through a mesh file's retry policy: the first attempt reaches the server with the
+/// caller's `grpc-timeout`, each retry with the time left (less than the attempt before); a call the server
+/// cannot answer in time ends DEADLINE_EXCEEDED, long before the server would have answered, and the server
+/// saw that deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_deadline_ends_the_call_and_each_retry_sends_the_server_what_is_left() {
+    // Fails calls 0 and 3 of every 100 ((n × 37) mod 100 < 10): the first call fails once, then succeeds.
+    let flaky = EchoServer::start_failing(10).await.unwrap();
+    let policies = ["retries: { attempts: 3, on: [unavailable], backoff: { base: 50ms, max: 50ms } }"];
+    let (_dir, cp) = greeter_mesh("deadline", &[flaky.addr], &policies);
+    let channel = xds_channel(&cp, &[]);
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    let mut request = tonic::Request::new(bytes::Bytes::from_static(b"hi"));
+    request.set_timeout(Duration::from_secs(2));
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(METHOD);
+    grpc.unary(request, path.clone(), mesh_tonic::codec::BytesCodec).await.expect("the retry succeeds");
+    let seen = flaky.timeouts();
+    assert_eq!(seen.len(), 2, "one failed attempt and its retry: {seen:?}");
+    assert_eq!(seen[0], Some(Duration::from_secs(2)), "the first attempt carries the caller's deadline: {seen:?}");
+    let left = seen[1].expect("the retry carries a deadline");
+    assert!(left < Duration::from_secs(2), "the retry carries the time left, not the original: {seen:?}");
+
+    let slow = EchoServer::start(Duration::from_secs(10)).await.unwrap();
+    let (_dir, cp) = greeter_mesh("deadline-slow", &[slow.addr], &[]);
+    let channel = xds_channel(&cp, &[]);
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    // The first call waits for config and a connection; the second meets a ready channel.
+    for _ in 0..2 {
+        let mut request = tonic::Request::new(bytes::Bytes::from_static(b"hi"));
+        request.set_timeout(Duration::from_millis(300));
+        let started = Instant::now();
+        let status = grpc.unary(request, path.clone(), mesh_tonic::codec::BytesCodec).await.expect_err("the server is too slow");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "the call ended at its deadline, not at the answer");
+    }
+    assert_eq!(slow.timeouts(), [Some(Duration::from_millis(300)); 2], "the server saw the caller's deadline");
+}
+
 /// A mesh file's `mirror` reaches our client and an Envoy sidecar through mesh-control (the route's
 /// request_mirror_policies): both answer every call from the split's subset and copy each to the mirror's, which
 /// sees the copies; the copies change no answer.
