@@ -16,6 +16,7 @@
 //! **Feature flags:** none.
 #![forbid(unsafe_code)]
 
+pub mod adaptive;
 mod error;
 pub mod grpc;
 pub mod lb;

@@ -132,6 +132,8 @@ pub struct ClusterPolicies {
     pub circuit_breakers: CircuitBreakers,
     /// Ejection of misbehaving endpoints; `None` disables it.
     pub outlier_detection: Option<OutlierDetection>,
+    /// An adaptive limit on calls in flight; `None` disables it.
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
     /// Upstream TLS; `None` means plaintext.
     pub tls: Option<TlsPolicy>,
 }
@@ -174,6 +176,61 @@ impl Default for ConnectionPolicy {
             reconnect_backoff_max: Duration::from_secs(30),
         }
     }
+}
+
+/// Adaptive concurrency (Envoy's adaptive concurrency filter, its gradient controller): a cluster's limit on
+/// calls in flight follows its latency, and calls over the limit are turned away at once. See
+/// [`crate::adaptive`] for the arithmetic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaptiveConcurrency {
+    /// The percentile of an interval's latencies the limit is computed from (0.5: the median).
+    pub percentile: f64,
+    /// How often the limit is recomputed.
+    pub update_interval: Duration,
+    /// The highest limit.
+    pub max_limit: u32,
+    /// The lowest limit.
+    pub min_limit: u32,
+    /// Where the no-load latency comes from.
+    pub min_rtt: MinRtt,
+    /// The limit while the no-load latency is measured.
+    pub min_concurrency: u32,
+    /// Share of the no-load latency added to it as tolerance (0.25: 25%).
+    pub buffer: f64,
+    /// The gRPC status of a call turned away.
+    pub shed_code: GrpcCode,
+}
+
+impl Default for AdaptiveConcurrency {
+    fn default() -> Self {
+        Self {
+            percentile: 0.5,
+            update_interval: Duration::from_millis(100),
+            max_limit: 1000,
+            min_limit: 3,
+            min_rtt: MinRtt::Sampled { interval: Duration::from_secs(60), requests: 50, jitter: 0.15 },
+            min_concurrency: 3,
+            buffer: 0.25,
+            shed_code: GrpcCode::ResourceExhausted,
+        }
+    }
+}
+
+/// How the no-load latency of [`AdaptiveConcurrency`] is known.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MinRtt {
+    /// Measured every `interval` (plus up to `jitter` of it, drawn), from `requests` calls made at the minimum
+    /// concurrency.
+    Sampled {
+        /// Time between measurements.
+        interval: Duration,
+        /// Calls a measurement takes.
+        requests: u32,
+        /// Share of `interval` the start of each measurement is delayed by, at most (drawn).
+        jitter: f64,
+    },
+    /// A fixed value, never measured.
+    Fixed(Duration),
 }
 
 /// Envoy circuit-breaker thresholds (defaults as Envoy's).

@@ -88,6 +88,8 @@ pub struct ChannelBuilder {
     route: RoutePolicies,
     /// The circuit breakers of its one cluster.
     breakers: mesh_core::policy::CircuitBreakers,
+    /// The adaptive concurrency limit of its one cluster.
+    adaptive: Option<mesh_core::policy::AdaptiveConcurrency>,
 }
 
 impl Channel {
@@ -100,6 +102,7 @@ impl Channel {
             dns: DnsConfig::default(),
             route: RoutePolicies::default(),
             breakers: Default::default(),
+            adaptive: None,
         }
     }
 
@@ -209,6 +212,13 @@ impl ChannelBuilder {
         self
     }
 
+    /// An adaptive concurrency limit for `static:///` and `dns:///` targets (Envoy's gradient controller):
+    /// calls over the limit fail at once with the configured status.
+    pub fn adaptive_concurrency(mut self, adaptive: mesh_core::policy::AdaptiveConcurrency) -> Self {
+        self.adaptive = Some(adaptive);
+        self
+    }
+
     /// Circuit breakers and the retry budget for `static:///` and `dns:///` targets (Envoy's thresholds).
     pub fn circuit_breakers(mut self, breakers: mesh_core::policy::CircuitBreakers) -> Self {
         self.breakers = breakers;
@@ -257,7 +267,13 @@ impl ChannelBuilder {
         let authority = authority
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("authority {authority:?}: {e}") })?;
-        let cluster = ClusterTarget { name: self.target.clone(), balancer: self.config.clone(), source, breakers: self.breakers.clone() };
+        let cluster = ClusterTarget {
+            name: self.target.clone(),
+            balancer: self.config.clone(),
+            source,
+            breakers: self.breakers.clone(),
+            adaptive: self.adaptive.clone(),
+        };
         let new_cluster = NewCluster::new(discovery, MakeTcp);
         let (mut publisher, router) = Publisher::new(&self.target, "the target", self.config.ready_timeout, new_cluster, None);
         publisher.cluster(&cluster);

@@ -76,7 +76,12 @@ impl Discovery for XdsDiscovery {
 
 /// What a CDS cluster builds: the channel's balancer settings with the cluster's LB policy, connect timeout,
 /// TLS policy and outlier detection, and its endpoint source.
-fn cluster_target(name: &str, cluster: &mesh_core::Cluster, channel: &BalancerConfig) -> ClusterTarget {
+fn cluster_target(
+    name: &str,
+    cluster: &mesh_core::Cluster,
+    channel: &BalancerConfig,
+    adaptive: Option<&mesh_core::policy::AdaptiveConcurrency>,
+) -> ClusterTarget {
     let mut balancer = channel.clone();
     balancer.lb = cluster.lb.clone();
     balancer.connection.connect_timeout = cluster.policies.connection.connect_timeout;
@@ -92,7 +97,10 @@ fn cluster_target(name: &str, cluster: &mesh_core::Cluster, channel: &BalancerCo
             Source::Dns { server: None, query: DnsQuery::Host { name: host.clone(), port: *port }, config: DnsConfig::default() }
         }
     };
-    ClusterTarget { name: name.to_owned(), balancer, source, breakers: cluster.policies.circuit_breakers.clone() }
+    // The listener's adaptive concurrency filter gives each cluster a limiter of its own (a cluster's own
+    // setting, from a static or DNS target's builder, would come first).
+    let adaptive = cluster.policies.adaptive_concurrency.clone().or_else(|| adaptive.cloned());
+    ClusterTarget { name: name.to_owned(), balancer, source, breakers: cluster.policies.circuit_breakers.clone(), adaptive }
 }
 
 /// Follows the target's listener, route config and clusters, and publishes a table whenever they change.
@@ -160,7 +168,8 @@ async fn run(
             for (cluster_name, (cds, _)) in &clusters {
                 if let Some(cluster) = cds.value() {
                     unsupported.cluster(cluster_name, &cluster.cluster);
-                    publisher.cluster(&cluster_target(cluster_name, &cluster.cluster, &config));
+                    let adaptive = listener.as_ref().and_then(|l| l.adaptive_concurrency.as_ref());
+                    publisher.cluster(&cluster_target(cluster_name, &cluster.cluster, &config, adaptive));
                 }
             }
             // A74: switch tables only when every named cluster is known (built, or gone from the server).

@@ -3,11 +3,15 @@
 //! A call over the cap fails at once with [`Error::Overflow`] (UNAVAILABLE, naming the cluster and the limit)
 //! and is never retried. A call counts from when it is sent until its response body ends or is dropped, so a
 //! stream counts for as long as it lasts.
+//!
+//! The counting is [`Capped`], shared with the adaptive concurrency limit ([`crate::adaptive`]): a [`Cap`]
+//! says what the limit is now, what a call over it fails with, and what an answered call's latency teaches it.
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tower::{Layer, Service};
@@ -16,72 +20,115 @@ use crate::Error;
 use crate::balance::ResponseBody;
 use crate::stats::ClusterStats;
 
-/// Caps a cluster's concurrent requests.
-#[derive(Clone)]
-pub struct BreakerLayer {
-    shared: Arc<Shared>,
+/// What a [`Capped`] service's limit is.
+pub trait Cap: Send + Sync + 'static {
+    /// The limit on calls in flight now.
+    fn limit(&self) -> u32;
+    /// The error of a call turned away at `limit` (counted here).
+    fn refused(&self, limit: u32) -> Error;
+    /// Whether [`Cap::answered`] wants latencies (the clock is read per call only then).
+    fn timed(&self) -> bool {
+        false
+    }
+    /// An answered call took `latency` to its response head.
+    fn answered(&self, _latency: Duration) {}
 }
 
-struct Shared {
+/// Caps a cluster's concurrent requests at `max_requests`.
+#[derive(Clone)]
+pub struct BreakerLayer {
+    gate: Arc<Gate<MaxRequests>>,
+}
+
+/// The fixed cap of a [`BreakerLayer`].
+pub struct MaxRequests {
     cluster: Arc<str>,
     max_requests: u32,
-    in_flight: AtomicU32,
     stats: Arc<ClusterStats>,
+}
+
+impl Cap for MaxRequests {
+    fn limit(&self) -> u32 {
+        self.max_requests
+    }
+
+    fn refused(&self, limit: u32) -> Error {
+        crate::stats::count(&self.stats.overflows);
+        Error::Overflow { cluster: self.cluster.to_string(), limit }
+    }
 }
 
 impl fmt::Debug for BreakerLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BreakerLayer").field("cluster", &self.shared.cluster).field("max_requests", &self.shared.max_requests).finish()
+        let cap = &self.gate.cap;
+        f.debug_struct("BreakerLayer").field("cluster", &cap.cluster).field("max_requests", &cap.max_requests).finish()
     }
 }
 
 impl BreakerLayer {
     /// At most `max_requests` calls in flight to `cluster`, each one turned away counted in `stats`.
     pub fn new(cluster: &str, max_requests: u32, stats: Arc<ClusterStats>) -> Self {
-        let shared = Shared { cluster: cluster.into(), max_requests, in_flight: AtomicU32::new(0), stats };
-        Self { shared: Arc::new(shared) }
+        Self { gate: Gate::new(MaxRequests { cluster: cluster.into(), max_requests, stats }) }
     }
 
     /// Calls in flight now.
     pub fn in_flight(&self) -> u32 {
-        self.shared.in_flight.load(Ordering::Relaxed)
+        self.gate.in_flight.load(Ordering::Relaxed)
     }
 }
 
 impl<S> Layer<S> for BreakerLayer {
-    type Service = Breaker<S>;
+    type Service = Capped<S, MaxRequests>;
 
-    fn layer(&self, inner: S) -> Breaker<S> {
-        Breaker { inner, shared: self.shared.clone() }
+    fn layer(&self, inner: S) -> Self::Service {
+        Capped { inner, gate: self.gate.clone() }
     }
 }
 
-/// The circuit-breaking service ([`BreakerLayer`]).
-#[derive(Clone)]
-pub struct Breaker<S> {
-    inner: S,
-    shared: Arc<Shared>,
+/// A cap and the calls in flight under it.
+pub struct Gate<C> {
+    pub(crate) cap: C,
+    in_flight: AtomicU32,
 }
 
-impl<S> fmt::Debug for Breaker<S> {
+impl<C> Gate<C> {
+    pub(crate) fn new(cap: C) -> Arc<Self> {
+        Arc::new(Self { cap, in_flight: AtomicU32::new(0) })
+    }
+}
+
+/// A service whose calls in flight are capped by `C` (the breaker's [`MaxRequests`], or the adaptive limit).
+pub struct Capped<S, C> {
+    pub(crate) inner: S,
+    pub(crate) gate: Arc<Gate<C>>,
+}
+
+impl<S: Clone, C> Clone for Capped<S, C> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), gate: self.gate.clone() }
+    }
+}
+
+impl<S, C> fmt::Debug for Capped<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Breaker").field("cluster", &self.shared.cluster).finish()
+        f.debug_struct("Capped").field("in_flight", &self.gate.in_flight.load(Ordering::Relaxed)).finish()
     }
 }
 
 /// One call's place under the cap, given back when dropped.
-struct Permit(Arc<Shared>);
+struct Place<C>(Arc<Gate<C>>);
 
-impl Drop for Permit {
+impl<C> Drop for Place<C> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-impl<S, Req> Service<Req> for Breaker<S>
+impl<S, C, Req> Service<Req> for Capped<S, C>
 where
     S: Service<Req, Response = http::Response<ResponseBody>, Error = Error>,
     S::Future: Send + 'static,
+    C: Cap,
 {
     type Response = http::Response<ResponseBody>;
     type Error = Error;
@@ -92,19 +139,22 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        let shared = &self.shared;
-        if shared.in_flight.fetch_add(1, Ordering::Relaxed) >= shared.max_requests {
-            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            crate::stats::count(&shared.stats.overflows);
-            let error = Error::Overflow { cluster: shared.cluster.to_string(), limit: shared.max_requests };
-            return Box::pin(std::future::ready(Err(error)));
+        let gate = &self.gate;
+        let limit = gate.cap.limit();
+        if gate.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
+            gate.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Box::pin(std::future::ready(Err(gate.cap.refused(limit))));
         }
-        let permit = Permit(shared.clone());
+        let place = Place(gate.clone());
+        let started = gate.cap.timed().then(tokio::time::Instant::now);
         let call = self.inner.call(request);
         Box::pin(async move {
             let response = call.await?;
+            if let Some(started) = started {
+                place.0.cap.answered(started.elapsed());
+            }
             // The place is held until the response body ends.
-            Ok(response.map(|body| body.holding(Box::new(permit))))
+            Ok(response.map(|body| body.holding(Box::new(place))))
         })
     }
 }

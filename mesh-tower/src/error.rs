@@ -71,6 +71,17 @@ pub enum Error {
         /// Its `max_requests`.
         limit: u32,
     },
+    /// The cluster's adaptive concurrency limit turned the call away: `limit` calls were in flight. Never
+    /// retried.
+    #[error("cluster {cluster} is at its adaptive limit of {limit} requests in flight")]
+    ConcurrencyLimited {
+        /// The cluster.
+        cluster: String,
+        /// The limit when the call came.
+        limit: u32,
+        /// The status it fails with (RESOURCE_EXHAUSTED unless configured).
+        code: GrpcCode,
+    },
     /// The caller's deadline (its `grpc-timeout`) ran out.
     #[error("{target}: call exceeded its deadline (grpc-timeout {limit:?})")]
     Deadline {
@@ -191,7 +202,7 @@ impl Error {
             Self::InvalidTarget { .. } => GrpcCode::InvalidArgument,
             Self::RouteTimeout { .. } | Self::AttemptTimeout { .. } | Self::Deadline { .. } => GrpcCode::DeadlineExceeded,
             Self::Upstream { failure, .. } => failure.grpc_code(),
-            Self::FaultAbort { code, .. } => *code,
+            Self::FaultAbort { code, .. } | Self::ConcurrencyLimited { code, .. } => *code,
             Self::RateLimited { .. } => GrpcCode::ResourceExhausted,
             Self::NoConfig { .. }
             | Self::NoRoute { .. }

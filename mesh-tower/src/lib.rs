@@ -36,6 +36,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod adaptive;
 pub mod balance;
 pub mod breaker;
 pub mod classify;

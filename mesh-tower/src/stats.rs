@@ -19,6 +19,8 @@ pub struct ClusterStats {
     pub(crate) overflows: AtomicU64,
     /// Endpoints outlier detection ejected (Envoy's `outlier_detection.ejections_enforced_total`).
     pub(crate) ejections: AtomicU64,
+    /// Calls the adaptive concurrency limit turned away (Envoy's `adaptive_concurrency...rq_blocked`).
+    pub(crate) adaptive_shed: AtomicU64,
 }
 
 /// A snapshot of a cluster's counters.
@@ -36,6 +38,8 @@ pub struct ClusterCounts {
     pub overflows: u64,
     /// Endpoints outlier detection ejected.
     pub ejections: u64,
+    /// Calls the adaptive concurrency limit turned away.
+    pub adaptive_shed: u64,
 }
 
 impl ClusterStats {
@@ -49,6 +53,7 @@ impl ClusterStats {
             retry_overflows: read(&self.retry_overflows),
             overflows: read(&self.overflows),
             ejections: read(&self.ejections),
+            adaptive_shed: read(&self.adaptive_shed),
         }
     }
 }

@@ -19,12 +19,13 @@ use std::time::Duration;
 use mesh_core::GrpcCode;
 use mesh_core::model::{Endpoint, HeaderMatch, Locality, PathMatch, Regex, RouteMatch, StringMatch};
 use mesh_core::policy::{
-    AuthzAction, AuthzRule, CircuitBreakers, Consecutive, FailurePercentage, FaultAbort, FaultDelay, FaultInjection, HedgePolicy,
-    HttpRetryOn, LbPolicy, MtlsMode, OutlierDetection, PER_MILLION_PER_PERCENT, RateLimit, RetryBudget, RetryPolicy, SuccessRate,
+    AdaptiveConcurrency, AuthzAction, AuthzRule, CircuitBreakers, Consecutive, FailurePercentage, FaultAbort, FaultDelay, FaultInjection,
+    HedgePolicy, HttpRetryOn, LbPolicy, MinRtt, MtlsMode, OutlierDetection, PER_MILLION_PER_PERCENT, RateLimit, RetryBudget, RetryPolicy,
+    SuccessRate,
 };
 use serde_saphyr::Spanned;
 
-use raw::{RawEndpoint, RawKube, RawMesh, RawOutlierDetection, RawPort, RawRetries, RawService};
+use raw::{RawAdaptive, RawEndpoint, RawKube, RawMesh, RawOutlierDetection, RawPort, RawRetries, RawService};
 
 /// The embedded example mesh: `greeter` with subsets v1 (two endpoints) and v2 (one), split 90/10.
 pub const EXAMPLE: &str = include_str!("../../examples/mesh.yaml");
@@ -78,6 +79,8 @@ pub struct Service {
     pub outlier_detection: Option<OutlierDetection>,
     /// Local rate limit (per client instance, token bucket).
     pub rate_limit: Option<RateLimit>,
+    /// Adaptive concurrency (per client instance and cluster, Envoy's gradient controller).
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
     /// Fault injection.
     pub fault: Option<FaultInjection>,
     /// mTLS mode.
@@ -106,6 +109,7 @@ impl Service {
             circuit_breakers: CircuitBreakers::default(),
             outlier_detection: None,
             rate_limit: None,
+            adaptive_concurrency: None,
             fault: None,
             mtls: MtlsMode::default(),
             authorization: Vec::new(),
@@ -495,6 +499,8 @@ impl Validator<'_> {
                 fill_interval: Duration::from_secs(1),
             }),
         };
+        let adaptive_concurrency =
+            raw.adaptive_concurrency.as_ref().map(|a| self.adaptive(&format!("{field}.adaptive_concurrency"), a)).transpose()?;
         let fault = match &raw.fault {
             None => None,
             Some(f) => {
@@ -580,6 +586,7 @@ impl Validator<'_> {
             circuit_breakers,
             outlier_detection,
             rate_limit,
+            adaptive_concurrency,
             fault,
             mtls,
             authorization,
@@ -789,6 +796,35 @@ impl Validator<'_> {
             return self.error(&p.referenced, field, "a percentage is 0 to 100");
         }
         Ok(p.value)
+    }
+
+    fn adaptive(&self, field: &str, a: &Spanned<RawAdaptive>) -> Checked<AdaptiveConcurrency> {
+        let defaults = AdaptiveConcurrency::default();
+        let raw = &a.value;
+        let update_interval = self.opt_duration(&format!("{field}.update_interval"), raw.update_interval.as_ref())?;
+        let min_rtt = match (&raw.min_rtt, &raw.min_rtt_interval) {
+            (Some(_), Some(_)) => {
+                return self.error(&a.referenced, field, "either min_rtt (fixed) or min_rtt_interval (measured), not both");
+            }
+            (Some(fixed), None) => MinRtt::Fixed(self.duration(&format!("{field}.min_rtt"), fixed)?),
+            (None, interval) => match (self.opt_duration(&format!("{field}.min_rtt_interval"), interval.as_ref())?, defaults.min_rtt) {
+                (Some(interval), MinRtt::Sampled { requests, jitter, .. }) => MinRtt::Sampled { interval, requests, jitter },
+                (_, default) => default,
+            },
+        };
+        let (min_limit, max_limit) = (raw.min_limit.unwrap_or(defaults.min_limit), raw.max_limit.unwrap_or(defaults.max_limit));
+        if min_limit == 0 || min_limit > max_limit {
+            let reason = format!("min_limit {min_limit} must be at least 1 and at most max_limit {max_limit}");
+            return self.error(&a.referenced, format!("{field}.min_limit"), reason);
+        }
+        Ok(AdaptiveConcurrency {
+            update_interval: update_interval.unwrap_or(defaults.update_interval),
+            min_rtt,
+            min_limit,
+            max_limit,
+            min_concurrency: min_limit,
+            ..defaults
+        })
     }
 
     fn opt_duration(&self, field: &str, d: Option<&Spanned<String>>) -> Checked<Option<Duration>> {

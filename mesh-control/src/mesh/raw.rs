@@ -37,6 +37,7 @@ pub(super) struct RawService {
     pub(super) circuit_breakers: Option<RawCircuitBreakers>,
     pub(super) outlier_detection: Option<RawOutlierDetection>,
     pub(super) rate_limit: Option<Spanned<RawRateLimit>>,
+    pub(super) adaptive_concurrency: Option<Spanned<RawAdaptive>>,
     pub(super) fault: Option<Spanned<RawFault>>,
     pub(super) mtls: Option<Spanned<String>>,
     #[serde(default)]
@@ -178,6 +179,16 @@ pub(super) struct RawFailurePercentage {
     pub(super) threshold: Spanned<u32>,
     pub(super) minimum_hosts: Option<u32>,
     pub(super) request_volume: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdaptive {
+    pub(super) update_interval: Option<Spanned<String>>,
+    pub(super) min_rtt_interval: Option<Spanned<String>>,
+    pub(super) min_rtt: Option<Spanned<String>>,
+    pub(super) min_limit: Option<u32>,
+    pub(super) max_limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -121,6 +121,20 @@ fn bad_values_are_rejected_precisely() {
             "0 to 100",
         ),
         (
+            "    routes:",
+            "    adaptive_concurrency: { min_rtt: 10ms, min_rtt_interval: 30s }\n    routes:",
+            9,
+            "services.greeter.adaptive_concurrency",
+            "not both",
+        ),
+        (
+            "    routes:",
+            "    adaptive_concurrency: { min_limit: 10, max_limit: 5 }\n    routes:",
+            9,
+            "services.greeter.adaptive_concurrency.min_limit",
+            "at most max_limit 5",
+        ),
+        (
             "      - split:",
             "      - mirror: { v2: 0 }\n        split:",
             10,

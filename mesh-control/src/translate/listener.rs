@@ -7,6 +7,11 @@ use envoy_types::pb::envoy::config::rbac::v3::permission::Rule;
 use envoy_types::pb::envoy::config::rbac::v3::principal::{Authenticated, Identifier};
 use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy, Principal, Rbac as RbacRules, rbac};
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
+use envoy_types::pb::envoy::extensions::filters::http::adaptive_concurrency::v3::adaptive_concurrency::ConcurrencyControllerConfig;
+use envoy_types::pb::envoy::extensions::filters::http::adaptive_concurrency::v3::gradient_controller_config::{
+    ConcurrencyLimitCalculationParams, MinimumRttCalculationParams,
+};
+use envoy_types::pb::envoy::extensions::filters::http::adaptive_concurrency::v3::{AdaptiveConcurrency, GradientControllerConfig};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault, fault_abort};
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
@@ -18,10 +23,12 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds, http_filter,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, StringMatcher, path_matcher, string_matcher};
-use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket, fractional_percent};
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, Percent, TokenBucket, fractional_percent};
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use envoy_types::util::pack_any;
-use mesh_core::policy::{AuthzAction, AuthzRule};
+use std::time::Duration;
+
+use mesh_core::policy::{AuthzAction, AuthzRule, MinRtt};
 
 use super::{LISTENER, Resource, Shape, ads, duration, pack};
 use crate::mesh::Service;
@@ -90,6 +97,14 @@ fn hcm(service: &Service, shape: Shape) -> HttpConnectionManager {
         // gRPC clients do not run this filter; optional, so they skip it instead of rejecting the listener.
         filters.push(http_filter("envoy.filters.http.local_ratelimit", pack_any(config), shape == Shape::Proxyless));
     }
+    if let Some(adaptive) = &service.adaptive_concurrency {
+        // Optional for gRPC clients, which do not run it; ours and Envoy do.
+        filters.push(http_filter(
+            "envoy.filters.http.adaptive_concurrency",
+            pack_any(adaptive_filter(adaptive)),
+            shape == Shape::Proxyless,
+        ));
+    }
     // Authorization is enforced where calls are received: by the sidecar here (proxyless servers get it
     // with xDS-enabled server listeners), never by a proxyless client.
     if shape == Shape::Sidecar {
@@ -112,6 +127,38 @@ fn hcm(service: &Service, shape: Shape) -> HttpConnectionManager {
 
 fn http_filter(name: &str, config: Any, is_optional: bool) -> HttpFilter {
     HttpFilter { name: name.to_owned(), config_type: Some(http_filter::ConfigType::TypedConfig(config)), is_optional, ..Default::default() }
+}
+
+fn adaptive_filter(a: &mesh_core::policy::AdaptiveConcurrency) -> AdaptiveConcurrency {
+    let share = |value: f64| Some(Percent { value: value * 100.0 });
+    let (interval, fixed_value, request_count, jitter) = match a.min_rtt {
+        MinRtt::Sampled { interval, requests, jitter } => {
+            (Some(duration(interval)), None, Some(UInt32Value { value: requests }), share(jitter))
+        }
+        // Envoy's way to fix minRTT: a zero interval and the value.
+        MinRtt::Fixed(rtt) => (Some(duration(Duration::ZERO)), Some(duration(rtt)), None, None),
+    };
+    let gradient = GradientControllerConfig {
+        sample_aggregate_percentile: share(a.percentile),
+        concurrency_limit_params: Some(ConcurrencyLimitCalculationParams {
+            max_concurrency_limit: Some(UInt32Value { value: a.max_limit }),
+            concurrency_update_interval: Some(duration(a.update_interval)),
+            min_concurrency_limit: Some(UInt32Value { value: a.min_limit }),
+        }),
+        min_rtt_calc_params: Some(MinimumRttCalculationParams {
+            interval,
+            fixed_value,
+            request_count,
+            jitter,
+            min_concurrency: Some(UInt32Value { value: a.min_concurrency }),
+            buffer: share(a.buffer),
+        }),
+    };
+    AdaptiveConcurrency {
+        concurrency_controller_config: Some(ConcurrencyControllerConfig::GradientControllerConfig(gradient)),
+        // Unset: Envoy answers 503 (UNAVAILABLE to a gRPC caller), our client RESOURCE_EXHAUSTED.
+        ..Default::default()
+    }
 }
 
 fn percent(numerator: u32) -> FractionalPercent {

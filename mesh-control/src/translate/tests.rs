@@ -84,6 +84,7 @@ fn proxyless_policies_and_optional_filters() {
     endpoints: [127.0.0.1:1]
     fault: { abort: { percent: 5, grpc_status: unavailable } }
     rate_limit: { requests_per_second: 10 }
+    adaptive_concurrency: { min_rtt: 20ms, max_limit: 64 }
     outlier_detection: { consecutive_errors: 3, failure_percentage: { threshold: 60 }, max_ejection_time: 90s }
     mtls: strict
 ";
@@ -91,6 +92,10 @@ fn proxyless_policies_and_optional_filters() {
     let out = resources(&mesh, Shape::Proxyless, None, &no_kube);
     let Decoded::Listener(l) = decoded(&out, LISTENER, "a") else { unreachable!() };
     assert!(l.http_filters.iter().any(|f| f.contains("fault")), "{:?}", l.http_filters);
+    // Our client reads the adaptive concurrency filter back as the file wrote it.
+    assert_eq!(l.adaptive_concurrency, mesh.services["a"].adaptive_concurrency);
+    let adaptive = l.adaptive_concurrency.expect("the filter");
+    assert_eq!((adaptive.min_rtt, adaptive.max_limit), (mesh_core::policy::MinRtt::Fixed(std::time::Duration::from_millis(20)), 64));
     let Decoded::Cluster(c) = decoded(&out, CLUSTER, "a") else { unreachable!() };
     assert_eq!(c.cluster.lb.name(), "ring_hash");
     // Our client reads back what the file said: every algorithm explicit, so Envoy's defaults (success rate on)

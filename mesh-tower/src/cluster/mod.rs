@@ -12,10 +12,13 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use mesh_core::Endpoint;
-use mesh_core::policy::CircuitBreakers;
+use mesh_core::policy::{AdaptiveConcurrency, CircuitBreakers};
 use tokio::sync::watch;
 
 use crate::balance::{Balancer, BalancerConfig, EndpointStatus, RequestBody, ResponseBody};
+use tower::Layer;
+
+use crate::adaptive::AdaptiveLayer;
 use crate::breaker::BreakerLayer;
 use crate::connect::{Connect, TcpConnector};
 use crate::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
@@ -36,6 +39,8 @@ pub struct ClusterTarget {
     pub source: Source,
     /// Circuit-breaker thresholds (`max_requests` is enforced; see [`crate::breaker`]).
     pub breakers: CircuitBreakers,
+    /// An adaptive limit on calls in flight ([`crate::adaptive`]); `None`: none.
+    pub adaptive: Option<AdaptiveConcurrency>,
 }
 
 /// Where a cluster's endpoints come from.
@@ -305,21 +310,23 @@ impl<M: MakeConnect> NewCluster<M> {
         };
         let connector = self.make_connect.make_connect(target);
         let balancer = Balancer::with_connector(target.name.clone(), discover, target.balancer.clone(), connector);
-        // Per-cluster layers go here, outermost first (issue 15: breaker, concurrency limit, outlier detection):
+        // Per-cluster layers go here, outermost first (the breaker, then the adaptive limit; outlier detection is in the balancer):
         // a cluster with a policy to apply is layered; one without calls its balancer directly. The breaker is
         // installed when the cluster sets `max_requests` below Envoy's default (1024): at the default it costs
         // every call a box and two shared atomics, and a single client process rarely holds 1024 calls.
         let stats = balancer.stats();
         let max_requests = target.breakers.max_requests;
-        let service = if max_requests < CircuitBreakers::default().max_requests {
-            ClusterService::layered(
-                tower::ServiceBuilder::new()
-                    .layer(BreakerLayer::new(&target.name, max_requests, stats.clone()))
-                    .service(ClusterService::balancer(balancer.clone())),
-            )
-        } else {
-            ClusterService::balancer(balancer.clone())
-        };
+        let breaker =
+            (max_requests < CircuitBreakers::default().max_requests).then(|| BreakerLayer::new(&target.name, max_requests, stats.clone()));
+        let adaptive = target.adaptive.clone().map(|config| AdaptiveLayer::new(&target.name, config, stats.clone()));
+        // Each layer boxes its service (one boxed future per call each), so only what is configured is paid for.
+        let mut service = ClusterService::balancer(balancer.clone());
+        if let Some(adaptive) = adaptive {
+            service = ClusterService::layered(adaptive.layer(service));
+        }
+        if let Some(breaker) = breaker {
+            service = ClusterService::layered(breaker.layer(service));
+        }
         let budget = Budget::for_cluster(&target.breakers);
         let cluster = Cluster { service, inspect: Arc::new(balancer), budget, stats };
         match failed {

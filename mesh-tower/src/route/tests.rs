@@ -29,6 +29,7 @@ fn cluster(name: &str, ports: &[u16]) -> ClusterTarget {
         balancer: BalancerConfig::default(),
         source: Source::Static(ports.iter().map(|&p| Endpoint::new(addr(p))).collect()),
         breakers: Default::default(),
+        adaptive: None,
     }
 }
 
@@ -643,4 +644,58 @@ async fn a_route_with_a_runtime_fraction_takes_its_share_and_the_rest_fall_throu
         to_a += u32::from(call(&router, "/x").await.unwrap() == addr(1));
     }
     assert!((110..=190).contains(&to_a), "30% of 500 calls take the first route, not {to_a}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_adaptive_limit_grows_while_latency_stays_low_and_sheds_once_it_rises() {
+    use mesh_core::policy::{AdaptiveConcurrency, MinRtt};
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::from_millis(50) });
+    let (mut publisher, router) = publisher(&net);
+    let mut target = cluster("a", &[1]);
+    let config = AdaptiveConcurrency {
+        min_rtt: MinRtt::Fixed(Duration::from_millis(100)),
+        min_limit: 2,
+        max_limit: 50,
+        ..AdaptiveConcurrency::default()
+    };
+    target.adaptive = Some(config);
+    publisher.cluster(&target);
+    publisher.publish(&[single_route("a", RoutePolicies::default())]);
+    let burst = async |n: usize| {
+        let calls: Vec<_> = (0..n)
+            .map(|_| {
+                let router = router.clone();
+                tokio::spawn(async move { call(&router, "/x").await })
+            })
+            .collect();
+        let mut shed = 0;
+        for call in calls {
+            match call.await.unwrap() {
+                Ok(_) => {}
+                Err(error @ Error::ConcurrencyLimited { .. }) => {
+                    assert_eq!(error.grpc_code(), mesh_core::GrpcCode::ResourceExhausted, "{error}");
+                    shed += 1;
+                }
+                Err(other) => panic!("{other}"),
+            }
+        }
+        shed
+    };
+    assert_eq!(burst(10).await, 8, "the limit starts at min_limit");
+    // Answers at half the no-load latency: the limit grows every update interval.
+    for _ in 0..6 {
+        call(&router, "/x").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(burst(10).await, 0, "the grown limit takes the whole burst");
+    // The backend slows to ten times the no-load latency: the limit falls back to its floor.
+    net.set(addr(1), Peer::Up { delay: Duration::from_secs(1) });
+    net.cut(addr(1));
+    for _ in 0..10 {
+        let _ = call(&router, "/x").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(burst(10).await, 8, "back at min_limit once calls queue");
+    assert_eq!(router.counts()[0].1.adaptive_shed, 16, "each call turned away is counted");
 }

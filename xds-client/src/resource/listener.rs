@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, HttpFilter};
 use prost::Message;
 
-use super::{extension_type, fault, ratelimit, route};
+use super::{adaptive, extension_type, fault, ratelimit, route};
 
 /// Message name of the HTTP connection manager an API listener must hold.
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -16,7 +16,7 @@ const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.H
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 /// HTTP filters besides the router whose configuration the client accepts;
 /// their names are passed on in [`ListenerResource::http_filters`].
-const KNOWN_FILTERS: &[&str] = &[ROUTER, fault::HTTP_FAULT, ratelimit::LOCAL_RATE_LIMIT];
+const KNOWN_FILTERS: &[&str] = &[ROUTER, fault::HTTP_FAULT, ratelimit::LOCAL_RATE_LIMIT, adaptive::ADAPTIVE_CONCURRENCY];
 
 /// A client-side listener: where its routes come from and its HTTP filters.
 #[derive(Clone, Debug)]
@@ -32,6 +32,8 @@ pub struct ListenerResource {
     pub fault: Option<mesh_core::policy::FaultInjection>,
     /// The local rate limit filter's bucket, shared by every route.
     pub rate_limit: Option<mesh_core::policy::RateLimit>,
+    /// The adaptive concurrency filter's controller settings: each cluster the target calls gets a limiter.
+    pub adaptive_concurrency: Option<mesh_core::policy::AdaptiveConcurrency>,
 }
 
 /// Where a listener's routes come from.
@@ -60,8 +62,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ListenerResource, String> {
         Some(RouteSpecifier::ScopedRoutes(_)) => return Err("scoped_routes: scoped routes not supported".into()),
         None => return Err("HttpConnectionManager has neither rds nor route_config".into()),
     };
-    let Filters { names: http_filters, fault, rate_limit } = http_filters(&hcm.http_filters)?;
-    Ok(ListenerResource { name: listener.name, route, http_filters, fault, rate_limit })
+    let Filters { names: http_filters, fault, rate_limit, adaptive_concurrency } = http_filters(&hcm.http_filters)?;
+    Ok(ListenerResource { name: listener.name, route, http_filters, fault, rate_limit, adaptive_concurrency })
 }
 
 /// What a listener's HTTP filters say.
@@ -69,12 +71,14 @@ struct Filters {
     names: Vec<String>,
     fault: Option<mesh_core::policy::FaultInjection>,
     rate_limit: Option<mesh_core::policy::RateLimit>,
+    adaptive_concurrency: Option<mesh_core::policy::AdaptiveConcurrency>,
 }
 
 /// Filter names in order (gRPC A39): unique names, known config types unless
-/// optional, the router last; and the fault and rate limit filters' configurations (one of each at most).
+/// optional, the router last; and the fault, rate limit and adaptive concurrency filters' configurations (one of
+/// each at most).
 fn http_filters(filters: &[HttpFilter]) -> Result<Filters, String> {
-    let (mut fault, mut rate_limit) = (None, None);
+    let (mut fault, mut rate_limit, mut adaptive_concurrency) = (None, None, None);
     let mut names = Vec::with_capacity(filters.len());
     let mut seen = HashSet::new();
     let mut last_is_router = false;
@@ -113,13 +117,21 @@ fn http_filters(filters: &[HttpFilter]) -> Result<Filters, String> {
             }
             rate_limit = ratelimit::decode(any).map_err(|e| format!("http_filters[{i}] ({}): {e}", f.name))?;
         }
+        if ty == adaptive::ADAPTIVE_CONCURRENCY
+            && let Some(ConfigType::TypedConfig(any)) = &f.config_type
+        {
+            if adaptive_concurrency.is_some() {
+                return Err(format!("http_filters[{i}]: a second adaptive concurrency filter ({:?})", f.name));
+            }
+            adaptive_concurrency = adaptive::decode(any).map_err(|e| format!("http_filters[{i}] ({}): {e}", f.name))?;
+        }
         last_is_router = ty == ROUTER;
         names.push(f.name.clone());
     }
     if !last_is_router {
         return Err(format!("http_filters: the last filter must be the router ({ROUTER})"));
     }
-    Ok(Filters { names, fault, rate_limit })
+    Ok(Filters { names, fault, rate_limit, adaptive_concurrency })
 }
 
 #[cfg(test)]

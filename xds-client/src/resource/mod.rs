@@ -14,6 +14,7 @@ use std::time::Duration;
 use envoy_types::pb::google::protobuf::{Any, Duration as ProtoDuration};
 use prost::Message;
 
+mod adaptive;
 pub mod cluster;
 pub mod endpoint;
 mod fault;
