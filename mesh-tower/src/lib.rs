@@ -56,6 +56,7 @@ pub mod route;
 pub mod stats;
 #[cfg(test)]
 mod testing;
+pub mod tls;
 
 pub use error::{Error, Result};
 

@@ -64,6 +64,36 @@ impl TestPki {
     }
 }
 
+/// A CA that issues SPIFFE workload certificates (the identity in the URI SAN, no DNS name).
+pub struct SpiffeCa {
+    /// The CA certificate (PEM): the trust bundle.
+    pub ca: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for SpiffeCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpiffeCa")
+    }
+}
+
+impl SpiffeCa {
+    /// A fresh CA named `name`.
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let (ca, issuer) = new_ca(name)?;
+        Ok(Self { ca, issuer })
+    }
+
+    /// A workload certificate and key (PEM) for the SPIFFE ID `id`.
+    pub fn issue(&self, id: &str) -> anyhow::Result<(String, String)> {
+        let mut params = CertificateParams::new(Vec::new())?;
+        params.subject_alt_names.push(SanType::URI(id.try_into()?));
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 /// A self-signed CA: its certificate (PEM) and the issuer that signs with it.
 fn new_ca(name: &str) -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
     let mut params = CertificateParams::new(Vec::new())?;

@@ -134,7 +134,19 @@ impl EchoServer {
         Self::serve(listener, Echo { fail_percent, ..Echo::new(reply.unwrap_or_else(|| addr.to_string().into()), delay) })
     }
 
+    /// Starts a server on `127.0.0.1:0` speaking TLS with `tls` (tonic's own rustls server: a real peer for
+    /// the mesh's mTLS connector).
+    pub async fn start_tls(tls: tonic::transport::ServerTlsConfig) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        Self::serve_with(listener, Echo::new(addr.to_string(), Duration::ZERO), Some(tls))
+    }
+
     fn serve(listener: TcpListener, echo: Echo) -> anyhow::Result<Self> {
+        Self::serve_with(listener, echo, None)
+    }
+
+    fn serve_with(listener: TcpListener, echo: Echo, tls: Option<tonic::transport::ServerTlsConfig>) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let (calls, timeouts) = (echo.calls.clone(), echo.timeouts.clone());
         let (tx, rx) = oneshot::channel::<()>();
@@ -143,7 +155,14 @@ impl EchoServer {
                 // Without TCP_NODELAY small responses wait for delayed ACKs (~40 ms).
                 stream.and_then(|s| s.set_nodelay(true).map(|()| s))
             });
-            let served = tonic::transport::Server::builder().add_service(echo).serve_with_incoming_shutdown(incoming, async {
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = tls {
+                builder = match builder.tls_config(tls) {
+                    Ok(builder) => builder,
+                    Err(error) => return tracing::error!(%error, "echo server TLS settings"),
+                };
+            }
+            let served = builder.add_service(echo).serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
             });
             if let Err(error) = served.await {
