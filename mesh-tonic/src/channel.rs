@@ -8,10 +8,11 @@ use http::uri::{Authority, Scheme};
 use mesh_core::policy::{RouteHash, RoutePolicies};
 use mesh_core::{Endpoint, LbPolicy};
 use mesh_tower::balance::{BalancerConfig, EndpointStatus};
-use mesh_tower::cluster::{ClusterTarget, Discovery, MakeTcp, NewCluster, Source, StandardDiscovery};
+use mesh_tower::cluster::{ClusterTarget, Discovery, NewCluster, Source, StandardDiscovery};
 use mesh_tower::discover::dns::DnsConfig;
 use mesh_tower::discover::{BoxDiscover, Discover};
 use mesh_tower::route::{Publisher, Router, RouterFuture, single_route};
+use mesh_tower::tls::{Credentials, MakeMtls};
 use tonic::Status;
 use tonic::body::Body;
 use tower::buffer::Buffer;
@@ -90,6 +91,8 @@ pub struct ChannelBuilder {
     breakers: mesh_core::policy::CircuitBreakers,
     /// The adaptive concurrency limit of its one cluster.
     adaptive: Option<mesh_core::policy::AdaptiveConcurrency>,
+    /// The workload's mTLS credentials, for clusters that ask for TLS.
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl Channel {
@@ -103,6 +106,7 @@ impl Channel {
             route: RoutePolicies::default(),
             breakers: Default::default(),
             adaptive: None,
+            credentials: None,
         }
     }
 
@@ -225,6 +229,15 @@ impl ChannelBuilder {
         self
     }
 
+    /// mTLS with `credentials`. A `static:///` or `dns:///` target's cluster speaks it with `policy` (the
+    /// server's SPIFFE IDs it accepts; none listed accepts any in the trust bundle); an `xds:///` target's
+    /// clusters with the TLS policy CDS gives them, else with `policy`.
+    pub fn mtls(mut self, credentials: Arc<Credentials>, policy: mesh_core::policy::TlsPolicy) -> Self {
+        self.credentials = Some(credentials);
+        self.config.tls = Some(policy);
+        self
+    }
+
     /// Outlier detection for `static:///` and `dns:///` targets (an `xds:///` target's clusters carry their
     /// own, from CDS): endpoints that fail are ejected for a while ([`mesh_core::outlier`]).
     pub fn outlier_detection(mut self, outlier: mesh_core::policy::OutlierDetection) -> Self {
@@ -274,7 +287,7 @@ impl ChannelBuilder {
             breakers: self.breakers.clone(),
             adaptive: self.adaptive.clone(),
         };
-        let new_cluster = NewCluster::new(discovery, MakeTcp);
+        let new_cluster = NewCluster::new(discovery, MakeMtls(self.credentials.clone()));
         let (mut publisher, router) = Publisher::new(&self.target, "the target", self.config.ready_timeout, new_cluster, None);
         publisher.cluster(&cluster);
         publisher.publish(&[single_route(&cluster.name, self.route)]);
@@ -286,7 +299,7 @@ impl ChannelBuilder {
         let authority = name
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("name {name:?}: {e}") })?;
-        let (router, follower) = crate::xds::follow(client, name, self.config);
+        let (router, follower) = crate::xds::follow(client, name, self.config, self.credentials);
         Ok(Channel::new(Inner { router, _follower: Some(Arc::new(follower)) }, authority, self.timeout))
     }
 }

@@ -12,10 +12,11 @@ use std::sync::{Arc, OnceLock};
 
 use mesh_core::{ClusterDiscovery, Route, RouteAction, RouteConfig};
 use mesh_tower::balance::BalancerConfig;
-use mesh_tower::cluster::{ClusterTarget, Discovery, MakeTcp, NewCluster, Source, StandardDiscovery};
+use mesh_tower::cluster::{ClusterTarget, Discovery, NewCluster, Source, StandardDiscovery};
 use mesh_tower::discover::dns::{DnsConfig, DnsQuery};
 use mesh_tower::discover::{self, BoxDiscover, Change};
 use mesh_tower::route::{Publisher, Router};
+use mesh_tower::tls::MakeMtls;
 use tokio::sync::mpsc;
 use tonic::body::Body;
 use xds_client::resource::{ClusterResource, EndpointsResource, ListenerResource, RouteSource};
@@ -49,10 +50,15 @@ impl Drop for AbortOnDrop {
 }
 
 /// Starts following `xds:///name`: the router of its tables, and the task that publishes them.
-pub(crate) fn follow(client: XdsClient, name: &str, config: BalancerConfig) -> (Router<Body>, Follower) {
+pub(crate) fn follow(
+    client: XdsClient,
+    name: &str,
+    config: BalancerConfig,
+    credentials: Option<Arc<mesh_tower::tls::Credentials>>,
+) -> (Router<Body>, Follower) {
     let server = client.bootstrap().servers.first().map(|s| s.server_uri.clone()).unwrap_or_default();
     let (dirty_tx, dirty) = mpsc::unbounded_channel::<()>();
-    let new_cluster = NewCluster::new(Arc::new(XdsDiscovery { client: client.clone() }), MakeTcp);
+    let new_cluster = NewCluster::new(Arc::new(XdsDiscovery { client: client.clone() }), MakeMtls(credentials));
     let target = format!("xds:///{name}");
     let (publisher, router) =
         Publisher::new(&target, &format!("xDS server {server}"), config.ready_timeout, new_cluster, Some(dirty_tx.clone()));
@@ -85,7 +91,8 @@ fn cluster_target(
     let mut balancer = channel.clone();
     balancer.lb = cluster.lb.clone();
     balancer.connection.connect_timeout = cluster.policies.connection.connect_timeout;
-    balancer.tls = cluster.policies.tls.clone();
+    // The cluster's own TLS policy; else the channel's (mTLS asked for on the channel, as with grpcurl).
+    balancer.tls = cluster.policies.tls.clone().or_else(|| channel.tls.clone());
     balancer.outlier_detection = cluster.policies.outlier_detection.clone();
     let source = match &cluster.discovery {
         ClusterDiscovery::Static => Source::Static(cluster.endpoints.clone()),
@@ -108,7 +115,7 @@ async fn run(
     client: XdsClient,
     name: String,
     config: BalancerConfig,
-    mut publisher: Publisher<Body, MakeTcp>,
+    mut publisher: Publisher<Body, MakeMtls>,
     dirty_tx: mpsc::UnboundedSender<()>,
     mut dirty: mpsc::UnboundedReceiver<()>,
 ) {

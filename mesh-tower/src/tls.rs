@@ -171,7 +171,8 @@ impl ServerCertVerifier for SpiffeVerifier {
 #[derive(Clone)]
 pub struct MtlsConnector {
     tcp: TcpConnector,
-    credentials: Arc<Credentials>,
+    /// `None`: no credentials, so a cluster that asks for TLS is refused.
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl fmt::Debug for MtlsConnector {
@@ -181,14 +182,18 @@ impl fmt::Debug for MtlsConnector {
 }
 
 impl MtlsConnector {
-    /// Connects with `credentials` over `tcp`.
-    pub fn new(tcp: TcpConnector, credentials: Arc<Credentials>) -> Self {
+    /// Connects with `credentials` over `tcp`; without credentials, only to clusters in plaintext.
+    pub fn new(tcp: TcpConnector, credentials: Option<Arc<Credentials>>) -> Self {
         Self { tcp, credentials }
     }
 
     fn client_config(&self, policy: &TlsPolicy) -> io::Result<rustls::ClientConfig> {
+        let Some(credentials) = &self.credentials else {
+            let reason = "the cluster requires TLS and the channel has no TLS credentials (certificate, key and trust bundle)";
+            return Err(io::Error::new(io::ErrorKind::Unsupported, reason));
+        };
         let provider = provider();
-        let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(self.credentials.roots.clone(), provider.clone())
+        let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(credentials.roots.clone(), provider.clone())
             .build()
             .map_err(io::Error::other)?;
         let verifier = SpiffeVerifier { chain, allowed: policy.allowed_identities.clone() };
@@ -197,7 +202,7 @@ impl MtlsConnector {
             .map_err(io::Error::other)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(self.credentials.chain.clone(), self.credentials.key.clone_key())
+            .with_client_auth_cert(credentials.chain.clone(), credentials.key.clone_key())
             .map_err(io::Error::other)?;
         config.alpn_protocols = vec![H2.to_vec()];
         Ok(config)
@@ -313,6 +318,18 @@ impl Connect for MtlsConnector {
             let peer = peer_of(tls.get_ref().1.peer_certificates());
             Ok(MeshIo::Tls(Box::new(TokioIo::new(tokio_rustls::TlsStream::Client(tls))), peer))
         })
+    }
+}
+
+/// Makes each cluster's [`MtlsConnector`], with the cluster's keepalive settings and the channel's credentials.
+#[derive(Clone, Debug, Default)]
+pub struct MakeMtls(pub Option<Arc<Credentials>>);
+
+impl crate::cluster::MakeConnect for MakeMtls {
+    type Connect = MtlsConnector;
+
+    fn make_connect(&self, cluster: &crate::cluster::ClusterTarget) -> MtlsConnector {
+        MtlsConnector::new(TcpConnector::from_policy(&cluster.balancer.connection), self.0.clone())
     }
 }
 

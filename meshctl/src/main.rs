@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Send gRPC calls through the mesh client stack and summarise them.
-    Call(call::CallArgs),
+    Call(Box<call::CallArgs>),
     /// Run a control plane, three greeter backends and a mesh client; shift a canary split by editing the mesh.
     Demo(demo::DemoArgs),
     /// Print what the xDS client holds for an xds:/// target (CSDS-style JSON).
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Call(args) => runtime.block_on(call::run(args)),
+        Command::Call(args) => runtime.block_on(call::run(*args)),
         Command::XdsDump(args) => runtime.block_on(xds::run(args)),
         Command::Demo(args) => runtime.block_on(demo::run(args)),
     }
