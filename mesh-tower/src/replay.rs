@@ -59,6 +59,7 @@ struct Shared<B> {
     newest: u32,
 }
 
+#[derive(Clone)]
 enum Recorded {
     Data(Bytes),
     Trailers(Box<HeaderMap>),
@@ -158,10 +159,7 @@ impl<B> Recorder<B> {
         }
         let mut frames = Frames::default();
         for recorded in state.frames.iter() {
-            frames.push(match recorded {
-                Recorded::Data(data) => Recorded::Data(data.clone()),
-                Recorded::Trailers(trailers) => Recorded::Trailers(trailers.clone()),
-            });
+            frames.push(recorded.clone());
         }
         let shared = Shared { inner: None, frames, bytes: state.bytes, limit: state.limit, lost: false, ended: true, newest: 0 };
         Some(ReplayBody { shared: Arc::new(Mutex::new(shared)), copy: 0, replayed: 0 })

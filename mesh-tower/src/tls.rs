@@ -132,12 +132,9 @@ impl ServerCertVerifier for SpiffeVerifier {
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {}
             Err(other) => return Err(other),
         }
+        // A leaf without a SPIFFE ID is refused whatever the cluster accepts.
         let found = spiffe_ids(end_entity);
-        if found.is_empty() {
-            let reason = IdentityMismatch { found, allowed: self.allowed.clone() };
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(reason)))));
-        }
-        if self.allowed.is_empty() || found.iter().any(|id| self.allowed.contains(id)) {
+        if !found.is_empty() && (self.allowed.is_empty() || found.iter().any(|id| self.allowed.contains(id))) {
             return Ok(ServerCertVerified::assertion());
         }
         let reason = IdentityMismatch { found, allowed: self.allowed.clone() };
