@@ -57,6 +57,9 @@ pub(crate) fn decode(any: &Any) -> Result<Option<AdaptiveConcurrency>, String> {
         let fixed = rtt.fixed_value.as_ref().ok_or("min_rtt_calc_params.fixed_value: required when interval is zero or unset")?;
         MinRtt::Fixed(duration(fixed, "min_rtt_calc_params.fixed_value")?)
     } else {
+        if rtt.fixed_value.is_some() {
+            tracing::warn!("min_rtt_calc_params.fixed_value is not used: a non-zero interval measures minRTT instead");
+        }
         let requests = rtt.request_count.map_or(50, |v| v.value);
         if requests == 0 {
             return Err("min_rtt_calc_params.request_count: must be at least 1".into());
