@@ -7,18 +7,20 @@
 //! serving the last good config when a change is invalid. With Kubernetes, every Service port is also served with
 //! default policies as `<service>.<namespace>.svc.cluster.local:<port>`.
 //!
-//! What it does not do: it is not a certificate authority (mTLS settings reference certificate providers the
-//! clients already have), and it does not proxy traffic.
+//! It is also the mesh's certificate authority ([`ca`]): it issues SPIFFE workload certificates. It does not proxy
+//! traffic.
 //!
 //! Modules:
 //! - [`mesh`]: the mesh file model, its parser and validation (errors name file, line, field and reason).
 //! - [`translate`]: mesh model → xDS resources (both shapes).
 //! - [`ads`]: the ADS server and its snapshot cache.
+//! - [`ca`]: the mesh CA.
 //! - [`kube`]: the Kubernetes source.
 //! - [`control`]: ties them together: file watching, snapshots per (shape, view), the `/status` endpoint.
 //!
 
 pub mod ads;
+pub mod ca;
 pub mod control;
 mod error;
 pub mod kube;

@@ -30,6 +30,14 @@ pub enum Error {
         /// Why it was rejected.
         reason: &'static str,
     },
+    /// A workload identity is not a valid SPIFFE ID.
+    #[error("invalid SPIFFE ID {id:?}: {reason}")]
+    InvalidIdentity {
+        /// The offending ID.
+        id: String,
+        /// Why it was rejected.
+        reason: String,
+    },
     /// A load-balancer name is not one the mesh knows.
     #[error("unknown load-balancing policy {0:?} (expected round_robin, weighted_round_robin, least_request, p2c_ewma or ring_hash)")]
     UnknownLbPolicy(String),

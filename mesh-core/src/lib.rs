@@ -19,6 +19,7 @@
 pub mod adaptive;
 mod error;
 pub mod grpc;
+pub mod identity;
 pub mod lb;
 pub mod model;
 pub mod outlier;

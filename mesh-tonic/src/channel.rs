@@ -12,7 +12,7 @@ use mesh_tower::cluster::{ClusterTarget, Discovery, NewCluster, Source, Standard
 use mesh_tower::discover::dns::DnsConfig;
 use mesh_tower::discover::{BoxDiscover, Discover};
 use mesh_tower::route::{Publisher, Router, RouterFuture, single_route};
-use mesh_tower::tls::{Credentials, MakeMtls};
+use mesh_tower::tls::{Credentials, HandshakeCounts, MakeMtls};
 use tonic::Status;
 use tonic::body::Body;
 use tower::buffer::Buffer;
@@ -61,6 +61,8 @@ const QUEUE: usize = 1024;
 struct Inner {
     router: Router<Body>,
     _follower: Option<Arc<Follower>>,
+    /// The TLS handshakes of every connection the channel made.
+    handshakes: Arc<HandshakeCounts>,
 }
 
 impl tower::Service<http::Request<Body>> for Inner {
@@ -140,6 +142,11 @@ impl Channel {
     /// What the target's route layers above the split have done: rate-limited calls, injected faults.
     pub fn target_counts(&self) -> mesh_tower::stats::TargetCounts {
         self.inner.router.target_counts()
+    }
+
+    /// The TLS handshakes of the channel's connections: how many succeeded, and why those that failed did.
+    pub fn handshake_counts(&self) -> &HandshakeCounts {
+        &self.inner.handshakes
     }
 }
 
@@ -287,11 +294,13 @@ impl ChannelBuilder {
             breakers: self.breakers.clone(),
             adaptive: self.adaptive.clone(),
         };
-        let new_cluster = NewCluster::new(discovery, MakeMtls(self.credentials.clone()));
+        let connectors = MakeMtls::new(self.credentials.clone());
+        let handshakes = connectors.counts().clone();
+        let new_cluster = NewCluster::new(discovery, connectors);
         let (mut publisher, router) = Publisher::new(&self.target, "the target", self.config.ready_timeout, new_cluster, None);
         publisher.cluster(&cluster);
         publisher.publish(&[single_route(&cluster.name, self.route)]);
-        Ok(Channel::new(Inner { router, _follower: None }, authority, self.timeout))
+        Ok(Channel::new(Inner { router, _follower: None, handshakes }, authority, self.timeout))
     }
 
     /// Builds an `xds:///name` channel on a given xDS client.
@@ -299,8 +308,10 @@ impl ChannelBuilder {
         let authority = name
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("name {name:?}: {e}") })?;
-        let (router, follower) = crate::xds::follow(client, name, self.config, self.credentials);
-        Ok(Channel::new(Inner { router, _follower: Some(Arc::new(follower)) }, authority, self.timeout))
+        let connectors = MakeMtls::new(self.credentials);
+        let handshakes = connectors.counts().clone();
+        let (router, follower) = crate::xds::follow(client, name, self.config, connectors);
+        Ok(Channel::new(Inner { router, _follower: Some(Arc::new(follower)), handshakes }, authority, self.timeout))
     }
 }
 

@@ -50,15 +50,10 @@ impl Drop for AbortOnDrop {
 }
 
 /// Starts following `xds:///name`: the router of its tables, and the task that publishes them.
-pub(crate) fn follow(
-    client: XdsClient,
-    name: &str,
-    config: BalancerConfig,
-    credentials: Option<Arc<mesh_tower::tls::Credentials>>,
-) -> (Router<Body>, Follower) {
+pub(crate) fn follow(client: XdsClient, name: &str, config: BalancerConfig, connectors: MakeMtls) -> (Router<Body>, Follower) {
     let server = client.bootstrap().servers.first().map(|s| s.server_uri.clone()).unwrap_or_default();
     let (dirty_tx, dirty) = mpsc::unbounded_channel::<()>();
-    let new_cluster = NewCluster::new(Arc::new(XdsDiscovery { client: client.clone() }), MakeMtls(credentials));
+    let new_cluster = NewCluster::new(Arc::new(XdsDiscovery { client: client.clone() }), connectors);
     let target = format!("xds:///{name}");
     let (publisher, router) =
         Publisher::new(&target, &format!("xDS server {server}"), config.ready_timeout, new_cluster, Some(dirty_tx.clone()));

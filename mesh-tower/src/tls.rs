@@ -9,21 +9,31 @@
 //! - TLS 1.3 only and ALPN `h2`, both ways.
 //! - A cluster with a TLS policy is only ever reached over TLS: a failed handshake fails the connection with
 //!   the reason, never falls back to plaintext. A cluster without one is reached in plaintext.
+//! - A peer's certificate must carry exactly one URI SAN, a valid SPIFFE ID (the X.509-SVID rules), and chain
+//!   to the bundle of that ID's trust domain: the workload's own domain, or one added with
+//!   [`Credentials::with_bundle`] (SPIFFE bundle maps, A87).
+//! - Every failed handshake is counted by why it failed ([`HandshakeFailure`], [`HandshakeCounts`]).
+//! - The acceptor is strict (plaintext is refused, and said to be plaintext) or permissive (a connection whose
+//!   first byte does not open a TLS record is served in plaintext: the migration mode).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
+use mesh_core::identity::SpiffeId;
 use mesh_core::policy::TlsPolicy;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
 
 use crate::connect::{Connect, ConnectFuture, Connection, EndpointTarget, PeerIdentity, TcpConnector};
@@ -45,7 +55,10 @@ pub struct CredentialsError {
 pub struct Credentials {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    roots: Arc<RootCertStore>,
+    /// The roots of each trust domain peers may belong to.
+    bundles: BTreeMap<String, Arc<RootCertStore>>,
+    /// The bundle of a workload whose own leaf names no trust domain: it vouches for peers of any domain.
+    any_domain: Option<Arc<RootCertStore>>,
     /// The workload's own SPIFFE ID, from its leaf.
     identity: Option<PeerIdentity>,
 }
@@ -65,17 +78,24 @@ impl Credentials {
         let Some(leaf) = chain.first() else {
             return Err(CredentialsError { what: "certificate chain", reason: "no certificate in it".into() });
         };
-        let identity = spiffe_ids(leaf).into_iter().next().map(|id| PeerIdentity(id.into()));
+        let own = peer_id(leaf).ok();
         let key = PrivateKeyDer::from_pem_slice(key).map_err(error("key"))?;
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca) {
-            let cert = cert.map_err(error("trust bundle"))?;
-            roots.add(cert).map_err(|e| CredentialsError { what: "trust bundle", reason: e.to_string() })?;
+        let roots = roots("trust bundle", ca)?;
+        let (mut bundles, mut any_domain) = (BTreeMap::new(), None);
+        match &own {
+            Some(id) => drop(bundles.insert(id.trust_domain().to_owned(), roots)),
+            None => any_domain = Some(roots),
         }
-        if roots.is_empty() {
-            return Err(CredentialsError { what: "trust bundle", reason: "no certificate in it".into() });
-        }
-        Ok(Self { chain, key, roots: Arc::new(roots), identity })
+        let identity = own.map(|id| PeerIdentity(id.as_str().into()));
+        Ok(Self { chain, key, bundles, any_domain, identity })
+    }
+
+    /// Also trusts peers of `trust_domain` that chain to `ca` (PEM): a federated trust domain's bundle.
+    pub fn with_bundle(mut self, trust_domain: &str, ca: &[u8]) -> Result<Self, CredentialsError> {
+        SpiffeId::parse(&format!("spiffe://{trust_domain}"))
+            .map_err(|e| CredentialsError { what: "trust domain", reason: e.to_string() })?;
+        self.bundles.insert(trust_domain.to_owned(), roots("federated trust bundle", ca)?);
+        Ok(self)
     }
 
     /// The workload's own SPIFFE ID (its leaf's first), if it has one.
@@ -84,37 +104,133 @@ impl Credentials {
     }
 }
 
+/// The roots in a PEM bundle (at least one).
+fn roots(what: &'static str, pem: &[u8]) -> Result<Arc<RootCertStore>, CredentialsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| CredentialsError { what, reason: e.to_string() })?;
+        roots.add(cert).map_err(|e| CredentialsError { what, reason: e.to_string() })?;
+    }
+    if roots.is_empty() {
+        return Err(CredentialsError { what, reason: "no certificate in it".into() });
+    }
+    Ok(Arc::new(roots))
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The SPIFFE IDs among a certificate's URI SANs (none for a certificate that does not parse).
-pub fn spiffe_ids(cert: &CertificateDer<'_>) -> Vec<String> {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Vec::new() };
-    let Ok(Some(san)) = parsed.subject_alternative_name() else { return Vec::new() };
-    san.value
+/// Why a peer's certificate does not prove a SPIFFE identity we accept.
+#[derive(Debug, thiserror::Error)]
+enum IdentityError {
+    #[error("it has no SPIFFE ID (no URI SAN)")]
+    Missing,
+    #[error("it has {0} URI SANs; a SPIFFE certificate has exactly one")]
+    Several(usize),
+    #[error("its URI SAN is not a SPIFFE ID: {0}")]
+    Invalid(mesh_core::Error),
+    #[error("its SPIFFE ID {0} is in a trust domain we hold no bundle for")]
+    UnknownTrustDomain(String),
+    #[error("the server's identity {found} is not one the cluster accepts ({allowed:?})")]
+    Mismatch { found: String, allowed: Vec<String> },
+}
+
+impl IdentityError {
+    fn into_rustls(self) -> rustls::Error {
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(self))))
+    }
+}
+
+/// The one SPIFFE ID in a certificate's URI SAN.
+fn peer_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Err(IdentityError::Missing) };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else { return Err(IdentityError::Missing) };
+    let uris: Vec<&str> = san
+        .value
         .general_names
         .iter()
         .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some((*uri).to_owned()),
+            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
             _ => None,
         })
-        .collect()
+        .collect();
+    match uris[..] {
+        [] => Err(IdentityError::Missing),
+        [uri] => SpiffeId::parse(uri).map_err(IdentityError::Invalid),
+        _ => Err(IdentityError::Several(uris.len())),
+    }
 }
 
-/// The server's SPIFFE ID was not one the cluster accepts.
-#[derive(Debug, thiserror::Error)]
-#[error("the server's identity {found:?} is not one the cluster accepts ({allowed:?})")]
-struct IdentityMismatch {
-    found: Vec<String>,
-    allowed: Vec<String>,
+/// The SPIFFE ID in a certificate, if it has exactly one.
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
+    peer_id(cert).ok()
 }
 
-/// Checks the chain with webpki, then the SPIFFE ID instead of the DNS name.
+/// The webpki verifiers of each trust domain's bundle, and of the bundle for any domain.
+#[derive(Debug)]
+struct ByDomain<V: ?Sized> {
+    domains: BTreeMap<String, Arc<V>>,
+    any: Option<Arc<V>>,
+}
+
+impl<V: ?Sized> ByDomain<V> {
+    fn build<E: fmt::Display>(
+        credentials: &Credentials,
+        mut make: impl FnMut(Arc<RootCertStore>) -> Result<Arc<V>, E>,
+    ) -> io::Result<Self> {
+        let mut domains = BTreeMap::new();
+        for (domain, roots) in &credentials.bundles {
+            domains.insert(domain.clone(), make(roots.clone()).map_err(|e| io::Error::other(e.to_string()))?);
+        }
+        let any = credentials.any_domain.clone().map(make).transpose().map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(Self { domains, any })
+    }
+
+    /// The peer's ID and the verifier of its trust domain's bundle.
+    fn for_peer(&self, leaf: &CertificateDer<'_>) -> Result<(SpiffeId, &Arc<V>), rustls::Error> {
+        let id = peer_id(leaf).map_err(IdentityError::into_rustls)?;
+        match self.domains.get(id.trust_domain()).or(self.any.as_ref()) {
+            Some(verifier) => Ok((id, verifier)),
+            None => Err(IdentityError::UnknownTrustDomain(id.to_string()).into_rustls()),
+        }
+    }
+}
+
+/// The handshake signature checks both verifiers make, with the provider's algorithms (`self.provider`).
+macro_rules! signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider.signature_verification_algorithms.supported_schemes()
+        }
+    };
+}
+
+/// Checks the peer's one SPIFFE ID, then its chain against that ID's trust domain, then that the cluster
+/// accepts the ID (instead of a DNS name).
 #[derive(Debug)]
 struct SpiffeVerifier {
-    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    chains: ByDomain<rustls::client::WebPkiServerVerifier>,
     allowed: Vec<String>,
+    provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for SpiffeVerifier {
@@ -126,41 +242,181 @@ impl ServerCertVerifier for SpiffeVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let (id, chain) = self.chains.for_peer(end_entity)?;
         // webpki checks the chain before the name: a name mismatch means the chain is good.
-        match self.chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Ok(_) | Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => {}
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {}
             Err(other) => return Err(other),
         }
-        // A leaf without a SPIFFE ID is refused whatever the cluster accepts.
-        let found = spiffe_ids(end_entity);
-        if !found.is_empty() && (self.allowed.is_empty() || found.iter().any(|id| self.allowed.contains(id))) {
+        if self.allowed.is_empty() || self.allowed.iter().any(|a| a == id.as_str()) {
             return Ok(ServerCertVerified::assertion());
         }
-        let reason = IdentityMismatch { found, allowed: self.allowed.clone() };
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(reason)))))
+        Err(IdentityError::Mismatch { found: id.to_string(), allowed: self.allowed.clone() }.into_rustls())
     }
 
-    fn verify_tls12_signature(
+    signatures!();
+}
+
+/// The server's side: the caller's one SPIFFE ID, then its chain against that ID's trust domain. Which callers
+/// may do what is authorization's business, not the handshake's.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    chains: ByDomain<dyn ClientCertVerifier>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let (_, chain) = self.chains.for_peer(end_entity)?;
+        chain.verify_client_cert(end_entity, intermediates, now)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
+    signatures!();
+}
+
+/// Why a handshake failed, as counted: one classification of rustls's and our verifiers' errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HandshakeFailure {
+    /// The peer's certificate has expired.
+    Expired,
+    /// The peer's certificate is not valid yet.
+    NotYetValid,
+    /// The peer's SPIFFE ID is not one the cluster accepts.
+    WrongIdentity,
+    /// The peer's certificate has no SPIFFE ID, several URI SANs, or an invalid one.
+    BadIdentity,
+    /// The peer's SPIFFE ID is in a trust domain we hold no bundle for.
+    UnknownTrustDomain,
+    /// The peer's chain does not lead to the bundle.
+    UnknownCa,
+    /// The peer presented a CA certificate as its own.
+    CaAsLeaf,
+    /// A caller presented no certificate to a server that requires one.
+    NoClientCertificate,
+    /// Plaintext arrived where TLS is required.
+    Plaintext,
+    /// The peer does not speak TLS 1.3.
+    ProtocolVersion,
+    /// The peer refused us (its alert: our certificate, usually).
+    PeerRefused,
+    /// The server did not agree to HTTP/2.
+    NoH2,
+    /// Anything else (I/O, a malformed message, a bad signature).
+    Other,
+}
+
+impl HandshakeFailure {
+    /// Every reason, in counting order.
+    pub const ALL: [Self; 13] = [
+        Self::Expired,
+        Self::NotYetValid,
+        Self::WrongIdentity,
+        Self::BadIdentity,
+        Self::UnknownTrustDomain,
+        Self::UnknownCa,
+        Self::CaAsLeaf,
+        Self::NoClientCertificate,
+        Self::Plaintext,
+        Self::ProtocolVersion,
+        Self::PeerRefused,
+        Self::NoH2,
+        Self::Other,
+    ];
+
+    /// The reason's name, as a metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongIdentity => "wrong_identity",
+            Self::BadIdentity => "bad_identity",
+            Self::UnknownTrustDomain => "unknown_trust_domain",
+            Self::UnknownCa => "unknown_ca",
+            Self::CaAsLeaf => "ca_as_leaf",
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::Plaintext => "plaintext",
+            Self::ProtocolVersion => "protocol_version",
+            Self::PeerRefused => "peer_refused",
+            Self::NoH2 => "no_h2",
+            Self::Other => "other",
+        }
     }
 
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
+    fn of(error: &rustls::Error) -> Self {
+        use rustls::Error as E;
+        match error {
+            E::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => Self::Expired,
+            E::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => Self::NotYetValid,
+            E::InvalidCertificate(CertificateError::UnknownIssuer) => Self::UnknownCa,
+            E::InvalidCertificate(CertificateError::Other(other)) => {
+                if let Some(ours) = other.0.downcast_ref::<IdentityError>() {
+                    match ours {
+                        IdentityError::Mismatch { .. } => Self::WrongIdentity,
+                        IdentityError::UnknownTrustDomain(_) => Self::UnknownTrustDomain,
+                        IdentityError::Missing | IdentityError::Several(_) | IdentityError::Invalid(_) => Self::BadIdentity,
+                    }
+                } else if matches!(other.0.downcast_ref::<webpki::Error>(), Some(webpki::Error::CaUsedAsEndEntity)) {
+                    Self::CaAsLeaf
+                } else {
+                    Self::Other
+                }
+            }
+            E::NoCertificatesPresented => Self::NoClientCertificate,
+            E::PeerIncompatible(
+                rustls::PeerIncompatible::SupportedVersionsExtensionRequired
+                | rustls::PeerIncompatible::ServerTlsVersionIsDisabledByOurConfig
+                | rustls::PeerIncompatible::Tls12NotOffered
+                | rustls::PeerIncompatible::Tls12NotOfferedOrEnabled
+                | rustls::PeerIncompatible::ServerDoesNotSupportTls12Or13,
+            )
+            | E::AlertReceived(AlertDescription::ProtocolVersion) => Self::ProtocolVersion,
+            E::AlertReceived(_) => Self::PeerRefused,
+            _ => Self::Other,
+        }
+    }
+
+    /// The reason of a failed handshake's I/O error (rustls's error inside it, else [`Self::Other`]).
+    fn of_io(error: &io::Error) -> Self {
+        error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).map_or(Self::Other, Self::of)
+    }
+}
+
+/// Handshakes that succeeded, and those that failed by why: shared by a channel's connectors, or a server's
+/// acceptor.
+#[derive(Debug, Default)]
+pub struct HandshakeCounts {
+    succeeded: AtomicU64,
+    failed: [AtomicU64; HandshakeFailure::ALL.len()],
+}
+
+impl HandshakeCounts {
+    /// Handshakes that succeeded.
+    pub fn succeeded(&self) -> u64 {
+        self.succeeded.load(Ordering::Relaxed)
+    }
+
+    /// Handshakes that failed for `reason`.
+    pub fn failed(&self, reason: HandshakeFailure) -> u64 {
+        self.failed[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Each reason that failed a handshake, with how many.
+    pub fn failures(&self) -> Vec<(HandshakeFailure, u64)> {
+        HandshakeFailure::ALL.into_iter().map(|r| (r, self.failed(r))).filter(|(_, n)| *n > 0).collect()
+    }
+
+    fn fail(&self, reason: HandshakeFailure) {
+        self.failed[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -170,6 +426,7 @@ pub struct MtlsConnector {
     tcp: TcpConnector,
     /// `None`: no credentials, so a cluster that asks for TLS is refused.
     credentials: Option<Arc<Credentials>>,
+    counts: Arc<HandshakeCounts>,
 }
 
 impl fmt::Debug for MtlsConnector {
@@ -181,7 +438,18 @@ impl fmt::Debug for MtlsConnector {
 impl MtlsConnector {
     /// Connects with `credentials` over `tcp`; without credentials, only to clusters in plaintext.
     pub fn new(tcp: TcpConnector, credentials: Option<Arc<Credentials>>) -> Self {
-        Self { tcp, credentials }
+        Self { tcp, credentials, counts: Arc::default() }
+    }
+
+    /// Counts handshakes in `counts` (shared with other connectors).
+    pub fn with_counts(mut self, counts: Arc<HandshakeCounts>) -> Self {
+        self.counts = counts;
+        self
+    }
+
+    /// The handshakes this connector made and why those that failed did.
+    pub fn counts(&self) -> &Arc<HandshakeCounts> {
+        &self.counts
     }
 
     fn client_config(&self, policy: &TlsPolicy) -> io::Result<rustls::ClientConfig> {
@@ -190,10 +458,10 @@ impl MtlsConnector {
             return Err(io::Error::new(io::ErrorKind::Unsupported, reason));
         };
         let provider = provider();
-        let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(credentials.roots.clone(), provider.clone())
-            .build()
-            .map_err(io::Error::other)?;
-        let verifier = SpiffeVerifier { chain, allowed: policy.allowed_identities.clone() };
+        let chains = ByDomain::build(credentials, |roots| {
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()
+        })?;
+        let verifier = SpiffeVerifier { chains, allowed: policy.allowed_identities.clone(), provider: provider.clone() };
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(io::Error::other)?
@@ -279,21 +547,28 @@ impl hyper::rt::Write for MeshIo {
     }
 }
 
-/// A failed handshake's reason, in words: our verifier's own reason as it wrote it, rustls's otherwise.
-fn reason(error: &io::Error) -> String {
-    match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => format!("invalid peer certificate: {}", other.0),
+/// A failed handshake's error: why (counted in `counts`), and the reason in words, our verifier's own as it
+/// wrote it, rustls's otherwise.
+fn failed(counts: &HandshakeCounts, whom: fmt::Arguments<'_>, error: &io::Error) -> io::Error {
+    let why = HandshakeFailure::of_io(error);
+    counts.fail(why);
+    let detail = match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => match other.0.downcast_ref::<webpki::Error>() {
+            Some(webpki::Error::CaUsedAsEndEntity) => "invalid peer certificate: a CA certificate presented as a workload's".to_owned(),
+            _ => format!("invalid peer certificate: {}", other.0),
+        },
         Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
             "invalid peer certificate: its chain does not lead to the trust bundle (unknown issuer)".to_owned()
         }
         _ => error.to_string(),
-    }
+    };
+    io::Error::new(error.kind(), format!("TLS handshake {whom} failed ({}): {detail}", why.name()))
 }
 
 /// The peer's SPIFFE ID from a finished handshake.
 fn peer_of(certs: Option<&[CertificateDer<'static>]>) -> Option<PeerIdentity> {
     let leaf = certs?.first()?;
-    spiffe_ids(leaf).into_iter().next().map(|id| PeerIdentity(id.into()))
+    spiffe_id(leaf).map(|id| PeerIdentity(id.as_str().into()))
 }
 
 impl Connect for MtlsConnector {
@@ -309,6 +584,7 @@ impl Connect for MtlsConnector {
         let mut plain = target.clone();
         plain.tls = None;
         let tcp = self.tcp.connect(&plain);
+        let counts = self.counts.clone();
         Box::pin(async move {
             let config = config?;
             // The SNI the cluster names, else the address (identity is the SPIFFE ID either way).
@@ -320,50 +596,78 @@ impl Connect for MtlsConnector {
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
                 .connect(name, stream)
                 .await
-                .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with {addr}: {}", reason(&e))))?;
+                .map_err(|e| failed(&counts, format_args!("with {addr}"), &e))?;
             if tls.get_ref().1.alpn_protocol() != Some(H2) {
+                counts.fail(HandshakeFailure::NoH2);
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("TLS handshake with {addr}: the server did not agree to h2"),
+                    format!("TLS handshake with {addr} failed (no_h2): the server did not agree to h2"),
                 ));
             }
+            counts.succeeded.fetch_add(1, Ordering::Relaxed);
             let peer = peer_of(tls.get_ref().1.peer_certificates());
             Ok(MeshIo::Tls(Box::new(TokioIo::new(tokio_rustls::TlsStream::Client(tls))), peer))
         })
     }
 }
 
-/// Makes each cluster's [`MtlsConnector`], with the cluster's keepalive settings and the channel's credentials.
+/// Makes each cluster's [`MtlsConnector`], with the cluster's keepalive settings and the channel's credentials,
+/// all counting handshakes in one place.
 #[derive(Clone, Debug, Default)]
-pub struct MakeMtls(pub Option<Arc<Credentials>>);
+pub struct MakeMtls {
+    credentials: Option<Arc<Credentials>>,
+    counts: Arc<HandshakeCounts>,
+}
+
+impl MakeMtls {
+    /// Connectors with `credentials` (without: plaintext clusters only).
+    pub fn new(credentials: Option<Arc<Credentials>>) -> Self {
+        Self { credentials, counts: Arc::default() }
+    }
+
+    /// The handshakes of every connector made.
+    pub fn counts(&self) -> &Arc<HandshakeCounts> {
+        &self.counts
+    }
+}
 
 impl crate::cluster::MakeConnect for MakeMtls {
     type Connect = MtlsConnector;
 
     fn make_connect(&self, cluster: &crate::cluster::ClusterTarget) -> MtlsConnector {
-        MtlsConnector::new(TcpConnector::from_policy(&cluster.balancer.connection), self.0.clone())
+        MtlsConnector::new(TcpConnector::from_policy(&cluster.balancer.connection), self.credentials.clone())
+            .with_counts(self.counts.clone())
     }
 }
 
-/// Accepts mTLS connections: the caller must present a certificate chaining to the bundle.
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Accepts mTLS connections: the caller must present a certificate chaining to the bundle of its trust domain.
+/// Strict unless made [`permissive`](Self::permissive).
 #[derive(Clone)]
 pub struct MtlsAcceptor {
     acceptor: tokio_rustls::TlsAcceptor,
+    permissive: bool,
+    counts: Arc<HandshakeCounts>,
 }
 
 impl fmt::Debug for MtlsAcceptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("MtlsAcceptor")
+        f.debug_struct("MtlsAcceptor").field("permissive", &self.permissive).finish_non_exhaustive()
     }
 }
 
 impl MtlsAcceptor {
-    /// Serves with `credentials`, requiring clients that chain to their bundle.
+    /// Serves with `credentials`, requiring clients that chain to their bundle; plaintext is refused.
     pub fn new(credentials: &Credentials) -> Result<Self, CredentialsError> {
         let error = |e: &dyn fmt::Display| CredentialsError { what: "server TLS settings", reason: e.to_string() };
         let provider = provider();
-        let clients =
-            WebPkiClientVerifier::builder_with_provider(credentials.roots.clone(), provider.clone()).build().map_err(|e| error(&e))?;
+        let chains = ByDomain::build(credentials, |roots| {
+            WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build().map(|v| v as Arc<dyn ClientCertVerifier>)
+        })
+        .map_err(|e| error(&e))?;
+        let clients = Arc::new(SpiffeClientVerifier { chains, provider: provider.clone() });
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| error(&e))?
@@ -371,17 +675,50 @@ impl MtlsAcceptor {
             .with_single_cert(credentials.chain.clone(), credentials.key.clone_key())
             .map_err(|e| error(&e))?;
         config.alpn_protocols = vec![H2.to_vec()];
-        Ok(Self { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)) })
+        Ok(Self { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), permissive: false, counts: Arc::default() })
     }
 
-    /// The handshake on an accepted stream: the connection and the caller's SPIFFE ID.
+    /// Also serves plaintext: a connection whose first byte does not open a TLS record (the migration mode).
+    pub fn permissive(mut self) -> Self {
+        self.permissive = true;
+        self
+    }
+
+    /// Counts handshakes in `counts`.
+    pub fn with_counts(mut self, counts: Arc<HandshakeCounts>) -> Self {
+        self.counts = counts;
+        self
+    }
+
+    /// The handshakes accepted and why those that failed did.
+    pub fn counts(&self) -> &Arc<HandshakeCounts> {
+        &self.counts
+    }
+
+    /// The handshake on an accepted stream: the connection and the caller's SPIFFE ID (plaintext, with no
+    /// identity, when permissive and the caller speaks plaintext).
     pub async fn accept(&self, stream: TcpStream) -> io::Result<MeshIo> {
         let peer_addr = stream.peer_addr().ok();
-        let tls = self
-            .acceptor
-            .accept(stream)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake from {peer_addr:?}: {}", reason(&e))))?;
+        let whom = |peer_addr: Option<std::net::SocketAddr>| peer_addr.map_or_else(|| "an unknown peer".to_owned(), |a| a.to_string());
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} closed before a TLS handshake", whom(peer_addr))));
+        }
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            if self.permissive {
+                return Ok(MeshIo::Plain(TokioIo::new(stream)));
+            }
+            self.counts.fail(HandshakeFailure::Plaintext);
+            let message = format!("TLS handshake from {} failed (plaintext): plaintext to a port that requires mTLS", whom(peer_addr));
+            tracing::warn!(peer = ?peer_addr, "{message}");
+            return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+        }
+        let tls = self.acceptor.accept(stream).await.map_err(|e| {
+            let error = failed(&self.counts, format_args!("from {}", whom(peer_addr)), &e);
+            tracing::warn!(peer = ?peer_addr, "{error}");
+            error
+        })?;
+        self.counts.succeeded.fetch_add(1, Ordering::Relaxed);
         let peer = peer_of(tls.get_ref().1.peer_certificates());
         Ok(MeshIo::Tls(Box::new(TokioIo::new(tokio_rustls::TlsStream::Server(tls))), peer))
     }

@@ -13,7 +13,8 @@
 //! With `--json`, stdout holds one JSON object:
 //! `{"sent":N,"ok":K,"by_code":{"OK":K,...},"by_endpoint":{"ip:port":n,...},
 //! "by_response":{"<utf8 or hex of response bytes>":n,...},
-//! "latency_us":{"p50":..,"p90":..,"p99":..,"max":..}}`.
+//! "latency_us":{"p50":..,"p90":..,"p99":..,"max":..},
+//! "tls_handshake_failures":{"<reason: expired, wrong_identity, unknown_ca, ...>":n,...}}`.
 //! Exit status: 0 when every call returned OK, 1 when some failed, 2 for a bad
 //! target, method or flag (one error line on stderr).
 
@@ -229,6 +230,7 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
         let idx = ((p / 100.0) * tally.latencies_us.len() as f64).ceil() as usize;
         tally.latencies_us[idx.saturating_sub(1).min(tally.latencies_us.len() - 1)]
     };
+    let failures: BTreeMap<&str, u64> = channel.handshake_counts().failures().into_iter().map(|(reason, n)| (reason.name(), n)).collect();
     if args.json {
         let summary = json!({
             "sent": sent,
@@ -237,6 +239,7 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
             "by_endpoint": tally.by_endpoint,
             "by_response": tally.by_response,
             "latency_us": {"p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "max": tally.latencies_us.last().copied().unwrap_or(0)},
+            "tls_handshake_failures": failures,
         });
         println!("{summary}");
     } else {

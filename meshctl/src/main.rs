@@ -5,9 +5,11 @@
 //! for a target. Its flags and JSON output are a contract other tools
 //! rely on: see `call.rs`. `meshctl demo` runs the mesh's main job in one
 //! command: a control plane, three greeter backends and a mesh client, with a
-//! canary split shifted by editing the mesh file.
+//! canary split shifted by editing the mesh file. `meshctl ca issue` writes a workload's certificate from the
+//! mesh CA (see `ca.rs`).
 #![forbid(unsafe_code)]
 
+mod ca;
 mod call;
 mod demo;
 mod xds;
@@ -26,6 +28,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The mesh CA: issue a workload's certificate.
+    Ca(ca::CaArgs),
     /// Send gRPC calls through the mesh client stack and summarise them.
     Call(Box<call::CallArgs>),
     /// Run a control plane, three greeter backends and a mesh client; shift a canary split by editing the mesh.
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Ca(args) => ca::run(args),
         Command::Call(args) => runtime.block_on(call::run(*args)),
         Command::XdsDump(args) => runtime.block_on(xds::run(args)),
         Command::Demo(args) => runtime.block_on(demo::run(args)),

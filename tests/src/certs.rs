@@ -86,12 +86,76 @@ impl SpiffeCa {
 
     /// A workload certificate and key (PEM) for the SPIFFE ID `id`.
     pub fn issue(&self, id: &str) -> anyhow::Result<(String, String)> {
+        self.issue_with(&[id], |_| {})
+    }
+
+    /// A certificate and key (PEM) with `uris` as its URI SANs, its parameters changed by `edit` first (for
+    /// certificates that must be refused: expired, a CA, two IDs).
+    pub fn issue_with(&self, uris: &[&str], edit: impl FnOnce(&mut CertificateParams)) -> anyhow::Result<(String, String)> {
         let mut params = CertificateParams::new(Vec::new())?;
-        params.subject_alt_names.push(SanType::URI(id.try_into()?));
+        for uri in uris {
+            params.subject_alt_names.push(SanType::URI((*uri).try_into()?));
+        }
+        edit(&mut params);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
+
+    /// The mesh's credentials for `id`, trusting this CA.
+    pub fn credentials(&self, id: &str) -> anyhow::Result<mesh_tower::tls::Credentials> {
+        let (cert, key) = self.issue(id)?;
+        Ok(mesh_tower::tls::Credentials::from_pem(cert.as_bytes(), key.as_bytes(), self.ca.as_bytes())?)
+    }
+}
+
+/// A CA and SPIFFE workload certificates made by another tool, Debian's `openssl`: `dir/ca.pem`, and for each
+/// `(name, id)` `dir/<name>.pem` and `dir/<name>-key.pem` (P-256, the ID as the one URI SAN, DNS `localhost`).
+pub fn openssl_pki(dir: &std::path::Path, workloads: &[(&str, &str)]) -> anyhow::Result<()> {
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output();
+        let out = out.map_err(|e| anyhow::anyhow!("cannot run openssl (Debian package openssl): {e}"))?;
+        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2", "-subj", "/CN=openssl test CA"];
+    ca.extend(ec);
+    ca.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(&ca)?;
+    for (i, (name, id)) in workloads.iter().enumerate() {
+        let ext = format!(
+            "subjectAltName=URI:{id},DNS:localhost\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth,clientAuth\n"
+        );
+        std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+        let (key, csr, cert) = (format!("{name}-key.pem"), format!("{name}.csr"), format!("{name}.pem"));
+        let mut req = vec!["req", "-new", "-keyout", &key, "-out", &csr, "-subj"];
+        let subject = format!("/CN={name}");
+        req.push(&subject);
+        req.extend(ec);
+        openssl(&req)?;
+        let (serial, ext) = ((1000 + i).to_string(), format!("{name}.ext"));
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-set_serial",
+            &serial,
+            "-days",
+            "1",
+            "-out",
+            &cert,
+            "-extfile",
+            &ext,
+        ])?;
+    }
+    Ok(())
 }
 
 /// A self-signed CA: its certificate (PEM) and the issuer that signs with it.

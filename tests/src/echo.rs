@@ -36,12 +36,22 @@ pub struct Echo {
     /// The `grpc-timeout` of every call received, in order (`None`: it had none), read before tonic takes
     /// the header off.
     timeouts: Arc<Mutex<Vec<Option<Duration>>>>,
+    /// Answers with the caller's proven identity (its `PeerIdentity` extension, `plaintext` without one).
+    reply_caller: bool,
 }
 
 impl Echo {
     /// Replies `reply` after `delay`.
     pub fn new(reply: impl Into<Bytes>, delay: Duration) -> Self {
-        Self { reply: reply.into(), delay, calls: Arc::default(), fail_percent: 0, tail: (0, Duration::ZERO), timeouts: Arc::default() }
+        Self {
+            reply: reply.into(),
+            delay,
+            calls: Arc::default(),
+            fail_percent: 0,
+            tail: (0, Duration::ZERO),
+            timeouts: Arc::default(),
+            reply_caller: false,
+        }
     }
 }
 
@@ -72,8 +82,12 @@ impl UnaryService<Bytes> for Handler {
     type Response = Bytes;
     type Future = Pin<Box<dyn Future<Output = Result<tonic::Response<Bytes>, tonic::Status>> + Send>>;
 
-    fn call(&mut self, _request: tonic::Request<Bytes>) -> Self::Future {
-        let echo = self.0.clone();
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let mut echo = self.0.clone();
+        if echo.reply_caller {
+            let caller = request.extensions().get::<mesh_tower::connect::PeerIdentity>();
+            echo.reply = caller.map_or_else(|| Bytes::from_static(b"plaintext"), |p| Bytes::copy_from_slice(p.0.as_bytes()));
+        }
         Box::pin(async move {
             let n = echo.calls.fetch_add(1, Ordering::Relaxed);
             // Calls n with (n × 37) mod 100 below the percentage fail: that share of every 100, spread out.
@@ -140,6 +154,45 @@ impl EchoServer {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         Self::serve_with(listener, Echo::new(addr.to_string(), Duration::ZERO), Some(tls))
+    }
+
+    /// Starts a server on `127.0.0.1:0` behind the mesh's acceptor (strict or permissive): tonic's service
+    /// served by hyper over the accepted connections, each call answered with the caller's SPIFFE ID
+    /// (`plaintext` for a plaintext caller).
+    pub async fn start_mesh(acceptor: mesh_tower::tls::MtlsAcceptor) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let echo = Echo { reply_caller: true, ..Echo::new("", Duration::ZERO) };
+        let (calls, timeouts) = (echo.calls.clone(), echo.timeouts.clone());
+        let (tx, mut rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                    _ = &mut rx => return,
+                };
+                let _ = stream.set_nodelay(true);
+                let (acceptor, echo) = (acceptor.clone(), echo.clone());
+                tokio::spawn(async move {
+                    let Ok(io) = acceptor.accept(stream).await else { return };
+                    let peer = mesh_tower::connect::Connection::peer_identity(&io);
+                    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let mut request = request.map(Body::new);
+                        if let Some(peer) = &peer {
+                            request.extensions_mut().insert(peer.clone());
+                        }
+                        let mut echo = echo.clone();
+                        tower::Service::call(&mut echo, request)
+                    });
+                    let http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = http2.serve_connection(io, service).await;
+                });
+            }
+        });
+        Ok(Self { addr, calls, timeouts, shutdown: Some(tx), task })
     }
 
     fn serve(listener: TcpListener, echo: Echo) -> anyhow::Result<Self> {

@@ -102,6 +102,14 @@ pub fn python_grpc_server() -> anyhow::Result<Peer> {
     spawn_listening(command)
 }
 
+/// The same grpcio server speaking mTLS only: its certificate chain and key, client certificates required and
+/// checked against `ca` (PEM files).
+pub fn python_grpc_server_tls(cert: &str, key: &str, ca: &str) -> anyhow::Result<Peer> {
+    let mut command = Command::new(python()?);
+    command.arg(workspace_root().join("tests/peers/py_server.py")).args(["--tls", cert, key, ca]);
+    spawn_listening(command)
+}
+
 /// A Node grpc-js server (`tests/peers/node/server.js`) answering the echo method with its address, with its
 /// arguments (`--port`, `--delay-ms`); it stops gracefully on SIGTERM ([`Peer::terminate`]).
 pub fn node_grpc_server(args: &[&str]) -> anyhow::Result<Peer> {

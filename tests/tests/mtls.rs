@@ -12,7 +12,8 @@ use mesh_tests::echo::EchoServer;
 use mesh_tower::balance::{Balancer, BalancerConfig};
 use mesh_tower::connect::{PeerIdentity, TcpConnector};
 use mesh_tower::discover;
-use mesh_tower::tls::{Credentials, MtlsConnector};
+use mesh_tower::tls::{Credentials, HandshakeCounts, HandshakeFailure, MtlsAcceptor, MtlsConnector};
+use rcgen::{BasicConstraints, IsCa, date_time_ymd};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tower::ServiceExt;
 
@@ -37,10 +38,66 @@ fn balancer(
     let (cert, key) = issuer.issue(client).unwrap();
     let credentials = Credentials::from_pem(cert.as_bytes(), key.as_bytes(), trust.ca.as_bytes()).unwrap();
     assert_eq!(credentials.identity(), Some(&PeerIdentity(client.into())), "the workload's own identity is read from its leaf");
+    balancer_with(server, credentials, allowed, &Arc::default())
+}
+
+/// A balancer to `server` over mTLS with `credentials`, accepting `allowed`, counting handshakes in `counts`.
+fn balancer_with(
+    server: std::net::SocketAddr,
+    credentials: Credentials,
+    allowed: &[&str],
+    counts: &Arc<HandshakeCounts>,
+) -> Balancer<http_body_util::Full<bytes::Bytes>, MtlsConnector> {
     let tls = TlsPolicy { server_name: None, allowed_identities: allowed.iter().map(|s| (*s).to_owned()).collect() };
     let config = BalancerConfig { tls: Some(tls), ready_timeout: Duration::from_secs(2), ..BalancerConfig::default() };
-    let connector = MtlsConnector::new(TcpConnector::new(), Some(Arc::new(credentials)));
+    let connector = MtlsConnector::new(TcpConnector::new(), Some(Arc::new(credentials))).with_counts(counts.clone());
     Balancer::with_connector("greeter", discover::fixed(vec![Endpoint::new(server)]), config, connector)
+}
+
+/// A plaintext balancer to `server`.
+fn plaintext(server: std::net::SocketAddr) -> Balancer<http_body_util::Full<bytes::Bytes>, TcpConnector> {
+    let config = BalancerConfig { ready_timeout: Duration::from_secs(2), ..BalancerConfig::default() };
+    Balancer::new("greeter", discover::fixed(vec![Endpoint::new(server)]), config)
+}
+
+/// `meshctl call --n 3 --json` to `target`'s `method` over mTLS with `files` (certificate, key, bundle), expecting
+/// the server to be `expect`.
+async fn meshctl_mtls(target: &str, method: &str, files: [String; 3], expect: Option<&str>) -> (i32, String, String) {
+    let mut args: Vec<String> = ["call", "--target", target, "--method", method, "--n", "3", "--json"].map(str::to_owned).into();
+    for (flag, file) in ["--cert", "--key", "--ca"].into_iter().zip(files) {
+        args.extend([flag.to_owned(), file]);
+    }
+    if let Some(id) = expect {
+        args.extend(["--expect-identity".to_owned(), id.to_owned()]);
+    }
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        mesh_tests::peers::meshctl(&args).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The error's text with its sources.
+fn chain(error: &mesh_tower::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        text.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    text
+}
+
+/// Waits up to 5 s for `counts` to hold a failure for `reason`.
+async fn failed_for(counts: &HandshakeCounts, reason: HandshakeFailure) -> u64 {
+    for _ in 0..100 {
+        if counts.failed(reason) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    counts.failed(reason)
 }
 
 fn request() -> http::Request<http_body_util::Full<bytes::Bytes>> {
@@ -162,36 +219,252 @@ async fn meshctl_call_speaks_mtls_with_cert_key_and_ca_and_checks_the_expected_i
     }
     let path = |name: &str| dir.0.join(name).display().to_string();
     let target = format!("static:///{}", server.addr);
-    let call = |expect: Option<&'static str>| {
-        let mut args: Vec<String> = ["call", "--target", &target, "--method", "/mesh.test.Echo/Hello", "--n", "3", "--json"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
-        for (flag, name) in [("--cert", "cert.pem"), ("--key", "key.pem"), ("--ca", "ca.pem")] {
-            args.extend([flag.to_owned(), path(name)]);
-        }
-        if let Some(id) = expect {
-            args.extend(["--expect-identity".to_owned(), id.to_owned()]);
-        }
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            mesh_tests::peers::meshctl(&args).unwrap()
-        })
-    };
-    let (code, stdout, stderr) = call(Some(GREETER)).await.unwrap();
+    let files = || ["cert.pem", "key.pem", "ca.pem"].map(path);
+    let call = |expect| meshctl_mtls(&target, "/mesh.test.Echo/Hello", files(), expect);
+    let (code, stdout, stderr) = call(Some(GREETER)).await;
     assert_eq!(code, 0, "{stdout} {stderr}");
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["ok"], 3, "{summary}");
     assert_eq!(server.calls(), 3);
 
-    let (code, stdout, stderr) = call(Some("spiffe://mesh.test/ns/default/sa/billing")).await.unwrap();
+    let (code, stdout, stderr) = call(Some("spiffe://mesh.test/ns/default/sa/billing")).await;
     assert_eq!(code, 1, "{stdout} {stderr}");
     assert!(format!("{stdout}{stderr}").contains("is not one the cluster accepts"), "{stdout} {stderr}");
     assert_eq!(server.calls(), 3, "no call reached a server whose identity is not the expected one");
 
     // A bad file is named.
     std::fs::write(dir.0.join("key.pem"), "not a key").unwrap();
-    let (code, _, stderr) = call(None).await.unwrap();
+    let (code, _, stderr) = call(None).await;
     assert_eq!(code, 2);
     assert!(stderr.contains("key.pem") && stderr.contains("key"), "{stderr}");
+}
+
+const BILLING: &str = "spiffe://mesh.test/ns/default/sa/billing";
+
+/// Every certificate a server must not be trusted with fails our client's handshake with its reason in the
+/// error and in the counts, and no call is ever sent in plaintext instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_server_certificate_fails_our_handshake_with_its_reason_and_is_counted() {
+    let ca = SpiffeCa::new("mesh CA").unwrap();
+    let other = SpiffeCa::new("another CA").unwrap();
+    // (case, the server's certificate and key, the identities the cluster accepts, the reason, its words)
+    type Case<'a> = (&'a str, (String, String), &'a [&'a str], HandshakeFailure, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "expired",
+            ca.issue_with(&[GREETER], |p| (p.not_before, p.not_after) = (date_time_ymd(2020, 1, 1), date_time_ymd(2020, 1, 2))).unwrap(),
+            &[GREETER],
+            HandshakeFailure::Expired,
+            "expired",
+        ),
+        (
+            "not yet valid",
+            ca.issue_with(&[GREETER], |p| (p.not_before, p.not_after) = (date_time_ymd(2099, 1, 1), date_time_ymd(2100, 1, 1))).unwrap(),
+            &[GREETER],
+            HandshakeFailure::NotYetValid,
+            "not valid yet",
+        ),
+        ("wrong SPIFFE ID", ca.issue(BILLING).unwrap(), &[GREETER], HandshakeFailure::WrongIdentity, "is not one the cluster accepts"),
+        ("two URI SANs", ca.issue_with(&[GREETER, BILLING], |_| {}).unwrap(), &[], HandshakeFailure::BadIdentity, "2 URI SANs"),
+        ("no SPIFFE ID", ca.issue_with(&[], |_| {}).unwrap(), &[], HandshakeFailure::BadIdentity, "no SPIFFE ID"),
+        (
+            "unknown trust domain",
+            ca.issue("spiffe://other.test/ns/default/sa/greeter").unwrap(),
+            &[],
+            HandshakeFailure::UnknownTrustDomain,
+            "trust domain we hold no bundle for",
+        ),
+        ("untrusted CA", other.issue(GREETER).unwrap(), &[GREETER], HandshakeFailure::UnknownCa, "unknown issuer"),
+        (
+            "CA flag on a leaf",
+            ca.issue_with(&[GREETER], |p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)).unwrap(),
+            &[GREETER],
+            HandshakeFailure::CaAsLeaf,
+            "a CA certificate presented",
+        ),
+    ];
+    for (case, (cert, key), allowed, reason, text) in cases {
+        let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(&ca.ca));
+        let server = EchoServer::start_tls(tls).await.unwrap();
+        let counts = Arc::new(HandshakeCounts::default());
+        let error = balancer_with(server.addr, ca.credentials(FRONTEND).unwrap(), allowed, &counts).oneshot(request()).await.unwrap_err();
+        let error = chain(&error);
+        assert!(error.contains(text) && error.contains(&format!("({})", reason.name())), "{case}: {error}");
+        assert!(counts.failed(reason) >= 1, "{case}: counted as {}: {:?}", reason.name(), counts.failures());
+        assert_eq!(counts.succeeded(), 0, "{case}");
+        assert_eq!(server.calls(), 0, "{case}: nothing was served, in TLS or plaintext");
+    }
+
+    // A federated trust domain's bundle (SPIFFE bundle maps): the same certificate is trusted once its domain's
+    // bundle is held.
+    let federated = SpiffeCa::new("other.test CA").unwrap();
+    let (cert, key) = federated.issue("spiffe://other.test/ns/default/sa/greeter").unwrap();
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(&ca.ca));
+    let server = EchoServer::start_tls(tls).await.unwrap();
+    let credentials = ca.credentials(FRONTEND).unwrap();
+    let counts = Arc::new(HandshakeCounts::default());
+    let error = balancer_with(server.addr, credentials, &[], &counts).oneshot(request()).await.unwrap_err();
+    assert!(chain(&error).contains("unknown_trust_domain"), "{}", chain(&error));
+    let credentials = ca.credentials(FRONTEND).unwrap().with_bundle("other.test", federated.ca.as_bytes()).unwrap();
+    balancer_with(server.addr, credentials, &[], &counts).oneshot(request()).await.expect("trusted through the other.test bundle");
+    assert_eq!((counts.succeeded(), server.calls()), (1, 1));
+}
+
+/// Our acceptor refuses, with the reason counted: a client certificate from another CA or expired, no client
+/// certificate (openssl s_client), plaintext, and a TLS 1.2-only client (openssl s_client -tls1_2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_acceptor_refuses_bad_or_missing_client_certificates_plaintext_and_tls12_with_the_reason_counted() {
+    let ca = SpiffeCa::new("mesh CA").unwrap();
+    let acceptor = MtlsAcceptor::new(&ca.credentials(GREETER).unwrap()).unwrap();
+    let counts = acceptor.counts().clone();
+    let server = EchoServer::start_mesh(acceptor).await.unwrap();
+
+    // A good client is served, and the handler sees who it is.
+    let response = balancer(server.addr, &ca, &ca, FRONTEND, &[GREETER]).oneshot(request()).await.expect("an mTLS call");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(FRONTEND.as_bytes()), "the server saw the caller's ID: {body:?}");
+    assert_eq!(counts.succeeded(), 1);
+
+    let other = SpiffeCa::new("another CA").unwrap();
+    balancer(server.addr, &other, &ca, FRONTEND, &[GREETER]).oneshot(request()).await.unwrap_err();
+    assert!(failed_for(&counts, HandshakeFailure::UnknownCa).await >= 1, "{:?}", counts.failures());
+    let (cert, key) =
+        ca.issue_with(&[FRONTEND], |p| (p.not_before, p.not_after) = (date_time_ymd(2020, 1, 1), date_time_ymd(2020, 1, 2))).unwrap();
+    let expired = Credentials::from_pem(cert.as_bytes(), key.as_bytes(), ca.ca.as_bytes()).unwrap();
+    balancer_with(server.addr, expired, &[GREETER], &Arc::default()).oneshot(request()).await.unwrap_err();
+    assert!(failed_for(&counts, HandshakeFailure::Expired).await >= 1, "{:?}", counts.failures());
+
+    let error = plaintext(server.addr).oneshot(request()).await.expect_err("plaintext is refused");
+    assert!(failed_for(&counts, HandshakeFailure::Plaintext).await >= 1, "{error}: {:?}", counts.failures());
+
+    // openssl as the client: without a certificate, then TLS 1.2 only.
+    let connect = server.addr.to_string();
+    let s_client = |extra: &[&str]| {
+        let mut command = std::process::Command::new("openssl");
+        command.args(["s_client", "-connect", &connect, "-alpn", "h2"]).args(extra).stdin(std::process::Stdio::null());
+        let out = command.output().expect("openssl (Debian package openssl) runs");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let said = s_client(&["-tls1_3"]);
+    assert!(failed_for(&counts, HandshakeFailure::NoClientCertificate).await >= 1, "{said}: {:?}", counts.failures());
+    let said = s_client(&["-tls1_2"]);
+    assert!(failed_for(&counts, HandshakeFailure::ProtocolVersion).await >= 1, "{said}: {:?}", counts.failures());
+    assert_eq!(server.calls(), 1, "only the good client was served");
+    assert_eq!(counts.succeeded(), 1);
+}
+
+/// A TLS 1.2-only server (openssl s_server -tls1_2) fails our handshake: we require 1.3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls12_only_server_fails_our_handshake_as_protocol_version() {
+    use std::io::BufRead;
+    let ca = SpiffeCa::new("mesh CA").unwrap();
+    let dir = mesh_tests::peers::TempDir::new("tls12").unwrap();
+    let (cert, key) = ca.issue(GREETER).unwrap();
+    std::fs::write(dir.0.join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.0.join("key.pem"), key).unwrap();
+    std::fs::write(dir.0.join("ca.pem"), &ca.ca).unwrap();
+    let port = mesh_tests::peers::free_port().unwrap().to_string();
+    let mut child = std::process::Command::new("openssl")
+        .args(["s_server", "-accept", &format!("127.0.0.1:{port}"), "-tls1_2", "-alpn", "h2", "-Verify", "1"])
+        .args(["-cert", "cert.pem", "-key", "key.pem", "-CAfile", "ca.pem"])
+        .current_dir(&dir.0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl (Debian package openssl) runs");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.by_ref().map_while(Result::ok).any(|line| line.starts_with("ACCEPT")), "openssl s_server started");
+    let counts = Arc::new(HandshakeCounts::default());
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let error = balancer_with(addr, ca.credentials(FRONTEND).unwrap(), &[GREETER], &counts).oneshot(request()).await.unwrap_err();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(counts.failed(HandshakeFailure::ProtocolVersion), 1, "{}: {:?}", chain(&error), counts.failures());
+    assert!(chain(&error).contains("protocol_version"), "{}", chain(&error));
+}
+
+/// Permissive mode: one port serves mTLS callers (with their identity) and plaintext callers (with none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permissive_acceptor_serves_mtls_and_plaintext_on_one_port_told_apart_by_the_first_byte() {
+    let ca = SpiffeCa::new("mesh CA").unwrap();
+    let acceptor = MtlsAcceptor::new(&ca.credentials(GREETER).unwrap()).unwrap().permissive();
+    let server = EchoServer::start_mesh(acceptor).await.unwrap();
+    let body = |response: http::Response<_>| async move {
+        let body: bytes::Bytes = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+        String::from_utf8_lossy(&body[5..]).into_owned()
+    };
+    let tls = balancer(server.addr, &ca, &ca, FRONTEND, &[GREETER]).oneshot(request()).await.expect("an mTLS call");
+    assert_eq!(body(tls).await, FRONTEND);
+    let plain = plaintext(server.addr).oneshot(request()).await.expect("a plaintext call");
+    assert_eq!(body(plain).await, "plaintext");
+    assert_eq!(server.calls(), 2);
+}
+
+/// `meshctl call` over mTLS against a grpcio server requiring client certificates, all made by openssl; and
+/// the same server refused when its identity differs from `--expect-identity` (one line naming the reason,
+/// exit 1, the calls UNAVAILABLE and the failure counted in the JSON).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_call_speaks_mtls_to_a_grpcio_server_with_openssl_certificates_and_refuses_a_wrong_identity() {
+    let dir = mesh_tests::peers::TempDir::new("openssl-pki").unwrap();
+    mesh_tests::certs::openssl_pki(&dir.0, &[("server", GREETER), ("client", FRONTEND)]).unwrap();
+    let path = |name: &str| dir.0.join(name).display().to_string();
+    let server = mesh_tests::peers::python_grpc_server_tls(&path("server.pem"), &path("server-key.pem"), &path("ca.pem")).unwrap();
+    let target = format!("static:///{}", server.addr);
+    let files = || ["client.pem", "client-key.pem", "ca.pem"].map(path);
+    let call = |expect| meshctl_mtls(&target, "/any.Service/Call", files(), Some(expect));
+    let (code, stdout, stderr) = call(GREETER).await;
+    assert_eq!(code, 0, "{stdout} {stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["ok"], 3, "{summary}");
+    assert_eq!(summary["by_response"][format!("py:{}", server.addr.port())], 3, "{summary}");
+
+    let (code, stdout, stderr) = call(BILLING).await;
+    assert_eq!(code, 1, "{stdout} {stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["by_code"]["UNAVAILABLE"], 3, "{summary}");
+    assert!(summary["tls_handshake_failures"]["wrong_identity"].as_u64() >= Some(1), "{summary}");
+    // Besides the library's warnings (tracing), meshctl's own report is one line.
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("meshctl:") && l.contains("TLS handshake")).collect();
+    assert_eq!(lines.len(), 1, "one line names the reason: {stderr}");
+    assert!(lines[0].contains("wrong_identity") && lines[0].contains(GREETER), "{stderr}");
+}
+
+/// A grpcio client and a grpcio server, with certificates `meshctl ca issue` wrote, talk mTLS to ours both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_clients_and_servers_with_files_our_ca_wrote_talk_mtls_to_ours_both_ways() {
+    let dir = mesh_tests::peers::TempDir::new("mesh-ca").unwrap();
+    let ca_dir = dir.0.join("ca").display().to_string();
+    for (name, id) in [("server", GREETER), ("client", FRONTEND)] {
+        let out = dir.0.join(name).display().to_string();
+        let args = ["ca", "issue", "--identity", id, "--out", &out, "--ca-dir", &ca_dir, "--dns", "localhost", "--lifetime", "1h"];
+        let (code, stdout, stderr) = mesh_tests::peers::meshctl(&args).unwrap();
+        assert_eq!(code, 0, "{stdout} {stderr}");
+        assert!(stdout.contains(id) && stdout.contains("valid 3600 s"), "{stdout}");
+    }
+    let file = |who: &str, name: &str| dir.0.join(who).join(name).display().to_string();
+
+    // Our client → a grpcio server.
+    let py = mesh_tests::peers::python_grpc_server_tls(&file("server", "cert.pem"), &file("server", "key.pem"), &file("server", "ca.pem"))
+        .unwrap();
+    let files = ["cert.pem", "key.pem", "ca.pem"].map(|name| file("client", name));
+    let (code, stdout, stderr) = meshctl_mtls(&format!("static:///{}", py.addr), "/any.Service/Call", files, Some(GREETER)).await;
+    assert_eq!(code, 0, "{stdout} {stderr}");
+
+    // A grpcio client → our acceptor, which sees the client's SPIFFE ID.
+    let read = |who: &str, name: &str| std::fs::read(dir.0.join(who).join(name)).unwrap();
+    let credentials = Credentials::from_pem(&read("server", "cert.pem"), &read("server", "key.pem"), &read("server", "ca.pem")).unwrap();
+    let server = EchoServer::start_mesh(MtlsAcceptor::new(&credentials).unwrap()).await.unwrap();
+    let client = std::process::Command::new(mesh_tests::peers::python().unwrap())
+        .arg(mesh_tests::peers::workspace_root().join("tests/peers/py_tls_client.py"))
+        .args([&server.addr.to_string(), "/mesh.test.Echo/Hello", "3"])
+        .args([file("client", "cert.pem"), file("client", "key.pem"), file("client", "ca.pem")])
+        .arg("localhost")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&client.stdout);
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&client.stderr)));
+    assert_eq!(summary["ok"], 3, "{summary}");
+    assert_eq!(summary["replies"][FRONTEND], 3, "our server saw the grpcio client's identity: {summary}");
 }

@@ -875,7 +875,7 @@ fn valid_host(name: &str) -> bool {
 }
 
 /// `250ms`, `1.5s`, `2m`, `1h`, `100us`.
-pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
+pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
     let (number, unit) = s.split_at(split);
