@@ -250,7 +250,10 @@ fn ca_params(trust_domain: &str, name: &str, lifetime: Duration) -> Result<Certi
     SpiffeId::parse(&id).map_err(|e| CaError::Identity { id: id.clone(), reason: e.to_string() })?;
     let mut params = CertificateParams::new(Vec::new())?;
     params.subject_alt_names.push(SanType::URI(id.as_str().try_into()?));
-    params.distinguished_name.push(DnType::CommonName, name);
+    // Each CA's own name: during a root rotation two roots of one trust domain are trusted side by side, and a
+    // verifier picks the issuer of a chain by name (webpki does not try a second root of the same name).
+    let tag = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), trust_domain) as u32;
+    params.distinguished_name.push(DnType::CommonName, format!("{name} {tag:08x}"));
     params.distinguished_name.push(DnType::OrganizationName, trust_domain);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -358,6 +361,16 @@ mod tests {
         let other = ca.issue(ID, &[], Duration::from_secs(3600), now).unwrap();
         let serial = |i: &Issued| x509_parser::parse_x509_certificate(leaf(i)[0].1.as_ref()).unwrap().1.raw_serial().to_vec();
         assert_ne!(serial(&issued), serial(&other));
+    }
+
+    #[test]
+    fn two_roots_of_one_trust_domain_have_their_own_names() {
+        let subject = |ca: &Ca| {
+            let blocks = pem_blocks(ca.bundle()).unwrap();
+            x509_parser::parse_x509_certificate(blocks[0].1.as_ref()).unwrap().1.subject().to_string()
+        };
+        let (a, b) = (Ca::generate("mesh.test").unwrap(), Ca::generate("mesh.test").unwrap());
+        assert_ne!(subject(&a), subject(&b), "a verifier picks a chain's root by name");
     }
 
     #[test]

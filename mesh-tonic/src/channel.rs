@@ -12,7 +12,7 @@ use mesh_tower::cluster::{ClusterTarget, Discovery, NewCluster, Source, Standard
 use mesh_tower::discover::dns::DnsConfig;
 use mesh_tower::discover::{BoxDiscover, Discover};
 use mesh_tower::route::{Publisher, Router, RouterFuture, single_route};
-use mesh_tower::tls::{Credentials, HandshakeCounts, MakeMtls};
+use mesh_tower::tls::{CredentialsSource, HandshakeCounts, MakeMtls};
 use tonic::Status;
 use tonic::body::Body;
 use tower::buffer::Buffer;
@@ -94,7 +94,7 @@ pub struct ChannelBuilder {
     /// The adaptive concurrency limit of its one cluster.
     adaptive: Option<mesh_core::policy::AdaptiveConcurrency>,
     /// The workload's mTLS credentials, for clusters that ask for TLS.
-    credentials: Option<Arc<Credentials>>,
+    credentials: Option<CredentialsSource>,
 }
 
 impl Channel {
@@ -239,8 +239,8 @@ impl ChannelBuilder {
     /// mTLS with `credentials`. A `static:///` or `dns:///` target's cluster speaks it with `policy` (the
     /// server's SPIFFE IDs it accepts; none listed accepts any in the trust bundle); an `xds:///` target's
     /// clusters with the TLS policy CDS gives them, else with `policy`.
-    pub fn mtls(mut self, credentials: Arc<Credentials>, policy: mesh_core::policy::TlsPolicy) -> Self {
-        self.credentials = Some(credentials);
+    pub fn mtls(mut self, credentials: impl Into<CredentialsSource>, policy: mesh_core::policy::TlsPolicy) -> Self {
+        self.credentials = Some(credentials.into());
         self.config.tls = Some(policy);
         self
     }

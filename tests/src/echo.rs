@@ -160,6 +160,12 @@ impl EchoServer {
     /// served by hyper over the accepted connections, each call answered with the caller's SPIFFE ID
     /// (`plaintext` for a plaintext caller).
     pub async fn start_mesh(acceptor: mesh_tower::tls::MtlsAcceptor) -> anyhow::Result<Self> {
+        Self::start_mesh_aged(acceptor, None).await
+    }
+
+    /// [`Self::start_mesh`], closing each connection gracefully (HTTP/2 GOAWAY) once it is `max_age` old, so
+    /// clients keep making new handshakes.
+    pub async fn start_mesh_aged(acceptor: mesh_tower::tls::MtlsAcceptor, max_age: Option<Duration>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let echo = Echo { reply_caller: true, ..Echo::new("", Duration::ZERO) };
@@ -188,7 +194,15 @@ impl EchoServer {
                         tower::Service::call(&mut echo, request)
                     });
                     let http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    let _ = http2.serve_connection(io, service).await;
+                    let connection = http2.serve_connection(io, service);
+                    tokio::pin!(connection);
+                    if let Some(age) = max_age {
+                        tokio::select! {
+                            _ = connection.as_mut() => return,
+                            () = tokio::time::sleep(age) => connection.as_mut().graceful_shutdown(),
+                        }
+                    }
+                    let _ = connection.await;
                 });
             }
         });

@@ -150,7 +150,7 @@ async fn the_wrong_server_identity_or_an_untrusted_chain_fails_the_handshake_wit
 async fn identity_echo(ca: &SpiffeCa) -> std::net::SocketAddr {
     let (cert, key) = ca.issue(GREETER).unwrap();
     let credentials = Credentials::from_pem(cert.as_bytes(), key.as_bytes(), ca.ca.as_bytes()).unwrap();
-    let acceptor = mesh_tower::tls::MtlsAcceptor::new(&credentials).unwrap();
+    let acceptor = mesh_tower::tls::MtlsAcceptor::new(credentials).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -315,7 +315,7 @@ async fn each_bad_server_certificate_fails_our_handshake_with_its_reason_and_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_acceptor_refuses_bad_or_missing_client_certificates_plaintext_and_tls12_with_the_reason_counted() {
     let ca = SpiffeCa::new("mesh CA").unwrap();
-    let acceptor = MtlsAcceptor::new(&ca.credentials(GREETER).unwrap()).unwrap();
+    let acceptor = MtlsAcceptor::new(ca.credentials(GREETER).unwrap()).unwrap();
     let counts = acceptor.counts().clone();
     let server = EchoServer::start_mesh(acceptor).await.unwrap();
 
@@ -388,7 +388,7 @@ async fn a_tls12_only_server_fails_our_handshake_as_protocol_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permissive_acceptor_serves_mtls_and_plaintext_on_one_port_told_apart_by_the_first_byte() {
     let ca = SpiffeCa::new("mesh CA").unwrap();
-    let acceptor = MtlsAcceptor::new(&ca.credentials(GREETER).unwrap()).unwrap().permissive();
+    let acceptor = MtlsAcceptor::new(ca.credentials(GREETER).unwrap()).unwrap().permissive();
     let server = EchoServer::start_mesh(acceptor).await.unwrap();
     let body = |response: http::Response<_>| async move {
         let body: bytes::Bytes = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
@@ -454,7 +454,7 @@ async fn grpcio_clients_and_servers_with_files_our_ca_wrote_talk_mtls_to_ours_bo
     // A grpcio client → our acceptor, which sees the client's SPIFFE ID.
     let read = |who: &str, name: &str| std::fs::read(dir.0.join(who).join(name)).unwrap();
     let credentials = Credentials::from_pem(&read("server", "cert.pem"), &read("server", "key.pem"), &read("server", "ca.pem")).unwrap();
-    let server = EchoServer::start_mesh(MtlsAcceptor::new(&credentials).unwrap()).await.unwrap();
+    let server = EchoServer::start_mesh(MtlsAcceptor::new(credentials).unwrap()).await.unwrap();
     let client = std::process::Command::new(mesh_tests::peers::python().unwrap())
         .arg(mesh_tests::peers::workspace_root().join("tests/peers/py_tls_client.py"))
         .args([&server.addr.to_string(), "/mesh.test.Echo/Hello", "3"])
@@ -467,4 +467,172 @@ async fn grpcio_clients_and_servers_with_files_our_ca_wrote_talk_mtls_to_ours_bo
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&client.stderr)));
     assert_eq!(summary["ok"], 3, "{summary}");
     assert_eq!(summary["replies"][FRONTEND], 3, "our server saw the grpcio client's identity: {summary}");
+}
+
+/// Calls through `channel` from `concurrency` workers for `duration`: how many succeeded, and each failure.
+async fn load_for(channel: &mesh_tonic::Channel, duration: Duration, concurrency: usize) -> (u64, Vec<String>) {
+    let until = tokio::time::Instant::now() + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failures) = (0, Vec::new());
+                while tokio::time::Instant::now() < until {
+                    let call = async {
+                        grpc.ready().await?;
+                        let request = tonic::Request::new(bytes::Bytes::from_static(b"hi"));
+                        let path = http::uri::PathAndQuery::from_static(mesh_tests::echo::METHOD);
+                        grpc.unary(request, path, mesh_tonic::codec::BytesCodec).await
+                    };
+                    match call.await {
+                        Ok(_) => ok += 1,
+                        Err(status) => failures.push(format!("{:?}: {}", status.code(), status.message())),
+                    }
+                }
+                (ok, failures)
+            })
+        })
+        .collect();
+    let (mut ok, mut failures) = (0, Vec::new());
+    for worker in workers {
+        let (n, f) = worker.await.unwrap();
+        ok += n;
+        failures.extend(f);
+    }
+    (ok, failures)
+}
+
+/// No call failed: else how many did, and the first few reasons.
+fn assert_none_failed(ok: u64, failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// A workload's files, as `meshctl ca issue` writes them, watched by a [`FileWatcher`] every 250 ms.
+fn watched(dir: &std::path::Path) -> mesh_tower::tls::CredentialsSource {
+    let watcher = mesh_tower::tls::FileWatcher {
+        certificate_file: dir.join("cert.pem"),
+        private_key_file: dir.join("key.pem"),
+        ca_certificate_file: dir.join("ca.pem"),
+        refresh_interval: Duration::from_millis(250),
+    };
+    watcher.start().unwrap()
+}
+
+/// Counts the changes a source sees.
+fn count_changes(mut source: mesh_tower::tls::CredentialsSource) -> Arc<std::sync::atomic::AtomicU64> {
+    let changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = changes.clone();
+    tokio::spawn(async move {
+        while source.changed().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    changes
+}
+
+/// Our channel to a server behind our acceptor, both with credentials from watched files; the server closes
+/// every connection after a second, so handshakes keep happening with whatever the files hold.
+async fn watched_pair(
+    server_dir: &std::path::Path,
+    client_dir: &std::path::Path,
+) -> (EchoServer, mesh_tonic::Channel, Arc<HandshakeCounts>) {
+    let acceptor = MtlsAcceptor::new(watched(server_dir)).unwrap();
+    let accepted = acceptor.counts().clone();
+    let server = EchoServer::start_mesh_aged(acceptor, Some(Duration::from_secs(1))).await.unwrap();
+    let policy = TlsPolicy { server_name: None, allowed_identities: vec![GREETER.to_owned()] };
+    let channel = mesh_tonic::Channel::builder(format!("static:///{}", server.addr)).mtls(watched(client_dir), policy).build().unwrap();
+    (server, channel, accepted)
+}
+
+/// Certificates living 4 s, renewed at half life by rewriting the files, rotate through a 60-second run under
+/// load with no failed call: every handshake (one a second at least, as the server ages connections out)
+/// takes the current files, and connections made keep going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_living_seconds_rotate_through_a_minute_under_load_with_no_failed_call() {
+    let dir = mesh_tests::peers::TempDir::new("rotation").unwrap();
+    let ca = mesh_control::ca::Ca::generate("mesh.test").unwrap();
+    let lifetime = Duration::from_secs(4);
+    let (server_dir, client_dir) = (dir.0.join("server"), dir.0.join("client"));
+    let issue = move |server_dir: &std::path::Path, client_dir: &std::path::Path| {
+        for (dir, id) in [(server_dir, GREETER), (client_dir, FRONTEND)] {
+            ca.issue(id, &[], lifetime, std::time::SystemTime::now()).unwrap().write_to(dir).unwrap();
+        }
+    };
+    issue(&server_dir, &client_dir);
+    let (server, channel, accepted) = watched_pair(&server_dir, &client_dir).await;
+    let server_changes = count_changes(watched(&server_dir));
+    let rotating = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(lifetime / 2);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            issue(&server_dir, &client_dir);
+        }
+    });
+    let (ok, failures) = load_for(&channel, Duration::from_secs(60), 4).await;
+    rotating.abort();
+    assert_none_failed(ok, &failures);
+    assert!(ok > 1000, "calls went through: {ok}");
+    let changes = server_changes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(changes >= 20, "the server's files changed every 2 s and were reloaded: {changes}");
+    assert!(accepted.succeeded() >= 30, "connections were made anew all along: {}", accepted.succeeded());
+    assert_eq!(accepted.failures(), [], "no handshake failed");
+    assert_eq!(channel.handshake_counts().failures(), [], "no handshake failed");
+    assert_eq!(server.calls(), ok);
+}
+
+/// A root rotation with an overlap: both sides trust old and new roots, the server then the client move to
+/// certificates from the new root, the old root is dropped; no call fails, and a certificate from the old
+/// root is refused at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_with_an_overlap_fails_no_call() {
+    let dir = mesh_tests::peers::TempDir::new("root-rotation").unwrap();
+    let old = mesh_control::ca::Ca::generate("mesh.test").unwrap();
+    let new = mesh_control::ca::Ca::generate("mesh.test").unwrap();
+    let both = format!("{}{}", old.bundle(), new.bundle());
+    let write = |who: &str, ca: &mesh_control::ca::Ca, id: &str, bundle: &str| {
+        let mut issued = ca.issue(id, &[], Duration::from_secs(3600), std::time::SystemTime::now()).unwrap();
+        issued.bundle = bundle.to_owned();
+        issued.write_to(&dir.0.join(who)).unwrap();
+    };
+    write("server", &old, GREETER, old.bundle());
+    write("client", &old, FRONTEND, old.bundle());
+    let (server, channel, accepted) = watched_pair(&dir.0.join("server"), &dir.0.join("client")).await;
+    let load = {
+        let channel = channel.clone();
+        tokio::spawn(async move { load_for(&channel, Duration::from_secs(20), 4).await })
+    };
+    let phase = Duration::from_secs(4);
+    tokio::time::sleep(phase).await;
+    // The overlap: everyone trusts both roots.
+    write("server", &old, GREETER, &both);
+    write("client", &old, FRONTEND, &both);
+    tokio::time::sleep(phase).await;
+    write("server", &new, GREETER, &both);
+    tokio::time::sleep(phase).await;
+    write("client", &new, FRONTEND, &both);
+    tokio::time::sleep(phase).await;
+    // The old root is gone.
+    write("server", &new, GREETER, new.bundle());
+    write("client", &new, FRONTEND, new.bundle());
+    let (ok, failures) = load.await.unwrap();
+    assert_none_failed(ok, &failures);
+    assert!(ok > 500, "{ok}");
+    assert_eq!(accepted.failures(), []);
+    assert!(accepted.succeeded() >= 15, "{}", accepted.succeeded());
+
+    // A client still holding a certificate from the old root is now refused.
+    let (cert, key) = {
+        let issued = old.issue(FRONTEND, &[], Duration::from_secs(3600), std::time::SystemTime::now()).unwrap();
+        (issued.chain, issued.key.unwrap())
+    };
+    let stale = Credentials::from_pem(cert.as_bytes(), key.as_bytes(), both.as_bytes()).unwrap();
+    balancer_with(server.addr, stale, &[GREETER], &Arc::default()).oneshot(request()).await.unwrap_err();
+    assert!(failed_for(&accepted, HandshakeFailure::UnknownCa).await >= 1, "{:?}", accepted.failures());
 }

@@ -13,6 +13,8 @@
 //!   to the bundle of that ID's trust domain: the workload's own domain, or one added with
 //!   [`Credentials::with_bundle`] (SPIFFE bundle maps, A87).
 //! - Every failed handshake is counted by why it failed ([`HandshakeFailure`], [`HandshakeCounts`]).
+//! - Credentials can change while serving ([`CredentialsSource`], [`FileWatcher`]): each new handshake takes the
+//!   current ones; connections made keep theirs.
 //! - The acceptor is strict (plaintext is refused, and said to be plaintext) or permissive (a connection whose
 //!   first byte does not open a TLS record is served in plaintext: the migration mode).
 
@@ -37,6 +39,10 @@ use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, Distingu
 use tokio::net::TcpStream;
 
 use crate::connect::{Connect, ConnectFuture, Connection, EndpointTarget, PeerIdentity, TcpConnector};
+
+mod files;
+
+pub use files::{CredentialsSource, FileWatcher};
 
 /// The ALPN protocol both sides speak.
 const H2: &[u8] = b"h2";
@@ -80,6 +86,8 @@ impl Credentials {
         };
         let own = peer_id(leaf).ok();
         let key = PrivateKeyDer::from_pem_slice(key).map_err(error("key"))?;
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
+            .map_err(|e| CredentialsError { what: "key", reason: format!("does not fit the certificate chain's leaf: {e}") })?;
         let roots = roots("trust bundle", ca)?;
         let (mut bundles, mut any_domain) = (BTreeMap::new(), None);
         match &own {
@@ -425,7 +433,7 @@ impl HandshakeCounts {
 pub struct MtlsConnector {
     tcp: TcpConnector,
     /// `None`: no credentials, so a cluster that asks for TLS is refused.
-    credentials: Option<Arc<Credentials>>,
+    credentials: Option<CredentialsSource>,
     counts: Arc<HandshakeCounts>,
 }
 
@@ -436,9 +444,10 @@ impl fmt::Debug for MtlsConnector {
 }
 
 impl MtlsConnector {
-    /// Connects with `credentials` over `tcp`; without credentials, only to clusters in plaintext.
-    pub fn new(tcp: TcpConnector, credentials: Option<Arc<Credentials>>) -> Self {
-        Self { tcp, credentials, counts: Arc::default() }
+    /// Connects with `credentials` (each handshake with their current value) over `tcp`; without
+    /// credentials, only to clusters in plaintext.
+    pub fn new(tcp: TcpConnector, credentials: Option<impl Into<CredentialsSource>>) -> Self {
+        Self { tcp, credentials: credentials.map(Into::into), counts: Arc::default() }
     }
 
     /// Counts handshakes in `counts` (shared with other connectors).
@@ -453,12 +462,13 @@ impl MtlsConnector {
     }
 
     fn client_config(&self, policy: &TlsPolicy) -> io::Result<rustls::ClientConfig> {
-        let Some(credentials) = &self.credentials else {
+        let Some(source) = &self.credentials else {
             let reason = "the cluster requires TLS and the channel has no TLS credentials (certificate, key and trust bundle)";
             return Err(io::Error::new(io::ErrorKind::Unsupported, reason));
         };
+        let credentials = source.current();
         let provider = provider();
-        let chains = ByDomain::build(credentials, |roots| {
+        let chains = ByDomain::build(&credentials, |roots| {
             rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()
         })?;
         let verifier = SpiffeVerifier { chains, allowed: policy.allowed_identities.clone(), provider: provider.clone() };
@@ -615,13 +625,13 @@ impl Connect for MtlsConnector {
 /// all counting handshakes in one place.
 #[derive(Clone, Debug, Default)]
 pub struct MakeMtls {
-    credentials: Option<Arc<Credentials>>,
+    credentials: Option<CredentialsSource>,
     counts: Arc<HandshakeCounts>,
 }
 
 impl MakeMtls {
     /// Connectors with `credentials` (without: plaintext clusters only).
-    pub fn new(credentials: Option<Arc<Credentials>>) -> Self {
+    pub fn new(credentials: Option<CredentialsSource>) -> Self {
         Self { credentials, counts: Arc::default() }
     }
 
@@ -647,7 +657,9 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Strict unless made [`permissive`](Self::permissive).
 #[derive(Clone)]
 pub struct MtlsAcceptor {
-    acceptor: tokio_rustls::TlsAcceptor,
+    /// The credentials the current TLS acceptor was built from, and it.
+    current: Arc<std::sync::RwLock<(Arc<Credentials>, tokio_rustls::TlsAcceptor)>>,
+    source: CredentialsSource,
     permissive: bool,
     counts: Arc<HandshakeCounts>,
 }
@@ -659,8 +671,17 @@ impl fmt::Debug for MtlsAcceptor {
 }
 
 impl MtlsAcceptor {
-    /// Serves with `credentials`, requiring clients that chain to their bundle; plaintext is refused.
-    pub fn new(credentials: &Credentials) -> Result<Self, CredentialsError> {
+    /// Serves with `credentials` (each handshake with their current value), requiring clients that chain to
+    /// their bundle; plaintext is refused.
+    pub fn new(credentials: impl Into<CredentialsSource>) -> Result<Self, CredentialsError> {
+        let source = credentials.into();
+        let credentials = source.current();
+        let acceptor = Self::tls(&credentials)?;
+        let current = Arc::new(std::sync::RwLock::new((credentials, acceptor)));
+        Ok(Self { current, source, permissive: false, counts: Arc::default() })
+    }
+
+    fn tls(credentials: &Credentials) -> Result<tokio_rustls::TlsAcceptor, CredentialsError> {
         let error = |e: &dyn fmt::Display| CredentialsError { what: "server TLS settings", reason: e.to_string() };
         let provider = provider();
         let chains = ByDomain::build(credentials, |roots| {
@@ -675,7 +696,27 @@ impl MtlsAcceptor {
             .with_single_cert(credentials.chain.clone(), credentials.key.clone_key())
             .map_err(|e| error(&e))?;
         config.alpn_protocols = vec![H2.to_vec()];
-        Ok(Self { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), permissive: false, counts: Arc::default() })
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// The TLS acceptor for the source's current credentials, rebuilt when they changed.
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let credentials = self.source.current();
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        if Arc::ptr_eq(&current.0, &credentials) {
+            return current.1.clone();
+        }
+        drop(current);
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        match Self::tls(&credentials) {
+            Ok(acceptor) => *current = (credentials, acceptor),
+            Err(error) => {
+                tracing::warn!(%error, "new credentials unusable for serving; the last good ones keep serving");
+                // Not tried again for these credentials.
+                current.0 = credentials;
+            }
+        }
+        current.1.clone()
     }
 
     /// Also serves plaintext: a connection whose first byte does not open a TLS record (the migration mode).
@@ -713,7 +754,7 @@ impl MtlsAcceptor {
             tracing::warn!(peer = ?peer_addr, "{message}");
             return Err(io::Error::new(io::ErrorKind::InvalidData, message));
         }
-        let tls = self.acceptor.accept(stream).await.map_err(|e| {
+        let tls = self.acceptor().accept(stream).await.map_err(|e| {
             let error = failed(&self.counts, format_args!("from {}", whom(peer_addr)), &e);
             tracing::warn!(peer = ?peer_addr, "{error}");
             error
