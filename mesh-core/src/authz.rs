@@ -232,7 +232,7 @@ impl<'a> Headers for &'a [(&'a str, &'a str)] {
 }
 
 /// Joins the values of one header with `,`; `None` when there are none.
-pub fn join<'a>(mut values: impl Iterator<Item = &'a str>) -> Option<Cow<'a, str>> {
+fn join<'a>(mut values: impl Iterator<Item = &'a str>) -> Option<Cow<'a, str>> {
     let first = values.next()?;
     match values.next() {
         None => Some(Cow::Borrowed(first)),
