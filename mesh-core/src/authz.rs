@@ -629,7 +629,7 @@ impl Engine {
 
     /// The mesh file's rules as RBAC filters, as `mesh-control` sends them to sidecars: a DENY filter of the deny
     /// rules, then an ALLOW filter of the allow rules (each present only if it has rules), policies named
-    /// `rule-{i}` in each. A principal `*` (or none) is any caller, `x*` an identity starting with `x`, anything
+    /// `rule-{i}` in each, in name order. A principal `*` (or none) is any caller, `x*` an identity starting with `x`, anything
     /// else one identity; methods alike, on the path; no methods is any.
     pub fn from_rules(rules: &[AuthzRule]) -> Self {
         let pattern = |s: &str| match s.strip_suffix('*') {
@@ -651,12 +651,14 @@ impl Engine {
         let chain = [(AuthzAction::Deny, Action::Deny), (AuthzAction::Allow, Action::Allow)]
             .into_iter()
             .filter_map(|(rule_action, action)| {
-                let policies: Vec<_> = rules
+                let mut policies: Vec<_> = rules
                     .iter()
                     .filter(|r| r.action == rule_action)
                     .enumerate()
                     .map(|(i, rule)| (format!("rule-{i}"), policy(rule)))
                     .collect();
+                // In name order, as Envoy evaluates them (`rule-10` before `rule-2`).
+                policies.sort_by(|a, b| a.0.cmp(&b.0));
                 (!policies.is_empty()).then_some(Rbac { action, policies })
             })
             .collect();

@@ -4,7 +4,7 @@
 //! - The engine sees the request's path normalized ([`mesh_core::authz::normalize_path`]; a path that cannot be
 //!   normalized is denied), its method, its authority (the URI's, else its one `Host` header; two `Host`
 //!   headers and no authority are denied, as A41 asks), its headers, the caller's
-//!   [`PeerIdentity`](crate::connect::PeerIdentity) and a [`std::net::SocketAddr`] of the caller, when the
+//!   [`PeerIdentity`] and a [`std::net::SocketAddr`] of the caller, when the
 //!   server put them in the request's extensions, and the local address ([`LocalAddr`] extension, else the
 //!   layer's own).
 //! - A denied request is answered at once and never reaches the service: a gRPC call (content type

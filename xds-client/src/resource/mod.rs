@@ -20,7 +20,7 @@ pub mod endpoint;
 mod fault;
 pub mod listener;
 mod ratelimit;
-mod rbac;
+pub mod rbac;
 pub mod route;
 
 pub use cluster::ClusterResource;

@@ -8,7 +8,7 @@
 //!   SPIFFE ID; unset: any authenticated peer), `header`, `url_path`, and `source_ip`, `direct_remote_ip` and
 //!   `remote_ip`, which are one address here (the peer's: no PROXY protocol, no `x-forwarded-for`; the listener
 //!   checks `xff_num_trusted_hops` for it).
-//! - Header rules are route header matchers ([`super::route::header`]); A41 forbids rules on `grpc-` headers and
+//! - Header rules are route header matchers (the decoding RDS uses); A41 forbids rules on `grpc-` headers and
 //!   `:scheme`, and `host` is `:authority`.
 //! - A filter without `rules` enforces nothing (Envoy); nor does one whose action is LOG (A41: as if no RBAC
 //!   filter were configured, which is Envoy's behaviour too: LOG allows every request).
@@ -34,22 +34,21 @@ use prost::Message;
 use super::route;
 
 /// Message name of the RBAC filter's configuration.
-pub(crate) const RBAC: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
+pub const RBAC: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
 /// Message name of its per-route override.
-pub(crate) const RBAC_PER_ROUTE: &str = "envoy.extensions.filters.http.rbac.v3.RBACPerRoute";
+pub const RBAC_PER_ROUTE: &str = "envoy.extensions.filters.http.rbac.v3.RBACPerRoute";
 
 /// Decodes and validates an `RBAC` filter configuration carried in `any`. A filter that enforces nothing (no
-/// `rules`, or the LOG action) is [`Rbac::permissive`].
-pub(crate) fn decode(any: &Any) -> Result<Rbac, String> {
+/// `rules`, or the LOG action) is [`Rbac::permissive`]. The error is the NACK reason, naming the field.
+pub fn decode(any: &Any) -> Result<Rbac, String> {
     plain(any, RBAC)?;
     let f = ProtoRbac::decode(any.value.as_slice()).map_err(|e| format!("malformed RBAC: {e}"))?;
     filter(&f)
 }
 
 /// Decodes an `RBACPerRoute` carried in `any`: the route's own filter configuration, or `None` when it turns the
-/// filter off for the route (its `rbac` is unset, Envoy's meaning).
-#[allow(dead_code)] // Read by typed_per_filter_config once server-side routes carry filter overrides.
-pub(crate) fn decode_per_route(any: &Any) -> Result<Option<Rbac>, String> {
+/// filter off for the route (its `rbac` is unset, Envoy's meaning). For a route's `typed_per_filter_config`.
+pub fn decode_per_route(any: &Any) -> Result<Option<Rbac>, String> {
     plain(any, RBAC_PER_ROUTE)?;
     let per_route = RbacPerRoute::decode(any.value.as_slice()).map_err(|e| format!("malformed RBACPerRoute: {e}"))?;
     per_route.rbac.as_ref().map(|f| filter(f).map_err(|e| format!("rbac.{e}"))).transpose()
