@@ -38,6 +38,17 @@ pub enum Error {
         /// Why it was rejected.
         reason: String,
     },
+    /// A request path cannot be normalized for authorization (bad percent-encoding, not starting with `/`), so
+    /// no decision can be made on it: authorization denies it.
+    #[error("invalid request path {path:?} at byte {at}: {reason}")]
+    InvalidPath {
+        /// The path as received (query and fragment included).
+        path: String,
+        /// Byte offset of the offending character.
+        at: usize,
+        /// What is wrong there.
+        reason: &'static str,
+    },
     /// A load-balancer name is not one the mesh knows.
     #[error("unknown load-balancing policy {0:?} (expected round_robin, weighted_round_robin, least_request, p2c_ewma or ring_hash)")]
     UnknownLbPolicy(String),

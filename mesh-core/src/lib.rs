@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod adaptive;
+pub mod authz;
 mod error;
 pub mod grpc;
 pub mod identity;

@@ -161,9 +161,14 @@ pub(crate) fn pending(head: &http::response::Parts) -> Pending {
     pending_of(head.status, &head.headers)
 }
 
+/// Whether a request or response with these headers is gRPC (its content type is `application/grpc`, with or
+/// without a `+proto`-like suffix).
+pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 fn pending_of(status: http::StatusCode, headers: &http::HeaderMap) -> Pending {
-    let grpc = headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !grpc || status != http::StatusCode::OK {
+    if !is_grpc(headers) || status != http::StatusCode::OK {
         return Pending::Decided(Outcome::Http(status.as_u16()));
     }
     match grpc_status(headers) {

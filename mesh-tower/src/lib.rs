@@ -37,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 pub mod adaptive;
+pub mod authz;
 pub mod balance;
 pub mod breaker;
 pub mod classify;

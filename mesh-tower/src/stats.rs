@@ -1,6 +1,7 @@
 //! What the layers do, counted where they act: one set of counters per cluster, shared by every layer over it
 //! ([`ClusterStats`]), and one per target for the layers above the split ([`TargetStats`]: rate limits,
-//! faults, mirrors). Read as snapshots by the telemetry layer, the admin endpoint and tests.
+//! faults, mirrors), and one per authorization layer ([`AuthzStats`]). Read as snapshots by the telemetry layer, the
+//! admin endpoint and tests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -109,5 +110,31 @@ impl TargetStats {
             mirrored: read(&self.mirrored),
             mirrors_skipped: read(&self.mirrors_skipped),
         }
+    }
+}
+
+/// An authorization layer's counters (Envoy's `rbac.allowed` and `rbac.denied`).
+#[derive(Debug, Default)]
+pub struct AuthzStats {
+    /// Requests the policy let through.
+    pub(crate) allowed: AtomicU64,
+    /// Requests the policy refused (invalid paths included).
+    pub(crate) denied: AtomicU64,
+}
+
+/// A snapshot of an authorization layer's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuthzCounts {
+    /// Requests let through.
+    pub allowed: u64,
+    /// Requests refused.
+    pub denied: u64,
+}
+
+impl AuthzStats {
+    /// The counts now.
+    pub fn counts(&self) -> AuthzCounts {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        AuthzCounts { allowed: read(&self.allowed), denied: read(&self.denied) }
     }
 }

@@ -76,6 +76,46 @@ fn sidecar_listener_has_an_address_and_the_filters() {
     assert_eq!(names(&out, CLUSTER), set(&["greeter", "greeter|v1", "greeter|v2"]));
 }
 
+/// The sidecar's RBAC filters decode in our xDS client into the engine the mesh file's rules make.
+#[test]
+fn sidecar_rbac_filters_decode_into_the_rules_engine() {
+    use mesh_core::authz::Engine;
+    use mesh_core::policy::{AuthzAction, AuthzRule};
+    let mut mesh = parse("example", crate::mesh::EXAMPLE).unwrap();
+    let greeter = mesh.services.get_mut("greeter").unwrap();
+    let rule = |action, principals: &[&str], methods: &[&str]| AuthzRule {
+        action,
+        principals: principals.iter().map(|s| s.to_string()).collect(),
+        methods: methods.iter().map(|s| s.to_string()).collect(),
+    };
+    greeter.authorization.push(rule(AuthzAction::Deny, &["*"], &["/helloworld.Greeter/Admin"]));
+    greeter.authorization.push(rule(AuthzAction::Allow, &["spiffe://td/ns/prod/*", "spiffe://td/ns/ops/sa/admin"], &[]));
+    let rules = greeter.authorization.clone();
+    let out = resources(&mesh, Shape::Sidecar, None, &no_kube);
+    let r = out.iter().find(|r| r.type_url == LISTENER).unwrap();
+    let listener = Listener::decode(r.resource.value.as_slice()).unwrap();
+    let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any)) =
+        &listener.filter_chains[0].filters[0].config_type
+    else {
+        panic!("no HCM")
+    };
+    let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+    let filters: Vec<_> = hcm
+        .http_filters
+        .iter()
+        .filter(|f| f.name == "envoy.filters.http.rbac")
+        .map(|f| match &f.config_type {
+            Some(
+                envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(
+                    any,
+                ),
+            ) => xds_client::resource::rbac::decode(any).unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(Engine::new(filters).unwrap(), Engine::from_rules(&rules));
+}
+
 #[test]
 fn proxyless_policies_and_optional_filters() {
     let text = "services:

@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, HttpFilter};
 use prost::Message;
 
-use super::{adaptive, extension_type, fault, ratelimit, route};
+use super::{adaptive, extension_type, fault, ratelimit, rbac, route};
 
 /// Message name of the HTTP connection manager an API listener must hold.
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -16,7 +16,7 @@ const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.H
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 /// HTTP filters besides the router whose configuration the client accepts;
 /// their names are passed on in [`ListenerResource::http_filters`].
-const KNOWN_FILTERS: &[&str] = &[ROUTER, fault::HTTP_FAULT, ratelimit::LOCAL_RATE_LIMIT, adaptive::ADAPTIVE_CONCURRENCY];
+const KNOWN_FILTERS: &[&str] = &[ROUTER, fault::HTTP_FAULT, ratelimit::LOCAL_RATE_LIMIT, adaptive::ADAPTIVE_CONCURRENCY, rbac::RBAC];
 
 /// A client-side listener: where its routes come from and its HTTP filters.
 #[derive(Clone, Debug)]
@@ -34,6 +34,10 @@ pub struct ListenerResource {
     pub rate_limit: Option<mesh_core::policy::RateLimit>,
     /// The adaptive concurrency filter's controller settings: each cluster the target calls gets a limiter.
     pub adaptive_concurrency: Option<mesh_core::policy::AdaptiveConcurrency>,
+    /// The RBAC filters, in order, each one kept (one that enforces nothing is [`mesh_core::authz::Rbac::permissive`]):
+    /// the chain a server checks received calls against ([`mesh_core::authz::Engine`], gRPC A41). A client does
+    /// not run them.
+    pub rbac: Vec<mesh_core::authz::Rbac>,
 }
 
 /// Where a listener's routes come from.
@@ -62,8 +66,15 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ListenerResource, String> {
         Some(RouteSpecifier::ScopedRoutes(_)) => return Err("scoped_routes: scoped routes not supported".into()),
         None => return Err("HttpConnectionManager has neither rds nor route_config".into()),
     };
-    let Filters { names: http_filters, fault, rate_limit, adaptive_concurrency } = http_filters(&hcm.http_filters)?;
-    Ok(ListenerResource { name: listener.name, route, http_filters, fault, rate_limit, adaptive_concurrency })
+    // A41: RBAC's remote_ip is the peer's address, which holds only while no hop's address is trusted instead.
+    if hcm.xff_num_trusted_hops != 0 {
+        return Err(format!("xff_num_trusted_hops: {} is not supported (it must be 0)", hcm.xff_num_trusted_hops));
+    }
+    if !hcm.original_ip_detection_extensions.is_empty() {
+        return Err("original_ip_detection_extensions: not supported (it must be empty)".into());
+    }
+    let Filters { names: http_filters, fault, rate_limit, adaptive_concurrency, rbac } = http_filters(&hcm.http_filters)?;
+    Ok(ListenerResource { name: listener.name, route, http_filters, fault, rate_limit, adaptive_concurrency, rbac })
 }
 
 /// What a listener's HTTP filters say.
@@ -72,13 +83,15 @@ struct Filters {
     fault: Option<mesh_core::policy::FaultInjection>,
     rate_limit: Option<mesh_core::policy::RateLimit>,
     adaptive_concurrency: Option<mesh_core::policy::AdaptiveConcurrency>,
+    rbac: Vec<mesh_core::authz::Rbac>,
 }
 
 /// Filter names in order (gRPC A39): unique names, known config types unless
-/// optional, the router last; and the fault, rate limit and adaptive concurrency filters' configurations (one of
-/// each at most).
+/// optional, the router last; the fault, rate limit and adaptive concurrency filters' configurations (one of
+/// each at most); and every RBAC filter's, in order.
 fn http_filters(filters: &[HttpFilter]) -> Result<Filters, String> {
     let (mut fault, mut rate_limit, mut adaptive_concurrency) = (None, None, None);
+    let mut rbac = Vec::new();
     let mut names = Vec::with_capacity(filters.len());
     let mut seen = HashSet::new();
     let mut last_is_router = false;
@@ -125,20 +138,27 @@ fn http_filters(filters: &[HttpFilter]) -> Result<Filters, String> {
             }
             adaptive_concurrency = adaptive::decode(any).map_err(|e| format!("http_filters[{i}] ({}): {e}", f.name))?;
         }
+        if ty == rbac::RBAC
+            && let Some(ConfigType::TypedConfig(any)) = &f.config_type
+        {
+            rbac.push(rbac::decode(any).map_err(|e| format!("http_filters[{i}] ({}): {e}", f.name))?);
+        }
         last_is_router = ty == ROUTER;
         names.push(f.name.clone());
     }
     if !last_is_router {
         return Err(format!("http_filters: the last filter must be the router ({ROUTER})"));
     }
-    Ok(Filters { names, fault, rate_limit, adaptive_concurrency })
+    Ok(Filters { names, fault, rate_limit, adaptive_concurrency, rbac })
 }
 
 #[cfg(test)]
 mod tests {
     use envoy_types::pb::envoy::config::listener::v3::ApiListener;
+    use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy, Principal, Rbac as RbacRules, permission, principal, rbac};
     use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
     use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
     use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{Rds, ScopedRoutes};
     use envoy_types::pb::google::protobuf::Any;
@@ -223,5 +243,56 @@ mod tests {
         assert!(reason(&listener(rds("r"), vec![unknown, router()])).contains("\"authz\""));
         assert!(reason(&listener(rds("r"), vec![filter("bare", None, false), router()])).contains("\"bare\""));
         assert!(reason(&listener(rds("r"), vec![router(), router()])).contains("duplicate"));
+    }
+
+    fn rbac_filter(name: &str, action: rbac::Action) -> HttpFilter {
+        let policy = Policy {
+            permissions: vec![Permission { rule: Some(permission::Rule::Any(true)) }],
+            principals: vec![Principal { identifier: Some(principal::Identifier::Any(true)) }],
+            ..Default::default()
+        };
+        let rules = RbacRules { action: action as i32, policies: [("all".to_owned(), policy)].into(), ..Default::default() };
+        filter(name, Some(to_any(&Rbac { rules: Some(rules), ..Default::default() })), false)
+    }
+
+    #[test]
+    fn rbac_filters_are_kept_in_order() {
+        let filters = vec![rbac_filter("deny", rbac::Action::Deny), rbac_filter("allow", rbac::Action::Allow), router()];
+        let l = decode_listener(&listener(rds("r"), filters)).unwrap();
+        assert_eq!(l.http_filters, ["deny", "allow", "router"]);
+        let actions: Vec<_> = l.rbac.iter().map(|r| r.action).collect();
+        assert_eq!(actions, [mesh_core::authz::Action::Deny, mesh_core::authz::Action::Allow]);
+        assert!(decode_listener(&listener(rds("r"), vec![router()])).unwrap().rbac.is_empty());
+    }
+
+    #[test]
+    fn an_rbac_filter_it_cannot_enforce_nacks_the_listener() {
+        let matcher = Rbac { matcher: Some(Default::default()), ..Default::default() };
+        let filters = vec![filter("authz", Some(to_any(&matcher)), false), router()];
+        let why = reason(&listener(rds("r"), filters));
+        assert!(why.contains("http_filters[0] (authz): matcher: the matcher API is not supported"), "{why}");
+        // Optional or not: a filter of a known type is decoded, and its errors are the listener's.
+        let filters = vec![filter("authz", Some(to_any(&matcher)), true), router()];
+        assert!(reason(&listener(rds("r"), filters)).contains("matcher"));
+    }
+
+    #[test]
+    fn trusted_hops_nack_the_listener_for_rbac_remote_ip() {
+        let hcm = |xff_num_trusted_hops, original_ip_detection_extensions| HttpConnectionManager {
+            route_specifier: rds("r"),
+            http_filters: vec![router()],
+            xff_num_trusted_hops,
+            original_ip_detection_extensions,
+            ..Default::default()
+        };
+        let wrap = |hcm: HttpConnectionManager| {
+            to_any(&Listener {
+                name: "greeter".into(),
+                api_listener: Some(ApiListener { api_listener: Some(to_any(&hcm)) }),
+                ..Default::default()
+            })
+        };
+        assert!(reason(&wrap(hcm(1, vec![]))).contains("xff_num_trusted_hops: 1"));
+        assert!(reason(&wrap(hcm(0, vec![Default::default()]))).contains("original_ip_detection_extensions"));
     }
 }

@@ -5,7 +5,7 @@
 //! (tag 1 of every resource), so a response whose body is broken can still be
 //! NACKed per resource; [`decode`] then decodes and validates the whole
 //! resource. Validation follows gRPC's xDS client rules (gRFCs A27, A28, A36,
-//! A39, A42, A52, A81) and Envoy's semantics; unknown fields are ignored.
+//! A39, A41, A42, A52, A81) and Envoy's semantics; unknown fields are ignored.
 //! Nothing here panics on network data.
 
 use std::borrow::Cow;
@@ -20,6 +20,7 @@ pub mod endpoint;
 mod fault;
 pub mod listener;
 mod ratelimit;
+pub mod rbac;
 pub mod route;
 
 pub use cluster::ClusterResource;

@@ -159,7 +159,7 @@ pub(crate) fn header(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
 }
 
 /// An Envoy `StringMatcher`; `ignore_case` literals become case-insensitive regexes.
-fn string_match(sm: &StringMatcher) -> Result<StringMatch, String> {
+pub(crate) fn string_match(sm: &StringMatcher) -> Result<StringMatch, String> {
     let literal = |s: &str, before: &str, after: &str| regex(&format!("(?is){before}{}{after}", escape(s)));
     Ok(match (&sm.match_pattern, sm.ignore_case) {
         (Some(MatchPattern::Exact(s)), false) => StringMatch::Exact(s.clone()),
