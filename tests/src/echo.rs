@@ -167,8 +167,22 @@ impl EchoServer {
     /// clients keep making new handshakes.
     pub async fn start_mesh_aged(acceptor: mesh_tower::tls::MtlsAcceptor, max_age: Option<Duration>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve_mesh(listener, acceptor, Echo { reply_caller: true, ..Echo::new("", Duration::ZERO) }, max_age)
+    }
+
+    /// [`Self::start_mesh`] on `addr`, answering every call with `reply` (for benchmarks).
+    pub async fn start_mesh_replying(acceptor: mesh_tower::tls::MtlsAcceptor, addr: SocketAddr, reply: Bytes) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Self::serve_mesh(listener, acceptor, Echo::new(reply, Duration::ZERO), None)
+    }
+
+    fn serve_mesh(
+        listener: TcpListener,
+        acceptor: mesh_tower::tls::MtlsAcceptor,
+        echo: Echo,
+        max_age: Option<Duration>,
+    ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
-        let echo = Echo { reply_caller: true, ..Echo::new("", Duration::ZERO) };
         let (calls, timeouts) = (echo.calls.clone(), echo.timeouts.clone());
         let (tx, mut rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

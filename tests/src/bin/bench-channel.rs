@@ -18,6 +18,11 @@
 //! `--only` names them, e.g. `--only "p2c_ewma),raw,no queue"`; `--solo` drops the baseline (for profiling).
 //! Prints a Markdown table: p50/p99 latency, throughput, client CPU per call,
 //! and the mesh/plain ratios.
+//!
+//! `--mtls` serves from the mesh's permissive acceptor (the same port for plaintext and mTLS) and adds the mesh
+//! channel over mTLS, compared per round with the same channel in plaintext (issue 16). `--handshakes C`
+//! measures instead the acceptor's full mTLS handshakes per second per core of the server process, C clients
+//! handshaking at once for `--seconds`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -63,6 +68,14 @@ struct Args {
     /// Concurrency levels.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     concurrency: Vec<usize>,
+    /// Serve behind the mesh's permissive acceptor (plaintext and mTLS on one port, certificates from the mesh
+    /// CA) and add the mesh channel over mTLS; its ratio to the same channel in plaintext is printed.
+    #[arg(long)]
+    mtls: bool,
+    /// Instead of calls, measure the acceptor's full mTLS handshakes per second per core of the server
+    /// process, with this many clients handshaking at once.
+    #[arg(long)]
+    handshakes: Option<usize>,
 }
 
 #[derive(Default)]
@@ -254,7 +267,7 @@ impl http_body::Body for Wrapped {
 }
 
 /// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
-const VARIANTS: [&str; 14] = [
+const VARIANTS: [&str; 15] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
     // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
@@ -273,7 +286,18 @@ const VARIANTS: [&str; 14] = [
     "mesh Channel (p2c_ewma, layer: breaker) [diag]",
     "mesh Channel (p2c_ewma, layer: outlier detection) [diag]",
     "mesh Channel (p2c_ewma, layer: rate limit) [diag]",
+    // Issue 16's target: steady state over mTLS against the same channel in plaintext (with `--mtls`).
+    "mesh Channel (p2c_ewma, mTLS)",
 ];
+
+/// The mTLS variant, and the plaintext one it is compared with.
+const MTLS: usize = 14;
+
+/// The client's credentials for the mTLS variant (set by a `--mtls` client process).
+static CLIENT_CREDENTIALS: std::sync::OnceLock<Arc<mesh_tower::tls::Credentials>> = std::sync::OnceLock::new();
+
+/// The server's SPIFFE ID in `--mtls` runs.
+const SERVER_ID: &str = "spiffe://bench.test/ns/default/sa/echo";
 
 /// Variants that form the baseline.
 const BASELINE: [usize; 2] = [0, 1];
@@ -296,6 +320,11 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         8 => caller!(raw_hyper(addr, true).await?),
         9 => caller!(balancer_like(addr).await?),
         10..=13 => caller!(one_layer(mesh().lb(LbPolicy::p2c_ewma()), i - 10).build()?),
+        MTLS => {
+            let credentials = CLIENT_CREDENTIALS.get().ok_or_else(|| anyhow::anyhow!("the mTLS variant needs --mtls"))?.clone();
+            let policy = mesh_core::policy::TlsPolicy { server_name: None, allowed_identities: vec![SERVER_ID.to_owned()] };
+            caller!(mesh().lb(LbPolicy::p2c_ewma()).mtls(credentials, policy).build()?)
+        }
         _ => anyhow::bail!("no variant {i}"),
     })
 }
@@ -335,6 +364,7 @@ fn selected(args: &Args) -> Vec<(usize, &'static str)> {
         .enumerate()
         .filter(|(i, name)| match &args.only {
             _ if BASELINE.contains(i) => !args.solo,
+            _ if *i == MTLS && !args.mtls => false,
             Some(only) => only.iter().any(|o| name.contains(o.as_str())),
             None => !name.ends_with("[diag]"),
         })
@@ -358,7 +388,21 @@ fn child(args: &Args, process: u32) -> anyhow::Result<()> {
     let server_bin: PathBuf = std::env::current_exe()?.with_file_name("mesh-test-server");
     let mut command = Command::new(&server_bin);
     command.args(["--reply-bytes", "1024"]);
+    let pki = mesh_tests::peers::TempDir::new("bench-pki")?;
+    if args.mtls || args.handshakes.is_some() {
+        let ca = mesh_control::ca::Ca::generate("bench.test")?;
+        let now = std::time::SystemTime::now();
+        ca.issue(SERVER_ID, &[], Duration::from_secs(3600), now)?.write_to(&pki.0.join("server"))?;
+        let client = ca.issue("spiffe://bench.test/ns/default/sa/bench", &[], Duration::from_secs(3600), now)?;
+        let key = client.key.as_deref().unwrap_or_default();
+        let credentials = mesh_tower::tls::Credentials::from_pem(client.chain.as_bytes(), key.as_bytes(), client.bundle.as_bytes())?;
+        let _ = CLIENT_CREDENTIALS.set(Arc::new(credentials));
+        command.arg("--mtls").arg(pki.0.join("server"));
+    }
     let server = spawn_listening(command)?;
+    if let Some(clients) = args.handshakes {
+        return handshakes(&server, clients, args.seconds);
+    }
     let addr = server.addr;
     let variants = selected(args);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -386,6 +430,48 @@ fn child(args: &Args, process: u32) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     drop(server);
+    Ok(())
+}
+
+/// Full mTLS handshakes against `server` from `clients` loops for `seconds`: prints
+/// `handshakes <count> <seconds> <server CPU seconds>`.
+fn handshakes(server: &mesh_tests::peers::Peer, clients: usize, seconds: f64) -> anyhow::Result<()> {
+    let credentials = CLIENT_CREDENTIALS.get().ok_or_else(|| anyhow::anyhow!("no credentials"))?.clone();
+    let connector = mesh_tower::tls::MtlsConnector::new(mesh_tower::connect::TcpConnector::new(), Some(credentials));
+    let policy = Arc::new(mesh_core::policy::TlsPolicy { server_name: None, allowed_identities: vec![SERVER_ID.to_owned()] });
+    let target = mesh_tower::connect::EndpointTarget { endpoint: Arc::new(mesh_core::Endpoint::new(server.addr)), tls: Some(policy) };
+    let server_cpu = || -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+        Duration::from_millis(ticks * 10)
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let done = runtime.block_on(async {
+        use mesh_tower::connect::Connect;
+        let (cpu0, until) = (server_cpu(), Instant::now() + Duration::from_secs_f64(seconds));
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                let (connector, target) = (connector.clone(), target.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < until {
+                        connector.connect(&target).await.expect("an mTLS handshake");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut n = 0;
+        for worker in workers {
+            n += worker.await.unwrap_or(0);
+        }
+        // Let the server finish the last handshakes' accounting.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (n, server_cpu().saturating_sub(cpu0))
+    });
+    println!("handshakes {} {seconds} {}", done.0, done.1.as_secs_f64());
     Ok(())
 }
 
@@ -433,6 +519,17 @@ fn main() -> anyhow::Result<()> {
     if let Some(process) = args.child {
         return child(&args, process);
     }
+    if let Some(clients) = args.handshakes {
+        let output = Command::new(std::env::current_exe()?).args(std::env::args().skip(1)).args(["--child", "0"]).output()?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = text.lines().find_map(|l| l.strip_prefix("handshakes ")).ok_or_else(|| anyhow::anyhow!("no result: {text}"))?;
+        let fields: Vec<f64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        let [n, secs, cpu] = fields[..] else { anyhow::bail!("bad result line {line:?}") };
+        println!("| clients | handshakes/s | server CPU s | handshakes per server CPU second (per core) |");
+        println!("|---|---|---|---|");
+        println!("| {clients} | {:.0} | {cpu:.2} | {:.0} |", n / secs, n / cpu.max(1e-9));
+        return Ok(());
+    }
     let variants = selected(&args);
     let rounds = collect_rounds(&args, variants.len())?;
     let baseline: Vec<usize> = BASELINE.iter().filter_map(|b| variants.iter().position(|(i, _)| i == b)).collect();
@@ -478,6 +575,22 @@ fn main() -> anyhow::Result<()> {
             if *v == SHIPPED {
                 verdicts.push((c, m(0), m(2)));
             }
+        }
+    }
+    // mTLS against the same channel in plaintext, per round.
+    if let (Some(tls), Some(plain)) = (variants.iter().position(|(v, _)| *v == MTLS), variants.iter().position(|(v, _)| *v == SHIPPED)) {
+        println!();
+        println!("| concurrency | mTLS vs plaintext mesh channel: p50 | p99 | throughput | CPU/call |");
+        println!("|---|---|---|---|---|");
+        for &c in &args.concurrency {
+            let at_c: Vec<&Round> = rounds.iter().filter(|r| r.concurrency == c).collect();
+            let m = |k: usize| median(at_c.iter().map(|r| r.metrics[tls][k] / r.metrics[plain][k]).collect());
+            println!("| {c} | {:.3} | {:.3} | {:.3} | {:.3} |", m(0), m(1), m(2), m(3));
+            println!(
+                "targets: concurrency {c}: mTLS throughput {:.3}× plaintext ≥ 0.95× {}",
+                m(2),
+                if m(2) >= 0.95 { "met" } else { "NOT met" }
+            );
         }
     }
     // The issue's targets for the mesh channel as shipped (static discovery, P2C-EWMA), judged on this run.
