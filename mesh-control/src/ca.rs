@@ -244,6 +244,31 @@ impl Ca {
     }
 }
 
+/// Keeps `dir` holding a valid certificate for `identity` from `ca`: issues one now (an error stops here), then
+/// a new one at each half life, in a task. A failed renewal is logged and tried again a minute later.
+pub fn keep_issued(ca: std::sync::Arc<Ca>, identity: String, dir: PathBuf) -> Result<tokio::task::JoinHandle<()>, CaError> {
+    let issue = move || -> Result<Issued, CaError> {
+        let issued = ca.issue(&identity, &[], DEFAULT_WORKLOAD_LIFETIME, SystemTime::now())?;
+        issued.write_to(&dir)?;
+        Ok(issued)
+    };
+    let first = issue()?;
+    Ok(tokio::spawn(async move {
+        let mut renew_at = first.renew_at;
+        loop {
+            let wait = renew_at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            renew_at = match issue() {
+                Ok(issued) => issued.renew_at,
+                Err(error) => {
+                    tracing::warn!(%error, "renewing a workload certificate failed; trying again in a minute");
+                    SystemTime::now() + Duration::from_secs(60)
+                }
+            };
+        }
+    }))
+}
+
 /// Parameters of a CA certificate for `trust_domain`.
 fn ca_params(trust_domain: &str, name: &str, lifetime: Duration) -> Result<CertificateParams, CaError> {
     let id = format!("spiffe://{trust_domain}");

@@ -410,6 +410,28 @@ pub fn write_bootstrap(path: &Path, xds: SocketAddr, node_id: &str) -> crate::Re
     std::fs::write(path, bootstrap_json(xds, node_id, false)).map_err(|source| crate::Error::Io { path: path.to_owned(), source })
 }
 
+/// The certificate provider instance the clusters of strict services reference (`translate::cluster`).
+pub const CERTIFICATE_PROVIDER: &str = "default";
+
+/// [`bootstrap_json`] with a `file_watcher` certificate provider instance, [`CERTIFICATE_PROVIDER`], reading
+/// `certs/cert.pem`, `certs/key.pem` and `certs/ca.pem` every minute: what a strict service's clusters need.
+pub fn bootstrap_json_with_certificates(xds: SocketAddr, node_id: &str, certs: &Path) -> String {
+    let mut bootstrap: serde_json::Value = serde_json::from_str(&bootstrap_json(xds, node_id, false)).unwrap_or_default();
+    let file = |name: &str| certs.join(name).display().to_string();
+    bootstrap["certificate_providers"] = serde_json::json!({
+        CERTIFICATE_PROVIDER: {
+            "plugin_name": "file_watcher",
+            "config": {
+                "certificate_file": file("cert.pem"),
+                "private_key_file": file("key.pem"),
+                "ca_certificate_file": file("ca.pem"),
+                "refresh_interval": "60s",
+            },
+        },
+    });
+    format!("{bootstrap:#}\n")
+}
+
 /// Follows Kubernetes Services and EndpointSlices: Kubernetes-backed services and subsets get their endpoints
 /// (ready → HEALTHY, terminating but serving → DRAINING, otherwise UNHEALTHY; zone → locality) and every change is
 /// republished.

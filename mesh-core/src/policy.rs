@@ -446,12 +446,17 @@ impl RateLimit {
 }
 
 /// Upstream TLS settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TlsPolicy {
     /// SNI to send.
     pub server_name: Option<String>,
     /// Accepted peer identities (SPIFFE IDs); empty accepts any valid chain.
     pub allowed_identities: Vec<String>,
+    /// The certificate provider instance (of the bootstrap's `certificate_providers`) whose certificate and key
+    /// the client presents; `None`: the channel's own credentials.
+    pub certificate_provider: Option<String>,
+    /// The instance whose trust bundle checks the server; `None`: the identity's own bundle.
+    pub ca_certificate_provider: Option<String>,
 }
 
 /// Policies that a route applies to its requests.

@@ -308,7 +308,8 @@ impl ChannelBuilder {
         let authority = name
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("name {name:?}: {e}") })?;
-        let connectors = MakeMtls::new(self.credentials);
+        let providers = crate::xds::certificate_providers(client.bootstrap());
+        let connectors = MakeMtls::new(self.credentials).with_providers(providers);
         let handshakes = connectors.counts().clone();
         let (router, follower) = crate::xds::follow(client, name, self.config, connectors);
         Ok(Channel::new(Inner { router, _follower: Some(Arc::new(follower)), handshakes }, authority, self.timeout))

@@ -16,7 +16,7 @@ use mesh_tower::cluster::{ClusterTarget, Discovery, NewCluster, Source, Standard
 use mesh_tower::discover::dns::{DnsConfig, DnsQuery};
 use mesh_tower::discover::{self, BoxDiscover, Change};
 use mesh_tower::route::{Publisher, Router};
-use mesh_tower::tls::MakeMtls;
+use mesh_tower::tls::{CredentialsSource, MakeMtls};
 use tokio::sync::mpsc;
 use tonic::body::Body;
 use xds_client::resource::{ClusterResource, EndpointsResource, ListenerResource, RouteSource};
@@ -47,6 +47,34 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// The bootstrap's `file_watcher` certificate provider instances, each watching its files (gRPC's A29). An
+/// instance whose files cannot be read now is left out with an error logged: a cluster naming it fails its
+/// connections with that reason, never goes out without TLS.
+pub(crate) fn certificate_providers(bootstrap: &xds_client::Bootstrap) -> std::collections::BTreeMap<String, CredentialsSource> {
+    let mut providers = std::collections::BTreeMap::new();
+    for (name, provider) in &bootstrap.certificate_providers {
+        let Some(config) = &provider.file_watcher else {
+            tracing::warn!(instance = %name, plugin = %provider.plugin_name, "certificate provider plugin not supported; only file_watcher");
+            continue;
+        };
+        let (Some(cert), Some(key), Some(ca)) = (&config.certificate_file, &config.private_key_file, &config.ca_certificate_file) else {
+            tracing::warn!(instance = %name, "a file_watcher instance without all of certificate, key and CA files is not supported yet");
+            continue;
+        };
+        let watcher = mesh_tower::tls::FileWatcher {
+            certificate_file: cert.into(),
+            private_key_file: key.into(),
+            ca_certificate_file: ca.into(),
+            refresh_interval: config.refresh_interval,
+        };
+        match watcher.start() {
+            Ok(source) => drop(providers.insert(name.clone(), source)),
+            Err(error) => tracing::error!(instance = %name, %error, "certificate provider instance unusable"),
+        }
+    }
+    providers
 }
 
 /// Starts following `xds:///name`: the router of its tables, and the task that publishes them.

@@ -145,8 +145,11 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
     let mut builder = Channel::builder(&args.target).lb(lb);
     match credentials(&args) {
         Ok(Some(credentials)) => {
-            let policy =
-                mesh_core::policy::TlsPolicy { server_name: None, allowed_identities: args.expect_identity.iter().cloned().collect() };
+            let policy = mesh_core::policy::TlsPolicy {
+                server_name: None,
+                allowed_identities: args.expect_identity.iter().cloned().collect(),
+                ..Default::default()
+            };
             builder = builder.mtls(Arc::new(credentials), policy);
         }
         Ok(None) => {}

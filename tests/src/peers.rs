@@ -332,7 +332,9 @@ pub struct MeshControl {
 }
 
 impl MeshControl {
-    /// Starts `mesh-control --mesh <mesh>` on free ports; logs go to `<dir>/mesh-control.log`.
+    /// Starts `mesh-control --mesh <mesh>` on free ports, its CA in `<dir>/ca` (trust domain `mesh.local`), the
+    /// bootstrap it writes in `<dir>/bootstrap-written.json` (its certificate files beside it, in
+    /// `bootstrap-written.certs`); logs go to `<dir>/mesh-control.log`.
     pub fn start(mesh: &Path, dir: &Path) -> anyhow::Result<Self> {
         let log = dir.join("mesh-control.log");
         let mut child = Command::new(workspace_bin("mesh-control")?)
@@ -340,6 +342,8 @@ impl MeshControl {
             .arg(mesh)
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--bootstrap-out"])
             .arg(dir.join("bootstrap-written.json"))
+            .arg("--ca-dir")
+            .arg(dir.join("ca"))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
             .spawn()

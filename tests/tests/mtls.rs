@@ -48,7 +48,8 @@ fn balancer_with(
     allowed: &[&str],
     counts: &Arc<HandshakeCounts>,
 ) -> Balancer<http_body_util::Full<bytes::Bytes>, MtlsConnector> {
-    let tls = TlsPolicy { server_name: None, allowed_identities: allowed.iter().map(|s| (*s).to_owned()).collect() };
+    let tls =
+        TlsPolicy { server_name: None, allowed_identities: allowed.iter().map(|s| (*s).to_owned()).collect(), ..TlsPolicy::default() };
     let config = BalancerConfig { tls: Some(tls), ready_timeout: Duration::from_secs(2), ..BalancerConfig::default() };
     let connector = MtlsConnector::new(TcpConnector::new(), Some(Arc::new(credentials))).with_counts(counts.clone());
     Balancer::with_connector("greeter", discover::fixed(vec![Endpoint::new(server)]), config, connector)
@@ -545,7 +546,7 @@ async fn watched_pair(
     let acceptor = MtlsAcceptor::new(watched(server_dir)).unwrap();
     let accepted = acceptor.counts().clone();
     let server = EchoServer::start_mesh_aged(acceptor, Some(Duration::from_secs(1))).await.unwrap();
-    let policy = TlsPolicy { server_name: None, allowed_identities: vec![GREETER.to_owned()] };
+    let policy = TlsPolicy { server_name: None, allowed_identities: vec![GREETER.to_owned()], ..TlsPolicy::default() };
     let channel = mesh_tonic::Channel::builder(format!("static:///{}", server.addr)).mtls(watched(client_dir), policy).build().unwrap();
     (server, channel, accepted)
 }
@@ -635,4 +636,43 @@ async fn a_root_rotation_with_an_overlap_fails_no_call() {
     let stale = Credentials::from_pem(cert.as_bytes(), key.as_bytes(), both.as_bytes()).unwrap();
     balancer_with(server.addr, stale, &[GREETER], &Arc::default()).oneshot(request()).await.unwrap_err();
     assert!(failed_for(&accepted, HandshakeFailure::UnknownCa).await >= 1, "{:?}", accepted.failures());
+}
+
+/// A strict service works out of the box: the bootstrap mesh-control writes names a certificate provider holding
+/// a certificate from its CA (renewed at half life), the service's clusters reference that provider, and our
+/// `xds:///` client speaks mTLS to a server whose certificate `meshctl ca issue` made from the same CA. With a
+/// bootstrap that lacks the provider, the calls fail with that reason and nothing goes out in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_service_is_reached_over_mtls_with_the_certificate_provider_mesh_controls_bootstrap_names() {
+    let dir = mesh_tests::peers::TempDir::new("strict").unwrap();
+    let (ca_dir, greeter_dir) = (dir.0.join("ca").display().to_string(), dir.0.join("greeter"));
+    let greeter = "spiffe://mesh.local/ns/default/sa/greeter";
+    let args = ["ca", "issue", "--identity", greeter, "--out", greeter_dir.to_str().unwrap(), "--ca-dir", &ca_dir];
+    let (code, stdout, stderr) = mesh_tests::peers::meshctl(&args).unwrap();
+    assert_eq!(code, 0, "{stdout} {stderr}");
+    let server = EchoServer::start_mesh(MtlsAcceptor::new(watched(&greeter_dir)).unwrap()).await.unwrap();
+    let mesh = dir.0.join("mesh.yaml");
+    std::fs::write(&mesh, format!("services:\n  greeter:\n    endpoints:\n      - {{ address: {} }}\n    mtls: strict\n", server.addr))
+        .unwrap();
+    let cp = mesh_tests::peers::MeshControl::start(&mesh, &dir.0).unwrap();
+
+    let summary =
+        mesh_tests::peers::meshctl_xds_call(&dir.0.join("bootstrap-written.json"), "xds:///greeter", mesh_tests::echo::METHOD, 5).await;
+    assert_eq!(
+        summary["by_response"]["spiffe://mesh.local/ns/default/sa/mesh-client"], 5,
+        "the server saw the bootstrap's identity: {summary}"
+    );
+
+    let (_plain_dir, plain) = mesh_tests::peers::write_bootstrap(cp.xds, &["xds_v3"]).unwrap();
+    let plain = plain.display().to_string();
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let args =
+            ["call", "--target", "xds:///greeter", "--method", mesh_tests::echo::METHOD, "--n", "2", "--timeout-ms", "3000", "--json"];
+        mesh_tests::peers::meshctl_with_env(&args, &[("GRPC_XDS_BOOTSTRAP", &plain)]).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{stdout} {stderr}");
+    assert!(stderr.contains("certificate provider instance \"default\""), "{stderr}");
+    assert_eq!(server.calls(), 5, "nothing reached the server without mTLS");
 }

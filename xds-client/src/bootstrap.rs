@@ -114,6 +114,21 @@ pub struct CertificateProvider {
     pub plugin_name: String,
     /// Plugin configuration as given.
     pub config: Value,
+    /// The configuration of a `file_watcher` instance, checked when the bootstrap was read.
+    pub file_watcher: Option<FileWatcherConfig>,
+}
+
+/// gRPC's `file_watcher` certificate provider: PEM files read again every `refresh_interval`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileWatcherConfig {
+    /// The certificate chain (with `private_key_file`), if the instance provides an identity.
+    pub certificate_file: Option<String>,
+    /// Its private key.
+    pub private_key_file: Option<String>,
+    /// The trust bundle, if the instance provides roots.
+    pub ca_certificate_file: Option<String>,
+    /// How often the files are read again (default 600 s).
+    pub refresh_interval: std::time::Duration,
 }
 
 /// A federation authority (A47).
@@ -173,8 +188,9 @@ impl Bootstrap {
             let field = format!("certificate_providers.{name}");
             let o = p.object(v, &field)?;
             let plugin_name = p.string(o.get("plugin_name"), &format!("{field}.plugin_name"))?;
-            certificate_providers
-                .insert(name.clone(), CertificateProvider { plugin_name, config: o.get("config").cloned().unwrap_or(Value::Null) });
+            let config = o.get("config").cloned().unwrap_or(Value::Null);
+            let file_watcher = (plugin_name == "file_watcher").then(|| p.file_watcher(&config, &format!("{field}.config"))).transpose()?;
+            certificate_providers.insert(name.clone(), CertificateProvider { plugin_name, config, file_watcher });
         }
         let mut authorities = BTreeMap::new();
         for (name, v) in p.object_opt(root.get("authorities"), "authorities")? {
@@ -258,6 +274,37 @@ impl<F: Fn(Option<usize>, &str, String) -> Error> Parser<'_, F> {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(_) => Err((self.fail)(None, field, "must be a string".into())),
         }
+    }
+
+    /// A `file_watcher` instance's config: the certificate and key together, or neither; at least one of them or
+    /// the CA file; `refresh_interval` a protobuf JSON duration (`"600s"`).
+    fn file_watcher(&self, config: &Value, field: &str) -> Result<FileWatcherConfig> {
+        let empty = Map::new();
+        let o = match config {
+            Value::Null => &empty,
+            v => self.object(v, field)?,
+        };
+        let file = |key: &str| self.string_opt(o.get(key), &format!("{field}.{key}"));
+        let (certificate_file, private_key_file, ca_certificate_file) =
+            (file("certificate_file")?, file("private_key_file")?, file("ca_certificate_file")?);
+        if certificate_file.is_some() != private_key_file.is_some() {
+            return Err((self.fail)(None, field, "certificate_file and private_key_file go together".into()));
+        }
+        if certificate_file.is_none() && ca_certificate_file.is_none() {
+            return Err((self.fail)(None, field, "needs certificate_file and private_key_file, or ca_certificate_file".into()));
+        }
+        let refresh_interval = match self.string_opt(o.get("refresh_interval"), &format!("{field}.refresh_interval"))? {
+            None => std::time::Duration::from_secs(600),
+            Some(text) => text
+                .strip_suffix('s')
+                .and_then(|secs| secs.parse::<f64>().ok())
+                .filter(|secs| *secs > 0.0)
+                .and_then(|secs| std::time::Duration::try_from_secs_f64(secs).ok())
+                .ok_or_else(|| {
+                    (self.fail)(None, &format!("{field}.refresh_interval"), format!("{text:?} is not a positive duration like \"600s\""))
+                })?,
+        };
+        Ok(FileWatcherConfig { certificate_file, private_key_file, ca_certificate_file, refresh_interval })
     }
 
     fn servers(&self, v: Option<&Value>, field: &str) -> Result<Vec<XdsServer>> {
@@ -357,7 +404,7 @@ mod tests {
       ],
       "node": {"id": "sidecar~10.0.0.1~greeter.default~default.svc.cluster.local", "cluster": "greeter",
                "locality": {"region": "r1", "zone": "z1"}, "metadata": {"GENERATOR": "grpc", "ISTIO_VERSION": "1.24"}},
-      "certificate_providers": {"default": {"plugin_name": "file_watcher", "config": {"certificate_file": "/c.pem", "refresh_interval": "900s"}}},
+      "certificate_providers": {"default": {"plugin_name": "file_watcher", "config": {"ca_certificate_file": "/ca.pem", "refresh_interval": "900s"}}},
       "authorities": {"xds.example.com": {"client_listener_resource_name_template": "xdstp://xds.example.com/envoy.config.listener.v3.Listener/%s"}},
       "server_listener_resource_name_template": "xds.istio.io/grpc/lds/inbound/%s",
       "some_future_field": 42
@@ -373,6 +420,10 @@ mod tests {
         assert_eq!(b.node.locality.zone, "z1");
         assert_eq!(b.node.metadata["GENERATOR"], "grpc");
         assert_eq!(b.certificate_providers["default"].plugin_name, "file_watcher");
+        let watcher = b.certificate_providers["default"].file_watcher.clone().unwrap();
+        assert_eq!(watcher.certificate_file, None);
+        assert_eq!(watcher.ca_certificate_file.as_deref(), Some("/ca.pem"));
+        assert_eq!(watcher.refresh_interval, std::time::Duration::from_secs(900));
         assert!(b.authorities.contains_key("xds.example.com"));
         assert_eq!(b.server_listener_resource_name_template.as_deref(), Some("xds.istio.io/grpc/lds/inbound/%s"));
         assert_eq!(b.listener_name_for_target("greeter"), "greeter");
@@ -399,6 +450,19 @@ mod tests {
             (r#"{"xds_servers": [{"server_uri": "a:1", "channel_creds": [{"type": "insecure"}]}], "node": {"id": 7}}"#, "node.id"),
         ] {
             let err = Bootstrap::from_json(json, "b.json").unwrap_err();
+            assert!(matches!(&err, Error::Bootstrap { field: f, .. } if f == field), "{json}: {err}");
+        }
+        // file_watcher instances are checked when the bootstrap is read.
+        let servers = r#""xds_servers": [{"server_uri": "a:1", "channel_creds": [{"type": "insecure"}]}]"#;
+        for (config, field) in [
+            (r#"{"certificate_file": "/c.pem"}"#, "certificate_providers.default.config"),
+            (r#"{}"#, "certificate_providers.default.config"),
+            (r#"{"ca_certificate_file": "/ca.pem", "refresh_interval": "10m"}"#, "certificate_providers.default.config.refresh_interval"),
+            (r#"{"ca_certificate_file": 3}"#, "certificate_providers.default.config.ca_certificate_file"),
+        ] {
+            let json =
+                format!(r#"{{{servers}, "certificate_providers": {{"default": {{"plugin_name": "file_watcher", "config": {config}}}}}}}"#);
+            let err = Bootstrap::from_json(&json, "b.json").unwrap_err();
             assert!(matches!(&err, Error::Bootstrap { field: f, .. } if f == field), "{json}: {err}");
         }
     }

@@ -182,7 +182,10 @@ fn http2() -> Any {
 
 /// mTLS with the client's `default` certificate provider instance (gRFC A29; Envoy has the same fields).
 fn mtls_socket() -> TransportSocket {
-    let provider = || CertificateProviderPluginInstance { instance_name: "default".to_owned(), certificate_name: String::new() };
+    let provider = || CertificateProviderPluginInstance {
+        instance_name: crate::control::CERTIFICATE_PROVIDER.to_owned(),
+        certificate_name: String::new(),
+    };
     let tls = UpstreamTlsContext {
         common_tls_context: Some(CommonTlsContext {
             tls_certificate_provider_instance: Some(provider()),

@@ -114,6 +114,7 @@ async fn the_connector_gets_each_endpoint_with_its_locality_and_the_clusters_tls
     let tls = mesh_core::policy::TlsPolicy {
         server_name: Some("greeter.mesh".to_owned()),
         allowed_identities: vec!["spiffe://mesh.local/ns/default/sa/greeter".to_owned()],
+        ..Default::default()
     };
     let (tx, source) = discover::channel();
     let locality = Arc::new(mesh_core::Locality { region: "r".to_owned(), zone: "z1".to_owned(), sub_zone: String::new() });
@@ -134,7 +135,7 @@ async fn the_connector_gets_each_endpoint_with_its_locality_and_the_clusters_tls
 async fn plain_tcp_refuses_a_cluster_that_asks_for_tls() {
     let target = EndpointTarget {
         endpoint: Arc::new(Endpoint::new("127.0.0.1:1".parse().unwrap())),
-        tls: Some(Arc::new(mesh_core::policy::TlsPolicy { server_name: None, allowed_identities: Vec::new() })),
+        tls: Some(Arc::new(mesh_core::policy::TlsPolicy::default())),
     };
     let error = crate::connect::TcpConnector::new().connect(&target).await.expect_err("refused");
     assert_eq!(error.kind(), std::io::ErrorKind::Unsupported);

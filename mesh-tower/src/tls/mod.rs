@@ -110,6 +110,18 @@ impl Credentials {
     pub fn identity(&self) -> Option<&PeerIdentity> {
         self.identity.as_ref()
     }
+
+    /// These credentials' certificate and key with `other`'s trust bundles (a cluster whose identity and roots
+    /// come from two certificate provider instances).
+    fn with_bundles_of(&self, other: &Credentials) -> Credentials {
+        Credentials {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            bundles: other.bundles.clone(),
+            any_domain: other.any_domain.clone(),
+            identity: self.identity.clone(),
+        }
+    }
 }
 
 /// The roots in a PEM bundle (at least one).
@@ -434,6 +446,10 @@ pub struct MtlsConnector {
     tcp: TcpConnector,
     /// `None`: no credentials, so a cluster that asks for TLS is refused.
     credentials: Option<CredentialsSource>,
+    /// Trust bundles from another source than the identity's.
+    roots: Option<CredentialsSource>,
+    /// Why there are no credentials, when it is not simply that none were given.
+    missing: Option<Arc<str>>,
     counts: Arc<HandshakeCounts>,
 }
 
@@ -447,7 +463,7 @@ impl MtlsConnector {
     /// Connects with `credentials` (each handshake with their current value) over `tcp`; without
     /// credentials, only to clusters in plaintext.
     pub fn new(tcp: TcpConnector, credentials: Option<impl Into<CredentialsSource>>) -> Self {
-        Self { tcp, credentials: credentials.map(Into::into), counts: Arc::default() }
+        Self { tcp, credentials: credentials.map(Into::into), roots: None, missing: None, counts: Arc::default() }
     }
 
     /// Counts handshakes in `counts` (shared with other connectors).
@@ -463,10 +479,16 @@ impl MtlsConnector {
 
     fn client_config(&self, policy: &TlsPolicy) -> io::Result<rustls::ClientConfig> {
         let Some(source) = &self.credentials else {
-            let reason = "the cluster requires TLS and the channel has no TLS credentials (certificate, key and trust bundle)";
-            return Err(io::Error::new(io::ErrorKind::Unsupported, reason));
+            let reason = self
+                .missing
+                .as_deref()
+                .unwrap_or("the cluster requires TLS and the channel has no TLS credentials (certificate, key and trust bundle)");
+            return Err(io::Error::new(io::ErrorKind::Unsupported, reason.to_owned()));
         };
-        let credentials = source.current();
+        let mut credentials = source.current();
+        if let Some(roots) = &self.roots {
+            credentials = Arc::new(credentials.with_bundles_of(&roots.current()));
+        }
         let provider = provider();
         let chains = ByDomain::build(&credentials, |roots| {
             rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()
@@ -626,13 +648,23 @@ impl Connect for MtlsConnector {
 #[derive(Clone, Debug, Default)]
 pub struct MakeMtls {
     credentials: Option<CredentialsSource>,
+    /// Certificate provider instances by name (the bootstrap's `certificate_providers`), for clusters that
+    /// name theirs.
+    providers: Arc<BTreeMap<String, CredentialsSource>>,
     counts: Arc<HandshakeCounts>,
 }
 
 impl MakeMtls {
     /// Connectors with `credentials` (without: plaintext clusters only).
     pub fn new(credentials: Option<CredentialsSource>) -> Self {
-        Self { credentials, counts: Arc::default() }
+        Self { credentials, providers: Arc::default(), counts: Arc::default() }
+    }
+
+    /// Certificate provider instances by name: a cluster whose TLS policy names an instance
+    /// ([`TlsPolicy::certificate_provider`], [`TlsPolicy::ca_certificate_provider`]) takes its credentials from it.
+    pub fn with_providers(mut self, providers: BTreeMap<String, CredentialsSource>) -> Self {
+        self.providers = Arc::new(providers);
+        self
     }
 
     /// The handshakes of every connector made.
@@ -645,8 +677,31 @@ impl crate::cluster::MakeConnect for MakeMtls {
     type Connect = MtlsConnector;
 
     fn make_connect(&self, cluster: &crate::cluster::ClusterTarget) -> MtlsConnector {
-        MtlsConnector::new(TcpConnector::from_policy(&cluster.balancer.connection), self.credentials.clone())
-            .with_counts(self.counts.clone())
+        let tls = cluster.balancer.tls.as_ref();
+        let mut connector = MtlsConnector::new(TcpConnector::from_policy(&cluster.balancer.connection), self.credentials.clone())
+            .with_counts(self.counts.clone());
+        let mut missing = None;
+        let mut instance = |name: &str| {
+            let found = self.providers.get(name).cloned();
+            if found.is_none() {
+                let reason = format!(
+                    "the cluster's TLS names the certificate provider instance {name:?}, which the bootstrap's certificate_providers do not define"
+                );
+                tracing::warn!(cluster = %cluster.name, "{reason}");
+                missing = Some(reason.into());
+            }
+            found
+        };
+        let identity = tls.and_then(|t| t.certificate_provider.as_deref());
+        if let Some(name) = identity {
+            connector.credentials = instance(name);
+        }
+        match tls.and_then(|t| t.ca_certificate_provider.as_deref()) {
+            Some(name) if Some(name) != identity => connector.roots = instance(name),
+            _ => {}
+        }
+        connector.missing = missing;
+        connector
     }
 }
 

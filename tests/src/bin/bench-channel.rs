@@ -322,7 +322,8 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         10..=13 => caller!(one_layer(mesh().lb(LbPolicy::p2c_ewma()), i - 10).build()?),
         MTLS => {
             let credentials = CLIENT_CREDENTIALS.get().ok_or_else(|| anyhow::anyhow!("the mTLS variant needs --mtls"))?.clone();
-            let policy = mesh_core::policy::TlsPolicy { server_name: None, allowed_identities: vec![SERVER_ID.to_owned()] };
+            let policy =
+                mesh_core::policy::TlsPolicy { server_name: None, allowed_identities: vec![SERVER_ID.to_owned()], ..Default::default() };
             caller!(mesh().lb(LbPolicy::p2c_ewma()).mtls(credentials, policy).build()?)
         }
         _ => anyhow::bail!("no variant {i}"),
@@ -438,7 +439,8 @@ fn child(args: &Args, process: u32) -> anyhow::Result<()> {
 fn handshakes(server: &mesh_tests::peers::Peer, clients: usize, seconds: f64) -> anyhow::Result<()> {
     let credentials = CLIENT_CREDENTIALS.get().ok_or_else(|| anyhow::anyhow!("no credentials"))?.clone();
     let connector = mesh_tower::tls::MtlsConnector::new(mesh_tower::connect::TcpConnector::new(), Some(credentials));
-    let policy = Arc::new(mesh_core::policy::TlsPolicy { server_name: None, allowed_identities: vec![SERVER_ID.to_owned()] });
+    let policy =
+        Arc::new(mesh_core::policy::TlsPolicy { server_name: None, allowed_identities: vec![SERVER_ID.to_owned()], ..Default::default() });
     let target = mesh_tower::connect::EndpointTarget { endpoint: Arc::new(mesh_core::Endpoint::new(server.addr)), tls: Some(policy) };
     let server_cpu = || -> Duration {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap_or_default();

@@ -292,7 +292,22 @@ fn tls(ts: &TransportSocket) -> Result<Option<TlsPolicy>, String> {
         "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(None),
         "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" => {
             let ctx = UpstreamTlsContext::decode(any.value.as_slice()).map_err(|e| format!("malformed UpstreamTlsContext: {e}"))?;
-            let validation = match ctx.common_tls_context.as_ref().and_then(|c| c.validation_context_type.as_ref()) {
+            let common = ctx.common_tls_context.as_ref();
+            // A29: certificates come from the bootstrap's provider instances; secrets sent inline or over SDS are
+            // refused rather than ignored (the connection would otherwise go out without the configured identity).
+            if common.is_some_and(|c| !c.tls_certificates.is_empty() || !c.tls_certificate_sds_secret_configs.is_empty()) {
+                return Err("tls_certificates and tls_certificate_sds_secret_configs are not supported (A29: use tls_certificate_provider_instance)".into());
+            }
+            if let Some(ValidationContextType::ValidationContextSdsSecretConfig(_)) =
+                common.and_then(|c| c.validation_context_type.as_ref())
+            {
+                return Err("validation_context_sds_secret_config is not supported (A29: use ca_certificate_provider_instance)".into());
+            }
+            let certificate_provider = common
+                .and_then(|c| c.tls_certificate_provider_instance.as_ref())
+                .map(|p| p.instance_name.clone())
+                .filter(|n| !n.is_empty());
+            let validation = match common.and_then(|c| c.validation_context_type.as_ref()) {
                 Some(ValidationContextType::ValidationContext(v)) => Some(v),
                 Some(ValidationContextType::CombinedValidationContext(c)) => c.default_validation_context.as_ref(),
                 _ => None,
@@ -301,7 +316,16 @@ fn tls(ts: &TransportSocket) -> Result<Option<TlsPolicy>, String> {
                 v.match_subject_alt_names.iter().chain(v.match_typed_subject_alt_names.iter().filter_map(|m| m.matcher.as_ref()))
             });
             let allowed_identities = sans.map(exact_san).collect::<Result<_, _>>()?;
-            Ok(Some(TlsPolicy { server_name: Some(ctx.sni).filter(|s| !s.is_empty()), allowed_identities }))
+            let ca_certificate_provider = validation
+                .and_then(|v| v.ca_certificate_provider_instance.as_ref())
+                .map(|p| p.instance_name.clone())
+                .filter(|n| !n.is_empty());
+            Ok(Some(TlsPolicy {
+                server_name: Some(ctx.sni).filter(|s| !s.is_empty()),
+                allowed_identities,
+                certificate_provider,
+                ca_certificate_provider,
+            }))
         }
         other => Err(format!("unsupported transport socket type {other:?}")),
     }
@@ -332,7 +356,7 @@ mod tests {
     use envoy_types::pb::envoy::extensions::load_balancing_policies::client_side_weighted_round_robin::v3::ClientSideWeightedRoundRobin;
     use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-        CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher,
+        CertificateProviderPluginInstance, CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher,
     };
     use envoy_types::pb::envoy::r#type::v3::Percent;
     use envoy_types::pb::google::protobuf::{Any, UInt64Value};
@@ -387,15 +411,18 @@ mod tests {
     }
 
     fn tls_socket(sni: &str, sans: Vec<StringMatcher>) -> Option<TransportSocket> {
+        let instance = |name: &str| Some(CertificateProviderPluginInstance { instance_name: name.into(), certificate_name: String::new() });
         let validation = CertificateValidationContext {
             match_subject_alt_names: sans,
             match_typed_subject_alt_names: vec![SubjectAltNameMatcher { matcher: Some(san("spiffe://mesh/typed")), ..Default::default() }],
+            ca_certificate_provider_instance: instance("roots"),
             ..Default::default()
         };
         let ctx = UpstreamTlsContext {
             sni: sni.into(),
             common_tls_context: Some(CommonTlsContext {
                 validation_context_type: Some(ValidationContextType::ValidationContext(validation)),
+                tls_certificate_provider_instance: instance("default"),
                 ..Default::default()
             }),
             ..Default::default()
@@ -465,6 +492,7 @@ mod tests {
         let tls = cl.policies.tls.as_ref().unwrap();
         assert_eq!(tls.server_name.as_deref(), Some("greeter.svc"));
         assert_eq!(tls.allowed_identities, ["spiffe://mesh/greeter", "spiffe://mesh/typed"]);
+        assert_eq!((tls.certificate_provider.as_deref(), tls.ca_certificate_provider.as_deref()), (Some("default"), Some("roots")));
 
         let plain = decode_cluster(&eds("plain")).unwrap();
         assert_eq!(plain.eds_service_name(), Some("plain"));
