@@ -51,6 +51,10 @@ struct State {
     discovered: Vec<KubeRef>,
     /// A Kubernetes source was started and has not delivered its first complete lists: not ready yet.
     kube_pending: bool,
+    /// The mesh CA, whose certificates sidecars get over SDS.
+    ca: Option<Arc<crate::ca::Ca>>,
+    /// Each sidecar view's certificate (by view name, "" for none), kept until its half life.
+    sidecar_certs: std::collections::BTreeMap<String, crate::ca::Issued>,
 }
 
 /// What `/status` shows.
@@ -105,6 +109,8 @@ impl ControlPlane {
             discovered: Vec::new(),
             file_bytes: None,
             kube_pending: false,
+            ca: None,
+            sidecar_certs: Default::default(),
         };
         let cp = Self { cache, views, state: Arc::new(Mutex::new(state)), publishing: Arc::default() };
         cp.publish();
@@ -214,11 +220,18 @@ impl ControlPlane {
         for shape in [Shape::Proxyless, Shape::Sidecar] {
             let all = snapshot(&mesh, shape, None, kube.as_ref());
             for view in &views {
-                let snap = match mesh.views.get(view) {
+                let mut snap = match mesh.views.get(view) {
                     Some(services) => snapshot(&mesh, shape, Some(services), kube.as_ref()),
                     None => all.clone(),
                 };
+                if shape == Shape::Sidecar {
+                    self.add_secrets(&mut snap, view);
+                }
                 self.cache.set(&key(shape, view), snap);
+            }
+            let mut all = all;
+            if shape == Shape::Sidecar {
+                self.add_secrets(&mut all, "");
             }
             self.cache.set(&key(shape, ""), all.clone());
             if shape == Shape::Proxyless {
@@ -228,6 +241,45 @@ impl ControlPlane {
         // Only now may new streams be keyed to a new view: its snapshots exist. (Streams keep the key they connected
         // with: a client that connected before its view existed sees the whole mesh until it reconnects.)
         *self.views.write().unwrap_or_else(|e| e.into_inner()) = mesh.views.keys().cloned().collect();
+    }
+
+    /// Serves sidecars (Envoy) their certificates from `ca` over SDS: a sidecar of view `V` is
+    /// `spiffe://<trust-domain>/ns/default/sa/V`, one without a view `.../sa/mesh-sidecar`. Certificates are
+    /// renewed at half life and pushed as the secrets change. Whoever reaches the ADS port as a sidecar gets its
+    /// view's key: serve ADS on loopback (the default) or a trusted network only.
+    pub fn serve_certificates(&self, ca: Arc<crate::ca::Ca>) {
+        self.lock().ca = Some(ca);
+        self.publish();
+        let cp = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = cp.lock().sidecar_certs.values().map(|i| i.renew_at).min();
+                let wait = next.and_then(|t| t.duration_since(SystemTime::now()).ok()).unwrap_or(Duration::from_secs(60));
+                tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+                cp.publish();
+            }
+        });
+    }
+
+    /// The SDS secrets of the sidecars of `view`, when there is a CA: its certificate (issued again past its half
+    /// life) and the roots.
+    fn add_secrets(&self, snap: &mut Snapshot, view: &str) {
+        let mut state = self.lock();
+        let Some(ca) = state.ca.clone() else { return };
+        let fresh = state.sidecar_certs.get(view).is_some_and(|i| SystemTime::now() < i.renew_at);
+        if !fresh {
+            let domain = ca.trust_domain().unwrap_or("mesh.local").to_owned();
+            let name = if view.is_empty() { "mesh-sidecar" } else { view };
+            let identity = format!("spiffe://{domain}/ns/default/sa/{name}");
+            match ca.issue(&identity, &[], crate::ca::DEFAULT_WORKLOAD_LIFETIME, SystemTime::now()) {
+                Ok(issued) => drop(state.sidecar_certs.insert(view.to_owned(), issued)),
+                Err(error) => return tracing::warn!(%error, view, "no certificate for the view's sidecars"),
+            }
+        }
+        let Some(issued) = state.sidecar_certs.get(view) else { return };
+        for r in translate::secrets(&issued.chain, issued.key.as_deref().unwrap_or_default(), &issued.bundle) {
+            snap.insert(r.type_url, r.name, r.resource);
+        }
     }
 
     /// Serves ADS on `listener` until the process ends.

@@ -66,8 +66,12 @@ async fn main() -> anyhow::Result<()> {
     let admin_addr = admin.local_addr()?;
     let bootstrap =
         args.bootstrap_out.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("mesh-control-{}.json", xds_addr.port())));
-    write_bootstrap(&args, &bootstrap, xds_addr)?;
-    let inline: serde_json::Value = serde_json::from_str(&mesh_control::control::bootstrap_json(xds_addr, "mesh-client", false))?;
+    if let Some(ca) = write_bootstrap(&args, &bootstrap, xds_addr)? {
+        cp.serve_certificates(ca);
+    }
+    // The same bootstrap inline, certificate provider included.
+    let written = std::fs::read_to_string(&bootstrap).with_context(|| format!("reading back {}", bootstrap.display()))?;
+    let inline: serde_json::Value = serde_json::from_str(&written)?;
     let banner = format!(
         "mesh-control listening xds={xds_addr} admin={admin_addr}
   status:    http://{admin_addr}/status
@@ -95,22 +99,25 @@ Point a client at it:
 }
 
 /// The bootstrap for the node `mesh-client`: with a certificate provider holding a certificate from the mesh CA
-/// when there is one, plain otherwise.
-fn write_bootstrap(args: &Args, path: &std::path::Path, xds: SocketAddr) -> anyhow::Result<()> {
+/// when there is one (returned, for the sidecars' SDS), plain otherwise.
+fn write_bootstrap(args: &Args, path: &std::path::Path, xds: SocketAddr) -> anyhow::Result<Option<std::sync::Arc<mesh_control::ca::Ca>>> {
     const NODE: &str = "mesh-client";
     let ca_dir = args.ca_dir.clone().or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state/mesh/ca")));
     let Some(ca_dir) = ca_dir else {
         tracing::warn!(
             "no CA directory (--ca-dir, MESH_CA_DIR or HOME): the bootstrap has no certificate provider, strict services are unreachable"
         );
-        return Ok(mesh_control::control::write_bootstrap(path, xds, NODE)?);
+        mesh_control::control::write_bootstrap(path, xds, NODE)?;
+        return Ok(None);
     };
     let ca = mesh_control::ca::Ca::open_or_generate(&ca_dir, &args.trust_domain)?;
     let domain = ca.trust_domain().unwrap_or(&args.trust_domain).to_owned();
     let certs = path.with_extension("certs");
-    mesh_control::ca::keep_issued(std::sync::Arc::new(ca), format!("spiffe://{domain}/ns/default/sa/{NODE}"), certs.clone())?;
+    let ca = std::sync::Arc::new(ca);
+    mesh_control::ca::keep_issued(ca.clone(), format!("spiffe://{domain}/ns/default/sa/{NODE}"), certs.clone())?;
     let json = mesh_control::control::bootstrap_json_with_certificates(xds, NODE, &certs);
-    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(ca))
 }
 
 async fn start_kubernetes(cp: &ControlPlane, namespace: Option<String>) -> anyhow::Result<()> {

@@ -301,8 +301,10 @@ async fn mesh_edits_move_every_client_within_two_seconds_and_bad_edits_change_no
 
 #[test]
 fn embedded_default_serves_the_example_and_says_how_to_connect() {
+    let ca = TempDir::new("embedded-ca").unwrap();
     let mut child = std::process::Command::new(peers::workspace_bin("mesh-control").unwrap())
         .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("MESH_CA_DIR", &ca.0)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -331,6 +333,8 @@ fn embedded_default_serves_the_example_and_says_how_to_connect() {
     let inline = text.split("GRPC_XDS_BOOTSTRAP_CONFIG='").nth(1).and_then(|rest| rest.split('\'').next()).unwrap();
     let inline: Value = serde_json::from_str(inline).unwrap_or_else(|e| panic!("inline bootstrap is not JSON: {e}: {inline}"));
     assert_eq!(inline, bootstrap);
+    assert_eq!(bootstrap["certificate_providers"]["default"]["plugin_name"], "file_watcher", "strict services work out of the box");
+    assert!(ca.0.join("ca-cert.pem").exists(), "the CA is kept where MESH_CA_DIR says");
 }
 
 /// `meshctl demo`: the README's first command shows the 90/10 canary, then follows two edits of the mesh file

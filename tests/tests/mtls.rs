@@ -676,3 +676,73 @@ async fn a_strict_service_is_reached_over_mtls_with_the_certificate_provider_mes
     assert!(stderr.contains("certificate provider instance \"default\""), "{stderr}");
     assert_eq!(server.calls(), 5, "nothing reached the server without mTLS");
 }
+
+/// A real Envoy with mTLS, its certificate and roots from our CA over SDS from mesh-control: our client calls it
+/// over mTLS (and learns Envoy's SPIFFE ID), and it calls a server behind our strict acceptor over mTLS (which
+/// sees Envoy's SPIFFE ID). A plaintext caller is refused by Envoy's strict listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_with_sds_certificates_from_our_ca_is_called_by_our_client_and_calls_our_acceptor_over_mtls() {
+    let dir = mesh_tests::peers::TempDir::new("envoy-sds").unwrap();
+    let ca_dir = dir.0.join("ca").display().to_string();
+    let issue = |id: &str, who: &str| {
+        let out = dir.0.join(who).display().to_string();
+        let (code, stdout, stderr) =
+            mesh_tests::peers::meshctl(&["ca", "issue", "--identity", id, "--out", &out, "--ca-dir", &ca_dir]).unwrap();
+        assert_eq!(code, 0, "{stdout} {stderr}");
+    };
+    issue("spiffe://mesh.local/ns/default/sa/greeter", "greeter");
+    issue(FRONTEND.replace("mesh.test", "mesh.local").as_str(), "frontend");
+    let server = EchoServer::start_mesh(MtlsAcceptor::new(watched(&dir.0.join("greeter"))).unwrap()).await.unwrap();
+    let port = mesh_tests::peers::free_port().unwrap();
+    let mesh = dir.0.join("mesh.yaml");
+    let text = format!(
+        "services:\n  greeter:\n    endpoints:\n      - {{ address: {} }}\n    mtls: strict\n    sidecar: {{ port: {port} }}\n",
+        server.addr
+    );
+    std::fs::write(&mesh, text).unwrap();
+    let cp = mesh_tests::peers::MeshControl::start(&mesh, &dir.0).unwrap();
+    let mut envoy = mesh_tests::peers::Envoy::start(cp.xds, false, "envoy-sds").unwrap();
+    envoy.wait_for_listener(port, Duration::from_secs(15)).unwrap();
+
+    let envoy_id = "spiffe://mesh.local/ns/default/sa/mesh-sidecar";
+    let read = |name: &str| std::fs::read(dir.0.join("frontend").join(name)).unwrap();
+    let counts = Arc::new(HandshakeCounts::default());
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut last = None;
+    // Envoy opens its listener once its secrets arrived; give the first call a few tries.
+    for _ in 0..20 {
+        match balancer_with(
+            addr,
+            Credentials::from_pem(&read("cert.pem"), &read("key.pem"), &read("ca.pem")).unwrap(),
+            &[envoy_id],
+            &counts,
+        )
+        .oneshot(request())
+        .await
+        {
+            Ok(response) => {
+                last = Some(Ok(response));
+                break;
+            }
+            Err(error) => last = Some(Err(chain(&error))),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let response = match last {
+        Some(Ok(response)) => response,
+        other => panic!("no call through Envoy: {other:?}; envoy clusters: {}", envoy.admin_get("/clusters").unwrap_or_default()),
+    };
+    assert_eq!(
+        response.extensions().get::<PeerIdentity>(),
+        Some(&PeerIdentity(envoy_id.into())),
+        "our client verified Envoy's SDS certificate"
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(envoy_id.as_bytes()), "our acceptor saw Envoy's identity: {body:?}");
+    assert!(server.calls() >= 1);
+
+    // Envoy's listener is strict: a plaintext caller is not served.
+    let calls = server.calls();
+    plaintext(addr).oneshot(request()).await.expect_err("Envoy refuses plaintext");
+    assert_eq!(server.calls(), calls);
+}

@@ -29,7 +29,7 @@ use envoy_types::util::pack_any;
 use mesh_core::model::{Endpoint, HealthStatus, Locality};
 use mesh_core::policy::{Consecutive, FailurePercentage, LbPolicy, MtlsMode, SuccessRate};
 
-use super::{ads, duration};
+use super::{Shape, ads, duration};
 use crate::mesh::{EndpointSource, KubeRef, Service, Subset, cluster_name};
 
 /// Every cluster of a service with its endpoints: the whole service first, then one per subset.
@@ -58,7 +58,7 @@ pub(super) fn cluster_endpoints(service: &Service, kube: &dyn Fn(&KubeRef) -> Ve
     out
 }
 
-pub(super) fn cluster(service: &Service, name: &str) -> Cluster {
+pub(super) fn cluster(service: &Service, name: &str, shape: Shape) -> Cluster {
     let mut cluster = Cluster {
         name: name.to_owned(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -67,7 +67,7 @@ pub(super) fn cluster(service: &Service, name: &str) -> Cluster {
         circuit_breakers: Some(circuit_breakers(service)),
         outlier_detection: service.outlier_detection.as_ref().map(outlier_detection),
         typed_extension_protocol_options: [("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_owned(), http2())].into(),
-        transport_socket: (service.mtls == MtlsMode::Strict).then(mtls_socket),
+        transport_socket: (service.mtls == MtlsMode::Strict).then(|| mtls_socket(shape)),
         ..Default::default()
     };
     match &service.lb {
@@ -180,23 +180,29 @@ fn http2() -> Any {
     })
 }
 
-/// mTLS with the client's `default` certificate provider instance (gRFC A29; Envoy has the same fields).
-fn mtls_socket() -> TransportSocket {
-    let provider = || CertificateProviderPluginInstance {
-        instance_name: crate::control::CERTIFICATE_PROVIDER.to_owned(),
-        certificate_name: String::new(),
-    };
-    let tls = UpstreamTlsContext {
-        common_tls_context: Some(CommonTlsContext {
-            tls_certificate_provider_instance: Some(provider()),
-            validation_context_type: Some(ValidationContextType::ValidationContext(CertificateValidationContext {
-                ca_certificate_provider_instance: Some(provider()),
+/// mTLS for a strict service's clusters. Proxyless clients take the certificate and roots from their
+/// bootstrap's [`CERTIFICATE_PROVIDER`](crate::control::CERTIFICATE_PROVIDER) instance (gRFC A29); Envoy
+/// takes them over SDS from the control plane (the [`super::IDENTITY_SECRET`] and [`super::ROOTS_SECRET`]
+/// secrets), speaks h2 and TLS 1.3.
+fn mtls_socket(shape: Shape) -> TransportSocket {
+    let common = match shape {
+        Shape::Proxyless => {
+            let provider = || CertificateProviderPluginInstance {
+                instance_name: crate::control::CERTIFICATE_PROVIDER.to_owned(),
+                certificate_name: String::new(),
+            };
+            CommonTlsContext {
+                tls_certificate_provider_instance: Some(provider()),
+                validation_context_type: Some(ValidationContextType::ValidationContext(CertificateValidationContext {
+                    ca_certificate_provider_instance: Some(provider()),
+                    ..Default::default()
+                })),
                 ..Default::default()
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
+            }
+        }
+        Shape::Sidecar => super::sds_tls_context(),
     };
+    let tls = UpstreamTlsContext { common_tls_context: Some(common), ..Default::default() };
     TransportSocket {
         name: "envoy.transport_sockets.tls".to_owned(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),

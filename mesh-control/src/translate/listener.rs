@@ -67,12 +67,29 @@ pub(super) fn listeners(service: &Service, shape: Shape, out: &mut Vec<Resource>
                         name: "envoy.filters.network.http_connection_manager".to_owned(),
                         config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm(service, shape)))),
                     }],
+                    // A strict service's sidecar takes mTLS callers only, with a certificate from the mesh CA.
+                    transport_socket: (service.mtls == mesh_core::policy::MtlsMode::Strict).then(strict_socket),
                     ..Default::default()
                 }],
                 ..Default::default()
             };
             out.push(pack(LISTENER, &name, listener));
         }
+    }
+}
+
+/// mTLS required of every caller: the sidecar's certificate and roots over SDS.
+fn strict_socket() -> envoy_types::pb::envoy::config::core::v3::TransportSocket {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
+    let tls = DownstreamTlsContext {
+        common_tls_context: Some(super::sds_tls_context()),
+        require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+        ..Default::default()
+    };
+    envoy_types::pb::envoy::config::core::v3::TransportSocket {
+        name: "envoy.transport_sockets.tls".to_owned(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
     }
 }
 

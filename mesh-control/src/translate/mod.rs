@@ -34,6 +34,12 @@ pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfigur
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Type URL of cluster load assignments (EDS).
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// SDS: a TLS certificate and key, or a validation context.
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// The secret holding a sidecar's own certificate and key (Istio's name).
+pub const IDENTITY_SECRET: &str = "default";
+/// The secret holding the roots a sidecar trusts (Istio's name).
+pub const ROOTS_SECRET: &str = "ROOTCA";
 
 /// Which listeners a client gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -73,7 +79,7 @@ pub fn resources(mesh: &Mesh, shape: Shape, view: Option<&BTreeSet<String>>, kub
         out.push(pack(ROUTE, &service.name, route::route_config(service)));
         listener::listeners(service, shape, &mut out);
         for (name, endpoints) in cluster::cluster_endpoints(service, kube) {
-            out.push(pack(CLUSTER, &name, cluster::cluster(service, &name)));
+            out.push(pack(CLUSTER, &name, cluster::cluster(service, &name, shape)));
             out.push(pack(ENDPOINT, &name, cluster::load_assignment(&name, &endpoints)));
         }
     }
@@ -89,12 +95,52 @@ pub fn resources(mesh: &Mesh, shape: Shape, view: Option<&BTreeSet<String>>, kub
     for name in missing {
         if let Some(service) = mesh.services.get(&name) {
             for (cluster_name, endpoints) in cluster::cluster_endpoints(service, kube).into_iter().filter(|(c, _)| *c == name) {
-                out.push(pack(CLUSTER, &cluster_name, cluster::cluster(service, &cluster_name)));
+                out.push(pack(CLUSTER, &cluster_name, cluster::cluster(service, &cluster_name, shape)));
                 out.push(pack(ENDPOINT, &cluster_name, cluster::load_assignment(&cluster_name, &endpoints)));
             }
         }
     }
     out
+}
+
+/// A sidecar's certificate, key and roots as the SDS secrets its strict clusters and listeners name.
+pub fn secrets(chain: &str, key: &str, bundle: &str) -> Vec<Resource> {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{CertificateValidationContext, Secret, TlsCertificate, secret};
+    let inline = |text: &str| Some(DataSource { specifier: Some(Specifier::InlineString(text.to_owned())), ..Default::default() });
+    let identity = Secret {
+        name: IDENTITY_SECRET.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(chain),
+            private_key: inline(key),
+            ..Default::default()
+        })),
+    };
+    let roots = Secret {
+        name: ROOTS_SECRET.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(CertificateValidationContext { trusted_ca: inline(bundle), ..Default::default() })),
+    };
+    vec![pack(SECRET, IDENTITY_SECRET, identity), pack(SECRET, ROOTS_SECRET, roots)]
+}
+
+/// The TLS context of a sidecar's strict clusters and listeners: its certificate and roots over SDS (on the ADS
+/// stream), ALPN h2, TLS 1.3 only.
+fn sds_tls_context() -> envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CommonTlsContext {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::tls_parameters::TlsProtocol;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{CommonTlsContext, SdsSecretConfig, TlsParameters};
+    let sds = |name: &str| SdsSecretConfig { name: name.to_owned(), sds_config: Some(ads()) };
+    CommonTlsContext {
+        tls_params: Some(TlsParameters {
+            tls_minimum_protocol_version: TlsProtocol::TlSv13 as i32,
+            tls_maximum_protocol_version: TlsProtocol::TlSv13 as i32,
+            ..Default::default()
+        }),
+        tls_certificate_sds_secret_configs: vec![sds(IDENTITY_SECRET)],
+        validation_context_type: Some(ValidationContextType::ValidationContextSdsSecretConfig(sds(ROOTS_SECRET))),
+        alpn_protocols: vec!["h2".to_owned()],
+        ..Default::default()
+    }
 }
 
 fn pack<T: prost::Name>(type_url: &'static str, name: &str, message: T) -> Resource {
