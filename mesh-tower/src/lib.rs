@@ -48,6 +48,7 @@ pub mod discover;
 mod error;
 pub mod fault;
 pub mod hedge;
+pub mod hygiene;
 mod layered;
 pub mod mirror;
 pub mod ratelimit;
