@@ -41,6 +41,7 @@ mod body;
 mod channel;
 pub mod codec;
 mod error;
+pub mod server;
 mod target;
 mod xds;
 

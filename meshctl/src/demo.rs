@@ -6,6 +6,11 @@
 //! file → control plane → ADS → client like any operator's edit. Live per-endpoint counts are printed every
 //! second, and a summary table at the end. `--json` prints the summary as one JSON object on stdout (the live
 //! view then goes to stderr).
+//!
+//! Everything speaks strict mTLS with certificates from an embedded mesh CA (trust domain `demo.mesh`): the
+//! backends behind the mesh's acceptor as `spiffe://demo.mesh/ns/default/sa/greeter`, the client as
+//! `.../sa/meshctl-demo` through its bootstrap's `file_watcher` certificate provider, which the strict
+//! service's clusters name. The demo shows the server identity the client verified.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,8 +25,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use greeter_example::{GreeterClient, GreeterServer, HelloRequest};
 use mesh_control::ControlPlane;
+use mesh_control::ca::{Ca, DEFAULT_WORKLOAD_LIFETIME};
 use mesh_core::{RouteAction, RouteConfig};
 use mesh_tonic::{Channel, ServedBy};
+use mesh_tower::connect::PeerIdentity;
+use mesh_tower::tls::{Credentials, MtlsAcceptor};
 use serde_json::json;
 use xds_client::{Bootstrap, XdsClient, XdsClientConfig};
 
@@ -90,6 +98,8 @@ impl Bucket {
 struct Tally {
     buckets: Mutex<Vec<Bucket>>,
     current: AtomicUsize,
+    /// The server identities the client verified, with how many calls each served.
+    identities: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Tally {
@@ -111,18 +121,29 @@ impl Tally {
     }
 }
 
+/// The trust domain of the demo's embedded CA.
+const TRUST_DOMAIN: &str = "demo.mesh";
+/// The backends' identity.
+const SERVER_ID: &str = "spiffe://demo.mesh/ns/default/sa/greeter";
+/// The client's identity.
+const CLIENT_ID: &str = "spiffe://demo.mesh/ns/default/sa/meshctl-demo";
+
 /// The demo's backends: address → version.
 struct Backends(Vec<(SocketAddr, &'static str)>);
 
 impl Backends {
-    async fn start() -> anyhow::Result<Self> {
+    /// Three greeters behind the mesh's strict acceptor, with certificates from `ca`.
+    async fn start(ca: &Ca) -> anyhow::Result<Self> {
         let mut backends = Vec::new();
         for version in ["v1", "v1", "v2"] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let issued = ca.issue(SERVER_ID, &[], DEFAULT_WORKLOAD_LIFETIME, std::time::SystemTime::now())?;
+            let key = issued.key.as_deref().unwrap_or_default();
+            let credentials = Credentials::from_pem(issued.chain.as_bytes(), key.as_bytes(), issued.bundle.as_bytes())?;
+            let acceptor = MtlsAcceptor::new(credentials)?;
             let server = GreeterServer::new(format!("{addr} ({version})"));
-            tokio::spawn(tonic::transport::Server::builder().add_service(server).serve_with_incoming(incoming));
+            tokio::spawn(mesh_tonic::server::serve_mtls(listener, acceptor, server, None));
             backends.push((addr, version));
         }
         Ok(Self(backends))
@@ -147,8 +168,24 @@ impl Backends {
                 let _ = writeln!(text, "      - split: {{ v1: {v1}, v2: {v2} }}");
             }
         }
-        text.push_str("    timeout: 2s\n");
+        text.push_str("    timeout: 2s\n    mtls: strict\n");
         text
+    }
+}
+
+/// A `file_watcher` certificate provider instance reading `dir`'s `cert.pem`, `key.pem` and `ca.pem`.
+fn file_watcher(dir: &Path) -> xds_client::bootstrap::CertificateProvider {
+    let file = |name: &str| Some(dir.join(name).display().to_string());
+    let config = xds_client::bootstrap::FileWatcherConfig {
+        certificate_file: file("cert.pem"),
+        private_key_file: file("key.pem"),
+        ca_certificate_file: file("ca.pem"),
+        refresh_interval: Duration::from_secs(60),
+    };
+    xds_client::bootstrap::CertificateProvider {
+        plugin_name: "file_watcher".to_owned(),
+        config: serde_json::Value::Null,
+        file_watcher: Some(config),
     }
 }
 
@@ -179,9 +216,12 @@ impl Drop for TempDir {
 
 async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let mut out: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
-    let backends = Backends::start().await?;
+    let ca = Ca::generate(TRUST_DOMAIN)?;
+    let backends = Backends::start(&ca).await?;
     let dir = TempDir(std::env::temp_dir().join(format!("meshctl-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
+    let certs = dir.0.join("client-certs");
+    ca.issue(CLIENT_ID, &[], DEFAULT_WORKLOAD_LIFETIME, std::time::SystemTime::now())?.write_to(&certs)?;
     let file = dir.0.join("mesh.yaml");
     let (_, v1, v2) = PHASES[0];
     write_atomically(&file, &backends.mesh_file(v1, v2))?;
@@ -195,7 +235,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     cp.watch_file(file.clone());
 
     // The client: our channel on an xDS client, as a service would build it.
-    let client = XdsClient::new(Bootstrap::for_server(xds.to_string(), "meshctl-demo"), XdsClientConfig::default());
+    let mut bootstrap = Bootstrap::for_server(xds.to_string(), "meshctl-demo");
+    bootstrap.certificate_providers.insert(mesh_control::control::CERTIFICATE_PROVIDER.to_owned(), file_watcher(&certs));
+    let client = XdsClient::new(bootstrap, XdsClientConfig::default());
     let mut route = client.watch::<RouteConfig>("greeter");
     let channel = Channel::builder("xds:///greeter").timeout(Duration::from_secs(5)).build_xds(client, "greeter")?;
 
@@ -205,6 +247,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         writeln!(out, "  greeter {version}     {addr}")?;
     }
     writeln!(out, "  client         xds:///greeter on mesh_tonic::Channel, {} calls/s, {} in flight", args.rate, args.concurrency)?;
+    writeln!(out, "  mTLS           strict; client {CLIENT_ID}, certificates from an embedded CA ({TRUST_DOMAIN})")?;
 
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -256,8 +299,14 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let table = summary_table(&backends, &buckets);
     writeln!(out, "\n{table}")?;
     writeln!(out, "{} calls, {failed} failed", buckets.iter().map(Bucket::calls).sum::<u64>())?;
+    let identities = std::mem::take(&mut *tally.identities.lock().unwrap_or_else(|e| e.into_inner()));
+    for (id, n) in &identities {
+        writeln!(out, "the client verified the server identity {id} on {n} calls")?;
+    }
     if args.json {
-        println!("{}", summary_json(&backends, &buckets, &switches));
+        let mut summary = summary_json(&backends, &buckets, &switches);
+        summary["mtls"] = json!({ "mode": "strict", "client_identity": CLIENT_ID, "server_identities": identities });
+        println!("{summary}");
     }
     Ok(failed == 0)
 }
@@ -278,6 +327,9 @@ fn spawn_workers(args: &DemoArgs, channel: &Channel, tally: &Arc<Tally>, stop: &
                     let bucket = tally.current.load(Ordering::SeqCst);
                     let started = Instant::now();
                     let result = client.say_hello(HelloRequest { name: format!("demo-{w}-{n}") }).await;
+                    if let Some(PeerIdentity(id)) = result.as_ref().ok().and_then(|r| r.extensions().get::<PeerIdentity>()) {
+                        *tally.identities.lock().unwrap_or_else(|e| e.into_inner()).entry(id.to_string()).or_default() += 1;
+                    }
                     let served = result.ok().and_then(|r| r.extensions().get::<ServedBy>().map(|s| s.0)).ok_or(());
                     tally.record(bucket, served, started.elapsed());
                     n += 1;

@@ -184,40 +184,11 @@ impl EchoServer {
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let (calls, timeouts) = (echo.calls.clone(), echo.timeouts.clone());
-        let (tx, mut rx) = oneshot::channel::<()>();
+        let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            loop {
-                let stream = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(_) => continue,
-                    },
-                    _ = &mut rx => return,
-                };
-                let _ = stream.set_nodelay(true);
-                let (acceptor, echo) = (acceptor.clone(), echo.clone());
-                tokio::spawn(async move {
-                    let Ok(io) = acceptor.accept(stream).await else { return };
-                    let peer = mesh_tower::connect::Connection::peer_identity(&io);
-                    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                        let mut request = request.map(Body::new);
-                        if let Some(peer) = &peer {
-                            request.extensions_mut().insert(peer.clone());
-                        }
-                        let mut echo = echo.clone();
-                        tower::Service::call(&mut echo, request)
-                    });
-                    let http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    let connection = http2.serve_connection(io, service);
-                    tokio::pin!(connection);
-                    if let Some(age) = max_age {
-                        tokio::select! {
-                            _ = connection.as_mut() => return,
-                            () = tokio::time::sleep(age) => connection.as_mut().graceful_shutdown(),
-                        }
-                    }
-                    let _ = connection.await;
-                });
+            tokio::select! {
+                () = mesh_tonic::server::serve_mtls(listener, acceptor, echo, max_age) => {}
+                _ = rx => {}
             }
         });
         Ok(Self { addr, calls, timeouts, shutdown: Some(tx), task })

@@ -360,6 +360,11 @@ fn meshctl_demo_runs_the_canary_and_follows_the_edits() {
     assert_eq!(summary["edit_to_client_ms"].as_array().unwrap().len(), 2, "{summary}");
     let backends = summary["backends"].as_object().unwrap();
     assert_eq!(backends.values().filter(|v| *v == "v1").count(), 2, "{summary}");
+    // Strict mTLS throughout: every call's server proved the greeter's identity to the client.
+    let calls: u64 = phases.iter().map(|p| p["calls"].as_u64().unwrap()).sum();
+    assert_eq!(summary["mtls"]["mode"], "strict", "{summary}");
+    assert_eq!(summary["mtls"]["server_identities"]["spiffe://demo.mesh/ns/default/sa/greeter"], calls, "{summary}");
+    assert!(stderr.contains("verified the server identity spiffe://demo.mesh/ns/default/sa/greeter"), "{stderr}");
     assert_eq!(backends.values().filter(|v| *v == "v2").count(), 1, "{summary}");
 }
 
