@@ -17,6 +17,9 @@ pub enum Error {
     /// The gRPC server could not start or failed.
     #[error("serving xDS: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The CA could not issue or load a certificate.
+    #[error("CA: {0}")]
+    Ca(crate::ca::CaError),
     /// The Kubernetes API failed.
     #[error("kubernetes: {0}")]
     Kube(#[from] ::kube::Error),

@@ -14,13 +14,14 @@
 //! - [`mesh`]: the mesh file model, its parser and validation (errors name file, line, field and reason).
 //! - [`translate`]: mesh model → xDS resources (both shapes).
 //! - [`ads`]: the ADS server and its snapshot cache.
-//! - [`ca`]: the mesh CA.
+//! - [`ca`]: the mesh CA; [`certificates`]: renewal over an Istio-shaped CSR API.
 //! - [`kube`]: the Kubernetes source.
 //! - [`control`]: ties them together: file watching, snapshots per (shape, view), the `/status` endpoint.
 //!
 
 pub mod ads;
 pub mod ca;
+pub mod certificates;
 pub mod control;
 mod error;
 pub mod kube;

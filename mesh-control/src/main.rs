@@ -37,6 +37,9 @@ struct Args {
     /// strict services' clusters. Default: `$MESH_CA_DIR`, else `$HOME/.local/state/mesh/ca`.
     #[arg(long, env = "MESH_CA_DIR")]
     ca_dir: Option<PathBuf>,
+    /// Address of the certificate service (renewal over an Istio-shaped CSR API, mTLS); served when there is a CA.
+    #[arg(long, default_value = "127.0.0.1:18002")]
+    ca_listen: SocketAddr,
     /// The trust domain of the identities the CA issues.
     #[arg(long, default_value = "mesh.local")]
     trust_domain: String,
@@ -67,7 +70,16 @@ async fn main() -> anyhow::Result<()> {
     let bootstrap =
         args.bootstrap_out.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("mesh-control-{}.json", xds_addr.port())));
     if let Some(ca) = write_bootstrap(&args, &bootstrap, xds_addr)? {
-        cp.serve_certificates(ca);
+        cp.serve_certificates(ca.clone());
+        let listener = tokio::net::TcpListener::bind(args.ca_listen)
+            .await
+            .with_context(|| format!("binding the certificate service to {}", args.ca_listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "certificate service (CSR API) listening");
+        tokio::spawn(async move {
+            if let Err(error) = mesh_control::certificates::CertificateService::new(ca).serve(listener).await {
+                tracing::error!(%error, "the certificate service stopped");
+            }
+        });
     }
     // The same bootstrap inline, certificate provider included.
     let written = std::fs::read_to_string(&bootstrap).with_context(|| format!("reading back {}", bootstrap.display()))?;

@@ -6,10 +6,15 @@
 //! in `--ca-dir` (default `$MESH_CA_DIR`, else `$HOME/.local/state/mesh/ca`); a directory without one gets a new
 //! root for the identity's trust domain. Exit status: 0 when written, 2 for a bad flag, identity or CA file
 //! (one error line on stderr).
+//!
+//! `meshctl ca renew --dir DIR --ca-addr ADDR [--lifetime 24h] [--watch]` renews the certificate in `DIR` over
+//! mesh-control's CSR API (`--ca-listen`), presenting the current certificate over mTLS; the new key is made
+//! here and never sent. With `--watch` it stays and renews at every half life (a node agent for workloads that
+//! read their files with a `file_watcher`). Exit status: 0 renewed, 1 refused, 2 bad flags or files.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use mesh_control::ca::Ca;
 
@@ -24,6 +29,24 @@ pub(crate) struct CaArgs {
 enum CaCommand {
     /// Issue a workload certificate and key, and write them with the trust bundle.
     Issue(IssueArgs),
+    /// Renew the certificate in a directory over mesh-control's CSR API, authenticated by the current one.
+    Renew(RenewArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RenewArgs {
+    /// The directory holding cert.pem, key.pem and ca.pem (as `meshctl ca issue` wrote them); replaced in place.
+    #[arg(long)]
+    dir: PathBuf,
+    /// mesh-control's certificate service (its --ca-listen address).
+    #[arg(long)]
+    ca_addr: std::net::SocketAddr,
+    /// The lifetime to ask for (the CA grants at most 24 h).
+    #[arg(long, default_value = "24h")]
+    lifetime: String,
+    /// Keep running and renew at each half life (a node agent); without it, renew once.
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -45,17 +68,51 @@ struct IssueArgs {
     dns: Vec<String>,
 }
 
-pub(crate) fn run(args: CaArgs) -> ExitCode {
-    let CaCommand::Issue(args) = args.command;
-    match issue(&args) {
+pub(crate) async fn run(args: CaArgs) -> ExitCode {
+    let result = match args.command {
+        CaCommand::Issue(args) => issue(&args).map_err(|e| (2, e)),
+        CaCommand::Renew(args) => renew(&args).await,
+    };
+    match result {
         Ok(line) => {
             println!("{line}");
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Err((code, e)) => {
             eprintln!("error: {e}");
-            ExitCode::from(2)
+            ExitCode::from(code)
         }
+    }
+}
+
+/// Renews once, or at every half life with `--watch`; exit 2 for bad flags or files, 1 when the CA refused.
+async fn renew(args: &RenewArgs) -> Result<String, (u8, String)> {
+    let lifetime = mesh_control::mesh::parse_duration(&args.lifetime)
+        .ok_or_else(|| (2, format!("--lifetime {:?}: not a duration like 24h, 90m or 30s", args.lifetime)))?;
+    loop {
+        let read = |name: &str| std::fs::read(args.dir.join(name)).map_err(|e| (2, format!("{}: {e}", args.dir.join(name).display())));
+        let credentials = mesh_tower::tls::Credentials::from_pem(&read("cert.pem")?, &read("key.pem")?, &read("ca.pem")?)
+            .map_err(|e| (2, format!("{}: {e}", args.dir.display())))?;
+        let own = credentials.identity().map(|id| id.0.to_string()).ok_or((2, "cert.pem has no SPIFFE ID".to_owned()))?;
+        let domain = mesh_core::identity::SpiffeId::parse(&own).map_err(|e| (2, e.to_string()))?.trust_domain().to_owned();
+        let policy = mesh_core::policy::TlsPolicy {
+            allowed_identities: vec![mesh_control::certificates::server_identity(&domain)],
+            ..Default::default()
+        };
+        let channel = mesh_tonic::Channel::builder(format!("static:///{}", args.ca_addr))
+            .timeout(Duration::from_secs(10))
+            .mtls(credentials, policy)
+            .build()
+            .map_err(|e| (2, e.to_string()))?;
+        let renewed =
+            mesh_control::certificates::renew(channel, lifetime).await.map_err(|s| (1, format!("renewal refused: {}", s.message())))?;
+        renewed.write_to(&args.dir).map_err(|e| (1, e.to_string()))?;
+        let line = format!("renewed {own} in {} for {} s", args.dir.display(), lifetime.as_secs());
+        if !args.watch {
+            return Ok(line);
+        }
+        println!("{line}");
+        tokio::time::sleep(lifetime / 2).await;
     }
 }
 

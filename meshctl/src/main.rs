@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Ca(args) => ca::run(args),
+        Command::Ca(args) => runtime.block_on(ca::run(args)),
         Command::Call(args) => runtime.block_on(call::run(*args)),
         Command::XdsDump(args) => runtime.block_on(xds::run(args)),
         Command::Demo(args) => runtime.block_on(demo::run(args)),

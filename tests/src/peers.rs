@@ -344,6 +344,7 @@ impl MeshControl {
             .arg(dir.join("bootstrap-written.json"))
             .arg("--ca-dir")
             .arg(dir.join("ca"))
+            .args(["--ca-listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
             .spawn()

@@ -14,6 +14,7 @@ use mesh_tower::connect::{PeerIdentity, TcpConnector};
 use mesh_tower::discover;
 use mesh_tower::tls::{Credentials, HandshakeCounts, HandshakeFailure, MtlsAcceptor, MtlsConnector};
 use rcgen::{BasicConstraints, IsCa, date_time_ymd};
+use rustls::pki_types::pem::PemObject;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tower::ServiceExt;
 
@@ -745,4 +746,64 @@ async fn envoy_with_sds_certificates_from_our_ca_is_called_by_our_client_and_cal
     let calls = server.calls();
     plaintext(addr).oneshot(request()).await.expect_err("Envoy refuses plaintext");
     assert_eq!(server.calls(), calls);
+}
+
+/// Renewal over the Istio-shaped CSR API: `meshctl ca renew` presents the current certificate over mTLS and gets
+/// a new one for the identity it proves, with a key that never left the workload; the renewed files serve an
+/// mTLS call. A certificate from another CA is refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_ca_renew_gets_a_new_certificate_for_the_identity_the_current_one_proves() {
+    let dir = mesh_tests::peers::TempDir::new("renew").unwrap();
+    let ca_dir = dir.0.join("ca");
+    let workload = dir.0.join("workload");
+    let id = "spiffe://mesh.local/ns/default/sa/frontend";
+    let (ca_path, out) = (ca_dir.display().to_string(), workload.display().to_string());
+    let (code, stdout, stderr) =
+        mesh_tests::peers::meshctl(&["ca", "issue", "--identity", id, "--out", &out, "--ca-dir", &ca_path, "--lifetime", "30s"]).unwrap();
+    assert_eq!(code, 0, "{stdout} {stderr}");
+    let ca = Arc::new(mesh_control::ca::Ca::open_or_generate(&ca_dir, "mesh.local").unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap().to_string();
+    tokio::spawn(mesh_control::certificates::CertificateService::new(ca.clone()).serve(listener));
+
+    let before = std::fs::read_to_string(workload.join("cert.pem")).unwrap();
+    let key_before = std::fs::read_to_string(workload.join("key.pem")).unwrap();
+    let renew = |dir: String| {
+        let service = service.clone();
+        tokio::task::spawn_blocking(move || {
+            mesh_tests::peers::meshctl(&["ca", "renew", "--dir", &dir, "--ca-addr", &service, "--lifetime", "1h"]).unwrap()
+        })
+    };
+    let (code, stdout, stderr) = renew(out.clone()).await.unwrap();
+    assert_eq!(code, 0, "{stdout} {stderr}");
+    assert!(stdout.contains(id), "{stdout}");
+    let after = std::fs::read_to_string(workload.join("cert.pem")).unwrap();
+    assert_ne!(before, after, "a new certificate");
+    assert_ne!(key_before, std::fs::read_to_string(workload.join("key.pem")).unwrap(), "a new key");
+    let leaf = rustls::pki_types::CertificateDer::from_pem_slice(after.as_bytes()).unwrap();
+    assert_eq!(mesh_tower::tls::spiffe_id(&leaf).map(|i| i.to_string()).as_deref(), Some(id), "the identity the old one proved");
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+    let lifetime = parsed.validity().not_after.timestamp() - parsed.validity().not_before.timestamp();
+    assert_eq!(lifetime, 3600 + 60, "the lifetime asked for");
+
+    // The renewed files work: an mTLS call to a server holding a certificate of the same CA.
+    let server_id = "spiffe://mesh.local/ns/default/sa/greeter";
+    let issued = ca.issue(server_id, &[], Duration::from_secs(3600), std::time::SystemTime::now()).unwrap();
+    let server_credentials =
+        Credentials::from_pem(issued.chain.as_bytes(), issued.key.unwrap().as_bytes(), issued.bundle.as_bytes()).unwrap();
+    let server = EchoServer::start_mesh(MtlsAcceptor::new(server_credentials).unwrap()).await.unwrap();
+    let read = |name: &str| std::fs::read(workload.join(name)).unwrap();
+    let renewed = Credentials::from_pem(&read("cert.pem"), &read("key.pem"), &read("ca.pem")).unwrap();
+    let response = balancer_with(server.addr, renewed, &[server_id], &Arc::default()).oneshot(request()).await.expect("an mTLS call");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(id.as_bytes()), "{body:?}");
+
+    // A certificate from another CA does not get one.
+    let stranger = dir.0.join("stranger");
+    let other_ca = dir.0.join("other-ca").display().to_string();
+    let args = ["ca", "issue", "--identity", id, "--out", stranger.to_str().unwrap(), "--ca-dir", &other_ca];
+    assert_eq!(mesh_tests::peers::meshctl(&args).unwrap().0, 0);
+    let (code, stdout, stderr) = renew(stranger.display().to_string()).await.unwrap();
+    assert_eq!(code, 1, "{stdout} {stderr}");
+    assert!(stderr.contains("renewal refused"), "{stderr}");
 }
