@@ -60,9 +60,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => ControlPlane::new(mesh_control::mesh::parse("<embedded example>", mesh_control::mesh::EXAMPLE)?, "<embedded example>"),
     };
-    if args.kubernetes {
-        start_kubernetes(&cp, args.namespace.clone()).await?;
-    }
+    let kube = if args.kubernetes { Some(start_kubernetes(&cp, args.namespace.clone()).await?) } else { None };
     let xds = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding the xDS server to {}", args.listen))?;
     let admin = tokio::net::TcpListener::bind(args.admin).await.with_context(|| format!("binding the admin server to {}", args.admin))?;
     let xds_addr = xds.local_addr()?;
@@ -76,7 +74,13 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("binding the certificate service to {}", args.ca_listen))?;
         tracing::info!(addr = %listener.local_addr()?, "certificate service (CSR API) listening");
         tokio::spawn(async move {
-            if let Err(error) = mesh_control::certificates::CertificateService::new(ca).serve(listener).await {
+            let mut service = mesh_control::certificates::CertificateService::new(ca);
+            // In Kubernetes a workload's first certificate comes for its projected service-account token
+            // (audience `mesh-control`), checked with TokenReview.
+            if let Some(client) = kube {
+                service = service.with_token_review(mesh_control::certificates::TokenReviewer::new(client, "mesh-control"));
+            }
+            if let Err(error) = service.serve(listener).await {
                 tracing::error!(%error, "the certificate service stopped");
             }
         });
@@ -132,8 +136,8 @@ fn write_bootstrap(args: &Args, path: &std::path::Path, xds: SocketAddr) -> anyh
     Ok(Some(ca))
 }
 
-async fn start_kubernetes(cp: &ControlPlane, namespace: Option<String>) -> anyhow::Result<()> {
+async fn start_kubernetes(cp: &ControlPlane, namespace: Option<String>) -> anyhow::Result<kube::Client> {
     let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
-    mesh_control::control::follow_kubernetes(cp, client, namespace);
-    Ok(())
+    mesh_control::control::follow_kubernetes(cp, client.clone(), namespace);
+    Ok(client)
 }
