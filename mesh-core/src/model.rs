@@ -198,7 +198,7 @@ pub enum PathMatch {
 }
 
 /// How a header value (or any string) is matched (Envoy `StringMatcher`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StringMatch {
     /// Equal to.
     Exact(String),
@@ -415,6 +415,8 @@ impl PartialEq for Regex {
         self.as_str() == other.as_str()
     }
 }
+
+impl Eq for Regex {}
 
 /// How a cluster finds its endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -450,8 +450,11 @@ impl RateLimit {
 pub struct TlsPolicy {
     /// SNI to send.
     pub server_name: Option<String>,
-    /// Accepted peer identities (SPIFFE IDs); empty accepts any valid chain.
+    /// Accepted peer identities (SPIFFE IDs); with `san_matchers` also empty, any valid chain is accepted.
     pub allowed_identities: Vec<String>,
+    /// xDS subject alt name matchers other than exact SPIFFE IDs (gRFC A29): the peer is accepted when one of
+    /// its SANs (URI, DNS name, IP address) matches one of them.
+    pub san_matchers: Vec<crate::StringMatch>,
     /// The certificate provider instance (of the bootstrap's `certificate_providers`) whose certificate and key
     /// the client presents; `None`: the channel's own credentials.
     pub certificate_provider: Option<String>,

@@ -807,3 +807,19 @@ async fn meshctl_ca_renew_gets_a_new_certificate_for_the_identity_the_current_on
     assert_eq!(code, 1, "{stdout} {stderr}");
     assert!(stderr.contains("renewal refused"), "{stderr}");
 }
+
+/// xDS SAN matchers (A29) beyond exact IDs: a prefix matcher on the SPIFFE ID accepts the servers it covers and
+/// refuses the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_san_prefix_matcher_accepts_the_identities_it_covers_and_refuses_the_others() {
+    let ca = SpiffeCa::new("mesh CA").unwrap();
+    let server = greeter(&ca).await;
+    for (prefix, accepted) in [("spiffe://mesh.test/ns/default/", true), ("spiffe://mesh.test/ns/prod/", false)] {
+        let tls = TlsPolicy { san_matchers: vec![mesh_core::StringMatch::Prefix(prefix.into())], ..TlsPolicy::default() };
+        let config = BalancerConfig { tls: Some(tls), ready_timeout: Duration::from_secs(2), ..BalancerConfig::default() };
+        let connector = MtlsConnector::new(TcpConnector::new(), Some(Arc::new(ca.credentials(FRONTEND).unwrap())));
+        let balancer = Balancer::with_connector("greeter", discover::fixed(vec![Endpoint::new(server.addr)]), config, connector);
+        let result = balancer.oneshot(request()).await;
+        assert_eq!(result.is_ok(), accepted, "{prefix}: {:?}", result.err().map(|e| chain(&e)));
+    }
+}

@@ -182,6 +182,26 @@ fn peer_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
     }
 }
 
+/// A certificate's URI, DNS and IP address SANs, as text.
+fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Vec::new() };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(s) | GeneralName::DNSName(s) => Some((*s).to_owned()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                16 => <[u8; 16]>::try_from(*bytes).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 /// The SPIFFE ID in a certificate, if it has exactly one.
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
     peer_id(cert).ok()
@@ -250,6 +270,8 @@ macro_rules! signatures {
 struct SpiffeVerifier {
     chains: ByDomain<rustls::client::WebPkiServerVerifier>,
     allowed: Vec<String>,
+    /// The cluster's other SAN matchers (A29).
+    matchers: Vec<mesh_core::StringMatch>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -269,8 +291,16 @@ impl ServerCertVerifier for SpiffeVerifier {
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {}
             Err(other) => return Err(other),
         }
-        if self.allowed.is_empty() || self.allowed.iter().any(|a| a == id.as_str()) {
+        let any = self.allowed.is_empty() && self.matchers.is_empty();
+        if any || self.allowed.iter().any(|a| a == id.as_str()) {
             return Ok(ServerCertVerified::assertion());
+        }
+        // A29: any of the leaf's SANs matching any matcher.
+        if !self.matchers.is_empty() {
+            let sans = subject_alt_names(end_entity);
+            if self.matchers.iter().any(|m| sans.iter().any(|san| m.matches(Some(san)))) {
+                return Ok(ServerCertVerified::assertion());
+            }
         }
         Err(IdentityError::Mismatch { found: id.to_string(), allowed: self.allowed.clone() }.into_rustls())
     }
@@ -493,7 +523,12 @@ impl MtlsConnector {
         let chains = ByDomain::build(&credentials, |roots| {
             rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()
         })?;
-        let verifier = SpiffeVerifier { chains, allowed: policy.allowed_identities.clone(), provider: provider.clone() };
+        let verifier = SpiffeVerifier {
+            chains,
+            allowed: policy.allowed_identities.clone(),
+            matchers: policy.san_matchers.clone(),
+            provider: provider.clone(),
+        };
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(io::Error::other)?

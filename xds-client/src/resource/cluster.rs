@@ -12,7 +12,6 @@ use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::
 use envoy_types::pb::envoy::extensions::load_balancing_policies::wrr_locality::v3::WrrLocality;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
-use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, UInt32Value};
 use mesh_core::lb::{MAX_RING_SIZE, RingHashConfig};
@@ -315,7 +314,14 @@ fn tls(ts: &TransportSocket) -> Result<Option<TlsPolicy>, String> {
             let sans = validation.into_iter().flat_map(|v| {
                 v.match_subject_alt_names.iter().chain(v.match_typed_subject_alt_names.iter().filter_map(|m| m.matcher.as_ref()))
             });
-            let allowed_identities = sans.map(exact_san).collect::<Result<_, _>>()?;
+            // Exact, case-sensitive matchers are the SPIFFE IDs accepted; the others match any SAN (A29).
+            let (mut allowed_identities, mut san_matchers) = (Vec::new(), Vec::new());
+            for m in sans {
+                match (&m.match_pattern, m.ignore_case) {
+                    (Some(MatchPattern::Exact(s)), false) => allowed_identities.push(s.clone()),
+                    _ => san_matchers.push(super::route::string_match(m).map_err(|e| format!("subject alt name matcher: {e}"))?),
+                }
+            }
             let ca_certificate_provider = validation
                 .and_then(|v| v.ca_certificate_provider_instance.as_ref())
                 .map(|p| p.instance_name.clone())
@@ -323,19 +329,12 @@ fn tls(ts: &TransportSocket) -> Result<Option<TlsPolicy>, String> {
             Ok(Some(TlsPolicy {
                 server_name: Some(ctx.sni).filter(|s| !s.is_empty()),
                 allowed_identities,
+                san_matchers,
                 certificate_provider,
                 ca_certificate_provider,
             }))
         }
         other => Err(format!("unsupported transport socket type {other:?}")),
-    }
-}
-
-/// Only exact SAN matchers are supported: ignoring others would accept any peer.
-fn exact_san(m: &StringMatcher) -> Result<String, String> {
-    match &m.match_pattern {
-        Some(MatchPattern::Exact(s)) if !m.ignore_case => Ok(s.clone()),
-        _ => Err("subject alt name matchers: only exact, case-sensitive matchers are supported".into()),
     }
 }
 
@@ -363,6 +362,7 @@ mod tests {
 
     use super::super::{DecodeError, Resource, ResourceType, to_any};
     use super::*;
+    use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 
     fn eds(name: &str) -> ProtoCluster {
         ProtoCluster {
@@ -605,9 +605,28 @@ mod tests {
             })),
         });
         assert!(reason(&c).contains("transport_socket: unsupported transport socket type"));
-        let prefix = StringMatcher { match_pattern: Some(MatchPattern::Prefix("spiffe://".into())), ignore_case: false };
-        c.transport_socket = tls_socket("", vec![prefix]);
-        assert!(reason(&c).contains("transport_socket: subject alt name"));
+        // A29: every SAN matcher kind is taken; one that cannot be compiled NACKs the cluster.
+        let prefix = StringMatcher { match_pattern: Some(MatchPattern::Prefix("spiffe://mesh/ns/prod/".into())), ignore_case: false };
+        let upper = StringMatcher { match_pattern: Some(MatchPattern::Exact("SPIFFE://MESH/A".into())), ignore_case: true };
+        c.transport_socket = tls_socket("", vec![prefix, upper]);
+        let decoded = decode_cluster(&c).unwrap();
+        let tls = decoded.cluster.policies.tls.unwrap();
+        assert_eq!(tls.allowed_identities, ["spiffe://mesh/typed"], "exact, case-sensitive: an accepted SPIFFE ID");
+        assert_eq!(tls.san_matchers.len(), 2);
+        assert!(
+            tls.san_matchers[0].matches(Some("spiffe://mesh/ns/prod/sa/x"))
+                && !tls.san_matchers[0].matches(Some("spiffe://mesh/ns/dev/sa/x"))
+        );
+        assert!(tls.san_matchers[1].matches(Some("spiffe://mesh/a")), "ignore_case");
+        let bad = StringMatcher {
+            match_pattern: Some(MatchPattern::SafeRegex(envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                regex: "(".into(),
+                ..Default::default()
+            })),
+            ignore_case: false,
+        };
+        c.transport_socket = tls_socket("", vec![bad]);
+        assert!(reason(&c).contains("transport_socket: subject alt name matcher"), "{}", reason(&c));
         c.transport_socket = None;
         c.outlier_detection = Some(ProtoOutlier { max_ejection_percent: Some(UInt32Value { value: 101 }), ..Default::default() });
         assert!(reason(&c).contains("outlier_detection.max_ejection_percent"));
