@@ -43,15 +43,22 @@ struct Args {
     /// The trust domain of the identities the CA issues.
     #[arg(long, default_value = "mesh.local")]
     trust_domain: String,
+    /// Log lines on stderr: plain text (coloured only on a terminal) or one JSON object per line.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
     let cp = match &args.mesh {
         Some(path) => {
             let cp = ControlPlane::from_file(path)?;

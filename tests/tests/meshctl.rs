@@ -96,3 +96,23 @@ fn meshctl_reports_unavailable_when_nothing_listens() {
     assert_eq!(summary["ok"], 0);
     assert_eq!(summary["by_code"]["UNAVAILABLE"], 3, "{summary}");
 }
+
+/// Logs redirected to a file or pipe are plain text (no ANSI colour codes); `--log-format json` writes one JSON
+/// object per line, as log collectors read them.
+#[test]
+fn meshctl_logs_are_plain_text_when_redirected_and_json_when_asked() {
+    // A refused connection makes the balancer log a warning.
+    let port = mesh_tests::peers::free_port().unwrap();
+    let target = format!("static:///127.0.0.1:{port}");
+    let args = ["call", "--target", &target, "--method", "/a.B/C", "--timeout-ms", "300"];
+    let (_, _, stderr) = meshctl(&args).unwrap();
+    assert!(stderr.contains("WARN"), "a warning was logged: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "no escape codes in redirected logs: {stderr:?}");
+
+    let mut json = args.to_vec();
+    json.extend(["--log-format", "json"]);
+    let (_, _, stderr) = meshctl(&json).unwrap();
+    let logged: Vec<serde_json::Value> =
+        stderr.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert!(logged.iter().any(|l| l["level"] == "WARN" && l["fields"]["message"].is_string()), "{stderr}");
+}
