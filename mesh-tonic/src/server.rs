@@ -12,6 +12,8 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use std::future::Future as _;
+
 use mesh_tower::connect::{Connection, PeerIdentity};
 use mesh_tower::tls::MtlsAcceptor;
 use tokio::net::TcpListener;
@@ -51,7 +53,7 @@ where
                 tower::Service::call(&mut service.clone(), request)
             });
             let http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let connection = http2.serve_connection(io, service);
+            let connection = http2.serve_connection(Lingering::new(io), service);
             tokio::pin!(connection);
             if let Some(age) = max_connection_age {
                 tokio::select! {
@@ -63,6 +65,84 @@ where
                 tracing::debug!(%error, "connection ended");
             }
         });
+    }
+}
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// A connection that, once hyper shuts it down (its final GOAWAY sent, then TLS close_notify and TCP FIN), keeps
+/// reading and dropping what the client still sends until the client closes too, for at most [`LINGER`].
+/// Closing a socket with unread data makes the kernel send a reset, which can destroy the GOAWAY still in flight:
+/// the client would then see a broken connection instead of "not processed, send it elsewhere", and fail a call
+/// it could have resent safely.
+struct Lingering {
+    io: mesh_tower::tls::MeshIo,
+    linger: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Lingering {
+    fn new(io: mesh_tower::tls::MeshIo) -> Self {
+        Self { io, linger: None }
+    }
+}
+
+impl hyper::rt::Read for Lingering {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        hyper::rt::Read::poll_read(std::pin::Pin::new(&mut self.io), cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Lingering {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        hyper::rt::Write::poll_write(std::pin::Pin::new(&mut self.io), cx, buf)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        hyper::rt::Write::is_write_vectored(&self.io)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        hyper::rt::Write::poll_write_vectored(std::pin::Pin::new(&mut self.io), cx, bufs)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        hyper::rt::Write::poll_flush(std::pin::Pin::new(&mut self.io), cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.linger.is_none() {
+            std::task::ready!(hyper::rt::Write::poll_shutdown(std::pin::Pin::new(&mut this.io), cx))?;
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        loop {
+            if this.linger.as_mut().is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready()) {
+                return Poll::Ready(Ok(()));
+            }
+            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+            let mut buf = hyper::rt::ReadBuf::uninit(&mut scratch);
+            match hyper::rt::Read::poll_read(std::pin::Pin::new(&mut this.io), cx, buf.unfilled()) {
+                // The client closed (or the connection broke): nothing more can arrive.
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 

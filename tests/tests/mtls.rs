@@ -201,7 +201,10 @@ async fn the_acceptor_hands_the_callers_identity_to_the_handler_and_refuses_plai
     assert!(
         matches!(
             error,
-            mesh_tower::Error::Upstream { .. } | mesh_tower::Error::AllEndpointsFailed { .. } | mesh_tower::Error::Handshake { .. }
+            mesh_tower::Error::Upstream { .. }
+                | mesh_tower::Error::AllEndpointsFailed { .. }
+                | mesh_tower::Error::Handshake { .. }
+                | mesh_tower::Error::NoReadyEndpoint { .. }
         ),
         "{error}"
     );
