@@ -3,7 +3,8 @@
 //! It lists services, their endpoints (static addresses, or a Kubernetes Service) and subsets (by endpoint label,
 //! or with endpoints of their own), routes (path and header matches with weighted splits), and per-service
 //! policies: load balancing, timeout, retries, circuit breakers, outlier detection, local rate limit, fault
-//! injection, mTLS mode and authorization rules. `views` restrict what some clients see. The fully commented
+//! injection, mTLS mode and authorization rules (Istio `AuthorizationPolicy`'s keys, flattened: `from`, `not_from`,
+//! `namespaces`, `paths`, `not_paths`, `methods`, `headers`, and the service's `authorization_default`). `views` restrict what some clients see. The fully commented
 //! example is `mesh-control/examples/mesh.yaml`; [`EXAMPLE`] is the embedded default.
 //!
 //! [`parse`] validates everything at once and turns the text into a [`Mesh`]; any problem is a [`FileError`] that
