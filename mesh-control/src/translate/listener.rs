@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::Loca
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::{
-    CodecType, RouteSpecifier,
+    CodecType, PathWithEscapedSlashesAction, RouteSpecifier,
 };
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_filter,
@@ -138,13 +138,22 @@ fn hcm(service: &Service, shape: Shape) -> HttpConnectionManager {
         }
     }
     filters.push(http_filter("envoy.filters.http.router", pack_any(Router::default()), false));
-    HttpConnectionManager {
+    let mut hcm = HttpConnectionManager {
         stat_prefix: service.name.clone(),
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(RouteSpecifier::Rds(Rds { config_source: Some(ads()), route_config_name: service.name.clone() })),
         http_filters: filters,
         ..Default::default()
+    };
+    if shape == Shape::Sidecar {
+        // Envoy matches RBAC paths as it normalizes them, and by default it does not: then `//admin` would step
+        // around a deny on `/admin/*`. Dot segments removed, slashes merged, `%2F`/`%5C` decoded to `/`, as
+        // `mesh_core::authz::normalize_path` does (the request goes on with the normalized path).
+        hcm.normalize_path = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        hcm.merge_slashes = true;
+        hcm.path_with_escaped_slashes_action = PathWithEscapedSlashesAction::UnescapeAndForward as i32;
     }
+    hcm
 }
 
 fn http_filter(name: &str, config: Any, is_optional: bool) -> HttpFilter {

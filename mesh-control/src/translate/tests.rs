@@ -72,6 +72,8 @@ fn sidecar_listener_has_an_address_and_the_filters() {
     let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
     let filters: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(filters, ["envoy.filters.http.rbac", "envoy.filters.http.router"]);
+    // Envoy normalizes paths as the engine does, so path rules cannot be stepped around with `//admin`.
+    assert_eq!((hcm.normalize_path.map(|b| b.value), hcm.merge_slashes, hcm.path_with_escaped_slashes_action), (Some(true), true, 4));
     // Clusters and routes are the same as the proxyless ones.
     assert_eq!(names(&out, CLUSTER), set(&["greeter", "greeter|v1", "greeter|v2"]));
 }
