@@ -39,7 +39,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use crate::policy::{AuthzAction, AuthzRule};
-use crate::{Error, HeaderMatch, Result, StringMatch};
+use crate::{Error, HeaderMatch, Regex, Result, StringMatch};
 
 /// What an [`Rbac`] filter does with the requests its policies match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -606,6 +606,130 @@ impl Principal {
     }
 }
 
+/// A mesh-file value pattern, as Istio's `AuthorizationPolicy` writes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Glob<'a> {
+    /// `*`: anything (for a header, that it is present).
+    Any,
+    /// No `*`: equal to this.
+    Exact(&'a str),
+    /// `x*`: starts with `x`.
+    Prefix(&'a str),
+    /// `*x`: ends with `x`.
+    Suffix(&'a str),
+}
+
+impl<'a> Glob<'a> {
+    /// Reads `s`: `*`, `x*`, `*x`, or exact. A `*` anywhere else is part of an exact value
+    /// ([`AuthzRule::validate`] refuses those).
+    pub fn parse(s: &'a str) -> Self {
+        if s == "*" {
+            Self::Any
+        } else if let Some(prefix) = s.strip_suffix('*') {
+            Self::Prefix(prefix)
+        } else if let Some(suffix) = s.strip_prefix('*') {
+            Self::Suffix(suffix)
+        } else {
+            Self::Exact(s)
+        }
+    }
+
+    /// The string matcher; `None` for [`Glob::Any`].
+    pub fn string_match(self) -> Option<StringMatch> {
+        match self {
+            Self::Any => None,
+            Self::Exact(s) => Some(StringMatch::Exact(s.to_owned())),
+            Self::Prefix(s) => Some(StringMatch::Prefix(s.to_owned())),
+            Self::Suffix(s) => Some(StringMatch::Suffix(s.to_owned())),
+        }
+    }
+}
+
+/// The regular expression a caller's SPIFFE ID matches when its namespace (the segment after `/ns/`, right after
+/// the trust domain) matches `namespace` (a [`Glob`]); metacharacters in it are escaped.
+///
+/// ```
+/// assert_eq!(mesh_core::authz::namespace_pattern("prod-*"), "spiffe://[^/]+/ns/prod\\-[^/]*/.*");
+/// ```
+pub fn namespace_pattern(namespace: &str) -> String {
+    let segment = match Glob::parse(namespace) {
+        Glob::Any => "[^/]+".to_owned(),
+        Glob::Exact(ns) => regex::escape(ns),
+        Glob::Prefix(ns) => format!("{}[^/]*", regex::escape(ns)),
+        Glob::Suffix(ns) => format!("[^/]*{}", regex::escape(ns)),
+    };
+    format!("spiffe://[^/]+/ns/{segment}/.*")
+}
+
+/// The name a rule's header is matched under: lower case, and `host` is `:authority` (A41 aliases the two).
+pub fn rule_header_name(name: &str) -> String {
+    match name.to_ascii_lowercase() {
+        host if host == "host" => ":authority".to_owned(),
+        name => name,
+    }
+}
+
+/// One mesh-file rule as an RBAC policy: one principal and one permission, each the AND (`And`) of the rule's
+/// conditions on it, each condition the OR (`Or`) of its values (a lone condition or value stands alone; no
+/// condition is `Any`).
+///
+/// - Principal: `principals` as `Authenticated` names (a `*` among them drops the condition: any caller),
+///   `namespaces` as `Authenticated` regexes ([`namespace_pattern`]), `not_principals` as `Not` of theirs.
+/// - Permission: `paths` as `UrlPath` (a `*` drops the condition), `not_paths` as `Not` of theirs, `methods` as
+///   `UrlPath`, then one `Header` per header (`*`: present).
+pub fn rule_policy(rule: &AuthzRule) -> Policy {
+    fn one_of<T>(mut items: Vec<T>, or: fn(Vec<T>) -> T) -> T {
+        if items.len() == 1 { items.remove(0) } else { or(items) }
+    }
+    fn all_of<T>(mut items: Vec<T>, and: fn(Vec<T>) -> T, any: T) -> T {
+        match items.len() {
+            0 => any,
+            1 => items.remove(0),
+            _ => and(items),
+        }
+    }
+    let name = |p: &String| match Glob::parse(p).string_match() {
+        Some(m) => Principal::Authenticated(Some(m)),
+        None => Principal::Any,
+    };
+    let path = |p: &String| match Glob::parse(p).string_match() {
+        Some(m) => Permission::UrlPath(m),
+        None => Permission::Any,
+    };
+    let mut principals = Vec::new();
+    if !rule.principals.is_empty() && !rule.principals.iter().any(|p| p == "*") {
+        principals.push(one_of(rule.principals.iter().map(name).collect(), Principal::Or));
+    }
+    if !rule.namespaces.is_empty() {
+        let namespace = |ns: &String| {
+            let regex = Regex::new(&namespace_pattern(ns)).expect("an escaped namespace is a valid regex");
+            Principal::Authenticated(Some(StringMatch::Regex(regex)))
+        };
+        principals.push(one_of(rule.namespaces.iter().map(namespace).collect(), Principal::Or));
+    }
+    if !rule.not_principals.is_empty() {
+        principals.push(Principal::Not(Box::new(one_of(rule.not_principals.iter().map(name).collect(), Principal::Or))));
+    }
+    let mut permissions = Vec::new();
+    if !rule.paths.is_empty() && !rule.paths.iter().any(|p| p == "*") {
+        permissions.push(one_of(rule.paths.iter().map(path).collect(), Permission::Or));
+    }
+    if !rule.not_paths.is_empty() {
+        permissions.push(Permission::Not(Box::new(one_of(rule.not_paths.iter().map(path).collect(), Permission::Or))));
+    }
+    if !rule.methods.is_empty() {
+        permissions.push(one_of(rule.methods.iter().map(path).collect(), Permission::Or));
+    }
+    for (name, value) in &rule.headers {
+        let matcher = Glob::parse(value).string_match().unwrap_or(StringMatch::Present(true));
+        permissions.push(Permission::Header(HeaderMatch { name: rule_header_name(name), matcher, invert: false }));
+    }
+    Policy {
+        principals: vec![all_of(principals, Principal::And, Principal::Any)],
+        permissions: vec![all_of(permissions, Permission::And, Permission::Any)],
+    }
+}
+
 /// A chain of RBAC filters, run in order as Envoy runs them: each decides on its own, the first to deny wins.
 /// The default chain is empty and allows everything.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -628,26 +752,13 @@ impl Engine {
     }
 
     /// The mesh file's rules as RBAC filters, as `mesh-control` sends them to sidecars: a DENY filter of the deny
-    /// rules, then an ALLOW filter of the allow rules (each present only if it has rules), policies named
-    /// `rule-{i}` in each, in name order. A principal `*` (or none) is any caller, `x*` an identity starting with `x`, anything
-    /// else one identity; methods alike, on the path; no methods is any.
-    pub fn from_rules(rules: &[AuthzRule]) -> Self {
-        let pattern = |s: &str| match s.strip_suffix('*') {
-            Some(prefix) => StringMatch::Prefix(prefix.to_owned()),
-            None => StringMatch::Exact(s.to_owned()),
-        };
-        let policy = |rule: &AuthzRule| Policy {
-            principals: if rule.principals.is_empty() || rule.principals.iter().any(|p| p == "*") {
-                vec![Principal::Any]
-            } else {
-                rule.principals.iter().map(|p| Principal::Authenticated(Some(pattern(p)))).collect()
-            },
-            permissions: if rule.methods.is_empty() {
-                vec![Permission::Any]
-            } else {
-                rule.methods.iter().map(|m| Permission::UrlPath(pattern(m))).collect()
-            },
-        };
+    /// rules, then an ALLOW filter of the allow rules, policies named `rule-{i}` in each, in name order. The DENY
+    /// filter is there only if it has rules; the ALLOW filter if it has rules, or, without any, when `default` is
+    /// [`AuthzAction::Deny`]: then it has no policies and denies every call (Istio's allow-nothing policy).
+    ///
+    /// A rule is one policy ([`rule_policy`]). The rules are not validated here ([`AuthzRule::validate`]): any
+    /// value gives some matcher.
+    pub fn from_rules(rules: &[AuthzRule], default: AuthzAction) -> Self {
         let chain = [(AuthzAction::Deny, Action::Deny), (AuthzAction::Allow, Action::Allow)]
             .into_iter()
             .filter_map(|(rule_action, action)| {
@@ -655,11 +766,12 @@ impl Engine {
                     .iter()
                     .filter(|r| r.action == rule_action)
                     .enumerate()
-                    .map(|(i, rule)| (format!("rule-{i}"), policy(rule)))
+                    .map(|(i, rule)| (format!("rule-{i}"), rule_policy(rule)))
                     .collect();
                 // In name order, as Envoy evaluates them (`rule-10` before `rule-2`).
                 policies.sort_by(|a, b| a.0.cmp(&b.0));
-                (!policies.is_empty()).then_some(Rbac { action, policies })
+                let allow_nothing = action == Action::Allow && default == AuthzAction::Deny;
+                (!policies.is_empty() || allow_nothing).then_some(Rbac { action, policies })
             })
             .collect();
         Self { chain }
@@ -946,23 +1058,177 @@ mod tests {
         assert!(reason(policy(vec![], vec![])).starts_with("filter 0: "));
     }
 
+    fn strings(values: &[&str]) -> Vec<String> {
+        values.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn rule(action: AuthzAction, principals: &[&str], methods: &[&str]) -> AuthzRule {
+        AuthzRule { action, principals: strings(principals), methods: strings(methods), ..AuthzRule::default() }
+    }
+
+    /// The decision of `rules` (default allow) on a POST to `path` with `headers` by `peer`.
+    fn decide(rules: &[AuthzRule], default: AuthzAction, path: &str, peer: Option<&str>, headers: &[(&str, &str)]) -> Decision {
+        let engine = Engine::from_rules(rules, default);
+        engine.evaluate(&RequestView::new(path, "POST", &headers).unwrap().with_peer_identity(peer))
+    }
+
     #[test]
     fn mesh_file_rules_become_a_deny_then_an_allow_filter() {
-        let rule = |action, principals: &[&str], methods: &[&str]| AuthzRule {
-            action,
-            principals: principals.iter().map(|s| s.to_string()).collect(),
-            methods: methods.iter().map(|s| s.to_string()).collect(),
-        };
-        let engine = Engine::from_rules(&[
-            rule(AuthzAction::Allow, &["spiffe://td/ns/prod/*"], &["/svc.Greeter/*"]),
-            rule(AuthzAction::Deny, &["*"], &["/svc.Greeter/Admin"]),
-        ]);
+        let engine = Engine::from_rules(
+            &[
+                rule(AuthzAction::Allow, &["spiffe://td/ns/prod/*"], &["/svc.Greeter/*"]),
+                rule(AuthzAction::Deny, &["*"], &["/svc.Greeter/Admin"]),
+            ],
+            AuthzAction::Allow,
+        );
         assert_eq!(engine.filters().iter().map(|f| f.action).collect::<Vec<_>>(), [Action::Deny, Action::Allow]);
         let headers = NO_HEADERS;
         let call = |path: &str, peer: &'static str| engine.evaluate(&view(path, &headers).with_peer_identity(Some(peer)));
         assert!(call("/svc.Greeter/SayHello", "spiffe://td/ns/prod/sa/web").is_allowed());
         assert_eq!(call("/svc.Greeter/Admin", "spiffe://td/ns/prod/sa/web"), Decision::Deny { policy: Some("rule-0".into()) });
         assert_eq!(call("/svc.Greeter/SayHello", "spiffe://td/ns/dev/sa/web"), Decision::Deny { policy: None });
-        assert_eq!(Engine::from_rules(&[]), Engine::default());
+        assert_eq!(Engine::from_rules(&[], AuthzAction::Allow), Engine::default());
+        // `*` is any caller, with a proven identity or without (the file's meaning before the other keys).
+        assert_eq!(
+            decide(&[rule(AuthzAction::Deny, &["*"], &[])], AuthzAction::Allow, "/x", None, &[]),
+            Decision::Deny { policy: Some("rule-0".into()) }
+        );
+    }
+
+    #[test]
+    fn principal_globs_are_exact_prefix_suffix_or_any() {
+        let allow = |from: &[&str]| vec![rule(AuthzAction::Allow, from, &[])];
+        let by = |rules: &[AuthzRule], peer: Option<&str>| decide(rules, AuthzAction::Allow, "/x", peer, &[]).is_allowed();
+        let admin = allow(&["*/sa/admin"]);
+        assert!(by(&admin, Some("spiffe://td/ns/ops/sa/admin")));
+        assert!(!by(&admin, Some("spiffe://td/ns/ops/sa/admin2")) && !by(&admin, None));
+        let exact = allow(&["spiffe://td/ns/ops/sa/web"]);
+        assert!(by(&exact, Some("spiffe://td/ns/ops/sa/web")) && !by(&exact, Some("spiffe://td/ns/ops/sa/web2")));
+        let either = allow(&["spiffe://td/ns/prod/*", "*/sa/admin"]);
+        assert!(by(&either, Some("spiffe://td/ns/prod/sa/web")) && by(&either, Some("spiffe://x/ns/dev/sa/admin")));
+        assert!(!by(&either, Some("spiffe://td/ns/dev/sa/web")));
+    }
+
+    #[test]
+    fn namespaces_match_the_segment_after_the_trust_domain() {
+        let allow = |namespaces: &[&str]| vec![AuthzRule { namespaces: strings(namespaces), ..AuthzRule::new(AuthzAction::Allow) }];
+        let by = |rules: &[AuthzRule], peer: Option<&str>| decide(rules, AuthzAction::Allow, "/x", peer, &[]).is_allowed();
+        let prod = allow(&["prod"]);
+        assert!(by(&prod, Some("spiffe://td/ns/prod/sa/web")) && by(&prod, Some("spiffe://other.td/ns/prod/sa/db")));
+        assert!(!by(&prod, Some("spiffe://td/ns/production/sa/web")), "the whole segment");
+        assert!(!by(&prod, Some("spiffe://td/ns/dev/sa/ns/prod/x")), "only the segment after the trust domain");
+        assert!(!by(&prod, Some("spiffe://td/ns/prod")) && !by(&prod, None));
+        let globs = allow(&["prod-*", "*-prod"]);
+        for peer in ["spiffe://td/ns/prod-eu/sa/a", "spiffe://td/ns/eu-prod/sa/a"] {
+            assert!(by(&globs, Some(peer)), "{peer}");
+        }
+        for peer in ["spiffe://td/ns/prod/sa/a", "spiffe://td/ns/eu-prod-x/sa/a", "spiffe://td/ns/x/sa/prod-a"] {
+            assert!(!by(&globs, Some(peer)), "{peer}");
+        }
+        let any = allow(&["*"]);
+        assert!(by(&any, Some("spiffe://td/ns/a/sa/b")) && !by(&any, Some("spiffe://td/workload")) && !by(&any, None));
+        // Metacharacters are literal: `a.b` is not `a-b`.
+        let dotted = allow(&["a.b"]);
+        assert!(by(&dotted, Some("spiffe://td/ns/a.b/sa/x")) && !by(&dotted, Some("spiffe://td/ns/a-b/sa/x")));
+        assert_eq!(namespace_pattern("*"), "spiffe://[^/]+/ns/[^/]+/.*");
+    }
+
+    #[test]
+    fn paths_match_the_normalized_path_so_spellings_do_not_bypass_a_deny() {
+        let deny = |paths: &[&str]| vec![AuthzRule { paths: strings(paths), ..AuthzRule::new(AuthzAction::Deny) }];
+        let at = |rules: &[AuthzRule], path: &str| decide(rules, AuthzAction::Allow, path, None, &[]).is_allowed();
+        let admin = deny(&["/admin/*"]);
+        for attempt in ["/admin/users", "//admin", "/admin", "/%61dmin/x", "/a/../admin/x", "/admin%2Fx", "\\admin\\x", "/./admin?x=1"] {
+            assert!(!at(&admin, attempt), "{attempt:?} is /admin/...");
+        }
+        assert!(at(&admin, "/administrator") && at(&admin, "/public/admin"));
+        let json = deny(&["*.json"]);
+        assert!(!at(&json, "/a/b.json") && !at(&json, "/a/b.js%6Fn") && at(&json, "/a/b.json5"));
+        let exact = deny(&["/healthz"]);
+        assert!(!at(&exact, "/healthz") && !at(&exact, "//healthz/") && at(&exact, "/healthz/x"));
+        assert!(!at(&deny(&["*"]), "/anything"));
+        // An allow-list of paths: others are denied.
+        let only = vec![AuthzRule { paths: strings(&["/public/*", "/"]), ..AuthzRule::new(AuthzAction::Allow) }];
+        assert!(at(&only, "/public/x") && at(&only, "/") && !at(&only, "/private"));
+    }
+
+    #[test]
+    fn not_from_and_not_paths_exclude() {
+        let rules = [AuthzRule {
+            paths: strings(&["/admin/*"]),
+            not_principals: strings(&["spiffe://td/ns/ops/*", "*/sa/root"]),
+            ..AuthzRule::new(AuthzAction::Deny)
+        }];
+        let by = |path: &str, peer: Option<&str>| decide(&rules, AuthzAction::Allow, path, peer, &[]).is_allowed();
+        assert!(!by("/admin/x", Some("spiffe://td/ns/prod/sa/web")), "not an ops caller: denied");
+        assert!(!by("/admin/x", None), "no identity is not an excluded one");
+        assert!(by("/admin/x", Some("spiffe://td/ns/ops/sa/web")) && by("/admin/x", Some("spiffe://td/ns/prod/sa/root")));
+        assert!(by("/public", Some("spiffe://td/ns/prod/sa/web")));
+        let allow = [AuthzRule { not_paths: strings(&["/internal/*", "*.secret"]), ..AuthzRule::new(AuthzAction::Allow) }];
+        let at = |path: &str| decide(&allow, AuthzAction::Allow, path, None, &[]).is_allowed();
+        assert!(at("/x") && !at("/internal/y") && !at("//internal//y") && !at("/a.secret"));
+    }
+
+    #[test]
+    fn headers_all_match_exactly_by_glob_or_by_presence() {
+        let headers = [("x-env", "prod-eu"), ("x-user", "alice@corp"), ("x-tag", "a"), ("host", "api.example.com")];
+        let rule = |pairs: &[(&str, &str)]| AuthzRule {
+            headers: pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+            ..AuthzRule::new(AuthzAction::Allow)
+        };
+        let allowed = |pairs: &[(&str, &str)], sent: &[(&str, &str)]| {
+            let engine = Engine::from_rules(&[rule(pairs)], AuthzAction::Allow);
+            let authority = sent.iter().find(|(n, _)| *n == "host").map(|(_, v)| *v);
+            engine.evaluate(&RequestView::new("/", "POST", &sent).unwrap().with_authority(authority)).is_allowed()
+        };
+        assert!(allowed(&[("x-env", "prod-*"), ("x-user", "*@corp"), ("x-tag", "*")], &headers));
+        assert!(!allowed(&[("x-env", "prod-*"), ("x-user", "*@other")], &headers), "every header must match");
+        assert!(!allowed(&[("x-missing", "*")], &headers));
+        assert!(allowed(&[("x-tag", "a")], &headers) && !allowed(&[("x-tag", "ab")], &headers));
+        assert!(allowed(&[("host", "api.example.com")], &headers), "host is :authority");
+        let policy = rule_policy(&rule(&[("host", "*")]));
+        assert_eq!(policy.permissions, [Permission::Header(header(":authority", StringMatch::Present(true)))]);
+    }
+
+    #[test]
+    fn conditions_of_a_rule_are_anded_and_an_empty_rule_matches_everything() {
+        let rules = [AuthzRule {
+            principals: strings(&["*/sa/web"]),
+            namespaces: strings(&["prod"]),
+            paths: strings(&["/svc.Greeter/*"]),
+            methods: strings(&["/svc.Greeter/SayHello"]),
+            headers: [("x-env".to_string(), "prod".to_string())].into(),
+            ..AuthzRule::new(AuthzAction::Allow)
+        }];
+        let env: &[(&str, &str)] = &[("x-env", "prod")];
+        let web = Some("spiffe://td/ns/prod/sa/web");
+        assert!(decide(&rules, AuthzAction::Allow, "/svc.Greeter/SayHello", web, env).is_allowed());
+        assert!(!decide(&rules, AuthzAction::Allow, "/svc.Greeter/SayHello", web, &[]).is_allowed(), "no header");
+        assert!(!decide(&rules, AuthzAction::Allow, "/svc.Greeter/Other", web, env).is_allowed(), "another method");
+        assert!(!decide(&rules, AuthzAction::Allow, "/svc.Greeter/SayHello", Some("spiffe://td/ns/dev/sa/web"), env).is_allowed());
+        assert!(!decide(&rules, AuthzAction::Allow, "/svc.Greeter/SayHello", Some("spiffe://td/ns/prod/sa/db"), env).is_allowed());
+        let empty = rule_policy(&AuthzRule::new(AuthzAction::Deny));
+        assert_eq!((empty.permissions, empty.principals), (vec![Permission::Any], vec![Principal::Any]));
+        assert!(!decide(&[AuthzRule::new(AuthzAction::Deny)], AuthzAction::Allow, "/x", None, &[]).is_allowed());
+    }
+
+    #[test]
+    fn default_deny_is_an_allow_filter_without_policies() {
+        let allow_nothing = Engine::from_rules(&[], AuthzAction::Deny);
+        assert_eq!(allow_nothing.filters(), [Rbac { action: Action::Allow, policies: vec![] }]);
+        assert_eq!(decide(&[], AuthzAction::Deny, "/x", Some("spiffe://td/ns/a/sa/b"), &[]), Decision::Deny { policy: None });
+        assert!(decide(&[], AuthzAction::Allow, "/x", None, &[]).is_allowed());
+        // Deny rules still come first; with allow rules the default changes nothing.
+        let deny_admin = rule(AuthzAction::Deny, &[], &["/svc.A/Admin"]);
+        assert_eq!(Engine::from_rules(std::slice::from_ref(&deny_admin), AuthzAction::Deny).filters().len(), 2);
+        assert_eq!(
+            decide(std::slice::from_ref(&deny_admin), AuthzAction::Deny, "/svc.A/Admin", None, &[]),
+            Decision::Deny { policy: Some("rule-0".into()) }
+        );
+        let allow_web = rule(AuthzAction::Allow, &["*/sa/web"], &[]);
+        assert_eq!(
+            Engine::from_rules(&[deny_admin.clone(), allow_web.clone()], AuthzAction::Deny),
+            Engine::from_rules(&[deny_admin, allow_web], AuthzAction::Allow)
+        );
     }
 }

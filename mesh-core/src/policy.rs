@@ -675,24 +675,144 @@ impl FromStr for MtlsMode {
 }
 
 /// What an authorization rule does to the calls it matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AuthzAction {
-    /// Let matching calls through.
+    /// Let matching calls through (Istio's default action).
+    #[default]
     Allow,
     /// Refuse matching calls with PERMISSION_DENIED.
     Deny,
 }
 
-/// One authorization rule (Envoy RBAC / Istio `AuthorizationPolicy` semantics: deny rules first, then, if any allow
-/// rule exists, a call must match one).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One authorization rule, Istio `AuthorizationPolicy` semantics flattened to one level (one `from` source, one
+/// `to` operation, `when` on headers): deny rules first, then, if any allow rule exists, a call must match one.
+///
+/// Within a rule every field given must match (AND) and the values of a field are alternatives (OR); a rule with
+/// no conditions matches every call. Values are Istio's patterns ([`crate::authz::Glob`]): `*` (any), `x*`
+/// (prefix), `*x` (suffix), anything else exact. [`crate::authz::Engine::from_rules`] turns rules into RBAC
+/// filters; [`AuthzRule::validate`] checks them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuthzRule {
     /// Allow or deny.
     pub action: AuthzAction,
-    /// Caller identities (SPIFFE IDs, `*` suffix allowed as a prefix match); empty means any caller.
+    /// Caller identities (SPIFFE IDs: exact, `spiffe://td/ns/prod/*`, `*/sa/admin`); `*` is any caller, proven
+    /// identity or not (the mesh file's meaning before the other keys came, kept). Empty: any caller.
     pub principals: Vec<String>,
-    /// gRPC methods (`/pkg.Service/Method`, or `/pkg.Service/*`); empty means any method.
+    /// Caller identities excluded (Istio's `notPrincipals`), as `principals`; a caller without a proven identity
+    /// is never one of them.
+    pub not_principals: Vec<String>,
+    /// Caller namespaces (`prod`, `prod-*`, `*-prod`, `*`), matched on the `/ns/<namespace>/` segment after the
+    /// trust domain of the caller's SPIFFE ID, as Istio derives `source.namespace` from the principal. `*` is
+    /// any caller whose identity has a namespace.
+    pub namespaces: Vec<String>,
+    /// Request paths (`/x`, `/admin/*`, `*.json`, `*`), matched on the normalized path
+    /// ([`crate::authz::normalize_path`]).
+    pub paths: Vec<String>,
+    /// Request paths excluded (Istio's `notPaths`), as `paths`.
+    pub not_paths: Vec<String>,
+    /// gRPC methods (`/pkg.Service/Method`, or `/pkg.Service/*`), matched on the path; empty means any method.
     pub methods: Vec<String>,
+    /// Request headers by lower-case name, each value a pattern (`*`: present); all must match (Istio's
+    /// `when: request.headers[...]`).
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl AuthzRule {
+    /// A rule with `action` and no conditions (it matches every call).
+    pub fn new(action: AuthzAction) -> Self {
+        Self { action, ..Self::default() }
+    }
+
+    /// Whether the rule has no conditions, and so matches every call.
+    pub fn matches_everything(&self) -> bool {
+        self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.namespaces.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.methods.is_empty()
+            && self.headers.is_empty()
+    }
+
+    /// Checks every value has a shape that can match: the error's `field` is the struct field (`principals`,
+    /// `namespaces`, `headers`, ...) and its reason quotes the value.
+    pub fn validate(&self) -> Result<()> {
+        use crate::authz::{Glob, normalize_path};
+        let invalid = |field, reason: String| Err(Error::InvalidPolicy { policy: "authorization", field, reason });
+        // Istio's patterns: one `*`, at the start or the end.
+        let glob = |s: &str| {
+            let stars = s.matches('*').count();
+            stars == 0 || (s != "**" && stars == 1 && (s.starts_with('*') || s.ends_with('*')))
+        };
+        for (field, values) in [("principals", &self.principals), ("not_principals", &self.not_principals)] {
+            for p in values {
+                let ok = glob(p)
+                    && match Glob::parse(p) {
+                        Glob::Any => field == "principals",
+                        Glob::Exact(id) | Glob::Prefix(id) => id.starts_with("spiffe://"),
+                        Glob::Suffix(end) => !end.is_empty(),
+                    };
+                if !ok {
+                    let any = if field == "principals" { " or *" } else { " (* would exclude every caller)" };
+                    return invalid(
+                        field,
+                        format!("{p:?} is not a SPIFFE ID (spiffe://trust-domain/path), a prefix spiffe://...* or a suffix */...{any}"),
+                    );
+                }
+            }
+        }
+        for ns in &self.namespaces {
+            let literal = match Glob::parse(ns) {
+                Glob::Any => "x",
+                Glob::Exact(s) | Glob::Prefix(s) | Glob::Suffix(s) => s,
+            };
+            if !glob(ns) || literal.is_empty() || literal.contains(['/', '*']) || literal.chars().any(char::is_whitespace) {
+                return invalid("namespaces", format!("{ns:?} is not a namespace, a prefix ns-*, a suffix *-ns or *"));
+            }
+        }
+        for (field, values) in [("paths", &self.paths), ("not_paths", &self.not_paths)] {
+            for path in values {
+                let reason = match Glob::parse(path) {
+                    _ if !glob(path) => Some("a * is only allowed at the start or the end".to_owned()),
+                    Glob::Any if field == "not_paths" => Some("* would exclude every path: the rule would never match".to_owned()),
+                    Glob::Any => None,
+                    Glob::Suffix(end) if end.is_empty() || end.contains(['?', '#']) => {
+                        Some("a suffix is a non-empty end of a path, without query or fragment".to_owned())
+                    }
+                    Glob::Suffix(_) => None,
+                    Glob::Exact(p) | Glob::Prefix(p) => match normalize_path(p) {
+                        Ok(normalized) if normalized == p => None,
+                        Ok(normalized) => {
+                            Some(format!("requests are matched on their normalized path, so this never matches: write {normalized:?}"))
+                        }
+                        Err(e) => Some(e.to_string()),
+                    },
+                };
+                if let Some(reason) = reason {
+                    return invalid(field, format!("{path:?} is not a path, a prefix /path/*, a suffix *.ext or *: {reason}"));
+                }
+            }
+        }
+        if let Some(m) = self.methods.iter().find(|m| !m.starts_with('/') || m.matches('*').count() > usize::from(m.ends_with('*'))) {
+            return invalid("methods", format!("{m:?} is not a gRPC method path like /pkg.Service/Method or /pkg.Service/*"));
+        }
+        for (name, value) in &self.headers {
+            let reason = if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                Some("a header name is lower-case letters, digits, '-' and '_'")
+            } else if name.starts_with("grpc-") {
+                Some("grpc- headers cannot be matched (gRFC A41)")
+            } else if !glob(value) {
+                Some("a value is exact, a prefix x*, a suffix *x or * (present)")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return invalid("headers", format!("{name:?}: {value:?}: {reason}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -714,5 +834,47 @@ mod tests {
     fn invalid_policy_names_field() {
         let err = LbPolicy::LeastRequest { choice_count: 1 }.validate().unwrap_err();
         assert!(matches!(err, Error::InvalidPolicy { field: "choice_count", .. }), "{err}");
+    }
+
+    #[test]
+    fn authz_rule_validation_names_the_field_and_quotes_the_value() {
+        let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = AuthzRule {
+            principals: v(&["*", "spiffe://td/ns/a/sa/b", "spiffe://td/ns/prod/*", "*/sa/admin"]),
+            not_principals: v(&["*/sa/root"]),
+            namespaces: v(&["prod", "prod-*", "*-prod", "*"]),
+            paths: v(&["/", "/admin/*", "*.json", "*", "/a/"]),
+            not_paths: v(&["/internal/*"]),
+            methods: v(&["/pkg.Svc/Method", "/pkg.Svc/*"]),
+            headers: [("x-env".to_string(), "prod-*".to_string()), ("x-tag".to_string(), "*".to_string())].into(),
+            ..AuthzRule::new(AuthzAction::Deny)
+        };
+        ok.validate().unwrap();
+        let bad = |rule: AuthzRule| match rule.validate() {
+            Err(Error::InvalidPolicy { policy: "authorization", field, reason }) => (field, reason),
+            other => panic!("{rule:?}: {other:?}"),
+        };
+        let cases: Vec<(AuthzRule, &str, &str)> = vec![
+            (AuthzRule { principals: v(&["frontend"]), ..ok.clone() }, "principals", "\"frontend\" is not a SPIFFE ID"),
+            (AuthzRule { principals: v(&["spiffe://td/*/sa/x"]), ..ok.clone() }, "principals", "not a SPIFFE ID"),
+            (AuthzRule { principals: v(&["*"]), not_principals: v(&["*"]), ..ok.clone() }, "not_principals", "exclude every caller"),
+            (AuthzRule { namespaces: v(&["a/b"]), ..ok.clone() }, "namespaces", "\"a/b\" is not a namespace"),
+            (AuthzRule { namespaces: v(&["*a*"]), ..ok.clone() }, "namespaces", "not a namespace"),
+            (AuthzRule { namespaces: v(&[""]), ..ok.clone() }, "namespaces", "not a namespace"),
+            (AuthzRule { paths: v(&["admin"]), ..ok.clone() }, "paths", "must start with /"),
+            (AuthzRule { paths: v(&["/a//b"]), ..ok.clone() }, "paths", "write \"/a/b\""),
+            (AuthzRule { paths: v(&["/a/*/b"]), ..ok.clone() }, "paths", "only allowed at the start or the end"),
+            (AuthzRule { not_paths: v(&["*"]), ..ok.clone() }, "not_paths", "never match"),
+            (AuthzRule { methods: v(&["Svc/Method"]), ..ok.clone() }, "methods", "not a gRPC method path"),
+            (AuthzRule { headers: [("X-Env".to_string(), "a".to_string())].into(), ..ok.clone() }, "headers", "lower-case"),
+            (AuthzRule { headers: [("grpc-timeout".to_string(), "1S".to_string())].into(), ..ok.clone() }, "headers", "grpc-"),
+            (AuthzRule { headers: [("x-a".to_string(), "a*b".to_string())].into(), ..ok.clone() }, "headers", "\"x-a\": \"a*b\""),
+        ];
+        for (rule, field, reason) in cases {
+            let (got_field, got_reason) = bad(rule);
+            assert_eq!(got_field, field, "{got_reason}");
+            assert!(got_reason.contains(reason), "{field}: {got_reason}");
+        }
+        assert!(AuthzRule::new(AuthzAction::Allow).matches_everything() && !ok.matches_everything());
     }
 }

@@ -3,7 +3,8 @@
 //! It lists services, their endpoints (static addresses, or a Kubernetes Service) and subsets (by endpoint label,
 //! or with endpoints of their own), routes (path and header matches with weighted splits), and per-service
 //! policies: load balancing, timeout, retries, circuit breakers, outlier detection, local rate limit, fault
-//! injection, mTLS mode and authorization rules. `views` restrict what some clients see. The fully commented
+//! injection, mTLS mode and authorization rules (Istio `AuthorizationPolicy`'s keys, flattened: `from`, `not_from`,
+//! `namespaces`, `paths`, `not_paths`, `methods`, `headers`, and the service's `authorization_default`). `views` restrict what some clients see. The fully commented
 //! example is `mesh-control/examples/mesh.yaml`; [`EXAMPLE`] is the embedded default.
 //!
 //! [`parse`] validates everything at once and turns the text into a [`Mesh`]; any problem is a [`FileError`] that
@@ -87,6 +88,9 @@ pub struct Service {
     pub mtls: MtlsMode,
     /// Authorization rules.
     pub authorization: Vec<AuthzRule>,
+    /// What happens to calls when there are no allow rules (`authorization_default`): allowed (the default), or
+    /// denied, by an ALLOW filter without policies (Istio's allow-nothing policy).
+    pub authorization_default: AuthzAction,
     /// Port of the sidecar (Envoy) listener for this service, if it has one.
     pub sidecar_port: Option<u16>,
 }
@@ -113,6 +117,7 @@ impl Service {
             fault: None,
             mtls: MtlsMode::default(),
             authorization: Vec::new(),
+            authorization_default: AuthzAction::Allow,
             sidecar_port: None,
         }
     }
@@ -550,29 +555,51 @@ impl Validator<'_> {
                 }
             },
         };
+        let authorization_default = match &raw.authorization_default {
+            None => AuthzAction::Allow,
+            Some(d) => match d.value.as_str() {
+                "allow" => AuthzAction::Allow,
+                "deny" => AuthzAction::Deny,
+                other => {
+                    return self.error(&d.referenced, format!("{field}.authorization_default"), format!("{other:?} is not allow or deny"));
+                }
+            },
+        };
         let mut authorization = Vec::new();
         for (i, rule) in raw.authorization.iter().enumerate() {
             let afield = format!("{field}.authorization[{i}]");
-            let action = match rule.value.action.as_str() {
+            let r = &rule.value;
+            let action = match r.action.as_str() {
                 "allow" => AuthzAction::Allow,
                 "deny" => AuthzAction::Deny,
                 other => return self.error(&rule.referenced, format!("{afield}.action"), format!("{other:?} is not allow or deny")),
             };
-            if let Some(bad) = rule.value.from.iter().find(|p| !(p.starts_with("spiffe://") || p.as_str() == "*")) {
-                return self.error(
-                    &rule.referenced,
-                    format!("{afield}.from"),
-                    format!("{bad:?} is not a SPIFFE ID (spiffe://trust-domain/path) or *"),
-                );
+            let list = |values: &Option<Spanned<Vec<String>>>| values.as_ref().map(|v| v.value.clone()).unwrap_or_default();
+            let headers = r.headers.as_ref().map(|h| h.value.iter().map(|(name, value)| (name.to_ascii_lowercase(), value.clone())));
+            let parsed = AuthzRule {
+                action,
+                principals: list(&r.from),
+                not_principals: list(&r.not_from),
+                namespaces: list(&r.namespaces),
+                paths: list(&r.paths),
+                not_paths: list(&r.not_paths),
+                methods: list(&r.methods),
+                headers: headers.map(Iterator::collect).unwrap_or_default(),
+            };
+            if let Err(mesh_core::Error::InvalidPolicy { field: rule_field, reason, .. }) = parsed.validate() {
+                // The rule's field by its key in the file, and where that key's value is.
+                let (key, at) = match rule_field {
+                    "principals" => ("from", r.from.as_ref().map(|v| &v.referenced)),
+                    "not_principals" => ("not_from", r.not_from.as_ref().map(|v| &v.referenced)),
+                    "namespaces" => ("namespaces", r.namespaces.as_ref().map(|v| &v.referenced)),
+                    "paths" => ("paths", r.paths.as_ref().map(|v| &v.referenced)),
+                    "not_paths" => ("not_paths", r.not_paths.as_ref().map(|v| &v.referenced)),
+                    "methods" => ("methods", r.methods.as_ref().map(|v| &v.referenced)),
+                    other => (other, r.headers.as_ref().map(|v| &v.referenced)),
+                };
+                return self.error(at.unwrap_or(&rule.referenced), format!("{afield}.{key}"), reason);
             }
-            if let Some(bad) = rule.value.methods.iter().find(|m| !m.starts_with('/')) {
-                return self.error(
-                    &rule.referenced,
-                    format!("{afield}.methods"),
-                    format!("{bad:?} is not a gRPC method path like /pkg.Service/Method"),
-                );
-            }
-            authorization.push(AuthzRule { action, principals: rule.value.from.clone(), methods: rule.value.methods.clone() });
+            authorization.push(parsed);
         }
         Ok(Service {
             name: name.to_owned(),
@@ -590,6 +617,7 @@ impl Validator<'_> {
             fault,
             mtls,
             authorization,
+            authorization_default,
             sidecar_port: raw.sidecar.as_ref().map(|s| s.port.value),
         })
     }

@@ -42,6 +42,7 @@ pub(super) struct RawService {
     pub(super) mtls: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) authorization: Vec<Spanned<RawRule>>,
+    pub(super) authorization_default: Option<Spanned<String>>,
     pub(super) sidecar: Option<RawSidecar>,
 }
 
@@ -230,10 +231,13 @@ pub(super) enum RawCode {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRule {
     pub(super) action: String,
-    #[serde(default)]
-    pub(super) from: Vec<String>,
-    #[serde(default)]
-    pub(super) methods: Vec<String>,
+    pub(super) from: Option<Spanned<Vec<String>>>,
+    pub(super) not_from: Option<Spanned<Vec<String>>>,
+    pub(super) namespaces: Option<Spanned<Vec<String>>>,
+    pub(super) paths: Option<Spanned<Vec<String>>>,
+    pub(super) not_paths: Option<Spanned<Vec<String>>>,
+    pub(super) methods: Option<Spanned<Vec<String>>>,
+    pub(super) headers: Option<Spanned<BTreeMap<String, String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,4 +1,5 @@
 use super::*;
+use mesh_core::policy::AuthzAction;
 
 fn err(text: &str) -> FileError {
     parse("mesh.yaml", text).expect_err("the file should be rejected")
@@ -286,4 +287,66 @@ fn key_errors_name_the_key_line() {
     assert_eq!((e.line, e.field.as_str()), (9, "services.greeter.retries.attempts"), "{e}");
     let e = err(&BASE.replace("      v2: { labels: { version: v2 } }", "      V2:\n        labels: { version: v2 }"));
     assert_eq!((e.line, e.field.as_str()), (8, "services.greeter.subsets.V2"), "{e}");
+}
+
+#[test]
+fn authorization_rules_take_every_key() {
+    let text = BASE.replace(
+        "    routes:",
+        "    authorization_default: deny
+    authorization:
+      - action: deny
+        paths: [\"/admin/*\", \"*.json\"]
+        not_from: [\"*/sa/root\"]
+      - action: allow
+        from: [\"spiffe://td/ns/prod/*\", \"*/sa/admin\", \"spiffe://td/ns/a/sa/b\"]
+        namespaces: [prod, \"prod-*\", \"*-prod\"]
+        not_paths: [\"/internal/*\"]
+        methods: [\"/pkg.Svc/*\"]
+        headers: { X-Env: \"prod-*\", x-trace: \"*\" }
+      - { action: allow }
+    routes:",
+    );
+    let mesh = parse("mesh.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let greeter = &mesh.services["greeter"];
+    assert_eq!(greeter.authorization_default, AuthzAction::Deny);
+    let [deny, allow, everything] = greeter.authorization.as_slice() else { panic!("{:?}", greeter.authorization) };
+    let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!((deny.action, &deny.paths, &deny.not_principals), (AuthzAction::Deny, &v(&["/admin/*", "*.json"]), &v(&["*/sa/root"])));
+    assert_eq!(allow.principals, v(&["spiffe://td/ns/prod/*", "*/sa/admin", "spiffe://td/ns/a/sa/b"]));
+    assert_eq!((&allow.namespaces, &allow.not_paths), (&v(&["prod", "prod-*", "*-prod"]), &v(&["/internal/*"])));
+    assert_eq!(allow.methods, v(&["/pkg.Svc/*"]));
+    let headers: Vec<(&str, &str)> = allow.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    assert_eq!(headers, [("x-env", "prod-*"), ("x-trace", "*")], "names lower-cased");
+    assert!(everything.matches_everything());
+    assert_eq!(parse("m", BASE).unwrap().services["greeter"].authorization_default, AuthzAction::Allow);
+}
+
+#[test]
+fn bad_authorization_values_name_the_rule_field_and_line() {
+    let rules = |rule: &str| BASE.replace("    routes:", &format!("    authorization:\n      - {{ action: allow }}\n{rule}    routes:"));
+    // (rule text from line 11, the line of the error, the field, part of the reason)
+    let cases: &[(&str, usize, &str, &str)] = &[
+        ("      - { action: allow, from: [frontend] }\n", 11, "from", "\"frontend\" is not a SPIFFE ID"),
+        ("      - action: deny\n        from: [\"spiffe://td/*/x\"]\n", 12, "from", "not a SPIFFE ID"),
+        ("      - action: deny\n        not_from: [\"*\"]\n", 12, "not_from", "exclude every caller"),
+        ("      - action: allow\n        namespaces: [\"prod/x\"]\n", 12, "namespaces", "\"prod/x\" is not a namespace"),
+        ("      - action: allow\n        paths: [admin]\n", 12, "paths", "must start with /"),
+        ("      - action: allow\n        paths: [\"/a//b\"]\n", 12, "paths", "write \"/a/b\""),
+        ("      - action: allow\n        not_paths: [\"/a/*/b\"]\n", 12, "not_paths", "at the start or the end"),
+        ("      - action: allow\n        methods: [Svc/Method]\n", 12, "methods", "not a gRPC method path"),
+        ("      - action: allow\n        headers: { grpc-timeout: 1S }\n", 12, "headers", "grpc-"),
+        ("      - action: allow\n        headers:\n          x-a: \"a*b\"\n", 12, "headers", "\"x-a\": \"a*b\""),
+        ("      - { action: permit }\n", 11, "action", "\"permit\" is not allow or deny"),
+    ];
+    for (rule, line, field, reason) in cases {
+        let e = err(&rules(rule));
+        assert_eq!((e.line, e.field.as_str()), (*line, format!("services.greeter.authorization[1].{field}").as_str()), "{rule}: {e}");
+        assert!(e.reason.contains(reason), "{rule}: {e}");
+    }
+    let e = err(&BASE.replace("    routes:", "    authorization_default: closed\n    routes:"));
+    assert_eq!((e.line, e.field.as_str()), (9, "services.greeter.authorization_default"), "{e}");
+    assert!(e.reason.contains("\"closed\" is not allow or deny"), "{e}");
+    let e = err(&rules("      - { action: allow, paths: [/x], hosts: [a] }\n"));
+    assert!(e.reason.contains("hosts"), "unknown keys are refused: {e}");
 }

@@ -5,7 +5,9 @@ use envoy_types::pb::envoy::config::core::v3::{Address, RuntimeFractionalPercent
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::rbac::v3::permission::Rule;
 use envoy_types::pb::envoy::config::rbac::v3::principal::{Authenticated, Identifier};
-use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy, Principal, Rbac as RbacRules, rbac};
+use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy, Principal, Rbac as RbacRules, permission, principal, rbac};
+use envoy_types::pb::envoy::config::route::v3::HeaderMatcher;
+use envoy_types::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
 use envoy_types::pb::envoy::extensions::filters::http::adaptive_concurrency::v3::adaptive_concurrency::ConcurrencyControllerConfig;
 use envoy_types::pb::envoy::extensions::filters::http::adaptive_concurrency::v3::gradient_controller_config::{
@@ -17,17 +19,18 @@ use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::Loca
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::{
-    CodecType, RouteSpecifier,
+    CodecType, PathWithEscapedSlashesAction, RouteSpecifier,
 };
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_filter,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, StringMatcher, path_matcher, string_matcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher};
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, Percent, TokenBucket, fractional_percent};
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use envoy_types::util::pack_any;
 use std::time::Duration;
 
+use mesh_core::authz::{Glob, namespace_pattern, rule_header_name};
 use mesh_core::policy::{AuthzAction, AuthzRule, MinRtt};
 
 use super::{LISTENER, Resource, Shape, ads, duration, pack};
@@ -127,19 +130,30 @@ fn hcm(service: &Service, shape: Shape) -> HttpConnectionManager {
     if shape == Shape::Sidecar {
         for action in [AuthzAction::Deny, AuthzAction::Allow] {
             let rules: Vec<&AuthzRule> = service.authorization.iter().filter(|r| r.action == action).collect();
-            if !rules.is_empty() {
+            // `authorization_default: deny` without allow rules: an ALLOW filter of none (Istio's allow-nothing).
+            let allow_nothing = action == AuthzAction::Allow && service.authorization_default == AuthzAction::Deny;
+            if !rules.is_empty() || allow_nothing {
                 filters.push(http_filter("envoy.filters.http.rbac", pack_any(rbac_filter(action, &rules)), false));
             }
         }
     }
     filters.push(http_filter("envoy.filters.http.router", pack_any(Router::default()), false));
-    HttpConnectionManager {
+    let mut hcm = HttpConnectionManager {
         stat_prefix: service.name.clone(),
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(RouteSpecifier::Rds(Rds { config_source: Some(ads()), route_config_name: service.name.clone() })),
         http_filters: filters,
         ..Default::default()
+    };
+    if shape == Shape::Sidecar {
+        // Envoy matches RBAC paths as it normalizes them, and by default it does not: then `//admin` would step
+        // around a deny on `/admin/*`. Dot segments removed, slashes merged, `%2F`/`%5C` decoded to `/`, as
+        // `mesh_core::authz::normalize_path` does (the request goes on with the normalized path).
+        hcm.normalize_path = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        hcm.merge_slashes = true;
+        hcm.path_with_escaped_slashes_action = PathWithEscapedSlashesAction::UnescapeAndForward as i32;
     }
+    hcm
 }
 
 fn http_filter(name: &str, config: Any, is_optional: bool) -> HttpFilter {
@@ -205,34 +219,13 @@ fn fault_filter(fault: &mesh_core::policy::FaultInjection) -> HttpFault {
     }
 }
 
+/// An RBAC filter of `rules` (all of one `action`), as [`mesh_core::authz::Engine::from_rules`] builds it: one
+/// policy `rule-{i}` a rule, with one principal and one permission, each the AND (`and_ids`, `and_rules`) of the
+/// rule's conditions and each condition the OR (`or_ids`, `or_rules`) of its values. Principals are
+/// `authenticated.principal_name` matchers, namespaces `safe_regex` ones on the same name; paths and methods are
+/// `url_path`, headers `header` matchers (`*`: `present_match`). An ALLOW filter without rules denies every call.
 fn rbac_filter(action: AuthzAction, rules: &[&AuthzRule]) -> Rbac {
-    let policies = rules
-        .iter()
-        .enumerate()
-        .map(|(i, rule)| {
-            let principals = if rule.principals.is_empty() || rule.principals.iter().any(|p| p == "*") {
-                vec![Principal { identifier: Some(Identifier::Any(true)) }]
-            } else {
-                rule.principals
-                    .iter()
-                    .map(|p| Principal {
-                        identifier: Some(Identifier::Authenticated(Authenticated { principal_name: Some(string_match(p)) })),
-                    })
-                    .collect()
-            };
-            let permissions = if rule.methods.is_empty() {
-                vec![Permission { rule: Some(Rule::Any(true)) }]
-            } else {
-                rule.methods
-                    .iter()
-                    .map(|m| Permission {
-                        rule: Some(Rule::UrlPath(PathMatcher { rule: Some(path_matcher::Rule::Path(string_match(m))) })),
-                    })
-                    .collect()
-            };
-            (format!("rule-{i}"), Policy { permissions, principals, ..Default::default() })
-        })
-        .collect();
+    let policies = rules.iter().enumerate().map(|(i, rule)| (format!("rule-{i}"), rbac_policy(rule))).collect();
     let action = match action {
         AuthzAction::Allow => rbac::Action::Allow,
         AuthzAction::Deny => rbac::Action::Deny,
@@ -240,11 +233,75 @@ fn rbac_filter(action: AuthzAction, rules: &[&AuthzRule]) -> Rbac {
     Rbac { rules: Some(RbacRules { action: action as i32, policies, ..Default::default() }), ..Default::default() }
 }
 
-/// `x*` matches by prefix, anything else exactly.
-fn string_match(s: &str) -> StringMatcher {
-    let pattern = match s.strip_suffix('*') {
-        Some(prefix) => string_matcher::MatchPattern::Prefix(prefix.to_owned()),
-        None => string_matcher::MatchPattern::Exact(s.to_owned()),
+fn rbac_policy(rule: &AuthzRule) -> Policy {
+    let principal = |identifier| Principal { identifier: Some(identifier) };
+    let permission = |rule| Permission { rule: Some(rule) };
+    let authenticated = |m| principal(Identifier::Authenticated(Authenticated { principal_name: Some(m) }));
+    let name = |p: &String| string_matcher(Glob::parse(p)).map_or(principal(Identifier::Any(true)), authenticated);
+    let path = |p: &String| {
+        string_matcher(Glob::parse(p))
+            .map_or(permission(Rule::Any(true)), |m| permission(Rule::UrlPath(PathMatcher { rule: Some(path_matcher::Rule::Path(m)) })))
     };
-    StringMatcher { match_pattern: Some(pattern), ignore_case: false }
+    let any_principal = |ids: Vec<Principal>| one_of(ids, |ids| principal(Identifier::OrIds(principal::Set { ids })));
+    let any_permission = |rules: Vec<Permission>| one_of(rules, |rules| permission(Rule::OrRules(permission::Set { rules })));
+
+    let mut principals = Vec::new();
+    if !rule.principals.is_empty() && !rule.principals.iter().any(|p| p == "*") {
+        principals.push(any_principal(rule.principals.iter().map(name).collect()));
+    }
+    if !rule.namespaces.is_empty() {
+        let namespace = |ns: &String| {
+            let regex = RegexMatcher { regex: namespace_pattern(ns), engine_type: None };
+            authenticated(StringMatcher { match_pattern: Some(string_matcher::MatchPattern::SafeRegex(regex)), ignore_case: false })
+        };
+        principals.push(any_principal(rule.namespaces.iter().map(namespace).collect()));
+    }
+    if !rule.not_principals.is_empty() {
+        principals.push(principal(Identifier::NotId(Box::new(any_principal(rule.not_principals.iter().map(name).collect())))));
+    }
+    let mut permissions = Vec::new();
+    if !rule.paths.is_empty() && !rule.paths.iter().any(|p| p == "*") {
+        permissions.push(any_permission(rule.paths.iter().map(path).collect()));
+    }
+    if !rule.not_paths.is_empty() {
+        permissions.push(permission(Rule::NotRule(Box::new(any_permission(rule.not_paths.iter().map(path).collect())))));
+    }
+    if !rule.methods.is_empty() {
+        permissions.push(any_permission(rule.methods.iter().map(path).collect()));
+    }
+    for (name, value) in &rule.headers {
+        let specifier = match string_matcher(Glob::parse(value)) {
+            Some(m) => HeaderMatchSpecifier::StringMatch(m),
+            None => HeaderMatchSpecifier::PresentMatch(true),
+        };
+        let header = HeaderMatcher { name: rule_header_name(name), header_match_specifier: Some(specifier), ..Default::default() };
+        permissions.push(permission(Rule::Header(header)));
+    }
+    let principal = match principals.len() {
+        0 => principal(Identifier::Any(true)),
+        1 => principals.remove(0),
+        _ => principal(Identifier::AndIds(principal::Set { ids: principals })),
+    };
+    let permission = match permissions.len() {
+        0 => permission(Rule::Any(true)),
+        1 => permissions.remove(0),
+        _ => permission(Rule::AndRules(permission::Set { rules: permissions })),
+    };
+    Policy { permissions: vec![permission], principals: vec![principal], ..Default::default() }
+}
+
+/// The lone item, or the OR `or` makes of them.
+fn one_of<T>(mut items: Vec<T>, or: impl FnOnce(Vec<T>) -> T) -> T {
+    if items.len() == 1 { items.remove(0) } else { or(items) }
+}
+
+/// A mesh-file pattern as an Envoy string matcher; `None` for `*`.
+fn string_matcher(glob: Glob<'_>) -> Option<StringMatcher> {
+    let pattern = match glob {
+        Glob::Any => return None,
+        Glob::Exact(s) => string_matcher::MatchPattern::Exact(s.to_owned()),
+        Glob::Prefix(s) => string_matcher::MatchPattern::Prefix(s.to_owned()),
+        Glob::Suffix(s) => string_matcher::MatchPattern::Suffix(s.to_owned()),
+    };
+    Some(StringMatcher { match_pattern: Some(pattern), ignore_case: false })
 }

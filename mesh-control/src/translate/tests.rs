@@ -72,48 +72,74 @@ fn sidecar_listener_has_an_address_and_the_filters() {
     let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
     let filters: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(filters, ["envoy.filters.http.rbac", "envoy.filters.http.router"]);
+    // Envoy normalizes paths as the engine does, so path rules cannot be stepped around with `//admin`.
+    assert_eq!((hcm.normalize_path.map(|b| b.value), hcm.merge_slashes, hcm.path_with_escaped_slashes_action), (Some(true), true, 4));
     // Clusters and routes are the same as the proxyless ones.
     assert_eq!(names(&out, CLUSTER), set(&["greeter", "greeter|v1", "greeter|v2"]));
 }
 
-/// The sidecar's RBAC filters decode in our xDS client into the engine the mesh file's rules make.
-#[test]
-fn sidecar_rbac_filters_decode_into_the_rules_engine() {
-    use mesh_core::authz::Engine;
-    use mesh_core::policy::{AuthzAction, AuthzRule};
-    let mut mesh = parse("example", crate::mesh::EXAMPLE).unwrap();
-    let greeter = mesh.services.get_mut("greeter").unwrap();
-    let rule = |action, principals: &[&str], methods: &[&str]| AuthzRule {
-        action,
-        principals: principals.iter().map(|s| s.to_string()).collect(),
-        methods: methods.iter().map(|s| s.to_string()).collect(),
-    };
-    greeter.authorization.push(rule(AuthzAction::Deny, &["*"], &["/helloworld.Greeter/Admin"]));
-    greeter.authorization.push(rule(AuthzAction::Allow, &["spiffe://td/ns/prod/*", "spiffe://td/ns/ops/sa/admin"], &[]));
-    let rules = greeter.authorization.clone();
-    let out = resources(&mesh, Shape::Sidecar, None, &no_kube);
-    let r = out.iter().find(|r| r.type_url == LISTENER).unwrap();
+/// The RBAC filters of `service`'s sidecar listener, decoded by our xDS client.
+fn sidecar_rbac_filters(out: &[Resource], service: &str) -> Vec<mesh_core::authz::Rbac> {
+    use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+    let name = listener::sidecar_listener_name(service);
+    let r = out.iter().find(|r| r.type_url == LISTENER && r.name == name).unwrap_or_else(|| panic!("no listener {name}"));
     let listener = Listener::decode(r.resource.value.as_slice()).unwrap();
-    let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any)) =
-        &listener.filter_chains[0].filters[0].config_type
-    else {
-        panic!("no HCM")
-    };
+    let Some(ConfigType::TypedConfig(any)) = &listener.filter_chains[0].filters[0].config_type else { panic!("no HCM") };
     let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
-    let filters: Vec<_> = hcm
-        .http_filters
+    hcm.http_filters
         .iter()
         .filter(|f| f.name == "envoy.filters.http.rbac")
         .map(|f| match &f.config_type {
-            Some(
-                envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(
-                    any,
-                ),
-            ) => xds_client::resource::rbac::decode(any).unwrap(),
+            Some(http_filter::ConfigType::TypedConfig(any)) => xds_client::resource::rbac::decode(any).unwrap(),
             other => panic!("{other:?}"),
         })
-        .collect();
-    assert_eq!(Engine::new(filters).unwrap(), Engine::from_rules(&rules));
+        .collect()
+}
+
+/// The sidecar's RBAC filters decode in our xDS client into the engine the mesh file's rules make, for every
+/// key a rule may have, and for a service whose default is deny.
+#[test]
+fn sidecar_rbac_filters_decode_into_the_rules_engine() {
+    use mesh_core::authz::{Action, Decision, Engine, RequestView};
+    let text = r#"services:
+  greeter:
+    endpoints: [127.0.0.1:1]
+    sidecar: { port: 15001 }
+    authorization:
+      - { action: deny, from: ["*"], methods: [/helloworld.Greeter/Admin] }
+      - action: deny
+        paths: ["/admin/*", "*.secret"]
+        not_from: ["spiffe://td/ns/ops/*", "*/sa/root"]
+      - action: allow
+        from: ["spiffe://td/ns/prod/*", "spiffe://td/ns/ops/sa/admin", "*/sa/batch"]
+      - action: allow
+        namespaces: [staging, "team-*", "*-dev", "a.b"]
+        not_paths: ["/internal/*"]
+        headers: { x-env: "prod-*", x-user: "*@corp", x-trace: "*", Host: api.example.com }
+      - { action: allow, namespaces: ["*"], paths: [/public, "*"], methods: ["/helloworld.Greeter/*", /helloworld.Greeter/SayHello] }
+      - { action: allow }
+  locked:
+    endpoints: [127.0.0.1:2]
+    sidecar: { port: 15002 }
+    authorization_default: deny
+"#;
+    let mesh = parse("m", text).unwrap_or_else(|e| panic!("{e}"));
+    let out = resources(&mesh, Shape::Sidecar, None, &no_kube);
+    let greeter = &mesh.services["greeter"];
+    let engine = Engine::new(sidecar_rbac_filters(&out, "greeter")).unwrap();
+    assert_eq!(engine, Engine::from_rules(&greeter.authorization, greeter.authorization_default));
+    assert_eq!(engine.filters().iter().map(|f| f.policies.len()).collect::<Vec<_>>(), [2, 4]);
+    let headers: &[(&str, &str)] = &[];
+    let call =
+        |path: &str, peer: &'static str| engine.evaluate(&RequestView::new(path, "POST", &headers).unwrap().with_peer_identity(Some(peer)));
+    assert_eq!(call("//admin/x", "spiffe://td/ns/prod/sa/web"), Decision::Deny { policy: Some("rule-1".into()) });
+    assert!(call("/admin/x", "spiffe://td/ns/ops/sa/web").is_allowed());
+
+    let locked = &mesh.services["locked"];
+    let filters = sidecar_rbac_filters(&out, "locked");
+    assert_eq!(filters, [mesh_core::authz::Rbac { action: Action::Allow, policies: vec![] }], "allow-nothing");
+    assert_eq!(Engine::new(filters).unwrap(), Engine::from_rules(&locked.authorization, locked.authorization_default));
 }
 
 #[test]
