@@ -57,6 +57,9 @@ pub enum CaError {
         /// Why not.
         reason: String,
     },
+    /// A validity time does not fit a certificate.
+    #[error("validity: {0}")]
+    Time(String),
     /// A certificate signing request could not be read or does not ask for what it may.
     #[error("certificate signing request: {0}")]
     Csr(String),
@@ -84,13 +87,19 @@ impl Issued {
     /// Writes `dir/cert.pem`, `dir/key.pem` (mode 0600) and `dir/ca.pem`, each replaced whole (written aside,
     /// then renamed), so a reader never sees half a file.
     pub fn write_to(&self, dir: &Path) -> Result<(), CaError> {
-        std::fs::create_dir_all(dir).map_err(|source| CaError::Io { path: dir.to_owned(), source })?;
-        if let Some(key) = &self.key {
-            write_file(&dir.join("key.pem"), key, true)?;
-        }
-        write_file(&dir.join("cert.pem"), &self.chain, false)?;
-        write_file(&dir.join("ca.pem"), &self.bundle, false)
+        write_workload_files(dir, &self.chain, self.key.as_deref(), &self.bundle)
     }
+}
+
+/// Writes a workload's `dir/key.pem` (0600, when given), `dir/cert.pem` and `dir/ca.pem`, each written aside and
+/// renamed, the key first, so a watcher never reads half a file.
+pub fn write_workload_files(dir: &Path, chain: &str, key: Option<&str>, bundle: &str) -> Result<(), CaError> {
+    std::fs::create_dir_all(dir).map_err(|source| CaError::Io { path: dir.to_owned(), source })?;
+    if let Some(key) = key {
+        write_file(&dir.join("key.pem"), key, true)?;
+    }
+    write_file(&dir.join("cert.pem"), chain, false)?;
+    write_file(&dir.join("ca.pem"), bundle, false)
 }
 
 /// The mesh CA.
@@ -291,7 +300,7 @@ fn validity(params: &mut CertificateParams, now: SystemTime, lifetime: Duration)
     let at = |t: SystemTime| {
         let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).unwrap_or(i64::MAX))
-            .map_err(|e| CaError::Csr(format!("time out of range: {e}")))
+            .map_err(|e| CaError::Time(format!("out of range: {e}")))
     };
     params.not_before = at(now.checked_sub(BACKDATE).unwrap_or(now))?;
     params.not_after = at(now + lifetime)?;

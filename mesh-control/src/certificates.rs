@@ -189,14 +189,7 @@ pub struct Renewed {
 impl Renewed {
     /// Writes `dir/key.pem` (0600), `dir/cert.pem` and `dir/ca.pem`, each replaced whole.
     pub fn write_to(&self, dir: &std::path::Path) -> Result<(), crate::ca::CaError> {
-        let issued = crate::ca::Issued {
-            chain: self.chain.clone(),
-            key: Some(self.key.clone()),
-            bundle: self.bundle.clone(),
-            not_after: SystemTime::now(),
-            renew_at: SystemTime::now(),
-        };
-        issued.write_to(dir)
+        crate::ca::write_workload_files(dir, &self.chain, Some(&self.key), &self.bundle)
     }
 }
 

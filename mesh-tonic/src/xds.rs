@@ -169,6 +169,9 @@ async fn run(
         // The listener's fault filter applies to every route, unless a route overrides it; without the filter,
         // overrides have nothing to override (A39).
         let listener = lds.value();
+        if let Some(listener) = &listener {
+            unsupported.listener(listener);
+        }
         let listener_fault = listener.as_ref().and_then(|l| l.fault.clone());
         for route in routes.iter_mut().flatten() {
             route.policies.fault = listener_fault.as_ref().map(|base| route.policies.fault.take().unwrap_or_else(|| base.clone()));
@@ -225,9 +228,25 @@ async fn run(
 #[derive(Default)]
 struct Unsupported {
     clusters: HashMap<String, Vec<&'static str>>,
+    /// How many RBAC filters the listener carried when last said.
+    rbac_filters: usize,
 }
 
 impl Unsupported {
+    /// RBAC is a server-side filter (A41): a client listener's RBAC filters are decoded but not enforced here.
+    fn listener(&mut self, listener: &ListenerResource) {
+        if listener.rbac.len() != self.rbac_filters {
+            if !listener.rbac.is_empty() {
+                tracing::warn!(
+                    listener = %listener.name,
+                    filters = listener.rbac.len(),
+                    "RBAC filters on a client listener are not enforced: authorization applies where calls are received"
+                );
+            }
+            self.rbac_filters = listener.rbac.len();
+        }
+    }
+
     fn cluster(&mut self, name: &str, cluster: &mesh_core::Cluster) {
         let policies = &cluster.policies;
         let mut missing = Vec::new();
