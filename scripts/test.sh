@@ -45,11 +45,13 @@ junit=target/nextest/ci/junit.xml
 rm -f "$junit"
 
 phase install
-# System peers: dnsmasq (DNS discovery tests), h2load (load), curl (mesh-control's /status).
+# System peers: dnsmasq (DNS discovery tests), h2load (load), curl (mesh-control's /status), prometheus
+# (scrapes the admin endpoints in the telemetry tests).
 need=()
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   apt-get update -qq

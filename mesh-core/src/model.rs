@@ -321,6 +321,8 @@ pub enum RouteAction {
 /// A routing rule: requests matching `matcher` get `action`.
 #[derive(Clone, Debug)]
 pub struct Route {
+    /// Its name (xDS `Route.name`; empty: unnamed), the `mesh.route` of its calls' metrics.
+    pub name: String,
     /// Which requests this route takes.
     pub matcher: RouteMatch,
     /// What happens to them.

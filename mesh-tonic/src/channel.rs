@@ -95,6 +95,8 @@ pub struct ChannelBuilder {
     adaptive: Option<mesh_core::policy::AdaptiveConcurrency>,
     /// The workload's mTLS credentials, for clusters that ask for TLS.
     credentials: Option<CredentialsSource>,
+    /// Where per-call metrics go ([`mesh_tower::telemetry`]); `None`: not recorded.
+    meter: Option<opentelemetry::metrics::Meter>,
 }
 
 impl Channel {
@@ -109,6 +111,7 @@ impl Channel {
             breakers: Default::default(),
             adaptive: None,
             credentials: None,
+            meter: Some(mesh_tower::telemetry::global_meter()),
         }
     }
 
@@ -126,6 +129,11 @@ impl Channel {
     /// calls (one for `static:///` and `dns:///` targets).
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
         self.inner.router.endpoints()
+    }
+
+    /// The target the channel was built for.
+    pub fn target(&self) -> &str {
+        self.inner.router.target()
     }
 
     /// The clusters of the current route table and their endpoints.
@@ -252,6 +260,18 @@ impl ChannelBuilder {
         self
     }
 
+    /// Records the channel's per-call metrics (gRPC A66 names, [`mesh_tower::telemetry`]) with `meter`, or not
+    /// at all with `None`. By default they go to the global meter provider's `mesh` meter, taken when the
+    /// builder is made: a no-op until the application installs a provider (as [`crate::admin`] does).
+    pub fn meter(mut self, meter: Option<opentelemetry::metrics::Meter>) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    fn client_metrics(&self) -> Option<mesh_tower::telemetry::ClientMetrics> {
+        self.meter.as_ref().map(|meter| mesh_tower::telemetry::ClientMetrics::new(meter, &self.target))
+    }
+
     /// Builds the channel; starts discovery and connections. Needs a tokio runtime.
     pub fn build(self) -> Result<Channel> {
         let target = Target::parse(&self.target)?;
@@ -296,7 +316,10 @@ impl ChannelBuilder {
         };
         let connectors = MakeMtls::new(self.credentials.clone());
         let handshakes = connectors.counts().clone();
-        let new_cluster = NewCluster::new(discovery, connectors);
+        let mut new_cluster = NewCluster::new(discovery, connectors);
+        if let Some(metrics) = self.client_metrics() {
+            new_cluster = new_cluster.with_metrics(metrics);
+        }
         let (mut publisher, router) = Publisher::new(&self.target, "the target", self.config.ready_timeout, new_cluster, None);
         publisher.cluster(&cluster);
         publisher.publish(&[single_route(&cluster.name, self.route)]);
@@ -309,9 +332,10 @@ impl ChannelBuilder {
             .parse::<Authority>()
             .map_err(|e| Error::InvalidTarget { target: self.target.clone(), reason: format!("name {name:?}: {e}") })?;
         let providers = crate::xds::certificate_providers(client.bootstrap());
+        let metrics = self.client_metrics();
         let connectors = MakeMtls::new(self.credentials).with_providers(providers);
         let handshakes = connectors.counts().clone();
-        let (router, follower) = crate::xds::follow(client, name, self.config, connectors);
+        let (router, follower) = crate::xds::follow(client, name, self.config, connectors, metrics);
         Ok(Channel::new(Inner { router, _follower: Some(Arc::new(follower)), handshakes }, authority, self.timeout))
     }
 }

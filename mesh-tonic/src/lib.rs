@@ -37,6 +37,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod body;
 mod channel;
 pub mod codec;

@@ -78,10 +78,19 @@ pub(crate) fn certificate_providers(bootstrap: &xds_client::Bootstrap) -> std::c
 }
 
 /// Starts following `xds:///name`: the router of its tables, and the task that publishes them.
-pub(crate) fn follow(client: XdsClient, name: &str, config: BalancerConfig, connectors: MakeMtls) -> (Router<Body>, Follower) {
+pub(crate) fn follow(
+    client: XdsClient,
+    name: &str,
+    config: BalancerConfig,
+    connectors: MakeMtls,
+    metrics: Option<mesh_tower::telemetry::ClientMetrics>,
+) -> (Router<Body>, Follower) {
     let server = client.bootstrap().servers.first().map(|s| s.server_uri.clone()).unwrap_or_default();
     let (dirty_tx, dirty) = mpsc::unbounded_channel::<()>();
-    let new_cluster = NewCluster::new(Arc::new(XdsDiscovery { client: client.clone() }), connectors);
+    let mut new_cluster = NewCluster::new(Arc::new(XdsDiscovery { client: client.clone() }), connectors);
+    if let Some(metrics) = metrics {
+        new_cluster = new_cluster.with_metrics(metrics);
+    }
     let target = format!("xds:///{name}");
     let (publisher, router) =
         Publisher::new(&target, &format!("xDS server {server}"), config.ready_timeout, new_cluster, Some(dirty_tx.clone()));

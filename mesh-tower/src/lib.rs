@@ -56,6 +56,7 @@ pub mod replay;
 pub mod retry;
 pub mod route;
 pub mod stats;
+pub mod telemetry;
 #[cfg(test)]
 mod testing;
 pub mod tls;

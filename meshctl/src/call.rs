@@ -75,6 +75,13 @@ pub(crate) struct CallArgs {
     /// mTLS: the server's SPIFFE ID that is accepted (any in the bundle when absent).
     #[arg(long, requires = "cert")]
     expect_identity: Option<String>,
+    /// Serve the admin endpoint (`/metrics`, `/clusters`, `/config_dump`, `/ready`, `/live`) on this address
+    /// while the calls run.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
+    /// Keep serving the admin endpoint this many seconds after the calls end (for a scraper).
+    #[arg(long, requires = "admin", default_value_t = 0)]
+    linger_s: u64,
 }
 
 /// The channel's mTLS credentials from the flags' files, each error naming its file.
@@ -142,6 +149,14 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
         Ok(lb) => lb,
         Err(e) => return usage_error(e),
     };
+    // The metrics provider is installed before the channel is built, so the channel records into it.
+    let admin = match &args.admin {
+        Some(addr) => match start_admin(*addr).await {
+            Ok(admin) => Some(admin),
+            Err(e) => return usage_error(e),
+        },
+        None => None,
+    };
     let mut builder = Channel::builder(&args.target).lb(lb);
     match credentials(&args) {
         Ok(Some(credentials)) => {
@@ -162,6 +177,15 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
+    let _admin = admin.map(|(admin, listener)| {
+        let mut admin = admin.channel("call", &channel);
+        if args.target.starts_with("xds:")
+            && let Ok(client) = mesh_tonic::shared_client()
+        {
+            admin = admin.xds(client);
+        }
+        AbortOnDrop(admin.serve(listener))
+    });
 
     let remaining = Arc::new(AtomicU64::new(args.n));
     let done = Arc::new(AtomicUsize::new(0));
@@ -261,7 +285,28 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
     for (error, n) in &tally.errors {
         eprintln!("meshctl: {n} × {error}");
     }
+    if args.linger_s > 0 {
+        tokio::time::sleep(Duration::from_secs(args.linger_s)).await;
+    }
     if ok == sent { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+/// Installs the Prometheus metrics provider and binds the admin listener, saying where it listens.
+async fn start_admin(addr: std::net::SocketAddr) -> Result<(mesh_tonic::admin::Admin, tokio::net::TcpListener), String> {
+    let metrics = mesh_tonic::admin::Prometheus::install().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--admin {addr}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| format!("--admin {addr}: {e}"))?;
+    eprintln!("meshctl: admin endpoint on http://{bound}");
+    Ok((mesh_tonic::admin::Admin::new(Some(metrics)), listener))
+}
+
+/// Aborts the admin task when the command ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn parse_method(method: &str) -> Result<PathAndQuery, String> {

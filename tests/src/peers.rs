@@ -480,3 +480,61 @@ impl Drop for Envoy {
         let _ = self.child.wait();
     }
 }
+
+/// A real Prometheus server (Debian's `prometheus`) scraping `targets` every second, each under its job name.
+#[derive(Debug)]
+pub struct Prometheus {
+    child: Child,
+    /// Its HTTP API.
+    pub addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    /// Starts it on a free port and waits until its API answers. Fails if `prometheus` is not installed.
+    pub fn start(targets: &[(&str, SocketAddr)]) -> anyhow::Result<Self> {
+        let dir = TempDir::new("prometheus")?;
+        let mut config = String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n");
+        for (job, addr) in targets {
+            config.push_str(&format!("  - job_name: {job}\n    static_configs:\n      - targets: ['{addr}']\n"));
+        }
+        let file = dir.0.join("prometheus.yml");
+        std::fs::write(&file, config)?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join("prometheus.log"))?)
+            .spawn()
+            .context("starting prometheus (Debian package `prometheus`; scripts/test.sh installs it)")?;
+        let this = Self { child, addr, _dir: dir };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while Command::new("curl").args(["-sf", &format!("http://{addr}/-/ready")]).output()?.status.code() != Some(0) {
+            if std::time::Instant::now() > deadline {
+                bail!("prometheus on {addr} did not become ready in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(this)
+    }
+
+    /// Runs an instant query; the `data.result` array of the answer.
+    pub fn query(&self, query: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let url = format!("http://{}/api/v1/query", self.addr);
+        let output = Command::new("curl").args(["-sf", &url, "--data-urlencode", &format!("query={query}")]).output()?;
+        if !output.status.success() {
+            bail!("prometheus query {query:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        Ok(answer["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

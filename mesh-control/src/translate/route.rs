@@ -24,7 +24,7 @@ use super::duration;
 use crate::mesh::Service;
 
 pub(super) fn route_config(service: &Service) -> RouteConfiguration {
-    let routes = service.routes.iter().map(|r| route(service, r)).collect();
+    let routes = service.routes.iter().enumerate().map(|(i, r)| route(service, i, r)).collect();
     RouteConfiguration {
         name: service.name.clone(),
         virtual_hosts: vec![VirtualHost { name: service.name.clone(), domains: vec!["*".to_owned()], routes, ..Default::default() }],
@@ -32,7 +32,8 @@ pub(super) fn route_config(service: &Service) -> RouteConfiguration {
     }
 }
 
-fn route(service: &Service, r: &crate::mesh::Route) -> Route {
+/// The `i`th route of `service`, named `<service>/<i>` (the name metrics and logs give it).
+fn route(service: &Service, i: usize, r: &crate::mesh::Route) -> Route {
     let path_specifier = match &r.matches.path {
         PathMatch::Prefix(p) => PathSpecifier::Prefix(p.clone()),
         PathMatch::Exact(p) => PathSpecifier::Path(p.clone()),
@@ -110,6 +111,7 @@ fn route(service: &Service, r: &crate::mesh::Route) -> Route {
         ..Default::default()
     };
     Route {
+        name: format!("{}/{i}", service.name),
         r#match: Some(RouteMatch { path_specifier: Some(path_specifier), headers, ..Default::default() }),
         action: Some(route::Action::Route(action)),
         ..Default::default()

@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use super::handle::Handle;
 use crate::Error;
 use crate::classify::{self, Failure, Outcome, Pending};
+use crate::telemetry::{AttemptRecord, CallRecord, Records};
 
 /// Counts a request as in flight on its endpoint until dropped, and records the call's outcome there.
 pub(super) struct InFlight(Arc<dyn Counted>);
@@ -79,6 +80,8 @@ pub struct ResponseBody {
     outcome: Option<Outcome>,
     /// Released when the body ends: a layer's hold on the call (a circuit breaker's place).
     hold: Option<Box<dyn Send + Sync>>,
+    /// What the telemetry layer records when the body ends ([`crate::telemetry`]); `None`: metrics off.
+    records: Option<Box<Records>>,
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -89,7 +92,7 @@ impl std::fmt::Debug for ResponseBody {
 
 impl ResponseBody {
     pub(super) fn new(inner: Incoming, pending: Pending, addr: SocketAddr, in_flight: InFlight) -> Self {
-        Self { inner, in_flight: Some(in_flight), addr, pending, outcome: None, hold: None }
+        Self { inner, in_flight: Some(in_flight), addr, pending, outcome: None, hold: None, records: None }
     }
 
     /// What became of the call, once the body has ended (`None` before, and for a body dropped unread).
@@ -103,8 +106,23 @@ impl ResponseBody {
         self
     }
 
+    /// This body, recording `attempt` when it ends.
+    pub(crate) fn with_attempt(mut self, attempt: AttemptRecord) -> Self {
+        self.records.get_or_insert_default().attempt = Some(attempt);
+        self
+    }
+
+    /// This body, recording `call` when it ends.
+    pub(crate) fn with_call(mut self, call: CallRecord) -> Self {
+        self.records.get_or_insert_default().call = Some(call);
+        self
+    }
+
     fn finish(&mut self, outcome: Outcome) {
         self.hold = None;
+        if let Some(records) = self.records.take() {
+            records.end(Some(outcome), self.addr);
+        }
         if let Some(in_flight) = self.in_flight.take() {
             in_flight.0.record(outcome);
         }
@@ -118,6 +136,14 @@ impl Drop for ResponseBody {
         // answer, which a retry drops unread) still counts; one still waiting for its trailers was cancelled.
         if let (Some(in_flight), Pending::Decided(outcome)) = (self.in_flight.take(), self.pending) {
             in_flight.0.record(outcome);
+        }
+        // A66: a call dropped before its end was cancelled, unless its head had decided it.
+        if let Some(records) = self.records.take() {
+            let decided = match self.pending {
+                Pending::Decided(outcome) => Some(outcome),
+                Pending::Trailers => None,
+            };
+            records.end(decided, self.addr);
         }
     }
 }
@@ -133,6 +159,9 @@ impl Body for ResponseBody {
         // connection-wide stream lock, which every call on the connection contends for.
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(records), Some(data)) = (self.records.as_mut(), frame.data_ref()) {
+                    records.rcvd += data.len() as u64;
+                }
                 if let Some(trailers) = frame.trailers_ref() {
                     let outcome = match self.pending {
                         Pending::Decided(outcome) => outcome,

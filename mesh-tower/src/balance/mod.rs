@@ -235,6 +235,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             last_error: Mutex::new(None),
             assignment: Mutex::default(),
             discovery: std::sync::OnceLock::new(),
+            metrics: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&state);
         let republish = state.republish.clone();
@@ -326,7 +327,27 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
     /// retries and transparent resends alike).
     pub fn send_replay(&self, request: http::Request<ReplayBody<B>>) -> ResponseFuture {
         // The call holds the state, which keeps the balancer running until the call ends.
-        ResponseFuture::new(Box::pin(self.inner.state.clone().call_replay(request)))
+        let state = self.inner.state.clone();
+        let Some(metrics) = state.metrics.get() else {
+            return ResponseFuture::new(Box::pin(state.call_replay(request)));
+        };
+        let attempt = metrics.start(request.uri().path());
+        ResponseFuture::new(Box::pin(async move {
+            match state.call_replay(request).await {
+                Ok(response) => Ok(response.map(|body| body.with_attempt(attempt))),
+                Err(error) => {
+                    attempt.failed(&error);
+                    Err(error)
+                }
+            }
+        }))
+    }
+
+    /// This balancer, recording each attempt it sends in `metrics` ([`crate::telemetry`]). Set once; later
+    /// calls change nothing.
+    pub fn with_metrics(self, metrics: crate::telemetry::AttemptMetrics) -> Self {
+        let _ = self.inner.state.metrics.set(metrics);
+        self
     }
 
     /// The known endpoints and their connection state, sorted by address.
@@ -404,6 +425,8 @@ struct State<B, C> {
     trip: Option<Arc<outlier::Trip>>,
     /// The cluster's counts.
     stats: Arc<crate::stats::ClusterStats>,
+    /// Per-attempt metrics, when the channel records them ([`Balancer::with_metrics`]).
+    metrics: std::sync::OnceLock<crate::telemetry::AttemptMetrics>,
 }
 
 /// The detector's next event; never, without one.

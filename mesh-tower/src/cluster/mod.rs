@@ -26,6 +26,7 @@ use crate::discover::{self, BoxDiscover};
 use crate::replay::ReplayBody;
 use crate::retry::Budget;
 use crate::stats::ClusterStats;
+use crate::telemetry::ClientMetrics;
 use crate::{Error, Result};
 
 /// Everything a cluster's service is built from: plain data, compared whole.
@@ -287,6 +288,7 @@ impl<B: RequestBody> tower::Service<Request<B>> for ClusterService<B> {
 pub struct NewCluster<M> {
     discovery: Arc<dyn Discovery>,
     make_connect: M,
+    metrics: Option<ClientMetrics>,
 }
 
 impl<M> fmt::Debug for NewCluster<M> {
@@ -298,7 +300,19 @@ impl<M> fmt::Debug for NewCluster<M> {
 impl<M: MakeConnect> NewCluster<M> {
     /// A builder over `discovery` and `make_connect`.
     pub fn new(discovery: Arc<dyn Discovery>, make_connect: M) -> Self {
-        Self { discovery, make_connect }
+        Self { discovery, make_connect, metrics: None }
+    }
+
+    /// This builder, its clusters' balancers (and the router over them) recording per-attempt and per-call
+    /// metrics in `metrics` ([`crate::telemetry`]).
+    pub fn with_metrics(mut self, metrics: ClientMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The metrics its clusters record in, if any.
+    pub fn metrics(&self) -> Option<&ClientMetrics> {
+        self.metrics.as_ref()
     }
 
     /// Builds `target`'s cluster. `Err` carries a stand-in when its source could not be started (a resolver
@@ -309,7 +323,10 @@ impl<M: MakeConnect> NewCluster<M> {
             Err(error) => (discover::fixed(Vec::new()), Some(error)),
         };
         let connector = self.make_connect.make_connect(target);
-        let balancer = Balancer::with_connector(target.name.clone(), discover, target.balancer.clone(), connector);
+        let mut balancer = Balancer::with_connector(target.name.clone(), discover, target.balancer.clone(), connector);
+        if let Some(metrics) = &self.metrics {
+            balancer = balancer.with_metrics(metrics.cluster(&target.name));
+        }
         // Per-cluster layers go here, outermost first (the breaker, then the adaptive limit; outlier detection is in the balancer):
         // a cluster with a policy to apply is layered; one without calls its balancer directly. The breaker is
         // installed when the cluster sets `max_requests` below Envoy's default (1024): at the default it costs

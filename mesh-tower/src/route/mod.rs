@@ -32,21 +32,24 @@ use mesh_core::lb::{Random, SplitMix64};
 use mesh_core::policy::RateLimit;
 use mesh_core::{Route, RouteAction, RouteMatch};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 pub use service::{RouteFuture, RouteService, RouteTarget, Split, SplitFuture, new_route};
 
 use crate::Error;
 use crate::balance::{EndpointStatus, RequestBody, ResponseBody};
+use crate::classify::Outcome;
 use crate::cluster::{Cluster, ClusterTarget, MakeConnect, NewCluster};
 use crate::deadline::{self, Deadline};
 use crate::ratelimit::RateLimitLayer;
 use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
 use crate::stats::{ClusterCounts, TargetCounts, TargetStats};
+use crate::telemetry::{CallRecord, ClientMetrics};
 
 /// What requests are routed with: built routes in order, and the clusters they call.
 pub struct Table<B> {
-    /// Each route's matcher and built service (`None`: non-forwarding).
-    routes: Vec<(RouteMatch, Option<RouteService<B>>)>,
+    /// Each route's matcher, name (`None`: unnamed) and built service (`None`: non-forwarding).
+    routes: Vec<BuiltRoute<B>>,
     clusters: Vec<(String, Cluster<B>)>,
     /// Draws for routes that take a fraction of their matches (shared with the routes' splits).
     seed: Arc<AtomicU64>,
@@ -57,6 +60,9 @@ impl<B> fmt::Debug for Table<B> {
         f.debug_struct("Table").field("routes", &self.routes.len()).field("clusters", &self.clusters.len()).finish()
     }
 }
+
+/// A route of a table: its matcher, name (`None`: unnamed) and built service (`None`: non-forwarding).
+type BuiltRoute<B> = (RouteMatch, Option<Arc<str>>, Option<RouteService<B>>);
 
 /// Routes each request by the current table of its target. Cheap to clone; clones share the table.
 pub struct Router<B> {
@@ -71,6 +77,8 @@ pub struct Router<B> {
     current: Option<Arc<Table<B>>>,
     /// What the target's route layers counted.
     stats: Arc<TargetStats>,
+    /// Per-call metrics; `None`: off.
+    metrics: Option<ClientMetrics>,
 }
 
 impl<B> Clone for Router<B> {
@@ -82,6 +90,7 @@ impl<B> Clone for Router<B> {
             table: self.table.clone(),
             current: self.current.clone(),
             stats: self.stats.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -122,30 +131,34 @@ impl<B> Router<B> {
 }
 
 impl<B: RequestBody> Router<B> {
-    fn route(&self, table: &Table<B>, request: http::Request<B>) -> RouterFuture {
+    /// Routes `request` by `table`; a call timed in metrics started at `started`.
+    fn route(&self, table: &Table<B>, request: http::Request<B>, started: Instant) -> RouterFuture {
         // Recorded once per call, for the retries and transparent resends below.
         let request = request.map(|body| ReplayBody::new(body, DEFAULT_REPLAY_LIMIT));
         let path = request.uri().path();
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
         let draw = || SplitMix64::new(table.seed.fetch_add(1, Ordering::Relaxed)).below(1_000_000) as u32;
-        let Some((_, service)) = table.routes.iter().find(|(matcher, _)| matcher.matches(path, header) && matcher.takes(draw)) else {
-            return RouterFuture::failed(Error::NoRoute { target: self.target.to_string(), path: path.to_owned() });
+        let found = table.routes.iter().find(|(matcher, _, _)| matcher.matches(path, header) && matcher.takes(draw));
+        let call = self.metrics.as_ref().map(|m| m.call(path, found.and_then(|(_, name, _)| name.as_ref()), started));
+        let Some((_, _, service)) = found else {
+            return RouterFuture::failed(Error::NoRoute { target: self.target.to_string(), path: path.to_owned() }, call);
         };
         let Some(service) = service else {
-            return RouterFuture::failed(Error::NonForwarding { target: self.target.to_string(), path: path.to_owned() });
+            return RouterFuture::failed(Error::NonForwarding { target: self.target.to_string(), path: path.to_owned() }, call);
         };
         // The caller's own deadline, when it sent one: the call ends there, and retries send what is left.
         let limit = request.headers().get(deadline::GRPC_TIMEOUT).and_then(|v| deadline::parse(v.as_bytes()));
         let Some(limit) = limit else {
-            return RouterFuture { state: State::Routed(service.send(request)) };
+            return RouterFuture { state: State::Routed(service.send(request)), call };
         };
         let mut request = request;
         request.extensions_mut().insert(Deadline(tokio::time::Instant::now() + limit));
-        let (call, target) = (service.send(request), self.target.clone());
+        let (sent, target) = (service.send(request), self.target.clone());
         RouterFuture {
             state: State::Waiting(Box::pin(async move {
-                tokio::time::timeout(limit, call).await.unwrap_or_else(|_| Err(Error::Deadline { target: target.to_string(), limit }))
+                tokio::time::timeout(limit, sent).await.unwrap_or_else(|_| Err(Error::Deadline { target: target.to_string(), limit }))
             })),
+            call,
         }
     }
 }
@@ -170,7 +183,7 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
         }
         // Fast path: a table is there (every call after the first config).
         if let Some(table) = &self.current {
-            return self.route(table, request);
+            return self.route(table, request, Instant::now());
         }
         let this = self.clone();
         RouterFuture {
@@ -182,14 +195,15 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
                     _ => None,
                 };
                 let Some(table) = table else {
-                    return Err(Error::NoConfig {
-                        target: this.target.to_string(),
-                        from: this.from.to_string(),
-                        waited: started.elapsed(),
-                    });
+                    let error = Error::NoConfig { target: this.target.to_string(), from: this.from.to_string(), waited: started.elapsed() };
+                    if let Some(metrics) = &this.metrics {
+                        metrics.call(request.uri().path(), None, started).end(Outcome::Grpc(error.grpc_code()));
+                    }
+                    return Err(error);
                 };
-                this.route(&table, request).await
+                this.route(&table, request, started).await
             })),
+            call: None,
         }
     }
 }
@@ -199,6 +213,8 @@ type Response = Result<http::Response<ResponseBody>, Error>;
 /// Future of a [`Router`] call.
 pub struct RouterFuture {
     state: State,
+    /// The call's metrics, recorded when its response body ends (or here, when it fails).
+    call: Option<CallRecord>,
 }
 
 enum State {
@@ -209,8 +225,8 @@ enum State {
 }
 
 impl RouterFuture {
-    fn failed(error: Error) -> Self {
-        Self { state: State::Failed(Some(error)) }
+    fn failed(error: Error, call: Option<CallRecord>) -> Self {
+        Self { state: State::Failed(Some(error)), call }
     }
 }
 
@@ -224,17 +240,28 @@ impl Future for RouterFuture {
     type Output = Response;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
-        match &mut self.get_mut().state {
+        let this = self.get_mut();
+        let polled = match &mut this.state {
             State::Routed(call) => Pin::new(call).poll(cx),
             State::Waiting(wait) => wait.as_mut().poll(cx),
             State::Failed(error) => Poll::Ready(Err(error.take().expect("a RouterFuture polled after it completed"))),
-        }
+        };
+        let Poll::Ready(response) = polled else { return Poll::Pending };
+        let Some(call) = this.call.take() else { return Poll::Ready(response) };
+        Poll::Ready(match response {
+            Ok(response) => Ok(response.map(|body| body.with_call(call))),
+            Err(error) => {
+                call.end(Outcome::Grpc(error.grpc_code()));
+                Err(error)
+            }
+        })
     }
 }
 
 /// A route that takes every request to one cluster: the table of a `static:///` or `dns:///` target.
 pub fn single_route(cluster: &str, policies: mesh_core::policy::RoutePolicies) -> Route {
     Route {
+        name: cluster.to_owned(),
         matcher: RouteMatch::any(),
         action: RouteAction::Clusters(vec![mesh_core::WeightedCluster { cluster: cluster.to_owned(), weight: 1 }]),
         policies,
@@ -285,7 +312,9 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
         let (tx, table) = watch::channel(None);
         let target: Arc<str> = target.into();
         let stats = Arc::new(TargetStats::default());
-        let router = Router { target: target.clone(), from: from.into(), ready_timeout, table, current: None, stats: stats.clone() };
+        let metrics = new_cluster.metrics().cloned();
+        let router =
+            Router { target: target.clone(), from: from.into(), ready_timeout, table, current: None, stats: stats.clone(), metrics };
         let publisher = Self {
             target,
             new_cluster,
@@ -382,7 +411,8 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
                         }))
                     }
                 };
-                (route.matcher.clone(), service)
+                let name = (!route.name.is_empty()).then(|| Arc::from(route.name.as_str()));
+                (route.matcher.clone(), name, service)
             })
             .collect();
         self.clusters.retain(|name, _| named.contains(&name.as_str()));

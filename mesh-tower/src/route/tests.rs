@@ -108,10 +108,10 @@ async fn routes_match_in_order_and_a_route_timeout_ends_the_call() {
     publisher.cluster(&cluster("fast", &[2]));
     let timeout = RoutePolicies { timeout: Some(Duration::from_millis(300)), ..RoutePolicies::default() };
     publisher.publish(&[
-        Route { matcher: exact("/slow"), action: to("slow"), policies: timeout },
-        Route { matcher: exact("/gone"), action: to("deleted"), policies: RoutePolicies::default() },
-        Route { matcher: exact("/off"), action: RouteAction::NonForwarding, policies: RoutePolicies::default() },
-        Route { matcher: exact("/fast"), action: to("fast"), policies: RoutePolicies::default() },
+        Route { name: String::new(), matcher: exact("/slow"), action: to("slow"), policies: timeout },
+        Route { name: String::new(), matcher: exact("/gone"), action: to("deleted"), policies: RoutePolicies::default() },
+        Route { name: String::new(), matcher: exact("/off"), action: RouteAction::NonForwarding, policies: RoutePolicies::default() },
+        Route { name: String::new(), matcher: exact("/fast"), action: to("fast"), policies: RoutePolicies::default() },
     ]);
     let started = tokio::time::Instant::now();
     let timed_out = call(&router, "/slow").await.unwrap_err();
@@ -188,7 +188,12 @@ async fn a_weighted_split_sends_each_cluster_its_share() {
     publisher.cluster(&cluster("one", &[1]));
     publisher.cluster(&cluster("three", &[2]));
     let split = vec![WeightedCluster { cluster: "one".into(), weight: 1 }, WeightedCluster { cluster: "three".into(), weight: 3 }];
-    publisher.publish(&[Route { matcher: RouteMatch::any(), action: RouteAction::Clusters(split), policies: RoutePolicies::default() }]);
+    publisher.publish(&[Route {
+        name: String::new(),
+        matcher: RouteMatch::any(),
+        action: RouteAction::Clusters(split),
+        policies: RoutePolicies::default(),
+    }]);
     let mut on_one = 0;
     for _ in 0..2000 {
         if call(&router, "/x").await.unwrap() == addr(1) {
@@ -387,8 +392,8 @@ async fn the_callers_grpc_timeout_ends_the_call_and_each_retry_sends_the_time_le
     publisher.cluster(&cluster("failing", &[1]));
     publisher.cluster(&cluster("slow", &[2]));
     publisher.publish(&[
-        Route { matcher: exact("/failing"), action: to("failing"), policies: with_retry(3) },
-        Route { matcher: exact("/slow"), action: to("slow"), policies: RoutePolicies::default() },
+        Route { name: String::new(), matcher: exact("/failing"), action: to("failing"), policies: with_retry(3) },
+        Route { name: String::new(), matcher: exact("/slow"), action: to("slow"), policies: RoutePolicies::default() },
     ]);
     tokio::time::sleep(Duration::from_millis(10)).await;
     let with_timeout = |path: &str, timeout: &'static str| {
@@ -636,8 +641,12 @@ async fn a_route_with_a_runtime_fraction_takes_its_share_and_the_rest_fall_throu
     let (mut publisher, router) = publisher(&net);
     publisher.cluster(&cluster("a", &[1]));
     publisher.cluster(&cluster("b", &[2]));
-    let some =
-        Route { matcher: RouteMatch { fraction: Some(300_000), ..RouteMatch::any() }, action: to("a"), policies: RoutePolicies::default() };
+    let some = Route {
+        name: String::new(),
+        matcher: RouteMatch { fraction: Some(300_000), ..RouteMatch::any() },
+        action: to("a"),
+        policies: RoutePolicies::default(),
+    };
     publisher.publish(&[some, single_route("b", RoutePolicies::default())]);
     let mut to_a = 0;
     for _ in 0..500 {

@@ -112,7 +112,7 @@ fn route(r: &ProtoRoute, vh_retry: Option<&ProtoRetry>, vh_fault: Option<&FaultI
         Action::NonForwardingAction(_) => (RouteAction::NonForwarding, RoutePolicies::default()),
         Action::Redirect(_) | Action::DirectResponse(_) | Action::FilterAction(_) => return Ok(None),
     };
-    Ok(Some(Route { matcher, action, policies }))
+    Ok(Some(Route { name: r.name.clone(), matcher, action, policies }))
 }
 
 fn route_match(m: &ProtoMatch) -> Result<Option<RouteMatch>, String> {

@@ -1,0 +1,272 @@
+//! The admin endpoint of a process using the mesh (opt-in): `/live`, `/ready`, `/metrics` (Prometheus text),
+//! `/clusters` and `/config_dump` (JSON), over HTTP/1.1.
+//!
+//! Metrics: [`Prometheus::install`] makes an OpenTelemetry SDK meter provider whose reader is the OpenTelemetry
+//! Rust project's Prometheus exporter, and installs it as the global provider, so the channels built after it
+//! (and [`mesh_tower::telemetry::ServerMetricsLayer::global`]) record into it. The mesh's own counters (retries,
+//! budget exhaustion, ejections, breaker and adaptive overflows, rate limits, faults, TLS handshake failures
+//! by reason) are observable counters read from the channels given to [`Admin::channel`] at scrape time: they
+//! cost the calls nothing.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::{Channel, Error, Result};
+
+/// An OpenTelemetry meter provider exporting to a Prometheus registry.
+#[derive(Clone, Debug)]
+pub struct Prometheus {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+}
+
+impl Prometheus {
+    /// A provider exporting to a new registry, not installed anywhere.
+    pub fn new() -> Result<Self> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_target_info()
+            .scope_info_enabled(false)
+            .build()
+            .map_err(|e| Error::Admin(format!("Prometheus exporter: {e}")))?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        Ok(Self { registry, provider })
+    }
+
+    /// A provider as [`new`](Self::new), installed as the global meter provider.
+    pub fn install() -> Result<Self> {
+        let this = Self::new()?;
+        opentelemetry::global::set_meter_provider(this.provider.clone());
+        Ok(this)
+    }
+
+    /// The mesh's meter of this provider.
+    pub fn meter(&self) -> Meter {
+        self.provider.meter(mesh_tower::telemetry::SCOPE)
+    }
+
+    /// Everything recorded so far, in Prometheus' text format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder as _;
+        let mut out = Vec::new();
+        if let Err(error) = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(%error, "encoding metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// What the admin endpoint shows: the channels it was given and the xDS client behind them.
+#[derive(Clone, Debug, Default)]
+pub struct Admin {
+    channels: Arc<Mutex<Vec<(String, Channel)>>>,
+    xds: Option<xds_client::XdsClient>,
+    metrics: Option<Prometheus>,
+}
+
+impl Admin {
+    /// An admin endpoint showing nothing yet; `/metrics` renders `metrics`, which also gets the mesh's own
+    /// counters of the channels added later.
+    pub fn new(metrics: Option<Prometheus>) -> Self {
+        let admin = Self { metrics, ..Self::default() };
+        if let Some(metrics) = &admin.metrics {
+            admin.register_counters(&metrics.meter());
+        }
+        admin
+    }
+
+    /// Shows `channel` under `name` in `/clusters` and `/ready`, and counts its layers' work in `/metrics`.
+    pub fn channel(self, name: impl Into<String>, channel: &Channel) -> Self {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).push((name.into(), channel.clone()));
+        self
+    }
+
+    /// Shows `client`'s resources in `/config_dump`.
+    pub fn xds(mut self, client: xds_client::XdsClient) -> Self {
+        self.xds = Some(client);
+        self
+    }
+
+    /// Serves the endpoint on `listener` until the returned task is aborted.
+    pub fn serve(self, listener: TcpListener) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "admin accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let admin = self.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let response = admin.respond(request.uri().path());
+                        async move { Ok::<_, Infallible>(response) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        })
+    }
+
+    fn channels(&self) -> Vec<(String, Channel)> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Ready once every channel has a ready endpoint.
+    fn is_ready(&self) -> bool {
+        self.channels().iter().all(|(_, c)| c.endpoints().iter().any(|e| e.state == mesh_tower::balance::ConnState::Ready))
+    }
+
+    fn respond(&self, path: &str) -> http::Response<Full<Bytes>> {
+        let (status, content_type, body) = match path {
+            "/live" => (200, "text/plain", "ok\n".to_owned()),
+            "/ready" if self.is_ready() => (200, "text/plain", "ok\n".to_owned()),
+            "/ready" => (503, "text/plain", "a channel has no ready endpoint\n".to_owned()),
+            "/metrics" => match &self.metrics {
+                Some(metrics) => (200, "text/plain; version=0.0.4", metrics.render()),
+                None => (404, "text/plain", "metrics are not exported by this process\n".to_owned()),
+            },
+            "/clusters" => (200, "application/json", pretty(&self.clusters())),
+            "/config_dump" => (200, "application/json", pretty(&self.config_dump())),
+            _ => (404, "text/plain", "not found: try /live, /ready, /metrics, /clusters, /config_dump\n".to_owned()),
+        };
+        let mut response = http::Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+        response
+    }
+
+    /// `/clusters`: each channel's clusters and endpoints, with health, ejection and load.
+    pub fn clusters(&self) -> Value {
+        let channels = self.channels().into_iter().map(|(name, channel)| {
+            let clusters = channel.clusters().into_iter().map(|(cluster, endpoints)| {
+                let endpoints = endpoints
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "address": e.endpoint.addr.to_string(),
+                            "state": format!("{:?}", e.state),
+                            "in_flight": e.in_flight,
+                            "successes": e.successes,
+                            "failures": e.failures,
+                            "ejected": e.ejected,
+                            "weight": e.endpoint.weight,
+                            "locality": { "region": e.endpoint.locality.region, "zone": e.endpoint.locality.zone, "sub_zone": e.endpoint.locality.sub_zone },
+                        })
+                    })
+                    .collect::<Vec<_>>();
+                json!({ "name": cluster, "endpoints": endpoints })
+            });
+            json!({ "channel": name, "target": channel.target(), "clusters": clusters.collect::<Vec<_>>() })
+        });
+        json!({ "channels": channels.collect::<Vec<_>>() })
+    }
+
+    /// `/config_dump`: the xDS client's resources, with status and NACK reason.
+    pub fn config_dump(&self) -> Value {
+        let Some(client) = &self.xds else { return json!({ "resources": [] }) };
+        let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
+        let resources = client
+            .dump()
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "type": r.resource_type.type_url(),
+                    "name": r.name,
+                    "version": r.version,
+                    "status": format!("{:?}", r.status),
+                    "error": r.error,
+                    "last_updated": r.last_updated.map(unix),
+                })
+            })
+            .collect::<Vec<_>>();
+        json!({ "node": client.bootstrap().node.id, "resources": resources })
+    }
+
+    /// The mesh's own counters as observable instruments, read at collection time from the channels.
+    fn register_counters(&self, meter: &Meter) {
+        type Read = fn(&mesh_tower::stats::ClusterCounts) -> u64;
+        let cluster_counters: [(&'static str, &'static str, Read); 7] = [
+            ("mesh.client.retries", "Attempts after a call's first.", |c| c.retries),
+            ("mesh.client.retry_budget_exhausted", "Retries and hedges the retry budget refused.", |c| c.retry_budget_exhausted),
+            ("mesh.client.hedges", "Hedged attempts sent.", |c| c.hedges),
+            ("mesh.client.retry_overflows", "Retries not sent because max_retries were in flight.", |c| c.retry_overflows),
+            ("mesh.client.breaker_overflows", "Calls the circuit breaker turned away.", |c| c.overflows),
+            ("mesh.client.ejections", "Endpoints outlier detection ejected.", |c| c.ejections),
+            ("mesh.client.adaptive_shed", "Calls the adaptive concurrency limit turned away.", |c| c.adaptive_shed),
+        ];
+        for (name, description, read) in cluster_counters {
+            let channels = self.channels.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for (_, channel) in channels.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                        for (cluster, counts) in channel.counts() {
+                            let attributes = [
+                                KeyValue::new("grpc.target", channel.target().to_owned()),
+                                KeyValue::new("grpc.lb.backend_service", cluster),
+                            ];
+                            observer.observe(read(&counts), &attributes);
+                        }
+                    }
+                })
+                .build();
+        }
+        type ReadTarget = fn(&mesh_tower::stats::TargetCounts) -> u64;
+        let target_counters: [(&'static str, &'static str, ReadTarget); 4] = [
+            ("mesh.client.rate_limited", "Calls the local rate limit turned away.", |c| c.rate_limited),
+            ("mesh.client.fault_delays", "Calls fault injection delayed.", |c| c.fault_delays),
+            ("mesh.client.fault_aborts", "Calls fault injection aborted.", |c| c.fault_aborts),
+            ("mesh.client.mirrored", "Copies of calls sent to shadow clusters.", |c| c.mirrored),
+        ];
+        for (name, description, read) in target_counters {
+            let channels = self.channels.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for (_, channel) in channels.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                        let attributes = [KeyValue::new("grpc.target", channel.target().to_owned())];
+                        observer.observe(read(&channel.target_counts()), &attributes);
+                    }
+                })
+                .build();
+        }
+        let channels = self.channels.clone();
+        meter
+            .u64_observable_counter("mesh.client.tls_handshake_failures")
+            .with_description("TLS handshakes that failed, by reason.")
+            .with_callback(move |observer| {
+                for (_, channel) in channels.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    for (reason, count) in channel.handshake_counts().failures() {
+                        let attributes =
+                            [KeyValue::new("grpc.target", channel.target().to_owned()), KeyValue::new("reason", reason.name())];
+                        observer.observe(count, &attributes);
+                    }
+                }
+            })
+            .build();
+    }
+}
+
+fn pretty(value: &Value) -> String {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    text.push('\n');
+    text
+}

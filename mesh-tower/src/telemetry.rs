@@ -1,0 +1,414 @@
+//! Per-call metrics under gRPC's OpenTelemetry names (gRFC A66), through the `opentelemetry` API only: the
+//! application picks the SDK and exporter (mesh-tonic's admin endpoint installs a Prometheus one).
+//!
+//! - Client, per attempt (the balancer's sends: retries and hedges are attempts of their own):
+//!   `grpc.client.attempt.started` (`grpc.method`, `grpc.target`) and `grpc.client.attempt.duration`, plus
+//!   `grpc.client.attempt.rcvd_total_compressed_message_size`, both with `grpc.status`, the cluster as
+//!   `grpc.lb.backend_service` (A89) and the endpoint as `network.peer.address` / `network.peer.port`.
+//! - Client, per call: `grpc.client.call.duration` (`grpc.method`, `grpc.target`, `grpc.status`), and the route
+//!   as `mesh.route` when the route has a name.
+//! - Server ([`ServerMetricsLayer`]): `grpc.server.call.started` (`grpc.method`), `grpc.server.call.duration`
+//!   and `grpc.server.call.sent_total_compressed_message_size` (`grpc.method`, `grpc.status`). Received sizes
+//!   are not recorded: counting them would change the request's body type, and the layer must fit tonic's
+//!   `Server::layer`, which keeps it.
+//!
+//! A call's outcome is the response classification's ([`crate::classify`]), read where the response body
+//! ends; a body dropped before its trailers is `CANCELLED` (A66). Plain HTTP calls carry
+//! `http.response.status_code` instead of `grpc.status`. Durations are seconds on A66's bucket boundaries.
+//! Sizes count the DATA bytes of the body (the 5-byte gRPC message prefixes included).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+use tokio::time::Instant;
+
+use crate::classify::{self, Outcome};
+
+/// The instrumentation scope of the mesh's instruments.
+pub const SCOPE: &str = "mesh";
+
+/// A66's latency buckets, in seconds.
+pub const LATENCY_BUCKETS: [f64; 41] = [
+    0.0, 0.00001, 0.00005, 0.0001, 0.0003, 0.0006, 0.0008, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.013, 0.016, 0.02,
+    0.025, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
+];
+
+/// A66's size buckets, in bytes.
+pub const SIZE_BUCKETS: [f64; 14] = [
+    0.0,
+    1024.0,
+    2048.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+];
+
+fn duration(meter: &Meter, name: &'static str, description: &'static str) -> Histogram<f64> {
+    meter.f64_histogram(name).with_unit("s").with_description(description).with_boundaries(LATENCY_BUCKETS.to_vec()).build()
+}
+
+fn size(meter: &Meter, name: &'static str, description: &'static str) -> Histogram<u64> {
+    meter.u64_histogram(name).with_unit("By").with_description(description).with_boundaries(SIZE_BUCKETS.to_vec()).build()
+}
+
+/// The meter of the globally installed provider (a no-op one until the application installs one).
+pub fn global_meter() -> Meter {
+    opentelemetry::global::meter(SCOPE)
+}
+
+/// A client's instruments, for one target (`grpc.target`). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ClientMetrics(Arc<ClientInstruments>);
+
+#[derive(Debug)]
+struct ClientInstruments {
+    target: KeyValue,
+    attempt_started: Counter<u64>,
+    attempt_duration: Histogram<f64>,
+    attempt_rcvd: Histogram<u64>,
+    call_duration: Histogram<f64>,
+}
+
+impl ClientMetrics {
+    /// The instruments of `meter`, for calls to `target`.
+    pub fn new(meter: &Meter, target: &str) -> Self {
+        Self(Arc::new(ClientInstruments {
+            target: KeyValue::new("grpc.target", target.to_owned()),
+            attempt_started: meter
+                .u64_counter("grpc.client.attempt.started")
+                .with_unit("{attempt}")
+                .with_description("Number of client call attempts started.")
+                .build(),
+            attempt_duration: duration(meter, "grpc.client.attempt.duration", "Time from the start of an attempt to its end."),
+            attempt_rcvd: size(
+                meter,
+                "grpc.client.attempt.rcvd_total_compressed_message_size",
+                "Bytes of response messages received by an attempt.",
+            ),
+            call_duration: duration(meter, "grpc.client.call.duration", "Time from the start of a call to its end, retries included."),
+        }))
+    }
+
+    /// The instruments of the global meter provider.
+    pub fn global(target: &str) -> Self {
+        Self::new(&global_meter(), target)
+    }
+
+    /// The attempt metrics of cluster `cluster`.
+    pub fn cluster(&self, cluster: &str) -> AttemptMetrics {
+        AttemptMetrics { client: self.clone(), backend: KeyValue::new("grpc.lb.backend_service", cluster.to_owned()) }
+    }
+
+    /// Times a call to `path` on route `route` (`None`: unnamed) that started at `start`.
+    pub(crate) fn call(&self, path: &str, route: Option<&Arc<str>>, start: Instant) -> CallRecord {
+        CallRecord { metrics: self.clone(), method: method(path), route: route.map(|r| KeyValue::new("mesh.route", r.clone())), start }
+    }
+}
+
+/// A66's `grpc.method`: the path without its leading slash.
+fn method(path: &str) -> KeyValue {
+    KeyValue::new("grpc.method", path.strip_prefix('/').unwrap_or(path).to_owned())
+}
+
+fn status(outcome: Outcome) -> KeyValue {
+    match outcome {
+        Outcome::Http(code) => KeyValue::new("http.response.status_code", i64::from(code)),
+        other => KeyValue::new("grpc.status", other.grpc_code().name()),
+    }
+}
+
+const CANCELLED: Outcome = Outcome::Grpc(mesh_core::GrpcCode::Cancelled);
+
+/// A cluster's attempt instruments (`grpc.lb.backend_service` set).
+#[derive(Clone, Debug)]
+pub struct AttemptMetrics {
+    client: ClientMetrics,
+    backend: KeyValue,
+}
+
+impl AttemptMetrics {
+    /// Counts an attempt to `path` as started and starts timing it.
+    pub(crate) fn start(&self, path: &str) -> AttemptRecord {
+        let method = method(path);
+        let c = &self.client.0;
+        c.attempt_started.add(1, &[method.clone(), c.target.clone()]);
+        AttemptRecord { metrics: self.clone(), method, start: Instant::now() }
+    }
+}
+
+/// One attempt being timed.
+#[derive(Debug)]
+pub(crate) struct AttemptRecord {
+    metrics: AttemptMetrics,
+    method: KeyValue,
+    start: Instant,
+}
+
+impl AttemptRecord {
+    /// Records the attempt's end, on `peer` (`None`: it never reached an endpoint).
+    pub(crate) fn end(self, outcome: Outcome, peer: Option<std::net::SocketAddr>, rcvd: u64) {
+        let c = &self.metrics.client.0;
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let mut attributes = vec![self.method, c.target.clone(), status(outcome), self.metrics.backend];
+        if let Some(peer) = peer {
+            attributes.push(KeyValue::new("network.peer.address", peer.ip().to_string()));
+            attributes.push(KeyValue::new("network.peer.port", i64::from(peer.port())));
+        }
+        c.attempt_duration.record(elapsed, &attributes);
+        c.attempt_rcvd.record(rcvd, &attributes);
+    }
+
+    /// Records an attempt that failed before a response.
+    pub(crate) fn failed(self, error: &crate::Error) {
+        let peer = match error {
+            crate::Error::Upstream { addr, .. } => Some(*addr),
+            _ => None,
+        };
+        self.end(Outcome::Grpc(error.grpc_code()), peer, 0);
+    }
+}
+
+/// One call being timed.
+#[derive(Debug)]
+pub(crate) struct CallRecord {
+    metrics: ClientMetrics,
+    method: KeyValue,
+    route: Option<KeyValue>,
+    start: Instant,
+}
+
+impl CallRecord {
+    pub(crate) fn end(self, outcome: Outcome) {
+        let c = &self.metrics.0;
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let mut attributes = vec![self.method, c.target.clone(), status(outcome)];
+        attributes.extend(self.route);
+        c.call_duration.record(elapsed, &attributes);
+    }
+}
+
+/// What a response body records when it ends: its attempt's and, for the body a call returns, the call's.
+#[derive(Debug, Default)]
+pub(crate) struct Records {
+    pub(crate) attempt: Option<AttemptRecord>,
+    pub(crate) call: Option<CallRecord>,
+    pub(crate) rcvd: u64,
+}
+
+impl Records {
+    pub(crate) fn end(self, outcome: Option<Outcome>, peer: std::net::SocketAddr) {
+        let outcome = outcome.unwrap_or(CANCELLED);
+        if let Some(attempt) = self.attempt {
+            attempt.end(outcome, Some(peer), self.rcvd);
+        }
+        if let Some(call) = self.call {
+            call.end(outcome);
+        }
+    }
+}
+
+/// The server's instruments (A66): a layer over an HTTP service that times each call from its request to the
+/// end of its response body.
+#[derive(Clone, Debug)]
+pub struct ServerMetricsLayer(Arc<ServerInstruments>);
+
+#[derive(Debug)]
+struct ServerInstruments {
+    started: Counter<u64>,
+    duration: Histogram<f64>,
+    sent: Histogram<u64>,
+}
+
+impl ServerMetricsLayer {
+    /// The instruments of `meter`.
+    pub fn new(meter: &Meter) -> Self {
+        Self(Arc::new(ServerInstruments {
+            started: meter
+                .u64_counter("grpc.server.call.started")
+                .with_unit("{call}")
+                .with_description("Number of server calls started.")
+                .build(),
+            duration: duration(meter, "grpc.server.call.duration", "Time from a call's request headers to the end of its response."),
+            sent: size(meter, "grpc.server.call.sent_total_compressed_message_size", "Bytes of response messages sent by a call."),
+        }))
+    }
+
+    /// The instruments of the global meter provider.
+    pub fn global() -> Self {
+        Self::new(&global_meter())
+    }
+}
+
+impl<S> tower::Layer<S> for ServerMetricsLayer {
+    type Service = ServerMetrics<S>;
+
+    fn layer(&self, inner: S) -> ServerMetrics<S> {
+        ServerMetrics { inner, instruments: self.0.clone() }
+    }
+}
+
+/// A server service timed by [`ServerMetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct ServerMetrics<S> {
+    inner: S,
+    instruments: Arc<ServerInstruments>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for ServerMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+{
+    type Response = http::Response<ServerBody<R>>;
+    type Error = S::Error;
+    type Future = ServerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = method(request.uri().path());
+        self.instruments.started.add(1, std::slice::from_ref(&method));
+        let record = ServerRecord { instruments: self.instruments.clone(), method, start: Instant::now() };
+        ServerFuture { inner: self.inner.call(request), record: Some(record) }
+    }
+}
+
+#[derive(Debug)]
+struct ServerRecord {
+    instruments: Arc<ServerInstruments>,
+    method: KeyValue,
+    start: Instant,
+}
+
+impl ServerRecord {
+    fn end(self, outcome: Outcome, sent: u64) {
+        let attributes = [self.method, status(outcome)];
+        let i = &self.instruments;
+        i.duration.record(self.start.elapsed().as_secs_f64(), &attributes);
+        i.sent.record(sent, &attributes);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Future of a [`ServerMetrics`] call.
+    pub struct ServerFuture<F> {
+        #[pin]
+        inner: F,
+        record: Option<ServerRecord>,
+    }
+}
+
+impl<F, R, E> Future for ServerFuture<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+{
+    type Output = Result<http::Response<ServerBody<R>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx));
+        let record = this.record.take();
+        Poll::Ready(match response {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                let pending = classify::pending(&parts);
+                Ok(http::Response::from_parts(parts, ServerBody { inner: body, pending, record, sent: 0 }))
+            }
+            Err(error) => {
+                if let Some(record) = record {
+                    record.end(Outcome::Grpc(mesh_core::GrpcCode::Internal), 0);
+                }
+                Err(error)
+            }
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A server response body that records its call when it ends (or is dropped: `CANCELLED`).
+    pub struct ServerBody<B> {
+        #[pin]
+        inner: B,
+        pending: classify::Pending,
+        record: Option<ServerRecord>,
+        sent: u64,
+    }
+
+    impl<B> PinnedDrop for ServerBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(record) = this.record.take() {
+                let outcome = match this.pending {
+                    classify::Pending::Decided(outcome) => *outcome,
+                    classify::Pending::Trailers => CANCELLED,
+                };
+                record.end(outcome, *this.sent);
+            }
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for ServerBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.sent += data.len() as u64;
+                }
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(record) = this.record.take()
+                {
+                    let outcome = match this.pending {
+                        classify::Pending::Decided(outcome) => *outcome,
+                        classify::Pending::Trailers => classify::trailers(Some(trailers)),
+                    };
+                    record.end(outcome, *this.sent);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(record) = this.record.take() {
+                    let outcome = match this.pending {
+                        classify::Pending::Decided(outcome) => *outcome,
+                        classify::Pending::Trailers => classify::trailers(None),
+                    };
+                    record.end(outcome, *this.sent);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(record) = this.record.take() {
+                    record.end(CANCELLED, *this.sent);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

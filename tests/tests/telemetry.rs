@@ -1,0 +1,153 @@
+//! Telemetry as operators see it: a real Prometheus server (Debian's `prometheus`) scrapes the admin endpoints of
+//! two services talking over the mesh, and its HTTP API returns the per-call series under gRPC's OpenTelemetry
+//! names (A66).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_tests::echo::{EchoServer, METHOD};
+use mesh_tests::peers::{self, MeshControl, Prometheus, TempDir};
+use serde_json::Value;
+
+/// `sum by (<by>) (<metric>{<selector>})` as a map from the `by` label's value to the sum.
+fn sums(prometheus: &Prometheus, metric: &str, selector: &str, by: &str) -> BTreeMap<String, u64> {
+    let query = format!("sum by ({by}) ({metric}{{{selector}}})");
+    let result = prometheus.query(&query).unwrap();
+    result
+        .iter()
+        .map(|series| {
+            let key = series["metric"][by].as_str().unwrap_or_default().to_owned();
+            let value = series["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+            (key, value as u64)
+        })
+        .collect()
+}
+
+fn curl(addr: SocketAddr, path: &str) -> Value {
+    let output = Command::new("curl").args(["-sf", &format!("http://{addr}{path}")]).output().unwrap();
+    assert!(output.status.success(), "GET {path} on {addr} failed");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// A meshctl client calls two backends (one failing 30% of its calls) through mesh-control's route, and serves
+/// its admin endpoint; the backends' process serves its own. Prometheus scrapes both. Its answers match what
+/// the client saw call by call: calls by status on the named route, attempts by endpoint and status, histogram
+/// buckets that add up, and the servers' calls by status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrape_counts_calls_by_route_endpoint_and_status() {
+    // The server side: this process's global meter provider, which the echo servers' metrics layer records in.
+    let server_metrics = mesh_tonic::admin::Prometheus::install().unwrap();
+    let flaky = EchoServer::start_failing(30).await.unwrap();
+    let healthy = EchoServer::start(Duration::ZERO).await.unwrap();
+    let server_admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_admin = server_admin_listener.local_addr().unwrap();
+    let _server_admin = mesh_tonic::admin::Admin::new(Some(server_metrics)).serve(server_admin_listener);
+
+    let dir = TempDir::new("telemetry").unwrap();
+    let file = dir.0.join("mesh.yaml");
+    let mesh =
+        format!("services:\n  greeter:\n    endpoints:\n      - {{ address: {} }}\n      - {{ address: {} }}\n", flaky.addr, healthy.addr);
+    std::fs::write(&file, mesh).unwrap();
+    let cp = MeshControl::start(&file, &dir.0).unwrap();
+    let (_bootstrap_dir, bootstrap) = peers::write_bootstrap(cp.xds, &["xds_v3"]).unwrap();
+
+    let client_admin: SocketAddr = format!("127.0.0.1:{}", peers::free_port().unwrap()).parse().unwrap();
+    let prometheus = Prometheus::start(&[("client", client_admin), ("server", server_admin)]).unwrap();
+
+    let calls = 600;
+    let mut meshctl = Command::new(peers::workspace_bin("meshctl").unwrap())
+        .args(["call", "--target", "xds:///greeter", "--method", METHOD, "--n", &calls.to_string(), "--concurrency", "4"])
+        .args(["--json", "--admin", &client_admin.to_string(), "--linger-s", "60"])
+        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The summary is printed when the calls are done; the admin endpoint stays up for the scrapes.
+    let mut line = String::new();
+    BufReader::new(meshctl.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let summary: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("meshctl summary {line:?}: {e}"));
+    let by_code: BTreeMap<String, u64> =
+        summary["by_code"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
+    assert_eq!(by_code.values().sum::<u64>(), calls, "{summary}");
+    assert!(by_code.get("OK").copied().unwrap_or(0) > 300 && by_code.get("UNAVAILABLE").copied().unwrap_or(0) > 30, "{summary}");
+
+    // The admin endpoint's own views, while it lingers.
+    let clusters = curl(client_admin, "/clusters");
+    let endpoints: Vec<&str> = clusters["channels"][0]["clusters"][0]["endpoints"]
+        .as_array()
+        .map(|e| e.iter().filter_map(|e| e["address"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(endpoints.contains(&flaky.addr.to_string().as_str()) && endpoints.contains(&healthy.addr.to_string().as_str()), "{clusters}");
+    let dump = curl(client_admin, "/config_dump");
+    let resources = dump["resources"].as_array().cloned().unwrap_or_default();
+    assert!(resources.len() >= 4 && resources.iter().all(|r| r["status"] == "Acked"), "LDS, RDS, CDS and EDS acked: {dump}");
+
+    // Prometheus has scraped what the client did once its counts match the summary.
+    let route = "job=\"client\",mesh_route=\"greeter/0\",grpc_method=\"mesh.test.Echo/Hello\",grpc_target=\"xds:///greeter\"";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let by_status = sums(&prometheus, "grpc_client_call_duration_seconds_count", route, "grpc_status");
+        if by_status == by_code {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Prometheus never saw the client's calls: {by_status:?}, meshctl saw {by_code:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Attempts by endpoint (no retries: one per call): the healthy one served only OKs, the flaky one the rest.
+    let port = |addr: SocketAddr| addr.port().to_string();
+    let ok_by_port =
+        sums(&prometheus, "grpc_client_attempt_duration_seconds_count", "job=\"client\",grpc_status=\"OK\"", "network_peer_port");
+    let by_endpoint: BTreeMap<String, u64> =
+        summary["by_endpoint"].as_object().unwrap().iter().map(|(addr, n)| (port(addr.parse().unwrap()), n.as_u64().unwrap())).collect();
+    assert_eq!(ok_by_port, by_endpoint, "OK attempts per endpoint");
+    let failed_by_port =
+        sums(&prometheus, "grpc_client_attempt_duration_seconds_count", "job=\"client\",grpc_status=\"UNAVAILABLE\"", "network_peer_port");
+    assert_eq!(failed_by_port, BTreeMap::from([(port(flaky.addr), by_code["UNAVAILABLE"])]), "failed attempts per endpoint");
+    let started = sums(&prometheus, "grpc_client_attempt_started_total", "job=\"client\"", "grpc_method");
+    assert_eq!(started, BTreeMap::from([("mesh.test.Echo/Hello".to_owned(), calls)]));
+    let backends = sums(&prometheus, "grpc_client_attempt_duration_seconds_count", "job=\"client\"", "grpc_lb_backend_service");
+    assert!(backends.len() == 1 && backends.keys().all(|k| !k.is_empty()), "one cluster named: {backends:?}");
+
+    // The call-duration histogram: cumulative buckets from 0 (nothing takes no time) to +Inf (every call).
+    let buckets = prometheus.query(&format!("sum by (le) (grpc_client_call_duration_seconds_bucket{{{route}}})")).unwrap();
+    let mut buckets: Vec<(f64, u64)> = buckets
+        .iter()
+        .map(|b| {
+            let le = b["metric"]["le"].as_str().unwrap();
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() };
+            (le, b["value"][1].as_str().unwrap().parse::<f64>().unwrap() as u64)
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert_eq!(buckets.len(), mesh_tower::telemetry::LATENCY_BUCKETS.len() + 1, "A66's boundaries and +Inf: {buckets:?}");
+    assert_eq!(buckets.first().map(|b| b.1), Some(0), "{buckets:?}");
+    assert_eq!(buckets.last().map(|b| b.1), Some(calls), "{buckets:?}");
+    assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "cumulative: {buckets:?}");
+    assert!(buckets.iter().any(|(le, n)| *le <= 1.0 && *n > 0), "calls on loopback end within a second: {buckets:?}");
+
+    // The servers' side of the same calls.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let server = sums(
+            &prometheus,
+            "grpc_server_call_duration_seconds_count",
+            "job=\"server\",grpc_method=\"mesh.test.Echo/Hello\"",
+            "grpc_status",
+        );
+        if server == by_code {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the servers' calls by status: {server:?}, meshctl saw {by_code:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let started = sums(&prometheus, "grpc_server_call_started_total", "job=\"server\"", "grpc_method");
+    assert_eq!(started, BTreeMap::from([("mesh.test.Echo/Hello".to_owned(), calls)]));
+
+    let _ = meshctl.kill();
+    let _ = meshctl.wait();
+}
