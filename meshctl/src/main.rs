@@ -6,9 +6,10 @@
 //! rely on: see `call.rs`. `meshctl demo` runs the mesh's main job in one
 //! command: a control plane, three greeter backends and a mesh client, with a
 //! canary split shifted by editing the mesh file. `meshctl ca issue` writes a workload's certificate from the
-//! mesh CA (see `ca.rs`).
+//! mesh CA (see `ca.rs`). `meshctl status` and `meshctl config-dump` read a running process's admin endpoint.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod ca;
 mod call;
 mod demo;
@@ -46,6 +47,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Print what the xDS client holds for an xds:/// target (CSDS-style JSON).
     XdsDump(xds::DumpArgs),
+    /// Print a running process's clusters and endpoints, read from its admin endpoint.
+    Status(admin::AdminArgs),
+    /// Print a running process's xDS resources with status and NACK reasons, read from its admin endpoint.
+    ConfigDump(admin::AdminArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,5 +74,7 @@ fn main() -> ExitCode {
         Command::Call(args) => runtime.block_on(call::run(*args)),
         Command::XdsDump(args) => runtime.block_on(xds::run(args)),
         Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Status(args) => runtime.block_on(admin::status(args)),
+        Command::ConfigDump(args) => runtime.block_on(admin::config_dump(args)),
     }
 }

@@ -7,7 +7,7 @@
 //! update time.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use xds_client::ResourceStatus;
@@ -52,19 +52,7 @@ pub(crate) async fn run(args: DumpArgs) -> ExitCode {
     }
     // Judged on the dump that is printed, taken before the channel is dropped (dropping it unsubscribes).
     let complete = settled(&dump);
-    let resources: Vec<_> = dump
-        .into_iter()
-        .map(|r| {
-            json!({
-                "type": r.resource_type.short_name(),
-                "name": r.name,
-                "version": r.version,
-                "status": r.status.csds_name(),
-                "error": r.error,
-                "last_updated_unix_ms": r.last_updated.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64),
-            })
-        })
-        .collect();
+    let resources = xds_client::to_json(&dump);
     println!("{}", json!({"target": args.target, "server": client.connected_server(), "resources": resources}));
     drop(channel);
     if complete { ExitCode::SUCCESS } else { ExitCode::from(1) }

@@ -214,8 +214,8 @@ impl EchoServer {
                     Err(error) => return tracing::error!(%error, "echo server TLS settings"),
                 };
             }
-            // Server metrics (gRPC A66) go to the global meter provider: a no-op unless the test installed one.
-            let mut builder = builder.layer(mesh_tower::telemetry::ServerMetricsLayer::global());
+            // Server metrics (gRPC A66) go to the default meter, when the test installed one.
+            let mut builder = builder.layer(mesh_tower::telemetry::ServerMetricsLayer::default_meter());
             let served = builder.add_service(echo).serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
             });

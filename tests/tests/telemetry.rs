@@ -84,7 +84,7 @@ async fn a_real_prometheus_scrape_counts_calls_by_route_endpoint_and_status() {
     assert!(endpoints.contains(&flaky.addr.to_string().as_str()) && endpoints.contains(&healthy.addr.to_string().as_str()), "{clusters}");
     let dump = curl(client_admin, "/config_dump");
     let resources = dump["resources"].as_array().cloned().unwrap_or_default();
-    assert!(resources.len() >= 4 && resources.iter().all(|r| r["status"] == "Acked"), "LDS, RDS, CDS and EDS acked: {dump}");
+    assert!(resources.len() >= 4 && resources.iter().all(|r| r["status"] == "ACKED"), "LDS, RDS, CDS and EDS acked: {dump}");
 
     // Prometheus has scraped what the client did once its counts match the summary.
     let route = "job=\"client\",mesh_route=\"greeter/0\",grpc_method=\"mesh.test.Echo/Hello\",grpc_target=\"xds:///greeter\"";
@@ -150,4 +150,112 @@ async fn a_real_prometheus_scrape_counts_calls_by_route_endpoint_and_status() {
 
     let _ = meshctl.kill();
     let _ = meshctl.wait();
+}
+
+/// A process with an xDS channel and the admin endpoint: after a bad push (endpoints with port 0), `meshctl
+/// status` prints its cluster's endpoints as a table, `meshctl config-dump` and `/config_dump` show the NACKed
+/// resource with its reason while the last good one keeps serving, and a standard CSDS client (grpcio with the
+/// xds-protos stubs) reads the same dump from the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_shows_clusters_and_a_nacked_resource_to_meshctl_and_a_csds_client() {
+    use mesh_tests::ads::{AdsServer, build, type_url};
+    let ads = AdsServer::start().await.unwrap();
+    let server = EchoServer::start(Duration::ZERO).await.unwrap();
+    ads.set(type_url::CLUSTER, "greeter-a", build::cluster_eds("greeter-a", "round_robin"));
+    ads.set(type_url::ENDPOINT, "greeter-a", build::endpoints("greeter-a", &[server.addr]));
+    ads.set(type_url::ROUTE, "greeter-routes", build::route_config("greeter-routes", &["greeter"], &[("greeter-a", 1)]));
+    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+    let client = xds_client::XdsClient::new(xds_client::Bootstrap::for_server(ads.addr().to_string(), "admin-test"), Default::default());
+    let channel = mesh_tonic::Channel::builder("xds:///greeter").build_xds(client.clone(), "greeter").unwrap();
+    let run = mesh_tests::load::drive(&channel, 20, 2, |_| {}).await;
+    assert!(run.failures.is_empty(), "{:?}", run.failures.first());
+
+    // A bad push: the same endpoints with port 0, NACKed; the good ones keep serving.
+    let mut bad = build::endpoints_proto("greeter-a", &[(server.addr, 1)]);
+    if let Some(envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(e)) =
+        bad.endpoints[0].lb_endpoints[0].host_identifier.as_mut()
+        && let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
+            e.address.as_mut().and_then(|a| a.address.as_mut())
+    {
+        sa.port_specifier = Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(0));
+    }
+    ads.set(type_url::ENDPOINT, "greeter-a", build::pack(bad));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    let _admin = mesh_tonic::admin::Admin::new(None).channel("greeter", &channel).xds(client.clone()).serve(listener);
+    let nacked = |dump: &Value| {
+        dump["resources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["type"] == "EDS" && r["name"] == "greeter-a")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dump = loop {
+        let dump = curl(admin, "/config_dump");
+        if nacked(&dump)["status"] == "NACKED" {
+            break dump;
+        }
+        assert!(Instant::now() < deadline, "the bad push was never NACKed: {dump}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(nacked(&dump)["error"].as_str().unwrap_or_default().contains("port"), "the NACK names the field: {dump}");
+    let run = mesh_tests::load::drive(&channel, 20, 2, |_| {}).await;
+    assert!(run.failures.is_empty(), "the last good endpoints keep serving: {:?}", run.failures.first());
+
+    let admin_arg = admin.to_string();
+    let meshctl = move |command: &'static str| {
+        let admin_arg = admin_arg.clone();
+        tokio::task::spawn_blocking(move || peers::meshctl(&[command, "--admin", &admin_arg]).unwrap())
+    };
+    let (code, status, stderr) = meshctl("status").await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = status.lines().collect();
+    assert!(
+        lines[0].split_whitespace().eq([
+            "TARGET",
+            "CLUSTER",
+            "ENDPOINT",
+            "STATE",
+            "EJECTED",
+            "IN_FLIGHT",
+            "OK",
+            "FAILED",
+            "WEIGHT",
+            "ZONE"
+        ]),
+        "{status}"
+    );
+    let row: Vec<&str> = lines.get(1).map(|l| l.split_whitespace().collect()).unwrap_or_default();
+    assert_eq!(&row[..5], ["xds:///greeter", "greeter-a", &server.addr.to_string(), "Ready", "no"], "{status}");
+    assert_eq!(row[6], "40", "40 calls succeeded on it: {status}");
+
+    let (code, table, stderr) = meshctl("config-dump").await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let eds = table.lines().find(|l| l.starts_with("EDS")).unwrap_or_default();
+    assert!(eds.contains("greeter-a") && eds.contains("NACKED") && eds.contains("port"), "{table}");
+
+    // The same dump over CSDS, from a standard client.
+    let output = Command::new(peers::python().unwrap())
+        .arg(peers::workspace_root().join("tests/peers/py_csds_client.py"))
+        .arg(admin.to_string())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "CSDS client: {}", String::from_utf8_lossy(&output.stderr));
+    let csds: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(csds["node"], "admin-test", "{csds}");
+    let eds = csds["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["type_url"].as_str().is_some_and(|t| t.ends_with("ClusterLoadAssignment")) && r["name"] == "greeter-a")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(eds["status"], "NACKED", "{csds}");
+    assert!(eds["error"].as_str().unwrap_or_default().contains("port"), "{csds}");
+    let listener = csds["resources"].as_array().into_iter().flatten().find(|r| r["name"] == "greeter").cloned().unwrap_or_default();
+    assert_eq!(listener["status"], "ACKED", "{csds}");
 }

@@ -52,6 +52,24 @@ pub(crate) fn dump(cache: &Cache) -> Vec<ResourceDump> {
     out
 }
 
+/// The dump as JSON, one object per resource: `type` (`LDS`, `RDS`, `CDS`, `EDS`), `name`, `version`, `status`
+/// (CSDS's name: `REQUESTED`, `ACKED`, `NACKED`, `DOES_NOT_EXIST`), `error` (the NACK reason), and
+/// `last_updated_unix_ms`. `meshctl xds-dump` and the admin endpoint's `/config_dump` print it.
+pub fn to_json(dump: &[ResourceDump]) -> Vec<Value> {
+    dump.iter()
+        .map(|r| {
+            serde_json::json!({
+                "type": r.resource_type.short_name(),
+                "name": r.name,
+                "version": r.version,
+                "status": r.status.csds_name(),
+                "error": r.error,
+                "last_updated_unix_ms": r.last_updated.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64),
+            })
+        })
+        .collect()
+}
+
 /// The dump as a CSDS `ClientConfig` (generic xDS configs).
 pub fn to_client_config(node_id: &str, dump: &[ResourceDump]) -> ClientConfig {
     let timestamp = |t: SystemTime| {

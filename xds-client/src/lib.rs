@@ -53,6 +53,7 @@
 pub mod bootstrap;
 mod cache;
 mod client;
+pub mod csds;
 mod dump;
 mod error;
 pub mod resource;
@@ -61,6 +62,6 @@ mod wire;
 
 pub use bootstrap::Bootstrap;
 pub use client::{XdsClient, XdsClientConfig};
-pub use dump::{ResourceDump, to_client_config};
+pub use dump::{ResourceDump, to_client_config, to_json};
 pub use error::{Error, Result};
 pub use watch::{ResourceStatus, Typed, Watch, WatchState, XdsResource};

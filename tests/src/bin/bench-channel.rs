@@ -267,7 +267,7 @@ impl http_body::Body for Wrapped {
 }
 
 /// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
-const VARIANTS: [&str; 15] = [
+const VARIANTS: [&str; 17] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
     // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
@@ -288,6 +288,10 @@ const VARIANTS: [&str; 15] = [
     "mesh Channel (p2c_ewma, layer: rate limit) [diag]",
     // Issue 16's target: steady state over mTLS against the same channel in plaintext (with `--mtls`).
     "mesh Channel (p2c_ewma, mTLS)",
+    // Issue 18's target: the channel's metrics recorded into an OpenTelemetry SDK provider with the Prometheus
+    // exporter, against the same channel recording none.
+    "mesh Channel (p2c_ewma, telemetry on: A66 metrics into the Prometheus exporter)",
+    "mesh Channel (p2c_ewma, telemetry off)",
 ];
 
 /// The mTLS variant, and the plaintext one it is compared with.
@@ -320,6 +324,8 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         8 => caller!(raw_hyper(addr, true).await?),
         9 => caller!(balancer_like(addr).await?),
         10..=13 => caller!(one_layer(mesh().lb(LbPolicy::p2c_ewma()), i - 10).build()?),
+        15 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(Some(prometheus()?.meter())).build()?),
+        16 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(None).build()?),
         MTLS => {
             let credentials = CLIENT_CREDENTIALS.get().ok_or_else(|| anyhow::anyhow!("the mTLS variant needs --mtls"))?.clone();
             let policy =
@@ -328,6 +334,17 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         }
         _ => anyhow::bail!("no variant {i}"),
     })
+}
+
+/// One Prometheus-exporting meter provider for the process (not installed globally, so only the variant
+/// given its meter records into it).
+fn prometheus() -> anyhow::Result<&'static mesh_tonic::admin::Prometheus> {
+    static PROMETHEUS: std::sync::OnceLock<mesh_tonic::admin::Prometheus> = std::sync::OnceLock::new();
+    if let Some(p) = PROMETHEUS.get() {
+        return Ok(p);
+    }
+    let p = mesh_tonic::admin::Prometheus::new()?;
+    Ok(PROMETHEUS.get_or_init(|| p))
 }
 
 /// Every policy layer of issue 15 on the channel's one route and cluster, set so that none triggers: retries
