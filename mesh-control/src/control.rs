@@ -335,7 +335,40 @@ impl ControlPlane {
         })
     }
 
-    /// Serves `/status` (JSON), `/ready` and `/healthz` over HTTP/1.1 on `listener`.
+    /// `/metrics` in Prometheus' text format: xDS pushes, ACKs, NACKs, the mean time from a push to its ACK,
+    /// connected clients, and accepted and rejected mesh files. Written here rather than through an OpenTelemetry
+    /// exporter: a handful of counters read at scrape time, off every request path.
+    pub fn metrics(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counters = self.cache.counters();
+        let (pushes, acks, nacks) = (counters.pushes.load(Relaxed), counters.acks.load(Relaxed), counters.nacks.load(Relaxed));
+        let latency_s = counters.ack_latency_us.load(Relaxed) as f64 / 1e6;
+        let status = self.status();
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        };
+        metric("mesh_control_xds_pushes_total", "counter", "xDS responses sent to clients.", pushes.to_string());
+        metric("mesh_control_xds_acks_total", "counter", "xDS responses clients acknowledged.", acks.to_string());
+        metric("mesh_control_xds_nacks_total", "counter", "xDS responses clients rejected.", nacks.to_string());
+        metric(
+            "mesh_control_xds_push_to_ack_seconds_sum",
+            "counter",
+            "Time from each acknowledged push to its ACK.",
+            latency_s.to_string(),
+        );
+        metric("mesh_control_xds_connected_clients", "gauge", "ADS streams connected now.", status.ads.streams.len().to_string());
+        metric("mesh_control_mesh_version", "gauge", "Accepted versions of the mesh file.", status.version.to_string());
+        metric(
+            "mesh_control_mesh_rejected",
+            "gauge",
+            "1 while the latest mesh file change is rejected.",
+            u8::from(status.last_error.is_some()).to_string(),
+        );
+        out
+    }
+
+    /// Serves `/status` (JSON), `/metrics`, `/ready` and `/healthz` over HTTP/1.1 on `listener`.
     pub async fn serve_admin(&self, listener: TcpListener) {
         loop {
             let stream = match listener.accept().await {
@@ -365,9 +398,10 @@ impl ControlPlane {
                 let json = serde_json::to_string_pretty(&self.status()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
                 (200, "application/json", json)
             }
+            "/metrics" => (200, "text/plain; version=0.0.4", self.metrics()),
             "/ready" if !self.is_ready() => (503, "text/plain", "waiting for the first complete Kubernetes lists\n".to_owned()),
             "/ready" | "/healthz" => (200, "text/plain", "ok\n".to_owned()),
-            _ => (404, "text/plain", "not found: try /status, /ready\n".to_owned()),
+            _ => (404, "text/plain", "not found: try /status, /ready, /metrics\n".to_owned()),
         };
         http::Response::builder()
             .status(status)

@@ -104,7 +104,7 @@ impl ClientMetrics {
     /// The instruments of `meter`, for calls to `target`.
     pub fn new(meter: &Meter, target: &str) -> Self {
         Self(Arc::new(ClientInstruments {
-            target: KeyValue::new("grpc.target", target.to_owned()),
+            target: KeyValue::new("grpc.target", Arc::<str>::from(target)),
             attempt_started: meter
                 .u64_counter("grpc.client.attempt.started")
                 .with_unit("{attempt}")
@@ -127,7 +127,7 @@ impl ClientMetrics {
 
     /// The attempt metrics of cluster `cluster`.
     pub fn cluster(&self, cluster: &str) -> AttemptMetrics {
-        AttemptMetrics { client: self.clone(), backend: KeyValue::new("grpc.lb.backend_service", cluster.to_owned()) }
+        AttemptMetrics { client: self.clone(), backend: KeyValue::new("grpc.lb.backend_service", Arc::<str>::from(cluster)) }
     }
 
     /// Times a call to `path` on route `route` (`None`: unnamed) that started at `start`.
@@ -136,9 +136,9 @@ impl ClientMetrics {
     }
 }
 
-/// A66's `grpc.method`: the path without its leading slash.
+/// A66's `grpc.method`: the path without its leading slash (shared, so its copies cost no allocation).
 fn method(path: &str) -> KeyValue {
-    KeyValue::new("grpc.method", path.strip_prefix('/').unwrap_or(path).to_owned())
+    KeyValue::new("grpc.method", Arc::<str>::from(path.strip_prefix('/').unwrap_or(path)))
 }
 
 fn status(outcome: Outcome) -> KeyValue {
@@ -180,13 +180,22 @@ impl AttemptRecord {
     pub(crate) fn end(self, outcome: Outcome, peer: Option<std::net::SocketAddr>, rcvd: u64) {
         let c = &self.metrics.client.0;
         let elapsed = self.start.elapsed().as_secs_f64();
-        let mut attributes = vec![self.method, c.target.clone(), status(outcome), self.metrics.backend];
-        if let Some(peer) = peer {
-            attributes.push(KeyValue::new("network.peer.address", peer.ip().to_string()));
-            attributes.push(KeyValue::new("network.peer.port", i64::from(peer.port())));
-        }
-        c.attempt_duration.record(elapsed, &attributes);
-        c.attempt_rcvd.record(rcvd, &attributes);
+        let (address, port) = match peer {
+            Some(peer) => (peer.ip().to_string(), i64::from(peer.port())),
+            None => (String::new(), 0),
+        };
+        let attributes = [
+            self.method,
+            c.target.clone(),
+            status(outcome),
+            self.metrics.backend,
+            KeyValue::new("network.peer.address", address),
+            KeyValue::new("network.peer.port", port),
+        ];
+        // An attempt that reached no endpoint has no peer attributes.
+        let attributes = if peer.is_some() { &attributes[..] } else { &attributes[..4] };
+        c.attempt_duration.record(elapsed, attributes);
+        c.attempt_rcvd.record(rcvd, attributes);
     }
 
     /// Records an attempt that failed before a response.
@@ -212,9 +221,9 @@ impl CallRecord {
     pub(crate) fn end(self, outcome: Outcome) {
         let c = &self.metrics.0;
         let elapsed = self.start.elapsed().as_secs_f64();
-        let mut attributes = vec![self.method, c.target.clone(), status(outcome)];
-        attributes.extend(self.route);
-        c.call_duration.record(elapsed, &attributes);
+        let unnamed = self.route.is_none();
+        let attributes = [self.method, c.target.clone(), status(outcome), self.route.unwrap_or_else(|| KeyValue::new("mesh.route", ""))];
+        c.call_duration.record(elapsed, if unnamed { &attributes[..3] } else { &attributes[..] });
     }
 }
 

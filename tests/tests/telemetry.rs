@@ -259,3 +259,39 @@ async fn the_admin_endpoint_shows_clusters_and_a_nacked_resource_to_meshctl_and_
     let listener = csds["resources"].as_array().into_iter().flatten().find(|r| r["name"] == "greeter").cloned().unwrap_or_default();
     assert_eq!(listener["status"], "ACKED", "{csds}");
 }
+
+/// mesh-control's `/metrics`: a client that connects and takes its config shows up as pushes, as many ACKs with
+/// their latency, no NACK, and a connected client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_control_metrics_count_pushes_acks_and_connected_clients() {
+    let server = EchoServer::start(Duration::ZERO).await.unwrap();
+    let dir = TempDir::new("control-metrics").unwrap();
+    let file = dir.0.join("mesh.yaml");
+    std::fs::write(&file, format!("services:\n  greeter:\n    endpoints:\n      - {{ address: {} }}\n", server.addr)).unwrap();
+    let cp = MeshControl::start(&file, &dir.0).unwrap();
+    let client = xds_client::XdsClient::new(xds_client::Bootstrap::for_server(cp.xds.to_string(), "metrics-test"), Default::default());
+    let channel = mesh_tonic::Channel::builder("xds:///greeter").build_xds(client, "greeter").unwrap();
+    let run = mesh_tests::load::drive(&channel, 10, 1, |_| {}).await;
+    assert!(run.failures.is_empty(), "{:?}", run.failures.first());
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing: {text}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = Command::new("curl").args(["-sf", &format!("http://{}/metrics", cp.admin)]).output().unwrap();
+        let text = String::from_utf8(output.stdout).unwrap();
+        let (pushes, acks) = (value(&text, "mesh_control_xds_pushes_total "), value(&text, "mesh_control_xds_acks_total "));
+        // LDS, RDS, CDS and EDS, each pushed and acknowledged.
+        if pushes >= 4.0 && acks >= 4.0 {
+            assert_eq!(value(&text, "mesh_control_xds_nacks_total "), 0.0, "{text}");
+            assert!(value(&text, "mesh_control_xds_connected_clients ") >= 1.0, "{text}");
+            assert!(value(&text, "mesh_control_xds_push_to_ack_seconds_sum ") > 0.0, "{text}");
+            assert!(acks <= pushes, "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "pushes and ACKs never counted: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

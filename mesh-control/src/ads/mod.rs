@@ -76,7 +76,7 @@ use tonic::{Request, Response, Status, Streaming};
 use self::snapshot::{Entry, Published};
 pub use self::snapshot::{Snapshot, SnapshotCache};
 use self::status::StatusHandle;
-pub use self::status::{CacheStatus, Nack, Protocol, SnapshotStatus, StreamStatus, TypeStatus, TypeSummary};
+pub use self::status::{AdsCounters, CacheStatus, Nack, Protocol, SnapshotStatus, StreamStatus, TypeStatus, TypeSummary};
 
 /// Type URLs of the core resource types.
 pub mod type_url {

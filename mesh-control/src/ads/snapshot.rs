@@ -162,6 +162,7 @@ struct Inner {
     node_key: Box<dyn Fn(&Node) -> String + Send + Sync>,
     state: Mutex<State>,
     next_stream: AtomicU64,
+    counters: Arc<super::status::AdsCounters>,
 }
 
 struct State {
@@ -183,7 +184,14 @@ impl SnapshotCache {
     /// `node_key` maps a client's `Node` (id, cluster, metadata) to the key of the snapshot it sees.
     pub fn new(node_key: impl Fn(&Node) -> String + Send + Sync + 'static) -> Self {
         let state = State { default: Arc::new(Published::new(Snapshot::new())), keys: HashMap::new(), streams: BTreeMap::new() };
-        Self { inner: Arc::new(Inner { node_key: Box::new(node_key), state: Mutex::new(state), next_stream: AtomicU64::new(1) }) }
+        Self {
+            inner: Arc::new(Inner {
+                node_key: Box::new(node_key),
+                state: Mutex::new(state),
+                next_stream: AtomicU64::new(1),
+                counters: Arc::default(),
+            }),
+        }
     }
 
     /// A cache keyed by the node's `cluster` (a node without one has key `""`).
@@ -232,15 +240,18 @@ impl SnapshotCache {
     pub(crate) fn register(&self, node: &Node, protocol: Protocol) -> Registration {
         let key = (self.inner.node_key)(node);
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
-        let status = StatusHandle::new(StreamStatus {
-            id,
-            node_id: node.id.clone(),
-            node_cluster: node.cluster.clone(),
-            key: key.clone(),
-            protocol,
-            connected_at: SystemTime::now(),
-            types: BTreeMap::new(),
-        });
+        let status = StatusHandle::new(
+            StreamStatus {
+                id,
+                node_id: node.id.clone(),
+                node_cluster: node.cluster.clone(),
+                key: key.clone(),
+                protocol,
+                connected_at: SystemTime::now(),
+                types: BTreeMap::new(),
+            },
+            self.inner.counters.clone(),
+        );
         let mut state = self.lock();
         let default = state.default.clone();
         let watch = state.keys.entry(key.clone()).or_insert_with(|| Key { own: None, tx: watch::Sender::new(default) }).tx.subscribe();
@@ -251,6 +262,11 @@ impl SnapshotCache {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What its streams have done: pushes, ACKs, NACKs and ACK latency.
+    pub fn counters(&self) -> &super::status::AdsCounters {
+        &self.inner.counters
     }
 }
 

@@ -1,6 +1,7 @@
 //! What the cache and its streams hold, for a status endpoint.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -103,25 +104,57 @@ fn unix_ms<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::
     serializer.serialize_u64(ms)
 }
 
-/// A stream's status, shared between the stream and the cache.
+/// What every stream of a cache has done, counted where a stream's status changes ([`StatusHandle::update`]), so
+/// SotW and delta count alike: `/metrics` reads it.
+#[derive(Debug, Default)]
+pub struct AdsCounters {
+    /// Responses sent (a new nonce).
+    pub pushes: AtomicU64,
+    /// Responses acknowledged.
+    pub acks: AtomicU64,
+    /// Responses rejected.
+    pub nacks: AtomicU64,
+    /// Sum over acknowledged responses of the time from sending to the ACK, in microseconds.
+    pub ack_latency_us: AtomicU64,
+}
+
+/// A stream's status, shared between the stream and the cache, and the cache's counters.
 #[derive(Clone, Debug)]
-pub(crate) struct StatusHandle(Arc<Mutex<StreamStatus>>);
+pub(crate) struct StatusHandle(Arc<Mutex<StreamStatus>>, Arc<AdsCounters>, Arc<Mutex<BTreeMap<String, std::time::Instant>>>);
 
 impl StatusHandle {
-    pub(crate) fn new(status: StreamStatus) -> Self {
-        Self(Arc::new(Mutex::new(status)))
+    pub(crate) fn new(status: StreamStatus, counters: Arc<AdsCounters>) -> Self {
+        Self(Arc::new(Mutex::new(status)), counters, Arc::default())
     }
 
     pub(crate) fn get(&self) -> StreamStatus {
         self.lock().clone()
     }
 
-    /// Updates the status of `type_url` (created if new).
+    /// Updates the status of `type_url` (created if new), counting a new sent, acknowledged or rejected nonce.
     pub(crate) fn update(&self, type_url: &str, f: impl FnOnce(&mut TypeStatus)) {
         let mut status = self.lock();
-        match status.types.get_mut(type_url) {
-            Some(type_status) => f(type_status),
-            None => f(status.types.entry(type_url.to_owned()).or_default()),
+        let type_status = match status.types.get_mut(type_url) {
+            Some(type_status) => type_status,
+            None => status.types.entry(type_url.to_owned()).or_default(),
+        };
+        let before =
+            (type_status.sent_nonce.clone(), type_status.acked_nonce.clone(), type_status.last_nack.as_ref().map(|n| n.nonce.clone()));
+        f(type_status);
+        let counters = &self.1;
+        let mut sent_at = self.2.lock().unwrap_or_else(PoisonError::into_inner);
+        if type_status.sent_nonce.is_some() && type_status.sent_nonce != before.0 {
+            counters.pushes.fetch_add(1, Ordering::Relaxed);
+            sent_at.insert(type_url.to_owned(), std::time::Instant::now());
+        }
+        if type_status.acked_nonce.is_some() && type_status.acked_nonce != before.1 {
+            counters.acks.fetch_add(1, Ordering::Relaxed);
+            if let Some(at) = sent_at.get(type_url) {
+                counters.ack_latency_us.fetch_add(at.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+        }
+        if type_status.last_nack.is_some() && type_status.last_nack.as_ref().map(|n| n.nonce.clone()) != before.2 {
+            counters.nacks.fetch_add(1, Ordering::Relaxed);
         }
     }
 
