@@ -69,6 +69,10 @@ pub struct FilterChain {
 pub struct FilterChainMatch {
     /// The connection's local address is in one of these blocks (Envoy's `prefix_ranges`).
     pub destination_prefixes: Vec<Cidr>,
+    /// Envoy's `transport_protocol: raw_buffer`. A gRPC server runs no listener filter to tell TLS apart, so
+    /// every connection is `raw_buffer` (A36): this never fails to match, but makes the chain more specific
+    /// than one without it.
+    pub raw_buffer: bool,
     /// Where the connection comes from relative to the server.
     pub source_type: SourceType,
     /// The peer's address is in one of these blocks.
@@ -145,7 +149,7 @@ impl InboundListener {
     /// The chain for a connection from `source` to `destination` (the connection's local address), as Envoy
     /// selects it: stage by stage, keep the chains whose criterion matches most specifically, and go on with
     /// those only: the destination address (longest matching prefix; a chain with no prefixes is the least
-    /// specific), then the source type (`SameIpOrLoopback` or `External` before `Any`), then the source address
+    /// specific), then the transport protocol (`raw_buffer` before none), then the source type (`SameIpOrLoopback` or `External` before `Any`), then the source address
     /// (longest prefix), then the source port (a listed port before none). A stage that leaves no chain ends the
     /// search: there is no going back to a less specific chain of an earlier stage. With no chain left, the
     /// default chain, if any.
@@ -156,6 +160,7 @@ impl InboundListener {
         let (dst, src) = (destination.ip().to_canonical(), source.ip().to_canonical());
         let chains = self.filter_chains.iter().collect();
         let chains = most_specific(chains, |m| prefix_rank(&m.destination_prefixes, dst));
+        let chains = most_specific(chains, |m| Some(i16::from(m.raw_buffer)));
         let chains = most_specific(chains, |m| match m.source_type {
             SourceType::Any => Some(0),
             specific => specific.matches(dst, src).then_some(1),
@@ -229,6 +234,18 @@ mod tests {
         assert_eq!(pick(&l, "172.16.0.1:8080", "1.1.1.1:1"), Some("v4"), "a /0 block beats no prefix");
         assert_eq!(pick(&l, "[2001:db8::1]:8080", "[2001:db8::2]:1"), Some("any"), "an IPv4 /0 holds no IPv6 address");
         assert_eq!(pick(&l, "[::ffff:10.1.0.1]:8080", "1.1.1.1:1"), Some("ten-one"), "a mapped address is IPv4");
+    }
+
+    #[test]
+    fn raw_buffer_beats_no_transport_protocol_after_the_destination() {
+        let raw = FilterChainMatch { raw_buffer: true, ..Default::default() };
+        let l = listener(vec![chain("any", FilterChainMatch::default()), chain("raw", raw.clone())], false);
+        assert_eq!(pick(&l, "10.0.0.1:8080", "10.0.0.2:5000"), Some("raw"));
+        // The destination prefix is decided first.
+        let ten = FilterChainMatch { destination_prefixes: cidrs(&["10.0.0.0/8"]), ..Default::default() };
+        let l = listener(vec![chain("ten", ten), chain("raw", raw)], false);
+        assert_eq!(pick(&l, "10.0.0.1:8080", "10.0.0.2:5000"), Some("ten"));
+        assert_eq!(pick(&l, "11.0.0.1:8080", "10.0.0.2:5000"), Some("raw"));
     }
 
     #[test]
