@@ -176,7 +176,7 @@ impl InboundListener {
 }
 
 /// The chains whose `rank` is highest; `None` is no match.
-fn most_specific<'a>(chains: Vec<&'a FilterChain>, rank: impl Fn(&FilterChainMatch) -> Option<i16>) -> Vec<&'a FilterChain> {
+fn most_specific(chains: Vec<&FilterChain>, rank: impl Fn(&FilterChainMatch) -> Option<i16>) -> Vec<&FilterChain> {
     let ranked: Vec<_> = chains.into_iter().filter_map(|c| rank(&c.matcher).map(|r| (r, c))).collect();
     let Some(best) = ranked.iter().map(|(r, _)| *r).max() else { return Vec::new() };
     ranked.into_iter().filter(|(r, _)| *r == best).map(|(_, c)| c).collect()

@@ -341,3 +341,417 @@ fn validation_context(v: &CertificateValidationContext, field: &str) -> Result<O
 fn provider_name(name: &str) -> String {
     if name.is_empty() { "default".into() } else { name.into() }
 }
+
+#[cfg(test)]
+#[allow(deprecated)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::SocketAddress;
+    use envoy_types::pb::envoy::config::listener::v3::ListenerFilter;
+    use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy, Principal, Rbac as RbacRules, permission, principal, rbac};
+    use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
+    use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType as HttpConfig;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpFilter, Rds};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::{
+        CertificateProviderInstance, CombinedCertificateValidationContext,
+    };
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateProviderPluginInstance, CommonTlsContext, SdsSecretConfig, UpstreamTlsContext,
+    };
+    use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
+    use mesh_core::RouteSource;
+    use mesh_core::authz::Action;
+
+    use super::super::{DecodeError, Resource, ResourceType, to_any};
+    use super::*;
+    use crate::XdsResource;
+    use crate::resource::ListenerResource;
+
+    const NAME: &str = "grpc/server?xds.resource.listening_address=0.0.0.0:50051";
+
+    fn http_filter(name: &str, any: Any) -> HttpFilter {
+        HttpFilter { name: name.into(), config_type: Some(HttpConfig::TypedConfig(any)), ..Default::default() }
+    }
+
+    fn router() -> HttpFilter {
+        http_filter("router", to_any(&Router::default()))
+    }
+
+    fn rbac_filter(name: &str, action: rbac::Action) -> HttpFilter {
+        let policy = Policy {
+            permissions: vec![Permission { rule: Some(permission::Rule::Any(true)) }],
+            principals: vec![Principal { identifier: Some(principal::Identifier::Any(true)) }],
+            ..Default::default()
+        };
+        let rules = RbacRules { action: action as i32, policies: [("all".to_owned(), policy)].into(), ..Default::default() };
+        http_filter(name, to_any(&Rbac { rules: Some(rules), ..Default::default() }))
+    }
+
+    fn hcm(http_filters: Vec<HttpFilter>) -> HttpConnectionManager {
+        let rds = Rds { route_config_name: "routes".into(), config_source: None };
+        HttpConnectionManager { route_specifier: Some(RouteSpecifier::Rds(rds)), http_filters, ..Default::default() }
+    }
+
+    fn network(any: Any) -> Filter {
+        Filter { name: "hcm".into(), config_type: Some(FilterConfig::TypedConfig(any)) }
+    }
+
+    fn chain(name: &str, m: Option<ProtoMatch>) -> ProtoChain {
+        ProtoChain { name: name.into(), filter_chain_match: m, filters: vec![network(to_any(&hcm(vec![router()])))], ..Default::default() }
+    }
+
+    fn cidr(prefix: &str, len: Option<u32>) -> CidrRange {
+        CidrRange { address_prefix: prefix.into(), prefix_len: len.map(|value| UInt32Value { value }) }
+    }
+
+    fn instance(name: &str) -> Option<CertificateProviderPluginInstance> {
+        Some(CertificateProviderPluginInstance { instance_name: name.into(), certificate_name: String::new() })
+    }
+
+    fn mtls_context() -> DownstreamTlsContext {
+        DownstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_provider_instance: instance("identity"),
+                validation_context_type: Some(ValidationContextType::ValidationContext(CertificateValidationContext {
+                    ca_certificate_provider_instance: instance("roots"),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            require_client_certificate: Some(BoolValue { value: true }),
+            ..Default::default()
+        }
+    }
+
+    fn socket(any: Any) -> Option<TransportSocket> {
+        Some(TransportSocket { name: "envoy.transport_sockets.tls".into(), config_type: Some(SocketConfig::TypedConfig(any)) })
+    }
+
+    fn with_tls(mut c: ProtoChain, ctx: DownstreamTlsContext) -> ProtoChain {
+        c.transport_socket = socket(to_any(&ctx));
+        c
+    }
+
+    fn server(chains: Vec<ProtoChain>, default: Option<ProtoChain>) -> Listener {
+        let address =
+            SocketAddress { address: "0.0.0.0".into(), port_specifier: Some(PortSpecifier::PortValue(50051)), ..Default::default() };
+        Listener {
+            name: NAME.into(),
+            address: Some(Address { address: Some(AddressKind::SocketAddress(address)) }),
+            filter_chains: chains,
+            default_filter_chain: default,
+            ..Default::default()
+        }
+    }
+
+    fn decode_server(l: &Listener) -> Result<InboundListener, DecodeError> {
+        match super::super::decode(ResourceType::Listener, &to_any(l))? {
+            Resource::ServerListener(l) => Ok(l),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn reason(l: &Listener) -> String {
+        let err = decode_server(l).unwrap_err();
+        assert_eq!(err.name.as_deref(), Some(NAME), "{err}");
+        err.reason
+    }
+
+    fn assert_nack(l: &Listener, expected: &str) {
+        let why = reason(l);
+        assert!(why.contains(expected), "expected {expected:?} in {why:?}");
+    }
+
+    fn match_source(prefixes: Vec<CidrRange>) -> Option<ProtoMatch> {
+        Some(ProtoMatch { source_prefix_ranges: prefixes, ..Default::default() })
+    }
+
+    #[test]
+    fn a_plaintext_chain_a_tls_chain_and_a_default_chain() {
+        let pods = chain("pods", match_source(vec![cidr("10.0.0.0", Some(8))]));
+        let everyone = with_tls(
+            chain("mtls", Some(ProtoMatch { prefix_ranges: vec![cidr("0.0.0.0", Some(0))], ..Default::default() })),
+            mtls_context(),
+        );
+        let sni = chain("sni", Some(ProtoMatch { server_names: vec!["greeter.mesh".into()], ..Default::default() }));
+        let mut default = chain("default", None);
+        let inline = RouteConfiguration {
+            name: "inline".into(),
+            virtual_hosts: vec![VirtualHost { name: "vh".into(), domains: vec!["*".into()], ..Default::default() }],
+            ..Default::default()
+        };
+        let default_hcm = HttpConnectionManager {
+            route_specifier: Some(RouteSpecifier::RouteConfig(inline)),
+            http_filters: vec![rbac_filter("deny", rbac::Action::Deny), rbac_filter("allow", rbac::Action::Allow), router()],
+            ..Default::default()
+        };
+        default.filters = vec![network(to_any(&default_hcm))];
+        let l = decode_server(&server(vec![pods, everyone, sni], Some(default))).unwrap();
+
+        assert_eq!((l.name.as_str(), l.address), (NAME, "0.0.0.0:50051".parse().unwrap()));
+        let names: Vec<_> = l.filter_chains.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["pods", "mtls"], "a chain on server_names never matches on a gRPC server");
+        let (pods, mtls) = (&l.filter_chains[0], &l.filter_chains[1]);
+        assert!(pods.tls.is_none());
+        assert_eq!(pods.matcher.source_prefixes, ["10.0.0.0/8".parse().unwrap()]);
+        assert!(matches!(&pods.http.route, RouteSource::Rds(n) if n == "routes"));
+        assert_eq!(pods.http.http_filters, ["router"]);
+        let tls = InboundTls {
+            certificate_provider: "identity".into(),
+            ca_certificate_provider: Some("roots".into()),
+            require_client_certificate: true,
+        };
+        assert_eq!(mtls.tls.as_ref(), Some(&tls));
+        let default = l.default_filter_chain.as_ref().unwrap();
+        assert!(matches!(&default.http.route, RouteSource::Inline(rc) if rc.name == "inline"));
+        assert_eq!(default.http.http_filters, ["deny", "allow", "router"]);
+        let actions: Vec<_> = default.http.rbac.iter().map(|r| r.action).collect();
+        assert_eq!(actions, [Action::Deny, Action::Allow], "a server listener's RBAC chain, in order");
+
+        // Round trip through the matcher: the most specific chain, else the default one.
+        let pick = |dst: &str, src: &str| l.select(dst.parse().unwrap(), src.parse().unwrap()).map(|c| c.name.as_str());
+        assert_eq!(pick("10.0.0.1:50051", "10.4.0.7:41000"), Some("mtls"), "the destination prefix decides first");
+        let no_dst = decode_server(&server(
+            vec![chain("pods", match_source(vec![cidr("10.0.0.0", Some(8))])), with_tls(chain("mtls", None), mtls_context())],
+            Some(chain("default", None)),
+        ))
+        .unwrap();
+        let pick = |dst: &str, src: &str| no_dst.select(dst.parse().unwrap(), src.parse().unwrap()).map(|c| c.name.as_str());
+        assert_eq!(pick("10.0.0.1:50051", "10.4.0.7:41000"), Some("pods"));
+        assert_eq!(pick("10.0.0.1:50051", "192.168.0.7:41000"), Some("mtls"));
+        let pick = |dst: &str, src: &str| l.select(dst.parse().unwrap(), src.parse().unwrap()).map(|c| c.name.as_str());
+        assert_eq!(pick("[2001:db8::1]:50051", "[2001:db8::2]:41000"), Some("default"), "no chain holds IPv6 destinations");
+    }
+
+    #[test]
+    fn a_server_listener_is_not_a_client_listener() {
+        let resource = super::super::decode(ResourceType::Listener, &to_any(&server(vec![chain("c", None)], None))).unwrap();
+        assert_eq!((resource.name(), resource.resource_type()), (NAME, ResourceType::Listener));
+        assert!(ListenerResource::from_resource(&resource).is_none());
+        assert!(InboundListener::from_resource(&resource).is_some());
+    }
+
+    #[test]
+    fn listener_level_nacks() {
+        let mut l = server(vec![chain("c", None)], None);
+        l.address = None;
+        assert_nack(&l, "neither api_listener nor address");
+        let mut l = server(vec![chain("c", None)], None);
+        l.use_original_dst = Some(BoolValue { value: true });
+        assert_nack(&l, "use_original_dst");
+        l.use_original_dst = Some(BoolValue { value: false });
+        assert!(decode_server(&l).is_ok());
+        let mut l = server(vec![chain("c", None)], None);
+        l.listener_filters = vec![ListenerFilter { name: "tls_inspector".into(), ..Default::default() }];
+        assert_nack(&l, "listener_filters");
+        let mut l = server(vec![chain("c", None)], None);
+        l.filter_chain_matcher = Some(Default::default());
+        assert_nack(&l, "filter_chain_matcher");
+        let at = |address: &str, port| {
+            let mut l = server(vec![chain("c", None)], None);
+            let sa = SocketAddress { address: address.into(), port_specifier: port, ..Default::default() };
+            l.address = Some(Address { address: Some(AddressKind::SocketAddress(sa)) });
+            l
+        };
+        assert_nack(&at("greeter.local", Some(PortSpecifier::PortValue(50051))), "address: socket_address.address");
+        assert_nack(&at("::", None), "address: socket_address.port_value");
+        assert_nack(&at("::", Some(PortSpecifier::PortValue(70000))), "address: socket_address.port_value: 70000");
+        assert_eq!(decode_server(&at("::", Some(PortSpecifier::PortValue(443)))).unwrap().address, "[::]:443".parse().unwrap());
+    }
+
+    #[test]
+    fn network_filters_must_be_one_http_connection_manager() {
+        let mut c = chain("c", None);
+        c.filters.clear();
+        assert_nack(&server(vec![c], None), "filter_chains[0].filters: empty");
+        let mut c = chain("c", None);
+        c.filters = vec![network(to_any(&Router::default()))];
+        assert_nack(&server(vec![c], None), "filter_chains[0].filters[0] (hcm): unsupported network filter type");
+        let mut c = chain("c", None);
+        c.filters.insert(
+            0,
+            network(Any { type_url: "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy".into(), value: vec![] }),
+        );
+        assert_nack(&server(vec![c], None), "filters[0] (hcm): unsupported network filter type");
+        let mut c = chain("c", None);
+        c.filters.push(c.filters[0].clone());
+        assert_nack(&server(vec![c], None), "the HttpConnectionManager must be the last and only filter");
+        let mut c = chain("c", None);
+        c.filters[0].config_type = None;
+        assert_nack(&server(vec![], Some(c)), "default_filter_chain.filters[0] (hcm): no typed_config");
+    }
+
+    #[test]
+    fn the_http_connection_manager_is_validated_as_on_a_client() {
+        let with_filters = |filters| {
+            let mut c = chain("c", None);
+            c.filters = vec![network(to_any(&hcm(filters)))];
+            c
+        };
+        let unknown = http_filter("authz", Any { type_url: "type.googleapis.com/x.Authz".into(), value: vec![] });
+        assert_nack(&server(vec![with_filters(vec![unknown, router()])], None), "filter_chains[0].filters[0] (hcm): http_filters[0]");
+        assert_nack(
+            &server(vec![with_filters(vec![router(), rbac_filter("late", rbac::Action::Deny)])], None),
+            "last filter must be the router",
+        );
+        assert_nack(&server(vec![], Some(with_filters(vec![]))), "default_filter_chain.filters[0] (hcm): http_filters");
+        // A malformed RBAC filter NACKs the server listener as it does a client's.
+        let matcher = http_filter("authz", to_any(&Rbac { matcher: Some(Default::default()), ..Default::default() }));
+        assert_nack(
+            &server(vec![with_filters(vec![matcher, router()])], None),
+            "http_filters[0] (authz): matcher: the matcher API is not supported",
+        );
+        let mut no_route = chain("c", None);
+        no_route.filters = vec![network(to_any(&HttpConnectionManager { http_filters: vec![router()], ..Default::default() }))];
+        assert_nack(&server(vec![no_route], None), "neither rds nor route_config");
+    }
+
+    #[test]
+    fn chains_with_the_same_matching_rules_nack() {
+        let dup = "multiple filter chains with the same matching rules (filter_chains[0] and filter_chains[1])";
+        assert_nack(&server(vec![chain("a", None), chain("b", None)], None), dup);
+        assert_nack(&server(vec![chain("a", None), chain("b", Some(ProtoMatch::default()))], None), dup);
+        // Normalized: bits past the prefix and an over-long prefix do not make a block different.
+        let a = chain("a", match_source(vec![cidr("10.1.2.3", Some(8))]));
+        let b = chain("b", match_source(vec![cidr("192.168.0.0", Some(16)), cidr("10.0.0.0", Some(8))]));
+        assert_nack(&server(vec![a, b], None), dup);
+        let a = chain("a", match_source(vec![cidr("10.1.2.3", Some(40))]));
+        let b = chain("b", match_source(vec![cidr("10.1.2.3", Some(32))]));
+        assert_nack(&server(vec![a, b], None), dup);
+        // An absent prefix_len is 0; /0 is not "no prefix" (it still names a family).
+        let a = chain("a", match_source(vec![cidr("10.1.2.3", None)]));
+        let b = chain("b", match_source(vec![cidr("0.0.0.0", Some(0))]));
+        assert_nack(&server(vec![a, b], None), dup);
+        let a = chain("a", match_source(vec![cidr("0.0.0.0", Some(0))]));
+        assert!(decode_server(&server(vec![a, chain("b", None)], None)).is_ok());
+        // Chains that can never match still count.
+        let port = |name| chain(name, Some(ProtoMatch { destination_port: Some(UInt32Value { value: 8080 }), ..Default::default() }));
+        assert_nack(&server(vec![port("a"), port("b")], None), dup);
+        assert_eq!(decode_server(&server(vec![port("a"), chain("b", None)], None)).unwrap().filter_chains.len(), 1);
+        // Any field that differs makes the rules differ.
+        let ports = |name, source_ports| chain(name, Some(ProtoMatch { source_ports, ..Default::default() }));
+        assert_nack(&server(vec![ports("a", vec![1, 2]), ports("b", vec![2, 3])], None), dup);
+        assert!(decode_server(&server(vec![ports("a", vec![1, 2]), ports("b", vec![3])], None)).is_ok());
+        let external = Some(ProtoMatch { source_type: ConnectionSourceType::External as i32, ..Default::default() });
+        assert!(decode_server(&server(vec![chain("a", external), chain("b", None)], None)).is_ok());
+    }
+
+    #[test]
+    fn chains_that_never_match_are_dropped_and_raw_buffer_is_kept() {
+        let m = |m: ProtoMatch| Some(m);
+        let chains = vec![
+            chain("port", m(ProtoMatch { destination_port: Some(UInt32Value { value: 50051 }), ..Default::default() })),
+            chain("sni", m(ProtoMatch { server_names: vec!["a".into()], ..Default::default() })),
+            chain("tls", m(ProtoMatch { transport_protocol: "tls".into(), ..Default::default() })),
+            chain("alpn", m(ProtoMatch { application_protocols: vec!["h2".into()], ..Default::default() })),
+            chain("raw", m(ProtoMatch { transport_protocol: "raw_buffer".into(), ..Default::default() })),
+            chain("any", None),
+        ];
+        let l = decode_server(&server(chains, None)).unwrap();
+        let kept: Vec<_> = l.filter_chains.iter().map(|c| (c.name.as_str(), c.matcher.raw_buffer)).collect();
+        assert_eq!(kept, [("raw", true), ("any", false)]);
+        assert_eq!(l.select("10.0.0.1:50051".parse().unwrap(), "10.0.0.2:1".parse().unwrap()).unwrap().name, "raw");
+    }
+
+    #[test]
+    fn malformed_matching_rules_nack() {
+        let bad = chain("a", Some(ProtoMatch { prefix_ranges: vec![cidr("10.0.0", Some(8))], ..Default::default() }));
+        assert_nack(&server(vec![bad], None), "filter_chains[0].filter_chain_match.prefix_ranges[0].address_prefix");
+        let bad = chain("a", Some(ProtoMatch { source_ports: vec![70000], ..Default::default() }));
+        assert_nack(&server(vec![bad], None), "filter_chain_match.source_ports[0]: 70000 is not a port");
+        let bad = chain("a", Some(ProtoMatch { source_type: 7, ..Default::default() }));
+        assert_nack(&server(vec![bad], None), "filter_chain_match.source_type");
+        let bad = chain("a", Some(ProtoMatch { direct_source_prefix_ranges: vec![cidr("10.0.0.0", Some(8))], ..Default::default() }));
+        assert_nack(&server(vec![bad], None), "filter_chain_match.direct_source_prefix_ranges");
+    }
+
+    #[test]
+    fn downstream_tls_nacks() {
+        let tls = |ctx: DownstreamTlsContext| server(vec![with_tls(chain("c", None), ctx)], None);
+        let mut ctx = mtls_context();
+        ctx.require_sni = Some(BoolValue { value: true });
+        assert_nack(&tls(ctx), "filter_chains[0].transport_socket: require_sni");
+        let mut ctx = mtls_context();
+        ctx.ocsp_staple_policy = OcspStaplePolicy::StrictStapling as i32;
+        assert_nack(&tls(ctx), "ocsp_staple_policy: STRICT_STAPLING");
+        let mut ctx = mtls_context();
+        ctx.common_tls_context.as_mut().unwrap().tls_certificate_provider_instance = None;
+        assert_nack(&tls(ctx), "tls_certificate_provider_instance: missing");
+        let mut ctx = mtls_context();
+        ctx.common_tls_context = None;
+        assert_nack(&tls(ctx), "common_tls_context: missing");
+        let mut ctx = mtls_context();
+        ctx.common_tls_context.as_mut().unwrap().validation_context_type = None;
+        assert_nack(&tls(ctx), "require_client_certificate");
+        let mut ctx = mtls_context();
+        ctx.common_tls_context.as_mut().unwrap().tls_certificate_sds_secret_configs = vec![SdsSecretConfig::default()];
+        assert_nack(&tls(ctx), "tls_certificate_sds_secret_configs");
+        let mut ctx = mtls_context();
+        let common = ctx.common_tls_context.as_mut().unwrap();
+        common.validation_context_type = Some(ValidationContextType::ValidationContextSdsSecretConfig(SdsSecretConfig::default()));
+        assert_nack(&tls(ctx), "validation_context_sds_secret_config");
+        let mut ctx = mtls_context();
+        let Some(ValidationContextType::ValidationContext(v)) = &mut ctx.common_tls_context.as_mut().unwrap().validation_context_type
+        else {
+            unreachable!()
+        };
+        v.match_typed_subject_alt_names = vec![Default::default()];
+        assert_nack(&tls(ctx), "subject alt name matchers are not supported on a server");
+        // A transport socket of another type.
+        let mut c = chain("c", None);
+        c.transport_socket = socket(to_any(&UpstreamTlsContext::default()));
+        assert_nack(&server(vec![c], None), "filter_chains[0].transport_socket: unsupported transport socket type");
+        let mut c = chain("c", None);
+        c.transport_socket = Some(TransportSocket { name: "envoy.transport_sockets.tls".into(), config_type: None });
+        assert_nack(&server(vec![], Some(c)), "default_filter_chain.transport_socket");
+    }
+
+    #[test]
+    fn downstream_tls_reads_the_older_provider_fields_and_plain_tls() {
+        let older = |name: &str| Some(CertificateProviderInstance { instance_name: name.into(), certificate_name: String::new() });
+        let ctx = DownstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_certificate_provider_instance: older(""),
+                validation_context_type: Some(ValidationContextType::ValidationContextCertificateProviderInstance(older("roots").unwrap())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let l = decode_server(&server(vec![with_tls(chain("c", None), ctx)], None)).unwrap();
+        let want = InboundTls {
+            certificate_provider: "default".into(),
+            ca_certificate_provider: Some("roots".into()),
+            require_client_certificate: false,
+        };
+        assert_eq!(l.filter_chains[0].tls.as_ref(), Some(&want));
+
+        let combined = DownstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_provider_instance: instance("identity"),
+                validation_context_type: Some(ValidationContextType::CombinedValidationContext(CombinedCertificateValidationContext {
+                    validation_context_certificate_provider_instance: older("old-roots"),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            require_client_certificate: Some(BoolValue { value: true }),
+            ..Default::default()
+        };
+        let l = decode_server(&server(vec![with_tls(chain("c", None), combined)], None)).unwrap();
+        assert_eq!(l.filter_chains[0].tls.as_ref().unwrap().ca_certificate_provider.as_deref(), Some("old-roots"));
+
+        // TLS without client certificates; a raw buffer socket is plaintext.
+        let server_only = DownstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext { tls_certificate_provider_instance: instance("identity"), ..Default::default() }),
+            ..Default::default()
+        };
+        let l = decode_server(&server(vec![with_tls(chain("c", None), server_only)], None)).unwrap();
+        let want = InboundTls { certificate_provider: "identity".into(), ca_certificate_provider: None, require_client_certificate: false };
+        assert_eq!(l.filter_chains[0].tls.as_ref(), Some(&want));
+        let mut raw = chain("c", None);
+        raw.transport_socket = Some(TransportSocket { name: "envoy.transport_sockets.raw_buffer".into(), config_type: None });
+        assert!(decode_server(&server(vec![raw], None)).unwrap().filter_chains[0].tls.is_none());
+    }
+}
