@@ -148,11 +148,11 @@ impl InboundHttp {
 impl InboundListener {
     /// The chain for a connection from `source` to `destination` (the connection's local address), as Envoy
     /// selects it: stage by stage, keep the chains whose criterion matches most specifically, and go on with
-    /// those only: the destination address (longest matching prefix; a chain with no prefixes is the least
-    /// specific), then the transport protocol (`raw_buffer` before none), then the source type (`SameIpOrLoopback` or `External` before `Any`), then the source address
-    /// (longest prefix), then the source port (a listed port before none). A stage that leaves no chain ends the
-    /// search: there is no going back to a less specific chain of an earlier stage. With no chain left, the
-    /// default chain, if any.
+    /// those only. The stages: the destination address (longest matching prefix; a chain with no prefixes is
+    /// the least specific), the transport protocol (`raw_buffer` before none), the source type
+    /// (`SameIpOrLoopback` or `External` before `Any`), the source address (longest prefix), the source port (a
+    /// listed port before none). A stage that leaves no chain ends the search: there is no going back to a
+    /// less specific chain an earlier stage dropped. With no chain left, the default chain, if any.
     ///
     /// IPv4 addresses seen as IPv6 (`::ffff:10.1.2.3`, from a dual-stack socket) are matched as IPv4. The
     /// destination port plays no part (chains that name one never match, A36).
@@ -166,11 +166,15 @@ impl InboundListener {
             specific => specific.matches(dst, src).then_some(1),
         });
         let chains = most_specific(chains, |m| prefix_rank(&m.source_prefixes, src));
-        let chains = most_specific(chains, |m| match m.source_ports.is_empty() {
-            true => Some(0),
-            false => m.source_ports.contains(&source.port()).then_some(1),
-        });
-        // The decoder refuses listeners where two chains could tie, so at most one is left.
+        let chains =
+            most_specific(
+                chains,
+                |m| {
+                    if m.source_ports.is_empty() { Some(0) } else { m.source_ports.contains(&source.port()).then_some(1) }
+                },
+            );
+        // The decoder refuses listeners where two chains could tie, so at most one is left (in a listener built
+        // by hand, the first of the tied chains).
         chains.first().copied().or(self.default_filter_chain.as_ref())
     }
 }
