@@ -143,10 +143,28 @@ impl Cidr {
         if self.addr.is_ipv4() { 32 } else { 128 }
     }
 
+    /// The same block in one spelling: an IPv4 block written as IPv6 (`::ffff:10.0.0.0/104`) becomes the IPv4
+    /// block it is (`10.0.0.0/8`), the prefix length is capped at the family's bits, and the bits past the
+    /// prefix are cleared. Two blocks holding the same addresses normalize to the same value.
+    pub fn normalized(self) -> Cidr {
+        let (addr, prefix_len) = match self.addr {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => (self.addr.to_canonical(), self.prefix_len.saturating_sub(96)),
+            addr => (addr, self.prefix_len),
+        };
+        let prefix_len = prefix_len.min(if addr.is_ipv4() { 32 } else { 128 });
+        let len = u32::from(prefix_len);
+        let addr = match addr {
+            IpAddr::V4(a) => IpAddr::V4((u32::from(a) & u32::MAX.checked_shl(32 - len).unwrap_or(0)).into()),
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) & u128::MAX.checked_shl(128 - len).unwrap_or(0)).into()),
+        };
+        Cidr { addr, prefix_len }
+    }
+
     /// Whether `ip` is in the block (never for an address of the other family).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let len = u32::from(self.prefix_len.min(self.max_len()));
-        match (self.addr.to_canonical(), ip.to_canonical()) {
+        let block = self.normalized();
+        let len = u32::from(block.prefix_len);
+        match (block.addr, ip.to_canonical()) {
             (IpAddr::V4(block), IpAddr::V4(ip)) => {
                 let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
                 u32::from(block) & mask == u32::from(ip) & mask
@@ -1019,6 +1037,11 @@ mod tests {
         let sloppy: Cidr = "10.1.2.3/8".parse().unwrap();
         assert!(sloppy.contains("10.200.0.1".parse().unwrap()), "bits past the prefix are ignored");
         assert!("::/0".parse::<Cidr>().unwrap().contains("2001:db8::1".parse().unwrap()));
+        // An IPv4 block written as IPv6 is the IPv4 block: its prefix counts the 96 mapping bits.
+        let mapped: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(mapped.normalized(), "10.0.0.0/8".parse().unwrap());
+        assert!(mapped.contains("10.9.9.9".parse().unwrap()) && !mapped.contains("11.0.0.1".parse().unwrap()));
+        assert_eq!(sloppy.normalized().to_string(), "10.0.0.0/8");
         for bad in ["10.0.0.0/33", "::/129", "10.0.0.0/x", "nope/8", "10.0.0.0/-1"] {
             assert!(matches!(bad.parse::<Cidr>(), Err(Error::InvalidPolicy { field: "cidr", .. })), "{bad:?}");
         }

@@ -21,6 +21,7 @@ pub mod authz;
 mod error;
 pub mod grpc;
 pub mod identity;
+pub mod inbound;
 pub mod lb;
 pub mod model;
 pub mod outlier;
@@ -30,6 +31,6 @@ pub use error::{Error, Result};
 pub use grpc::GrpcCode;
 pub use model::{
     Cluster, ClusterDiscovery, DropOverload, Endpoint, EndpointSet, HeaderMatch, HealthStatus, Labels, Locality, PathMatch, Regex, Route,
-    RouteAction, RouteConfig, RouteMatch, ServiceName, StringMatch, VirtualHost, WeightedCluster,
+    RouteAction, RouteConfig, RouteMatch, RouteSource, ServiceName, StringMatch, VirtualHost, WeightedCluster,
 };
 pub use policy::LbPolicy;

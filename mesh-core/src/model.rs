@@ -349,6 +349,15 @@ impl VirtualHost {
     }
 }
 
+/// Where a listener's route table comes from (an HTTP connection manager's `rds` or `route_config`).
+#[derive(Clone, Debug)]
+pub enum RouteSource {
+    /// Fetched over RDS under this name.
+    Rds(String),
+    /// Carried in the listener.
+    Inline(RouteConfig),
+}
+
 /// A route table (Envoy `RouteConfiguration`).
 #[derive(Clone, Debug)]
 pub struct RouteConfig {

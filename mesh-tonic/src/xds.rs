@@ -181,6 +181,7 @@ async fn run(
         if let Some(listener) = &listener {
             unsupported.listener(listener);
         }
+        unsupported.server_listener(&listener_name, listener.is_none() && lds.status() == ResourceStatus::Acked);
         let listener_fault = listener.as_ref().and_then(|l| l.fault.clone());
         for route in routes.iter_mut().flatten() {
             route.policies.fault = listener_fault.as_ref().map(|base| route.policies.fault.take().unwrap_or_else(|| base.clone()));
@@ -239,6 +240,8 @@ struct Unsupported {
     clusters: HashMap<String, Vec<&'static str>>,
     /// How many RBAC filters the listener carried when last said.
     rbac_filters: usize,
+    /// Whether the listener was last said to be a server's.
+    server_listener: bool,
 }
 
 impl Unsupported {
@@ -253,6 +256,16 @@ impl Unsupported {
                 );
             }
             self.rbac_filters = listener.rbac.len();
+        }
+    }
+
+    /// An accepted listener that is not an API listener is a server's (A36): a client has no routes from it.
+    fn server_listener(&mut self, name: &str, is: bool) {
+        if is != self.server_listener {
+            if is {
+                tracing::warn!(listener = name, "the listener is a server listener (no api_listener): a client cannot route by it");
+            }
+            self.server_listener = is;
         }
     }
 

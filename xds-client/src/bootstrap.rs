@@ -246,6 +246,13 @@ impl Bootstrap {
     pub fn listener_name_for_target(&self, target_name: &str) -> String {
         self.client_default_listener_resource_name_template.replace("%s", target_name)
     }
+
+    /// The listener resource name for a server listening on `listening` (A36): every `%s` of
+    /// `server_listener_resource_name_template` replaced by `IP:port` (`[::]:80` for IPv6); `None` without a
+    /// template (such a server cannot serve).
+    pub fn listener_name_for_server(&self, listening: std::net::SocketAddr) -> Option<String> {
+        self.server_listener_resource_name_template.as_ref().map(|t| t.replace("%s", &listening.to_string()))
+    }
 }
 
 struct Parser<'a, F: Fn(Option<usize>, &str, String) -> Error> {
@@ -427,6 +434,9 @@ mod tests {
         assert!(b.authorities.contains_key("xds.example.com"));
         assert_eq!(b.server_listener_resource_name_template.as_deref(), Some("xds.istio.io/grpc/lds/inbound/%s"));
         assert_eq!(b.listener_name_for_target("greeter"), "greeter");
+        let listening = "[::]:50051".parse().unwrap();
+        assert_eq!(b.listener_name_for_server(listening).as_deref(), Some("xds.istio.io/grpc/lds/inbound/[::]:50051"));
+        assert_eq!(Bootstrap { server_listener_resource_name_template: None, ..b.clone() }.listener_name_for_server(listening), None);
         assert_eq!(b.servers[1].endpoint_uri(), "https://127.0.0.1:15010");
         assert_eq!(b.servers[0].unix_path(), Some("/etc/istio/proxy/XDS"));
         assert_eq!(b.servers[1].unix_path(), None);

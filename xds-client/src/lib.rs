@@ -38,6 +38,7 @@
 //! | RDS `retry_policy` (A44) | decoded; applied when the retry layer lands | `resource` unit tests |
 //! | LOGICAL_DNS clusters routed (resolved by the client, balanced over the answers) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
 //! | A41 RBAC HTTP filter (`rules`; `RBACPerRoute` decoded), every filter in order on `ListenerResource::rbac`; the matcher API, shadow rules, CEL, metadata and audit logging NACKed | decoded; enforced by `mesh_tower::authz` on a server | `resource` unit tests |
+//! | A36 server listeners (`address`, `filter_chains`, `default_filter_chain`) into `mesh_core::inbound::InboundListener`: one HttpConnectionManager per chain, duplicate matching rules NACKed, never-matching chains dropped; A29 `DownstreamTlsContext` from provider instances | decoded; chain selection in `mesh_core::inbound` | `resource` unit tests |
 //! | A46 partial NACK: valid resources of a rejected response are used | yes | `tests/tests/xds_protocol.rs` |
 //! | A47 federation (`authorities`, `xdstp://` templates) | bootstrap parsed; names used as given | `bootstrap::tests` |
 //! | A53 `ignore_resource_deletion` | yes | `tests/tests/xds_protocol.rs` |

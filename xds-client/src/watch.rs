@@ -82,6 +82,17 @@ impl XdsResource for ListenerResource {
     }
 }
 
+/// A server's listener (A36); a client's API listener under the same name is not one.
+impl XdsResource for mesh_core::inbound::InboundListener {
+    const TYPE: ResourceType = ResourceType::Listener;
+    fn from_resource(resource: &Resource) -> Option<&Self> {
+        match resource {
+            Resource::ServerListener(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
 impl XdsResource for mesh_core::RouteConfig {
     const TYPE: ResourceType = ResourceType::RouteConfiguration;
     fn from_resource(resource: &Resource) -> Option<&Self> {

@@ -1,4 +1,8 @@
-//! LDS: client-side (API) listeners and their HTTP connection manager.
+//! LDS: client-side (API) listeners and the HTTP connection manager they share with server listeners.
+//!
+//! A Listener with an `api_listener` is a client's ([`ListenerResource`]); one with an `address` and filter
+//! chains instead is a server's ([`mesh_core::inbound::InboundListener`], decoded in `inbound.rs`), as gRPC
+//! tells them apart (A36).
 
 use std::collections::HashSet;
 
@@ -6,12 +10,15 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, HttpFilter};
+use mesh_core::inbound::InboundHttp;
 use prost::Message;
 
-use super::{adaptive, extension_type, fault, ratelimit, rbac, route};
+pub use mesh_core::RouteSource;
 
-/// Message name of the HTTP connection manager an API listener must hold.
-const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+use super::{Resource, adaptive, extension_type, fault, inbound, ratelimit, rbac, route};
+
+/// Message name of the HTTP connection manager an API listener or a filter chain must hold.
+pub(super) const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 /// Message name of the router filter, which must come last.
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 /// HTTP filters besides the router whose configuration the client accepts;
@@ -34,31 +41,32 @@ pub struct ListenerResource {
     pub rate_limit: Option<mesh_core::policy::RateLimit>,
     /// The adaptive concurrency filter's controller settings: each cluster the target calls gets a limiter.
     pub adaptive_concurrency: Option<mesh_core::policy::AdaptiveConcurrency>,
-    /// The RBAC filters, in order, each one kept (one that enforces nothing is [`mesh_core::authz::Rbac::permissive`]):
-    /// the chain a server checks received calls against ([`mesh_core::authz::Engine`], gRPC A41). A client does
-    /// not run them.
+    /// The RBAC filters, in order, each one kept (one that enforces nothing is [`mesh_core::authz::Rbac::permissive`]).
+    /// RBAC is a server-side filter (A41): a client does not run them; a server's are on its filter chains
+    /// ([`InboundHttp::rbac`]).
     pub rbac: Vec<mesh_core::authz::Rbac>,
 }
 
-/// Where a listener's routes come from.
-#[derive(Clone, Debug)]
-pub enum RouteSource {
-    /// Fetched over RDS under this name.
-    Rds(String),
-    /// Carried in the listener.
-    Inline(mesh_core::RouteConfig),
-}
-
-/// Decodes and validates a `Listener`.
-pub(crate) fn decode(bytes: &[u8]) -> Result<ListenerResource, String> {
-    let listener = Listener::decode(bytes).map_err(|e| format!("malformed Listener: {e}"))?;
-    let any =
-        listener.api_listener.and_then(|a| a.api_listener).ok_or("api_listener: missing (only client-side API listeners are supported)")?;
+/// Decodes and validates a `Listener`: a client's API listener, or a server's listener (A36).
+pub(crate) fn decode(bytes: &[u8]) -> Result<Resource, String> {
+    let mut listener = Listener::decode(bytes).map_err(|e| format!("malformed Listener: {e}"))?;
+    let Some(any) = listener.api_listener.take().and_then(|a| a.api_listener) else {
+        if listener.address.is_some() {
+            return inbound::decode(listener).map(Resource::ServerListener);
+        }
+        return Err("neither api_listener nor address: a client listener needs an api_listener, a server listener an address (A36)".into());
+    };
     if super::type_name(&any.type_url) != HCM {
         return Err(format!("api_listener: type {:?} is not an HttpConnectionManager", any.type_url));
     }
     let hcm =
         HttpConnectionManager::decode(any.value.as_slice()).map_err(|e| format!("api_listener: malformed HttpConnectionManager: {e}"))?;
+    let InboundHttp { route, http_filters, fault, rate_limit, adaptive_concurrency, rbac } = connection_manager(hcm)?;
+    Ok(Resource::Listener(ListenerResource { name: listener.name, route, http_filters, fault, rate_limit, adaptive_concurrency, rbac }))
+}
+
+/// Validates an HttpConnectionManager, a client's or a server's: its route source and its HTTP filters (A39).
+pub(super) fn connection_manager(hcm: HttpConnectionManager) -> Result<InboundHttp, String> {
     let route = match hcm.route_specifier {
         Some(RouteSpecifier::Rds(rds)) if rds.route_config_name.is_empty() => return Err("rds.route_config_name: empty".into()),
         Some(RouteSpecifier::Rds(rds)) => RouteSource::Rds(rds.route_config_name),
@@ -74,7 +82,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ListenerResource, String> {
         return Err("original_ip_detection_extensions: not supported (it must be empty)".into());
     }
     let Filters { names: http_filters, fault, rate_limit, adaptive_concurrency, rbac } = http_filters(&hcm.http_filters)?;
-    Ok(ListenerResource { name: listener.name, route, http_filters, fault, rate_limit, adaptive_concurrency, rbac })
+    Ok(InboundHttp { route, http_filters, fault, rate_limit, adaptive_concurrency, rbac })
 }
 
 /// What a listener's HTTP filters say.
@@ -163,7 +171,7 @@ mod tests {
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{Rds, ScopedRoutes};
     use envoy_types::pb::google::protobuf::Any;
 
-    use super::super::{DecodeError, Resource, ResourceType, to_any};
+    use super::super::{DecodeError, ResourceType, to_any};
     use super::*;
 
     fn filter(name: &str, any: Option<Any>, is_optional: bool) -> HttpFilter {
@@ -225,7 +233,7 @@ mod tests {
     #[test]
     fn rejections() {
         let no_api = to_any(&Listener { name: "greeter".into(), ..Default::default() });
-        assert!(reason(&no_api).contains("api_listener"));
+        assert!(reason(&no_api).contains("neither api_listener nor address"));
         let not_hcm = to_any(&Listener {
             name: "greeter".into(),
             api_listener: Some(ApiListener { api_listener: Some(to_any(&Router::default())) }),

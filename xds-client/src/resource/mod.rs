@@ -1,5 +1,5 @@
-//! Decoding and validation of the four client-path xDS resources (LDS, RDS,
-//! CDS, EDS) into `mesh-core` types.
+//! Decoding and validation of the four xDS resources (LDS, RDS, CDS, EDS) into
+//! `mesh-core` types; LDS holds client (API) listeners and server listeners (A36).
 //!
 //! Decoding has two phases, as in gRPC: [`resource_name`] reads only the name
 //! (tag 1 of every resource), so a response whose body is broken can still be
@@ -18,6 +18,7 @@ mod adaptive;
 pub mod cluster;
 pub mod endpoint;
 mod fault;
+mod inbound;
 pub mod listener;
 mod ratelimit;
 pub mod rbac;
@@ -80,8 +81,10 @@ impl ResourceType {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Resource {
-    /// A client-side listener.
+    /// A client-side (API) listener.
     Listener(ListenerResource),
+    /// A server-side listener (A36): an address and filter chains, for an xDS-enabled server.
+    ServerListener(mesh_core::inbound::InboundListener),
     /// A route table.
     RouteConfiguration(mesh_core::RouteConfig),
     /// A cluster.
@@ -95,6 +98,7 @@ impl Resource {
     pub fn name(&self) -> &str {
         match self {
             Self::Listener(l) => &l.name,
+            Self::ServerListener(l) => &l.name,
             Self::RouteConfiguration(r) => &r.name,
             Self::Cluster(c) => c.cluster.name.as_str(),
             Self::ClusterLoadAssignment(e) => &e.cluster_name,
@@ -104,7 +108,7 @@ impl Resource {
     /// The resource's type.
     pub fn resource_type(&self) -> ResourceType {
         match self {
-            Self::Listener(_) => ResourceType::Listener,
+            Self::Listener(_) | Self::ServerListener(_) => ResourceType::Listener,
             Self::RouteConfiguration(_) => ResourceType::RouteConfiguration,
             Self::Cluster(_) => ResourceType::Cluster,
             Self::ClusterLoadAssignment(_) => ResourceType::ClusterLoadAssignment,
@@ -203,7 +207,7 @@ pub(crate) fn decode_raw(ty: ResourceType, type_url: &str, value: &[u8]) -> Resu
     let bytes: &[u8] = &unwrapped.value;
     let name = read_name(ty, bytes, unwrapped.wrapper_name)?;
     let decoded = match ty {
-        ResourceType::Listener => listener::decode(bytes).map(Resource::Listener),
+        ResourceType::Listener => listener::decode(bytes),
         ResourceType::RouteConfiguration => route::decode(bytes).map(Resource::RouteConfiguration),
         ResourceType::Cluster => cluster::decode(bytes).map(Resource::Cluster),
         ResourceType::ClusterLoadAssignment => endpoint::decode(bytes).map(Resource::ClusterLoadAssignment),
