@@ -104,7 +104,7 @@ fn unix_ms<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::
     serializer.serialize_u64(ms)
 }
 
-/// What every stream of a cache has done, counted where a stream's status changes ([`StatusHandle::update`]), so
+/// What every stream of a cache has done, counted where a stream's status changes (`StatusHandle::update`), so
 /// SotW and delta count alike: `/metrics` reads it.
 #[derive(Debug, Default)]
 pub struct AdsCounters {
