@@ -481,12 +481,14 @@ fn now() -> u64 {
 }
 
 /// A gRPC xDS bootstrap (JSON) pointing at `xds` (insecure credentials, `xds_v3`; `delta` adds our `delta_ads`
-/// server feature).
+/// server feature), with the template xDS-enabled servers name their listener by
+/// ([`crate::translate::SERVER_LISTENER_TEMPLATE`]).
 pub fn bootstrap_json(xds: SocketAddr, node_id: &str, delta: bool) -> String {
     let features: &[&str] = if delta { &["xds_v3", "delta_ads"] } else { &["xds_v3"] };
     let bootstrap = serde_json::json!({
         "xds_servers": [{ "server_uri": xds.to_string(), "channel_creds": [{ "type": "insecure" }], "server_features": features }],
         "node": { "id": node_id, "cluster": "", "locality": {} },
+        "server_listener_resource_name_template": crate::translate::SERVER_LISTENER_TEMPLATE,
     });
     format!("{bootstrap:#}\n")
 }

@@ -6,10 +6,15 @@
 //! connection is secured ([`InboundTls`]) and what its HTTP connection manager does with the calls on it
 //! ([`InboundHttp`]: routes, HTTP filters, and the RBAC chain the server enforces).
 //!
-//! Only what can match is kept here. Envoy's `destination_port`, `server_names`, `application_protocols` and a
-//! `transport_protocol` other than `raw_buffer` never match on a gRPC server (A36: they need original
-//! destination or listener filters, which gRPC does not run), so the decoder drops such chains after checking
-//! that no two chains share matching rules.
+//! Only what can match is kept here. Envoy's `destination_port`, `server_names` and `application_protocols`
+//! never match on a gRPC server (A36: they need original destination or listener filters, which gRPC does not
+//! run), so the decoder drops such chains after checking that no two chains share matching rules.
+//!
+//! `transport_protocol` goes one step past A36, as Envoy's TLS inspector does: our server tells a TLS
+//! connection from a plaintext one by its first byte, so a `tls` chain takes TLS connections and a `raw_buffer`
+//! chain plaintext ones ([`TransportProtocol`]). That is what puts a permissive port (mTLS and plaintext) in
+//! one listener. A listener without `tls` chains selects exactly as A36 does, and a gRPC server, which drops
+//! `tls` chains, serves such a listener's plaintext chains.
 //!
 //! ```
 //! use mesh_core::inbound::{FilterChain, FilterChainMatch, InboundHttp, InboundListener, SourceType};
@@ -25,7 +30,7 @@
 //!     ],
 //!     default_filter_chain: None,
 //! };
-//! let pick = |src: &str| listener.select("10.1.0.5:50051".parse().unwrap(), src.parse().unwrap()).map(|c| c.name.as_str());
+//! let pick = |src: &str| listener.select("10.1.0.5:50051".parse().unwrap(), src.parse().unwrap(), false).map(|c| c.name.as_str());
 //! assert_eq!(pick("127.0.0.1:40000"), Some("local"));
 //! assert_eq!(pick("10.7.0.9:40000"), Some("pods"));
 //! assert_eq!(pick("192.168.0.1:40000"), None);
@@ -69,16 +74,40 @@ pub struct FilterChain {
 pub struct FilterChainMatch {
     /// The connection's local address is in one of these blocks (Envoy's `prefix_ranges`).
     pub destination_prefixes: Vec<Cidr>,
-    /// Envoy's `transport_protocol: raw_buffer`. A gRPC server runs no listener filter to tell TLS apart, so
-    /// every connection is `raw_buffer` (A36): this never fails to match, but makes the chain more specific
-    /// than one without it.
-    pub raw_buffer: bool,
+    /// Envoy's `transport_protocol`.
+    pub transport_protocol: TransportProtocol,
     /// Where the connection comes from relative to the server.
     pub source_type: SourceType,
     /// The peer's address is in one of these blocks.
     pub source_prefixes: Vec<Cidr>,
     /// The peer's port is one of these.
     pub source_ports: Vec<u16>,
+}
+
+/// Envoy's `transport_protocol` of a chain, as our server reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TransportProtocol {
+    /// Not set: any connection.
+    #[default]
+    Any,
+    /// `raw_buffer`. A gRPC server runs no listener filter, so to it every connection is `raw_buffer` (A36):
+    /// it matches plaintext connections and, unless a `tls` chain fits, TLS ones, and is more specific than
+    /// [`Any`](Self::Any).
+    RawBuffer,
+    /// `tls`: TLS connections only (told apart by their first byte), more specific than `raw_buffer`.
+    Tls,
+}
+
+impl TransportProtocol {
+    /// How specifically the protocol fits a connection (`None`: not at all).
+    fn rank(self, tls: bool) -> Option<i16> {
+        match (self, tls) {
+            (Self::Any, _) => Some(0),
+            (Self::RawBuffer, _) => Some(1),
+            (Self::Tls, true) => Some(2),
+            (Self::Tls, false) => None,
+        }
+    }
 }
 
 /// Envoy's `ConnectionSourceType`.
@@ -146,21 +175,22 @@ impl InboundHttp {
 }
 
 impl InboundListener {
-    /// The chain for a connection from `source` to `destination` (the connection's local address), as Envoy
+    /// The chain for a connection from `source` to `destination` (the connection's local address), TLS when
+    /// `tls` (its first byte opens a TLS record), as Envoy
     /// selects it: stage by stage, keep the chains whose criterion matches most specifically, and go on with
     /// those only. The stages: the destination address (longest matching prefix; a chain with no prefixes is
-    /// the least specific), the transport protocol (`raw_buffer` before none), the source type
+    /// the least specific), the transport protocol (`tls` before `raw_buffer` before none; [`TransportProtocol`]), the source type
     /// (`SameIpOrLoopback` or `External` before `Any`), the source address (longest prefix), the source port (a
     /// listed port before none). A stage that leaves no chain ends the search: there is no going back to a
     /// less specific chain an earlier stage dropped. With no chain left, the default chain, if any.
     ///
     /// IPv4 addresses seen as IPv6 (`::ffff:10.1.2.3`, from a dual-stack socket) are matched as IPv4. The
     /// destination port plays no part (chains that name one never match, A36).
-    pub fn select(&self, destination: SocketAddr, source: SocketAddr) -> Option<&FilterChain> {
+    pub fn select(&self, destination: SocketAddr, source: SocketAddr, tls: bool) -> Option<&FilterChain> {
         let (dst, src) = (destination.ip().to_canonical(), source.ip().to_canonical());
         let chains = self.filter_chains.iter().collect();
         let chains = most_specific(chains, |m| prefix_rank(&m.destination_prefixes, dst));
-        let chains = most_specific(chains, |m| Some(i16::from(m.raw_buffer)));
+        let chains = most_specific(chains, |m| m.transport_protocol.rank(tls));
         let chains = most_specific(chains, |m| match m.source_type {
             SourceType::Any => Some(0),
             specific => specific.matches(dst, src).then_some(1),
@@ -216,7 +246,7 @@ mod tests {
     }
 
     fn pick<'a>(l: &'a InboundListener, dst: &str, src: &str) -> Option<&'a str> {
-        l.select(dst.parse().unwrap(), src.parse().unwrap()).map(|c| c.name.as_str())
+        l.select(dst.parse().unwrap(), src.parse().unwrap(), false).map(|c| c.name.as_str())
     }
 
     #[test]
@@ -242,7 +272,7 @@ mod tests {
 
     #[test]
     fn raw_buffer_beats_no_transport_protocol_after_the_destination() {
-        let raw = FilterChainMatch { raw_buffer: true, ..Default::default() };
+        let raw = FilterChainMatch { transport_protocol: TransportProtocol::RawBuffer, ..Default::default() };
         let l = listener(vec![chain("any", FilterChainMatch::default()), chain("raw", raw.clone())], false);
         assert_eq!(pick(&l, "10.0.0.1:8080", "10.0.0.2:5000"), Some("raw"));
         // The destination prefix is decided first.
@@ -250,6 +280,22 @@ mod tests {
         let l = listener(vec![chain("ten", ten), chain("raw", raw)], false);
         assert_eq!(pick(&l, "10.0.0.1:8080", "10.0.0.2:5000"), Some("ten"));
         assert_eq!(pick(&l, "11.0.0.1:8080", "10.0.0.2:5000"), Some("raw"));
+    }
+
+    #[test]
+    fn a_tls_chain_takes_tls_connections_and_plaintext_goes_elsewhere() {
+        let tls = chain("mtls", FilterChainMatch { transport_protocol: TransportProtocol::Tls, ..Default::default() });
+        let raw = chain("raw", FilterChainMatch { transport_protocol: TransportProtocol::RawBuffer, ..Default::default() });
+        let (dst, src) = ("10.0.0.1:8080".parse().unwrap(), "10.0.0.2:5000".parse().unwrap());
+        let permissive = listener(vec![tls.clone()], true);
+        let name = |c: Option<&FilterChain>| c.map(|c| c.name.clone());
+        assert_eq!(name(permissive.select(dst, src, true)).as_deref(), Some("mtls"));
+        assert_eq!(name(permissive.select(dst, src, false)).as_deref(), Some("default"), "plaintext falls to the default chain");
+        let both = listener(vec![tls, raw.clone()], false);
+        assert_eq!(name(both.select(dst, src, true)).as_deref(), Some("mtls"), "tls is more specific than raw_buffer");
+        assert_eq!(name(both.select(dst, src, false)).as_deref(), Some("raw"));
+        let a36 = listener(vec![raw], false);
+        assert_eq!(name(a36.select(dst, src, true)).as_deref(), Some("raw"), "without a tls chain, A36: every connection is raw_buffer");
     }
 
     #[test]

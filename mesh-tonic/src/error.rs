@@ -16,6 +16,9 @@ pub enum Error {
     /// The client stack failed to start (e.g. the DNS resolver could not be built).
     #[error(transparent)]
     Stack(#[from] mesh_tower::Error),
+    /// A server could not start as configured.
+    #[error("server: {0}")]
+    Server(String),
     /// The admin endpoint or its metrics exporter could not be set up.
     #[error("admin endpoint: {0}")]
     Admin(String),

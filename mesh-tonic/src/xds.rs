@@ -41,7 +41,7 @@ pub(crate) struct Follower {
 }
 
 #[derive(Debug)]
-struct AbortOnDrop(tokio::task::AbortHandle);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -320,7 +320,7 @@ pub fn eds_source(watch: Watch<EndpointsResource>) -> discover::BoxDiscover {
 }
 
 /// Signals `dirty` on every change of `w`.
-fn forward<T: xds_client::XdsResource>(w: &Watch<T>, dirty: &mpsc::UnboundedSender<()>) -> AbortOnDrop {
+pub(crate) fn forward<T: xds_client::XdsResource>(w: &Watch<T>, dirty: &mpsc::UnboundedSender<()>) -> AbortOnDrop {
     let (mut w, dirty) = (w.clone(), dirty.clone());
     let task = tokio::spawn(async move {
         while w.changed().await {

@@ -87,6 +87,12 @@ impl AuthzLayer {
         Self::build(self.shared.engine.clone(), Some(addr), self.shared.stats.clone())
     }
 
+    /// Decides on `request` as the layer's service would, counting the decision: `None` lets it through, else
+    /// the answer the caller gets (for a stack that checks requests itself, such as the inbound one).
+    pub fn refusal<B, ResBody: Default>(&self, request: &http::Request<B>) -> Option<http::Response<ResBody>> {
+        self.shared.decide(request)
+    }
+
     /// Counts decisions in `stats` (shared with whoever reads them) instead of the layer's own.
     pub fn with_stats(self, stats: Arc<AuthzStats>) -> Self {
         Self::build(self.shared.engine.clone(), self.shared.local, stats)
@@ -181,6 +187,19 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Decides on `request` and counts the decision: `None` lets it through, else the answer it gets.
+    fn decide<B, ResBody: Default>(&self, request: &http::Request<B>) -> Option<http::Response<ResBody>> {
+        if self.allows(request) {
+            crate::stats::count(&self.stats.allowed);
+            None
+        } else {
+            crate::stats::count(&self.stats.denied);
+            Some(refusal(crate::classify::is_grpc(request.headers())))
+        }
+    }
+}
+
 /// The answer to a refused request: a trailers-only PERMISSION_DENIED for a gRPC call, else a 403.
 fn refusal<B: Default>(grpc: bool) -> http::Response<B> {
     let mut response = http::Response::new(B::default());
@@ -209,12 +228,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if self.shared.allows(&request) {
-            crate::stats::count(&self.shared.stats.allowed);
-            Either::Left(self.inner.call(request))
-        } else {
-            crate::stats::count(&self.shared.stats.denied);
-            Either::Right(futures_util::future::ready(Ok(refusal(crate::classify::is_grpc(request.headers())))))
+        match self.shared.decide(&request) {
+            None => Either::Left(self.inner.call(request)),
+            Some(refusal) => Either::Right(futures_util::future::ready(Ok(refusal))),
         }
     }
 }

@@ -174,6 +174,15 @@ pub enum Error {
         /// When the next call would be let through.
         retry_after: Duration,
     },
+    /// A server's inbound listener cannot be served as sent, or a call on it has no route a server may serve
+    /// (A36: a server serves only non-forwarding routes).
+    #[error("inbound listener {listener}: {reason}")]
+    Inbound {
+        /// The listener's resource name.
+        listener: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A layer of the stack failed the call with an error of its own (one speaking `BoxError`).
     #[error("{target}: {source}")]
     Layer {
@@ -214,6 +223,7 @@ impl Error {
             | Self::Handshake { .. }
             | Self::Dropped { .. }
             | Self::Layer { .. }
+            | Self::Inbound { .. }
             | Self::Overflow { .. }
             | Self::Dns { .. } => GrpcCode::Unavailable,
         }

@@ -27,7 +27,6 @@ use mesh_core::policy::{FaultInjection, PER_MILLION_PER_PERCENT};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::Error;
-use crate::balance::ResponseBody;
 use crate::stats::TargetStats;
 
 /// Delay header of a header-controlled delay (milliseconds).
@@ -138,13 +137,14 @@ impl Drop for Active {
 
 impl<S, B> Service<http::Request<B>> for Fault<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<ResponseBody>, Error = Error> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Error = Error> + Clone + Send + 'static,
+    S::Response: Send + 'static,
     S::Future: Send,
     B: Send + 'static,
 {
-    type Response = http::Response<ResponseBody>;
+    type Response = S::Response;
     type Error = Error;
-    type Future = BoxFuture<'static, Result<http::Response<ResponseBody>, Error>>;
+    type Future = BoxFuture<'static, Result<S::Response, Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)

@@ -49,6 +49,7 @@ mod error;
 pub mod fault;
 pub mod hedge;
 pub mod hygiene;
+pub mod inbound;
 mod layered;
 pub mod mirror;
 pub mod ratelimit;

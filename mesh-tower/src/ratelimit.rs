@@ -23,7 +23,6 @@ use mesh_core::policy::RateLimit;
 use tower::{Layer, Service};
 
 use crate::Error;
-use crate::balance::ResponseBody;
 use crate::stats::TargetStats;
 
 /// Tokio's clock, as governor reads it: the time since the limiter was made.
@@ -75,6 +74,12 @@ impl RateLimitLayer {
     pub fn limit(&self) -> &RateLimit {
         &self.shared.limit
     }
+
+    /// Takes a token for one call as the layer's service would, or fails with [`Error::RateLimited`] (counted),
+    /// for a stack that admits calls itself, such as the inbound one.
+    pub fn take(&self) -> Result<(), Error> {
+        self.shared.take()
+    }
 }
 
 impl<S> Layer<S> for RateLimitLayer {
@@ -100,32 +105,35 @@ impl<S> fmt::Debug for RateLimited<S> {
 
 impl<S, Req> Service<Req> for RateLimited<S>
 where
-    S: Service<Req, Response = http::Response<ResponseBody>, Error = Error>,
+    S: Service<Req, Error = Error>,
     S::Future: Send + 'static,
 {
-    type Response = http::Response<ResponseBody>;
+    type Response = S::Response;
     type Error = Error;
-    type Future = Either<S::Future, Ready<Result<http::Response<ResponseBody>, Error>>>;
+    type Future = Either<S::Future, Ready<Result<S::Response, Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        match self.shared.limiter.check() {
+        match self.shared.take() {
             Ok(()) => Either::Left(self.inner.call(request)),
-            Err(not_until) => {
-                crate::stats::count(&self.shared.stats.rate_limited);
-                let retry_after = not_until.wait_time_from(self.shared.limiter_now());
-                let (target, limit) = (self.shared.target.to_string(), Box::new(self.shared.limit.clone()));
-                let error = Error::RateLimited { target, limit, retry_after };
-                Either::Right(futures_util::future::ready(Err(error)))
-            }
+            Err(error) => Either::Right(futures_util::future::ready(Err(error))),
         }
     }
 }
 
 impl Shared {
+    /// Takes a token for one call, or says when to come back (counted).
+    fn take(&self) -> Result<(), Error> {
+        self.limiter.check().map_err(|not_until| {
+            crate::stats::count(&self.stats.rate_limited);
+            let retry_after = not_until.wait_time_from(self.limiter_now());
+            Error::RateLimited { target: self.target.to_string(), limit: Box::new(self.limit.clone()), retry_after }
+        })
+    }
+
     fn limiter_now(&self) -> Duration {
         // The limiter's clock is private to it; its epoch is when it was made, as `TokioClock` counts.
         self.limiter.clock().now()

@@ -176,6 +176,21 @@ impl EchoServer {
         Self::serve_mesh(listener, acceptor, Echo::new(reply, Duration::ZERO), None)
     }
 
+    /// Starts an xDS-enabled server ([`mesh_tonic::Server`]) on `listener`, as `builder` says, each call
+    /// answered with the caller's SPIFFE ID (`plaintext` for a plaintext caller). The server runs while the
+    /// returned [`mesh_tonic::RunningServer`] is kept.
+    pub fn start_xds(listener: TcpListener, builder: mesh_tonic::ServerBuilder) -> anyhow::Result<(Self, mesh_tonic::RunningServer)> {
+        let addr = listener.local_addr()?;
+        let echo = Echo { reply_caller: true, ..Echo::new("", Duration::ZERO) };
+        let (calls, timeouts) = (echo.calls.clone(), echo.timeouts.clone());
+        let running = builder.serve(listener, echo)?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = rx.await;
+        });
+        Ok((Self { addr, calls, timeouts, shutdown: Some(tx), task }, running))
+    }
+
     fn serve_mesh(
         listener: TcpListener,
         acceptor: mesh_tower::tls::MtlsAcceptor,

@@ -80,6 +80,8 @@ pub struct Service {
     pub outlier_detection: Option<OutlierDetection>,
     /// Local rate limit (per client instance, token bucket).
     pub rate_limit: Option<RateLimit>,
+    /// Local rate limit of each server instance (token bucket), enforced by xDS-enabled servers.
+    pub server_rate_limit: Option<RateLimit>,
     /// Adaptive concurrency (per client instance and cluster, Envoy's gradient controller).
     pub adaptive_concurrency: Option<AdaptiveConcurrency>,
     /// Fault injection.
@@ -113,6 +115,7 @@ impl Service {
             circuit_breakers: CircuitBreakers::default(),
             outlier_detection: None,
             rate_limit: None,
+            server_rate_limit: None,
             adaptive_concurrency: None,
             fault: None,
             mtls: MtlsMode::default(),
@@ -493,17 +496,19 @@ impl Validator<'_> {
         let circuit_breakers = CircuitBreakers { retry_budget, ..circuit_breakers };
         let outlier_detection =
             raw.outlier_detection.as_ref().map(|o| self.outlier_detection(&format!("{field}.outlier_detection"), o)).transpose()?;
-        let rate_limit = match &raw.rate_limit {
-            None => None,
+        let rate_limit = |key: &str, raw: &Option<Spanned<raw::RawRateLimit>>| match raw {
+            None => Ok(None),
             Some(r) if r.value.requests_per_second == 0 => {
-                return self.error(&r.referenced, format!("{field}.rate_limit.requests_per_second"), "must be at least 1");
+                self.error(&r.referenced, format!("{field}.{key}.requests_per_second"), "must be at least 1")
             }
-            Some(r) => Some(RateLimit {
+            Some(r) => Ok(Some(RateLimit {
                 max_tokens: r.value.burst.unwrap_or(r.value.requests_per_second).max(1),
                 tokens_per_fill: r.value.requests_per_second,
                 fill_interval: Duration::from_secs(1),
-            }),
+            })),
         };
+        let server_rate_limit = rate_limit("server_rate_limit", &raw.server_rate_limit)?;
+        let rate_limit = rate_limit("rate_limit", &raw.rate_limit)?;
         let adaptive_concurrency =
             raw.adaptive_concurrency.as_ref().map(|a| self.adaptive(&format!("{field}.adaptive_concurrency"), a)).transpose()?;
         let fault = match &raw.fault {
@@ -613,6 +618,7 @@ impl Validator<'_> {
             circuit_breakers,
             outlier_detection,
             rate_limit,
+            server_rate_limit,
             adaptive_concurrency,
             fault,
             mtls,

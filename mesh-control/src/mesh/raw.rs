@@ -37,6 +37,7 @@ pub(super) struct RawService {
     pub(super) circuit_breakers: Option<RawCircuitBreakers>,
     pub(super) outlier_detection: Option<RawOutlierDetection>,
     pub(super) rate_limit: Option<Spanned<RawRateLimit>>,
+    pub(super) server_rate_limit: Option<Spanned<RawRateLimit>>,
     pub(super) adaptive_concurrency: Option<Spanned<RawAdaptive>>,
     pub(super) fault: Option<Spanned<RawFault>>,
     pub(super) mtls: Option<Spanned<String>>,

@@ -57,14 +57,7 @@ pub(super) fn listeners(service: &Service, shape: Shape, out: &mut Vec<Resource>
             let name = sidecar_listener_name(&service.name);
             let listener = Listener {
                 name: name.clone(),
-                address: Some(Address {
-                    address: Some(address::Address::SocketAddress(SocketAddress {
-                        protocol: Protocol::Tcp as i32,
-                        address: "127.0.0.1".to_owned(),
-                        port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
-                        ..Default::default()
-                    })),
-                }),
+                address: Some(socket_address(std::net::SocketAddr::from(([127, 0, 0, 1], port)))),
                 filter_chains: vec![FilterChain {
                     filters: vec![Filter {
                         name: "envoy.filters.network.http_connection_manager".to_owned(),
@@ -96,24 +89,145 @@ fn strict_socket() -> envoy_types::pb::envoy::config::core::v3::TransportSocket 
     }
 }
 
+/// The inbound listener of a service's server at `addr` (A36), under `name`.
+pub(super) fn server_listener(service: &Service, name: &str, addr: std::net::SocketAddr) -> Listener {
+    use envoy_types::pb::envoy::config::listener::v3::FilterChainMatch;
+    use mesh_core::policy::MtlsMode;
+    let chain = |tls: bool, transport_protocol: &str| FilterChain {
+        name: if tls { "mtls".to_owned() } else { "plaintext".to_owned() },
+        filter_chain_match: (!transport_protocol.is_empty())
+            .then(|| FilterChainMatch { transport_protocol: transport_protocol.to_owned(), ..Default::default() }),
+        filters: vec![Filter {
+            name: "envoy.filters.network.http_connection_manager".to_owned(),
+            config_type: Some(filter::ConfigType::TypedConfig(pack_any(server_hcm(service, addr)))),
+        }],
+        transport_socket: tls.then(server_mtls_socket),
+        ..Default::default()
+    };
+    let (filter_chains, default_filter_chain) = match service.mtls {
+        MtlsMode::Strict => (vec![chain(true, "")], None),
+        // Our servers tell TLS connections apart by their first byte and take them on the `tls` chain; a gRPC
+        // server drops that chain (A36) and serves plaintext, as istiod's permissive mode does for it.
+        MtlsMode::Permissive => (vec![chain(true, "tls")], Some(chain(false, ""))),
+        MtlsMode::Disable => (vec![chain(false, "")], None),
+    };
+    Listener { name: name.to_owned(), address: Some(socket_address(addr)), filter_chains, default_filter_chain, ..Default::default() }
+}
+
+fn socket_address(addr: std::net::SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            protocol: Protocol::Tcp as i32,
+            address: addr.ip().to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(addr.port()))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// mTLS required of every caller of an xDS-enabled server: its certificate and the roots from the bootstrap's
+/// provider instance (A29), the one strict clusters name.
+fn server_mtls_socket() -> envoy_types::pb::envoy::config::core::v3::TransportSocket {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateProviderPluginInstance, CertificateValidationContext, CommonTlsContext, DownstreamTlsContext,
+    };
+    let provider = || CertificateProviderPluginInstance {
+        instance_name: crate::control::CERTIFICATE_PROVIDER.to_owned(),
+        certificate_name: String::new(),
+    };
+    let tls = DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_provider_instance: Some(provider()),
+            validation_context_type: Some(ValidationContextType::ValidationContext(CertificateValidationContext {
+                ca_certificate_provider_instance: Some(provider()),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+        ..Default::default()
+    };
+    envoy_types::pb::envoy::config::core::v3::TransportSocket {
+        name: "envoy.transport_sockets.tls".to_owned(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+    }
+}
+
+/// A server's HttpConnectionManager: RBAC, the server rate limit, the router, and one non-forwarding route.
+fn server_hcm(service: &Service, addr: std::net::SocketAddr) -> HttpConnectionManager {
+    use envoy_types::pb::envoy::config::route::v3::{
+        NonForwardingAction, Route, RouteConfiguration, RouteMatch, VirtualHost, route, route_match,
+    };
+    let mut filters = rbac_filters(service);
+    if let Some(limit) = &service.server_rate_limit {
+        // gRPC servers do not run this filter: optional, so they skip it instead of rejecting the listener.
+        let mut config = local_rate_limit(&format!("{}_server_rate_limit", service.name), limit);
+        config.rate_limited_as_resource_exhausted = true;
+        filters.push(http_filter("envoy.filters.http.local_ratelimit", pack_any(config), true));
+    }
+    filters.push(http_filter("envoy.filters.http.router", pack_any(Router::default()), false));
+    let routes = RouteConfiguration {
+        name: format!("inbound|{addr}"),
+        virtual_hosts: vec![VirtualHost {
+            name: "inbound".to_owned(),
+            domains: vec!["*".to_owned()],
+            routes: vec![Route {
+                name: "inbound".to_owned(),
+                r#match: Some(RouteMatch { path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())), ..Default::default() }),
+                action: Some(route::Action::NonForwardingAction(NonForwardingAction {})),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    HttpConnectionManager {
+        stat_prefix: format!("inbound_{}", service.name),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::RouteConfig(routes)),
+        http_filters: filters,
+        ..Default::default()
+    }
+}
+
+/// The service's authorization rules as RBAC filters: a DENY filter of its deny rules, then an ALLOW filter of
+/// its allow rules (or of none, for `authorization_default: deny`, Istio's allow-nothing).
+fn rbac_filters(service: &Service) -> Vec<HttpFilter> {
+    let mut filters = Vec::new();
+    for action in [AuthzAction::Deny, AuthzAction::Allow] {
+        let rules: Vec<&AuthzRule> = service.authorization.iter().filter(|r| r.action == action).collect();
+        let allow_nothing = action == AuthzAction::Allow && service.authorization_default == AuthzAction::Deny;
+        if !rules.is_empty() || allow_nothing {
+            filters.push(http_filter("envoy.filters.http.rbac", pack_any(rbac_filter(action, &rules)), false));
+        }
+    }
+    filters
+}
+
+fn local_rate_limit(stat_prefix: &str, limit: &mesh_core::policy::RateLimit) -> LocalRateLimit {
+    let always = || RuntimeFractionalPercent { default_value: Some(percent(100)), runtime_key: String::new() };
+    LocalRateLimit {
+        stat_prefix: stat_prefix.to_owned(),
+        token_bucket: Some(TokenBucket {
+            max_tokens: limit.max_tokens,
+            tokens_per_fill: Some(UInt32Value { value: limit.tokens_per_fill }),
+            fill_interval: Some(duration(limit.fill_interval)),
+        }),
+        filter_enabled: Some(always()),
+        filter_enforced: Some(always()),
+        ..Default::default()
+    }
+}
+
 fn hcm(service: &Service, shape: Shape) -> HttpConnectionManager {
     let mut filters = Vec::new();
     if let Some(fault) = &service.fault {
         filters.push(http_filter("envoy.filters.http.fault", pack_any(fault_filter(fault)), false));
     }
     if let Some(limit) = &service.rate_limit {
-        let always = || RuntimeFractionalPercent { default_value: Some(percent(100)), runtime_key: String::new() };
-        let config = LocalRateLimit {
-            stat_prefix: format!("{}_rate_limit", service.name),
-            token_bucket: Some(TokenBucket {
-                max_tokens: limit.max_tokens,
-                tokens_per_fill: Some(UInt32Value { value: limit.tokens_per_fill }),
-                fill_interval: Some(duration(limit.fill_interval)),
-            }),
-            filter_enabled: Some(always()),
-            filter_enforced: Some(always()),
-            ..Default::default()
-        };
+        let config = local_rate_limit(&format!("{}_rate_limit", service.name), limit);
         // gRPC clients do not run this filter; optional, so they skip it instead of rejecting the listener.
         filters.push(http_filter("envoy.filters.http.local_ratelimit", pack_any(config), shape == Shape::Proxyless));
     }
@@ -128,14 +242,7 @@ fn hcm(service: &Service, shape: Shape) -> HttpConnectionManager {
     // Authorization is enforced where calls are received: by the sidecar here (proxyless servers get it
     // with xDS-enabled server listeners), never by a proxyless client.
     if shape == Shape::Sidecar {
-        for action in [AuthzAction::Deny, AuthzAction::Allow] {
-            let rules: Vec<&AuthzRule> = service.authorization.iter().filter(|r| r.action == action).collect();
-            // `authorization_default: deny` without allow rules: an ALLOW filter of none (Istio's allow-nothing).
-            let allow_nothing = action == AuthzAction::Allow && service.authorization_default == AuthzAction::Deny;
-            if !rules.is_empty() || allow_nothing {
-                filters.push(http_filter("envoy.filters.http.rbac", pack_any(rbac_filter(action, &rules)), false));
-            }
-        }
+        filters.extend(rbac_filters(service));
     }
     filters.push(http_filter("envoy.filters.http.router", pack_any(Router::default()), false));
     let mut hcm = HttpConnectionManager {

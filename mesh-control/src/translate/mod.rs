@@ -12,6 +12,12 @@
 //!   proxyless clients) with the fault filter (and, marked optional, the local rate limit filter) and the
 //!   router; sidecar `S:sidecar` is a socket listener on `127.0.0.1:<sidecar.port>` whose
 //!   HttpConnectionManager has fault, local rate limit, RBAC (authorization) and router filters.
+//! - LDS for xDS-enabled servers (proxyless shape, gRFC A36): for each endpoint address `A` of a service, a
+//!   server Listener `grpc/server?xds.resource.listening_address=A` ([`SERVER_LISTENER_TEMPLATE`]) whose
+//!   chains carry the service's mTLS mode (strict: one mTLS chain; permissive: an mTLS chain for TLS
+//!   connections and a plaintext default chain; disable: plaintext), and whose HttpConnectionManager has RBAC
+//!   (authorization), the server rate limit (optional: gRPC servers skip it) and the router, with an inline
+//!   route table of one non-forwarding route.
 
 mod cluster;
 mod listener;
@@ -25,6 +31,10 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use mesh_core::model::Endpoint;
 
 use crate::mesh::{KubeRef, Mesh};
+
+/// The bootstrap's `server_listener_resource_name_template` in the bootstraps mesh-control writes: the name
+/// of a server's inbound listener, `%s` the listening address.
+pub const SERVER_LISTENER_TEMPLATE: &str = "grpc/server?xds.resource.listening_address=%s";
 
 /// Type URL of listeners (LDS).
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -75,6 +85,18 @@ pub struct Resource {
 /// of a Kubernetes-backed service or subset.
 pub fn resources(mesh: &Mesh, shape: Shape, view: Option<&BTreeSet<String>>, kube: &dyn Fn(&KubeRef) -> Vec<Endpoint>) -> Vec<Resource> {
     let mut out = Vec::new();
+    if shape == Shape::Proxyless {
+        // Every service's servers, whatever the view: a server needs its own listener.
+        let mut seen = BTreeSet::new();
+        for service in mesh.services.values() {
+            for (_, endpoints) in cluster::cluster_endpoints(service, kube) {
+                for addr in endpoints.iter().map(|e| e.addr).filter(|a| seen.insert(*a)) {
+                    let name = SERVER_LISTENER_TEMPLATE.replace("%s", &addr.to_string());
+                    out.push(pack(LISTENER, &name, listener::server_listener(service, &name, addr)));
+                }
+            }
+        }
+    }
     for service in mesh.services.values().filter(|s| view.is_none_or(|v| v.contains(&s.name))) {
         out.push(pack(ROUTE, &service.name, route::route_config(service)));
         listener::listeners(service, shape, &mut out);

@@ -32,7 +32,9 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 fn proxyless_resources_decode_in_our_client() {
     let mesh = parse("example", crate::mesh::EXAMPLE).unwrap();
     let out = resources(&mesh, Shape::Proxyless, None, &no_kube);
-    assert_eq!(names(&out, LISTENER), set(&["greeter"]));
+    let server = |port: u16| format!("grpc/server?xds.resource.listening_address=127.0.0.1:{port}");
+    let listeners = [server(50051), server(50052), server(50053), "greeter".to_owned()];
+    assert_eq!(names(&out, LISTENER), listeners.into_iter().collect());
     assert_eq!(names(&out, ROUTE), set(&["greeter"]));
     assert_eq!(names(&out, CLUSTER), set(&["greeter", "greeter|v1", "greeter|v2"]));
     assert_eq!(names(&out, ENDPOINT), set(&["greeter", "greeter|v1", "greeter|v2"]));
@@ -52,6 +54,33 @@ fn proxyless_resources_decode_in_our_client() {
     assert_eq!(addrs, ["127.0.0.1:50051".parse::<SocketAddr>().unwrap(), "127.0.0.1:50052".parse().unwrap()]);
     let Decoded::ClusterLoadAssignment(all) = decoded(&out, ENDPOINT, "greeter") else { unreachable!() };
     assert_eq!(all.endpoints.endpoints.len(), 3);
+}
+
+/// A server's inbound listener (A36) for each endpoint address, in the service's mTLS mode: permissive takes
+/// TLS connections on an mTLS chain and plaintext on the default chain; strict has only the mTLS chain.
+/// Authorization rules become RBAC filters and the server rate limit the (optional) local rate limit filter.
+#[test]
+fn servers_get_inbound_listeners_in_their_services_mtls_mode() {
+    let text = "services:\n  greeter:\n    endpoints: [127.0.0.1:50051]\n    mtls: MODE\n    authorization:\n      - { action: deny, paths: [\"/admin/*\"] }\n    server_rate_limit: { requests_per_second: 5 }\n";
+    let name = "grpc/server?xds.resource.listening_address=127.0.0.1:50051";
+    let (dst, src) = ("127.0.0.1:50051".parse().unwrap(), "127.0.0.1:40000".parse().unwrap());
+    for (mode, tls_chain, plaintext_chain) in [("permissive", true, true), ("strict", true, false), ("disable", false, true)] {
+        let mesh = parse("m", &text.replace("MODE", mode)).unwrap();
+        let out = resources(&mesh, Shape::Proxyless, None, &no_kube);
+        let Decoded::ServerListener(l) = decoded(&out, LISTENER, name) else { panic!("{mode}: not a server listener") };
+        assert_eq!(l.address, dst);
+        let tls = l.select(dst, src, true).map(|c| c.tls.is_some());
+        let plain = l.select(dst, src, false).map(|c| c.tls.is_some());
+        assert_eq!(tls, Some(tls_chain), "{mode}: a TLS connection");
+        match (mode, plain) {
+            ("strict", Some(true)) | ("permissive" | "disable", Some(false)) => {}
+            other => panic!("{mode}: a plaintext connection gets {other:?} (plaintext chain expected: {plaintext_chain})"),
+        }
+        let chain = l.select(dst, src, tls_chain).unwrap();
+        assert_eq!(chain.http.rbac.len(), 1, "{mode}: the deny rule");
+        assert_eq!(chain.http.rate_limit.as_ref().map(|r| r.tokens_per_fill), Some(5), "{mode}");
+        assert!(chain.tls.as_ref().is_none_or(|t| t.require_client_certificate && t.certificate_provider == "default"));
+    }
 }
 
 #[test]
@@ -189,10 +218,17 @@ views:
     let mesh = parse("m", text).unwrap();
     let view = mesh.views.get("web");
     let out = resources(&mesh, Shape::Proxyless, view, &no_kube);
-    assert_eq!(names(&out, LISTENER), set(&["a"]));
+    // Every server keeps its own listener whatever the view; clients see only their services'.
+    let servers = [
+        "grpc/server?xds.resource.listening_address=127.0.0.1:1",
+        "grpc/server?xds.resource.listening_address=127.0.0.1:2",
+        "grpc/server?xds.resource.listening_address=127.0.0.1:3",
+    ];
+    let with_servers = |clients: &[&str]| set(&[clients, &servers[..]].concat());
+    assert_eq!(names(&out, LISTENER), with_servers(&["a"]));
     assert_eq!(names(&out, CLUSTER), set(&["a", "b"]));
     let all = resources(&mesh, Shape::Proxyless, None, &no_kube);
-    assert_eq!(names(&all, LISTENER), set(&["a", "b", "c"]));
+    assert_eq!(names(&all, LISTENER), with_servers(&["a", "b", "c"]));
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! exactly one network filter, the HttpConnectionManager, validated as a client's is; no two chains may share
 //! matching rules once normalized (CIDRs masked and capped, lists expanded); chains whose rules can never
 //! match on a gRPC server (`destination_port`, `server_names`, `application_protocols`, a `transport_protocol`
-//! other than `raw_buffer`) count for that check, and are then dropped.
+//! other than `raw_buffer` or `tls`) count for that check, and are then dropped. A `tls` chain is kept: our
+//! server tells TLS connections apart by their first byte ([`mesh_core::inbound::TransportProtocol`]).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -22,7 +23,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::downstream_t
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{CertificateValidationContext, DownstreamTlsContext};
 use envoy_types::pb::google::protobuf::Any;
 use mesh_core::authz::Cidr;
-use mesh_core::inbound::{FilterChain, FilterChainMatch, InboundListener, InboundTls, SourceType};
+use mesh_core::inbound::{FilterChain, FilterChainMatch, InboundListener, InboundTls, SourceType, TransportProtocol};
 use prost::Message;
 
 use super::listener::{HCM, connection_manager};
@@ -164,18 +165,23 @@ impl Rules {
             && share(&self.source_ports, &other.source_ports)
     }
 
-    /// A36: a gRPC server has no original destination and runs no listener filters, so these rules never match.
+    /// A36: a gRPC server has no original destination and runs no listener filters, so these rules never match
+    /// (`tls` does on ours, which looks at a connection's first byte).
     fn can_match(&self) -> bool {
         self.destination_port.is_none()
             && self.server_names.is_empty()
             && self.application_protocols.is_empty()
-            && matches!(self.transport_protocol.as_str(), "" | "raw_buffer")
+            && matches!(self.transport_protocol.as_str(), "" | "raw_buffer" | "tls")
     }
 
     fn matcher(&self) -> FilterChainMatch {
         FilterChainMatch {
             destination_prefixes: self.destination_prefixes.clone(),
-            raw_buffer: self.transport_protocol == "raw_buffer",
+            transport_protocol: match self.transport_protocol.as_str() {
+                "raw_buffer" => TransportProtocol::RawBuffer,
+                "tls" => TransportProtocol::Tls,
+                _ => TransportProtocol::Any,
+            },
             source_type: self.source_type,
             source_prefixes: self.source_prefixes.clone(),
             source_ports: self.source_ports.clone(),
@@ -511,17 +517,17 @@ mod tests {
         assert_eq!(actions, [Action::Deny, Action::Allow], "a server listener's RBAC chain, in order");
 
         // Round trip through the matcher: the most specific chain, else the default one.
-        let pick = |dst: &str, src: &str| l.select(dst.parse().unwrap(), src.parse().unwrap()).map(|c| c.name.as_str());
+        let pick = |dst: &str, src: &str| l.select(dst.parse().unwrap(), src.parse().unwrap(), false).map(|c| c.name.as_str());
         assert_eq!(pick("10.0.0.1:50051", "10.4.0.7:41000"), Some("mtls"), "the destination prefix decides first");
         let no_dst = decode_server(&server(
             vec![chain("pods", match_source(vec![cidr("10.0.0.0", Some(8))])), with_tls(chain("mtls", None), mtls_context())],
             Some(chain("default", None)),
         ))
         .unwrap();
-        let pick = |dst: &str, src: &str| no_dst.select(dst.parse().unwrap(), src.parse().unwrap()).map(|c| c.name.as_str());
+        let pick = |dst: &str, src: &str| no_dst.select(dst.parse().unwrap(), src.parse().unwrap(), false).map(|c| c.name.as_str());
         assert_eq!(pick("10.0.0.1:50051", "10.4.0.7:41000"), Some("pods"));
         assert_eq!(pick("10.0.0.1:50051", "192.168.0.7:41000"), Some("mtls"));
-        let pick = |dst: &str, src: &str| l.select(dst.parse().unwrap(), src.parse().unwrap()).map(|c| c.name.as_str());
+        let pick = |dst: &str, src: &str| l.select(dst.parse().unwrap(), src.parse().unwrap(), false).map(|c| c.name.as_str());
         assert_eq!(pick("[2001:db8::1]:50051", "[2001:db8::2]:41000"), Some("default"), "no chain holds IPv6 destinations");
     }
 
@@ -639,7 +645,7 @@ mod tests {
     }
 
     #[test]
-    fn chains_that_never_match_are_dropped_and_raw_buffer_is_kept() {
+    fn chains_that_never_match_are_dropped_and_raw_buffer_and_tls_are_kept() {
         let m = |m: ProtoMatch| Some(m);
         let chains = vec![
             chain("port", m(ProtoMatch { destination_port: Some(UInt32Value { value: 50051 }), ..Default::default() })),
@@ -650,9 +656,11 @@ mod tests {
             chain("any", None),
         ];
         let l = decode_server(&server(chains, None)).unwrap();
-        let kept: Vec<_> = l.filter_chains.iter().map(|c| (c.name.as_str(), c.matcher.raw_buffer)).collect();
-        assert_eq!(kept, [("raw", true), ("any", false)]);
-        assert_eq!(l.select("10.0.0.1:50051".parse().unwrap(), "10.0.0.2:1".parse().unwrap()).unwrap().name, "raw");
+        let kept: Vec<_> = l.filter_chains.iter().map(|c| (c.name.as_str(), c.matcher.transport_protocol)).collect();
+        assert_eq!(kept, [("tls", TransportProtocol::Tls), ("raw", TransportProtocol::RawBuffer), ("any", TransportProtocol::Any)]);
+        let (dst, src) = ("10.0.0.1:50051".parse().unwrap(), "10.0.0.2:1".parse().unwrap());
+        assert_eq!(l.select(dst, src, false).unwrap().name, "raw");
+        assert_eq!(l.select(dst, src, true).unwrap().name, "tls");
     }
 
     #[test]
