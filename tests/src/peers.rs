@@ -110,6 +110,17 @@ pub fn python_grpc_server_tls(cert: &str, key: &str, ca: &str) -> anyhow::Result
     spawn_listening(command)
 }
 
+/// A grpcio xDS-enabled server (gRFC A36) on 127.0.0.1:`port`, its security and RBAC from the server Listener
+/// the bootstrap names; every echo call is answered with the caller's SPIFFE ID (`plaintext` without one).
+pub fn python_xds_server(bootstrap: &Path, port: u16) -> anyhow::Result<Peer> {
+    let mut command = Command::new(python()?);
+    command
+        .arg(workspace_root().join("tests/peers/py_xds_server.py"))
+        .args([&port.to_string(), "peer"])
+        .env("GRPC_XDS_BOOTSTRAP", bootstrap);
+    spawn_listening(command)
+}
+
 /// A Node grpc-js server (`tests/peers/node/server.js`) answering the echo method with its address, with its
 /// arguments (`--port`, `--delay-ms`); it stops gracefully on SIGTERM ([`Peer::terminate`]).
 pub fn node_grpc_server(args: &[&str]) -> anyhow::Result<Peer> {
@@ -198,12 +209,22 @@ pub fn python_xds_client_for(bootstrap: &Path, target: &str, method: &str, durat
     python_xds_client_run(bootstrap, target, method, &format!("for={}", duration.as_secs_f64()))
 }
 
+/// [`python_xds_client`] with xDS channel credentials: mTLS with the bootstrap's certificate provider where the
+/// cluster asks for it.
+pub fn python_xds_client_mtls(bootstrap: &Path, target: &str, method: &str, n: u32) -> anyhow::Result<serde_json::Value> {
+    python_xds_client_with(bootstrap, &[target, method, &n.to_string(), "xds-creds"])
+}
+
 fn python_xds_client_run(bootstrap: &Path, target: &str, method: &str, amount: &str) -> anyhow::Result<serde_json::Value> {
+    python_xds_client_with(bootstrap, &[target, method, amount])
+}
+
+fn python_xds_client_with(bootstrap: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let output = Command::new("timeout")
         .arg("60")
         .arg(python()?)
         .arg(workspace_root().join("tests/peers/py_xds_client.py"))
-        .args([target, method, amount])
+        .args(args)
         .env("GRPC_XDS_BOOTSTRAP", bootstrap)
         .output()?;
     if !output.status.success() {
