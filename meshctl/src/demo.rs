@@ -8,9 +8,11 @@
 //! view then goes to stderr).
 //!
 //! Everything speaks strict mTLS with certificates from an embedded mesh CA (trust domain `demo.mesh`): the
-//! backends behind the mesh's acceptor as `spiffe://demo.mesh/ns/default/sa/greeter`, the client as
-//! `.../sa/meshctl-demo` through its bootstrap's `file_watcher` certificate provider, which the strict
-//! service's clusters name. The demo shows the server identity the client verified.
+//! backends are xDS-enabled servers (`mesh_tonic::Server`) that take their inbound listener (mTLS mode,
+//! authorization) from the control plane, as `spiffe://demo.mesh/ns/default/sa/greeter`; the client is
+//! `.../sa/meshctl-demo`, through its bootstrap's `file_watcher` certificate provider, which the strict
+//! service's clusters name. The demo shows the server identity the client verified. Last, the mesh file gets a
+//! deny rule for the client, and the demo shows the servers refusing its next call (PERMISSION_DENIED).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -29,7 +31,6 @@ use mesh_control::ca::{Ca, DEFAULT_WORKLOAD_LIFETIME};
 use mesh_core::{RouteAction, RouteConfig};
 use mesh_tonic::{Channel, ServedBy};
 use mesh_tower::connect::PeerIdentity;
-use mesh_tower::tls::{Credentials, MtlsAcceptor};
 use serde_json::json;
 use xds_client::{Bootstrap, XdsClient, XdsClientConfig};
 
@@ -128,32 +129,48 @@ const SERVER_ID: &str = "spiffe://demo.mesh/ns/default/sa/greeter";
 /// The client's identity.
 const CLIENT_ID: &str = "spiffe://demo.mesh/ns/default/sa/meshctl-demo";
 
-/// The demo's backends: address → version.
-struct Backends(Vec<(SocketAddr, &'static str)>);
+/// The demo's backends: address → version, and the running servers.
+struct Backends(Vec<(SocketAddr, &'static str)>, Vec<mesh_tonic::RunningServer>);
 
 impl Backends {
-    /// Three greeters behind the mesh's strict acceptor, with certificates from `ca`.
-    async fn start(ca: &Ca) -> anyhow::Result<Self> {
-        let mut backends = Vec::new();
+    /// Three greeter listeners, not serving yet.
+    async fn bind() -> anyhow::Result<(Self, Vec<tokio::net::TcpListener>)> {
+        let (mut backends, mut listeners) = (Vec::new(), Vec::new());
         for version in ["v1", "v1", "v2"] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            let issued = ca.issue(SERVER_ID, &[], DEFAULT_WORKLOAD_LIFETIME, std::time::SystemTime::now())?;
-            let key = issued.key.as_deref().unwrap_or_default();
-            let credentials = Credentials::from_pem(issued.chain.as_bytes(), key.as_bytes(), issued.bundle.as_bytes())?;
-            let acceptor = MtlsAcceptor::new(credentials)?;
-            let server = GreeterServer::new(format!("{addr} ({version})"));
-            tokio::spawn(mesh_tonic::server::serve_mtls(listener, acceptor, server, None));
-            backends.push((addr, version));
+            backends.push((listener.local_addr()?, version));
+            listeners.push(listener);
         }
-        Ok(Self(backends))
+        Ok((Self(backends, Vec::new()), listeners))
+    }
+
+    /// Serves the greeters on `listeners` as xDS-enabled servers fed by the control plane at `xds`, with a
+    /// certificate from `ca` in `dir`; returns once each serves its inbound listener.
+    async fn serve(&mut self, listeners: Vec<tokio::net::TcpListener>, ca: &Ca, xds: SocketAddr, dir: &Path) -> anyhow::Result<()> {
+        let certs = dir.join("server-certs");
+        ca.issue(SERVER_ID, &[], DEFAULT_WORKLOAD_LIFETIME, std::time::SystemTime::now())?.write_to(&certs)?;
+        for (listener, (addr, version)) in listeners.into_iter().zip(&self.0) {
+            let mut bootstrap = Bootstrap::for_server(xds.to_string(), format!("greeter-{addr}"));
+            bootstrap.certificate_providers.insert(mesh_control::control::CERTIFICATE_PROVIDER.to_owned(), file_watcher(&certs));
+            bootstrap.server_listener_resource_name_template = Some(mesh_control::translate::SERVER_LISTENER_TEMPLATE.to_owned());
+            let client = XdsClient::new(bootstrap, XdsClientConfig::default());
+            let server = GreeterServer::new(format!("{addr} ({version})"));
+            let running = mesh_tonic::Server::builder().xds(client).serve(listener, server)?;
+            let mut status = running.status();
+            let serving = status.wait_for(|s| matches!(s, mesh_tower::inbound::Serving::Serving(_)));
+            if tokio::time::timeout(Duration::from_secs(10), serving).await.is_err() {
+                anyhow::bail!("the greeter at {addr} got no inbound listener within 10 s: {:?}", *status.borrow());
+            }
+            self.1.push(running);
+        }
+        Ok(())
     }
 
     fn version(&self, addr: &SocketAddr) -> &'static str {
         self.0.iter().find(|(a, _)| a == addr).map_or("?", |(_, v)| v)
     }
 
-    fn mesh_file(&self, v1: u32, v2: u32) -> String {
+    fn mesh_file(&self, v1: u32, v2: u32, deny: bool) -> String {
         let mut text = String::from(
             "# meshctl demo: one service, two versions, a weighted split between them.\nservices:\n  greeter:\n    endpoints:\n",
         );
@@ -169,6 +186,9 @@ impl Backends {
             }
         }
         text.push_str("    timeout: 2s\n    mtls: strict\n");
+        if deny {
+            let _ = writeln!(text, "    authorization:\n      - {{ action: deny, from: [\"{CLIENT_ID}\"] }}");
+        }
         text
     }
 }
@@ -217,14 +237,14 @@ impl Drop for TempDir {
 async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let mut out: Box<dyn std::io::Write + Send> = if args.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
     let ca = Ca::generate(TRUST_DOMAIN)?;
-    let backends = Backends::start(&ca).await?;
+    let (mut backends, listeners) = Backends::bind().await?;
     let dir = TempDir(std::env::temp_dir().join(format!("meshctl-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
     let certs = dir.0.join("client-certs");
     ca.issue(CLIENT_ID, &[], DEFAULT_WORKLOAD_LIFETIME, std::time::SystemTime::now())?.write_to(&certs)?;
     let file = dir.0.join("mesh.yaml");
     let (_, v1, v2) = PHASES[0];
-    write_atomically(&file, &backends.mesh_file(v1, v2))?;
+    write_atomically(&file, &backends.mesh_file(v1, v2, false))?;
 
     // The control plane, exactly as the mesh-control binary runs it: file → validated mesh → ADS.
     let cp = ControlPlane::from_file(&file)?;
@@ -233,6 +253,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let serving = cp.clone();
     tokio::spawn(async move { serving.serve_ads(listener).await });
     cp.watch_file(file.clone());
+    backends.serve(listeners, &ca, xds, &dir.0).await?;
 
     // The client: our channel on an xDS client, as a service would build it.
     let mut bootstrap = Bootstrap::for_server(xds.to_string(), "meshctl-demo");
@@ -248,6 +269,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     }
     writeln!(out, "  client         xds:///greeter on mesh_tonic::Channel, {} calls/s, {} in flight", args.rate, args.concurrency)?;
     writeln!(out, "  mTLS           strict; client {CLIENT_ID}, certificates from an embedded CA ({TRUST_DOMAIN})")?;
+    writeln!(out, "  servers        xDS-enabled (mesh_tonic::Server): mTLS and authorization from their inbound listeners")?;
 
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -261,7 +283,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             writeln!(out, "\nediting {}: greeter split → v1 {v1} / v2 {v2}", file.display())?;
             out.flush()?;
             let edited = Instant::now();
-            write_atomically(&file, &backends.mesh_file(*v1, *v2))?;
+            write_atomically(&file, &backends.mesh_file(*v1, *v2, false))?;
             let arrived = tokio::time::timeout(Duration::from_secs(10), async {
                 loop {
                     // Same proportions (a single-cluster route carries no weights of its own).
@@ -303,9 +325,34 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     for (id, n) in &identities {
         writeln!(out, "the client verified the server identity {id} on {n} calls")?;
     }
+
+    // Authorization: a deny rule for the client, enforced by the servers themselves.
+    writeln!(out, "\nediting {}: deny calls from {CLIENT_ID}", file.display())?;
+    let (_, v1, v2) = PHASES[PHASES.len() - 1];
+    let edited = Instant::now();
+    write_atomically(&file, &backends.mesh_file(v1, v2, true))?;
+    let mut greeter = GreeterClient::new(channel.clone());
+    let denied = loop {
+        match greeter.say_hello(HelloRequest { name: "demo".into() }).await {
+            Err(status) if status.code() == tonic::Code::PermissionDenied => break Some(status),
+            _ if edited.elapsed() > Duration::from_secs(10) => break None,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let Some(denied) = denied else { anyhow::bail!("the servers did not deny the client within 10 s of the deny rule") };
+    let denied_after = edited.elapsed();
+    writeln!(
+        out,
+        "  the server refused the next call {} ms after the edit: {:?}: {}",
+        denied_after.as_millis(),
+        denied.code(),
+        denied.message()
+    )?;
     if args.json {
         let mut summary = summary_json(&backends, &buckets, &switches);
         summary["mtls"] = json!({ "mode": "strict", "client_identity": CLIENT_ID, "server_identities": identities });
+        summary["denied"] =
+            json!({ "code": "PERMISSION_DENIED", "message": denied.message(), "after_ms": denied_after.as_millis() as u64 });
         println!("{summary}");
     }
     Ok(failed == 0)

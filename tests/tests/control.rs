@@ -338,7 +338,7 @@ fn embedded_default_serves_the_example_and_says_how_to_connect() {
 }
 
 /// `meshctl demo`: the README's first command shows the 90/10 canary, then follows two edits of the mesh file
-/// with no failed call.
+/// with no failed call, then a deny rule its xDS-enabled servers enforce.
 #[test]
 fn meshctl_demo_runs_the_canary_and_follows_the_edits() {
     let (code, stdout, stderr) = peers::meshctl(&["demo", "--phase-secs", "3", "--json"]).unwrap();
@@ -366,6 +366,10 @@ fn meshctl_demo_runs_the_canary_and_follows_the_edits() {
     assert_eq!(summary["mtls"]["server_identities"]["spiffe://demo.mesh/ns/default/sa/greeter"], calls, "{summary}");
     assert!(stderr.contains("verified the server identity spiffe://demo.mesh/ns/default/sa/greeter"), "{stderr}");
     assert_eq!(backends.values().filter(|v| *v == "v2").count(), 1, "{summary}");
+    // The servers are xDS-enabled: a deny rule for the client in the mesh file makes them refuse its calls.
+    assert_eq!(summary["denied"]["code"], "PERMISSION_DENIED", "{summary}");
+    assert_eq!(summary["denied"]["message"], "RBAC: access denied", "{summary}");
+    assert!(stderr.contains("the server refused the next call"), "{stderr}");
 }
 
 /// A mesh file's retry policy reaches our client through mesh-control and is enforced: a backend failing 30% of
