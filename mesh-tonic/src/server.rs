@@ -93,6 +93,7 @@ pub struct ServerBuilder {
     xds: Option<XdsClient>,
     fallback: Option<InboundListener>,
     max_connection_age: Option<Duration>,
+    providers: BTreeMap<String, CredentialsSource>,
 }
 
 impl ServerBuilder {
@@ -108,6 +109,13 @@ impl ServerBuilder {
     /// without xDS, always. Its address is not checked.
     pub fn fallback(mut self, listener: InboundListener) -> Self {
         self.fallback = Some(listener);
+        self
+    }
+
+    /// Adds (or replaces) a certificate provider instance, which TLS chains name: the bootstrap's instances
+    /// come with [`xds`](Self::xds); this gives one without xDS, or overrides one.
+    pub fn certificate_provider(mut self, name: impl Into<String>, credentials: impl Into<CredentialsSource>) -> Self {
+        self.providers.insert(name.into(), credentials.into());
         self
     }
 
@@ -127,7 +135,8 @@ impl ServerBuilder {
     {
         let local = listener.local_addr().map_err(|e| Error::Server(format!("the listener has no local address: {e}")))?;
         let stats = Arc::new(InboundStats::default());
-        let providers = self.xds.as_ref().map(|c| crate::xds::certificate_providers(c.bootstrap())).unwrap_or_default();
+        let mut providers = self.xds.as_ref().map(|c| crate::xds::certificate_providers(c.bootstrap())).unwrap_or_default();
+        providers.extend(self.providers);
         let initial = match &self.fallback {
             Some(fallback) => {
                 let policy = InboundPolicy::build(fallback, &|_| None, &providers, &stats)

@@ -156,6 +156,12 @@ impl EchoServer {
         Self::serve_with(listener, Echo::new(addr.to_string(), Duration::ZERO), Some(tls))
     }
 
+    /// [`Self::start_tls`] on `addr`, answering every call with `reply` (the baseline of the server benchmark).
+    pub async fn start_tls_replying(tls: tonic::transport::ServerTlsConfig, addr: SocketAddr, reply: Bytes) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Self::serve_with(listener, Echo::new(reply, Duration::ZERO), Some(tls))
+    }
+
     /// Starts a server on `127.0.0.1:0` behind the mesh's acceptor (strict or permissive): tonic's service
     /// served by hyper over the accepted connections, each call answered with the caller's SPIFFE ID
     /// (`plaintext` for a plaintext caller).
@@ -180,8 +186,24 @@ impl EchoServer {
     /// answered with the caller's SPIFFE ID (`plaintext` for a plaintext caller). The server runs while the
     /// returned [`mesh_tonic::RunningServer`] is kept.
     pub fn start_xds(listener: TcpListener, builder: mesh_tonic::ServerBuilder) -> anyhow::Result<(Self, mesh_tonic::RunningServer)> {
+        Self::serve_xds(listener, builder, Echo { reply_caller: true, ..Echo::new("", Duration::ZERO) })
+    }
+
+    /// [`Self::start_xds`], answering every call with `reply` (for benchmarks).
+    pub fn start_xds_replying(
+        listener: TcpListener,
+        builder: mesh_tonic::ServerBuilder,
+        reply: Bytes,
+    ) -> anyhow::Result<(Self, mesh_tonic::RunningServer)> {
+        Self::serve_xds(listener, builder, Echo::new(reply, Duration::ZERO))
+    }
+
+    fn serve_xds(
+        listener: TcpListener,
+        builder: mesh_tonic::ServerBuilder,
+        echo: Echo,
+    ) -> anyhow::Result<(Self, mesh_tonic::RunningServer)> {
         let addr = listener.local_addr()?;
-        let echo = Echo { reply_caller: true, ..Echo::new("", Duration::ZERO) };
         let (calls, timeouts) = (echo.calls.clone(), echo.timeouts.clone());
         let running = builder.serve(listener, echo)?;
         let (tx, rx) = oneshot::channel::<()>();
