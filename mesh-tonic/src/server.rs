@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves `service` on `listener` until the listener fails, each connection through `acceptor`. Each call is
-/// recorded in the default meter's server metrics ([`mesh_tower::telemetry::ServerMetricsLayer`]), when there is one.
+/// recorded in the default server metrics and traced in the default server span ([`crate::telemetry::server_layer`]).
 pub async fn serve_mtls<S, B>(listener: TcpListener, acceptor: MtlsAcceptor, service: S, max_connection_age: Option<Duration>)
 where
     S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
@@ -29,7 +29,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let service = tower::Layer::layer(&mesh_tower::telemetry::ServerMetricsLayer::default_meter(), service);
+    let service = tower::Layer::layer(&crate::telemetry::server_layer(), service);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
