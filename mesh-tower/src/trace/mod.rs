@@ -28,6 +28,8 @@
 
 mod client;
 mod server;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
