@@ -529,3 +529,31 @@ async fn a_trace_links_client_and_server_spans_across_two_services_over_b3() {
         assert!(headers.contains(&"x-b3-traceid".to_owned()) && !headers.contains(&"traceparent".to_owned()), "{headers:?}");
     }
 }
+
+/// `meshctl call --otlp` traces its calls in a process of its own: its client spans reach the receiver under
+/// `service.name=meshctl`, and the echo server's spans (this process's) are their children, carried across the
+/// processes by `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_call_otlp_exports_client_spans_that_the_servers_spans_are_children_of() {
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let tracing = Tracing::otlp(receiver.endpoint(), 1.0).service_name("mesh-tests").install().unwrap();
+    let echo = EchoServer::start(Duration::ZERO).await.unwrap();
+    let status = tokio::process::Command::new(peers::workspace_bin("meshctl").unwrap())
+        .args(["call", "--target", &format!("static:///{}", echo.addr), "--method", METHOD, "--n", "2"])
+        .args(["--otlp", &receiver.endpoint()])
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    tokio::task::spawn_blocking(move || tracing.force_flush()).await.unwrap().unwrap();
+    let spans = receiver.wait_for(4, Duration::from_secs(10)).await;
+    let clients: Vec<&Received> = spans.iter().filter(|s| s.service == "meshctl").collect();
+    assert_eq!(clients.len(), 2, "{spans:?}");
+    for client in clients {
+        assert_eq!(client.span.kind, SpanKind::Client as i32);
+        assert_eq!(client.string("rpc.method"), Some("Hello"));
+        let server = child(&spans, client, SpanKind::Server, "mesh.test.Echo/Hello");
+        assert_eq!((server.service.as_str(), &server.span.trace_id), ("mesh-tests", &client.span.trace_id));
+    }
+}
