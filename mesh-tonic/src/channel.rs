@@ -38,6 +38,8 @@ pub struct Channel {
     reserved: bool,
     authority: Authority,
     timeout: Option<Duration>,
+    /// Calls are traced: each carries its caller's current context to the router ([`mesh_tower::trace::Parent`]).
+    traced: bool,
 }
 
 impl Clone for Channel {
@@ -49,6 +51,7 @@ impl Clone for Channel {
             queue: self.queue.clone(),
             authority: self.authority.clone(),
             timeout: self.timeout,
+            traced: self.traced,
         }
     }
 }
@@ -97,6 +100,8 @@ pub struct ChannelBuilder {
     credentials: Option<CredentialsSource>,
     /// Where per-call metrics go ([`mesh_tower::telemetry`]); `None`: not recorded.
     meter: Option<opentelemetry::metrics::Meter>,
+    /// What traces each call in a client span ([`mesh_tower::trace`]); `None`: not traced.
+    tracer: Option<mesh_tower::trace::Tracer>,
 }
 
 impl Channel {
@@ -112,12 +117,15 @@ impl Channel {
             adaptive: None,
             credentials: None,
             meter: mesh_tower::telemetry::default_meter(),
+            tracer: mesh_tower::trace::default_tracer(),
         }
     }
 
-    fn new(inner: Inner, authority: Authority, timeout: Option<Duration>) -> Self {
+    fn new(mut inner: Inner, authority: Authority, timeout: Option<Duration>, tracer: Option<mesh_tower::trace::Tracer>) -> Self {
+        let traced = tracer.is_some();
+        inner.router = inner.router.with_tracer(tracer);
         let queue = Buffer::new(inner.clone(), QUEUE);
-        Channel { inner, queue, reserved: false, authority, timeout }
+        Channel { inner, queue, reserved: false, authority, timeout, traced }
     }
 
     /// A channel with default settings (round robin, 10 s wait for endpoints).
@@ -268,6 +276,14 @@ impl ChannelBuilder {
         self
     }
 
+    /// Traces each call in a client span with `tracer` ([`mesh_tower::trace`]), or not at all with `None`. By
+    /// default: [`mesh_tower::trace::default_tracer`], the global provider's once the application installed
+    /// one and said so (as [`crate::telemetry::Tracing`] does), else none.
+    pub fn tracer(mut self, tracer: Option<mesh_tower::trace::Tracer>) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
     fn client_metrics(&self) -> Option<mesh_tower::telemetry::ClientMetrics> {
         self.meter.as_ref().map(|meter| mesh_tower::telemetry::ClientMetrics::new(meter, &self.target))
     }
@@ -323,7 +339,7 @@ impl ChannelBuilder {
         let (mut publisher, router) = Publisher::new(&self.target, "the target", self.config.ready_timeout, new_cluster, None);
         publisher.cluster(&cluster);
         publisher.publish(&[single_route(&cluster.name, self.route)]);
-        Ok(Channel::new(Inner { router, _follower: None, handshakes }, authority, self.timeout))
+        Ok(Channel::new(Inner { router, _follower: None, handshakes }, authority, self.timeout, self.tracer))
     }
 
     /// Builds an `xds:///name` channel on a given xDS client.
@@ -336,7 +352,7 @@ impl ChannelBuilder {
         let connectors = MakeMtls::new(self.credentials).with_providers(providers);
         let handshakes = connectors.counts().clone();
         let (router, follower) = crate::xds::follow(client, name, self.config, connectors, metrics);
-        Ok(Channel::new(Inner { router, _follower: Some(Arc::new(follower)), handshakes }, authority, self.timeout))
+        Ok(Channel::new(Inner { router, _follower: Some(Arc::new(follower)), handshakes }, authority, self.timeout, self.tracer))
     }
 }
 
@@ -375,6 +391,10 @@ impl tower::Service<http::Request<Body>> for Channel {
             if let Ok(uri) = http::Uri::from_parts(parts) {
                 *request.uri_mut() = uri;
             }
+        }
+        if self.traced {
+            // The router may run on the queue's task: the caller's context goes with the request.
+            request.extensions_mut().insert(mesh_tower::trace::Parent(opentelemetry::Context::current()));
         }
         let inner = if std::mem::take(&mut self.reserved) {
             Dispatch::Queued(self.queue.call(request))

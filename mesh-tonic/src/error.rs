@@ -22,6 +22,9 @@ pub enum Error {
     /// The admin endpoint or its metrics exporter could not be set up.
     #[error("admin endpoint: {0}")]
     Admin(String),
+    /// The trace exporter could not be set up, or failed to flush.
+    #[error("traces: {0}")]
+    Tracing(String),
 }
 
 /// Result alias for mesh-tonic.

@@ -44,6 +44,7 @@ pub mod codec;
 mod error;
 pub mod server;
 mod target;
+pub mod telemetry;
 mod xds;
 
 pub use body::ResponseBody;

@@ -34,7 +34,7 @@ use crate::{Error, Result};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves `service` on `listener` until the listener fails, each connection through `acceptor`. Each call is
-/// recorded in the default meter's server metrics ([`mesh_tower::telemetry::ServerMetricsLayer`]), when there is one.
+/// recorded in the default server metrics and traced in the default server span ([`crate::telemetry::server_layer`]).
 pub async fn serve_mtls<S, B>(listener: TcpListener, acceptor: MtlsAcceptor, service: S, max_connection_age: Option<Duration>)
 where
     S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
@@ -46,8 +46,8 @@ where
     mesh_tower::inbound::serve(listener, policy, tonic_service(service), ServeOptions { max_connection_age }).await;
 }
 
-/// The application's tonic service as the inbound stack serves it: server metrics recorded, hyper's body in,
-/// tonic's out.
+/// The application's tonic service as the inbound stack serves it: server metrics and spans recorded
+/// ([`crate::telemetry::server_layer`]), hyper's body in, tonic's out.
 fn tonic_service<S, B>(
     service: S,
 ) -> impl tower::Service<
@@ -64,7 +64,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let service = tower::Layer::layer(&mesh_tower::telemetry::ServerMetricsLayer::default_meter(), service);
+    let service = tower::Layer::layer(&crate::telemetry::server_layer(), service);
     tower::ServiceBuilder::new()
         .map_request(|request: http::Request<hyper::body::Incoming>| request.map(tonic::body::Body::new))
         .map_response(|response: http::Response<_>| response.map(tonic::body::Body::new))

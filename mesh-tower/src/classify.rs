@@ -161,6 +161,50 @@ pub(crate) fn pending(head: &http::response::Parts) -> Pending {
     pending_of(head.status, &head.headers)
 }
 
+/// A server response body's classification, found once where its frames show its end: its trailers, its
+/// last `None`, or an error (the call is then `CANCELLED`, A66). The server layers' view of what the client
+/// side keeps in [`crate::balance::ResponseBody`].
+#[derive(Debug)]
+pub(crate) struct BodyEnd {
+    pending: Pending,
+    ended: bool,
+}
+
+const CANCELLED: Outcome = Outcome::Grpc(GrpcCode::Cancelled);
+
+impl BodyEnd {
+    pub(crate) fn new(head: &http::response::Parts) -> Self {
+        Self { pending: pending(head), ended: false }
+    }
+
+    /// The body's outcome, the first time a polled frame ends it.
+    pub(crate) fn polled<D, E>(&mut self, polled: &std::task::Poll<Option<Result<http_body::Frame<D>, E>>>) -> Option<Outcome> {
+        let outcome = match polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => self.decide(frame.trailers_ref().map(Some)?),
+            std::task::Poll::Ready(None) => self.decide(None),
+            std::task::Poll::Ready(Some(Err(_))) => CANCELLED,
+            std::task::Poll::Pending => return None,
+        };
+        (!std::mem::replace(&mut self.ended, true)).then_some(outcome)
+    }
+
+    /// The outcome of a body dropped now, unless it had ended: what its head decided, else `CANCELLED`.
+    pub(crate) fn dropped(&mut self) -> Option<Outcome> {
+        let outcome = match self.pending {
+            Pending::Decided(outcome) => outcome,
+            Pending::Trailers => CANCELLED,
+        };
+        (!std::mem::replace(&mut self.ended, true)).then_some(outcome)
+    }
+
+    fn decide(&self, trailers: Option<&http::HeaderMap>) -> Outcome {
+        match self.pending {
+            Pending::Decided(outcome) => outcome,
+            Pending::Trailers => self::trailers(trailers),
+        }
+    }
+}
+
 /// Whether a request or response with these headers is gRPC (its content type is `application/grpc`, with or
 /// without a `+proto`-like suffix).
 pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {

@@ -204,6 +204,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// The endpoint a call reached before this error broke it (`None`: it reached none).
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Self::Upstream { addr, .. } => Some(*addr),
+            _ => None,
+        }
+    }
+
     /// The gRPC status code a caller sees for this error (gRPC's status mapping for transport failures, A6's
     /// UNAVAILABLE for calls that never reached a server).
     pub fn grpc_code(&self) -> GrpcCode {

@@ -61,6 +61,7 @@ pub mod telemetry;
 #[cfg(test)]
 mod testing;
 pub mod tls;
+pub mod trace;
 
 pub use error::{Error, Result};
 

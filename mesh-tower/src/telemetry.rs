@@ -200,11 +200,7 @@ impl AttemptRecord {
 
     /// Records an attempt that failed before a response.
     pub(crate) fn failed(self, error: &crate::Error) {
-        let peer = match error {
-            crate::Error::Upstream { addr, .. } => Some(*addr),
-            _ => None,
-        };
-        self.end(Outcome::Grpc(error.grpc_code()), peer, 0);
+        self.end(Outcome::Grpc(error.grpc_code()), error.peer(), 0);
     }
 }
 
@@ -227,11 +223,13 @@ impl CallRecord {
     }
 }
 
-/// What a response body records when it ends: its attempt's and, for the body a call returns, the call's.
+/// What a response body records when it ends: its attempt's and, for the body a call returns, the call's
+/// metrics and client span ([`crate::trace`]).
 #[derive(Debug, Default)]
 pub(crate) struct Records {
     pub(crate) attempt: Option<AttemptRecord>,
     pub(crate) call: Option<CallRecord>,
+    pub(crate) span: Option<crate::trace::CallSpan>,
     pub(crate) rcvd: u64,
 }
 
@@ -243,6 +241,9 @@ impl Records {
         }
         if let Some(call) = self.call {
             call.end(outcome);
+        }
+        if let Some(span) = self.span {
+            span.end(outcome, Some(peer));
         }
     }
 }
@@ -354,8 +355,8 @@ where
         Poll::Ready(match response {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
-                let pending = classify::pending(&parts);
-                Ok(http::Response::from_parts(parts, ServerBody { inner: body, pending, record, sent: 0 }))
+                let end = classify::BodyEnd::new(&parts);
+                Ok(http::Response::from_parts(parts, ServerBody { inner: body, end, record, sent: 0 }))
             }
             Err(error) => {
                 if let Some(record) = record {
@@ -372,7 +373,7 @@ pin_project_lite::pin_project! {
     pub struct ServerBody<B> {
         #[pin]
         inner: B,
-        pending: classify::Pending,
+        end: classify::BodyEnd,
         record: Option<ServerRecord>,
         sent: u64,
     }
@@ -380,11 +381,7 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for ServerBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(record) = this.record.take() {
-                let outcome = match this.pending {
-                    classify::Pending::Decided(outcome) => *outcome,
-                    classify::Pending::Trailers => CANCELLED,
-                };
+            if let (Some(record), Some(outcome)) = (this.record.take(), this.end.dropped()) {
                 record.end(outcome, *this.sent);
             }
         }
@@ -398,36 +395,16 @@ impl<B: Body<Data = Bytes>> Body for ServerBody<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.sent += data.len() as u64;
-                }
-                if let Some(trailers) = frame.trailers_ref()
-                    && let Some(record) = this.record.take()
-                {
-                    let outcome = match this.pending {
-                        classify::Pending::Decided(outcome) => *outcome,
-                        classify::Pending::Trailers => classify::trailers(Some(trailers)),
-                    };
-                    record.end(outcome, *this.sent);
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(record) = this.record.take() {
-                    let outcome = match this.pending {
-                        classify::Pending::Decided(outcome) => *outcome,
-                        classify::Pending::Trailers => classify::trailers(None),
-                    };
-                    record.end(outcome, *this.sent);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(record) = this.record.take() {
-                    record.end(CANCELLED, *this.sent);
-                }
-            }
-            Poll::Pending => {}
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            *this.sent += data.len() as u64;
+        }
+        if this.record.is_some()
+            && let Some(outcome) = this.end.polled(&polled)
+            && let Some(record) = this.record.take()
+        {
+            record.end(outcome, *this.sent);
         }
         polled
     }

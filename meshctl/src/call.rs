@@ -82,6 +82,32 @@ pub(crate) struct CallArgs {
     /// Keep serving the admin endpoint this many seconds after the calls end (for a scraper).
     #[arg(long, requires = "admin", default_value_t = 0)]
     linger_s: u64,
+    /// Trace the calls and export the spans over OTLP/gRPC to this collector (`http://host:4317`).
+    #[arg(long, value_name = "ENDPOINT")]
+    otlp: Option<String>,
+    /// With --otlp: the share of calls traced, 0 to 1.
+    #[arg(long, requires = "otlp", default_value_t = 1.0)]
+    trace_ratio: f64,
+    /// With --otlp: how calls carry their trace context (comma-separated).
+    #[arg(long, requires = "otlp", value_delimiter = ',', default_value = "tracecontext", value_parser = ["tracecontext", "b3", "b3multi"])]
+    propagation: Vec<String>,
+}
+
+/// Installs the OTLP trace pipeline of `--otlp`, before the channel is built so that it traces.
+fn start_tracing(args: &CallArgs) -> Result<Option<mesh_tonic::telemetry::Tracing>, String> {
+    use mesh_tonic::telemetry::{Propagation, Tracing};
+    let Some(endpoint) = &args.otlp else { return Ok(None) };
+    let propagation: Vec<Propagation> = args
+        .propagation
+        .iter()
+        .map(|p| match p.as_str() {
+            "b3" => Propagation::B3Single,
+            "b3multi" => Propagation::B3Multi,
+            _ => Propagation::TraceContext,
+        })
+        .collect();
+    let tracing = Tracing::otlp(endpoint, args.trace_ratio).propagation(&propagation).service_name("meshctl").install();
+    tracing.map(Some).map_err(|e| format!("--otlp {endpoint}: {e}"))
 }
 
 /// The channel's mTLS credentials from the flags' files, each error naming its file.
@@ -156,6 +182,10 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
             Err(e) => return usage_error(e),
         },
         None => None,
+    };
+    let tracing = match start_tracing(&args) {
+        Ok(tracing) => tracing,
+        Err(e) => return usage_error(e),
     };
     let mut builder = Channel::builder(&args.target).lb(lb);
     match credentials(&args) {
@@ -284,6 +314,13 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
     }
     for (error, n) in &tally.errors {
         eprintln!("meshctl: {n} × {error}");
+    }
+    if let Some(tracing) = tracing {
+        // The export blocks: off the runtime's threads, whose tasks carry the exporter's connection.
+        let flushed = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        if let Ok(Err(error)) = flushed {
+            eprintln!("meshctl: {error}");
+        }
     }
     if args.linger_s > 0 {
         tokio::time::sleep(Duration::from_secs(args.linger_s)).await;

@@ -251,8 +251,8 @@ impl EchoServer {
                     Err(error) => return tracing::error!(%error, "echo server TLS settings"),
                 };
             }
-            // Server metrics (gRPC A66) go to the default meter, when the test installed one.
-            let mut builder = builder.layer(mesh_tower::telemetry::ServerMetricsLayer::default_meter());
+            // Server metrics (gRPC A66) and spans go to the default meter and tracer, when the test installed them.
+            let mut builder = builder.layer(mesh_tonic::telemetry::server_layer());
             let served = builder.add_service(echo).serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
             });

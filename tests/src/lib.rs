@@ -9,4 +9,5 @@ pub mod certs;
 pub mod echo;
 pub mod h2script;
 pub mod load;
+pub mod otlp;
 pub mod peers;

@@ -1,6 +1,6 @@
 //! Telemetry as operators see it: a real Prometheus server (Debian's `prometheus`) scrapes the admin endpoints of
 //! two services talking over the mesh, and its HTTP API returns the per-call series under gRPC's OpenTelemetry
-//! names (A66).
+//! names (A66). A real OTLP receiver gets the spans of calls across two services, linked into one trace.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -8,9 +8,20 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 use mesh_tests::echo::{EchoServer, METHOD};
+use mesh_tests::otlp::{OtlpReceiver, Received};
 use mesh_tests::peers::{self, MeshControl, Prometheus, TempDir};
+use mesh_tonic::codec::BytesCodec;
+use mesh_tonic::telemetry::{Propagation, Tracing};
+use opentelemetry::trace::{FutureExt as _, TraceContextExt as _, Tracer as _};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use serde_json::Value;
+use tonic::codegen::http::uri::PathAndQuery;
 
 /// `sum by (<by>) (<metric>{<selector>})` as a map from the `by` label's value to the sum.
 fn sums(prometheus: &Prometheus, metric: &str, selector: &str, by: &str) -> BTreeMap<String, u64> {
@@ -293,5 +304,256 @@ async fn mesh_control_metrics_count_pushes_acks_and_connected_clients() {
         }
         assert!(Instant::now() < deadline, "pushes and ACKs never counted: {text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Service A of the trace tests: every call to `/mesh.test.Relay/<any>` is forwarded, from inside its
+/// handler, to B's echo method through a mesh channel (to the failing B when the request says `fail`), and
+/// answered with B's answer. It keeps the trace headers each call arrived with.
+#[derive(Clone)]
+struct Relay {
+    ok: mesh_tonic::Channel,
+    failing: mesh_tonic::Channel,
+    headers: Arc<Mutex<Vec<Vec<String>>>>,
+}
+
+const RELAY: &str = "/mesh.test.Relay/Forward";
+
+/// The trace headers of every propagator the tests use.
+const TRACE_HEADERS: [&str; 5] = ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid"];
+
+impl tonic::server::NamedService for Relay {
+    const NAME: &'static str = "mesh.test.Relay";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Relay {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let seen = TRACE_HEADERS.iter().filter(|h| request.headers().contains_key(**h)).map(|h| (*h).to_owned()).collect();
+        self.headers.lock().unwrap().push(seen);
+        let relay = self.clone();
+        Box::pin(async move { Ok(tonic::server::Grpc::new(BytesCodec).unary(relay, request).await) })
+    }
+}
+
+impl tonic::server::UnaryService<Bytes> for Relay {
+    type Response = Bytes;
+    type Future = Pin<Box<dyn Future<Output = Result<tonic::Response<Bytes>, tonic::Status>> + Send>>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let channel = if request.get_ref().as_ref() == b"fail" { self.failing.clone() } else { self.ok.clone() };
+        Box::pin(async move {
+            let mut client = tonic::client::Grpc::new(channel);
+            client.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            client.unary(tonic::Request::new(request.into_inner()), PathAndQuery::from_static(METHOD), BytesCodec).await
+        })
+    }
+}
+
+/// Serves A on `127.0.0.1:0` with the mesh's server layers.
+async fn serve_relay(relay: Relay) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder().layer(mesh_tonic::telemetry::server_layer()).add_service(relay).serve_with_incoming(incoming),
+    );
+    addr
+}
+
+/// What the trace tests saw: every span exported, and the trace headers each of A's calls arrived with.
+struct Traced {
+    spans: Vec<Received>,
+    headers: Vec<Vec<String>>,
+    relay: SocketAddr,
+    ok: SocketAddr,
+    failing: SocketAddr,
+}
+
+/// A client calls service A twice over the mesh (once OK, once failing), inside a span of its own; A's handler
+/// calls B through a mesh channel each time. Tracing is installed as an application would, with
+/// `propagation`, exporting to a real OTLP receiver; every span is sampled.
+async fn trace_two_services(propagation: &[Propagation]) -> Traced {
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let tracing = Tracing::otlp(receiver.endpoint(), 1.0).propagation(propagation).service_name("mesh-tests").install().unwrap();
+    // Built after the install: the channels and servers trace by default from then on.
+    let ok = EchoServer::start(Duration::ZERO).await.unwrap();
+    let failing = EchoServer::start_failing(100).await.unwrap();
+    let relay = Relay {
+        ok: mesh_tonic::Channel::from_target(format!("static:///{}", ok.addr)).unwrap(),
+        failing: mesh_tonic::Channel::from_target(format!("static:///{}", failing.addr)).unwrap(),
+        headers: Arc::default(),
+    };
+    let headers = relay.headers.clone();
+    let relay_addr = serve_relay(relay).await;
+    let channel = mesh_tonic::Channel::from_target(format!("static:///{relay_addr}")).unwrap();
+
+    let root = opentelemetry::global::tracer("mesh-tests").start("test");
+    let root = opentelemetry::Context::current_with_span(root);
+    for body in [&b"hello"[..], b"fail"] {
+        let mut client = tonic::client::Grpc::new(channel.clone());
+        let call = async {
+            client.ready().await.unwrap();
+            client.unary(tonic::Request::new(Bytes::from_static(body)), PathAndQuery::from_static(RELAY), BytesCodec).await
+        };
+        let answer = call.with_context(root.clone()).await;
+        assert_eq!(answer.is_ok(), body == b"hello", "{answer:?}");
+    }
+    root.span().end();
+    drop(root);
+
+    // The client span, A's server and client spans and B's server span per call, and the test's own.
+    let spans = loop {
+        let flushing = tracing.clone();
+        tokio::task::spawn_blocking(move || flushing.force_flush()).await.unwrap().unwrap();
+        let spans = receiver.wait_for(9, Duration::from_secs(1)).await;
+        if spans.len() >= 9 {
+            break spans;
+        }
+    };
+    let headers = headers.lock().unwrap().clone();
+    Traced { spans, headers, relay: relay_addr, ok: ok.addr, failing: failing.addr }
+}
+
+/// The one span of `kind` named `name` whose parent is `parent`: fails naming what there is instead.
+fn child<'a>(spans: &'a [Received], parent: &Received, kind: SpanKind, name: &str) -> &'a Received {
+    let found = children(spans, parent, name);
+    let [span] = found.as_slice() else {
+        let all: Vec<(String, i32, String, String)> =
+            spans.iter().map(|s| (s.span.name.clone(), s.span.kind, hex(&s.span.span_id), hex(&s.span.parent_span_id))).collect();
+        panic!(
+            "one {name:?} span is the child of {:?} ({}); spans (name, kind, id, parent): {all:?}",
+            parent.span.name,
+            hex(&parent.span.span_id)
+        );
+    };
+    assert_eq!(span.span.kind, kind as i32, "{name}: {:?}", span.span);
+    span
+}
+
+fn children<'a>(spans: &'a [Received], parent: &Received, name: &str) -> Vec<&'a Received> {
+    spans.iter().filter(|s| s.span.parent_span_id == parent.span.span_id && s.span.name == name).collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Asserts the trace of one call from the test's client through A to B (or the failing B): the chain of
+/// client and server spans, their RPC attributes, and their statuses.
+fn assert_call_chain(traced: &Traced, root: &Received, b: SocketAddr, code: i64) {
+    let spans = &traced.spans;
+    let failed = code != 0;
+    let status = |span: &Received| span.span.status.as_ref().map_or(0, |s| s.code);
+    let error = 2;
+
+    // The root has a client span per call: this call's is the one whose chain reaches `b`.
+    let reaches_b = |client: &Received| {
+        let servers = children(spans, client, "mesh.test.Relay/Forward");
+        let a_clients = servers.iter().flat_map(|server| children(spans, server, "mesh.test.Echo/Hello"));
+        a_clients.into_iter().any(|c| c.int("network.peer.port") == Some(i64::from(b.port())))
+    };
+    let clients = children(spans, root, "mesh.test.Relay/Forward");
+    let [client] = clients.into_iter().filter(|c| reaches_b(c)).collect::<Vec<_>>()[..] else {
+        panic!("one client span of the root leads to {b}: {spans:?}")
+    };
+    assert_eq!(client.span.kind, SpanKind::Client as i32);
+    assert_eq!(client.string("rpc.system"), Some("grpc"));
+    assert_eq!(client.string("rpc.service"), Some("mesh.test.Relay"));
+    assert_eq!(client.string("rpc.method"), Some("Forward"));
+    assert_eq!(client.int("rpc.grpc.status_code"), Some(code), "{:?}", client.span);
+    assert_eq!(client.string("network.peer.address"), Some("127.0.0.1"));
+    assert_eq!(client.int("network.peer.port"), Some(i64::from(traced.relay.port())));
+    let cluster = format!("static:///{}", traced.relay);
+    assert_eq!(client.string("grpc.lb.backend_service"), Some(cluster.as_str()));
+    assert_eq!(client.string("mesh.route"), Some(cluster.as_str()));
+    assert_eq!(status(client), if failed { error } else { 0 }, "a client span fails on any status but OK: {:?}", client.span);
+
+    let a_server = child(spans, client, SpanKind::Server, "mesh.test.Relay/Forward");
+    assert_eq!(a_server.string("rpc.method"), Some("Forward"));
+    assert_eq!(a_server.int("rpc.grpc.status_code"), Some(code));
+    assert_eq!(a_server.string("network.peer.address"), Some("127.0.0.1"), "{:?}", a_server.span);
+    assert_eq!(status(a_server), if failed { error } else { 0 }, "UNAVAILABLE is a server's failure: {:?}", a_server.span);
+
+    let a_client = child(spans, a_server, SpanKind::Client, "mesh.test.Echo/Hello");
+    assert_eq!(a_client.string("rpc.service"), Some("mesh.test.Echo"));
+    assert_eq!(a_client.string("rpc.method"), Some("Hello"));
+    assert_eq!(a_client.int("rpc.grpc.status_code"), Some(code));
+    assert_eq!(a_client.int("network.peer.port"), Some(i64::from(b.port())));
+
+    let b_server = child(spans, a_client, SpanKind::Server, "mesh.test.Echo/Hello");
+    assert_eq!(b_server.string("rpc.method"), Some("Hello"));
+    assert_eq!(b_server.int("rpc.grpc.status_code"), Some(code));
+    assert_eq!(status(b_server), if failed { error } else { 0 });
+    for span in [client, a_server, a_client, b_server] {
+        assert_eq!(span.service, "mesh-tests");
+    }
+}
+
+/// The trace test of issue 18: spans received by a real OTLP receiver make one trace per call of the test's
+/// root span, with the server span of A the child of the client's span, A's client span (made in A's handler)
+/// the child of A's server span, and B's server span the child of that, each with its RPC attributes and
+/// status. W3C Trace Context carries the context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_links_client_and_server_spans_across_two_services_over_w3c_trace_context() {
+    let traced = trace_two_services(&[Propagation::TraceContext]).await;
+    let roots: Vec<&Received> = traced.spans.iter().filter(|s| s.span.name == "test").collect();
+    let [root] = roots.as_slice() else { panic!("one root span: {roots:?}") };
+    assert!(root.span.parent_span_id.is_empty());
+    assert!(traced.spans.iter().all(|s| s.span.trace_id == root.span.trace_id), "one trace id across every span");
+    assert_call_chain(&traced, root, traced.ok, 0);
+    assert_call_chain(&traced, root, traced.failing, 14);
+    assert_eq!(traced.spans.len(), 9, "no other spans");
+    for headers in &traced.headers {
+        assert!(headers.contains(&"traceparent".to_owned()) && !headers.iter().any(|h| h.contains("b3")), "{headers:?}");
+    }
+}
+
+/// The same over B3 multi-header propagation (Zipkin's, which Istio's sidecars forward): A's calls arrive
+/// with `x-b3-*` headers and no `traceparent`, and the spans still link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_links_client_and_server_spans_across_two_services_over_b3() {
+    let traced = trace_two_services(&[Propagation::B3Multi]).await;
+    let [root] = traced.spans.iter().filter(|s| s.span.name == "test").collect::<Vec<_>>()[..] else { panic!("one root span") };
+    assert!(traced.spans.iter().all(|s| s.span.trace_id == root.span.trace_id), "one trace id across every span");
+    assert_call_chain(&traced, root, traced.ok, 0);
+    assert_call_chain(&traced, root, traced.failing, 14);
+    for headers in &traced.headers {
+        assert!(headers.contains(&"x-b3-traceid".to_owned()) && !headers.contains(&"traceparent".to_owned()), "{headers:?}");
+    }
+}
+
+/// `meshctl call --otlp` traces its calls in a process of its own: its client spans reach the receiver under
+/// `service.name=meshctl`, and the echo server's spans (this process's) are their children, carried across the
+/// processes by `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_call_otlp_exports_client_spans_that_the_servers_spans_are_children_of() {
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let tracing = Tracing::otlp(receiver.endpoint(), 1.0).service_name("mesh-tests").install().unwrap();
+    let echo = EchoServer::start(Duration::ZERO).await.unwrap();
+    let status = tokio::process::Command::new(peers::workspace_bin("meshctl").unwrap())
+        .args(["call", "--target", &format!("static:///{}", echo.addr), "--method", METHOD, "--n", "2"])
+        .args(["--otlp", &receiver.endpoint()])
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    tokio::task::spawn_blocking(move || tracing.force_flush()).await.unwrap().unwrap();
+    let spans = receiver.wait_for(4, Duration::from_secs(10)).await;
+    let clients: Vec<&Received> = spans.iter().filter(|s| s.service == "meshctl").collect();
+    assert_eq!(clients.len(), 2, "{spans:?}");
+    for client in clients {
+        assert_eq!(client.span.kind, SpanKind::Client as i32);
+        assert_eq!(client.string("rpc.method"), Some("Hello"));
+        let server = child(&spans, client, SpanKind::Server, "mesh.test.Echo/Hello");
+        assert_eq!((server.service.as_str(), &server.span.trace_id), ("mesh-tests", &client.span.trace_id));
     }
 }

@@ -11,6 +11,7 @@ use super::handle::Handle;
 use crate::Error;
 use crate::classify::{self, Failure, Outcome, Pending};
 use crate::telemetry::{AttemptRecord, CallRecord, Records};
+use crate::trace::CallSpan;
 
 /// Counts a request as in flight on its endpoint until dropped, and records the call's outcome there.
 pub(super) struct InFlight(Arc<dyn Counted>);
@@ -80,7 +81,8 @@ pub struct ResponseBody {
     outcome: Option<Outcome>,
     /// Released when the body ends: a layer's hold on the call (a circuit breaker's place).
     hold: Option<Box<dyn Send + Sync>>,
-    /// What the telemetry layer records when the body ends ([`crate::telemetry`]); `None`: metrics off.
+    /// What the telemetry layers record when the body ends ([`crate::telemetry`], [`crate::trace`]); `None`:
+    /// metrics and traces off.
     records: Option<Box<Records>>,
 }
 
@@ -112,9 +114,12 @@ impl ResponseBody {
         self
     }
 
-    /// This body, recording `call` when it ends.
-    pub(crate) fn with_call(mut self, call: CallRecord) -> Self {
-        self.records.get_or_insert_default().call = Some(call);
+    /// This body, recording the call's metrics (`call`) and ending its client span (`span`) when it ends.
+    pub(crate) fn with_call(mut self, call: Option<CallRecord>, span: Option<CallSpan>) -> Self {
+        if call.is_some() || span.is_some() {
+            let records = self.records.get_or_insert_default();
+            (records.call, records.span) = (call, span);
+        }
         self
     }
 

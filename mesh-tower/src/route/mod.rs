@@ -45,6 +45,7 @@ use crate::ratelimit::RateLimitLayer;
 use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
 use crate::stats::{ClusterCounts, TargetCounts, TargetStats};
 use crate::telemetry::{CallRecord, ClientMetrics};
+use crate::trace::{CallSpan, Tracer};
 
 /// What requests are routed with: built routes in order, and the clusters they call.
 pub struct Table<B> {
@@ -79,6 +80,8 @@ pub struct Router<B> {
     stats: Arc<TargetStats>,
     /// Per-call metrics; `None`: off.
     metrics: Option<ClientMetrics>,
+    /// Per-call client spans; `None`: off.
+    tracer: Option<Tracer>,
 }
 
 impl<B> Clone for Router<B> {
@@ -91,6 +94,7 @@ impl<B> Clone for Router<B> {
             current: self.current.clone(),
             stats: self.stats.clone(),
             metrics: self.metrics.clone(),
+            tracer: self.tracer.clone(),
         }
     }
 }
@@ -102,6 +106,12 @@ impl<B> fmt::Debug for Router<B> {
 }
 
 impl<B> Router<B> {
+    /// This router, starting a client span per call with `tracer` ([`crate::trace`]), or none with `None`.
+    pub fn with_tracer(mut self, tracer: Option<Tracer>) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
     /// The target it routes.
     pub fn target(&self) -> &str {
         &self.target
@@ -131,25 +141,29 @@ impl<B> Router<B> {
 }
 
 impl<B: RequestBody> Router<B> {
-    /// Routes `request` by `table`; a call timed in metrics started at `started`.
-    fn route(&self, table: &Table<B>, request: http::Request<B>, started: Instant) -> RouterFuture {
+    /// Routes `request` by `table`; a call timed in metrics started at `started`, and is traced in `span`.
+    fn route(&self, table: &Table<B>, request: http::Request<B>, started: Instant, span: Option<CallSpan>) -> RouterFuture {
         // Recorded once per call, for the retries and transparent resends below.
         let request = request.map(|body| ReplayBody::new(body, DEFAULT_REPLAY_LIMIT));
         let path = request.uri().path();
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
         let draw = || SplitMix64::new(table.seed.fetch_add(1, Ordering::Relaxed)).below(1_000_000) as u32;
         let found = table.routes.iter().find(|(matcher, _, _)| matcher.matches(path, header) && matcher.takes(draw));
-        let call = self.metrics.as_ref().map(|m| m.call(path, found.and_then(|(_, name, _)| name.as_ref()), started));
+        let route = found.and_then(|(_, name, _)| name.as_ref());
+        let call = self.metrics.as_ref().map(|m| m.call(path, route, started));
+        if let (Some(span), Some(route)) = (&span, route) {
+            span.route(route);
+        }
         let Some((_, _, service)) = found else {
-            return RouterFuture::failed(Error::NoRoute { target: self.target.to_string(), path: path.to_owned() }, call);
+            return RouterFuture::failed(Error::NoRoute { target: self.target.to_string(), path: path.to_owned() }, call, span);
         };
         let Some(service) = service else {
-            return RouterFuture::failed(Error::NonForwarding { target: self.target.to_string(), path: path.to_owned() }, call);
+            return RouterFuture::failed(Error::NonForwarding { target: self.target.to_string(), path: path.to_owned() }, call, span);
         };
         // The caller's own deadline, when it sent one: the call ends there, and retries send what is left.
         let limit = request.headers().get(deadline::GRPC_TIMEOUT).and_then(|v| deadline::parse(v.as_bytes()));
         let Some(limit) = limit else {
-            return RouterFuture { state: State::Routed(service.send(request)), call };
+            return RouterFuture { state: State::Routed(service.send(request)), call, span };
         };
         let mut request = request;
         request.extensions_mut().insert(Deadline(tokio::time::Instant::now() + limit));
@@ -159,6 +173,7 @@ impl<B: RequestBody> Router<B> {
                 tokio::time::timeout(limit, sent).await.unwrap_or_else(|_| Err(Error::Deadline { target: target.to_string(), limit }))
             })),
             call,
+            span,
         }
     }
 }
@@ -173,7 +188,7 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<B>) -> RouterFuture {
+    fn call(&mut self, mut request: http::Request<B>) -> RouterFuture {
         match self.table.has_changed() {
             Ok(true) => self.current = self.table.borrow_and_update().clone(),
             Ok(false) => {}
@@ -181,9 +196,11 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
             Err(_) if self.current.is_none() => self.current = self.table.borrow().clone(),
             Err(_) => {}
         }
+        // The span covers the wait for a first table too.
+        let span = self.tracer.as_ref().map(|tracer| CallSpan::start(tracer, &mut request));
         // Fast path: a table is there (every call after the first config).
         if let Some(table) = &self.current {
-            return self.route(table, request, Instant::now());
+            return self.route(table, request, Instant::now(), span);
         }
         let this = self.clone();
         RouterFuture {
@@ -196,14 +213,19 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
                 };
                 let Some(table) = table else {
                     let error = Error::NoConfig { target: this.target.to_string(), from: this.from.to_string(), waited: started.elapsed() };
+                    let outcome = Outcome::Grpc(error.grpc_code());
                     if let Some(metrics) = &this.metrics {
-                        metrics.call(request.uri().path(), None, started).end(Outcome::Grpc(error.grpc_code()));
+                        metrics.call(request.uri().path(), None, started).end(outcome);
+                    }
+                    if let Some(span) = span {
+                        span.end(outcome, None);
                     }
                     return Err(error);
                 };
-                this.route(&table, request, started).await
+                this.route(&table, request, started, span).await
             })),
             call: None,
+            span: None,
         }
     }
 }
@@ -215,6 +237,8 @@ pub struct RouterFuture {
     state: State,
     /// The call's metrics, recorded when its response body ends (or here, when it fails).
     call: Option<CallRecord>,
+    /// The call's client span, ended likewise.
+    span: Option<CallSpan>,
 }
 
 enum State {
@@ -225,8 +249,8 @@ enum State {
 }
 
 impl RouterFuture {
-    fn failed(error: Error, call: Option<CallRecord>) -> Self {
-        Self { state: State::Failed(Some(error)), call }
+    fn failed(error: Error, call: Option<CallRecord>, span: Option<CallSpan>) -> Self {
+        Self { state: State::Failed(Some(error)), call, span }
     }
 }
 
@@ -247,11 +271,17 @@ impl Future for RouterFuture {
             State::Failed(error) => Poll::Ready(Err(error.take().expect("a RouterFuture polled after it completed"))),
         };
         let Poll::Ready(response) = polled else { return Poll::Pending };
-        let Some(call) = this.call.take() else { return Poll::Ready(response) };
+        let (call, span) = (this.call.take(), this.span.take());
         Poll::Ready(match response {
-            Ok(response) => Ok(response.map(|body| body.with_call(call))),
+            Ok(response) => Ok(response.map(|body| body.with_call(call, span))),
             Err(error) => {
-                call.end(Outcome::Grpc(error.grpc_code()));
+                let outcome = Outcome::Grpc(error.grpc_code());
+                if let Some(call) = call {
+                    call.end(outcome);
+                }
+                if let Some(span) = span {
+                    span.end(outcome, error.peer());
+                }
                 Err(error)
             }
         })
@@ -313,8 +343,16 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
         let target: Arc<str> = target.into();
         let stats = Arc::new(TargetStats::default());
         let metrics = new_cluster.metrics().cloned();
-        let router =
-            Router { target: target.clone(), from: from.into(), ready_timeout, table, current: None, stats: stats.clone(), metrics };
+        let router = Router {
+            target: target.clone(),
+            from: from.into(),
+            ready_timeout,
+            table,
+            current: None,
+            stats: stats.clone(),
+            metrics,
+            tracer: None,
+        };
         let publisher = Self {
             target,
             new_cluster,

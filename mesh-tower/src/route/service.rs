@@ -209,6 +209,9 @@ impl<B: RequestBody> Split<B> {
         let Some(service) = service else {
             return Either::Right(Failed(Some(Error::ClusterNotFound { target: inner.target.to_string(), cluster: name.clone() })));
         };
+        if let Some(call) = request.extensions().get::<crate::trace::InCall>() {
+            call.cluster(name);
+        }
         if let Some(hash) = route_hash(&inner.policies.hash, &request, inner.channel_id, &inner.seed) {
             request.extensions_mut().insert(RequestHash(hash));
         }

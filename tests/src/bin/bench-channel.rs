@@ -267,7 +267,7 @@ impl http_body::Body for Wrapped {
 }
 
 /// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
-const VARIANTS: [&str; 17] = [
+const VARIANTS: [&str; 18] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
     // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
@@ -292,6 +292,9 @@ const VARIANTS: [&str; 17] = [
     // exporter, against the same channel recording none.
     "mesh Channel (p2c_ewma, telemetry on: A66 metrics into the Prometheus exporter)",
     "mesh Channel (p2c_ewma, telemetry off)",
+    // Issue 18's other half: the same metrics, and a client span per call sampled at 1% (parent-based ratio
+    // sampler), exported over OTLP/gRPC to an in-process receiver.
+    "mesh Channel (p2c_ewma, telemetry + tracing 1%)",
 ];
 
 /// The mTLS variant, and the plaintext one it is compared with.
@@ -326,6 +329,7 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         10..=13 => caller!(one_layer(mesh().lb(LbPolicy::p2c_ewma()), i - 10).build()?),
         15 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(Some(prometheus()?.meter())).build()?),
         16 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(None).build()?),
+        17 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(Some(prometheus()?.meter())).tracer(Some(tracing().await?.tracer())).build()?),
         MTLS => {
             let credentials = CLIENT_CREDENTIALS.get().ok_or_else(|| anyhow::anyhow!("the mTLS variant needs --mtls"))?.clone();
             let policy =
@@ -334,6 +338,21 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         }
         _ => anyhow::bail!("no variant {i}"),
     })
+}
+
+/// One OTLP trace pipeline for the process, sampling 1% and exporting to a receiver in the process (not
+/// installed globally, so only the variant given its tracer traces).
+async fn tracing() -> anyhow::Result<&'static mesh_tonic::telemetry::Tracing> {
+    static TRACING: tokio::sync::OnceCell<(mesh_tests::otlp::OtlpReceiver, mesh_tonic::telemetry::Tracing)> =
+        tokio::sync::OnceCell::const_new();
+    let (_, tracing) = TRACING
+        .get_or_try_init(async || {
+            let receiver = mesh_tests::otlp::OtlpReceiver::start().await?;
+            let tracing = mesh_tonic::telemetry::Tracing::otlp(receiver.endpoint(), 0.01).service_name("bench-channel").build()?;
+            anyhow::Ok((receiver, tracing))
+        })
+        .await?;
+    Ok(tracing)
 }
 
 /// One Prometheus-exporting meter provider for the process (not installed globally, so only the variant
