@@ -50,7 +50,7 @@ mod xds;
 pub use body::ResponseBody;
 pub use channel::{Call, Channel, ChannelBuilder, ResponseFuture, status_from};
 pub use error::{Error, Result};
-pub use mesh_tower::balance::ServedBy;
+pub use mesh_tower::balance::{Delay, DelayKind, ServedBy};
 pub use server::{RunningServer, Server, ServerBuilder};
 pub use target::Target;
 pub use xds::{eds_source, shared_client};

@@ -98,6 +98,8 @@ struct ClientInstruments {
     attempt_duration: Histogram<f64>,
     attempt_rcvd: Histogram<u64>,
     call_duration: Histogram<f64>,
+    attempt_delay: Histogram<f64>,
+    call_delay: Histogram<f64>,
 }
 
 impl ClientMetrics {
@@ -117,6 +119,16 @@ impl ClientMetrics {
                 "Bytes of response messages received by an attempt.",
             ),
             call_duration: duration(meter, "grpc.client.call.duration", "Time from the start of a call to its end, retries included."),
+            attempt_delay: duration(
+                meter,
+                "grpc.client.attempt.delay.duration",
+                "Time an attempt waited before it was sent, by grpc.delay_type (A121).",
+            ),
+            call_delay: duration(
+                meter,
+                "grpc.client.call.delay.duration",
+                "Time a call waited before it was sent, by grpc.delay_type (A121).",
+            ),
         }))
     }
 
@@ -175,7 +187,18 @@ pub(crate) struct AttemptRecord {
     start: Instant,
 }
 
+/// The `grpc.delay_type` attribute of `delay`.
+fn delay_type(delay: &crate::balance::Delay) -> KeyValue {
+    KeyValue::new("grpc.delay_type", delay.kind.name())
+}
+
 impl AttemptRecord {
+    /// Records that the attempt waited `delay` before it was sent.
+    pub(crate) fn delayed(&self, delay: &crate::balance::Delay) {
+        let c = &self.metrics.client.0;
+        c.attempt_delay.record(delay.waited.as_secs_f64(), &[self.method.clone(), c.target.clone(), delay_type(delay)]);
+    }
+
     /// Records the attempt's end, on `peer` (`None`: it never reached an endpoint).
     pub(crate) fn end(self, outcome: Outcome, peer: Option<std::net::SocketAddr>, rcvd: u64) {
         let c = &self.metrics.client.0;
@@ -214,6 +237,12 @@ pub(crate) struct CallRecord {
 }
 
 impl CallRecord {
+    /// Records that the call waited `delay` before its answering attempt was sent.
+    pub(crate) fn delayed(&self, delay: &crate::balance::Delay) {
+        let c = &self.metrics.0;
+        c.call_delay.record(delay.waited.as_secs_f64(), &[self.method.clone(), c.target.clone(), delay_type(delay)]);
+    }
+
     pub(crate) fn end(self, outcome: Outcome) {
         let c = &self.metrics.0;
         let elapsed = self.start.elapsed().as_secs_f64();

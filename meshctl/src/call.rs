@@ -329,7 +329,7 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
 }
 
 /// Installs the Prometheus metrics provider and binds the admin listener, saying where it listens.
-async fn start_admin(addr: std::net::SocketAddr) -> Result<(mesh_tonic::admin::Admin, tokio::net::TcpListener), String> {
+pub(crate) async fn start_admin(addr: std::net::SocketAddr) -> Result<(mesh_tonic::admin::Admin, tokio::net::TcpListener), String> {
     let metrics = mesh_tonic::admin::Prometheus::install().map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--admin {addr}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("--admin {addr}: {e}"))?;
@@ -338,7 +338,7 @@ async fn start_admin(addr: std::net::SocketAddr) -> Result<(mesh_tonic::admin::A
 }
 
 /// Aborts the admin task when the command ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -49,6 +49,13 @@ pub(crate) struct DemoArgs {
     /// Print the summary as one JSON object on stdout; the live view goes to stderr.
     #[arg(long)]
     json: bool,
+    /// Serve the client's admin endpoint (`/metrics`, `/clusters`, `/config_dump`, `/ready`, `/live`, CSDS) on
+    /// this address while the demo runs, as `meshctl call --admin` does.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Keep serving the admin endpoint this many seconds after the demo ends (for a scraper).
+    #[arg(long, requires = "admin", default_value_t = 0)]
+    linger_s: u64,
 }
 
 /// How long the switch between two phases lasts after the client's route changed.
@@ -255,12 +262,18 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     cp.watch_file(file.clone());
     backends.serve(listeners, &ca, xds, &dir.0).await?;
 
+    // The metrics provider is installed before the channel is built, so the channel records into it.
+    let admin = match args.admin {
+        Some(addr) => Some(crate::call::start_admin(addr).await.map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     // The client: our channel on an xDS client, as a service would build it.
     let mut bootstrap = Bootstrap::for_server(xds.to_string(), "meshctl-demo");
     bootstrap.certificate_providers.insert(mesh_control::control::CERTIFICATE_PROVIDER.to_owned(), file_watcher(&certs));
     let client = XdsClient::new(bootstrap, XdsClientConfig::default());
     let mut route = client.watch::<RouteConfig>("greeter");
-    let channel = Channel::builder("xds:///greeter").timeout(Duration::from_secs(5)).build_xds(client, "greeter")?;
+    let channel = Channel::builder("xds:///greeter").timeout(Duration::from_secs(5)).build_xds(client.clone(), "greeter")?;
+    let _admin = admin.map(|(admin, listener)| crate::call::AbortOnDrop(admin.channel("greeter", &channel).xds(client).serve(listener)));
 
     writeln!(out, "meshctl demo: a control plane, three greeter backends and a mesh client, all in this process")?;
     writeln!(out, "  control plane  xds={xds}  mesh file {}", file.display())?;
@@ -354,6 +367,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         summary["denied"] =
             json!({ "code": "PERMISSION_DENIED", "message": denied.message(), "after_ms": denied_after.as_millis() as u64 });
         println!("{summary}");
+    }
+    if args.linger_s > 0 {
+        tokio::time::sleep(Duration::from_secs(args.linger_s)).await;
     }
     Ok(failed == 0)
 }

@@ -372,6 +372,39 @@ fn meshctl_demo_runs_the_canary_and_follows_the_edits() {
     assert!(stderr.contains("the server refused the next call"), "{stderr}");
 }
 
+/// `meshctl demo --admin ADDR --linger-s N` serves the demo client's admin endpoint while it runs and after:
+/// once the summary is printed, `/metrics` has the demo's calls and `/clusters` the greeter's endpoints.
+#[test]
+fn meshctl_demo_serves_its_admin_endpoint() {
+    use std::io::{BufRead, BufReader};
+    let admin = format!("127.0.0.1:{}", peers::free_port().unwrap());
+    let mut demo = std::process::Command::new(peers::workspace_bin("meshctl").unwrap())
+        .args(["demo", "--phase-secs", "1", "--json", "--admin", &admin, "--linger-s", "20"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(demo.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let summary: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("demo summary {line:?}: {e}"));
+    let get = |path: &str| {
+        let output = std::process::Command::new("curl").args(["-sf", &format!("http://{admin}{path}")]).output().unwrap();
+        assert!(output.status.success(), "GET {path} failed");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let (metrics, clusters) = (get("/metrics"), get("/clusters"));
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert!(
+        metrics.contains("grpc_client_call_duration_seconds_count{") && metrics.contains("grpc_target=\"xds:///greeter\""),
+        "{metrics}"
+    );
+    let backends = summary["backends"].as_object().unwrap();
+    // The demo ends on the promote phase: its route's cluster holds the v2 greeter.
+    let v2 = backends.iter().find(|(_, version)| *version == "v2").map(|(addr, _)| addr.as_str()).unwrap();
+    assert!(clusters.contains(v2), "the v2 greeter in /clusters: {clusters}");
+}
+
 /// A mesh file's retry policy reaches our client through mesh-control and is enforced: a backend failing 30% of
 /// its calls with UNAVAILABLE costs `meshctl call` and our channel no failed call, where without the policy
 /// about 15% fail (half the calls reach that backend).

@@ -557,3 +557,64 @@ async fn meshctl_call_otlp_exports_client_spans_that_the_servers_spans_are_child
         assert_eq!((server.service.as_str(), &server.span.trace_id), ("mesh-tests", &client.span.trace_id));
     }
 }
+
+/// Where a call's time went (A121): the first call on a channel whose endpoint's TLS handshake is slow (a relay
+/// holds each connection 300 ms before passing it on) waits for the connecting endpoint. The response says so
+/// (`mesh_tonic::Delay`), and the metrics record it as `grpc.client.call.delay.duration` and
+/// `grpc.client.attempt.delay.duration` with `grpc.delay_type="connecting"`; a later call on the ready
+/// connection records no delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_a_connecting_endpoint_records_a_connecting_delay() {
+    const GREETER: &str = "spiffe://mesh.local/ns/default/sa/greeter";
+    let ca = mesh_tests::certs::SpiffeCa::new("delay CA").unwrap();
+    let acceptor = mesh_tower::tls::MtlsAcceptor::new(ca.credentials(GREETER).unwrap()).unwrap();
+    let server = EchoServer::start_mesh(acceptor).await.unwrap();
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            let upstream = server.addr;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let metrics = mesh_tonic::admin::Prometheus::new().unwrap();
+    let policy = mesh_core::policy::TlsPolicy { allowed_identities: vec![GREETER.to_owned()], ..Default::default() };
+    let channel = mesh_tonic::Channel::builder(format!("static:///{relay_addr}"))
+        .mtls(Arc::new(ca.credentials("spiffe://mesh.local/ns/default/sa/web").unwrap()), policy)
+        .meter(Some(metrics.meter()))
+        .build()
+        .unwrap();
+    async fn delayed(channel: &mesh_tonic::Channel) -> Option<mesh_tonic::Delay> {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let response =
+            grpc.unary(tonic::Request::new(Bytes::from_static(b"hi")), PathAndQuery::from_static(METHOD), BytesCodec).await.unwrap();
+        response.extensions().get::<mesh_tonic::Delay>().copied()
+    }
+    let first = delayed(&channel).await.expect("the first call waited");
+    assert_eq!(first.kind, mesh_tonic::DelayKind::Connecting, "{first:?}");
+    assert!(first.waited >= Duration::from_millis(250), "{first:?}");
+    assert_eq!(delayed(&channel).await, None, "a call on a ready connection does not wait");
+
+    let text = metrics.render();
+    let count = |metric: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{metric}_count{{")) && l.contains("grpc_delay_type=\"connecting\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(count("grpc_client_call_delay_duration_seconds"), Some(1.0), "{text}");
+    assert_eq!(count("grpc_client_attempt_delay_duration_seconds"), Some(1.0), "{text}");
+    let sum = text
+        .lines()
+        .find(|l| l.starts_with("grpc_client_call_delay_duration_seconds_sum{") && l.contains("connecting"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_default();
+    assert!(sum >= 0.25, "the recorded delay is the wait: {sum} s\n{text}");
+}

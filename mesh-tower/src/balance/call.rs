@@ -5,7 +5,7 @@ use std::sync::Arc;
 use mesh_core::LbPolicy;
 
 use super::body::{Counting, InFlight, ResponseBody};
-use super::{PreviousAttempts, RequestBody, ServedBy, State, lock};
+use super::{Delay, DelayKind, PreviousAttempts, RequestBody, ServedBy, State, lock};
 use crate::classify::{self, Failure};
 use crate::connect::Connect;
 use crate::replay::{HeadCopy, ReplayBody};
@@ -37,8 +37,10 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
         let mut resends = 0;
         // Drops are decided once per call, at its first pick; re-picks and resends do not draw again.
         let mut drop_checked = false;
-        // Set when the call first has to wait: (receiver, deadline, start).
-        let mut waiting: Option<(tokio::sync::watch::Receiver<u64>, tokio::time::Instant, tokio::time::Instant)> = None;
+        // Set when the call first has to wait: (receiver, deadline, start, what it waits for).
+        let mut waiting: Option<(tokio::sync::watch::Receiver<u64>, tokio::time::Instant, tokio::time::Instant, DelayKind)> = None;
+        // How long the pick waited, once an endpoint was picked after waiting.
+        let mut delay = None;
         loop {
             // Pick under the snapshot's read lock, taking only the chosen handle: one reference-count
             // increment and decrement fewer per call than cloning the snapshot (shared atomics that every
@@ -65,6 +67,9 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
             };
             let (all_failed, known) = match picked {
                 Ok(handle) => {
+                    if delay.is_none() {
+                        delay = waiting.as_ref().map(|(_, _, started, kind)| Delay { kind: *kind, waited: started.elapsed() });
+                    }
                     let sent = if decay.is_some() { self.now() } else { Default::default() };
                     let (response, peer) = match handle.send(request) {
                         Ok(sent) => sent,
@@ -85,6 +90,9 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                             let (mut parts, body) = response.into_parts();
                             let addr = handle.addr();
                             parts.extensions.insert(ServedBy(addr));
+                            if let Some(delay) = delay {
+                                parts.extensions.insert(delay);
+                            }
                             if let Some(peer) = peer {
                                 parts.extensions.insert(peer);
                             }
@@ -127,11 +135,16 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                 return Err(Error::AllEndpointsFailed { target: self.target.clone(), count: known, last_error });
             }
             // Subscribe before re-reading the snapshot so no change is missed.
-            let Some((rx, deadline, started)) = waiting.as_mut() else {
+            let Some((rx, deadline, started, kind)) = waiting.as_mut() else {
                 let started = tokio::time::Instant::now();
-                waiting = Some((self.changed.subscribe(), started + self.config.ready_timeout, started));
+                let kind = if known == 0 { DelayKind::Discovery } else { DelayKind::Connecting };
+                waiting = Some((self.changed.subscribe(), started + self.config.ready_timeout, started, kind));
                 continue;
             };
+            // Endpoints found while waiting: from then on the call waits for their connections.
+            if known > 0 {
+                *kind = DelayKind::Connecting;
+            }
             if tokio::time::timeout_at(*deadline, rx.changed()).await.is_err() {
                 return Err(Error::NoReadyEndpoint { target: self.target.clone(), waited: started.elapsed(), known });
             }

@@ -136,6 +136,36 @@ pub struct PreviousAttempts(pub Vec<SocketAddr>);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServedBy(pub SocketAddr);
 
+/// How long a call waited in the balancer before an endpoint could take it, and for what (gRPC A121's delay
+/// types): a response extension, set only on calls that waited. Recorded as
+/// `grpc.client.attempt.delay.duration` and `grpc.client.call.delay.duration` when metrics are on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delay {
+    /// What the call waited for.
+    pub kind: DelayKind,
+    /// How long.
+    pub waited: std::time::Duration,
+}
+
+/// What a call waited for ([`Delay`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DelayKind {
+    /// Endpoints were known but none was ready: their connections were being made (`connecting`).
+    Connecting,
+    /// No endpoint was known yet: discovery had not delivered any (`discovery`).
+    Discovery,
+}
+
+impl DelayKind {
+    /// The `grpc.delay_type` attribute value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Discovery => "discovery",
+        }
+    }
+}
+
 /// What the balancer knows of one endpoint, for debugging and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointStatus {
@@ -334,7 +364,12 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         let attempt = metrics.start(request.uri().path());
         ResponseFuture::new(Box::pin(async move {
             match state.call_replay(request).await {
-                Ok(response) => Ok(response.map(|body| body.with_attempt(attempt))),
+                Ok(response) => {
+                    if let Some(delay) = response.extensions().get::<Delay>() {
+                        attempt.delayed(delay);
+                    }
+                    Ok(response.map(|body| body.with_attempt(attempt)))
+                }
                 Err(error) => {
                     attempt.failed(&error);
                     Err(error)

@@ -273,7 +273,17 @@ impl Future for RouterFuture {
         let Poll::Ready(response) = polled else { return Poll::Pending };
         let (call, span) = (this.call.take(), this.span.take());
         Poll::Ready(match response {
-            Ok(response) => Ok(response.map(|body| body.with_call(call, span))),
+            Ok(response) => {
+                if let Some(delay) = response.extensions().get::<crate::balance::Delay>() {
+                    if let Some(call) = &call {
+                        call.delayed(delay);
+                    }
+                    if let Some(span) = &span {
+                        span.delayed(delay);
+                    }
+                }
+                Ok(response.map(|body| body.with_call(call, span)))
+            }
             Err(error) => {
                 let outcome = Outcome::Grpc(error.grpc_code());
                 if let Some(call) = call {

@@ -54,6 +54,17 @@ impl CallSpan {
         }
     }
 
+    /// Adds a `delay` event: how long the call waited before it was sent, and for what (A121).
+    pub(crate) fn delayed(&self, delay: &crate::balance::Delay) {
+        if let Some(span) = self.0.recording() {
+            let attributes = vec![
+                KeyValue::new("grpc.delay_type", delay.kind.name()),
+                KeyValue::new("grpc.delay.duration_s", delay.waited.as_secs_f64()),
+            ];
+            span.add_event("delay", attributes);
+        }
+    }
+
     /// Ends the span with the call's outcome, on `peer` (`None`: it reached no endpoint).
     pub(crate) fn end(self, outcome: Outcome, peer: Option<SocketAddr>) {
         self.0.end(outcome, peer);

@@ -62,7 +62,7 @@ fn virtual_host(vh: &ProtoVirtualHost) -> Result<VirtualHost, String> {
     }
     let mut routes = Vec::with_capacity(vh.routes.len());
     for (i, r) in vh.routes.iter().enumerate() {
-        match route(r, vh.retry_policy.as_ref(), vh_fault.as_ref()) {
+        match route(r, vh.retry_policy.as_ref(), vh_fault.as_ref(), &vh.typed_per_filter_config) {
             Ok(Some(r)) => routes.push(r),
             Ok(None) => tracing::debug!(virtual_host = %vh.name, route = %r.name, "skipping route the client cannot use"),
             Err(e) => return Err(format!("routes[{i}] ({:?}): {e}", r.name)),
@@ -91,8 +91,29 @@ fn fault_override(configs: &HashMap<String, Any>) -> Result<Option<FaultInjectio
     Ok(None)
 }
 
+/// Fails on an RBAC override (`RBACPerRoute`, bare or in a `FilterConfig`) among a server route's
+/// `typed_per_filter_config`: the server enforces its chain's RBAC filters on every route, so an override that
+/// changed them for one route would be silently ignored.
+fn refuse_rbac_override(configs: &HashMap<String, Any>) -> Result<(), String> {
+    for (name, any) in configs {
+        let inner = match super::type_name(&any.type_url) {
+            FILTER_CONFIG => FilterConfig::decode(any.value.as_slice()).ok().and_then(|c| c.config),
+            _ => Some(any.clone()),
+        };
+        if inner.is_some_and(|inner| super::type_name(&inner.type_url) == super::rbac::RBAC_PER_ROUTE) {
+            return Err(format!("{name}: RBACPerRoute overrides are not supported on a server's routes yet (refused, not ignored)"));
+        }
+    }
+    Ok(())
+}
+
 /// The route, or `None` when the client can never use it.
-fn route(r: &ProtoRoute, vh_retry: Option<&ProtoRetry>, vh_fault: Option<&FaultInjection>) -> Result<Option<Route>, String> {
+fn route(
+    r: &ProtoRoute,
+    vh_retry: Option<&ProtoRetry>,
+    vh_fault: Option<&FaultInjection>,
+    vh_overrides: &HashMap<String, Any>,
+) -> Result<Option<Route>, String> {
     let m = r.r#match.as_ref().ok_or("match: missing")?;
     let action = r.action.as_ref().ok_or("action: missing")?;
     if !m.query_parameters.is_empty() {
@@ -109,7 +130,16 @@ fn route(r: &ProtoRoute, vh_retry: Option<&ProtoRetry>, vh_fault: Option<&FaultI
             }
             None => return Ok(None),
         },
-        Action::NonForwardingAction(_) => (RouteAction::NonForwarding, RoutePolicies::default()),
+        Action::NonForwardingAction(_) => {
+            // A server's route (A36): its fault override applies (A39); an RBAC override is refused, not ignored.
+            for (field, configs) in
+                [("typed_per_filter_config", &r.typed_per_filter_config), ("virtual host typed_per_filter_config", vh_overrides)]
+            {
+                refuse_rbac_override(configs).map_err(|e| format!("{field}: {e}"))?;
+            }
+            let fault = fault_override(&r.typed_per_filter_config).map_err(|e| format!("typed_per_filter_config: {e}"))?;
+            (RouteAction::NonForwarding, RoutePolicies { fault: fault.or_else(|| vh_fault.cloned()), ..RoutePolicies::default() })
+        }
         Action::Redirect(_) | Action::DirectResponse(_) | Action::FilterAction(_) => return Ok(None),
     };
     Ok(Some(Route { name: r.name.clone(), matcher, action, policies }))
@@ -410,6 +440,32 @@ mod tests {
         let code = |i: usize| rc.virtual_hosts[0].routes[i].policies.fault.as_ref().and_then(|f| f.abort).and_then(|a| a.code);
         assert_eq!(code(0), Some(GrpcCode::ResourceExhausted), "the route's own override, in a FilterConfig");
         assert_eq!(code(1), Some(GrpcCode::Unavailable), "the virtual host's");
+    }
+
+    /// A server's non-forwarding routes keep their fault overrides (A39); an RBAC override is refused, naming it.
+    #[test]
+    fn server_routes_keep_fault_overrides_and_refuse_rbac_overrides() {
+        use envoy_types::pb::envoy::config::route::v3::NonForwardingAction;
+        use envoy_types::pb::envoy::extensions::filters::http::fault::v3::fault_abort::ErrorType;
+        use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault};
+        use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::RbacPerRoute;
+        let abort = HttpFault {
+            abort: Some(FaultAbort { error_type: Some(ErrorType::GrpcStatus(8)), ..Default::default() }),
+            ..Default::default()
+        };
+        let mut server = route("inbound", prefix(""), Some(Action::NonForwardingAction(NonForwardingAction {})));
+        server.typed_per_filter_config = [("fault".to_owned(), to_any(&abort))].into();
+        let rc = |routes: Vec<ProtoRoute>| {
+            let vh = ProtoVirtualHost { name: "vh".into(), domains: vec!["*".into()], routes, ..Default::default() };
+            decode_rc(&to_any(&RouteConfiguration { name: "r".into(), virtual_hosts: vec![vh], ..Default::default() }))
+        };
+        let decoded = rc(vec![server.clone()]).unwrap();
+        let fault = decoded.virtual_hosts[0].routes[0].policies.fault.as_ref().and_then(|f| f.abort).and_then(|a| a.code);
+        assert_eq!(fault, Some(GrpcCode::ResourceExhausted));
+        let wrapped = FilterConfig { config: Some(to_any(&RbacPerRoute { rbac: None })), ..Default::default() };
+        server.typed_per_filter_config = [("rbac".to_owned(), to_any(&wrapped))].into();
+        let error = format!("{:?}", rc(vec![server]).unwrap_err());
+        assert!(error.contains("rbac: RBACPerRoute overrides are not supported"), "{error}");
     }
 
     fn pd(ms: i64) -> Option<ProtoDuration> {
