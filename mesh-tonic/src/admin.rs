@@ -73,12 +73,23 @@ impl Prometheus {
     }
 }
 
+/// Reads (`None`) or replaces (`Some(directives)`, `RUST_LOG` syntax) the process's log filter, returning the
+/// filter now in force: how `/logging` reaches the binary's `tracing` subscriber, which a library does not own.
+pub type LogFilter = Arc<dyn Fn(Option<&str>) -> std::result::Result<String, String> + Send + Sync>;
+
 /// What the admin endpoint shows: the channels it was given and the xDS client behind them.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Admin {
     channels: Arc<Mutex<Vec<(String, Channel)>>>,
     xds: Option<xds_client::XdsClient>,
     metrics: Option<Prometheus>,
+    logging: Option<LogFilter>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").field("channels", &self.channels().len()).field("logging", &self.logging.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl Admin {
@@ -95,6 +106,13 @@ impl Admin {
     /// Shows `channel` under `name` in `/clusters` and `/ready`, and counts its layers' work in `/metrics`.
     pub fn channel(self, name: impl Into<String>, channel: &Channel) -> Self {
         self.channels.lock().unwrap_or_else(|e| e.into_inner()).push((name.into(), channel.clone()));
+        self
+    }
+
+    /// Serves `/logging`: `GET` shows the log filter, `POST /logging?level=debug` (every target) or
+    /// `POST /logging?filter=mesh_tower=debug,info` (directives) replaces it at runtime.
+    pub fn logging(mut self, filter: LogFilter) -> Self {
+        self.logging = Some(filter);
         self
     }
 
@@ -121,7 +139,7 @@ impl Admin {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                         let csds = csds.clone().filter(|_| request.uri().path().starts_with(CSDS_PATH));
-                        let response = admin.respond(request.uri().path());
+                        let response = admin.respond(request.method(), request.uri());
                         async move {
                             let Some(mut csds) = csds else { return Ok::<_, Infallible>(response.map(tonic::body::Body::new)) };
                             tower::Service::call(&mut csds, request.map(tonic::body::Body::new)).await
@@ -135,6 +153,27 @@ impl Admin {
         })
     }
 
+    /// `/logging`: the filter, or a new one from `level=` or `filter=` on a POST.
+    fn log_filter(&self, method: &http::Method, query: Option<&str>) -> (u16, &'static str, String) {
+        let Some(logging) = &self.logging else {
+            return (404, "text/plain", "this process does not expose its log filter\n".to_owned());
+        };
+        let asked = query.unwrap_or_default().split('&').find_map(|pair| match pair.split_once('=') {
+            Some(("level" | "filter", value)) => Some(percent_decode(value)),
+            _ => None,
+        });
+        let result = match (method, asked) {
+            (&http::Method::GET, None) => logging(None),
+            (&http::Method::POST, Some(filter)) => logging(Some(&filter)),
+            (&http::Method::POST, None) => Err("POST /logging needs ?level=<level> or ?filter=<directives>".to_owned()),
+            _ => Err("use GET /logging to read the filter, POST /logging?level=... to change it".to_owned()),
+        };
+        match result {
+            Ok(filter) => (200, "text/plain", format!("{filter}\n")),
+            Err(reason) => (400, "text/plain", format!("{reason}\n")),
+        }
+    }
+
     fn channels(&self) -> Vec<(String, Channel)> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -144,8 +183,9 @@ impl Admin {
         self.channels().iter().all(|(_, c)| c.endpoints().iter().any(|e| e.state == mesh_tower::balance::ConnState::Ready))
     }
 
-    fn respond(&self, path: &str) -> http::Response<Full<Bytes>> {
-        let (status, content_type, body) = match path {
+    fn respond(&self, method: &http::Method, uri: &http::Uri) -> http::Response<Full<Bytes>> {
+        let (status, content_type, body) = match uri.path() {
+            "/logging" => self.log_filter(method, uri.query()),
             "/live" => (200, "text/plain", "ok\n".to_owned()),
             "/ready" if self.is_ready() => (200, "text/plain", "ok\n".to_owned()),
             "/ready" => (503, "text/plain", "a channel has no ready endpoint\n".to_owned()),
@@ -155,7 +195,7 @@ impl Admin {
             },
             "/clusters" => (200, "application/json", pretty(&self.clusters())),
             "/config_dump" => (200, "application/json", pretty(&self.config_dump())),
-            _ => (404, "text/plain", "not found: try /live, /ready, /metrics, /clusters, /config_dump\n".to_owned()),
+            _ => (404, "text/plain", "not found: try /live, /ready, /metrics, /clusters, /config_dump, /logging\n".to_owned()),
         };
         let mut response = http::Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
@@ -267,4 +307,29 @@ fn pretty(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     text.push('\n');
     text
+}
+
+/// A query value with `+` as a space and `%XX` escapes decoded (an invalid escape is kept as it is).
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (escaped, bytes[i]) {
+            (Some(byte), _) => {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, byte) => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -334,7 +334,11 @@ pub(crate) async fn start_admin(addr: std::net::SocketAddr) -> Result<(mesh_toni
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--admin {addr}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("--admin {addr}: {e}"))?;
     eprintln!("meshctl: admin endpoint on http://{bound}");
-    Ok((mesh_tonic::admin::Admin::new(Some(metrics)), listener))
+    let mut admin = mesh_tonic::admin::Admin::new(Some(metrics));
+    if let Some(filter) = crate::LOG_FILTER.get() {
+        admin = admin.logging(filter.clone());
+    }
+    Ok((admin, listener))
 }
 
 /// Aborts the admin task when the command ends.

@@ -37,6 +37,24 @@ fn sums(prometheus: &Prometheus, metric: &str, selector: &str, by: &str) -> BTre
         .collect()
 }
 
+/// `meshctl call <args> --json --admin <admin>` with one environment variable set: the running process (its
+/// admin endpoint lingers as `args` say) and the summary it printed when its calls were done.
+fn meshctl_call_with_admin(args: &[&str], admin: SocketAddr, env: (&str, &str)) -> (std::process::Child, Value) {
+    let mut meshctl = Command::new(peers::workspace_bin("meshctl").unwrap())
+        .arg("call")
+        .args(args)
+        .args(["--json", "--admin", &admin.to_string()])
+        .env(env.0, env.1)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(meshctl.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let summary = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("meshctl summary {line:?}: {e}"));
+    (meshctl, summary)
+}
+
 fn curl(addr: SocketAddr, path: &str) -> Value {
     let output = Command::new("curl").args(["-sf", &format!("http://{addr}{path}")]).output().unwrap();
     assert!(output.status.success(), "GET {path} on {addr} failed");
@@ -69,18 +87,10 @@ async fn a_real_prometheus_scrape_counts_calls_by_route_endpoint_and_status() {
     let prometheus = Prometheus::start(&[("client", client_admin), ("server", server_admin)]).unwrap();
 
     let calls = 600;
-    let mut meshctl = Command::new(peers::workspace_bin("meshctl").unwrap())
-        .args(["call", "--target", "xds:///greeter", "--method", METHOD, "--n", &calls.to_string(), "--concurrency", "4"])
-        .args(["--json", "--admin", &client_admin.to_string(), "--linger-s", "60"])
-        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The summary is printed when the calls are done; the admin endpoint stays up for the scrapes.
-    let mut line = String::new();
-    BufReader::new(meshctl.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let summary: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("meshctl summary {line:?}: {e}"));
+    let calls_arg = calls.to_string();
+    let args = ["--target", "xds:///greeter", "--method", METHOD, "--n", &calls_arg, "--concurrency", "4", "--linger-s", "60"];
+    let bootstrap = bootstrap.display().to_string();
+    let (mut meshctl, summary) = meshctl_call_with_admin(&args, client_admin, ("GRPC_XDS_BOOTSTRAP", &bootstrap));
     let by_code: BTreeMap<String, u64> =
         summary["by_code"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
     assert_eq!(by_code.values().sum::<u64>(), calls, "{summary}");
@@ -617,4 +627,39 @@ async fn a_call_waiting_for_a_connecting_endpoint_records_a_connecting_delay() {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or_default();
     assert!(sum >= 0.25, "the recorded delay is the wait: {sum} s\n{text}");
+}
+
+/// `/logging` on `meshctl call --admin`: GET shows the log filter in force, `POST ?level=` and `POST ?filter=`
+/// replace it at runtime, and an invalid filter is refused with the reason, leaving the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_changes_the_log_filter_at_runtime() {
+    let server = EchoServer::start(Duration::ZERO).await.unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", peers::free_port().unwrap()).parse().unwrap();
+    let target = format!("static:///{}", server.addr);
+    let args = ["--target", &target, "--method", METHOD, "--n", "3", "--linger-s", "30"];
+    let (mut meshctl, _) = meshctl_call_with_admin(&args, admin, ("MESH_LOG", "warn"));
+    let request = |method: &str, query: &str| {
+        let output = Command::new("curl")
+            .args(["-s", "-X", method, "-w", "\n%{http_code}", &format!("http://{admin}/logging{query}")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+        (code.to_owned(), body.trim().to_owned())
+    };
+    let before = request("GET", "");
+    let raised = request("POST", "?level=debug");
+    let targeted = request("POST", "?filter=mesh_tower%3Dtrace%2Cinfo");
+    let after = request("GET", "");
+    let invalid = request("POST", "?filter=mesh_tower%3Dloud");
+    let kept = request("GET", "");
+    let _ = meshctl.kill();
+    let _ = meshctl.wait();
+    assert_eq!(before, ("200".to_owned(), "warn".to_owned()));
+    assert_eq!(raised, ("200".to_owned(), "debug".to_owned()));
+    assert_eq!(targeted.0, "200", "{targeted:?}");
+    assert!(after.1.contains("mesh_tower=trace") && after.1.contains("info"), "{after:?}");
+    assert_eq!(invalid.0, "400", "{invalid:?}");
+    assert!(invalid.1.contains("invalid log filter"), "{invalid:?}");
+    assert_eq!(kept, after, "a refused filter changes nothing");
 }
