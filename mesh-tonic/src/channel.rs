@@ -102,6 +102,8 @@ pub struct ChannelBuilder {
     meter: Option<opentelemetry::metrics::Meter>,
     /// What traces each call in a client span ([`mesh_tower::trace`]); `None`: not traced.
     tracer: Option<mesh_tower::trace::Tracer>,
+    /// Access lines for a sampled share of calls ([`mesh_tower::telemetry::AccessLog`]); `None`: off.
+    access: Option<mesh_tower::telemetry::AccessLog>,
 }
 
 impl Channel {
@@ -118,6 +120,7 @@ impl Channel {
             credentials: None,
             meter: mesh_tower::telemetry::default_meter(),
             tracer: mesh_tower::trace::default_tracer(),
+            access: None,
         }
     }
 
@@ -284,6 +287,13 @@ impl ChannelBuilder {
         self
     }
 
+    /// Writes one access line per call for `share` of the calls (0 to 1): a `tracing` event on target
+    /// `mesh::access` with the target, method, route, endpoint, status, duration and trace id. Off by default.
+    pub fn access_log(mut self, share: f64) -> Self {
+        self.access = Some(mesh_tower::telemetry::AccessLog::new(share));
+        self
+    }
+
     fn client_metrics(&self) -> Option<mesh_tower::telemetry::ClientMetrics> {
         self.meter.as_ref().map(|meter| mesh_tower::telemetry::ClientMetrics::new(meter, &self.target))
     }
@@ -339,6 +349,7 @@ impl ChannelBuilder {
         let (mut publisher, router) = Publisher::new(&self.target, "the target", self.config.ready_timeout, new_cluster, None);
         publisher.cluster(&cluster);
         publisher.publish(&[single_route(&cluster.name, self.route)]);
+        let router = router.with_access_log(self.access);
         Ok(Channel::new(Inner { router, _follower: None, handshakes }, authority, self.timeout, self.tracer))
     }
 
@@ -352,6 +363,7 @@ impl ChannelBuilder {
         let connectors = MakeMtls::new(self.credentials).with_providers(providers);
         let handshakes = connectors.counts().clone();
         let (router, follower) = crate::xds::follow(client, name, self.config, connectors, metrics);
+        let router = router.with_access_log(self.access);
         Ok(Channel::new(Inner { router, _follower: Some(Arc::new(follower)), handshakes }, authority, self.timeout, self.tracer))
     }
 }

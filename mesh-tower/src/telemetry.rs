@@ -141,11 +141,51 @@ impl ClientMetrics {
     pub fn cluster(&self, cluster: &str) -> AttemptMetrics {
         AttemptMetrics { client: self.clone(), backend: KeyValue::new("grpc.lb.backend_service", Arc::<str>::from(cluster)) }
     }
+}
 
-    /// Times a call to `path` on route `route` (`None`: unnamed) that started at `start`.
-    pub(crate) fn call(&self, path: &str, route: Option<&Arc<str>>, start: Instant) -> CallRecord {
-        CallRecord { metrics: self.clone(), method: method(path), route: route.map(|r| KeyValue::new("mesh.route", r.clone())), start }
+/// Access logs: one structured line per call (a `tracing` event on target `mesh::access` at `info`, which a
+/// binary's `--log-format json` writes as one JSON object) for a sampled share of calls. Off unless a channel
+/// is given one.
+#[derive(Clone, Debug)]
+pub struct AccessLog {
+    per_million: u32,
+    seed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl AccessLog {
+    /// Logs `share` of the calls (0 to 1; out-of-range values are brought into it).
+    pub fn new(share: f64) -> Self {
+        let share = if share.is_nan() { 0.0 } else { share.clamp(0.0, 1.0) };
+        Self { per_million: (share * 1_000_000.0).round() as u32, seed: Arc::default() }
     }
+
+    fn sampled(&self) -> bool {
+        use mesh_core::lb::Random as _;
+        let draw = mesh_core::lb::SplitMix64::new(self.seed.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).below(1_000_000);
+        (draw as u32) < self.per_million
+    }
+}
+
+/// The record of one call, when its metrics are on or its access line is sampled.
+pub(crate) fn call_record(
+    metrics: Option<&ClientMetrics>,
+    access: Option<&AccessLog>,
+    target: &Arc<str>,
+    path: &str,
+    route: Option<&Arc<str>>,
+    start: Instant,
+) -> Option<CallRecord> {
+    let access = access.filter(|a| a.sampled()).map(|_| target.clone());
+    if metrics.is_none() && access.is_none() {
+        return None;
+    }
+    Some(CallRecord {
+        metrics: metrics.cloned(),
+        access,
+        method: method(path),
+        route: route.map(|r| KeyValue::new("mesh.route", r.clone())),
+        start,
+    })
 }
 
 /// A66's `grpc.method`: the path without its leading slash (shared, so its copies cost no allocation).
@@ -230,7 +270,9 @@ impl AttemptRecord {
 /// One call being timed.
 #[derive(Debug)]
 pub(crate) struct CallRecord {
-    metrics: ClientMetrics,
+    metrics: Option<ClientMetrics>,
+    /// The target, when the call's access line is written.
+    access: Option<Arc<str>>,
     method: KeyValue,
     route: Option<KeyValue>,
     start: Instant,
@@ -239,16 +281,39 @@ pub(crate) struct CallRecord {
 impl CallRecord {
     /// Records that the call waited `delay` before its answering attempt was sent.
     pub(crate) fn delayed(&self, delay: &crate::balance::Delay) {
-        let c = &self.metrics.0;
-        c.call_delay.record(delay.waited.as_secs_f64(), &[self.method.clone(), c.target.clone(), delay_type(delay)]);
+        if let Some(metrics) = &self.metrics {
+            let c = &metrics.0;
+            c.call_delay.record(delay.waited.as_secs_f64(), &[self.method.clone(), c.target.clone(), delay_type(delay)]);
+        }
     }
 
-    pub(crate) fn end(self, outcome: Outcome) {
-        let c = &self.metrics.0;
-        let elapsed = self.start.elapsed().as_secs_f64();
+    /// Records the call's end with `outcome`, on `peer` (`None`: it reached no endpoint), in the call's span
+    /// `span` (for the access line's trace id).
+    pub(crate) fn end(self, outcome: Outcome, peer: Option<std::net::SocketAddr>, span: Option<&crate::trace::CallSpan>) {
+        let elapsed = self.start.elapsed();
+        if let Some(target) = &self.access {
+            let (status, http) = match outcome {
+                Outcome::Http(status) => ("", status),
+                other => (other.grpc_code().name(), 0),
+            };
+            tracing::info!(
+                target: "mesh::access",
+                grpc_target = %target,
+                method = %self.method.value,
+                route = %self.route.as_ref().map(|r| r.value.as_str()).unwrap_or_default(),
+                endpoint = %peer.map(|p| p.to_string()).unwrap_or_default(),
+                grpc_status = status,
+                http_status = http,
+                duration_us = elapsed.as_micros() as u64,
+                trace_id = %span.and_then(crate::trace::CallSpan::trace_id).unwrap_or_default(),
+                "call"
+            );
+        }
+        let Some(metrics) = self.metrics else { return };
+        let c = &metrics.0;
         let unnamed = self.route.is_none();
         let attributes = [self.method, c.target.clone(), status(outcome), self.route.unwrap_or_else(|| KeyValue::new("mesh.route", ""))];
-        c.call_duration.record(elapsed, if unnamed { &attributes[..3] } else { &attributes[..] });
+        c.call_duration.record(elapsed.as_secs_f64(), if unnamed { &attributes[..3] } else { &attributes[..] });
     }
 }
 
@@ -269,7 +334,7 @@ impl Records {
             attempt.end(outcome, Some(peer), self.rcvd);
         }
         if let Some(call) = self.call {
-            call.end(outcome);
+            call.end(outcome, Some(peer), self.span.as_ref());
         }
         if let Some(span) = self.span {
             span.end(outcome, Some(peer));

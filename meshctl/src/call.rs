@@ -82,6 +82,10 @@ pub(crate) struct CallArgs {
     /// Keep serving the admin endpoint this many seconds after the calls end (for a scraper).
     #[arg(long, requires = "admin", default_value_t = 0)]
     linger_s: u64,
+    /// Write an access line (on stderr, target `mesh::access`, JSON with `--log-format json`) for this share of
+    /// the calls, 0 to 1.
+    #[arg(long, value_name = "SHARE")]
+    access_log: Option<f64>,
     /// Trace the calls and export the spans over OTLP/gRPC to this collector (`http://host:4317`).
     #[arg(long, value_name = "ENDPOINT")]
     otlp: Option<String>,
@@ -188,6 +192,9 @@ pub(crate) async fn run(args: CallArgs) -> ExitCode {
         Err(e) => return usage_error(e),
     };
     let mut builder = Channel::builder(&args.target).lb(lb);
+    if let Some(share) = args.access_log {
+        builder = builder.access_log(share);
+    }
     match credentials(&args) {
         Ok(Some(credentials)) => {
             let policy = mesh_core::policy::TlsPolicy {

@@ -663,3 +663,38 @@ async fn the_admin_endpoint_changes_the_log_filter_at_runtime() {
     assert!(invalid.1.contains("invalid log filter"), "{invalid:?}");
     assert_eq!(kept, after, "a refused filter changes nothing");
 }
+
+/// Access logs: `meshctl call --access-log 1 --log-format json` writes one JSON line per call on target
+/// `mesh::access` with the target, method, route, endpoint, status and duration; without the flag, none.
+#[test]
+fn access_logs_write_one_json_line_per_call_only_when_asked() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(EchoServer::start(Duration::ZERO)).unwrap();
+    let target = format!("static:///{}", server.addr);
+    let run = |extra: &[&str]| {
+        let output = Command::new(peers::workspace_bin("meshctl").unwrap())
+            .args(["--log-format", "json", "call", "--target", &target, "--method", METHOD, "--n", "5", "--json"])
+            .args(extra)
+            .env("MESH_LOG", "warn,mesh::access=info")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let lines: Vec<Value> = String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["target"] == "mesh::access")
+            .collect();
+        lines
+    };
+    let logged = run(&["--access-log", "1"]);
+    assert_eq!(logged.len(), 5, "{logged:?}");
+    for line in &logged {
+        let fields = &line["fields"];
+        assert_eq!(fields["grpc_target"], target.as_str(), "{line}");
+        assert_eq!(fields["method"], "mesh.test.Echo/Hello", "{line}");
+        assert_eq!(fields["endpoint"], server.addr.to_string(), "{line}");
+        assert_eq!(fields["grpc_status"], "OK", "{line}");
+        assert!(fields["duration_us"].as_u64().is_some_and(|d| d > 0), "{line}");
+    }
+    assert!(run(&[]).is_empty(), "no access lines by default");
+}

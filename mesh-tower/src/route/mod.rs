@@ -44,7 +44,7 @@ use crate::deadline::{self, Deadline};
 use crate::ratelimit::RateLimitLayer;
 use crate::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
 use crate::stats::{ClusterCounts, TargetCounts, TargetStats};
-use crate::telemetry::{CallRecord, ClientMetrics};
+use crate::telemetry::{AccessLog, CallRecord, ClientMetrics};
 use crate::trace::{CallSpan, Tracer};
 
 /// What requests are routed with: built routes in order, and the clusters they call.
@@ -82,6 +82,8 @@ pub struct Router<B> {
     metrics: Option<ClientMetrics>,
     /// Per-call client spans; `None`: off.
     tracer: Option<Tracer>,
+    /// Access lines for a sampled share of calls; `None`: off.
+    access: Option<AccessLog>,
 }
 
 impl<B> Clone for Router<B> {
@@ -95,6 +97,7 @@ impl<B> Clone for Router<B> {
             stats: self.stats.clone(),
             metrics: self.metrics.clone(),
             tracer: self.tracer.clone(),
+            access: self.access.clone(),
         }
     }
 }
@@ -106,6 +109,12 @@ impl<B> fmt::Debug for Router<B> {
 }
 
 impl<B> Router<B> {
+    /// This router, writing an access line for the share of calls `access` samples, or none with `None`.
+    pub fn with_access_log(mut self, access: Option<AccessLog>) -> Self {
+        self.access = access;
+        self
+    }
+
     /// This router, starting a client span per call with `tracer` ([`crate::trace`]), or none with `None`.
     pub fn with_tracer(mut self, tracer: Option<Tracer>) -> Self {
         self.tracer = tracer;
@@ -150,7 +159,7 @@ impl<B: RequestBody> Router<B> {
         let draw = || SplitMix64::new(table.seed.fetch_add(1, Ordering::Relaxed)).below(1_000_000) as u32;
         let found = table.routes.iter().find(|(matcher, _, _)| matcher.matches(path, header) && matcher.takes(draw));
         let route = found.and_then(|(_, name, _)| name.as_ref());
-        let call = self.metrics.as_ref().map(|m| m.call(path, route, started));
+        let call = crate::telemetry::call_record(self.metrics.as_ref(), self.access.as_ref(), &self.target, path, route, started);
         if let (Some(span), Some(route)) = (&span, route) {
             span.route(route);
         }
@@ -214,8 +223,16 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
                 let Some(table) = table else {
                     let error = Error::NoConfig { target: this.target.to_string(), from: this.from.to_string(), waited: started.elapsed() };
                     let outcome = Outcome::Grpc(error.grpc_code());
-                    if let Some(metrics) = &this.metrics {
-                        metrics.call(request.uri().path(), None, started).end(outcome);
+                    let call = crate::telemetry::call_record(
+                        this.metrics.as_ref(),
+                        this.access.as_ref(),
+                        &this.target,
+                        request.uri().path(),
+                        None,
+                        started,
+                    );
+                    if let Some(call) = call {
+                        call.end(outcome, None, span.as_ref());
                     }
                     if let Some(span) = span {
                         span.end(outcome, None);
@@ -287,7 +304,7 @@ impl Future for RouterFuture {
             Err(error) => {
                 let outcome = Outcome::Grpc(error.grpc_code());
                 if let Some(call) = call {
-                    call.end(outcome);
+                    call.end(outcome, error.peer(), span.as_ref());
                 }
                 if let Some(span) = span {
                     span.end(outcome, error.peer());
@@ -362,6 +379,7 @@ impl<B: RequestBody, M: MakeConnect> Publisher<B, M> {
             stats: stats.clone(),
             metrics,
             tracer: None,
+            access: None,
         };
         let publisher = Self {
             target,

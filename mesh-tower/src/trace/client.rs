@@ -65,6 +65,14 @@ impl CallSpan {
         }
     }
 
+    /// The span's trace id (32 hex digits), when it has a valid context.
+    pub(crate) fn trace_id(&self) -> Option<String> {
+        let cx = self.0.cx.as_ref()?;
+        let span = cx.span();
+        let context = span.span_context();
+        context.is_valid().then(|| context.trace_id().to_string())
+    }
+
     /// Ends the span with the call's outcome, on `peer` (`None`: it reached no endpoint).
     pub(crate) fn end(self, outcome: Outcome, peer: Option<SocketAddr>) {
         self.0.end(outcome, peer);
