@@ -346,32 +346,34 @@ where
             let per_try = shared.policy.per_try_timeout;
             let mut result = within(per_try, { first }.call(http::Request::from_parts(head, body))).await;
             let mut previous: Vec<SocketAddr> = Vec::new();
+            // Retries sent, and the time spent backing off between attempts (A96).
+            let (mut retried, mut backed_off) = (0u32, Duration::ZERO);
             for attempt in 1.. {
                 let wait = match verdict(&shared.policy.retry_on, &shared.policy.http_retry_on, &result) {
-                    Verdict::Done => return result,
+                    Verdict::Done => break,
                     Verdict::Backoff => shared.backoff(attempt),
                     Verdict::Pushback(wait) => wait,
                 };
                 if attempt >= shared.policy.max_attempts {
-                    return result;
+                    break;
                 }
                 let Some(again) = recorder.try_clone().and_then(|body| copy.request(body)) else {
                     // The body went past the replay limit: it cannot be sent again whole.
-                    return result;
+                    break;
                 };
                 // Under the caller's deadline, no attempt starts that the backoff would leave no time for.
                 if deadline.is_some_and(|d| d.0.saturating_duration_since(tokio::time::Instant::now()) <= wait) {
-                    return result;
+                    break;
                 }
                 let Some(in_flight) = shared.budget.start_retry() else {
                     crate::stats::count(&shared.stats.retry_overflows);
                     tracing::debug!(attempt, "max_retries retries in flight; not retrying");
-                    return result;
+                    break;
                 };
                 if !shared.budget.withdraw() {
                     crate::stats::count(&shared.stats.retry_budget_exhausted);
                     tracing::debug!(attempt, "retry budget exhausted; not retrying");
-                    return result;
+                    break;
                 }
                 match &result {
                     Ok(response) => previous.extend(response.extensions().get::<ServedBy>().map(|s| s.0)),
@@ -382,6 +384,8 @@ where
                 crate::stats::count(&shared.stats.retries);
                 tracing::debug!(attempt, ?wait, "retrying");
                 tokio::time::sleep(wait).await;
+                retried += 1;
+                backed_off += wait;
                 let mut again = again;
                 again.extensions_mut().insert(PreviousAttempts(previous.clone()));
                 if let Some(deadline) = deadline {
@@ -393,9 +397,25 @@ where
                 result = within(per_try, retries.clone().oneshot(again)).await;
                 drop(in_flight);
             }
+            if retried > 0
+                && let Ok(response) = &mut result
+            {
+                response.extensions_mut().insert(Retried { count: retried, backed_off });
+            }
             result
         })
     }
+}
+
+/// A response extension on a call the retry layer sent more than once: how many retries it sent and the time
+/// it spent backing off between attempts (what A96's `grpc.client.call.retries` and
+/// `grpc.client.call.retry_delay` record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retried {
+    /// Retries sent (the first attempt is not one).
+    pub count: u32,
+    /// Time between attempts.
+    pub backed_off: Duration,
 }
 
 /// One attempt, ended by the per-try timeout when there is one.

@@ -100,6 +100,8 @@ struct ClientInstruments {
     call_duration: Histogram<f64>,
     attempt_delay: Histogram<f64>,
     call_delay: Histogram<f64>,
+    call_retries: Histogram<u64>,
+    call_retry_delay: Histogram<f64>,
 }
 
 impl ClientMetrics {
@@ -129,6 +131,13 @@ impl ClientMetrics {
                 "grpc.client.call.delay.duration",
                 "Time a call waited before it was sent, by grpc.delay_type (A121).",
             ),
+            call_retries: meter
+                .u64_histogram("grpc.client.call.retries")
+                .with_unit("{retry}")
+                .with_description("Retries a call made, the first attempt and transparent resends not counted (A96).")
+                .with_boundaries(vec![1.0, 2.0, 3.0, 4.0, 5.0])
+                .build(),
+            call_retry_delay: duration(meter, "grpc.client.call.retry_delay", "Time a call spent backing off between its attempts (A96)."),
         }))
     }
 
@@ -181,6 +190,7 @@ pub(crate) fn call_record(
     }
     Some(CallRecord {
         metrics: metrics.cloned(),
+        retries: 0,
         access,
         method: method(path),
         route: route.map(|r| KeyValue::new("mesh.route", r.clone())),
@@ -271,6 +281,8 @@ impl AttemptRecord {
 #[derive(Debug)]
 pub(crate) struct CallRecord {
     metrics: Option<ClientMetrics>,
+    /// Retries the call made (for its access line).
+    retries: u32,
     /// The target, when the call's access line is written.
     access: Option<Arc<str>>,
     method: KeyValue,
@@ -284,6 +296,17 @@ impl CallRecord {
         if let Some(metrics) = &self.metrics {
             let c = &metrics.0;
             c.call_delay.record(delay.waited.as_secs_f64(), &[self.method.clone(), c.target.clone(), delay_type(delay)]);
+        }
+    }
+
+    /// Records that the call was retried (A96: only calls with a retry record these).
+    pub(crate) fn retried(&mut self, retried: &crate::retry::Retried) {
+        self.retries = retried.count;
+        if let Some(metrics) = &self.metrics {
+            let c = &metrics.0;
+            let attributes = [self.method.clone(), c.target.clone()];
+            c.call_retries.record(u64::from(retried.count), &attributes);
+            c.call_retry_delay.record(retried.backed_off.as_secs_f64(), &attributes);
         }
     }
 
@@ -305,6 +328,7 @@ impl CallRecord {
                 grpc_status = status,
                 http_status = http,
                 duration_us = elapsed.as_micros() as u64,
+                retries = self.retries,
                 trace_id = %span.and_then(crate::trace::CallSpan::trace_id).unwrap_or_default(),
                 "call"
             );

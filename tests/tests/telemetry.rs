@@ -698,3 +698,42 @@ fn access_logs_write_one_json_line_per_call_only_when_asked() {
     }
     assert!(run(&[]).is_empty(), "no access lines by default");
 }
+
+/// A96: a channel retrying a backend that fails 30% of its calls records `grpc.client.call.retries` for the
+/// calls it retried, and the retries it counts are exactly the calls the server saw beyond the client's;
+/// `grpc.client.call.retry_delay` has the backoff of the same calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_counted_per_call_under_a96_names() {
+    let server = EchoServer::start_failing(30).await.unwrap();
+    let metrics = mesh_tonic::admin::Prometheus::new().unwrap();
+    let policy = mesh_core::policy::RetryPolicy {
+        max_attempts: 3,
+        retry_on: vec![mesh_core::GrpcCode::Unavailable],
+        base_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let channel =
+        mesh_tonic::Channel::builder(format!("static:///{}", server.addr)).retry(policy).meter(Some(metrics.meter())).build().unwrap();
+    let calls = 40;
+    for _ in 0..calls {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        grpc.unary(tonic::Request::new(Bytes::from_static(b"hi")), PathAndQuery::from_static(METHOD), BytesCodec).await.unwrap();
+    }
+    let text = metrics.render();
+    let value = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+    };
+    let retries = value("grpc_client_call_retries_sum{");
+    assert_eq!(retries as u64, server.calls() - calls, "every retry reached the server\n{text}");
+    assert!(retries >= 8.0, "30% of the attempts fail, so there are retries: {retries}");
+    let retried_calls = value("grpc_client_call_retries_count{");
+    assert!(retried_calls >= 1.0 && retried_calls <= retries, "{text}");
+    assert_eq!(value("grpc_client_call_retry_delay_seconds_count{"), retried_calls, "{text}");
+    assert!(value("grpc_client_call_retry_delay_seconds_sum{") > 0.0, "{text}");
+}

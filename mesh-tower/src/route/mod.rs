@@ -288,9 +288,12 @@ impl Future for RouterFuture {
             State::Failed(error) => Poll::Ready(Err(error.take().expect("a RouterFuture polled after it completed"))),
         };
         let Poll::Ready(response) = polled else { return Poll::Pending };
-        let (call, span) = (this.call.take(), this.span.take());
+        let (mut call, span) = (this.call.take(), this.span.take());
         Poll::Ready(match response {
             Ok(response) => {
+                if let (Some(call), Some(retried)) = (&mut call, response.extensions().get::<crate::retry::Retried>()) {
+                    call.retried(retried);
+                }
                 if let Some(delay) = response.extensions().get::<crate::balance::Delay>() {
                     if let Some(call) = &call {
                         call.delayed(delay);
