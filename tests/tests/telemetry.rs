@@ -737,3 +737,36 @@ async fn retries_are_counted_per_call_under_a96_names() {
     assert_eq!(value("grpc_client_call_retry_delay_seconds_count{"), retried_calls, "{text}");
     assert!(value("grpc_client_call_retry_delay_seconds_sum{") > 0.0, "{text}");
 }
+
+/// A121's `config` delay: a call made before the control plane has sent the target's config waits for it, and
+/// records `grpc.client.call.delay.duration` with `grpc.delay_type="config"` for that wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_its_first_config_records_a_config_delay() {
+    use mesh_tests::ads::{AdsServer, build, type_url};
+    let server = EchoServer::start(Duration::ZERO).await.unwrap();
+    let ads = AdsServer::start().await.unwrap();
+    let metrics = mesh_tonic::admin::Prometheus::new().unwrap();
+    let client =
+        xds_client::XdsClient::new(xds_client::Bootstrap::for_server(ads.uri(), "delay-test"), xds_client::XdsClientConfig::default());
+    let channel = mesh_tonic::Channel::builder("xds:///greeter").meter(Some(metrics.meter())).build_xds(client, "greeter").unwrap();
+    let call = tokio::spawn(async move {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        grpc.unary(tonic::Request::new(Bytes::from_static(b"hi")), PathAndQuery::from_static(METHOD), BytesCodec).await.map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ads.set(type_url::ENDPOINT, "greeter", build::endpoints("greeter", &[server.addr]));
+    ads.set(type_url::CLUSTER, "greeter", build::cluster_eds("greeter", "round_robin"));
+    ads.set(type_url::ROUTE, "greeter-routes", build::route_config("greeter-routes", &["greeter"], &[("greeter", 1)]));
+    ads.set(type_url::LISTENER, "greeter", build::listener("greeter", "greeter-routes"));
+    call.await.unwrap().unwrap();
+    let text = metrics.render();
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && l.contains("grpc_delay_type=\"config\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(line("grpc_client_call_delay_duration_seconds_count{"), Some(1.0), "{text}");
+    assert!(line("grpc_client_call_delay_duration_seconds_sum{").is_some_and(|s| s >= 0.25), "the wait for the config: {text}");
+}

@@ -154,6 +154,9 @@ pub enum DelayKind {
     Connecting,
     /// No endpoint was known yet: discovery had not delivered any (`discovery`).
     Discovery,
+    /// The target had no route table yet: the control plane had not delivered its config (`config`). Recorded
+    /// by the router, not carried on the response.
+    Config,
 }
 
 impl DelayKind {
@@ -162,6 +165,7 @@ impl DelayKind {
         match self {
             Self::Connecting => "connecting",
             Self::Discovery => "discovery",
+            Self::Config => "config",
         }
     }
 }

@@ -239,7 +239,16 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
                     }
                     return Err(error);
                 };
-                this.route(&table, request, started, span).await
+                let routed = this.route(&table, request, started, span);
+                // The call waited for its first table: a `config` delay (A121).
+                let delay = crate::balance::Delay { kind: crate::balance::DelayKind::Config, waited: started.elapsed() };
+                if let Some(call) = &routed.call {
+                    call.delayed(&delay);
+                }
+                if let Some(span) = &routed.span {
+                    span.delayed(&delay);
+                }
+                routed.await
             })),
             call: None,
             span: None,
