@@ -111,6 +111,7 @@ impl InboundPolicy {
             authz: None,
             rate_limit: None,
             faults: Vec::new(),
+            seed: Default::default(),
         };
         let listener = InboundListener {
             name: name.to_owned(),
@@ -152,6 +153,8 @@ struct ChainPolicy {
     rate_limit: Option<RateLimitLayer>,
     /// The fault layer of each route (`faults[virtual host][route]`): the route's own, else the chain's.
     faults: Vec<Vec<Option<FaultLayer>>>,
+    /// Seeds the draws of routes that take a share of calls (`runtime_fraction`).
+    seed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ChainPolicy {
@@ -173,6 +176,10 @@ impl ChainPolicy {
             RouteSource::Inline(table) => table.clone(),
             RouteSource::Rds(name) => routes(name).ok_or_else(|| format!("route configuration {name:?} has not arrived"))?,
         };
+        if chain.http.adaptive_concurrency.is_some() {
+            // Decoded for clients, where the cluster stack runs it; a server has no place for it yet.
+            tracing::warn!(listener, chain = %chain.name, "the adaptive concurrency filter is not enforced on a server's chain; ignored");
+        }
         let engine = mesh_core::authz::Engine::new(chain.http.rbac.clone()).map_err(|e| format!("RBAC: {e}"))?;
         let authz = (!chain.http.rbac.is_empty()).then(|| AuthzLayer::fixed(engine).with_stats(stats.authz.clone()));
         let rate_limit = chain.http.rate_limit.clone().map(|limit| RateLimitLayer::new(listener, limit, stats.layers.clone()));
@@ -189,6 +196,7 @@ impl ChainPolicy {
             authz,
             rate_limit,
             faults,
+            seed: Default::default(),
         })
     }
 
@@ -239,7 +247,13 @@ impl ChainPolicy {
         };
         let v = table.virtual_hosts.iter().position(|other| std::ptr::eq(other, vh)).unwrap_or_default();
         let header = |name: &str| request.headers().get(name).and_then(|h| h.to_str().ok());
-        let Some(r) = vh.routes.iter().position(|route| route.matcher.matches(path, header)) else {
+        // A route with a `runtime_fraction` takes its share of the calls it matches; the rest go on (A28).
+        let draw = || {
+            use mesh_core::lb::Random as _;
+            let seed = self.seed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            mesh_core::lb::SplitMix64::new(seed).below(1_000_000) as u32
+        };
+        let Some(r) = vh.routes.iter().position(|route| route.matcher.matches(path, header) && route.matcher.takes(draw)) else {
             return Err(format!("no route matches {path}"));
         };
         if vh.routes[r].action != RouteAction::NonForwarding {
@@ -530,5 +544,40 @@ impl hyper::rt::Write for Lingering {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_core::inbound::{FilterChainMatch, InboundHttp};
+    use mesh_core::{Route, RouteMatch, VirtualHost};
+
+    use super::*;
+
+    fn chain(routes: Vec<Route>) -> ChainPolicy {
+        let table =
+            RouteConfig { name: "t".into(), virtual_hosts: vec![VirtualHost { name: "vh".into(), domains: vec!["*".into()], routes }] };
+        let chain = FilterChain {
+            name: "c".into(),
+            matcher: FilterChainMatch::default(),
+            tls: None,
+            http: InboundHttp::new(RouteSource::Inline(table)),
+        };
+        ChainPolicy::build("l", &chain, &|_| None, &BTreeMap::new(), &InboundStats::default()).unwrap()
+    }
+
+    fn route(fraction: Option<u32>, action: RouteAction) -> Route {
+        Route { name: String::new(), matcher: RouteMatch { fraction, ..RouteMatch::any() }, action, policies: Default::default() }
+    }
+
+    /// A route that takes no share of its calls passes them on to the next; a forwarding route is refused.
+    #[test]
+    fn routes_take_their_runtime_fraction_and_must_be_non_forwarding() {
+        let forwarding = || RouteAction::Clusters(vec![mesh_core::WeightedCluster { cluster: "c".into(), weight: 1 }]);
+        let request = || http::Request::builder().uri("/pkg.S/M").body(()).unwrap();
+        let skipped = chain(vec![route(Some(0), forwarding()), route(None, RouteAction::NonForwarding)]);
+        assert!(skipped.route(&request()).is_ok(), "a 0% route takes nothing");
+        let taken = chain(vec![route(Some(1_000_000), forwarding()), route(None, RouteAction::NonForwarding)]);
+        assert!(taken.route(&request()).unwrap_err().contains("not non-forwarding"));
     }
 }
