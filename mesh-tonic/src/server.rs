@@ -147,7 +147,7 @@ impl ServerBuilder {
             None => return Err(Error::Server("a server needs xDS or a fallback listener".into())),
         };
         let (publish, status) = watch::channel(initial);
-        let follower = match self.xds {
+        let (follower, fixed) = match self.xds {
             Some(client) => {
                 let Some(name) = client.bootstrap().listener_name_for_server(local) else {
                     return Err(Error::Server(
@@ -156,17 +156,14 @@ impl ServerBuilder {
                 };
                 tracing::info!(listener = %name, %local, "xDS server waiting for its inbound listener");
                 let task = tokio::spawn(follow(client, name, local, providers, stats.clone(), publish));
-                Some(AbortOnDrop(task.abort_handle()))
+                (Some(AbortOnDrop(task.abort_handle())), None)
             }
-            None => {
-                // Nothing will change the fallback: keep the sender so the connections' watches stay open.
-                let task = tokio::spawn(async move { publish.closed().await });
-                Some(AbortOnDrop(task.abort_handle()))
-            }
+            // Nothing changes the fallback; the sender is kept so the connections' watches stay open.
+            None => (None, Some(publish)),
         };
         let options = ServeOptions { max_connection_age: self.max_connection_age };
         let serving = tokio::spawn(mesh_tower::inbound::serve(listener, status.clone(), tonic_service(service), options));
-        Ok(RunningServer { local, status, stats, _serving: AbortOnDrop(serving.abort_handle()), _follower: follower })
+        Ok(RunningServer { local, status, stats, _serving: AbortOnDrop(serving.abort_handle()), _follower: follower, _fixed: fixed })
     }
 }
 
@@ -178,6 +175,8 @@ pub struct RunningServer {
     stats: Arc<InboundStats>,
     _serving: AbortOnDrop,
     _follower: Option<AbortOnDrop>,
+    /// The policy's sender when no xDS follower holds it (a fixed fallback).
+    _fixed: Option<watch::Sender<Serving>>,
 }
 
 impl RunningServer {

@@ -354,3 +354,32 @@ async fn grpcio_clients_and_servers_meet_ours_over_mtls_and_both_servers_enforce
         assert!(start.elapsed() < Duration::from_secs(15), "the deny rule is not enforced by both: ours {grpcio}, theirs {summary}");
     }
 }
+
+/// Without xDS, a server serves its local fallback listener from the start, and keeps serving it (its
+/// connections are not drained for want of a control plane).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_xds_serves_its_fallback_listener() {
+    use mesh_core::inbound::{FilterChain, FilterChainMatch, InboundHttp, InboundListener};
+    use mesh_core::{Route, RouteAction, RouteConfig, RouteMatch, RouteSource, VirtualHost};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let route = Route { name: "all".into(), matcher: RouteMatch::any(), action: RouteAction::NonForwarding, policies: Default::default() };
+    let table = RouteConfig {
+        name: "local".into(),
+        virtual_hosts: vec![VirtualHost { name: "all".into(), domains: vec!["*".into()], routes: vec![route] }],
+    };
+    let chain = FilterChain {
+        name: "plain".into(),
+        matcher: FilterChainMatch::default(),
+        tls: None,
+        http: InboundHttp::new(RouteSource::Inline(table)),
+    };
+    let fallback = InboundListener { name: "local".into(), address: addr, filter_chains: vec![chain], default_filter_chain: None };
+    let (_server, running) = EchoServer::start_xds(listener, mesh_tonic::Server::builder().fallback(fallback)).unwrap();
+    assert!(matches!(*running.status().borrow(), Serving::Serving(_)));
+    let channel = plaintext(addr);
+    for _ in 0..3 {
+        assert_eq!(call(&channel).await.unwrap(), "plaintext");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
