@@ -404,8 +404,9 @@ impl tower::Service<http::Request<Body>> for Channel {
                 *request.uri_mut() = uri;
             }
         }
-        if self.traced {
-            // The router may run on the queue's task: the caller's context goes with the request.
+        // The router may run on the queue's task: the caller's context goes with the request when it has a
+        // span (without one, the router's own current context is as empty).
+        if self.traced && opentelemetry::Context::map_current(opentelemetry::trace::TraceContextExt::has_active_span) {
             request.extensions_mut().insert(mesh_tower::trace::Parent(opentelemetry::Context::current()));
         }
         let inner = if std::mem::take(&mut self.reserved) {

@@ -365,7 +365,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         let Some(metrics) = state.metrics.get() else {
             return ResponseFuture::new(Box::pin(state.call_replay(request)));
         };
-        let attempt = metrics.start(request.uri().path());
+        let attempt = metrics.start(request.uri());
         ResponseFuture::new(Box::pin(async move {
             match state.call_replay(request).await {
                 Ok(response) => {

@@ -159,7 +159,7 @@ impl<B: RequestBody> Router<B> {
         let draw = || SplitMix64::new(table.seed.fetch_add(1, Ordering::Relaxed)).below(1_000_000) as u32;
         let found = table.routes.iter().find(|(matcher, _, _)| matcher.matches(path, header) && matcher.takes(draw));
         let route = found.and_then(|(_, name, _)| name.as_ref());
-        let call = crate::telemetry::call_record(self.metrics.as_ref(), self.access.as_ref(), &self.target, path, route, started);
+        let call = crate::telemetry::call_record(self.metrics.as_ref(), self.access.as_ref(), &self.target, request.uri(), route, started);
         if let (Some(span), Some(route)) = (&span, route) {
             span.route(route);
         }
@@ -227,7 +227,7 @@ impl<B: RequestBody> tower::Service<http::Request<B>> for Router<B> {
                         this.metrics.as_ref(),
                         this.access.as_ref(),
                         &this.target,
-                        request.uri().path(),
+                        request.uri(),
                         None,
                         started,
                     );

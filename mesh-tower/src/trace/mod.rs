@@ -197,8 +197,9 @@ impl LiveSpan {
                 };
                 span.set_status(Status::error(description));
             }
+            // Ending a span that does not record has no effect: it is skipped (it would read the clock).
+            span.end();
         }
-        span.end();
     }
 }
 
@@ -212,9 +213,23 @@ impl Drop for LiveSpan {
 /// Request headers as a propagator's carrier.
 struct Headers<'a>(&'a mut http::HeaderMap);
 
+/// The propagators' header names, made once (a name parsed per call would be allocated per call).
+fn header_name(key: &str) -> Option<http::HeaderName> {
+    const KNOWN: [&str; 7] = ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags"];
+    static NAMES: std::sync::LazyLock<[http::HeaderName; 7]> = std::sync::LazyLock::new(|| KNOWN.map(http::HeaderName::from_static));
+    match KNOWN.iter().position(|known| *known == key) {
+        Some(i) => Some(NAMES[i].clone()),
+        None => http::HeaderName::from_bytes(key.as_bytes()).ok(),
+    }
+}
+
 impl Injector for Headers<'_> {
+    /// Sets `key`; an empty value (an empty `tracestate`) removes it instead, so a stale one does not travel.
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::try_from(value)) {
+        let Some(name) = header_name(key) else { return };
+        if value.is_empty() {
+            self.0.remove(name);
+        } else if let Ok(value) = http::HeaderValue::try_from(value) {
             self.0.insert(name, value);
         }
     }

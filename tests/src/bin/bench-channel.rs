@@ -267,7 +267,7 @@ impl http_body::Body for Wrapped {
 }
 
 /// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
-const VARIANTS: [&str; 18] = [
+const VARIANTS: [&str; 20] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
     // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
@@ -295,6 +295,10 @@ const VARIANTS: [&str; 18] = [
     // Issue 18's other half: the same metrics, and a client span per call sampled at 1% (parent-based ratio
     // sampler), exported over OTLP/gRPC to an in-process receiver.
     "mesh Channel (p2c_ewma, telemetry + tracing 1%)",
+    // What tracing's cost is made of: the same pipeline sampling nothing, and sampling 1% but propagating
+    // nothing (no `traceparent` on the wire).
+    "mesh Channel (p2c_ewma, telemetry + tracing never sampled) [diag]",
+    "mesh Channel (p2c_ewma, telemetry + tracing 1%, not propagated) [diag]",
 ];
 
 /// The mTLS variant, and the plaintext one it is compared with.
@@ -329,7 +333,10 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         10..=13 => caller!(one_layer(mesh().lb(LbPolicy::p2c_ewma()), i - 10).build()?),
         15 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(Some(prometheus()?.meter())).build()?),
         16 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(None).build()?),
-        17 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(Some(prometheus()?.meter())).tracer(Some(tracing().await?.tracer())).build()?),
+        17..=19 => {
+            let tracer = tracing(i - 17).await?.tracer();
+            caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(Some(prometheus()?.meter())).tracer(Some(tracer)).build()?)
+        }
         MTLS => {
             let credentials = CLIENT_CREDENTIALS.get().ok_or_else(|| anyhow::anyhow!("the mTLS variant needs --mtls"))?.clone();
             let policy =
@@ -340,19 +347,22 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
     })
 }
 
-/// One OTLP trace pipeline for the process, sampling 1% and exporting to a receiver in the process (not
-/// installed globally, so only the variant given its tracer traces).
-async fn tracing() -> anyhow::Result<&'static mesh_tonic::telemetry::Tracing> {
-    static TRACING: tokio::sync::OnceCell<(mesh_tests::otlp::OtlpReceiver, mesh_tonic::telemetry::Tracing)> =
-        tokio::sync::OnceCell::const_new();
-    let (_, tracing) = TRACING
+/// The process's OTLP trace pipelines, exporting to one receiver in the process (not installed globally, so
+/// only the variant given a tracer traces): 0 samples 1% (the shipped default of W3C propagation), 1 samples
+/// nothing, 2 samples 1% and propagates nothing.
+async fn tracing(kind: usize) -> anyhow::Result<&'static mesh_tonic::telemetry::Tracing> {
+    type Pipeline = tokio::sync::OnceCell<mesh_tonic::telemetry::Tracing>;
+    static RECEIVER: tokio::sync::OnceCell<mesh_tests::otlp::OtlpReceiver> = tokio::sync::OnceCell::const_new();
+    static TRACING: [Pipeline; 3] = [Pipeline::const_new(), Pipeline::const_new(), Pipeline::const_new()];
+    let receiver = RECEIVER.get_or_try_init(mesh_tests::otlp::OtlpReceiver::start).await?;
+    let pipeline = TRACING.get(kind).ok_or_else(|| anyhow::anyhow!("no trace pipeline {kind}"))?;
+    pipeline
         .get_or_try_init(async || {
-            let receiver = mesh_tests::otlp::OtlpReceiver::start().await?;
-            let tracing = mesh_tonic::telemetry::Tracing::otlp(receiver.endpoint(), 0.01).service_name("bench-channel").build()?;
-            anyhow::Ok((receiver, tracing))
+            let otlp = mesh_tonic::telemetry::Tracing::otlp(receiver.endpoint(), if kind == 1 { 0.0 } else { 0.01 });
+            let otlp = if kind == 2 { otlp.propagation(&[]) } else { otlp };
+            anyhow::Ok(otlp.service_name("bench-channel").build()?)
         })
-        .await?;
-    Ok(tracing)
+        .await
 }
 
 /// One Prometheus-exporting meter provider for the process (not installed globally, so only the variant

@@ -16,6 +16,10 @@
 //! ends; a body dropped before its trailers is `CANCELLED` (A66). Plain HTTP calls carry
 //! `http.response.status_code` instead of `grpc.status`. Durations are seconds on A66's bucket boundaries.
 //! Sizes count the DATA bytes of the body (the 5-byte gRPC message prefixes included).
+//!
+//! Cost: a call's measurements go to instruments bound to their attribute sets (the SDK's bound
+//! instruments), cached per thread (module `series`), so an ordinary call allocates nothing for its metrics and
+//! hashes no attribute set; only a new series (method, status, endpoint, route) builds its attributes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +33,8 @@ use opentelemetry::metrics::{Counter, Histogram, Meter};
 use tokio::time::Instant;
 
 use crate::classify::{self, Outcome};
+
+mod series;
 
 /// The instrumentation scope of the mesh's instruments.
 pub const SCOPE: &str = "mesh";
@@ -93,6 +99,8 @@ pub struct ClientMetrics(Arc<ClientInstruments>);
 
 #[derive(Debug)]
 struct ClientInstruments {
+    /// Names these instruments in the per-thread series caches.
+    id: u64,
     target: KeyValue,
     attempt_started: Counter<u64>,
     attempt_duration: Histogram<f64>,
@@ -108,6 +116,7 @@ impl ClientMetrics {
     /// The instruments of `meter`, for calls to `target`.
     pub fn new(meter: &Meter, target: &str) -> Self {
         Self(Arc::new(ClientInstruments {
+            id: series::owner(),
             target: KeyValue::new("grpc.target", Arc::<str>::from(target)),
             attempt_started: meter
                 .u64_counter("grpc.client.attempt.started")
@@ -148,7 +157,11 @@ impl ClientMetrics {
 
     /// The attempt metrics of cluster `cluster`.
     pub fn cluster(&self, cluster: &str) -> AttemptMetrics {
-        AttemptMetrics { client: self.clone(), backend: KeyValue::new("grpc.lb.backend_service", Arc::<str>::from(cluster)) }
+        AttemptMetrics(Arc::new(ClusterInstruments {
+            client: self.clone(),
+            backend: KeyValue::new("grpc.lb.backend_service", Arc::<str>::from(cluster)),
+            id: series::owner(),
+        }))
     }
 }
 
@@ -180,7 +193,7 @@ pub(crate) fn call_record(
     metrics: Option<&ClientMetrics>,
     access: Option<&AccessLog>,
     target: &Arc<str>,
-    path: &str,
+    uri: &http::Uri,
     route: Option<&Arc<str>>,
     start: Instant,
 ) -> Option<CallRecord> {
@@ -188,17 +201,15 @@ pub(crate) fn call_record(
     if metrics.is_none() && access.is_none() {
         return None;
     }
-    Some(CallRecord {
-        metrics: metrics.cloned(),
-        retries: 0,
-        access,
-        method: method(path),
-        route: route.map(|r| KeyValue::new("mesh.route", r.clone())),
-        start,
-    })
+    Some(CallRecord { metrics: metrics.cloned(), retries: 0, access, path: path_of(uri), route: route.cloned(), start })
 }
 
-/// A66's `grpc.method`: the path without its leading slash (shared, so its copies cost no allocation).
+/// A request's path (a copy that shares the request's storage: no allocation for tonic's static paths).
+fn path_of(uri: &http::Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+}
+
+/// A66's `grpc.method`: the path without its leading slash.
 fn method(path: &str) -> KeyValue {
     KeyValue::new("grpc.method", Arc::<str>::from(path.strip_prefix('/').unwrap_or(path)))
 }
@@ -212,20 +223,26 @@ fn status(outcome: Outcome) -> KeyValue {
 
 const CANCELLED: Outcome = Outcome::Grpc(mesh_core::GrpcCode::Cancelled);
 
-/// A cluster's attempt instruments (`grpc.lb.backend_service` set).
+/// A cluster's attempt instruments (`grpc.lb.backend_service` set). Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct AttemptMetrics {
+pub struct AttemptMetrics(Arc<ClusterInstruments>);
+
+#[derive(Debug)]
+struct ClusterInstruments {
     client: ClientMetrics,
     backend: KeyValue,
+    /// Names the cluster's series in the per-thread caches.
+    id: u64,
 }
 
 impl AttemptMetrics {
-    /// Counts an attempt to `path` as started and starts timing it.
-    pub(crate) fn start(&self, path: &str) -> AttemptRecord {
-        let method = method(path);
-        let c = &self.client.0;
-        c.attempt_started.add(1, &[method.clone(), c.target.clone()]);
-        AttemptRecord { metrics: self.clone(), method, start: Instant::now() }
+    /// Counts an attempt to `uri`'s path as started and starts timing it.
+    pub(crate) fn start(&self, uri: &http::Uri) -> AttemptRecord {
+        let path = path_of(uri);
+        let c = &self.0.client.0;
+        let key = series::Key { owner: self.0.id, path: path.path(), route: "", code: 0, peer: None };
+        series::with(&series::COUNTERS, key, || c.attempt_started.bind(&[method(path.path()), c.target.clone()]), |started| started.add(1));
+        AttemptRecord { metrics: self.clone(), path, start: Instant::now() }
     }
 }
 
@@ -233,8 +250,16 @@ impl AttemptMetrics {
 #[derive(Debug)]
 pub(crate) struct AttemptRecord {
     metrics: AttemptMetrics,
-    method: KeyValue,
+    path: http::uri::PathAndQuery,
     start: Instant,
+}
+
+/// A series' status, as one number: a gRPC code, or 1,000 plus an HTTP status.
+fn code(outcome: Outcome) -> u32 {
+    match outcome {
+        Outcome::Http(code) => 1_000 + u32::from(code),
+        other => other.grpc_code().as_i32() as u32,
+    }
 }
 
 /// The `grpc.delay_type` attribute of `delay`.
@@ -245,30 +270,29 @@ fn delay_type(delay: &crate::balance::Delay) -> KeyValue {
 impl AttemptRecord {
     /// Records that the attempt waited `delay` before it was sent.
     pub(crate) fn delayed(&self, delay: &crate::balance::Delay) {
-        let c = &self.metrics.client.0;
-        c.attempt_delay.record(delay.waited.as_secs_f64(), &[self.method.clone(), c.target.clone(), delay_type(delay)]);
+        let c = &self.metrics.0.client.0;
+        c.attempt_delay.record(delay.waited.as_secs_f64(), &[method(self.path.path()), c.target.clone(), delay_type(delay)]);
     }
 
     /// Records the attempt's end, on `peer` (`None`: it never reached an endpoint).
     pub(crate) fn end(self, outcome: Outcome, peer: Option<std::net::SocketAddr>, rcvd: u64) {
-        let c = &self.metrics.client.0;
+        let cluster = &self.metrics.0;
+        let c = &cluster.client.0;
         let elapsed = self.start.elapsed().as_secs_f64();
-        let (address, port) = match peer {
-            Some(peer) => (peer.ip().to_string(), i64::from(peer.port())),
-            None => (String::new(), 0),
+        let bind = || {
+            let mut attributes = vec![method(self.path.path()), c.target.clone(), status(outcome), cluster.backend.clone()];
+            // An attempt that reached no endpoint has no peer attributes.
+            if let Some(peer) = peer {
+                attributes.push(KeyValue::new("network.peer.address", peer.ip().to_string()));
+                attributes.push(KeyValue::new("network.peer.port", i64::from(peer.port())));
+            }
+            (c.attempt_duration.bind(&attributes), c.attempt_rcvd.bind(&attributes))
         };
-        let attributes = [
-            self.method,
-            c.target.clone(),
-            status(outcome),
-            self.metrics.backend,
-            KeyValue::new("network.peer.address", address),
-            KeyValue::new("network.peer.port", port),
-        ];
-        // An attempt that reached no endpoint has no peer attributes.
-        let attributes = if peer.is_some() { &attributes[..] } else { &attributes[..4] };
-        c.attempt_duration.record(elapsed, attributes);
-        c.attempt_rcvd.record(rcvd, attributes);
+        let key = series::Key { owner: cluster.id, path: self.path.path(), route: "", code: code(outcome), peer };
+        series::with(&series::SIZED, key, bind, |(duration, rcvd_size)| {
+            duration.record(elapsed);
+            rcvd_size.record(rcvd);
+        });
     }
 
     /// Records an attempt that failed before a response.
@@ -285,8 +309,8 @@ pub(crate) struct CallRecord {
     retries: u32,
     /// The target, when the call's access line is written.
     access: Option<Arc<str>>,
-    method: KeyValue,
-    route: Option<KeyValue>,
+    path: http::uri::PathAndQuery,
+    route: Option<Arc<str>>,
     start: Instant,
 }
 
@@ -295,7 +319,7 @@ impl CallRecord {
     pub(crate) fn delayed(&self, delay: &crate::balance::Delay) {
         if let Some(metrics) = &self.metrics {
             let c = &metrics.0;
-            c.call_delay.record(delay.waited.as_secs_f64(), &[self.method.clone(), c.target.clone(), delay_type(delay)]);
+            c.call_delay.record(delay.waited.as_secs_f64(), &[method(self.path.path()), c.target.clone(), delay_type(delay)]);
         }
     }
 
@@ -304,7 +328,7 @@ impl CallRecord {
         self.retries = retried.count;
         if let Some(metrics) = &self.metrics {
             let c = &metrics.0;
-            let attributes = [self.method.clone(), c.target.clone()];
+            let attributes = [method(self.path.path()), c.target.clone()];
             c.call_retries.record(u64::from(retried.count), &attributes);
             c.call_retry_delay.record(retried.backed_off.as_secs_f64(), &attributes);
         }
@@ -322,8 +346,8 @@ impl CallRecord {
             tracing::info!(
                 target: "mesh::access",
                 grpc_target = %target,
-                method = %self.method.value,
-                route = %self.route.as_ref().map(|r| r.value.as_str()).unwrap_or_default(),
+                method = %self.path.path().strip_prefix('/').unwrap_or_default(),
+                route = %self.route.as_deref().unwrap_or_default(),
                 endpoint = %peer.map(|p| p.to_string()).unwrap_or_default(),
                 grpc_status = status,
                 http_status = http,
@@ -335,9 +359,16 @@ impl CallRecord {
         }
         let Some(metrics) = self.metrics else { return };
         let c = &metrics.0;
-        let unnamed = self.route.is_none();
-        let attributes = [self.method, c.target.clone(), status(outcome), self.route.unwrap_or_else(|| KeyValue::new("mesh.route", ""))];
-        c.call_duration.record(elapsed.as_secs_f64(), if unnamed { &attributes[..3] } else { &attributes[..] });
+        let path = self.path.path();
+        let bind = || {
+            let mut attributes = vec![method(path), c.target.clone(), status(outcome)];
+            if let Some(route) = &self.route {
+                attributes.push(KeyValue::new("mesh.route", route.clone()));
+            }
+            c.call_duration.bind(&attributes)
+        };
+        let key = series::Key { owner: c.id, path, route: self.route.as_deref().unwrap_or_default(), code: code(outcome), peer: None };
+        series::with(&series::DURATIONS, key, bind, |duration| duration.record(elapsed.as_secs_f64()));
     }
 }
 
@@ -373,6 +404,8 @@ pub struct ServerMetricsLayer(Option<Arc<ServerInstruments>>);
 
 #[derive(Debug)]
 struct ServerInstruments {
+    /// Names these instruments in the per-thread series caches.
+    id: u64,
     started: Counter<u64>,
     duration: Histogram<f64>,
     sent: Histogram<u64>,
@@ -382,6 +415,7 @@ impl ServerMetricsLayer {
     /// The instruments of `meter`.
     pub fn new(meter: &Meter) -> Self {
         Self(Some(Arc::new(ServerInstruments {
+            id: series::owner(),
             started: meter
                 .u64_counter("grpc.server.call.started")
                 .with_unit("{call}")
@@ -427,9 +461,10 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let record = self.instruments.as_ref().map(|instruments| {
-            let method = method(request.uri().path());
-            instruments.started.add(1, std::slice::from_ref(&method));
-            ServerRecord { instruments: instruments.clone(), method, start: Instant::now() }
+            let path = path_of(request.uri());
+            let key = series::Key { owner: instruments.id, path: path.path(), route: "", code: 0, peer: None };
+            series::with(&series::COUNTERS, key, || instruments.started.bind(&[method(path.path())]), |started| started.add(1));
+            ServerRecord { instruments: instruments.clone(), path, start: Instant::now() }
         });
         ServerFuture { inner: self.inner.call(request), record }
     }
@@ -438,16 +473,23 @@ where
 #[derive(Debug)]
 struct ServerRecord {
     instruments: Arc<ServerInstruments>,
-    method: KeyValue,
+    path: http::uri::PathAndQuery,
     start: Instant,
 }
 
 impl ServerRecord {
     fn end(self, outcome: Outcome, sent: u64) {
-        let attributes = [self.method, status(outcome)];
         let i = &self.instruments;
-        i.duration.record(self.start.elapsed().as_secs_f64(), &attributes);
-        i.sent.record(sent, &attributes);
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let bind = || {
+            let attributes = [method(self.path.path()), status(outcome)];
+            (i.duration.bind(&attributes), i.sent.bind(&attributes))
+        };
+        let key = series::Key { owner: i.id, path: self.path.path(), route: "", code: code(outcome), peer: None };
+        series::with(&series::SIZED, key, bind, |(duration, sent_size)| {
+            duration.record(elapsed);
+            sent_size.record(sent);
+        });
     }
 }
 
