@@ -30,8 +30,9 @@ use std::net::SocketAddr;
 
 use mesh_tower::telemetry::ServerMetricsLayer;
 use mesh_tower::trace::ServerTraceLayer;
-use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::propagation::text_map_propagator::FieldIter;
+use opentelemetry::propagation::{Extractor, Injector, TextMapCompositePropagator, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_propagator_b3::B3Encoding;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -58,13 +59,57 @@ fn propagator(propagation: &[Propagation]) -> TextMapCompositePropagator {
         .iter()
         .map(|p| -> Box<dyn TextMapPropagator + Send + Sync> {
             match p {
-                Propagation::TraceContext => Box::new(TraceContextPropagator::new()),
+                Propagation::TraceContext => Box::new(TraceContext::default()),
                 Propagation::B3Single => Box::new(opentelemetry_propagator_b3::Propagator::with_encoding(B3Encoding::SingleHeader)),
                 Propagation::B3Multi => Box::new(opentelemetry_propagator_b3::Propagator::with_encoding(B3Encoding::MultipleHeader)),
             }
         })
         .collect();
     TextMapCompositePropagator::new(propagators)
+}
+
+/// W3C Trace Context: the SDK's propagator, with `traceparent` written without `format!` (which formatting a
+/// 128-bit trace id in hex made the larger part of what an unsampled call paid for tracing).
+#[derive(Debug, Default)]
+struct TraceContext(TraceContextPropagator);
+
+impl TextMapPropagator for TraceContext {
+    fn inject_context(&self, cx: &opentelemetry::Context, injector: &mut dyn Injector) {
+        let span = cx.span();
+        let context = span.span_context();
+        if context.is_valid() {
+            injector.set("traceparent", traceparent(context));
+            injector.set("tracestate", context.trace_state().header());
+        }
+    }
+
+    fn extract_with_context(&self, cx: &opentelemetry::Context, extractor: &dyn Extractor) -> opentelemetry::Context {
+        self.0.extract_with_context(cx, extractor)
+    }
+
+    fn fields(&self) -> FieldIter<'_> {
+        self.0.fields()
+    }
+}
+
+/// A span context's `traceparent` value: version `00`, trace id, span id, and the sampled flag alone.
+fn traceparent(context: &SpanContext) -> String {
+    fn hex(value: &mut String, bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for b in bytes {
+            value.push(char::from(DIGITS[usize::from(b >> 4)]));
+            value.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        }
+    }
+    let flags = context.trace_flags() & TraceFlags::SAMPLED;
+    let mut value = String::with_capacity(55);
+    value.push_str("00-");
+    hex(&mut value, &context.trace_id().to_bytes());
+    value.push('-');
+    hex(&mut value, &context.span_id().to_bytes());
+    value.push('-');
+    hex(&mut value, &[flags.to_u8()]);
+    value
 }
 
 /// Settings of an OTLP trace pipeline ([`Tracing::otlp`]).
@@ -169,4 +214,50 @@ pub fn tonic_peer(extensions: &http::Extensions) -> Option<SocketAddr> {
 /// the span naming the caller by [`tonic_peer`]. For tonic's `Server::layer` or a `tower::ServiceBuilder`.
 pub fn server_layer() -> tower::layer::util::Stack<ServerMetricsLayer, ServerTraceLayer> {
     tower::layer::util::Stack::new(ServerMetricsLayer::default_meter(), ServerTraceLayer::default_tracer().peer_address(tonic_peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use opentelemetry::trace::{SpanId, TraceId, TraceState};
+
+    use super::*;
+
+    fn injected(propagator: &dyn TextMapPropagator, context: SpanContext) -> HashMap<String, String> {
+        let mut headers = HashMap::new();
+        propagator.inject_context(&opentelemetry::Context::new().with_remote_span_context(context), &mut headers);
+        headers
+    }
+
+    #[test]
+    fn traceparent_is_written_as_the_sdks_propagator_writes_it_and_read_back() {
+        let state = TraceState::from_key_value([("vendor", "value")]).unwrap();
+        let contexts = [
+            SpanContext::new(
+                TraceId::from(0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c),
+                SpanId::from(0xb7ad_6b71_6920_3331),
+                TraceFlags::SAMPLED,
+                true,
+                state,
+            ),
+            SpanContext::new(TraceId::from(1), SpanId::from(u64::MAX), TraceFlags::new(0xff), true, TraceState::default()),
+            SpanContext::new(TraceId::from(u128::MAX), SpanId::from(1), TraceFlags::default(), false, TraceState::default()),
+            SpanContext::empty_context(),
+        ];
+        for context in contexts {
+            let ours = injected(&TraceContext::default(), context.clone());
+            assert_eq!(ours, injected(&TraceContextPropagator::new(), context.clone()), "{context:?}");
+            if context.is_valid() {
+                let back = TraceContext::default().extract(&ours);
+                let back = back.span().span_context().clone();
+                assert_eq!(
+                    (back.trace_id(), back.span_id(), back.is_sampled()),
+                    (context.trace_id(), context.span_id(), context.is_sampled())
+                );
+            } else {
+                assert!(ours.is_empty(), "an invalid context propagates nothing");
+            }
+        }
+    }
 }

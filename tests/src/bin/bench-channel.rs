@@ -115,6 +115,19 @@ macro_rules! caller {
         });
         caller
     }};
+    // Each call carries the metadata `header()` makes (what propagation alone costs, without a tracer).
+    ($channel:expr, header: $header:expr) => {{
+        let channel = $channel;
+        let caller: Caller = Arc::new(move |payload: Bytes| {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            let mut request = tonic::Request::new(payload);
+            request.metadata_mut().insert("traceparent", $header());
+            Box::pin(async move {
+                grpc.ready().await.is_ok() && grpc.unary(request, PathAndQuery::from_static(METHOD), BytesCodec).await.is_ok()
+            })
+        });
+        caller
+    }};
 }
 
 async fn run(call: Caller, concurrency: usize, seconds: f64) -> Sample {
@@ -267,7 +280,7 @@ impl http_body::Body for Wrapped {
 }
 
 /// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
-const VARIANTS: [&str; 20] = [
+const VARIANTS: [&str; 22] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
     // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
@@ -299,6 +312,8 @@ const VARIANTS: [&str; 20] = [
     // nothing (no `traceparent` on the wire).
     "mesh Channel (p2c_ewma, telemetry + tracing never sampled) [diag]",
     "mesh Channel (p2c_ewma, telemetry + tracing 1%, not propagated) [diag]",
+    "mesh Channel (p2c_ewma, no telemetry, the same traceparent on every call) [diag]",
+    "mesh Channel (p2c_ewma, no telemetry, a new traceparent on every call) [diag]",
 ];
 
 /// The mTLS variant, and the plaintext one it is compared with.
@@ -337,6 +352,16 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
             let tracer = tracing(i - 17).await?.tracer();
             caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(Some(prometheus()?.meter())).tracer(Some(tracer)).build()?)
         }
+        20 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(None).build()?, header: || {
+            tonic::metadata::MetadataValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")
+        }),
+        21 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(None).build()?, header: || {
+            use std::sync::atomic::AtomicU64;
+            static NEXT: AtomicU64 = AtomicU64::new(1);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let value = format!("00-{:032x}-{:016x}-00", u128::from(n) * 0x9e37_79b9_7f4a_7c15, n);
+            tonic::metadata::MetadataValue::try_from(value).expect("hex digits")
+        }),
         MTLS => {
             let credentials = CLIENT_CREDENTIALS.get().ok_or_else(|| anyhow::anyhow!("the mTLS variant needs --mtls"))?.clone();
             let policy =
