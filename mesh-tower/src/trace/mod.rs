@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, SpanRef, Status, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{Span as _, SpanKind, SpanRef, Status, TraceContextExt, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 
 pub use client::Parent;
@@ -158,7 +158,10 @@ impl LiveSpan {
     /// renamed ([`describe`]), so a span that is not sampled allocates no name.
     fn start(tracer: &Tracer, kind: SpanKind, parent: &Context) -> Self {
         let span = tracer.tracer.span_builder("rpc").with_kind(kind.clone()).start_with_context(&*tracer.tracer, parent);
-        Self { cx: Some(parent.with_span(span)), kind }
+        // A span that does not record is only its context: the context alone carries it (the API would box the
+        // boxed span again and lock it to do nothing).
+        let cx = if span.is_recording() { parent.with_span(span) } else { parent.with_remote_span_context(span.span_context().clone()) };
+        Self { cx: Some(cx), kind }
     }
 
     /// The span, when it records.

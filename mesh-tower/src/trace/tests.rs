@@ -123,3 +123,34 @@ async fn without_a_tracer_calls_pass_through_untraced() {
     let response = service.ready().await.unwrap().call(request()).await.unwrap();
     assert_eq!(response.into_body().collect().await.unwrap().trailers().and_then(|t| t.get("grpc-status")).unwrap(), "0");
 }
+
+#[test]
+fn an_unsampled_call_exports_nothing_and_sends_its_decision_on() {
+    let ended = Ended::default();
+    let provider = SdkTracerProvider::builder()
+        .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(opentelemetry_sdk::trace::Sampler::AlwaysOff)))
+        .with_simple_exporter(ended.clone())
+        .build();
+    let client = Tracer::new(provider.tracer("test")).with_propagator(TraceContextPropagator::new());
+    // A stale `tracestate` the caller left on the request does not travel with the new context.
+    let mut request = http::Request::builder().uri("http://a:1/echo.Echo/Unary").header("tracestate", "stale=1").body(()).unwrap();
+    let span = super::CallSpan::start(&client, &mut request);
+    let traceparent = request.headers().get("traceparent").expect("an unsampled call still propagates").to_str().unwrap().to_owned();
+    let fields: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!((fields.len(), fields[0], fields[3]), (4, "00", "00"), "{traceparent}: version 00, not sampled");
+    assert_eq!(span.trace_id().as_deref(), Some(fields[1]), "the header carries the call's own context");
+    assert!(request.headers().get("tracestate").is_none());
+    assert!(request.extensions().get::<super::InCall>().is_none(), "nothing below the router adds to an unsampled span");
+    span.end(crate::classify::Outcome::Grpc(mesh_core::GrpcCode::Ok), Some("127.0.0.1:1".parse().unwrap()));
+
+    // The next hop follows the decision: its server span is not sampled (the SDK's default sampler: parent-based,
+    // every root sampled).
+    let (server_tracer, server_ended, _server_provider) = tracer();
+    let forwarded = http::Request::builder().uri("http://a:1/echo.Echo/Unary").header("traceparent", traceparent).body(()).unwrap();
+    let mut service =
+        ServerTraceLayer::new(server_tracer).layer(tower::service_fn(|_: http::Request<()>| async { Ok::<_, Infallible>(answer("0")) }));
+    let response = futures_util::FutureExt::now_or_never(async { service.ready().await.unwrap().call(forwarded).await.unwrap() }).unwrap();
+    drop(response);
+    assert!(ended.0.lock().unwrap().is_empty(), "the client exported nothing");
+    assert!(server_ended.0.lock().unwrap().is_empty(), "the server followed the caller's decision");
+}
