@@ -693,6 +693,7 @@ fn access_logs_write_one_json_line_per_call_only_when_asked() {
         assert_eq!(fields["grpc_target"], target.as_str(), "{line}");
         assert_eq!(fields["method"], "mesh.test.Echo/Hello", "{line}");
         assert_eq!(fields["endpoint"], server.addr.to_string(), "{line}");
+        assert_eq!(fields["cluster"], target.as_str(), "a static target's one cluster is named for it: {line}");
         assert_eq!(fields["grpc_status"], "OK", "{line}");
         assert!(fields["duration_us"].as_u64().is_some_and(|d| d > 0), "{line}");
     }

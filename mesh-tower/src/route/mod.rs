@@ -169,12 +169,15 @@ impl<B: RequestBody> Router<B> {
         let Some(service) = service else {
             return RouterFuture::failed(Error::NonForwarding { target: self.target.to_string(), path: path.to_owned() }, call, span);
         };
+        let mut request = request;
+        if let Some(cluster) = call.as_ref().and_then(CallRecord::chosen_cluster) {
+            request.extensions_mut().insert(cluster);
+        }
         // The caller's own deadline, when it sent one: the call ends there, and retries send what is left.
         let limit = request.headers().get(deadline::GRPC_TIMEOUT).and_then(|v| deadline::parse(v.as_bytes()));
         let Some(limit) = limit else {
             return RouterFuture { state: State::Routed(service.send(request)), call, span };
         };
-        let mut request = request;
         request.extensions_mut().insert(Deadline(tokio::time::Instant::now() + limit));
         let (sent, target) = (service.send(request), self.target.clone());
         RouterFuture {

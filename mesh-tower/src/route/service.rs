@@ -212,6 +212,9 @@ impl<B: RequestBody> Split<B> {
         if let Some(call) = request.extensions().get::<crate::trace::InCall>() {
             call.cluster(name);
         }
+        if let Some(chosen) = request.extensions().get::<crate::telemetry::ChosenCluster>() {
+            chosen.set(name);
+        }
         if let Some(hash) = route_hash(&inner.policies.hash, &request, inner.channel_id, &inner.seed) {
             request.extensions_mut().insert(RequestHash(hash));
         }

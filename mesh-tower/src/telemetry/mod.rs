@@ -197,11 +197,33 @@ pub(crate) fn call_record(
     route: Option<&Arc<str>>,
     start: Instant,
 ) -> Option<CallRecord> {
-    let access = access.filter(|a| a.sampled()).map(|_| target.clone());
+    let access = access.filter(|a| a.sampled()).map(|_| Access { target: target.clone(), cluster: ChosenCluster::default() });
     if metrics.is_none() && access.is_none() {
         return None;
     }
     Some(CallRecord { metrics: metrics.cloned(), retries: 0, access, path: path_of(uri), route: route.cloned(), start })
+}
+
+/// What a call's access line needs beyond its metrics.
+#[derive(Debug)]
+struct Access {
+    target: Arc<str>,
+    cluster: ChosenCluster,
+}
+
+/// A request extension on a call whose access line is written: the split names in it the cluster it sent the
+/// call to (the last one, for a call that was retried).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ChosenCluster(Arc<std::sync::Mutex<Option<Arc<str>>>>);
+
+impl ChosenCluster {
+    pub(crate) fn set(&self, cluster: &str) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cluster.into());
+    }
+
+    fn get(&self) -> Option<Arc<str>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
 }
 
 /// A request's path (a copy that shares the request's storage: no allocation for tonic's static paths).
@@ -307,14 +329,19 @@ pub(crate) struct CallRecord {
     metrics: Option<ClientMetrics>,
     /// Retries the call made (for its access line).
     retries: u32,
-    /// The target, when the call's access line is written.
-    access: Option<Arc<str>>,
+    /// The target and the cluster, when the call's access line is written.
+    access: Option<Access>,
     path: http::uri::PathAndQuery,
     route: Option<Arc<str>>,
     start: Instant,
 }
 
 impl CallRecord {
+    /// Where the split names the call's cluster, when its access line is written.
+    pub(crate) fn chosen_cluster(&self) -> Option<ChosenCluster> {
+        self.access.as_ref().map(|access| access.cluster.clone())
+    }
+
     /// Records that the call waited `delay` before its answering attempt was sent.
     pub(crate) fn delayed(&self, delay: &crate::balance::Delay) {
         if let Some(metrics) = &self.metrics {
@@ -338,7 +365,7 @@ impl CallRecord {
     /// `span` (for the access line's trace id).
     pub(crate) fn end(self, outcome: Outcome, peer: Option<std::net::SocketAddr>, span: Option<&crate::trace::CallSpan>) {
         let elapsed = self.start.elapsed();
-        if let Some(target) = &self.access {
+        if let Some(Access { target, cluster }) = &self.access {
             let (status, http) = match outcome {
                 Outcome::Http(status) => ("", status),
                 other => (other.grpc_code().name(), 0),
@@ -348,6 +375,7 @@ impl CallRecord {
                 grpc_target = %target,
                 method = %self.path.path().strip_prefix('/').unwrap_or_default(),
                 route = %self.route.as_deref().unwrap_or_default(),
+                cluster = %cluster.get().as_deref().unwrap_or_default(),
                 endpoint = %peer.map(|p| p.to_string()).unwrap_or_default(),
                 grpc_status = status,
                 http_status = http,

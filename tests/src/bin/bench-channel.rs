@@ -280,7 +280,7 @@ impl http_body::Body for Wrapped {
 }
 
 /// The clients compared, baseline first. Diagnostic ones (ending in `[diag]`) run only when `--only` names them.
-const VARIANTS: [&str; 22] = [
+const VARIANTS: [&str; 23] = [
     "tonic Channel",
     // A second plain channel. The baseline is both plain channels (the geometric mean of their results in
     // each round), and this one's ratio to the first shows the method's own noise (an A/A test).
@@ -314,6 +314,7 @@ const VARIANTS: [&str; 22] = [
     "mesh Channel (p2c_ewma, telemetry + tracing 1%, not propagated) [diag]",
     "mesh Channel (p2c_ewma, no telemetry, the same traceparent on every call) [diag]",
     "mesh Channel (p2c_ewma, no telemetry, a new traceparent on every call) [diag]",
+    "tonic Channel, a new traceparent on every call [diag]",
 ];
 
 /// The mTLS variant, and the plaintext one it is compared with.
@@ -355,13 +356,8 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         20 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(None).build()?, header: || {
             tonic::metadata::MetadataValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")
         }),
-        21 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(None).build()?, header: || {
-            use std::sync::atomic::AtomicU64;
-            static NEXT: AtomicU64 = AtomicU64::new(1);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let value = format!("00-{:032x}-{:016x}-00", u128::from(n) * 0x9e37_79b9_7f4a_7c15, n);
-            tonic::metadata::MetadataValue::try_from(value).expect("hex digits")
-        }),
+        21 => caller!(mesh().lb(LbPolicy::p2c_ewma()).meter(None).build()?, header: new_traceparent),
+        22 => caller!(tonic().await?, header: new_traceparent),
         MTLS => {
             let credentials = CLIENT_CREDENTIALS.get().ok_or_else(|| anyhow::anyhow!("the mTLS variant needs --mtls"))?.clone();
             let policy =
@@ -370,6 +366,15 @@ async fn connect(i: usize, addr: std::net::SocketAddr) -> anyhow::Result<Caller>
         }
         _ => anyhow::bail!("no variant {i}"),
     })
+}
+
+/// A `traceparent` value new on every call (what a traced call's header costs on the wire, without a tracer).
+fn new_traceparent() -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let value = format!("00-{:032x}-{:016x}-00", u128::from(n) * 0x9e37_79b9_7f4a_7c15, n);
+    tonic::metadata::MetadataValue::try_from(value).expect("hex digits")
 }
 
 /// The process's OTLP trace pipelines, exporting to one receiver in the process (not installed globally, so
