@@ -368,8 +368,9 @@ impl ControlPlane {
         out
     }
 
-    /// Serves `/status` (JSON), `/metrics`, `/ready` and `/healthz` over HTTP/1.1 on `listener`.
-    pub async fn serve_admin(&self, listener: TcpListener) {
+    /// Serves `/status` (JSON), `/metrics`, `/ready`, `/healthz` and, given the process's log filter, `/logging`
+    /// ([`mesh_core::logging::answer`]) over HTTP/1.1 on `listener`.
+    pub async fn serve_admin(&self, listener: TcpListener, logging: Option<mesh_core::logging::LogFilter>) {
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -380,11 +381,11 @@ impl ControlPlane {
                     continue;
                 }
             };
-            let cp = self.clone();
+            let (cp, logging) = (self.clone(), logging.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let cp = cp.clone();
-                    async move { Ok::<_, std::convert::Infallible>(cp.admin(req.uri().path())) }
+                    let response = cp.admin(req.method(), req.uri(), logging.as_ref());
+                    async move { Ok::<_, std::convert::Infallible>(response) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
@@ -392,8 +393,17 @@ impl ControlPlane {
         }
     }
 
-    fn admin(&self, path: &str) -> http::Response<http_body_util::Full<bytes::Bytes>> {
-        let (status, content_type, body) = match path {
+    fn admin(
+        &self,
+        method: &http::Method,
+        uri: &http::Uri,
+        logging: Option<&mesh_core::logging::LogFilter>,
+    ) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+        let (status, content_type, body) = match uri.path() {
+            "/logging" => {
+                let (status, text) = mesh_core::logging::answer(logging, method.as_str(), uri.query());
+                (status, "text/plain", text)
+            }
             "/status" => {
                 let json = serde_json::to_string_pretty(&self.status()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
                 (200, "application/json", json)
@@ -401,7 +411,7 @@ impl ControlPlane {
             "/metrics" => (200, "text/plain; version=0.0.4", self.metrics()),
             "/ready" if !self.is_ready() => (503, "text/plain", "waiting for the first complete Kubernetes lists\n".to_owned()),
             "/ready" | "/healthz" => (200, "text/plain", "ok\n".to_owned()),
-            _ => (404, "text/plain", "not found: try /status, /ready, /metrics\n".to_owned()),
+            _ => (404, "text/plain", "not found: try /status, /ready, /metrics, /logging\n".to_owned()),
         };
         http::Response::builder()
             .status(status)

@@ -30,3 +30,22 @@ pub mod translate;
 
 pub use control::ControlPlane;
 pub use error::{Error, Result};
+
+/// The log filter behind a binary's reloadable `tracing` subscriber, for `/logging` on an admin endpoint (this
+/// crate's, or mesh-tonic's in `meshctl`): reads it, or replaces it and logs the change. The binary builds and
+/// installs the subscriber; this only wraps its handle.
+pub fn reloadable_log_filter<S>(
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> mesh_core::logging::LogFilter
+where
+    S: tracing::Subscriber + Send + Sync + 'static,
+{
+    std::sync::Arc::new(move |new: Option<&str>| {
+        if let Some(new) = new {
+            let filter = tracing_subscriber::EnvFilter::try_new(new).map_err(|e| format!("invalid log filter {new:?}: {e}"))?;
+            handle.reload(filter).map_err(|e| e.to_string())?;
+            tracing::info!(filter = new, "log filter changed");
+        }
+        handle.with_current(ToString::to_string).map_err(|e| e.to_string())
+    })
+}

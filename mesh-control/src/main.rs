@@ -20,7 +20,7 @@ struct Args {
     /// Address of the xDS (ADS) server.
     #[arg(long, default_value = "127.0.0.1:18000")]
     listen: SocketAddr,
-    /// Address of the admin HTTP server (`/status`, `/ready`).
+    /// Address of the admin HTTP server (`/status`, `/ready`, `/metrics`, `/logging`).
     #[arg(long, default_value = "127.0.0.1:18001")]
     admin: SocketAddr,
     /// Where to write a gRPC xDS bootstrap file pointing at this server (default: in the temp directory).
@@ -54,11 +54,18 @@ async fn main() -> anyhow::Result<()> {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        logs.json().init();
+    // The filter can be changed at runtime through the admin port's /logging.
+    let log_filter = if args.log_format == "json" {
+        let logs = logs.json().with_filter_reloading();
+        let filter = mesh_control::reloadable_log_filter(logs.reload_handle());
+        logs.init();
+        filter
     } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
-    }
+        let logs = logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_filter_reloading();
+        let filter = mesh_control::reloadable_log_filter(logs.reload_handle());
+        logs.init();
+        filter
+    };
     let cp = match &args.mesh {
         Some(path) => {
             let cp = ControlPlane::from_file(path)?;
@@ -113,7 +120,7 @@ Point a client at it:
     }
     drop(stdout);
     let admin_cp = cp.clone();
-    tokio::spawn(async move { admin_cp.serve_admin(admin).await });
+    tokio::spawn(async move { admin_cp.serve_admin(admin, Some(log_filter)).await });
     tokio::select! {
         served = cp.serve_ads(xds) => served?,
         _ = tokio::signal::ctrl_c() => {}

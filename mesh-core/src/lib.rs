@@ -23,6 +23,7 @@ pub mod grpc;
 pub mod identity;
 pub mod inbound;
 pub mod lb;
+pub mod logging;
 pub mod model;
 pub mod outlier;
 pub mod policy;

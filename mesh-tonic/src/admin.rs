@@ -73,9 +73,9 @@ impl Prometheus {
     }
 }
 
-/// Reads (`None`) or replaces (`Some(directives)`, `RUST_LOG` syntax) the process's log filter, returning the
-/// filter now in force: how `/logging` reaches the binary's `tracing` subscriber, which a library does not own.
-pub type LogFilter = Arc<dyn Fn(Option<&str>) -> std::result::Result<String, String> + Send + Sync>;
+/// Reads or replaces the process's log filter: how `/logging` reaches the binary's `tracing` subscriber, which
+/// a library does not own ([`mesh_core::logging`]).
+pub type LogFilter = mesh_core::logging::LogFilter;
 
 /// What the admin endpoint shows: the channels it was given and the xDS client behind them.
 #[derive(Clone, Default)]
@@ -155,23 +155,8 @@ impl Admin {
 
     /// `/logging`: the filter, or a new one from `level=` or `filter=` on a POST.
     fn log_filter(&self, method: &http::Method, query: Option<&str>) -> (u16, &'static str, String) {
-        let Some(logging) = &self.logging else {
-            return (404, "text/plain", "this process does not expose its log filter\n".to_owned());
-        };
-        let asked = query.unwrap_or_default().split('&').find_map(|pair| match pair.split_once('=') {
-            Some(("level" | "filter", value)) => Some(percent_decode(value)),
-            _ => None,
-        });
-        let result = match (method, asked) {
-            (&http::Method::GET, None) => logging(None),
-            (&http::Method::POST, Some(filter)) => logging(Some(&filter)),
-            (&http::Method::POST, None) => Err("POST /logging needs ?level=<level> or ?filter=<directives>".to_owned()),
-            _ => Err("use GET /logging to read the filter, POST /logging?level=... to change it".to_owned()),
-        };
-        match result {
-            Ok(filter) => (200, "text/plain", format!("{filter}\n")),
-            Err(reason) => (400, "text/plain", format!("{reason}\n")),
-        }
+        let (status, text) = mesh_core::logging::answer(self.logging.as_ref(), method.as_str(), query);
+        (status, "text/plain", text)
     }
 
     fn channels(&self) -> Vec<(String, Channel)> {
@@ -307,29 +292,4 @@ fn pretty(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     text.push('\n');
     text
-}
-
-/// A query value with `+` as a space and `%XX` escapes decoded (an invalid escape is kept as it is).
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match (escaped, bytes[i]) {
-            (Some(byte), _) => {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-            (None, b'+') => out.push(b' '),
-            (None, byte) => out.push(byte),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -56,21 +56,6 @@ enum Command {
 /// The process's log filter, for `/logging` on the admin endpoint.
 pub(crate) static LOG_FILTER: std::sync::OnceLock<mesh_tonic::admin::LogFilter> = std::sync::OnceLock::new();
 
-/// Reads or replaces the filter behind `handle`.
-fn log_filter<S>(handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>) -> mesh_tonic::admin::LogFilter
-where
-    S: tracing::Subscriber + Send + Sync + 'static,
-{
-    std::sync::Arc::new(move |new: Option<&str>| {
-        if let Some(new) = new {
-            let filter = tracing_subscriber::EnvFilter::try_new(new).map_err(|e| format!("invalid log filter {new:?}: {e}"))?;
-            handle.reload(filter).map_err(|e| e.to_string())?;
-            tracing::info!(filter = new, "log filter changed");
-        }
-        handle.with_current(ToString::to_string).map_err(|e| e.to_string())
-    })
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
@@ -80,13 +65,13 @@ fn main() -> ExitCode {
     let reloadable = match cli.log_format {
         LogFormat::Json => {
             let logs = logs.json().with_filter_reloading();
-            let handle = log_filter(logs.reload_handle());
+            let handle = mesh_control::reloadable_log_filter(logs.reload_handle());
             logs.init();
             handle
         }
         LogFormat::Text => {
             let logs = logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_filter_reloading();
-            let handle = log_filter(logs.reload_handle());
+            let handle = mesh_control::reloadable_log_filter(logs.reload_handle());
             logs.init();
             handle
         }

@@ -282,7 +282,7 @@ async fn the_admin_endpoint_shows_clusters_and_a_nacked_resource_to_meshctl_and_
 }
 
 /// mesh-control's `/metrics`: a client that connects and takes its config shows up as pushes, as many ACKs with
-/// their latency, no NACK, and a connected client.
+/// their latency, no NACK, and a connected client. Its `/logging` reads and replaces its log filter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_control_metrics_count_pushes_acks_and_connected_clients() {
     let server = EchoServer::start(Duration::ZERO).await.unwrap();
@@ -315,6 +315,20 @@ async fn mesh_control_metrics_count_pushes_acks_and_connected_clients() {
         assert!(Instant::now() < deadline, "pushes and ACKs never counted: {text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Its log filter, read and changed at runtime on the same port, as on a library's admin endpoint.
+    let logging = |method: &str, query: &str| {
+        let url = format!("http://{}/logging{query}", cp.admin);
+        let output = Command::new("curl").args(["-s", "-X", method, "-w", "\n%{http_code}", &url]).output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+        (code.to_owned(), body.trim().to_owned())
+    };
+    let before = logging("GET", "");
+    assert!(before.0 == "200" && !before.1.is_empty(), "{before:?}");
+    assert_eq!(logging("POST", "?level=debug"), ("200".to_owned(), "debug".to_owned()));
+    let invalid = logging("POST", "?filter=mesh_control%3Dloud");
+    assert!(invalid.0 == "400" && invalid.1.contains("invalid log filter"), "{invalid:?}");
+    assert_eq!(logging("GET", ""), ("200".to_owned(), "debug".to_owned()), "a refused filter changes nothing");
 }
 
 /// Service A of the trace tests: every call to `/mesh.test.Relay/<any>` is forwarded, from inside its
