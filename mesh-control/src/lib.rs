@@ -31,12 +31,27 @@ pub mod translate;
 pub use control::ControlPlane;
 pub use error::{Error, Result};
 
-/// The log filter behind a binary's reloadable `tracing` subscriber, for `/logging` on an admin endpoint (this
-/// crate's, or mesh-tonic's in `meshctl`): reads it, or replaces it and logs the change. The binary builds and
-/// installs the subscriber; this only wraps its handle.
-pub fn reloadable_log_filter<S>(
-    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
-) -> mesh_core::logging::LogFilter
+/// Installs a binary's `tracing` subscriber on stderr: one JSON object per line, or plain text (coloured only on
+/// a terminal), starting from `filter`. Returns its log filter for `/logging` on an admin endpoint (this crate's,
+/// or mesh-tonic's in `meshctl`): it reads the filter, or replaces it and logs the change. For binaries; a
+/// library emits `tracing` only.
+pub fn install_logs(filter: tracing_subscriber::EnvFilter, json: bool) -> mesh_core::logging::LogFilter {
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    if json {
+        let logs = logs.json().with_filter_reloading();
+        let handle = logs.reload_handle();
+        logs.init();
+        log_filter(handle)
+    } else {
+        let logs = logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_filter_reloading();
+        let handle = logs.reload_handle();
+        logs.init();
+        log_filter(handle)
+    }
+}
+
+/// Reads or replaces the filter behind `handle`.
+fn log_filter<S>(handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>) -> mesh_core::logging::LogFilter
 where
     S: tracing::Subscriber + Send + Sync + 'static,
 {

@@ -51,21 +51,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr);
     // The filter can be changed at runtime through the admin port's /logging.
-    let log_filter = if args.log_format == "json" {
-        let logs = logs.json().with_filter_reloading();
-        let filter = mesh_control::reloadable_log_filter(logs.reload_handle());
-        logs.init();
-        filter
-    } else {
-        let logs = logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_filter_reloading();
-        let filter = mesh_control::reloadable_log_filter(logs.reload_handle());
-        logs.init();
-        filter
-    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let log_filter = mesh_control::install_logs(filter, args.log_format == "json");
     let cp = match &args.mesh {
         Some(path) => {
             let cp = ControlPlane::from_file(path)?;

@@ -406,8 +406,11 @@ impl tower::Service<http::Request<Body>> for Channel {
         }
         // The router may run on the queue's task: the caller's context goes with the request when it has a
         // span (without one, the router's own current context is as empty).
-        if self.traced && opentelemetry::Context::map_current(opentelemetry::trace::TraceContextExt::has_active_span) {
-            request.extensions_mut().insert(mesh_tower::trace::Parent(opentelemetry::Context::current()));
+        if self.traced {
+            use opentelemetry::trace::TraceContextExt as _;
+            if let Some(parent) = opentelemetry::Context::map_current(|cx| cx.has_active_span().then(|| cx.clone())) {
+                request.extensions_mut().insert(mesh_tower::trace::Parent(parent));
+            }
         }
         let inner = if std::mem::take(&mut self.reserved) {
             Dispatch::Queued(self.queue.call(request))

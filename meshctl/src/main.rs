@@ -58,24 +58,9 @@ pub(crate) static LOG_FILTER: std::sync::OnceLock<mesh_tonic::admin::LogFilter> 
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "warn".into()));
     // The filter can be changed at runtime through an admin endpoint's /logging.
-    let reloadable = match cli.log_format {
-        LogFormat::Json => {
-            let logs = logs.json().with_filter_reloading();
-            let handle = mesh_control::reloadable_log_filter(logs.reload_handle());
-            logs.init();
-            handle
-        }
-        LogFormat::Text => {
-            let logs = logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_filter_reloading();
-            let handle = mesh_control::reloadable_log_filter(logs.reload_handle());
-            logs.init();
-            handle
-        }
-    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "warn".into());
+    let reloadable = mesh_control::install_logs(filter, matches!(cli.log_format, LogFormat::Json));
     let _ = LOG_FILTER.set(reloadable);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

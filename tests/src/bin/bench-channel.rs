@@ -100,30 +100,28 @@ type Caller = Arc<dyn Fn(Bytes) -> Pin<Box<dyn Future<Output = bool> + Send>> + 
 
 macro_rules! caller {
     ($channel:expr) => {
-        caller!($channel, true)
+        caller!($channel, true, None)
+    };
+    // Each call carries the metadata `header()` makes (what propagation alone costs, without a tracer).
+    ($channel:expr, header: $header:expr) => {
+        caller!($channel, true, Some($header))
     };
     // `ready: false` skips `poll_ready`, as no generated client does: the mesh channel then calls its
     // balancer directly instead of through its queue.
-    ($channel:expr, $ready:expr) => {{
+    ($channel:expr, $ready:expr) => {
+        caller!($channel, $ready, None)
+    };
+    ($channel:expr, $ready:expr, $header:expr) => {{
         let channel = $channel;
-        let caller: Caller = Arc::new(move |payload: Bytes| {
-            let mut grpc = tonic::client::Grpc::new(channel.clone());
-            Box::pin(async move {
-                (!$ready || grpc.ready().await.is_ok())
-                    && grpc.unary(tonic::Request::new(payload), PathAndQuery::from_static(METHOD), BytesCodec).await.is_ok()
-            })
-        });
-        caller
-    }};
-    // Each call carries the metadata `header()` makes (what propagation alone costs, without a tracer).
-    ($channel:expr, header: $header:expr) => {{
-        let channel = $channel;
+        let header: Option<fn() -> tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = $header;
         let caller: Caller = Arc::new(move |payload: Bytes| {
             let mut grpc = tonic::client::Grpc::new(channel.clone());
             let mut request = tonic::Request::new(payload);
-            request.metadata_mut().insert("traceparent", $header());
+            if let Some(header) = header {
+                request.metadata_mut().insert("traceparent", header());
+            }
             Box::pin(async move {
-                grpc.ready().await.is_ok() && grpc.unary(request, PathAndQuery::from_static(METHOD), BytesCodec).await.is_ok()
+                (!$ready || grpc.ready().await.is_ok()) && grpc.unary(request, PathAndQuery::from_static(METHOD), BytesCodec).await.is_ok()
             })
         });
         caller
