@@ -64,6 +64,14 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order of [`Reason::index`].
+    pub const ALL: [Reason; 4] = [Self::Consecutive5xx, Self::ConsecutiveGateway, Self::SuccessRate, Self::FailurePercentage];
+
+    /// The reason's place in [`Reason::ALL`] (for tables of counts by reason).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The reason's name in logs and metrics (Envoy's stat suffixes).
     pub fn name(self) -> &'static str {
         match self {
@@ -80,8 +88,19 @@ impl Reason {
 pub enum Change {
     /// Ejected: it takes no traffic until it returns.
     Ejected(usize, Reason),
+    /// Detected as an outlier but left serving (Envoy counts it as detected, not enforced).
+    Spared(usize, Reason, Spared),
     /// Its ejection time is up: it takes traffic again.
     Returned(usize),
+}
+
+/// Why an outlier was left serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spared {
+    /// Ejecting it would pass `max_ejection_percent` (Envoy's `ejections_overflow`).
+    Overflow,
+    /// The algorithm's enforcing chance said no.
+    NotEnforced,
 }
 
 impl OutlierDetection {
@@ -119,11 +138,10 @@ pub fn consecutive(
         Reason::ConsecutiveGateway => config.consecutive_gateway,
         Reason::SuccessRate | Reason::FailurePercentage => None,
     }?;
-    if hosts.get(index)?.is_ejected() || !config.may_eject(hosts) || !enforced(algorithm.enforcing, rng) {
+    if hosts.get(index)?.is_ejected() {
         return None;
     }
-    hosts[index].eject(now);
-    Some(Change::Ejected(index, reason))
+    Some(eject(config, hosts, index, reason, algorithm.enforcing, now, rng))
 }
 
 /// The interval ends: ejects outliers by success rate, then by failure percentage, over the interval's counts;
@@ -145,8 +163,8 @@ pub fn sweep(config: &OutlierDetection, hosts: &mut [Host], now: Duration, rng: 
             let stdev = (rates.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
             let threshold = mean - stdev * f64::from(rate.stdev_factor) / 1000.0;
             for (index, value) in rates {
-                if value < threshold && eject(config, hosts, index, rate.enforcing, now, rng) {
-                    changes.push(Change::Ejected(index, Reason::SuccessRate));
+                if value < threshold && !hosts[index].is_ejected() {
+                    changes.push(eject(config, hosts, index, Reason::SuccessRate, rate.enforcing, now, rng));
                 }
             }
         }
@@ -158,8 +176,8 @@ pub fn sweep(config: &OutlierDetection, hosts: &mut [Host], now: Duration, rng: 
             for index in candidates {
                 let host = &hosts[index];
                 let failed = host.failures * 100 >= u64::from(percentage.threshold) * host.volume();
-                if failed && eject(config, hosts, index, percentage.enforcing, now, rng) {
-                    changes.push(Change::Ejected(index, Reason::FailurePercentage));
+                if failed && !host.is_ejected() {
+                    changes.push(eject(config, hosts, index, Reason::FailurePercentage, percentage.enforcing, now, rng));
                 }
             }
         }
@@ -179,12 +197,25 @@ pub fn sweep(config: &OutlierDetection, hosts: &mut [Host], now: Duration, rng: 
     changes
 }
 
-fn eject(config: &OutlierDetection, hosts: &mut [Host], index: usize, enforcing: u32, now: Duration, rng: &mut impl Random) -> bool {
-    if hosts[index].is_ejected() || !config.may_eject(hosts) || !enforced(enforcing, rng) {
-        return false;
+/// `hosts[index]`, a serving endpoint, was detected as an outlier for `reason`: ejects it unless the max
+/// ejection percent or the enforcing chance spares it (checked in that order, as Envoy does).
+fn eject(
+    config: &OutlierDetection,
+    hosts: &mut [Host],
+    index: usize,
+    reason: Reason,
+    enforcing: u32,
+    now: Duration,
+    rng: &mut impl Random,
+) -> Change {
+    if !config.may_eject(hosts) {
+        return Change::Spared(index, reason, Spared::Overflow);
+    }
+    if !enforced(enforcing, rng) {
+        return Change::Spared(index, reason, Spared::NotEnforced);
     }
     hosts[index].eject(now);
-    true
+    Change::Ejected(index, reason)
 }
 
 #[cfg(test)]
@@ -257,10 +288,13 @@ mod tests {
         let config = OutlierDetection { max_ejection_percent: 10, ..config() };
         let mut rng = SplitMix64::new(1);
         let mut h = hosts(&[(0, 0); 3]);
-        assert!(consecutive(&config, &mut h, 0, Reason::Consecutive5xx, S, &mut rng).is_none(), "one of three is 33%, over 10%");
+        let overflow = Some(Change::Spared(0, Reason::Consecutive5xx, Spared::Overflow));
+        assert_eq!(consecutive(&config, &mut h, 0, Reason::Consecutive5xx, S, &mut rng), overflow, "one of three is 33%, over 10%");
         let one = OutlierDetection { always_eject_one: true, ..config.clone() };
-        assert!(consecutive(&one, &mut h, 0, Reason::Consecutive5xx, S, &mut rng).is_some(), "always_eject_one lets one go");
-        assert!(consecutive(&one, &mut h, 1, Reason::Consecutive5xx, S, &mut rng).is_none(), "a second would be 67%");
+        let ejected_one = Some(Change::Ejected(0, Reason::Consecutive5xx));
+        assert_eq!(consecutive(&one, &mut h, 0, Reason::Consecutive5xx, S, &mut rng), ejected_one, "always_eject_one lets one go");
+        let second = consecutive(&one, &mut h, 1, Reason::Consecutive5xx, S, &mut rng);
+        assert_eq!(second, Some(Change::Spared(1, Reason::Consecutive5xx, Spared::Overflow)), "a second would be 67%");
         let half = OutlierDetection { max_ejection_percent: 50, ..config };
         let mut h = hosts(&[(0, 0); 4]);
         for i in 0..4 {
@@ -309,12 +343,18 @@ mod tests {
         let mut ejections = 0;
         for _ in 0..1000 {
             let mut h = hosts(&[(0, 0), (0, 0)]);
-            ejections += consecutive(&config, &mut h, 0, Reason::Consecutive5xx, S, &mut rng).is_some() as u32;
+            match consecutive(&config, &mut h, 0, Reason::Consecutive5xx, S, &mut rng) {
+                Some(Change::Ejected(0, _)) => ejections += 1,
+                Some(Change::Spared(0, _, Spared::NotEnforced)) => {}
+                other => panic!("a trip is ejected or spared by chance: {other:?}"),
+            }
         }
         assert!((240..360).contains(&ejections), "about 30% of trips eject: {ejections}");
         let off = OutlierDetection { consecutive_5xx: Some(Consecutive { threshold: 5, enforcing: 0 }), ..config };
         let mut h = hosts(&[(0, 0), (0, 0)]);
-        assert!(consecutive(&off, &mut h, 0, Reason::Consecutive5xx, S, &mut rng).is_none());
+        let spared = consecutive(&off, &mut h, 0, Reason::Consecutive5xx, S, &mut rng);
+        assert_eq!(spared, Some(Change::Spared(0, Reason::Consecutive5xx, Spared::NotEnforced)));
+        assert!(ejected(&h).is_empty());
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! layers built after it ([`mesh_tower::telemetry::default_meter`]) record into it. The mesh's own counters (retries,
 //! budget exhaustion, ejections, breaker and adaptive overflows, rate limits, faults, TLS handshake failures
 //! by reason) are observable counters read from the channels given to [`Admin::channel`] at scrape time: they
-//! cost the calls nothing.
+//! cost the calls nothing. So are gRPC's outlier detection metrics (A91) and, for the client given to
+//! [`Admin::xds`], its XdsClient metrics (A78).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -116,8 +117,11 @@ impl Admin {
         self
     }
 
-    /// Shows `client`'s resources in `/config_dump`.
+    /// Shows `client`'s resources in `/config_dump`, and its A78 counts in `/metrics`.
     pub fn xds(mut self, client: xds_client::XdsClient) -> Self {
+        if let Some(metrics) = &self.metrics {
+            self.register_xds(&metrics.meter(), &client);
+        }
         self.xds = Some(client);
         self
     }
@@ -224,13 +228,48 @@ impl Admin {
     /// The mesh's own counters as observable instruments, read at collection time from the channels.
     fn register_counters(&self, meter: &Meter) {
         type Read = fn(&mesh_tower::stats::ClusterCounts) -> u64;
-        let cluster_counters: [(&'static str, &'static str, Read); 7] = [
+        use mesh_core::outlier::Reason;
+        let cluster_counters: [(&'static str, &'static str, Read); 16] = [
             ("mesh.client.retries", "Attempts after a call's first.", |c| c.retries),
             ("mesh.client.retry_budget_exhausted", "Retries and hedges the retry budget refused.", |c| c.retry_budget_exhausted),
             ("mesh.client.hedges", "Hedged attempts sent.", |c| c.hedges),
             ("mesh.client.retry_overflows", "Retries not sent because max_retries were in flight.", |c| c.retry_overflows),
             ("mesh.client.breaker_overflows", "Calls the circuit breaker turned away.", |c| c.overflows),
-            ("mesh.client.ejections", "Endpoints outlier detection ejected.", |c| c.ejections),
+            // A91's names; the consecutive methods, which gRPC does not have, under ours.
+            ("grpc.lb.outlier_detection.ejections_enforced_total", "Endpoints outlier detection ejected.", |c| c.ejections),
+            ("grpc.lb.outlier_detection.ejections_overflow", "Outliers not ejected because of max_ejection_percent.", |c| {
+                c.outliers.overflows
+            }),
+            ("grpc.lb.outlier_detection.ejections_enforced_success_rate", "Endpoints ejected for their success rate.", |c| {
+                c.outliers.ejected(Reason::SuccessRate)
+            }),
+            ("grpc.lb.outlier_detection.ejections_detected_success_rate", "Success-rate outliers, ejected or not.", |c| {
+                c.outliers.detected(Reason::SuccessRate)
+            }),
+            ("grpc.lb.outlier_detection.ejections_enforced_failure_percentage", "Endpoints ejected for their failure percentage.", |c| {
+                c.outliers.ejected(Reason::FailurePercentage)
+            }),
+            ("grpc.lb.outlier_detection.ejections_detected_failure_percentage", "Failure-percentage outliers, ejected or not.", |c| {
+                c.outliers.detected(Reason::FailurePercentage)
+            }),
+            ("mesh.client.outlier_detection.ejections_enforced_consecutive_5xx", "Endpoints ejected for consecutive server errors.", |c| {
+                c.outliers.ejected(Reason::Consecutive5xx)
+            }),
+            (
+                "mesh.client.outlier_detection.ejections_detected_consecutive_5xx",
+                "Consecutive server error outliers, ejected or not.",
+                |c| c.outliers.detected(Reason::Consecutive5xx),
+            ),
+            (
+                "mesh.client.outlier_detection.ejections_enforced_consecutive_gateway_failure",
+                "Endpoints ejected for consecutive gateway errors.",
+                |c| c.outliers.ejected(Reason::ConsecutiveGateway),
+            ),
+            (
+                "mesh.client.outlier_detection.ejections_detected_consecutive_gateway_failure",
+                "Consecutive gateway error outliers, ejected or not.",
+                |c| c.outliers.detected(Reason::ConsecutiveGateway),
+            ),
             ("mesh.client.adaptive_shed", "Calls the adaptive concurrency limit turned away.", |c| c.adaptive_shed),
         ];
         for (name, description, read) in cluster_counters {
@@ -282,6 +321,90 @@ impl Admin {
                             [KeyValue::new("grpc.target", channel.target().to_owned()), KeyValue::new("reason", reason.name())];
                         observer.observe(count, &attributes);
                     }
+                }
+            })
+            .build();
+    }
+}
+
+impl Admin {
+    /// gRPC A78's XdsClient metrics of `client`, read at collection time. Their `grpc.target` is the xDS channel's
+    /// target when the endpoint shows one, else `#shared`: one client serves every xDS target of a process
+    /// (gRPC makes one per target, A71).
+    fn register_xds(&self, meter: &Meter, client: &xds_client::XdsClient) {
+        let target = {
+            let channels = self.channels.clone();
+            move || {
+                let channels = channels.lock().unwrap_or_else(|e| e.into_inner());
+                let mut xds = channels.iter().map(|(_, c)| c.target()).filter(|t| t.starts_with("xds:"));
+                match (xds.next(), xds.next()) {
+                    (Some(only), None) => KeyValue::new("grpc.target", only.to_owned()),
+                    _ => KeyValue::new("grpc.target", "#shared"),
+                }
+            }
+        };
+        let server = |counts: &xds_client::ServerCounts| KeyValue::new("grpc.xds.server", counts.server.clone());
+        let kind = |ty: xds_client::resource::ResourceType| {
+            KeyValue::new("grpc.xds.resource_type", ty.type_url().trim_start_matches("type.googleapis.com/"))
+        };
+        let (c, t) = (client.clone(), target.clone());
+        meter
+            .u64_observable_gauge("grpc.xds_client.connected")
+            .with_unit("{bool}")
+            .with_description("Whether the xDS client has a working ADS stream to the server (A78).")
+            .with_callback(move |observer| {
+                for counts in c.server_counts() {
+                    observer.observe(u64::from(counts.connected), &[t(), server(&counts)]);
+                }
+            })
+            .build();
+        let (c, t) = (client.clone(), target.clone());
+        meter
+            .u64_observable_counter("grpc.xds_client.server_failure")
+            .with_unit("{failure}")
+            .with_description("Times an xDS server went from working to failing (A78).")
+            .with_callback(move |observer| {
+                for counts in c.server_counts() {
+                    observer.observe(counts.failures, &[t(), server(&counts)]);
+                }
+            })
+            .build();
+        type Read = fn(&xds_client::ServerCounts, xds_client::resource::ResourceType) -> u64;
+        let updates: [(&'static str, &'static str, Read); 2] = [
+            ("grpc.xds_client.resource_updates_valid", "Resources received that were valid, unchanged ones included (A78).", |c, ty| {
+                c.valid(ty)
+            }),
+            ("grpc.xds_client.resource_updates_invalid", "Resources received that were invalid (A78).", |c, ty| c.invalid(ty)),
+        ];
+        for (name, description, read) in updates {
+            let (c, t) = (client.clone(), target.clone());
+            meter
+                .u64_observable_counter(name)
+                .with_unit("{resource}")
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for counts in c.server_counts() {
+                        for ty in xds_client::resource::ResourceType::ALL {
+                            observer.observe(read(&counts, ty), &[t(), server(&counts), kind(ty)]);
+                        }
+                    }
+                })
+                .build();
+        }
+        let c = client.clone();
+        meter
+            .u64_observable_gauge("grpc.xds_client.resources")
+            .with_unit("{resource}")
+            .with_description("xDS resources the client holds, by authority, cache state and type (A78).")
+            .with_callback(move |observer| {
+                for count in c.resource_counts() {
+                    let attributes = [
+                        target(),
+                        KeyValue::new("grpc.xds.authority", count.authority),
+                        KeyValue::new("grpc.xds.cache_state", count.cache_state),
+                        kind(count.resource_type),
+                    ];
+                    observer.observe(count.count, &attributes);
                 }
             })
             .build();

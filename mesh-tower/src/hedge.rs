@@ -9,7 +9,7 @@
 //! - Every hedge withdraws from the cluster's retry budget, as retries do; a budget that says no stops hedging.
 //! - The body is replayed from the router's record ([`crate::replay`]); a body past the replay limit is not
 //!   hedged.
-//! - Each hedge is counted in the cluster's `hedges`.
+//! - Each hedge is counted in the cluster's `hedges`, and in the call's answer ([`CallAttempts`]).
 //!
 //! It wraps each of the route's clusters below the split, as retries do, and replaces them there: a route
 //! hedges or retries (A6).
@@ -28,7 +28,7 @@ use crate::Error;
 use crate::balance::ResponseBody;
 use crate::replay::{HeadCopy, ReplayBody};
 use crate::retry::{Budget, Verdict, verdict};
-use crate::stats::ClusterStats;
+use crate::stats::{CallAttempts, ClusterStats};
 
 /// A hedging policy over a cluster's budget.
 #[derive(Clone)]
@@ -129,7 +129,7 @@ where
                     Some(result) = attempts.next() => {
                         if verdict(&policy.non_fatal, &HttpRetryOn::default(), &result) == Verdict::Done {
                             // The winner: the attempts still out are dropped with `attempts`, which cancels them.
-                            return result;
+                            return hedged(result, sent);
                         }
                         last = Some(result);
                         let sent_now = hedge(&mut attempts, &mut sent);
@@ -146,7 +146,20 @@ where
                     else => break,
                 }
             }
-            last.unwrap_or_else(|| Err(Error::Layer { target: String::new(), source: "hedging ended with no attempt".into() }))
+            hedged(
+                last.unwrap_or_else(|| Err(Error::Layer { target: String::new(), source: "hedging ended with no attempt".into() })),
+                sent,
+            )
         })
     }
+}
+
+/// The call's answer, with the hedges sent beside its first attempt on record.
+fn hedged(mut result: Result<http::Response<ResponseBody>, Error>, sent: u32) -> Result<http::Response<ResponseBody>, Error> {
+    if sent > 1
+        && let Ok(response) = &mut result
+    {
+        CallAttempts::add(response, |a| a.hedges += sent - 1);
+    }
+    result
 }

@@ -35,7 +35,7 @@ use crate::balance::{PreviousAttempts, ResponseBody, ServedBy};
 use crate::classify::{self, Outcome};
 use crate::deadline::Deadline;
 use crate::replay::{HeadCopy, ReplayBody};
-use crate::stats::ClusterStats;
+use crate::stats::{CallAttempts, ClusterStats};
 
 /// A cluster's retry budget, shared by every route's retries to it. Cheap to clone; clones share it.
 ///
@@ -346,8 +346,9 @@ where
             let per_try = shared.policy.per_try_timeout;
             let mut result = within(per_try, { first }.call(http::Request::from_parts(head, body))).await;
             let mut previous: Vec<SocketAddr> = Vec::new();
-            // Retries sent, and the time spent backing off between attempts (A96).
-            let (mut retried, mut backed_off) = (0u32, Duration::ZERO);
+            // Retries sent, the time spent backing off between attempts, and the transparent retries of the
+            // attempts that did not answer the call (A96).
+            let (mut retried, mut backed_off, mut transparent) = (0u32, Duration::ZERO, 0u32);
             for attempt in 1.. {
                 let wait = match verdict(&shared.policy.retry_on, &shared.policy.http_retry_on, &result) {
                     Verdict::Done => break,
@@ -376,7 +377,10 @@ where
                     break;
                 }
                 match &result {
-                    Ok(response) => previous.extend(response.extensions().get::<ServedBy>().map(|s| s.0)),
+                    Ok(response) => {
+                        previous.extend(response.extensions().get::<ServedBy>().map(|s| s.0));
+                        transparent += CallAttempts::transparent_in(response);
+                    }
                     Err(Error::Upstream { addr, .. }) => previous.push(*addr),
                     Err(_) => {}
                 }
@@ -400,22 +404,15 @@ where
             if retried > 0
                 && let Ok(response) = &mut result
             {
-                response.extensions_mut().insert(Retried { count: retried, backed_off });
+                CallAttempts::add(response, |a| {
+                    a.retries += retried;
+                    a.backed_off += backed_off;
+                    a.transparent_retries += transparent;
+                });
             }
             result
         })
     }
-}
-
-/// A response extension on a call the retry layer sent more than once: how many retries it sent and the time
-/// it spent backing off between attempts (what A96's `grpc.client.call.retries` and
-/// `grpc.client.call.retry_delay` record).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Retried {
-    /// Retries sent (the first attempt is not one).
-    pub count: u32,
-    /// Time between attempts.
-    pub backed_off: Duration,
 }
 
 /// One attempt, ended by the per-try timeout when there is one.

@@ -5,6 +5,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use mesh_core::outlier::Reason;
+
 /// A cluster's counters (relaxed atomics: each is a tally, read on its own).
 #[derive(Debug, Default)]
 pub struct ClusterStats {
@@ -18,8 +20,13 @@ pub struct ClusterStats {
     pub(crate) retry_overflows: AtomicU64,
     /// Calls the circuit breaker turned away (Envoy's `upstream_rq_pending_overflow`).
     pub(crate) overflows: AtomicU64,
-    /// Endpoints outlier detection ejected (Envoy's `outlier_detection.ejections_enforced_total`).
-    pub(crate) ejections: AtomicU64,
+    /// Endpoints outlier detection ejected, by detection method ([`Reason::index`]; Envoy's
+    /// `outlier_detection.ejections_enforced_*`).
+    pub(crate) ejected: [AtomicU64; 4],
+    /// Outliers detected, ejected or spared, by detection method (Envoy's `ejections_detected_*`).
+    pub(crate) detected: [AtomicU64; 4],
+    /// Outliers spared because `max_ejection_percent` were ejected (Envoy's `ejections_overflow`).
+    pub(crate) ejection_overflows: AtomicU64,
     /// Calls the adaptive concurrency limit turned away (Envoy's `adaptive_concurrency...rq_blocked`).
     pub(crate) adaptive_shed: AtomicU64,
 }
@@ -37,8 +44,10 @@ pub struct ClusterCounts {
     pub retry_overflows: u64,
     /// Calls the circuit breaker turned away.
     pub overflows: u64,
-    /// Endpoints outlier detection ejected.
+    /// Endpoints outlier detection ejected, by any method.
     pub ejections: u64,
+    /// Outlier detection's decisions by detection method.
+    pub outliers: OutlierCounts,
     /// Calls the adaptive concurrency limit turned away.
     pub adaptive_shed: u64,
 }
@@ -53,15 +62,69 @@ impl ClusterStats {
             hedges: read(&self.hedges),
             retry_overflows: read(&self.retry_overflows),
             overflows: read(&self.overflows),
-            ejections: read(&self.ejections),
+            ejections: self.ejected.iter().map(read).sum(),
+            outliers: OutlierCounts {
+                ejected: self.ejected.each_ref().map(read),
+                detected: self.detected.each_ref().map(read),
+                overflows: read(&self.ejection_overflows),
+            },
             adaptive_shed: read(&self.adaptive_shed),
         }
+    }
+}
+
+/// Outlier detection's decisions in a cluster, by detection method (A91 and Envoy's outlier statistics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutlierCounts {
+    ejected: [u64; 4],
+    detected: [u64; 4],
+    /// Outliers left serving because `max_ejection_percent` were ejected.
+    pub overflows: u64,
+}
+
+impl OutlierCounts {
+    /// Endpoints ejected for `reason`.
+    pub fn ejected(&self, reason: Reason) -> u64 {
+        self.ejected[reason.index()]
+    }
+
+    /// Outliers detected for `reason`, whether ejected or spared.
+    pub fn detected(&self, reason: Reason) -> u64 {
+        self.detected[reason.index()]
     }
 }
 
 /// Counts one more on `counter`.
 pub(crate) fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A response extension on a call that sent more than its first attempt: what each layer sent beyond it (what
+/// A96's `grpc.client.call.retries`, `grpc.client.call.transparent_retries`, `grpc.client.call.hedges` and
+/// `grpc.client.call.retry_delay` record). Absent on an ordinary call: a layer adds it only when it sent more.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallAttempts {
+    /// Retries the retry policy sent (the first attempt is not one).
+    pub retries: u32,
+    /// Requests the balancer sent again because the server refused them unprocessed, or the connection closed
+    /// before they were written (gRPC A6's transparent retries).
+    pub transparent_retries: u32,
+    /// Hedged attempts sent beside the first.
+    pub hedges: u32,
+    /// Time the retry policy spent backing off between attempts.
+    pub backed_off: std::time::Duration,
+}
+
+impl CallAttempts {
+    /// Adds to `response`'s record (made when it has none) what `add` adds.
+    pub(crate) fn add<B>(response: &mut http::Response<B>, add: impl FnOnce(&mut Self)) {
+        add(response.extensions_mut().get_or_insert_default::<Self>());
+    }
+
+    /// The transparent retries on record in `response`, if any.
+    pub(crate) fn transparent_in<B>(response: &http::Response<B>) -> u32 {
+        response.extensions().get::<Self>().map_or(0, |a| a.transparent_retries)
+    }
 }
 
 /// A target's counters: what its route layers above the split did.

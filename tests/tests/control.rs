@@ -505,6 +505,21 @@ async fn an_erroring_endpoint_is_ejected_at_its_consecutive_failures_and_returns
     assert!((3..=5).contains(&second), "our client ejects it again after 3 more failures: {second}");
     let counts = channel.counts();
     assert!(counts.iter().any(|(name, c)| name == "greeter" && c.ejections >= 2), "both ejections counted: {counts:?}");
+    // And exported under gRPC A91's names, with the consecutive method under ours.
+    let metrics = mesh_tonic::admin::Prometheus::new().unwrap();
+    let _admin = mesh_tonic::admin::Admin::new(Some(metrics.clone())).channel("greeter", &channel);
+    let text = metrics.render();
+    let exported = |name: &str| {
+        let prefix = format!("{name}{{");
+        let line = text.lines().find(|l| l.starts_with(&prefix) && l.contains("grpc_lb_backend_service=\"greeter\""));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    // A91's name ends in `_total` already; the OpenTelemetry Rust Prometheus exporter adds another to every counter.
+    assert!(exported("grpc_lb_outlier_detection_ejections_enforced_total_total") >= 2.0, "{text}");
+    assert!(exported("mesh_client_outlier_detection_ejections_enforced_consecutive_5xx_total") >= 2.0, "{text}");
+    assert!(exported("mesh_client_outlier_detection_ejections_detected_consecutive_5xx_total") >= 2.0, "{text}");
+    assert_eq!(exported("grpc_lb_outlier_detection_ejections_enforced_success_rate_total"), 0.0, "{text}");
+    assert_eq!(exported("grpc_lb_outlier_detection_ejections_overflow_total"), 0.0, "one of three is under 50%: {text}");
 
     let mut envoy = Envoy::start(cp.xds, false, "envoy-outlier").unwrap();
     envoy.wait_for_listener(port, Duration::from_secs(60)).unwrap();

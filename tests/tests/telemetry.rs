@@ -204,7 +204,8 @@ async fn the_admin_endpoint_shows_clusters_and_a_nacked_resource_to_meshctl_and_
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = listener.local_addr().unwrap();
-    let _admin = mesh_tonic::admin::Admin::new(None).channel("greeter", &channel).xds(client.clone()).serve(listener);
+    let metrics = mesh_tonic::admin::Prometheus::new().unwrap();
+    let _admin = mesh_tonic::admin::Admin::new(Some(metrics.clone())).channel("greeter", &channel).xds(client.clone()).serve(listener);
     let nacked = |dump: &Value| {
         dump["resources"]
             .as_array()
@@ -224,6 +225,22 @@ async fn the_admin_endpoint_shows_clusters_and_a_nacked_resource_to_meshctl_and_
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(nacked(&dump)["error"].as_str().unwrap_or_default().contains("port"), "the NACK names the field: {dump}");
+
+    // A78's XdsClient metrics: one working server; the bad push counted invalid and the first one valid; the
+    // EDS resource NACKed with its last good value cached.
+    let text = metrics.render();
+    let (target, xds_server) = ("grpc_target=\"xds:///greeter\"", format!("grpc_xds_server=\"{}\"", ads.addr()));
+    let eds = "grpc_xds_resource_type=\"envoy.config.endpoint.v3.ClusterLoadAssignment\"";
+    assert_eq!(labelled(&text, "grpc_xds_client_connected{", &[target, &xds_server]), 1.0, "{text}");
+    assert_eq!(labelled(&text, "grpc_xds_client_server_failure_total{", &[target, &xds_server]), 0.0, "{text}");
+    assert!(labelled(&text, "grpc_xds_client_resource_updates_valid_total{", &[&xds_server, eds]) >= 1.0, "{text}");
+    assert!(labelled(&text, "grpc_xds_client_resource_updates_invalid_total{", &[&xds_server, eds]) >= 1.0, "{text}");
+    let listeners = "grpc_xds_resource_type=\"envoy.config.listener.v3.Listener\"";
+    assert_eq!(labelled(&text, "grpc_xds_client_resource_updates_invalid_total{", &[&xds_server, listeners]), 0.0, "{text}");
+    let cached = ["grpc_xds_authority=\"#old\"", "grpc_xds_cache_state=\"nacked_but_cached\"", eds];
+    assert_eq!(labelled(&text, "grpc_xds_client_resources{", &cached), 1.0, "{text}");
+    let acked = ["grpc_xds_cache_state=\"acked\"", listeners, target];
+    assert_eq!(labelled(&text, "grpc_xds_client_resources{", &acked), 1.0, "{text}");
     let run = mesh_tests::load::drive(&channel, 20, 2, |_| {}).await;
     assert!(run.failures.is_empty(), "the last good endpoints keep serving: {:?}", run.failures.first());
 
@@ -714,6 +731,75 @@ fn access_logs_write_one_json_line_per_call_only_when_asked() {
     assert!(run(&[]).is_empty(), "no access lines by default");
 }
 
+/// The value of the first sample in Prometheus text `text` whose line starts with `prefix`.
+fn rendered(text: &str, prefix: &str) -> f64 {
+    labelled(text, prefix, &[])
+}
+
+/// The value of the first sample in Prometheus text `text` whose line starts with `prefix` and has every one of
+/// `labels` (`name="value"`).
+fn labelled(text: &str, prefix: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix) && labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {prefix} with {labels:?} in\n{text}"))
+}
+
+/// One unary call of `METHOD` on `channel`, which must succeed.
+async fn hello(channel: &mesh_tonic::Channel) {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    grpc.unary(tonic::Request::new(Bytes::from_static(b"hi")), PathAndQuery::from_static(METHOD), BytesCodec).await.unwrap();
+}
+
+/// A96's other two counts: a server that refuses every stream unprocessed beside one that answers, and each
+/// refusal the channel resent is one of `grpc.client.call.transparent_retries` (as many as the refuser saw,
+/// none in `grpc.client.call.retries`); a hedging policy against a slow server, and every call records one
+/// `grpc.client.call.hedges`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_retries_and_hedges_are_counted_per_call_under_a96_names() {
+    use mesh_tests::h2script::{Act, ScriptedServer};
+    let refuser = ScriptedServer::start(|_| Act::Refuse).await.unwrap();
+    let echo = EchoServer::start(Duration::ZERO).await.unwrap();
+    let slow = EchoServer::start(Duration::from_millis(100)).await.unwrap();
+    let metrics = mesh_tonic::admin::Prometheus::new().unwrap();
+    let resending = mesh_tonic::Channel::builder(format!("static:///{},{}", refuser.addr, echo.addr))
+        .lb("round_robin".parse().unwrap())
+        .meter(Some(metrics.meter()))
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        hello(&resending).await;
+    }
+    let hedge = mesh_core::policy::HedgePolicy { max_attempts: 2, delay: Duration::from_millis(10), non_fatal: vec![] };
+    let hedging =
+        mesh_tonic::Channel::builder(format!("static:///{}", slow.addr)).hedge(hedge).meter(Some(metrics.meter())).build().unwrap();
+    for _ in 0..5 {
+        hello(&hedging).await;
+    }
+    let text = metrics.render();
+    let resent = rendered(&text, "grpc_client_call_transparent_retries_sum{");
+    assert!(refuser.requests() >= 5, "round robin sends about half the first attempts to the refuser: {}", refuser.requests());
+    assert_eq!(resent as u64, refuser.requests(), "every refused request was resent once, and counted\n{text}");
+    assert!(
+        text.contains(&format!(
+            "grpc_client_call_transparent_retries_count{{grpc_method=\"{}\",grpc_target=\"static:///{},{}\"",
+            &METHOD[1..],
+            refuser.addr,
+            echo.addr
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("grpc_client_call_retries_count{"), "a transparent retry is not a retry\n{text}");
+    assert_eq!(rendered(&text, "grpc_client_call_hedges_sum{"), 5.0, "one hedge per call\n{text}");
+    assert_eq!(rendered(&text, "grpc_client_call_hedges_count{"), 5.0, "{text}");
+    assert!(
+        text.contains(&format!("grpc_client_call_hedges_count{{grpc_method=\"{}\",grpc_target=\"static:///{}\"", &METHOD[1..], slow.addr)),
+        "{text}"
+    );
+}
+
 /// A96: a channel retrying a backend that fails 30% of its calls records `grpc.client.call.retries` for the
 /// calls it retried, and the retries it counts are exactly the calls the server saw beyond the client's;
 /// `grpc.client.call.retry_delay` has the backoff of the same calls.
@@ -737,13 +823,7 @@ async fn retries_are_counted_per_call_under_a96_names() {
         grpc.unary(tonic::Request::new(Bytes::from_static(b"hi")), PathAndQuery::from_static(METHOD), BytesCodec).await.unwrap();
     }
     let text = metrics.render();
-    let value = |prefix: &str| {
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
-    };
+    let value = |prefix: &str| rendered(&text, prefix);
     let retries = value("grpc_client_call_retries_sum{");
     assert_eq!(retries as u64, server.calls() - calls, "every retry reached the server\n{text}");
     assert!(retries >= 8.0, "30% of the attempts fail, so there are retries: {retries}");

@@ -280,6 +280,11 @@ impl Decoded {
         decoded
     }
 
+    /// How many resources were valid, and how many invalid (unnamed ones included).
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        (self.valid.len(), self.invalid.len() + self.unnamed.len())
+    }
+
     /// One line per rejected resource; empty means ACK.
     pub(crate) fn errors(&self) -> Vec<String> {
         self.unnamed.iter().cloned().chain(self.invalid.iter().map(|(name, reason)| format!("{name}: {reason}"))).collect()

@@ -15,6 +15,7 @@ use crate::bootstrap::{Bootstrap, ChannelCreds, FEATURE_DELTA, FEATURE_IGNORE_RE
 use crate::cache::{Cache, DataErrorPolicy, Decoded};
 use crate::dump::ResourceDump;
 use crate::resource::ResourceType;
+use crate::stats::{ResourceCount, ServerCounts, ServerStats};
 use crate::watch::{ResourceStatus, Unsubscribe, Watch, XdsResource};
 use crate::wire::{DeltaResponse, SotwResponse};
 
@@ -73,6 +74,8 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     /// Server currently connected (index into bootstrap servers), if any.
     connected: Mutex<Option<usize>>,
+    /// Each bootstrap server's counters, in the bootstrap's order.
+    stats: Vec<ServerStats>,
     task: OnceLock<tokio::task::AbortHandle>,
 }
 
@@ -92,12 +95,14 @@ impl XdsClient {
             fail_on_data_errors: config.fail_on_data_errors,
             ignore_resource_deletion: bootstrap.servers.first().is_some_and(|s| s.has_feature(FEATURE_IGNORE_RESOURCE_DELETION)),
         };
+        let stats = bootstrap.servers.iter().map(|_| ServerStats::default()).collect();
         let inner = Arc::new(Inner {
             bootstrap,
             config,
             cache: Mutex::new(Cache { policy, ..Cache::default() }),
             commands,
             connected: Mutex::new(None),
+            stats,
             task: OnceLock::new(),
         });
         // Spawned only once `inner` exists, so the task can always upgrade.
@@ -130,6 +135,17 @@ impl XdsClient {
     /// Every subscribed resource with its version, status and error.
     pub fn dump(&self) -> Vec<ResourceDump> {
         crate::dump::dump(&lock(&self.inner.cache))
+    }
+
+    /// Each server the client has tried, with its connection state and the resources it sent (A78).
+    pub fn server_counts(&self) -> Vec<ServerCounts> {
+        let servers = self.inner.bootstrap.servers.iter();
+        servers.zip(&self.inner.stats).filter_map(|(server, stats)| stats.counts(&server.server_uri)).collect()
+    }
+
+    /// The resources the client holds, by authority, cache state and type (A78).
+    pub fn resource_counts(&self) -> Vec<ResourceCount> {
+        crate::stats::resource_counts(&self.dump())
     }
 }
 
@@ -209,6 +225,9 @@ async fn run(client: Weak<Inner>, mut commands: mpsc::UnboundedReceiver<Command>
                 next = Some((*stream, 0));
             }
             Ended::Failed { received, reason } => {
+                if !received {
+                    inner.stats[index].failed();
+                }
                 tracing::warn!(server = %inner.bootstrap.servers[index].server_uri, %reason, "xDS stream ended; keeping the last accepted config");
                 failures = if received { 1 } else { failures + 1 };
                 let wait = backoff(&inner.config, failures);
@@ -225,8 +244,14 @@ async fn run(client: Weak<Inner>, mut commands: mpsc::UnboundedReceiver<Command>
 async fn open_any(inner: &Inner) -> Option<(Stream, usize)> {
     for (index, server) in inner.bootstrap.servers.iter().enumerate() {
         match open(inner, server).await {
-            Ok(stream) => return Some((stream, index)),
-            Err(reason) => tracing::warn!(server = %server.server_uri, %reason, "cannot reach xDS server"),
+            Ok(stream) => {
+                inner.stats[index].opened();
+                return Some((stream, index));
+            }
+            Err(reason) => {
+                inner.stats[index].failed();
+                tracing::warn!(server = %server.server_uri, %reason, "cannot reach xDS server");
+            }
         }
     }
     None
@@ -387,7 +412,9 @@ async fn serve(inner: &Arc<Inner>, (sender, mut receiver): Stream, index: usize,
             message = receiver.next() => match message {
                 Ok(Some(response)) => {
                     received = true;
-                    handle_response(inner, &sender, response);
+                    let stats = &inner.stats[index];
+                    stats.answered();
+                    handle_response(inner, &sender, response, stats);
                 }
                 Ok(None) => return Ended::Failed { received, reason: "stream closed by the server".into() },
                 Err(status) => return Ended::Failed { received, reason: format!("{:?}: {}", status.code(), status.message()) },
@@ -408,7 +435,7 @@ async fn serve(inner: &Arc<Inner>, (sender, mut receiver): Stream, index: usize,
 /// Decodes a response (outside the cache lock), answers it (ACK or NACK), then updates the cache and its
 /// watchers. Answering first means the control plane hears back without waiting for watchers, and the
 /// watchers' tasks, woken last, run next instead of queueing behind the answer's send.
-fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
+fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response, stats: &ServerStats) {
     let received = std::time::SystemTime::now();
     match (response, sender) {
         (Response::Sotw(mut response), Sender::Sotw(tx)) => {
@@ -417,6 +444,8 @@ fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
                 return;
             };
             let decoded = Decoded::decode(ty, std::mem::take(&mut response.resources));
+            let (valid, invalid) = decoded.sizes();
+            stats.received(ty, valid, invalid);
             let error = log_outcome(ty, &response.version_info, &decoded.errors());
             let mut cache = lock(&inner.cache);
             let _ = tx.send(cache.sotw_ack(ty, &response, error));
@@ -430,6 +459,8 @@ fn handle_response(inner: &Arc<Inner>, sender: &Sender, response: Response) {
             let resources = std::mem::take(&mut response.resources);
             let versions: HashMap<String, String> = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
             let decoded = Decoded::decode(ty, resources.into_iter().filter_map(|r| r.resource));
+            let (valid, invalid) = decoded.sizes();
+            stats.received(ty, valid, invalid);
             let error = log_outcome(ty, &response.system_version_info, &decoded.errors());
             let _ = tx.send(DeltaDiscoveryRequest {
                 type_url: ty.type_url().to_owned(),

@@ -46,6 +46,7 @@
 //! | A71 fallback servers | yes | `tests/tests/xds_protocol.rs` |
 //! | A74 consistent snapshots (routes switch only when their clusters are known) | in `mesh-tonic`'s xDS router | `tests/tests/xds_e2e.rs` |
 //! | A88 data errors keep cached values (option to fail) | yes | `tests/tests/xds_protocol.rs` |
+//! | A78 XdsClient counts (`XdsClient::server_counts`, `XdsClient::resource_counts`) | yes; exported by mesh-tonic's admin endpoint | `stats` unit tests, `tests/tests/telemetry.rs` |
 //! | Config dump (`XdsClient::dump`), CSDS `ClientConfig` form | yes | `tests/tests/xds_e2e.rs` (`meshctl xds-dump`); CSDS form untested |
 //! | Arbitrary bytes and well-typed junk never panic the decoders | yes | `tests/decode_props.rs` (proptest) |
 //! | Large resources kept in the received buffer (no copy); EDS decoded one endpoint at a time, endpoints shared with balancers | yes | `wire::tests`, `bench-xds` (memory per endpoint, BENCHMARKS.md) |
@@ -58,6 +59,7 @@ pub mod csds;
 mod dump;
 mod error;
 pub mod resource;
+mod stats;
 mod watch;
 mod wire;
 
@@ -65,4 +67,5 @@ pub use bootstrap::Bootstrap;
 pub use client::{XdsClient, XdsClientConfig};
 pub use dump::{ResourceDump, to_client_config, to_json};
 pub use error::{Error, Result};
+pub use stats::{ResourceCount, ServerCounts};
 pub use watch::{ResourceStatus, Typed, Watch, WatchState, XdsResource};

@@ -35,6 +35,8 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
         let copy = HeadCopy::new(&head);
         let mut request = http::Request::from_parts(head, body);
         let mut resends = 0;
+        // Sends again of a request the connection gave back unwritten (not bounded: it never left).
+        let mut unsent_again = 0;
         // Drops are decided once per call, at its first pick; re-picks and resends do not draw again.
         let mut drop_checked = false;
         // Set when the call first has to wait: (receiver, deadline, start, what it waits for).
@@ -96,6 +98,10 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                             if let Some(peer) = peer {
                                 parts.extensions.insert(peer);
                             }
+                            if resends + unsent_again > 0 {
+                                let transparent_retries = resends + unsent_again;
+                                parts.extensions.insert(crate::stats::CallAttempts { transparent_retries, ..Default::default() });
+                            }
                             let pending = classify::pending(&parts);
                             counting.disarm();
                             let body = ResponseBody::new(body, pending, addr, InFlight::started(handle));
@@ -105,6 +111,7 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                             drop(counting);
                             if let Some(unsent) = error.take_message() {
                                 tracing::debug!(target_name = %self.target, addr = %handle.addr(), "connection closed before send; re-picking");
+                                unsent_again += 1;
                                 request = unsent;
                                 self.mark_broken(&handle);
                                 continue;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use mesh_core::lb::SplitMix64;
-use mesh_core::outlier::{self, Change, Host, Reason};
+use mesh_core::outlier::{self, Change, Host, Reason, Spared};
 use mesh_core::policy::OutlierDetection;
 use tokio::sync::Notify;
 
@@ -132,25 +132,39 @@ impl<B: RequestBody> Detector<B> {
         for (tracked, host) in self.tracked.iter_mut().zip(hosts) {
             tracked.host = host;
         }
+        let mut republish = false;
         for change in &changes {
             match *change {
                 Change::Ejected(i, reason) => {
                     let tracked = &self.tracked[i];
                     tracked.handle.set_ejected(true);
                     tracked.handle.consecutive.store(0, Ordering::Relaxed);
-                    crate::stats::count(&state.stats.ejections);
+                    crate::stats::count(&state.stats.detected[reason.index()]);
+                    crate::stats::count(&state.stats.ejected[reason.index()]);
+                    republish = true;
                     let time = self.config.ejection_time(tracked.host.multiplier);
                     tracing::info!(addr = %tracked.addr, reason = reason.name(), ?time, "endpoint ejected");
                 }
+                Change::Spared(i, reason, spared) => {
+                    let tracked = &self.tracked[i];
+                    // Counted again only when it trips again.
+                    tracked.handle.consecutive.store(0, Ordering::Relaxed);
+                    crate::stats::count(&state.stats.detected[reason.index()]);
+                    if spared == Spared::Overflow {
+                        crate::stats::count(&state.stats.ejection_overflows);
+                    }
+                    tracing::debug!(addr = %tracked.addr, reason = reason.name(), ?spared, "outlier detected, not ejected");
+                }
                 Change::Returned(i) => {
                     let tracked = &self.tracked[i];
+                    republish = true;
                     tracked.handle.set_ejected(false);
                     tracked.handle.consecutive.store(0, Ordering::Relaxed);
                     tracing::info!(addr = %tracked.addr, "ejected endpoint returns");
                 }
             }
         }
-        if !changes.is_empty() {
+        if republish {
             state.refresh();
         }
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use mesh_core::Endpoint;
+use mesh_core::outlier::Reason;
 use tower::ServiceExt;
 
 use super::{Balancer, BalancerConfig, ConnState, ServedBy};
@@ -269,7 +270,10 @@ async fn consecutive_failures_eject_an_endpoint_at_once_until_its_ejection_time_
     let failed = run.iter().filter(|&&a| a == addr(1)).count();
     assert_eq!(failed, 3, "ejected at the third failure in a row: {run:?}");
     assert_eq!(ejected(&balancer), [addr(1)]);
-    assert_eq!(balancer.stats().counts().ejections, 1);
+    let counts = balancer.stats().counts();
+    assert_eq!(counts.ejections, 1);
+    assert_eq!((counts.outliers.ejected(Reason::Consecutive5xx), counts.outliers.detected(Reason::Consecutive5xx)), (1, 1));
+    assert_eq!(counts.outliers.ejected(Reason::SuccessRate) + counts.outliers.overflows, 0);
 
     // Ejected at once (the calls take no virtual time) for 5 s; it returns at the interval that ends then.
     tokio::time::sleep(Duration::from_millis(4500)).await;
@@ -298,6 +302,10 @@ async fn max_ejection_percent_keeps_endpoints_serving_and_a_level_all_ejected_st
     }
     served(&balancer, 40).await;
     assert_eq!(ejected(&balancer).len(), 2, "50% of four: {:?}", balancer.endpoints());
+    let outliers = balancer.stats().counts().outliers;
+    assert_eq!(outliers.ejected(Reason::Consecutive5xx), 2, "{outliers:?}");
+    assert!(outliers.overflows >= 2, "the other two were detected and spared: {outliers:?}");
+    assert_eq!(outliers.detected(Reason::Consecutive5xx), 2 + outliers.overflows, "{outliers:?}");
 
     let everything = mesh_core::policy::OutlierDetection { max_ejection_percent: 100, ..consecutive(2, Duration::from_secs(30)) };
     let balancer = outlier_balancer(&net, &[1, 2], everything);
@@ -334,6 +342,9 @@ async fn success_rate_ejects_the_outlier_at_the_interval() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Rates 0, 100, 100, 100, 100: mean 80, stdev 40, threshold 80 − 1.9 × 40 = 4.
     assert_eq!(ejected(&balancer), [addr(1)]);
+    let outliers = balancer.stats().counts().outliers;
+    assert_eq!((outliers.ejected(Reason::SuccessRate), outliers.detected(Reason::SuccessRate)), (1, 1), "{outliers:?}");
+    assert_eq!(outliers.ejected(Reason::Consecutive5xx), 0);
     let run = served(&balancer, 20).await;
     assert!(!run.contains(&addr(1)), "{run:?}");
 }

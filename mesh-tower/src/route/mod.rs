@@ -303,8 +303,8 @@ impl Future for RouterFuture {
         let (mut call, span) = (this.call.take(), this.span.take());
         Poll::Ready(match response {
             Ok(response) => {
-                if let (Some(call), Some(retried)) = (&mut call, response.extensions().get::<crate::retry::Retried>()) {
-                    call.retried(retried);
+                if let (Some(call), Some(attempts)) = (&mut call, response.extensions().get::<crate::stats::CallAttempts>()) {
+                    call.attempts(attempts);
                 }
                 if let Some(delay) = response.extensions().get::<crate::balance::Delay>() {
                     if let Some(call) = &call {

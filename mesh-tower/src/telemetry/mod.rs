@@ -7,6 +7,9 @@
 //!   `grpc.lb.backend_service` (A89) and the endpoint as `network.peer.address` / `network.peer.port`.
 //! - Client, per call: `grpc.client.call.duration` (`grpc.method`, `grpc.target`, `grpc.status`), and the route
 //!   as `mesh.route` when the route has a name.
+//! - Client, per call that sent more than one attempt (A96, `grpc.method` and `grpc.target`):
+//!   `grpc.client.call.retries`, `grpc.client.call.transparent_retries`, `grpc.client.call.hedges`, each only
+//!   when not zero, and `grpc.client.call.retry_delay` ([`crate::stats::CallAttempts`]).
 //! - Server ([`ServerMetricsLayer`]): `grpc.server.call.started` (`grpc.method`), `grpc.server.call.duration`
 //!   and `grpc.server.call.sent_total_compressed_message_size` (`grpc.method`, `grpc.status`). Received sizes
 //!   are not recorded: counting them would change the request's body type, and the layer must fit tonic's
@@ -67,6 +70,11 @@ fn duration(meter: &Meter, name: &'static str, description: &'static str) -> His
     meter.f64_histogram(name).with_unit("s").with_description(description).with_boundaries(LATENCY_BUCKETS.to_vec()).build()
 }
 
+/// A per-call count (A96's), on small-number buckets.
+fn count(meter: &Meter, name: &'static str, unit: &'static str, description: &'static str) -> Histogram<u64> {
+    meter.u64_histogram(name).with_unit(unit).with_description(description).with_boundaries(vec![1.0, 2.0, 3.0, 4.0, 5.0, 10.0]).build()
+}
+
 fn size(meter: &Meter, name: &'static str, description: &'static str) -> Histogram<u64> {
     meter.u64_histogram(name).with_unit("By").with_description(description).with_boundaries(SIZE_BUCKETS.to_vec()).build()
 }
@@ -109,6 +117,8 @@ struct ClientInstruments {
     attempt_delay: Histogram<f64>,
     call_delay: Histogram<f64>,
     call_retries: Histogram<u64>,
+    call_transparent_retries: Histogram<u64>,
+    call_hedges: Histogram<u64>,
     call_retry_delay: Histogram<f64>,
 }
 
@@ -140,12 +150,19 @@ impl ClientMetrics {
                 "grpc.client.call.delay.duration",
                 "Time a call waited before it was sent, by grpc.delay_type (A121).",
             ),
-            call_retries: meter
-                .u64_histogram("grpc.client.call.retries")
-                .with_unit("{retry}")
-                .with_description("Retries a call made, the first attempt and transparent resends not counted (A96).")
-                .with_boundaries(vec![1.0, 2.0, 3.0, 4.0, 5.0])
-                .build(),
+            call_retries: count(
+                meter,
+                "grpc.client.call.retries",
+                "{retry}",
+                "Retries a call made, the first attempt and transparent retries not counted (A96).",
+            ),
+            call_transparent_retries: count(
+                meter,
+                "grpc.client.call.transparent_retries",
+                "{transparent_retry}",
+                "Requests a call sent again because the server refused them unprocessed or they were never written (A96).",
+            ),
+            call_hedges: count(meter, "grpc.client.call.hedges", "{hedge}", "Hedged attempts a call sent beside its first (A96)."),
             call_retry_delay: duration(meter, "grpc.client.call.retry_delay", "Time a call spent backing off between its attempts (A96)."),
         }))
     }
@@ -350,14 +367,24 @@ impl CallRecord {
         }
     }
 
-    /// Records that the call was retried (A96: only calls with a retry record these).
-    pub(crate) fn retried(&mut self, retried: &crate::retry::Retried) {
-        self.retries = retried.count;
+    /// Records what the call sent beyond its first attempt (A96: a count that is zero is not recorded; the
+    /// retry delay is recorded with the retries).
+    pub(crate) fn attempts(&mut self, attempts: &crate::stats::CallAttempts) {
+        self.retries = attempts.retries;
         if let Some(metrics) = &self.metrics {
             let c = &metrics.0;
             let attributes = [method(self.path.path()), c.target.clone()];
-            c.call_retries.record(u64::from(retried.count), &attributes);
-            c.call_retry_delay.record(retried.backed_off.as_secs_f64(), &attributes);
+            let counts = [
+                (&c.call_retries, attempts.retries),
+                (&c.call_transparent_retries, attempts.transparent_retries),
+                (&c.call_hedges, attempts.hedges),
+            ];
+            for (histogram, count) in counts.into_iter().filter(|(_, count)| *count > 0) {
+                histogram.record(u64::from(count), &attributes);
+            }
+            if attempts.retries > 0 {
+                c.call_retry_delay.record(attempts.backed_off.as_secs_f64(), &attributes);
+            }
         }
     }
 
