@@ -59,14 +59,12 @@ pub(crate) fn certificate_providers(bootstrap: &xds_client::Bootstrap) -> std::c
             tracing::warn!(instance = %name, plugin = %provider.plugin_name, "certificate provider plugin not supported; only file_watcher");
             continue;
         };
-        let (Some(cert), Some(key), Some(ca)) = (&config.certificate_file, &config.private_key_file, &config.ca_certificate_file) else {
-            tracing::warn!(instance = %name, "a file_watcher instance without all of certificate, key and CA files is not supported yet");
-            continue;
-        };
+        let path = |file: &Option<String>| file.as_ref().map(std::path::PathBuf::from);
         let watcher = mesh_tower::tls::FileWatcher {
-            certificate_file: cert.into(),
-            private_key_file: key.into(),
-            ca_certificate_file: ca.into(),
+            certificate_file: path(&config.certificate_file),
+            private_key_file: path(&config.private_key_file),
+            ca_certificate_file: path(&config.ca_certificate_file),
+            spiffe_trust_bundle_map_file: path(&config.spiffe_trust_bundle_map_file),
             refresh_interval: config.refresh_interval,
         };
         match watcher.start() {

@@ -207,6 +207,7 @@ fn file_watcher(dir: &Path) -> xds_client::bootstrap::CertificateProvider {
         certificate_file: file("cert.pem"),
         private_key_file: file("key.pem"),
         ca_certificate_file: file("ca.pem"),
+        spiffe_trust_bundle_map_file: None,
         refresh_interval: Duration::from_secs(60),
     };
     xds_client::bootstrap::CertificateProvider {

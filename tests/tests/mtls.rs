@@ -45,14 +45,14 @@ fn balancer(
 /// A balancer to `server` over mTLS with `credentials`, accepting `allowed`, counting handshakes in `counts`.
 fn balancer_with(
     server: std::net::SocketAddr,
-    credentials: Credentials,
+    credentials: impl Into<mesh_tower::tls::CredentialsSource>,
     allowed: &[&str],
     counts: &Arc<HandshakeCounts>,
 ) -> Balancer<http_body_util::Full<bytes::Bytes>, MtlsConnector> {
     let tls =
         TlsPolicy { server_name: None, allowed_identities: allowed.iter().map(|s| (*s).to_owned()).collect(), ..TlsPolicy::default() };
     let config = BalancerConfig { tls: Some(tls), ready_timeout: Duration::from_secs(2), ..BalancerConfig::default() };
-    let connector = MtlsConnector::new(TcpConnector::new(), Some(Arc::new(credentials))).with_counts(counts.clone());
+    let connector = MtlsConnector::new(TcpConnector::new(), Some(credentials.into())).with_counts(counts.clone());
     Balancer::with_connector("greeter", discover::fixed(vec![Endpoint::new(server)]), config, connector)
 }
 
@@ -315,6 +315,111 @@ async fn each_bad_server_certificate_fails_our_handshake_with_its_reason_and_is_
     assert_eq!((counts.succeeded(), server.calls()), (1, 1));
 }
 
+/// A SPIFFE trust bundle map as gRPC A87 reads it: `{"trust_domains": {domain: {"keys": [{"x5c": [DER]}]}}}`,
+/// each domain's one root as the PEM's base64 body, plus a JWT key that is skipped.
+fn bundle_map(domains: &[(&str, &SpiffeCa)]) -> String {
+    let keys = |ca: &SpiffeCa| {
+        let der: String = ca.ca.lines().filter(|l| !l.starts_with("-----")).collect();
+        serde_json::json!({ "keys": [
+            { "kty": "EC", "use": "x509-svid", "x5c": [der] },
+            { "kty": "EC", "use": "jwt-svid", "kid": "jwt" },
+        ], "spiffe_sequence": 1 })
+    };
+    let domains: serde_json::Map<String, serde_json::Value> = domains.iter().map(|(d, ca)| ((*d).to_owned(), keys(ca))).collect();
+    serde_json::json!({ "trust_domains": domains }).to_string()
+}
+
+/// A87 and gRPC's `file_watcher` without a CA file: an instance whose trust is a SPIFFE bundle map verifies each
+/// peer by the roots of the peer's own trust domain and refuses a domain the map lacks (its CA file, also given,
+/// is ignored); a CA-only instance gives the roots for a cluster whose identity comes from another instance,
+/// and cannot be an identity itself; a malformed map is refused naming the domain and key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spiffe_bundle_map_trusts_each_domain_by_its_own_roots_and_a_ca_only_instance_gives_roots() {
+    use mesh_tower::tls::{FileWatcher, MakeMtls};
+    let (ca, federated, stranger) =
+        (SpiffeCa::new("mesh CA").unwrap(), SpiffeCa::new("other.test CA").unwrap(), SpiffeCa::new("third CA").unwrap());
+    let dir = mesh_tests::peers::TempDir::new("bundle-map").unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (cert, key) = ca.issue(FRONTEND).unwrap();
+    let (cert, key) = (file("cert.pem", &cert), file("key.pem", &key));
+    let map = file("map.json", &bundle_map(&[("mesh.test", &ca), ("other.test", &federated)]));
+    let watcher = |ca_file: Option<std::path::PathBuf>, map: Option<std::path::PathBuf>, identity: bool| FileWatcher {
+        certificate_file: identity.then(|| cert.clone()),
+        private_key_file: identity.then(|| key.clone()),
+        ca_certificate_file: ca_file,
+        spiffe_trust_bundle_map_file: map,
+        refresh_interval: Duration::from_secs(60),
+    };
+    let server = |issuer: &SpiffeCa, id: &str| {
+        let (cert, key) = issuer.issue(id).unwrap();
+        let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(&ca.ca));
+        EchoServer::start_tls(tls)
+    };
+    let ours = server(&ca, GREETER).await.unwrap();
+    let theirs = server(&federated, "spiffe://other.test/ns/default/sa/greeter").await.unwrap();
+    let unknown = server(&stranger, "spiffe://third.test/ns/default/sa/greeter").await.unwrap();
+
+    // Identity and bundle map in one instance; the stranger's CA file beside the map is ignored.
+    let mapped = watcher(Some(file("stranger.pem", &stranger.ca)), Some(map.clone()), true).start().unwrap();
+    let counts = Arc::new(HandshakeCounts::default());
+    for trusted in [&ours, &theirs] {
+        balancer_with(trusted.addr, mapped.clone(), &[], &counts)
+            .oneshot(request())
+            .await
+            .expect("trusted by its domain's roots in the map");
+    }
+    let error = balancer_with(unknown.addr, mapped.clone(), &[], &counts).oneshot(request()).await.unwrap_err();
+    assert!(chain(&error).contains("unknown_trust_domain"), "a domain the map lacks is refused: {}", chain(&error));
+    assert_eq!((counts.succeeded(), ours.calls(), theirs.calls(), unknown.calls()), (2, 1, 1, 0));
+
+    // A CA-only instance as the cluster's roots, the identity from an identity-only instance (A29's two names).
+    let providers = std::collections::BTreeMap::from([
+        ("identity".to_owned(), watcher(None, None, true).start().unwrap()),
+        ("roots".to_owned(), watcher(Some(file("ca.pem", &ca.ca)), None, false).start().unwrap()),
+    ]);
+    let make = MakeMtls::new(None).with_providers(providers);
+    let cluster = |identity: &str| {
+        let tls = TlsPolicy {
+            certificate_provider: Some(identity.to_owned()),
+            ca_certificate_provider: Some("roots".to_owned()),
+            allowed_identities: vec![GREETER.to_owned()],
+            ..TlsPolicy::default()
+        };
+        let balancer = BalancerConfig { tls: Some(tls), ready_timeout: Duration::from_secs(2), ..BalancerConfig::default() };
+        let target = mesh_tower::cluster::ClusterTarget {
+            name: "greeter".into(),
+            balancer: balancer.clone(),
+            source: mesh_tower::cluster::Source::Static(vec![Endpoint::new(ours.addr)]),
+            breakers: Default::default(),
+            adaptive: None,
+        };
+        let connector = mesh_tower::cluster::MakeConnect::make_connect(&make, &target);
+        Balancer::with_connector("greeter", discover::fixed(vec![Endpoint::new(ours.addr)]), balancer, connector)
+    };
+    cluster("identity").oneshot(request()).await.expect("identity from one instance, roots from the CA-only one");
+    assert_eq!(ours.calls(), 2);
+    let error = cluster("roots").oneshot(request()).await.unwrap_err();
+    assert!(chain(&error).contains("no certificate and key of its own"), "a CA-only instance is no identity: {}", chain(&error));
+
+    // Malformed maps fail the instance with the domain and the key named.
+    let bad = [
+        (
+            r#"{"trust_domains": {"mesh.test": {"keys": [{"kty": "EC", "use": "x509-svid", "x5c": ["not base64!"]}]}}}"#,
+            "mesh.test: keys[0]",
+        ),
+        (r#"{"trust_domains": {"mesh.test": {"keys": [{"use": "x509-svid", "x5c": []}]}}}"#, "no \"kty\""),
+        (r#"{"domains": {}}"#, "trust_domains"),
+    ];
+    for (text, named) in bad {
+        let error = watcher(None, Some(file("bad.json", text)), true).start().unwrap_err().to_string();
+        assert!(error.contains("bad.json") && error.contains(named), "{text}: {error}");
+    }
+}
+
 /// Our acceptor refuses, with the reason counted: a client certificate from another CA or expired, no client
 /// certificate (openssl s_client), plaintext, and a TLS 1.2-only client (openssl s_client -tls1_2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,9 +626,10 @@ fn assert_none_failed(ok: u64, failures: &[String]) {
 /// A workload's files, as `meshctl ca issue` writes them, watched by a [`FileWatcher`] every 250 ms.
 fn watched(dir: &std::path::Path) -> mesh_tower::tls::CredentialsSource {
     let watcher = mesh_tower::tls::FileWatcher {
-        certificate_file: dir.join("cert.pem"),
-        private_key_file: dir.join("key.pem"),
-        ca_certificate_file: dir.join("ca.pem"),
+        certificate_file: Some(dir.join("cert.pem")),
+        private_key_file: Some(dir.join("key.pem")),
+        ca_certificate_file: Some(dir.join("ca.pem")),
+        spiffe_trust_bundle_map_file: None,
         refresh_interval: Duration::from_millis(250),
     };
     watcher.start().unwrap()

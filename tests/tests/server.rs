@@ -45,9 +45,10 @@ fn plaintext(addr: std::net::SocketAddr) -> mesh_tonic::Channel {
 /// A channel presenting the certificate `meshctl ca issue` wrote in `dir`, expecting the server's identity.
 fn mtls(addr: std::net::SocketAddr, dir: &Path) -> mesh_tonic::Channel {
     let watcher = mesh_tower::tls::FileWatcher {
-        certificate_file: dir.join("cert.pem"),
-        private_key_file: dir.join("key.pem"),
-        ca_certificate_file: dir.join("ca.pem"),
+        certificate_file: Some(dir.join("cert.pem")),
+        private_key_file: Some(dir.join("key.pem")),
+        ca_certificate_file: Some(dir.join("ca.pem")),
+        spiffe_trust_bundle_map_file: None,
         refresh_interval: Duration::from_secs(60),
     };
     let policy = TlsPolicy { allowed_identities: vec![SERVER_ID.to_owned()], ..TlsPolicy::default() };

@@ -127,6 +127,8 @@ pub struct FileWatcherConfig {
     pub private_key_file: Option<String>,
     /// The trust bundle, if the instance provides roots.
     pub ca_certificate_file: Option<String>,
+    /// A SPIFFE trust bundle map (gRPC A87): roots per trust domain, in place of `ca_certificate_file`.
+    pub spiffe_trust_bundle_map_file: Option<String>,
     /// How often the files are read again (default 600 s).
     pub refresh_interval: std::time::Duration,
 }
@@ -294,11 +296,13 @@ impl<F: Fn(Option<usize>, &str, String) -> Error> Parser<'_, F> {
         let file = |key: &str| self.string_opt(o.get(key), &format!("{field}.{key}"));
         let (certificate_file, private_key_file, ca_certificate_file) =
             (file("certificate_file")?, file("private_key_file")?, file("ca_certificate_file")?);
+        let spiffe_trust_bundle_map_file = file("spiffe_trust_bundle_map_file")?;
         if certificate_file.is_some() != private_key_file.is_some() {
             return Err((self.fail)(None, field, "certificate_file and private_key_file go together".into()));
         }
-        if certificate_file.is_none() && ca_certificate_file.is_none() {
-            return Err((self.fail)(None, field, "needs certificate_file and private_key_file, or ca_certificate_file".into()));
+        if certificate_file.is_none() && ca_certificate_file.is_none() && spiffe_trust_bundle_map_file.is_none() {
+            let needs = "needs certificate_file and private_key_file, or ca_certificate_file or spiffe_trust_bundle_map_file";
+            return Err((self.fail)(None, field, needs.into()));
         }
         let refresh_interval = match self.string_opt(o.get("refresh_interval"), &format!("{field}.refresh_interval"))? {
             None => std::time::Duration::from_secs(600),
@@ -311,7 +315,7 @@ impl<F: Fn(Option<usize>, &str, String) -> Error> Parser<'_, F> {
                     (self.fail)(None, &format!("{field}.refresh_interval"), format!("{text:?} is not a positive duration like \"600s\""))
                 })?,
         };
-        Ok(FileWatcherConfig { certificate_file, private_key_file, ca_certificate_file, refresh_interval })
+        Ok(FileWatcherConfig { certificate_file, private_key_file, ca_certificate_file, spiffe_trust_bundle_map_file, refresh_interval })
     }
 
     fn servers(&self, v: Option<&Value>, field: &str) -> Result<Vec<XdsServer>> {
@@ -411,7 +415,8 @@ mod tests {
       ],
       "node": {"id": "sidecar~10.0.0.1~greeter.default~default.svc.cluster.local", "cluster": "greeter",
                "locality": {"region": "r1", "zone": "z1"}, "metadata": {"GENERATOR": "grpc", "ISTIO_VERSION": "1.24"}},
-      "certificate_providers": {"default": {"plugin_name": "file_watcher", "config": {"ca_certificate_file": "/ca.pem", "refresh_interval": "900s"}}},
+      "certificate_providers": {"default": {"plugin_name": "file_watcher", "config": {"ca_certificate_file": "/ca.pem", "refresh_interval": "900s"}},
+                                "spiffe": {"plugin_name": "file_watcher", "config": {"spiffe_trust_bundle_map_file": "/map.json"}}},
       "authorities": {"xds.example.com": {"client_listener_resource_name_template": "xdstp://xds.example.com/envoy.config.listener.v3.Listener/%s"}},
       "server_listener_resource_name_template": "xds.istio.io/grpc/lds/inbound/%s",
       "some_future_field": 42
@@ -431,6 +436,12 @@ mod tests {
         assert_eq!(watcher.certificate_file, None);
         assert_eq!(watcher.ca_certificate_file.as_deref(), Some("/ca.pem"));
         assert_eq!(watcher.refresh_interval, std::time::Duration::from_secs(900));
+        let spiffe = b.certificate_providers["spiffe"].file_watcher.clone().unwrap();
+        assert_eq!(
+            (spiffe.spiffe_trust_bundle_map_file.as_deref(), spiffe.ca_certificate_file),
+            (Some("/map.json"), None),
+            "A87's bundle map alone"
+        );
         assert!(b.authorities.contains_key("xds.example.com"));
         assert_eq!(b.server_listener_resource_name_template.as_deref(), Some("xds.istio.io/grpc/lds/inbound/%s"));
         assert_eq!(b.listener_name_for_target("greeter"), "greeter");

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{Credentials, CredentialsError};
+use super::{Credentials, CredentialsError, Trust};
 
 /// The current credentials of a workload, fixed or reloaded.
 #[derive(Clone, Debug)]
@@ -47,19 +47,25 @@ impl From<Credentials> for CredentialsSource {
     }
 }
 
-/// gRPC's `file_watcher` certificate provider: the certificate chain, its key and the trust bundle as PEM
-/// files, read again every `refresh_interval`.
+/// gRPC's `file_watcher` certificate provider: the certificate chain and its key (the identity), and the
+/// trust bundle as PEM or a SPIFFE trust bundle map (A87), each optional as in gRPC, read again every
+/// `refresh_interval`. A bundle map replaces the PEM bundle when both are given (A87's forward compatibility).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileWatcher {
-    /// The certificate chain, the leaf first.
-    pub certificate_file: PathBuf,
+    /// The certificate chain, the leaf first (with `private_key_file`).
+    pub certificate_file: Option<PathBuf>,
     /// The leaf's private key.
-    pub private_key_file: PathBuf,
-    /// The trust bundle.
-    pub ca_certificate_file: PathBuf,
+    pub private_key_file: Option<PathBuf>,
+    /// The trust bundle (PEM).
+    pub ca_certificate_file: Option<PathBuf>,
+    /// The SPIFFE trust bundle map (JSON), roots per trust domain.
+    pub spiffe_trust_bundle_map_file: Option<PathBuf>,
     /// How often the files are read again (gRPC's default: 10 minutes).
     pub refresh_interval: Duration,
 }
+
+/// What a [`FileWatcher`] read: each file's bytes, `None` for a file it was not given.
+type Contents = [Option<Vec<u8>>; 4];
 
 impl FileWatcher {
     /// gRPC's default refresh interval.
@@ -100,30 +106,50 @@ impl FileWatcher {
         Ok(CredentialsSource(rx))
     }
 
-    fn read(&self) -> Result<([Vec<u8>; 3], Credentials), CredentialsError> {
+    fn read(&self) -> Result<(Contents, Credentials), CredentialsError> {
         let files = self.contents()?;
         let credentials = self.parse(&files)?;
         Ok((files, credentials))
     }
 
-    fn contents(&self) -> Result<[Vec<u8>; 3], CredentialsError> {
-        let read =
-            |what, path: &Path| std::fs::read(path).map_err(|e| CredentialsError { what, reason: format!("{}: {e}", path.display()) });
-        Ok([
-            read("certificate chain", &self.certificate_file)?,
-            read("key", &self.private_key_file)?,
-            read("trust bundle", &self.ca_certificate_file)?,
-        ])
+    /// The files in the order of [`Contents`]: chain, key, PEM bundle (unread when a bundle map replaces it),
+    /// bundle map.
+    fn files(&self) -> [(&'static str, Option<&Path>); 4] {
+        let pem = self.ca_certificate_file.as_deref().filter(|_| self.spiffe_trust_bundle_map_file.is_none());
+        [
+            ("certificate chain", self.certificate_file.as_deref()),
+            ("key", self.private_key_file.as_deref()),
+            ("trust bundle", pem),
+            ("SPIFFE trust bundle map", self.spiffe_trust_bundle_map_file.as_deref()),
+        ]
     }
 
-    fn parse(&self, [chain, key, ca]: &[Vec<u8>; 3]) -> Result<Credentials, CredentialsError> {
-        Credentials::from_pem(chain, key, ca).map_err(|e| {
-            let path = match e.what {
-                "key" => &self.private_key_file,
-                "trust bundle" => &self.ca_certificate_file,
-                _ => &self.certificate_file,
-            };
-            CredentialsError { what: e.what, reason: format!("{}: {}", path.display(), e.reason) }
+    fn contents(&self) -> Result<Contents, CredentialsError> {
+        let read = |(what, path): (&'static str, Option<&Path>)| {
+            path.map(|path| std::fs::read(path).map_err(|e| CredentialsError { what, reason: format!("{}: {e}", path.display()) }))
+                .transpose()
+        };
+        let [chain, key, ca, map] = self.files().map(read);
+        Ok([chain?, key?, ca?, map?])
+    }
+
+    fn parse(&self, [chain, key, ca, map]: &Contents) -> Result<Credentials, CredentialsError> {
+        let identity = match (chain, key) {
+            (Some(chain), Some(key)) => Some((chain.as_slice(), key.as_slice())),
+            (None, None) => None,
+            _ => return Err(CredentialsError { what: "identity", reason: "certificate_file and private_key_file go together".into() }),
+        };
+        let trust = match (map, ca) {
+            (Some(map), _) => Trust::BundleMap(map),
+            (None, Some(ca)) => Trust::Pem(ca),
+            (None, None) => Trust::None,
+        };
+        Credentials::assemble(identity, trust).map_err(|e| {
+            let path = self.files().into_iter().find(|(what, _)| *what == e.what).and_then(|(_, path)| path);
+            match path {
+                Some(path) => CredentialsError { what: e.what, reason: format!("{}: {}", path.display(), e.reason) },
+                None => e,
+            }
         })
     }
 }

@@ -10,8 +10,8 @@
 //! - A cluster with a TLS policy is only ever reached over TLS: a failed handshake fails the connection with
 //!   the reason, never falls back to plaintext. A cluster without one is reached in plaintext.
 //! - A peer's certificate must carry exactly one URI SAN, a valid SPIFFE ID (the X.509-SVID rules), and chain
-//!   to the bundle of that ID's trust domain: the workload's own domain, or one added with
-//!   [`Credentials::with_bundle`] (SPIFFE bundle maps, A87).
+//!   to the bundle of that ID's trust domain: the workload's own domain, one added with
+//!   [`Credentials::with_bundle`], or each domain of a SPIFFE trust bundle map ([`Trust::BundleMap`], A87).
 //! - Every failed handshake is counted by why it failed ([`HandshakeFailure`], [`HandshakeCounts`]).
 //! - Credentials can change while serving ([`CredentialsSource`], [`FileWatcher`]): each new handshake takes the
 //!   current ones; connections made keep theirs.
@@ -59,8 +59,10 @@ pub struct CredentialsError {
 
 /// A workload's certificate chain and key, and the trust bundle its peers must chain to.
 pub struct Credentials {
+    /// The workload's certificate chain, leaf first; empty for a trust-only instance.
     chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    /// The leaf's key; `None` for a trust-only instance.
+    key: Option<PrivateKeyDer<'static>>,
     /// The roots of each trust domain peers may belong to.
     bundles: BTreeMap<String, Arc<RootCertStore>>,
     /// The bundle of a workload whose own leaf names no trust domain: it vouches for peers of any domain.
@@ -78,21 +80,50 @@ impl fmt::Debug for Credentials {
 impl Credentials {
     /// From PEM: `chain` (the leaf first), its `key`, and the trust bundle `ca` (one or more roots).
     pub fn from_pem(chain: &[u8], key: &[u8], ca: &[u8]) -> Result<Self, CredentialsError> {
+        Self::assemble(Some((chain, key)), Trust::Pem(ca))
+    }
+
+    /// Trust alone, with no identity of its own (a certificate provider instance with only a CA file or a
+    /// bundle map): the roots a cluster's or listener's other instance verifies peers with.
+    pub fn trust_only(trust: Trust<'_>) -> Result<Self, CredentialsError> {
+        Self::assemble(None, trust)
+    }
+
+    /// Credentials from an identity (PEM chain, leaf first, and its key) and a trust source, either optional
+    /// (both absent is an error). A PEM bundle verifies peers of the leaf's own trust domain, or of any domain
+    /// when the leaf names none (or there is no leaf); a bundle map verifies each domain's peers with that
+    /// domain's roots and refuses the rest (A87).
+    pub fn assemble(identity: Option<(&[u8], &[u8])>, trust: Trust<'_>) -> Result<Self, CredentialsError> {
         let error = |what| move |e: rustls::pki_types::pem::Error| CredentialsError { what, reason: e.to_string() };
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(chain).collect::<Result<_, _>>().map_err(error("certificate chain"))?;
-        let Some(leaf) = chain.first() else {
-            return Err(CredentialsError { what: "certificate chain", reason: "no certificate in it".into() });
+        let (chain, key, own) = match identity {
+            None => (Vec::new(), None, None),
+            Some((chain, key)) => {
+                let chain: Vec<CertificateDer<'static>> =
+                    CertificateDer::pem_slice_iter(chain).collect::<Result<_, _>>().map_err(error("certificate chain"))?;
+                let Some(leaf) = chain.first() else {
+                    return Err(CredentialsError { what: "certificate chain", reason: "no certificate in it".into() });
+                };
+                let own = peer_id(leaf).ok();
+                let key = PrivateKeyDer::from_pem_slice(key).map_err(error("key"))?;
+                rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
+                    .map_err(|e| CredentialsError { what: "key", reason: format!("does not fit the certificate chain's leaf: {e}") })?;
+                (chain, Some(key), own)
+            }
         };
-        let own = peer_id(leaf).ok();
-        let key = PrivateKeyDer::from_pem_slice(key).map_err(error("key"))?;
-        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
-            .map_err(|e| CredentialsError { what: "key", reason: format!("does not fit the certificate chain's leaf: {e}") })?;
-        let roots = roots("trust bundle", ca)?;
         let (mut bundles, mut any_domain) = (BTreeMap::new(), None);
-        match &own {
-            Some(id) => drop(bundles.insert(id.trust_domain().to_owned(), roots)),
-            None => any_domain = Some(roots),
+        match trust {
+            Trust::None if key.is_none() => {
+                return Err(CredentialsError { what: "credentials", reason: "neither an identity nor a trust bundle".into() });
+            }
+            Trust::None => {}
+            Trust::Pem(ca) => {
+                let roots = roots("trust bundle", ca)?;
+                match &own {
+                    Some(id) => drop(bundles.insert(id.trust_domain().to_owned(), roots)),
+                    None => any_domain = Some(roots),
+                }
+            }
+            Trust::BundleMap(json) => bundles = bundle_map(json)?,
         }
         let identity = own.map(|id| PeerIdentity(id.as_str().into()));
         Ok(Self { chain, key, bundles, any_domain, identity })
@@ -116,12 +147,67 @@ impl Credentials {
     fn with_bundles_of(&self, other: &Credentials) -> Credentials {
         Credentials {
             chain: self.chain.clone(),
-            key: self.key.clone_key(),
+            key: self.key.as_ref().map(PrivateKeyDer::clone_key),
             bundles: other.bundles.clone(),
             any_domain: other.any_domain.clone(),
             identity: self.identity.clone(),
         }
     }
+}
+
+/// Where credentials' trust comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum Trust<'a> {
+    /// No roots of their own (an identity-only instance: a cluster takes its roots from another).
+    None,
+    /// A PEM trust bundle (one or more roots).
+    Pem(&'a [u8]),
+    /// A SPIFFE trust bundle map (JSON, gRPC A87): roots per trust domain.
+    BundleMap(&'a [u8]),
+}
+
+/// The X.509 roots of each trust domain of a SPIFFE trust bundle map (gRPC A87, the SPIFFE bundle format):
+/// `{"trust_domains": {"<domain>": {"keys": [{"kty": "...", "use": "x509-svid", "x5c": ["<base64 DER>"]}]}}}`.
+/// Only `keys` (and `spiffe_sequence`) of a bundle and `kty`, `use` and `x5c` of a key are read; `jwt-svid`
+/// keys are skipped, and a domain with no X.509 root is left out (its peers are refused). Any malformed entry
+/// fails the whole map, naming the domain and key: a half-read map could refuse or admit the wrong peers.
+fn bundle_map(json: &[u8]) -> Result<BTreeMap<String, Arc<RootCertStore>>, CredentialsError> {
+    use base64::Engine as _;
+    let error = |reason: String| CredentialsError { what: "SPIFFE trust bundle map", reason };
+    let map: serde_json::Value = serde_json::from_slice(json).map_err(|e| error(format!("not JSON: {e}")))?;
+    let domains =
+        map.get("trust_domains").and_then(serde_json::Value::as_object).ok_or_else(|| error("no \"trust_domains\" object".into()))?;
+    let mut bundles = BTreeMap::new();
+    for (domain, bundle) in domains {
+        SpiffeId::parse(&format!("spiffe://{domain}")).map_err(|e| error(format!("trust domain {domain:?}: {e}")))?;
+        let keys = bundle.get("keys").and_then(serde_json::Value::as_array).ok_or_else(|| error(format!("{domain}: no \"keys\" array")))?;
+        let mut roots = RootCertStore::empty();
+        for (i, key) in keys.iter().enumerate() {
+            let at = |reason: &str| error(format!("{domain}: keys[{i}]: {reason}"));
+            if key.get("kty").and_then(serde_json::Value::as_str).is_none() {
+                return Err(at("no \"kty\""));
+            }
+            match key.get("use").and_then(serde_json::Value::as_str) {
+                Some("x509-svid") => {}
+                Some("jwt-svid") => continue,
+                Some(other) => return Err(at(&format!("\"use\" is {other:?}, not x509-svid or jwt-svid"))),
+                None => return Err(at("no \"use\"")),
+            }
+            let x5c = key.get("x5c").and_then(serde_json::Value::as_array).map(Vec::as_slice);
+            let [cert] = x5c.unwrap_or_default() else { return Err(at("\"x5c\" must hold exactly one certificate")) };
+            let der = cert
+                .as_str()
+                .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+                .ok_or_else(|| at("\"x5c\"[0] is not base64"))?;
+            roots.add(CertificateDer::from(der)).map_err(|e| at(&e.to_string()))?;
+        }
+        if roots.is_empty() {
+            tracing::debug!(%domain, "SPIFFE bundle has no X.509 root; its peers are refused");
+            continue;
+        }
+        bundles.insert(domain.clone(), Arc::new(roots));
+    }
+    Ok(bundles)
 }
 
 /// The roots in a PEM bundle (at least one).
@@ -135,6 +221,14 @@ fn roots(what: &'static str, pem: &[u8]) -> Result<Arc<RootCertStore>, Credentia
         return Err(CredentialsError { what, reason: "no certificate in it".into() });
     }
     Ok(Arc::new(roots))
+}
+
+/// The key of credentials that carry an identity; a trust-only instance cannot be a workload's identity.
+fn identity_key(credentials: &Credentials) -> Result<PrivateKeyDer<'static>, CredentialsError> {
+    credentials.key.as_ref().map(PrivateKeyDer::clone_key).ok_or_else(|| CredentialsError {
+        what: "identity",
+        reason: "the certificate provider instance has no certificate and key of its own (only roots): name an instance with certificate_file and private_key_file for the identity".into(),
+    })
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -534,7 +628,7 @@ impl MtlsConnector {
             .map_err(io::Error::other)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(credentials.chain.clone(), credentials.key.clone_key())
+            .with_client_auth_cert(credentials.chain.clone(), identity_key(&credentials).map_err(io::Error::other)?)
             .map_err(io::Error::other)?;
         config.alpn_protocols = vec![H2.to_vec()];
         Ok(config)
@@ -783,7 +877,7 @@ impl MtlsAcceptor {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| error(&e))?
             .with_client_cert_verifier(clients)
-            .with_single_cert(credentials.chain.clone(), credentials.key.clone_key())
+            .with_single_cert(credentials.chain.clone(), identity_key(credentials).map_err(|e| error(&e))?)
             .map_err(|e| error(&e))?;
         config.alpn_protocols = vec![H2.to_vec()];
         Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))

@@ -19,6 +19,10 @@
 //! Prints a Markdown table: p50/p99 latency, throughput, client CPU per call,
 //! and the mesh/plain ratios.
 //!
+//! `--pin` puts each client process on CPU 0 and its echo server on CPU 1, so that what the client does is not
+//! shared with the server's work on the same two cores (the default shares them, as most of the numbers in
+//! BENCHMARKS.md do).
+//!
 //! `--mtls` serves from the mesh's permissive acceptor (the same port for plaintext and mTLS) and adds the mesh
 //! channel over mTLS, compared per round with the same channel in plaintext (issue 16). `--handshakes C`
 //! measures instead the acceptor's full mTLS handshakes per second per core of the server process, C clients
@@ -76,6 +80,11 @@ struct Args {
     /// process, with this many clients handshaking at once.
     #[arg(long)]
     handshakes: Option<usize>,
+    /// Pin each client process to CPU 0 and its echo server to CPU 1 (with `taskset`), so the client's own
+    /// work is measured apart from the server's, as when they run on different machines. A client core that is
+    /// not busy (the client CPU % column well under 100) means the server bounds the throughput instead.
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Default)]
@@ -461,7 +470,7 @@ struct Round {
 /// on stdout, one line each: `round <concurrency> <round> <variant> <p50> <p99> <calls/s> <cpu>`.
 fn child(args: &Args, process: u32) -> anyhow::Result<()> {
     let server_bin: PathBuf = std::env::current_exe()?.with_file_name("mesh-test-server");
-    let mut command = Command::new(&server_bin);
+    let mut command = pinned(args.pin, 1, &server_bin);
     command.args(["--reply-bytes", "1024"]);
     let pki = mesh_tests::peers::TempDir::new("bench-pki")?;
     if args.mtls || args.handshakes.is_some() {
@@ -551,11 +560,21 @@ fn handshakes(server: &mesh_tests::peers::Peer, clients: usize, seconds: f64) ->
     Ok(())
 }
 
+/// A command running `program`, on CPU `cpu` alone when `pin` (through `taskset`, which must be installed).
+fn pinned(pin: bool, cpu: u32, program: &std::path::Path) -> Command {
+    if !pin {
+        return Command::new(program);
+    }
+    let mut command = Command::new("taskset");
+    command.args(["-c", &cpu.to_string()]).arg(program);
+    command
+}
+
 /// Runs the client processes one after another and collects their rounds.
 fn collect_rounds(args: &Args, variants: usize) -> anyhow::Result<Vec<Round>> {
     let mut rounds: Vec<Round> = Vec::new();
     for process in 0..args.processes {
-        let output = Command::new(std::env::current_exe()?)
+        let output = pinned(args.pin, 0, &std::env::current_exe()?)
             .args(std::env::args().skip(1))
             .args(["--child", &process.to_string()])
             .stderr(std::process::Stdio::inherit())
@@ -612,13 +631,13 @@ fn main() -> anyhow::Result<()> {
 
     println!("Median over rounds of each variant's own results:");
     println!();
-    println!("| concurrency | client | p50 µs | p99 µs | calls/s | client CPU µs/call |");
-    println!("|---|---|---|---|---|---|");
+    println!("| concurrency | client | p50 µs | p99 µs | calls/s | client CPU µs/call | client CPU % |");
+    println!("|---|---|---|---|---|---|---|");
     for &c in &args.concurrency {
         let at_c: Vec<&Round> = rounds.iter().filter(|r| r.concurrency == c).collect();
         for (i, (_, name)) in variants.iter().enumerate() {
             let m = |k: usize| median(at_c.iter().map(|r| r.metrics[i][k]).collect());
-            println!("| {c} | {name} | {:.0} | {:.0} | {:.0} | {:.1} |", m(0), m(1), m(2), m(3));
+            println!("| {c} | {name} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} |", m(0), m(1), m(2), m(3), m(2) * m(3) / 1e4);
         }
     }
     let [first, second] = baseline[..] else { return Ok(()) };
