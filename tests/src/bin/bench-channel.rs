@@ -19,9 +19,11 @@
 //! Prints a Markdown table: p50/p99 latency, throughput, client CPU per call,
 //! and the mesh/plain ratios.
 //!
-//! `--pin` puts each client process on CPU 0 and its echo server on CPU 1, so that what the client does is not
-//! shared with the server's work on the same two cores (the default shares them, as most of the numbers in
-//! BENCHMARKS.md do).
+//! Each client process runs on CPU 0 and its echo server on CPU 1 (`taskset`), as a client and its backend
+//! run on different hosts: the client's cost is measured on its own core, not mixed with the server's work
+//! and the scheduler moving both between the same two cores. `--shared-cores` lets them share every core (how
+//! the numbers in BENCHMARKS.md before 2026-12-04 were taken). The client CPU % column says whether the
+//! client's core was the bound (near 100) or the server was.
 //!
 //! `--mtls` serves from the mesh's permissive acceptor (the same port for plaintext and mTLS) and adds the mesh
 //! channel over mTLS, compared per round with the same channel in plaintext (issue 16). `--handshakes C`
@@ -80,11 +82,10 @@ struct Args {
     /// process, with this many clients handshaking at once.
     #[arg(long)]
     handshakes: Option<usize>,
-    /// Pin each client process to CPU 0 and its echo server to CPU 1 (with `taskset`), so the client's own
-    /// work is measured apart from the server's, as when they run on different machines. A client core that is
-    /// not busy (the client CPU % column well under 100) means the server bounds the throughput instead.
+    /// Let client and server share every core instead of pinning each client process to CPU 0 and its echo
+    /// server to CPU 1 (the default, with `taskset`, on a machine with two cores or more).
     #[arg(long)]
-    pin: bool,
+    shared_cores: bool,
 }
 
 #[derive(Default)]
@@ -470,7 +471,7 @@ struct Round {
 /// on stdout, one line each: `round <concurrency> <round> <variant> <p50> <p99> <calls/s> <cpu>`.
 fn child(args: &Args, process: u32) -> anyhow::Result<()> {
     let server_bin: PathBuf = std::env::current_exe()?.with_file_name("mesh-test-server");
-    let mut command = pinned(args.pin, 1, &server_bin);
+    let mut command = pinned(args, 1, &server_bin);
     command.args(["--reply-bytes", "1024"]);
     let pki = mesh_tests::peers::TempDir::new("bench-pki")?;
     if args.mtls || args.handshakes.is_some() {
@@ -560,9 +561,15 @@ fn handshakes(server: &mesh_tests::peers::Peer, clients: usize, seconds: f64) ->
     Ok(())
 }
 
-/// A command running `program`, on CPU `cpu` alone when `pin` (through `taskset`, which must be installed).
-fn pinned(pin: bool, cpu: u32, program: &std::path::Path) -> Command {
-    if !pin {
+/// Whether client and server run on a core each ([`Args::shared_cores`]).
+fn pins(args: &Args) -> bool {
+    !args.shared_cores && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+}
+
+/// A command running `program`, on CPU `cpu` alone when client and server are pinned (through `taskset`,
+/// which must be installed).
+fn pinned(args: &Args, cpu: u32, program: &std::path::Path) -> Command {
+    if !pins(args) {
         return Command::new(program);
     }
     let mut command = Command::new("taskset");
@@ -574,7 +581,7 @@ fn pinned(pin: bool, cpu: u32, program: &std::path::Path) -> Command {
 fn collect_rounds(args: &Args, variants: usize) -> anyhow::Result<Vec<Round>> {
     let mut rounds: Vec<Round> = Vec::new();
     for process in 0..args.processes {
-        let output = pinned(args.pin, 0, &std::env::current_exe()?)
+        let output = pinned(args, 0, &std::env::current_exe()?)
             .args(std::env::args().skip(1))
             .args(["--child", &process.to_string()])
             .stderr(std::process::Stdio::inherit())
@@ -629,6 +636,9 @@ fn main() -> anyhow::Result<()> {
     let rounds = collect_rounds(&args, variants.len())?;
     let baseline: Vec<usize> = BASELINE.iter().filter_map(|b| variants.iter().position(|(i, _)| i == b)).collect();
 
+    let cores = if pins(&args) { "each client process on CPU 0, its echo server on CPU 1" } else { "client and server sharing every core" };
+    println!("Cores: {cores}.");
+    println!();
     println!("Median over rounds of each variant's own results:");
     println!();
     println!("| concurrency | client | p50 µs | p99 µs | calls/s | client CPU µs/call | client CPU % |");
