@@ -56,13 +56,15 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                     }
                 }
                 let mut picked = self.pick(&snapshot, hash);
-                if let Some(avoid) = &avoid {
-                    // Envoy's previous-hosts predicate: a few more draws, then take what the last one gave.
-                    for _ in 0..3 {
-                        match picked {
-                            Some(handle) if avoid.contains(&handle.addr()) => picked = self.pick(&snapshot, hash),
-                            _ => break,
+                // A few more draws for an endpoint ejected since this snapshot was made (at the failure that
+                // tripped it, before the detector republished), or one an earlier attempt of the call used
+                // (Envoy's previous-hosts predicate); then take what the last draw gave.
+                for _ in 0..3 {
+                    match picked {
+                        Some(handle) if handle.is_ejected() || avoid.as_ref().is_some_and(|a| a.contains(&handle.addr())) => {
+                            picked = self.pick(&snapshot, hash)
                         }
+                        _ => break,
                     }
                 }
                 picked.cloned().ok_or((snapshot.all_failed, snapshot.endpoints.len()))

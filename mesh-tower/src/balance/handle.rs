@@ -134,8 +134,12 @@ impl<B> Handle<B> {
     pub(super) fn record(&self, failed: bool, gateway: bool) {
         let counter = if failed { &self.failures } else { &self.successes };
         counter.fetch_add(1, Ordering::Relaxed);
-        if let Some(trip) = &self.trip {
-            trip.observe(&self.consecutive, failed, gateway);
+        if let Some(trip) = &self.trip
+            && let Some(reason) = trip.observe(&self.consecutive, failed, gateway)
+            && !self.is_ejected()
+            && trip.ejects_now(reason)
+        {
+            self.set_ejected(true);
         }
     }
 

@@ -292,6 +292,9 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
                                 for handle in applied.added {
                                     connections.start(&state, handle);
                                 }
+                                if let Some(detector) = &mut detector {
+                                    detector.follow(&state);
+                                }
                             }
                             (None, _) => discovering = false,
                             (_, None) => return,

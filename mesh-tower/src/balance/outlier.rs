@@ -1,5 +1,8 @@
 //! Outlier detection in the balancer: each endpoint's calls, as they end, feed its consecutive-failure
-//! counters ([`Trip::observe`]); a detector in the balancer's task ejects endpoints by the decisions of
+//! counters ([`Trip::observe`]). The failure that trips an always-enforced threshold takes the endpoint out of
+//! the picks at once, on the call path ([`Trip::ejects_now`]: the next call already goes elsewhere, so an
+//! endpoint gets exactly the configured number of failures in a row); a detector in the balancer's task
+//! confirms it or returns it, and ejects endpoints by the decisions of
 //! [`mesh_core::outlier`] (consecutive failures at once, success rate and failure percentage each interval),
 //! marks them on their handles, and republishes the snapshot, so no picker sees an ejected endpoint. A
 //! priority level whose every ready endpoint is ejected serves from them anyway (Envoy's panic mode, narrowed
@@ -7,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::time::Duration;
 
 use mesh_core::lb::SplitMix64;
@@ -19,26 +22,69 @@ use super::handle::Handle;
 use super::{RequestBody, State, lock};
 use crate::connect::Connect;
 
-/// What each endpoint's handle shares with the detector: the consecutive thresholds, and the wake-up for a trip.
+/// What each endpoint's handle shares with the detector: the consecutive thresholds, the wake-up for a trip, and
+/// what the call path needs to take a tripped endpoint out of picks at once.
 #[derive(Debug)]
 pub(super) struct Trip {
     /// Server errors in a row that trip (0: off).
     server: u16,
     /// Gateway errors in a row that trip (0: off).
     gateway: u16,
+    /// Whether a trip of each kind is always enforced (enforcing 100%): then the call path ejects at once.
+    server_always: bool,
+    gateway_always: bool,
+    max_ejection_percent: u32,
+    always_eject_one: bool,
+    /// Endpoints ejected now, and endpoints tracked: the detector sets both after each decision, and the call
+    /// path adds the ones it ejects between.
+    ejected: AtomicU32,
+    endpoints: AtomicU32,
     tripped: Notify,
 }
 
 impl Trip {
     fn new(config: &OutlierDetection) -> Self {
         let threshold = |c: Option<mesh_core::policy::Consecutive>| c.map_or(0, |c| c.threshold.min(255) as u16);
-        Self { server: threshold(config.consecutive_5xx), gateway: threshold(config.consecutive_gateway), tripped: Notify::new() }
+        let always = |c: Option<mesh_core::policy::Consecutive>| c.is_some_and(|c| c.enforcing >= 100);
+        Self {
+            server: threshold(config.consecutive_5xx),
+            gateway: threshold(config.consecutive_gateway),
+            server_always: always(config.consecutive_5xx),
+            gateway_always: always(config.consecutive_gateway),
+            max_ejection_percent: config.max_ejection_percent,
+            always_eject_one: config.always_eject_one,
+            ejected: AtomicU32::new(0),
+            endpoints: AtomicU32::new(0),
+            tripped: Notify::new(),
+        }
+    }
+
+    /// Whether an endpoint whose failure just tripped `reason` leaves the picks now, on the call path: when the
+    /// trip is always enforced and the max ejection percent leaves room (the detector's own check, on counts the
+    /// call path may race: the detector confirms or returns the endpoint at once after). Takes the room.
+    pub(super) fn ejects_now(&self, reason: Reason) -> bool {
+        let always = match reason {
+            Reason::Consecutive5xx => self.server_always,
+            Reason::ConsecutiveGateway => self.gateway_always,
+            Reason::SuccessRate | Reason::FailurePercentage => false,
+        };
+        let endpoints = self.endpoints.load(Ordering::Relaxed);
+        always
+            && self
+                .ejected
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ejected| {
+                    let room = (self.always_eject_one && ejected == 0 && endpoints > 0)
+                        || (ejected + 1) * 100 <= self.max_ejection_percent * endpoints;
+                    room.then_some(ejected + 1)
+                })
+                .is_ok()
     }
 
     /// Counts a call's end in an endpoint's consecutive counters (server errors in the low byte, gateway errors
-    /// in the high one, each saturating at 255), and wakes the detector when a threshold is reached. Plain
-    /// loads and stores: two calls ending at once may count as one, which costs a trip one call later.
-    pub(super) fn observe(&self, consecutive: &AtomicU16, failed: bool, gateway: bool) {
+    /// in the high one, each saturating at 255), and wakes the detector when a threshold is reached; returns the
+    /// threshold this end reached, if it just did. Plain loads and stores: two calls ending at once may count as
+    /// one, which costs a trip one call later.
+    pub(super) fn observe(&self, consecutive: &AtomicU16, failed: bool, gateway: bool) -> Option<Reason> {
         let old = consecutive.load(Ordering::Relaxed);
         let new = if failed {
             let server = (old & 0xff).saturating_add(1).min(255);
@@ -47,12 +93,15 @@ impl Trip {
         } else {
             0
         };
-        if new != old {
-            consecutive.store(new, Ordering::Relaxed);
-            if self.trips(new).is_some() && self.trips(old).is_none() {
-                self.tripped.notify_one();
-            }
+        if new == old {
+            return None;
         }
+        consecutive.store(new, Ordering::Relaxed);
+        let tripped = self.trips(new).filter(|_| self.trips(old).is_none());
+        if tripped.is_some() {
+            self.tripped.notify_one();
+        }
+        tripped
     }
 
     /// Which consecutive threshold `packed` counters reach, if any (server errors first).
@@ -164,9 +213,32 @@ impl<B: RequestBody> Detector<B> {
                 }
             }
         }
+        // The decisions are the detector's: an endpoint the call path took out of picks that the detector did not
+        // eject (spared, or its trip gone stale) is put back.
+        for tracked in &self.tracked {
+            if tracked.handle.is_ejected() && !tracked.host.is_ejected() {
+                tracked.handle.set_ejected(false);
+                tracing::debug!(addr = %tracked.addr, "outlier not ejected after all; back in the picks");
+            }
+        }
+        self.count();
         if republish {
             state.refresh();
         }
+    }
+
+    /// Follows a change of the balancer's endpoint list at once, so the call path's max ejection percent counts
+    /// the endpoints there are now.
+    pub(super) fn follow<C: Connect>(&mut self, state: &State<B, C>) {
+        self.sync(state);
+        self.count();
+    }
+
+    /// Tells the call path how many endpoints are tracked and ejected.
+    fn count(&self) {
+        let ejected = self.tracked.iter().filter(|t| t.handle.is_ejected()).count();
+        self.trip.ejected.store(ejected as u32, Ordering::Relaxed);
+        self.trip.endpoints.store(self.tracked.len() as u32, Ordering::Relaxed);
     }
 
     /// Follows the balancer's endpoint list: a new endpoint (or a new handle for an address) starts with no

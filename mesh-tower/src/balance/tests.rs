@@ -290,6 +290,28 @@ async fn consecutive_failures_eject_an_endpoint_at_once_until_its_ejection_time_
     assert_eq!(balancer.stats().counts().ejections, 2);
 }
 
+/// A trip that is not always enforced is left to the detector's draw: with enforcing 0 the failing endpoint is
+/// never taken out of the picks, not even between the trip and the detector's decision.
+#[tokio::test(start_paused = true)]
+async fn a_trip_never_enforced_keeps_the_endpoint_in_the_picks() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Failing);
+    net.set(addr(2), Peer::Up { delay: Duration::ZERO });
+    let mut config = consecutive(3, Duration::from_secs(5));
+    config.consecutive_5xx = Some(mesh_core::policy::Consecutive { threshold: 3, enforcing: 0 });
+    let balancer = outlier_balancer(&net, &[1, 2], config);
+    for port in [1, 2] {
+        until_state(&balancer, addr(port), ConnState::Ready).await;
+    }
+    let run = served(&balancer, 30).await;
+    let failed = run.iter().filter(|&&a| a == addr(1)).count();
+    assert!(failed >= 10, "round robin keeps sending it its share: {failed} of 30");
+    assert!(ejected(&balancer).is_empty());
+    let outliers = balancer.stats().counts().outliers;
+    assert!(outliers.detected(Reason::Consecutive5xx) >= 3, "each bout of three is detected: {outliers:?}");
+    assert_eq!(outliers.ejected(Reason::Consecutive5xx), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn max_ejection_percent_keeps_endpoints_serving_and_a_level_all_ejected_still_serves() {
     let net = FakeNet::default();
