@@ -637,6 +637,37 @@ async fn hedging_cuts_the_p99_of_a_backend_with_a_slow_tail_by_half() {
 /// their backoff count against it, so at 8 calls in flight it turns retries away: every call Envoy fails is
 /// one its budget refused to retry (`upstream_rq_retry_overflow`). That difference is the budget's meaning
 /// (DESIGN.md), and this test keeps it visible.
+/// The mesh's typed hedging extension on a route (optional, A6's delay-based policy) is skipped by the clients
+/// that do not know it: a real Envoy and a grpcio proxyless client fed the hedging service by mesh-control ACK
+/// every resource and their calls succeed; our client hedges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_grpcio_accept_the_typed_hedging_extension_that_our_client_reads() {
+    let slow = EchoServer::start(Duration::from_millis(100)).await.unwrap();
+    let port = peers::free_port().unwrap();
+    let sidecar = format!("sidecar: {{ port: {port} }}");
+    let (_dir, cp) = greeter_mesh("hedge-peers", &[slow.addr], &["hedge: { attempts: 2, delay: 20ms }", &sidecar]);
+    let ours = xds_channel(&cp, &[]);
+    let run = drive(&ours, 10, 1, |_| {}).await;
+    assert!(run.failures.is_empty(), "{:?}", run.failures);
+    let hedges: u64 = ours.counts().iter().map(|(_, c)| c.hedges).sum();
+    assert_eq!(hedges, 10, "our client hedged every call that was still out after 20 ms");
+
+    let mut envoy = Envoy::start(cp.xds, false, "envoy-hedging").unwrap();
+    envoy.wait_for_listener(port, Duration::from_secs(60)).unwrap();
+    let through = drive_via_proxy(&envoy_channel(port), 10, 1).await;
+    assert!(through.failures.is_empty(), "envoy: {:?}", through.failures);
+    let (_b, bootstrap) = peers::write_bootstrap(cp.xds, &["xds_v3"]).unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || peers::python_xds_client(&bootstrap, "xds:///greeter", METHOD, 5)).await.unwrap().unwrap();
+    assert_eq!(out["ok"], 5, "grpcio: {out}");
+    let status = cp.status().unwrap();
+    for s in status["ads"]["streams"].as_array().unwrap() {
+        for (type_url, t) in s["types"].as_object().unwrap() {
+            assert!(t["last_nack"].is_null(), "{} rejected {type_url}: {s:#}", s["node_id"]);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_client_and_envoy_fed_the_same_retry_policy_both_retry_and_differ_only_by_the_budgets_meaning() {
     let flaky = EchoServer::start_failing(30).await.unwrap();

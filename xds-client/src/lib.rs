@@ -36,6 +36,7 @@
 //! | RDS per-route timeout (`max_stream_duration`, `timeout`) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
 //! | RDS `hash_policy` for RING_HASH clusters (A42: headers, `io.grpc.channel_id`, `terminal`) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
 //! | RDS `retry_policy` (A44) | decoded; applied when the retry layer lands | `resource` unit tests |
+//! | The mesh's typed hedging policy on a route (`mesh.hedging`: A6's `hedgingPolicy` in a `TypedStruct`) | yes | `resource::hedging` unit tests, `tests/tests/control.rs` |
 //! | LOGICAL_DNS clusters routed (resolved by the client, balanced over the answers) | in `mesh-tonic` | `tests/tests/xds_e2e.rs` |
 //! | A41 RBAC HTTP filter (`rules`; `RBACPerRoute` decoded), every filter in order on `ListenerResource::rbac`; the matcher API, shadow rules, CEL, metadata and audit logging NACKed | decoded; enforced by `mesh_tower::authz` on a server | `resource` unit tests |
 //! | A36 server listeners (`address`, `filter_chains`, `default_filter_chain`) into `mesh_core::inbound::InboundListener`: one HttpConnectionManager per chain, duplicate matching rules NACKed, never-matching chains dropped; A29 `DownstreamTlsContext` from provider instances | decoded; chain selection in `mesh_core::inbound` | `resource` unit tests |

@@ -9,16 +9,17 @@ use envoy_types::pb::envoy::config::route::v3::route_action::{
 use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
 use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, HedgePolicy as PbHedgePolicy, RetryPolicy as PbRetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
-    VirtualHost, WeightedCluster, retry_policy, route,
+    FilterConfig, HeaderMatcher, HedgePolicy as PbHedgePolicy, RetryPolicy as PbRetryPolicy, Route, RouteAction, RouteConfiguration,
+    RouteMatch, VirtualHost, WeightedCluster, retry_policy, route,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher};
 use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, Int64Range};
-use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Any, ListValue, Struct, UInt32Value, Value};
 use mesh_core::model::{PathMatch, StringMatch};
-use mesh_core::policy::{HashPolicy, LbPolicy, RetryPolicy};
+use mesh_core::policy::{HashPolicy, HedgePolicy, LbPolicy, RetryPolicy};
 
 use super::duration;
 use crate::mesh::Service;
@@ -114,8 +115,44 @@ fn route(service: &Service, i: usize, r: &crate::mesh::Route) -> Route {
         name: format!("{}/{i}", service.name),
         r#match: Some(RouteMatch { path_specifier: Some(path_specifier), headers, ..Default::default() }),
         action: Some(route::Action::Route(action)),
+        // A6's delay-based hedging as the mesh's typed extension (optional: Envoy and gRPC skip it and use the
+        // hedge-on-per-try-timeout form above).
+        typed_per_filter_config: service.hedge.as_ref().map(hedging).into_iter().collect(),
         ..Default::default()
     }
+}
+
+/// `xds.type.v3.TypedStruct` (not in envoy-types): a config of type `type_url` as a JSON-shaped struct.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TypedStruct {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(message, optional, tag = "2")]
+    value: Option<Struct>,
+}
+
+/// A6's hedging policy as the mesh's typed route extension: `typed_per_filter_config["mesh.hedging"]`, a
+/// `FilterConfig` marked optional (so Envoy and gRPC skip it) around a `TypedStruct` of type
+/// `type.mesh.dev/mesh.policy.v1.HedgingPolicy` with gRPC's service-config fields (xds-client's `hedging`
+/// module reads it; the translation tests decode it there).
+fn hedging(policy: &HedgePolicy) -> (String, Any) {
+    use prost::Message as _;
+    let number = |n: f64| Value { kind: Some(Kind::NumberValue(n)) };
+    let string = |s: String| Value { kind: Some(Kind::StringValue(s)) };
+    let codes = policy.non_fatal.iter().map(|c| string(c.name().to_owned())).collect();
+    let fields = [
+        ("maxAttempts".to_owned(), number(f64::from(policy.max_attempts))),
+        ("hedgingDelay".to_owned(), string(format!("{}s", policy.delay.as_secs_f64()))),
+        ("nonFatalStatusCodes".to_owned(), Value { kind: Some(Kind::ListValue(ListValue { values: codes })) }),
+    ];
+    let typed = TypedStruct {
+        type_url: "type.mesh.dev/mesh.policy.v1.HedgingPolicy".to_owned(),
+        value: Some(Struct { fields: fields.into_iter().collect() }),
+    };
+    let inner = Any { type_url: "type.googleapis.com/xds.type.v3.TypedStruct".to_owned(), value: typed.encode_to_vec() };
+    let wrapped = FilterConfig { config: Some(inner), is_optional: true, disabled: false };
+    let any = Any { type_url: "type.googleapis.com/envoy.config.route.v3.FilterConfig".to_owned(), value: wrapped.encode_to_vec() };
+    ("mesh.hedging".to_owned(), any)
 }
 
 fn regex(pattern: &str) -> RegexMatcher {

@@ -285,5 +285,14 @@ fn retry_conditions_and_hedging_reach_clients_as_the_file_says() {
     assert!(policies.retry.is_none(), "a hedging route does not also retry");
     let hedge = policies.hedge.clone().expect("hedging");
     assert_eq!((hedge.max_attempts, hedge.delay), (3, std::time::Duration::from_millis(40)));
+    // Carried both ways: Envoy's hedge on per-try timeout, and the mesh's typed extension (which our client reads).
+    let raw = out.iter().find(|r| r.type_url == ROUTE && r.name == "b").unwrap();
+    let rc =
+        <envoy_types::pb::envoy::config::route::v3::RouteConfiguration as prost::Message>::decode(raw.resource.value.as_slice()).unwrap();
+    let route = &rc.virtual_hosts[0].routes[0];
+    let typed = xds_client::resource::hedging::decode(&route.typed_per_filter_config).unwrap();
+    assert_eq!(typed.as_ref(), Some(&hedge), "{:?}", route.typed_per_filter_config.keys());
+    let Some(envoy_types::pb::envoy::config::route::v3::route::Action::Route(action)) = &route.action else { panic!("{route:?}") };
+    assert!(action.hedge_policy.as_ref().is_some_and(|h| h.hedge_on_per_try_timeout));
     assert!(parse("m", &text.replace("    hedge:", "    retries: { attempts: 2 }\n    hedge:")).is_err(), "hedge or retries, not both");
 }

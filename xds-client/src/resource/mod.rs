@@ -18,6 +18,7 @@ mod adaptive;
 pub mod cluster;
 pub mod endpoint;
 mod fault;
+pub mod hedging;
 mod inbound;
 pub mod listener;
 mod ratelimit;

@@ -30,7 +30,7 @@ use prost::Message;
 use super::{duration, fault};
 
 /// Message name of a per-route filter override wrapper (A39).
-const FILTER_CONFIG: &str = "envoy.config.route.v3.FilterConfig";
+pub(super) const FILTER_CONFIG: &str = "envoy.config.route.v3.FilterConfig";
 
 /// Most attempts a retry policy may ask for (gRPC caps at 5).
 const MAX_ATTEMPTS: u32 = 5;
@@ -124,6 +124,19 @@ fn route(
         Action::Route(ra) => match clusters(ra)? {
             Some(clusters) => {
                 let mut policies = route_policies(ra, vh_retry)?;
+                // The mesh's typed hedging policy (the route's, else its virtual host's) replaces whatever the
+                // retry policy made: A6 hedges or retries, not both.
+                let hedging =
+                    match super::hedging::decode(&r.typed_per_filter_config).map_err(|e| format!("typed_per_filter_config: {e}"))? {
+                        Some(hedging) => Some(hedging),
+                        None => super::hedging::decode(vh_overrides).map_err(|e| format!("virtual host typed_per_filter_config: {e}"))?,
+                    };
+                if let Some(hedging) = hedging {
+                    if policies.retry.take().is_some() {
+                        tracing::debug!(route = %r.name, "the route's typed hedging policy replaces its retry policy");
+                    }
+                    policies.hedge = Some(hedging);
+                }
                 let fault = fault_override(&r.typed_per_filter_config).map_err(|e| format!("typed_per_filter_config: {e}"))?;
                 policies.fault = fault.or_else(|| vh_fault.cloned());
                 (RouteAction::Clusters(clusters), policies)
