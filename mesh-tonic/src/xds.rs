@@ -208,7 +208,6 @@ async fn run(
             }
             for (cluster_name, (cds, _)) in &clusters {
                 if let Some(cluster) = cds.value() {
-                    unsupported.cluster(cluster_name, &cluster.cluster);
                     let adaptive = listener.as_ref().and_then(|l| l.adaptive_concurrency.as_ref());
                     publisher.cluster(&cluster_target(cluster_name, &cluster.cluster, &config, adaptive));
                 }
@@ -235,7 +234,6 @@ async fn run(
 /// enforced, NACKed, or logged as unsupported, never silently ignored).
 #[derive(Default)]
 struct Unsupported {
-    clusters: HashMap<String, Vec<&'static str>>,
     /// How many RBAC filters the listener carried when last said.
     rbac_filters: usize,
     /// Whether the listener was last said to be a server's.
@@ -264,24 +262,6 @@ impl Unsupported {
                 tracing::warn!(listener = name, "the listener is a server listener (no api_listener): a client cannot route by it");
             }
             self.server_listener = is;
-        }
-    }
-
-    fn cluster(&mut self, name: &str, cluster: &mesh_core::Cluster) {
-        let policies = &cluster.policies;
-        let mut missing = Vec::new();
-        let (breakers, defaults) = (&policies.circuit_breakers, mesh_core::policy::CircuitBreakers::default());
-        // `max_requests` is enforced (mesh_tower::breaker), and `max_retries` without a retry budget
-        // (mesh_tower::retry::Budget); one connection per endpoint makes `max_connections` moot; the pending
-        // cap is not enforced yet.
-        if breakers.max_pending_requests != defaults.max_pending_requests {
-            missing.push("circuit_breakers.max_pending_requests");
-        }
-        if self.clusters.get(name) != Some(&missing) {
-            if !missing.is_empty() {
-                tracing::warn!(cluster = name, unsupported = ?missing, "cluster policies accepted but not enforced by this client yet");
-            }
-            self.clusters.insert(name.to_owned(), missing);
         }
     }
 }

@@ -71,6 +71,15 @@ pub enum Error {
         /// Its `max_requests`.
         limit: u32,
     },
+    /// The call would have waited for a ready endpoint beyond the cluster's `max_pending_requests` (Envoy's
+    /// pending overflow). Never retried.
+    #[error("cluster {cluster} already has {limit} calls waiting for a ready endpoint (max_pending_requests)")]
+    PendingOverflow {
+        /// The cluster.
+        cluster: String,
+        /// Its `max_pending_requests`.
+        limit: u32,
+    },
     /// The cluster's adaptive concurrency limit turned the call away: `limit` calls were in flight. Never
     /// retried.
     #[error("cluster {cluster} is at its adaptive limit of {limit} requests in flight")]
@@ -233,6 +242,7 @@ impl Error {
             | Self::Layer { .. }
             | Self::Inbound { .. }
             | Self::Overflow { .. }
+            | Self::PendingOverflow { .. }
             | Self::Dns { .. } => GrpcCode::Unavailable,
         }
     }

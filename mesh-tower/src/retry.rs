@@ -293,7 +293,13 @@ pub(crate) fn verdict(
                 },
             }
         }
-        Err(Error::Dropped { .. } | Error::Overflow { .. } | Error::ConcurrencyLimited { .. } | Error::Deadline { .. }) => Verdict::Done,
+        Err(
+            Error::Dropped { .. }
+            | Error::Overflow { .. }
+            | Error::PendingOverflow { .. }
+            | Error::ConcurrencyLimited { .. }
+            | Error::Deadline { .. },
+        ) => Verdict::Done,
         // An attempt the per-try timeout ended is what that timeout is for: it is retried (Envoy).
         Err(Error::AttemptTimeout { .. }) => Verdict::Backoff,
         // No answer at all: Envoy's `reset` and `connect-failure`, both under `5xx`.

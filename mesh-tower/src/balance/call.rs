@@ -43,6 +43,8 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
         let mut waiting: Option<(tokio::sync::watch::Receiver<u64>, tokio::time::Instant, tokio::time::Instant, DelayKind)> = None;
         // How long the pick waited, once an endpoint was picked after waiting.
         let mut delay = None;
+        // The call's place among the calls waiting for an endpoint, held while it waits and until it returns.
+        let mut _pending = None;
         loop {
             // Pick under the snapshot's read lock, taking only the chosen handle: one reference-count
             // increment and decrement fewer per call than cloning the snapshot (shared atomics that every
@@ -145,6 +147,13 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
             }
             // Subscribe before re-reading the snapshot so no change is missed.
             let Some((rx, deadline, started, kind)) = waiting.as_mut() else {
+                if let Some(limit) = self.config.max_pending_requests {
+                    let Some(place) = Pending::enter(&self, limit) else {
+                        crate::stats::count(&self.stats.overflows);
+                        return Err(Error::PendingOverflow { cluster: self.target.clone(), limit });
+                    };
+                    _pending = Some(place);
+                }
                 let started = tokio::time::Instant::now();
                 let kind = if known == 0 { DelayKind::Discovery } else { DelayKind::Connecting };
                 waiting = Some((self.changed.subscribe(), started + self.config.ready_timeout, started, kind));
@@ -158,6 +167,24 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                 return Err(Error::NoReadyEndpoint { target: self.target.clone(), waited: started.elapsed(), known });
             }
         }
+    }
+}
+
+/// A call's place among those waiting for a ready endpoint (Envoy's pending requests), given back when dropped.
+struct Pending<B, C>(Arc<State<B, C>>);
+
+impl<B, C> Pending<B, C> {
+    /// A place, if fewer than `limit` calls wait.
+    fn enter(state: &Arc<State<B, C>>, limit: u32) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        state.pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1)).ok()?;
+        Some(Self(state.clone()))
+    }
+}
+
+impl<B, C> Drop for Pending<B, C> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

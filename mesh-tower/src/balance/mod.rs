@@ -106,6 +106,9 @@ pub struct BalancerConfig {
     pub tls: Option<TlsPolicy>,
     /// Ejection of failing endpoints; `None` turns it off.
     pub outlier_detection: Option<OutlierDetection>,
+    /// Envoy's `max_pending_requests`: most calls waiting for a ready endpoint at once; a call that would
+    /// wait beyond it fails at once ([`Error::PendingOverflow`](crate::Error::PendingOverflow)). `None`: no cap.
+    pub max_pending_requests: Option<u32>,
 }
 
 impl Default for BalancerConfig {
@@ -117,6 +120,7 @@ impl Default for BalancerConfig {
             overprovisioning_factor: DEFAULT_OVERPROVISIONING_FACTOR,
             tls: None,
             outlier_detection: None,
+            max_pending_requests: None,
         }
     }
 }
@@ -270,6 +274,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             assignment: Mutex::default(),
             discovery: std::sync::OnceLock::new(),
             metrics: std::sync::OnceLock::new(),
+            pending: std::sync::atomic::AtomicU32::new(0),
         });
         let weak = Arc::downgrade(&state);
         let republish = state.republish.clone();
@@ -469,6 +474,8 @@ struct State<B, C> {
     stats: Arc<crate::stats::ClusterStats>,
     /// Per-attempt metrics, when the channel records them ([`Balancer::with_metrics`]).
     metrics: std::sync::OnceLock<crate::telemetry::AttemptMetrics>,
+    /// Calls waiting for a ready endpoint now (for `config.max_pending_requests`).
+    pending: std::sync::atomic::AtomicU32,
 }
 
 /// The detector's next event; never, without one.

@@ -40,6 +40,38 @@ async fn until_state(balancer: &Balancer<Empty<Bytes>, FakeNet>, at: SocketAddr,
     }
 }
 
+/// Envoy's `max_pending_requests`: while the only endpoint connects, two calls wait and the third fails at
+/// once, never retried, counted as an overflow; the two are served once it is ready, and calls that find it
+/// ready take no place.
+#[tokio::test(start_paused = true)]
+async fn calls_beyond_max_pending_requests_fail_at_once_while_the_rest_wait() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::SlowConnect { connect: Duration::from_millis(500) });
+    let (tx, source) = discover::channel();
+    tx.send(Change::reset([Endpoint::new(addr(1))]));
+    let config = BalancerConfig { max_pending_requests: Some(2), ..BalancerConfig::default() };
+    let balancer = Balancer::with_connector("fake", source, config, net.clone());
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let balancer = balancer.clone();
+            tokio::spawn(async move { call(&balancer).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    let overflow = call(&balancer).await.unwrap_err();
+    assert!(matches!(&overflow, Error::PendingOverflow { cluster, limit: 2 } if cluster == "fake"), "{overflow}");
+    assert_eq!(started.elapsed(), Duration::ZERO, "it fails at once");
+    assert_eq!(overflow.grpc_code(), mesh_core::GrpcCode::Unavailable);
+    for call in waiting {
+        assert_eq!(call.await.unwrap().unwrap(), addr(1), "the calls within the cap wait and are served");
+    }
+    for _ in 0..5 {
+        assert_eq!(call(&balancer).await.unwrap(), addr(1));
+    }
+    assert_eq!(balancer.stats().counts().overflows, 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_refused_endpoint_backs_off_and_takes_traffic_once_it_comes_up() {
     let net = FakeNet::default();

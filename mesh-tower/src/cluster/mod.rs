@@ -323,7 +323,14 @@ impl<M: MakeConnect> NewCluster<M> {
             Err(error) => (discover::fixed(Vec::new()), Some(error)),
         };
         let connector = self.make_connect.make_connect(target);
-        let mut balancer = Balancer::with_connector(target.name.clone(), discover, target.balancer.clone(), connector);
+        let mut config = target.balancer.clone();
+        // Envoy's pending cap, when the cluster sets one other than the default (the default is not enforced, as
+        // `max_requests`'s is not: see DESIGN.md); it costs only calls that wait.
+        let max_pending = target.breakers.max_pending_requests;
+        if max_pending != CircuitBreakers::default().max_pending_requests {
+            config.max_pending_requests = Some(max_pending);
+        }
+        let mut balancer = Balancer::with_connector(target.name.clone(), discover, config, connector);
         if let Some(metrics) = &self.metrics {
             balancer = balancer.with_metrics(metrics.cluster(&target.name));
         }
