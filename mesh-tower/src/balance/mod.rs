@@ -107,7 +107,7 @@ pub struct BalancerConfig {
     /// Ejection of failing endpoints; `None` turns it off.
     pub outlier_detection: Option<OutlierDetection>,
     /// Envoy's `max_pending_requests`: most calls waiting for a ready endpoint at once; a call that would
-    /// wait beyond it fails at once ([`Error::PendingOverflow`](crate::Error::PendingOverflow)). `None`: no cap.
+    /// wait beyond it fails at once ([`crate::Error::PendingOverflow`]). `None`: no cap.
     pub max_pending_requests: Option<u32>,
 }
 
