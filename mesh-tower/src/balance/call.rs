@@ -43,8 +43,8 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
         let mut waiting: Option<(tokio::sync::watch::Receiver<u64>, tokio::time::Instant, tokio::time::Instant, DelayKind)> = None;
         // How long the pick waited, once an endpoint was picked after waiting.
         let mut delay = None;
-        // The call's place among the calls waiting for an endpoint, held while it waits and until it returns.
-        let mut _pending = None;
+        // The call's place among the calls waiting for an endpoint, held while it waits (given back at its pick).
+        let mut pending = None;
         loop {
             // Pick under the snapshot's read lock, taking only the chosen handle: one reference-count
             // increment and decrement fewer per call than cloning the snapshot (shared atomics that every
@@ -73,6 +73,7 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
             };
             let (all_failed, known) = match picked {
                 Ok(handle) => {
+                    pending = None;
                     if delay.is_none() {
                         delay = waiting.as_ref().map(|(_, _, started, kind)| Delay { kind: *kind, waited: started.elapsed() });
                     }
@@ -146,14 +147,16 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                 return Err(Error::AllEndpointsFailed { target: self.target.clone(), count: known, last_error });
             }
             // Subscribe before re-reading the snapshot so no change is missed.
+            if pending.is_none()
+                && let Some(limit) = self.config.max_pending_requests
+            {
+                let Some(place) = Pending::enter(&self, limit) else {
+                    crate::stats::count(&self.stats.overflows);
+                    return Err(Error::PendingOverflow { cluster: self.target.clone(), limit });
+                };
+                pending = Some(place);
+            }
             let Some((rx, deadline, started, kind)) = waiting.as_mut() else {
-                if let Some(limit) = self.config.max_pending_requests {
-                    let Some(place) = Pending::enter(&self, limit) else {
-                        crate::stats::count(&self.stats.overflows);
-                        return Err(Error::PendingOverflow { cluster: self.target.clone(), limit });
-                    };
-                    _pending = Some(place);
-                }
                 let started = tokio::time::Instant::now();
                 let kind = if known == 0 { DelayKind::Discovery } else { DelayKind::Connecting };
                 waiting = Some((self.changed.subscribe(), started + self.config.ready_timeout, started, kind));

@@ -196,8 +196,11 @@ impl<B: RequestBody> Detector<B> {
                 }
                 Change::Spared(i, reason, spared) => {
                     let tracked = &self.tracked[i];
-                    // Counted again only when it trips again.
-                    tracked.handle.consecutive.store(0, Ordering::Relaxed);
+                    // A consecutive trip is counted again only when it trips again (Envoy resets the count);
+                    // a sweep's spare leaves the consecutive count alone.
+                    if matches!(reason, Reason::Consecutive5xx | Reason::ConsecutiveGateway) {
+                        tracked.handle.consecutive.store(0, Ordering::Relaxed);
+                    }
                     crate::stats::count(&state.stats.detected[reason.index()]);
                     if spared == Spared::Overflow {
                         crate::stats::count(&state.stats.ejection_overflows);
@@ -218,6 +221,8 @@ impl<B: RequestBody> Detector<B> {
         for tracked in &self.tracked {
             if tracked.handle.is_ejected() && !tracked.host.is_ejected() {
                 tracked.handle.set_ejected(false);
+                // A snapshot made meanwhile may have left it out: publish one that has it.
+                republish = true;
                 tracing::debug!(addr = %tracked.addr, "outlier not ejected after all; back in the picks");
             }
         }

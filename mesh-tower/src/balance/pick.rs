@@ -56,7 +56,11 @@ impl<B: RequestBody, C: Connect> State<B, C> {
                 snapshot.ready[i]
                     || (handle.state() != ConnState::TransientFailure && !handle.is_ejected() && endpoint.health.is_routable())
             };
-            let index = *ring.pick_where(hash, |&i| candidate(i))?;
+            // An endpoint ejected since the snapshot was made (on the call path) is passed over while another
+            // candidate exists.
+            let index = *ring
+                .pick_where(hash, |&i| candidate(i) && !snapshot.endpoints[i].1.is_ejected())
+                .or_else(|| ring.pick_where(hash, |&i| candidate(i)))?;
             return snapshot.ready[index].then(|| &snapshot.endpoints[index].1);
         }
         let level = match snapshot.levels.len() {

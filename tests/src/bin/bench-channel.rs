@@ -86,6 +86,10 @@ struct Args {
     /// server to CPU 1 (the default, with `taskset`, on a machine with two cores or more).
     #[arg(long)]
     shared_cores: bool,
+    /// Internal: the CPU a client process pins its echo server to (the parent decides: a pinned child sees
+    /// only its own core).
+    #[arg(long, hide = true)]
+    server_cpu: Option<u32>,
 }
 
 #[derive(Default)]
@@ -471,7 +475,7 @@ struct Round {
 /// on stdout, one line each: `round <concurrency> <round> <variant> <p50> <p99> <calls/s> <cpu>`.
 fn child(args: &Args, process: u32) -> anyhow::Result<()> {
     let server_bin: PathBuf = std::env::current_exe()?.with_file_name("mesh-test-server");
-    let mut command = pinned(args, 1, &server_bin);
+    let mut command = pinned(args.server_cpu, &server_bin);
     command.args(["--reply-bytes", "1024"]);
     let pki = mesh_tests::peers::TempDir::new("bench-pki")?;
     if args.mtls || args.handshakes.is_some() {
@@ -561,17 +565,18 @@ fn handshakes(server: &mesh_tests::peers::Peer, clients: usize, seconds: f64) ->
     Ok(())
 }
 
-/// Whether client and server run on a core each ([`Args::shared_cores`]).
+/// Whether client and server run on a core each ([`Args::shared_cores`]); decided by the parent process,
+/// which sees every core.
 fn pins(args: &Args) -> bool {
     !args.shared_cores && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
 }
 
-/// A command running `program`, on CPU `cpu` alone when client and server are pinned (through `taskset`,
-/// which must be installed).
-fn pinned(args: &Args, cpu: u32, program: &std::path::Path) -> Command {
-    if !pins(args) {
+/// A command running `program`, on CPU `cpu` alone when there is one (through `taskset`, which must be
+/// installed).
+fn pinned(cpu: Option<u32>, program: &std::path::Path) -> Command {
+    let Some(cpu) = cpu else {
         return Command::new(program);
-    }
+    };
     let mut command = Command::new("taskset");
     command.args(["-c", &cpu.to_string()]).arg(program);
     command
@@ -581,8 +586,10 @@ fn pinned(args: &Args, cpu: u32, program: &std::path::Path) -> Command {
 fn collect_rounds(args: &Args, variants: usize) -> anyhow::Result<Vec<Round>> {
     let mut rounds: Vec<Round> = Vec::new();
     for process in 0..args.processes {
-        let output = pinned(args, 0, &std::env::current_exe()?)
+        let pin = pins(args);
+        let output = pinned(pin.then_some(0), &std::env::current_exe()?)
             .args(std::env::args().skip(1))
+            .args(if pin { vec!["--server-cpu", "1"] } else { vec![] })
             .args(["--child", &process.to_string()])
             .stderr(std::process::Stdio::inherit())
             .output()?;

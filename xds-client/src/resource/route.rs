@@ -126,9 +126,13 @@ fn route(
                 let mut policies = route_policies(ra, vh_retry)?;
                 // The mesh's typed hedging policy (the route's, else its virtual host's) replaces whatever the
                 // retry policy made: A6 hedges or retries, not both.
+                // A route's own retry policy, or its own entry for the extension (a disabled one included), wins
+                // over its virtual host's hedging.
+                let own = ra.retry_policy.is_some() || r.typed_per_filter_config.contains_key(super::hedging::FILTER_NAME);
                 let hedging =
                     match super::hedging::decode(&r.typed_per_filter_config).map_err(|e| format!("typed_per_filter_config: {e}"))? {
                         Some(hedging) => Some(hedging),
+                        None if own => None,
                         None => super::hedging::decode(vh_overrides).map_err(|e| format!("virtual host typed_per_filter_config: {e}"))?,
                     };
                 if let Some(hedging) = hedging {
