@@ -72,6 +72,35 @@ async fn calls_beyond_max_pending_requests_fail_at_once_while_the_rest_wait() {
     assert_eq!(balancer.stats().counts().overflows, 1);
 }
 
+/// A pending place is given back when the call is picked, not when it ends: a call that waited and is now in
+/// flight for 10 s leaves the one place to the next call that has to wait.
+#[tokio::test(start_paused = true)]
+async fn a_call_that_waited_gives_its_pending_place_back_once_it_is_sent() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::from_secs(10) });
+    net.set(addr(2), Peer::SlowConnect { connect: Duration::from_millis(500) });
+    let (tx, source) = discover::channel();
+    tx.send(Change::reset([Endpoint::new(addr(1))]));
+    let config = BalancerConfig { max_pending_requests: Some(1), ..BalancerConfig::default() };
+    let balancer = Balancer::with_connector("fake", source, config, net.clone());
+    let slow = {
+        let balancer = balancer.clone();
+        tokio::spawn(async move {
+            let response = balancer.oneshot(http::Request::new(Empty::new())).await.unwrap();
+            let waited = response.extensions().get::<super::Delay>().is_some();
+            (waited, response.extensions().get::<ServedBy>().unwrap().0)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The slow call is in flight on addr(1); the set moves to addr(2), still connecting, so the next call waits.
+    tx.send(Change::reset([Endpoint::new(addr(2))]));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(call(&balancer).await.unwrap(), addr(2), "the place was free: the in-flight call does not hold it");
+    let (waited, served) = slow.await.unwrap();
+    assert!(waited, "the first call waited for its connection, so it held the place then");
+    assert_eq!(served, addr(1));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_refused_endpoint_backs_off_and_takes_traffic_once_it_comes_up() {
     let net = FakeNet::default();

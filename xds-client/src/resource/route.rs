@@ -424,6 +424,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_virtual_hosts_typed_hedging_applies_to_routes_without_their_own_retry_or_hedging() {
+        use envoy_types::pb::google::protobuf::value::Kind;
+        use envoy_types::pb::google::protobuf::{Struct, Value};
+        use prost::Message as _;
+        let hedging = |attempts: f64| {
+            let fields = [("maxAttempts".to_owned(), Value { kind: Some(Kind::NumberValue(attempts)) })];
+            let value = Struct { fields: fields.into_iter().collect() };
+            let typed = super::super::hedging::TypedStruct { type_url: super::super::hedging::TYPE_URL.into(), value: Some(value) };
+            Any { type_url: "type.googleapis.com/xds.type.v3.TypedStruct".into(), value: typed.encode_to_vec() }
+        };
+        let prefix = |p: &str| Some(ProtoMatch { path_specifier: Some(PathSpecifier::Prefix(p.into())), ..Default::default() });
+        let mut retrying = to("c");
+        retrying.retry_policy =
+            Some(ProtoRetry { retry_on: "unavailable".into(), num_retries: Some(UInt32Value { value: 2 }), ..Default::default() });
+        let own_retry = route("retry", prefix("/r"), Some(Action::Route(retrying)));
+        let mut own_hedging = route("hedge", prefix("/h"), Some(Action::Route(to("c"))));
+        own_hedging.typed_per_filter_config = [(super::super::hedging::FILTER_NAME.to_owned(), hedging(4.0))].into();
+        let plain = route("plain", prefix("/"), Some(Action::Route(to("c"))));
+        let vh = ProtoVirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes: vec![own_retry, own_hedging, plain],
+            typed_per_filter_config: [("mesh.hedging".to_owned(), hedging(2.0))].into(),
+            ..Default::default()
+        };
+        let rc = decode_rc(&to_any(&RouteConfiguration { name: "r".into(), virtual_hosts: vec![vh], ..Default::default() })).unwrap();
+        let policies = |i: usize| &rc.virtual_hosts[0].routes[i].policies;
+        assert!(policies(0).hedge.is_none() && policies(0).retry.is_some(), "a route's own retry policy wins");
+        assert_eq!(policies(1).hedge.as_ref().map(|h| h.max_attempts), Some(4), "a route's own hedging wins");
+        assert_eq!(policies(2).hedge.as_ref().map(|h| h.max_attempts), Some(2), "the virtual host's applies to the rest");
+        assert!(policies(2).retry.is_none());
+    }
+
+    #[test]
     fn fault_overrides_come_from_the_route_then_its_virtual_host() {
         use envoy_types::pb::envoy::extensions::filters::http::fault::v3::fault_abort::ErrorType;
         use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, HttpFault};
