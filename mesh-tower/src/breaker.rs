@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::Either;
 use tower::{Layer, Service};
 
 use crate::Error;
@@ -115,12 +115,56 @@ impl<S, C> fmt::Debug for Capped<S, C> {
     }
 }
 
-/// One call's place under the cap, given back when dropped.
-struct Place<C>(Arc<Gate<C>>);
+/// The count of calls in flight a [`Place`] is taken from (a gate's, whatever its cap).
+trait Count: Send + Sync {
+    fn in_flight(&self) -> &AtomicU32;
+}
 
-impl<C> Drop for Place<C> {
+impl<C: Send + Sync> Count for Gate<C> {
+    fn in_flight(&self) -> &AtomicU32 {
+        &self.in_flight
+    }
+}
+
+/// One call's place under a cap, given back when dropped: the response body holds it until it ends. The gate's
+/// own reference, not a box: taking a place allocates nothing.
+pub(crate) struct Place(Arc<dyn Count>);
+
+impl Drop for Place {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight().fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call under the cap ([`Capped`]): the inner call's future, then its response holding the place.
+    pub struct CappedFuture<F, C> {
+        #[pin]
+        call: F,
+        place: Option<Place>,
+        // When the cap learns from latency (the adaptive limit): the start and the gate to tell.
+        timing: Option<(tokio::time::Instant, Arc<Gate<C>>)>,
+    }
+}
+
+impl<F, C> std::future::Future for CappedFuture<F, C>
+where
+    F: std::future::Future<Output = Result<http::Response<ResponseBody>, Error>>,
+    C: Cap,
+{
+    type Output = Result<http::Response<ResponseBody>, Error>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.call.poll(cx))?;
+        if let Some((started, gate)) = this.timing.take() {
+            gate.cap.answered(started.elapsed());
+        }
+        // The place is held until the response body ends.
+        Poll::Ready(Ok(match this.place.take() {
+            Some(place) => response.map(|body| body.holding(place)),
+            None => response,
+        }))
     }
 }
 
@@ -132,7 +176,7 @@ where
 {
     type Response = http::Response<ResponseBody>;
     type Error = Error;
-    type Future = BoxFuture<'static, Result<http::Response<ResponseBody>, Error>>;
+    type Future = Either<std::future::Ready<Result<http::Response<ResponseBody>, Error>>, CappedFuture<S::Future, C>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
@@ -143,18 +187,10 @@ where
         let limit = gate.cap.limit();
         if gate.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
             gate.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Box::pin(std::future::ready(Err(gate.cap.refused(limit))));
+            return Either::Left(std::future::ready(Err(gate.cap.refused(limit))));
         }
         let place = Place(gate.clone());
-        let started = gate.cap.timed().then(tokio::time::Instant::now);
-        let call = self.inner.call(request);
-        Box::pin(async move {
-            let response = call.await?;
-            if let Some(started) = started {
-                place.0.cap.answered(started.elapsed());
-            }
-            // The place is held until the response body ends.
-            Ok(response.map(|body| body.holding(Box::new(place))))
-        })
+        let timing = gate.cap.timed().then(|| (tokio::time::Instant::now(), gate.clone()));
+        Either::Right(CappedFuture { call: self.inner.call(request), place: Some(place), timing })
     }
 }

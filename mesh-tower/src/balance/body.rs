@@ -80,7 +80,7 @@ pub struct ResponseBody {
     pending: Pending,
     outcome: Option<Outcome>,
     /// Released when the body ends: a layer's hold on the call (a circuit breaker's place).
-    hold: Option<Box<dyn Send + Sync>>,
+    hold: Option<crate::breaker::Place>,
     /// What the telemetry layers record when the body ends ([`crate::telemetry`], [`crate::trace`]); `None`:
     /// metrics and traces off.
     records: Option<Box<Records>>,
@@ -103,7 +103,7 @@ impl ResponseBody {
     }
 
     /// This body, releasing `hold` when it ends or is dropped.
-    pub fn holding(mut self, hold: Box<dyn Send + Sync>) -> Self {
+    pub(crate) fn holding(mut self, hold: crate::breaker::Place) -> Self {
         self.hold = Some(hold);
         self
     }
