@@ -112,9 +112,13 @@ impl OutlierDetection {
 
     /// Whether one more endpoint of `hosts` may be ejected.
     fn may_eject(&self, hosts: &[Host]) -> bool {
-        let ejected = hosts.iter().filter(|h| h.is_ejected()).count();
-        (self.always_eject_one && ejected == 0 && !hosts.is_empty())
-            || (ejected + 1) * 100 <= self.max_ejection_percent as usize * hosts.len()
+        self.room_to_eject(hosts.iter().filter(|h| h.is_ejected()).count(), hosts.len())
+    }
+
+    /// Whether, with `ejected` of `endpoints` ejected, one more may be (`max_ejection_percent`, and
+    /// `always_eject_one` for the first).
+    pub fn room_to_eject(&self, ejected: usize, endpoints: usize) -> bool {
+        (self.always_eject_one && ejected == 0 && endpoints > 0) || (ejected + 1) * 100 <= self.max_ejection_percent as usize * endpoints
     }
 }
 

@@ -30,11 +30,8 @@ pub(super) struct Trip {
     server: u16,
     /// Gateway errors in a row that trip (0: off).
     gateway: u16,
-    /// Whether a trip of each kind is always enforced (enforcing 100%): then the call path ejects at once.
-    server_always: bool,
-    gateway_always: bool,
-    max_ejection_percent: u32,
-    always_eject_one: bool,
+    /// The detector's settings: which trips are always enforced, and the max ejection percent.
+    config: OutlierDetection,
     /// Endpoints ejected now, and endpoints tracked: the detector sets both after each decision, and the call
     /// path adds the ones it ejects between.
     ejected: AtomicU32,
@@ -43,16 +40,12 @@ pub(super) struct Trip {
 }
 
 impl Trip {
-    fn new(config: &OutlierDetection) -> Self {
+    fn new(config: OutlierDetection) -> Self {
         let threshold = |c: Option<mesh_core::policy::Consecutive>| c.map_or(0, |c| c.threshold.min(255) as u16);
-        let always = |c: Option<mesh_core::policy::Consecutive>| c.is_some_and(|c| c.enforcing >= 100);
         Self {
             server: threshold(config.consecutive_5xx),
             gateway: threshold(config.consecutive_gateway),
-            server_always: always(config.consecutive_5xx),
-            gateway_always: always(config.consecutive_gateway),
-            max_ejection_percent: config.max_ejection_percent,
-            always_eject_one: config.always_eject_one,
+            config,
             ejected: AtomicU32::new(0),
             endpoints: AtomicU32::new(0),
             tripped: Notify::new(),
@@ -63,19 +56,17 @@ impl Trip {
     /// trip is always enforced and the max ejection percent leaves room (the detector's own check, on counts the
     /// call path may race: the detector confirms or returns the endpoint at once after). Takes the room.
     pub(super) fn ejects_now(&self, reason: Reason) -> bool {
-        let always = match reason {
-            Reason::Consecutive5xx => self.server_always,
-            Reason::ConsecutiveGateway => self.gateway_always,
-            Reason::SuccessRate | Reason::FailurePercentage => false,
+        let algorithm = match reason {
+            Reason::Consecutive5xx => self.config.consecutive_5xx,
+            Reason::ConsecutiveGateway => self.config.consecutive_gateway,
+            Reason::SuccessRate | Reason::FailurePercentage => None,
         };
-        let endpoints = self.endpoints.load(Ordering::Relaxed);
-        always
+        let endpoints = self.endpoints.load(Ordering::Relaxed) as usize;
+        algorithm.is_some_and(|a| a.enforcing >= 100)
             && self
                 .ejected
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ejected| {
-                    let room = (self.always_eject_one && ejected == 0 && endpoints > 0)
-                        || (ejected + 1) * 100 <= self.max_ejection_percent * endpoints;
-                    room.then_some(ejected + 1)
+                    self.config.room_to_eject(ejected as usize, endpoints).then_some(ejected + 1)
                 })
                 .is_ok()
     }
@@ -118,7 +109,7 @@ impl Trip {
 
 /// The detector: one per balancer with outlier detection, owned by the balancer's task.
 pub(super) struct Detector<B> {
-    config: OutlierDetection,
+    /// Shared with the handles; its settings are the detector's.
     trip: Arc<Trip>,
     /// The endpoints it tracks, in address order (the endpoint list's), with the outcome counts last read.
     tracked: Vec<Tracked<B>>,
@@ -137,12 +128,12 @@ struct Tracked<B> {
 impl<B: RequestBody> Detector<B> {
     /// A detector for `config`, and what the balancer's handles share with it.
     pub(super) fn new(config: OutlierDetection) -> (Self, Arc<Trip>) {
-        let trip = Arc::new(Trip::new(&config));
         // Validated at the edge to be non-zero; a zero here would make tokio panic, so it never reaches it.
         let period = config.interval.max(Duration::from_millis(1));
+        let trip = Arc::new(Trip::new(config));
         let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let detector = Self { config, trip: trip.clone(), tracked: Vec::new(), rng: SplitMix64::new(0x0d1e), interval };
+        let detector = Self { trip: trip.clone(), tracked: Vec::new(), rng: SplitMix64::new(0x0d1e), interval };
         (detector, trip)
     }
 
@@ -164,7 +155,7 @@ impl<B: RequestBody> Detector<B> {
                 let mut changes = Vec::new();
                 for (i, tracked) in self.tracked.iter().enumerate() {
                     let Some(reason) = self.trip.trips(tracked.handle.consecutive.load(Ordering::Relaxed)) else { continue };
-                    changes.extend(outlier::consecutive(&self.config, &mut hosts, i, reason, now, &mut self.rng));
+                    changes.extend(outlier::consecutive(&self.trip.config, &mut hosts, i, reason, now, &mut self.rng));
                 }
                 changes
             }
@@ -175,7 +166,7 @@ impl<B: RequestBody> Detector<B> {
                     host.failures = u64::from(failures.wrapping_sub(tracked.seen.1));
                     tracked.seen = (successes, failures);
                 }
-                outlier::sweep(&self.config, &mut hosts, now, &mut self.rng)
+                outlier::sweep(&self.trip.config, &mut hosts, now, &mut self.rng)
             }
         };
         for (tracked, host) in self.tracked.iter_mut().zip(hosts) {
@@ -191,7 +182,7 @@ impl<B: RequestBody> Detector<B> {
                     crate::stats::count(&state.stats.detected[reason.index()]);
                     crate::stats::count(&state.stats.ejected[reason.index()]);
                     republish = true;
-                    let time = self.config.ejection_time(tracked.host.multiplier);
+                    let time = self.trip.config.ejection_time(tracked.host.multiplier);
                     tracing::info!(addr = %tracked.addr, reason = reason.name(), ?time, "endpoint ejected");
                 }
                 Change::Spared(i, reason, spared) => {
