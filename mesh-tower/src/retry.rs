@@ -97,6 +97,11 @@ impl Budget {
 /// calls in it plus `min_per_second` × the window. Calls and retries are counted in ten slots of a tenth of
 /// the window each, a slot reused when its time comes round again. Two retries decided at once may both pass
 /// the last place; the budget is a bound on load, not an exact count.
+///
+/// A call is counted without reading the clock: in the slot last seen, which every [`CLOCK_EVERY`]th call of
+/// a slot and every retry bring up to date. So a call can land in the slot before its own; at most the
+/// floor's worth of calls is late that way (fewer than [`CLOCK_EVERY`] a slot), and a late call only makes
+/// the budget smaller.
 struct RateBudget {
     calls: Slots,
     retries: Slots,
@@ -104,7 +109,12 @@ struct RateBudget {
     floor: f64,
     epoch: tokio::time::Instant,
     slot: Duration,
+    /// The slot calls are counted in: the newest slot number read from the clock.
+    current: AtomicU64,
 }
+
+/// Calls of one slot between two readings of the clock (see [`RateBudget`]).
+const CLOCK_EVERY: u64 = 16;
 
 /// Counts per slot of time: each packs the slot's number (high 32 bits) and its count (low 32 bits).
 struct Slots([AtomicU64; SLOTS]);
@@ -121,6 +131,7 @@ impl RateBudget {
             floor: f64::from(settings.min_per_second) * window.as_secs_f64(),
             epoch: tokio::time::Instant::now(),
             slot: window / SLOTS as u32,
+            current: AtomicU64::new(1),
         }
     }
 
@@ -129,12 +140,21 @@ impl RateBudget {
         (self.epoch.elapsed().as_nanos() / self.slot.as_nanos().max(1)) as u64 + 1
     }
 
+    /// The current slot's number, read from the clock, and kept as the one calls are counted in.
+    fn tick(&self) -> u64 {
+        let now = self.now();
+        self.current.fetch_max(now, Ordering::Relaxed);
+        now
+    }
+
     fn deposit(&self) {
-        self.calls.add(self.now());
+        if self.calls.add(self.current.load(Ordering::Relaxed)).is_multiple_of(CLOCK_EVERY) {
+            self.tick();
+        }
     }
 
     fn withdraw(&self) -> bool {
-        let now = self.now();
+        let now = self.tick();
         let allowed = self.ratio * self.calls.sum(now) as f64 + self.floor;
         if (self.retries.sum(now) as f64) < allowed {
             self.retries.add(now);
@@ -146,18 +166,18 @@ impl RateBudget {
 }
 
 impl Slots {
-    fn add(&self, now: u64) {
+    /// Counts one in slot `now`; returns the slot's count with it.
+    fn add(&self, now: u64) -> u64 {
         let slot = &self.0[now as usize % SLOTS];
         let stamp = (now as u32 as u64) << 32;
         let mut current = slot.load(Ordering::Relaxed);
         loop {
             if current & !0xffff_ffff == stamp {
-                slot.fetch_add(1, Ordering::Relaxed);
-                return;
+                return (slot.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff) + 1;
             }
             // A slot last used a window (or more) ago starts over.
             match slot.compare_exchange_weak(current, stamp | 1, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return,
+                Ok(_) => return 1,
                 Err(seen) => current = seen,
             }
         }
@@ -341,16 +361,45 @@ where
     fn call(&mut self, request: http::Request<ReplayBody<B>>) -> Self::Future {
         // The ready clone serves the first attempt; later ones take fresh clones and wait for readiness.
         let fresh = self.inner.clone();
-        let first = std::mem::replace(&mut self.inner, fresh);
-        let (shared, retries) = (self.shared.clone(), self.inner.clone());
+        let mut first = std::mem::replace(&mut self.inner, fresh);
+        let retries = self.inner.clone();
+        self.start(request, move |request| first.call(request), retries)
+    }
+}
+
+impl<B: crate::balance::RequestBody> Retry<crate::cluster::ClusterService<B>> {
+    /// A call through a cluster's retries by reference: the first attempt is sent from here, and the call
+    /// holds one clone of the cluster for any retry (what [`crate::cluster::ClusterService`] uses, with no
+    /// boxed boundary of its own).
+    pub(crate) fn send(&self, request: http::Request<ReplayBody<B>>) -> BoxFuture<'static, Result<http::Response<ResponseBody>, Error>> {
+        self.start(request, |request| self.inner.send(request), self.inner.clone())
+    }
+}
+
+impl<S> Retry<S> {
+    /// A call: its first attempt made by `first`, its retries through `retries` (each waiting for readiness).
+    fn start<B, F>(
+        &self,
+        request: http::Request<ReplayBody<B>>,
+        first: impl FnOnce(http::Request<ReplayBody<B>>) -> F,
+        retries: S,
+    ) -> BoxFuture<'static, Result<http::Response<ResponseBody>, Error>>
+    where
+        S: Service<http::Request<ReplayBody<B>>, Response = http::Response<ResponseBody>, Error = Error> + Clone + Send + 'static,
+        S::Future: Send,
+        B: Send + 'static,
+        F: std::future::Future<Output = Result<http::Response<ResponseBody>, Error>> + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        shared.budget.deposit();
+        let deadline = request.extensions().get::<Deadline>().copied();
+        let recorder = request.body().recorder();
+        let (head, body) = request.into_parts();
+        let copy = HeadCopy::new(&head);
+        let per_try = shared.policy.per_try_timeout;
+        let first = within(per_try, first(http::Request::from_parts(head, body)));
         Box::pin(async move {
-            shared.budget.deposit();
-            let (head, body) = request.into_parts();
-            let deadline = head.extensions.get::<Deadline>().copied();
-            let recorder = body.recorder();
-            let copy = HeadCopy::new(&head);
-            let per_try = shared.policy.per_try_timeout;
-            let mut result = within(per_try, { first }.call(http::Request::from_parts(head, body))).await;
+            let mut result = first.await;
             let mut previous: Vec<SocketAddr> = Vec::new();
             // Retries sent, the time spent backing off between attempts, and the transparent retries of the
             // attempts that did not answer the call (A96).

@@ -24,7 +24,7 @@ use crate::connect::{Connect, TcpConnector};
 use crate::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
 use crate::discover::{self, BoxDiscover};
 use crate::replay::ReplayBody;
-use crate::retry::Budget;
+use crate::retry::{Budget, Retry};
 use crate::stats::ClusterStats;
 use crate::telemetry::ClientMetrics;
 use crate::{Error, Result};
@@ -137,6 +137,8 @@ type Boxed<B> = crate::layered::Layered<Request<B>>;
 
 enum Kind<B> {
     Balancer(Arc<dyn Leaf<B>>),
+    /// A route's retries over the cluster, sent to by reference (no boxed boundary).
+    Retried(Arc<Retry<ClusterService<B>>>),
     Layered(Boxed<B>),
 }
 
@@ -155,6 +157,7 @@ impl<B> Clone for ClusterService<B> {
     fn clone(&self) -> Self {
         Self(match &self.0 {
             Kind::Balancer(balancer) => Kind::Balancer(balancer.clone()),
+            Kind::Retried(retry) => Kind::Retried(retry.clone()),
             Kind::Layered(service) => Kind::Layered(service.clone()),
         })
     }
@@ -164,6 +167,7 @@ impl<B> fmt::Debug for ClusterService<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.0 {
             Kind::Balancer(_) => "ClusterService::Balancer",
+            Kind::Retried(_) => "ClusterService::Retried",
             Kind::Layered(_) => "ClusterService::Layered",
         })
     }
@@ -191,10 +195,16 @@ impl<B: RequestBody> ClusterService<B> {
         Self(Kind::Layered(crate::layered::Layered::new(service)))
     }
 
+    /// A cluster whose calls go through a route's retries (`retry` over the cluster's own service).
+    pub fn retried(retry: Retry<ClusterService<B>>) -> Self {
+        Self(Kind::Retried(Arc::new(retry)))
+    }
+
     /// Sends one request through the cluster (readiness included, for a layered one).
     pub fn send(&self, request: Request<B>) -> ClusterFuture {
         match &self.0 {
             Kind::Balancer(balancer) => futures_util::future::Either::Left(balancer.send(request)),
+            Kind::Retried(retry) => futures_util::future::Either::Right(retry.send(request)),
             Kind::Layered(service) => futures_util::future::Either::Right(service.send(request)),
         }
     }
@@ -269,18 +279,12 @@ impl<B: RequestBody> tower::Service<Request<B>> for ClusterService<B> {
     type Future = ClusterFuture;
 
     fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
-        match &mut self.0 {
-            Kind::Balancer(_) => std::task::Poll::Ready(Ok(())),
-            // A layered stack waits for its readiness inside each call.
-            Kind::Layered(_) => std::task::Poll::Ready(Ok(())),
-        }
+        // Always ready: a layered stack waits for its readiness inside each call.
+        std::task::Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        match &mut self.0 {
-            Kind::Balancer(balancer) => futures_util::future::Either::Left(balancer.send(request)),
-            Kind::Layered(service) => futures_util::future::Either::Right(service.send(request)),
-        }
+        self.send(request)
     }
 }
 

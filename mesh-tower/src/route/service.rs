@@ -107,7 +107,7 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
                 }
                 (None, Some(policy)) => {
                     let retry = RetryLayer::within(policy.clone(), cluster.budget, cluster.stats);
-                    ClusterService::layered(retry.layer(cluster.service))
+                    ClusterService::retried(retry.layer(cluster.service))
                 }
                 (None, None) => cluster.service,
             });
@@ -121,11 +121,14 @@ pub fn new_route<B: RequestBody>(target: RouteTarget<B>) -> RouteService<B> {
         let shadows = policies.mirrors.iter().cloned().zip(mirrors.into_iter().map(|c| c.map(|c| c.service))).collect();
         MirrorLayer::new(shadows, timeout, stats)
     });
-    // A route with nothing to layer above its split calls the split directly.
-    let layered = timeout.is_some() || fault.is_some() || rate_limit.is_some() || mirror.is_some();
+    // A route with nothing to layer above its split calls the split directly; when its one policy is a rate
+    // limit, the split takes the token itself.
+    let layered = timeout.is_some() || fault.is_some() || mirror.is_some();
     let name = target.clone();
     let total = clusters_weight(&clusters);
-    let split = Split { inner: Arc::new(SplitInner { target, policies, clusters, total, seed, channel_id }) };
+    let (rate_limit, split_limit) = if layered { (rate_limit, None) } else { (None, rate_limit) };
+    let inner = SplitInner { target, policies, clusters, total, seed, channel_id, rate_limit: split_limit };
+    let split = Split { inner: Arc::new(inner) };
     if !layered {
         return RouteService(Kind::Split(split));
     }
@@ -157,6 +160,8 @@ struct SplitInner<B> {
     total: u64,
     seed: Arc<AtomicU64>,
     channel_id: u64,
+    /// The route's rate limit, when it is the route's only layer.
+    rate_limit: Option<RateLimitLayer>,
 }
 
 impl<B> Clone for Split<B> {
@@ -187,6 +192,9 @@ impl Future for Failed {
 impl<B: RequestBody> Split<B> {
     fn send(&self, mut request: Request<B>) -> SplitFuture {
         let inner = &*self.inner;
+        if let Some(Err(error)) = inner.rate_limit.as_ref().map(RateLimitLayer::take) {
+            return Either::Right(Failed(Some(error)));
+        }
         let chosen = match inner.clusters.as_slice() {
             [one] => one,
             clusters => {
