@@ -98,10 +98,10 @@ impl Budget {
 /// the window each, a slot reused when its time comes round again. Two retries decided at once may both pass
 /// the last place; the budget is a bound on load, not an exact count.
 ///
-/// A call is counted without reading the clock: in the slot last seen, which every [`CLOCK_EVERY`]th call of
-/// a slot and every retry bring up to date. So a call can land in the slot before its own; at most the
-/// floor's worth of calls is late that way (fewer than [`CLOCK_EVERY`] a slot), and a late call only makes
-/// the budget smaller.
+/// A call is counted in the slot last read from the clock, which the first [`CLOCK_EVERY`] calls of a slot,
+/// every [`CLOCK_EVERY`]th call after them, and every retry read. So fewer than [`CLOCK_EVERY`] calls in a row
+/// (when traffic slows after a busy slot) can be counted in an older slot than their own, and a call counted
+/// in an older slot leaves the window early: the budget can only come out smaller.
 struct RateBudget {
     calls: Slots,
     retries: Slots,
@@ -113,7 +113,7 @@ struct RateBudget {
     current: AtomicU64,
 }
 
-/// Calls of one slot between two readings of the clock (see [`RateBudget`]).
+/// Calls of a slot that read the clock each, and then calls between two readings (see [`RateBudget`]).
 const CLOCK_EVERY: u64 = 16;
 
 /// Counts per slot of time: each packs the slot's number (high 32 bits) and its count (low 32 bits).
@@ -148,7 +148,10 @@ impl RateBudget {
     }
 
     fn deposit(&self) {
-        if self.calls.add(self.current.load(Ordering::Relaxed)).is_multiple_of(CLOCK_EVERY) {
+        let current = self.current.load(Ordering::Relaxed);
+        if self.calls.count(current) < CLOCK_EVERY {
+            self.calls.add(self.tick());
+        } else if self.calls.add(current).is_multiple_of(CLOCK_EVERY) {
             self.tick();
         }
     }
@@ -181,6 +184,12 @@ impl Slots {
                 Err(seen) => current = seen,
             }
         }
+    }
+
+    /// The count of slot `now` (0 when the slot holds an older one's).
+    fn count(&self, now: u64) -> u64 {
+        let packed = self.0[now as usize % SLOTS].load(Ordering::Relaxed);
+        if packed >> 32 == now as u32 as u64 { packed & 0xffff_ffff } else { 0 }
     }
 
     /// Counts of the slots within the window ending at slot `now`.
@@ -470,13 +479,56 @@ impl<S> Retry<S> {
     }
 }
 
-/// One attempt, ended by the per-try timeout when there is one.
-async fn within<F>(limit: Option<Duration>, attempt: F) -> Result<http::Response<ResponseBody>, Error>
+/// One attempt, ended by the per-try timeout when there is one (counted from now, when the attempt starts).
+fn within<F>(limit: Option<Duration>, attempt: F) -> impl std::future::Future<Output = Result<http::Response<ResponseBody>, Error>>
 where
     F: std::future::Future<Output = Result<http::Response<ResponseBody>, Error>>,
 {
+    use futures_util::FutureExt;
     match limit {
-        None => attempt.await,
-        Some(limit) => tokio::time::timeout(limit, attempt).await.unwrap_or(Err(Error::AttemptTimeout { limit })),
+        None => futures_util::future::Either::Left(attempt),
+        Some(limit) => futures_util::future::Either::Right(
+            tokio::time::timeout(limit, attempt).map(move |result| result.unwrap_or(Err(Error::AttemptTimeout { limit }))),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(ratio: f64) -> RateBudget {
+        RateBudget::new(&RetryBudget { ratio, min_per_second: 0, window: Duration::from_secs(10) })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_clusters_calls_count_in_their_own_slots() {
+        let budget = budget(1.0);
+        budget.deposit();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        budget.deposit();
+        // The first call has left the 10 s window; the second, counted in its own slot, has not.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert!(budget.withdraw(), "one call in the window allows one retry");
+        assert!(!budget.withdraw(), "and only one");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_clusters_calls_count_in_the_window_without_a_clock_read_each() {
+        let budget = budget(0.5);
+        for _ in 0..1000 {
+            budget.deposit();
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for _ in 0..1000 {
+            budget.deposit();
+        }
+        let retries = std::iter::repeat_with(|| budget.withdraw()).take(2000).filter(|&allowed| allowed).count();
+        assert_eq!(retries, 1000, "half of the 2,000 calls in the window");
+        // The first thousand leave the window, and with them the few of the second counted in their slot
+        // before the clock was read again.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let calls = budget.calls.sum(budget.tick());
+        assert!((1001 - CLOCK_EVERY..=1000).contains(&calls), "{calls} calls in the window");
     }
 }
