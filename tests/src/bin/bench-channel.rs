@@ -332,6 +332,22 @@ const VARIANTS: [&str; 23] = [
 /// The mTLS variant, and the plaintext one it is compared with.
 const MTLS: usize = 14;
 
+/// The full policy stack, metrics and tracing at 1%, and the channel with telemetry off.
+const FULL_POLICY: usize = 5;
+const TRACED: usize = 17;
+const TELEMETRY_OFF: usize = 16;
+
+/// Variants compared in pairs, each round with itself, against their issue's target: (variant, against,
+/// what, the most its p50 may cost as a ratio and in µs, the least its throughput may keep).
+const PAIRED: [(usize, usize, &str, f64, f64, f64); 3] = [
+    // Issue 15: ≤ 3% throughput and ≤ 3% p50.
+    (FULL_POLICY, SHIPPED, "full policy stack vs plain channel", 1.03, f64::INFINITY, 0.97),
+    // Issue 16: steady-state throughput ≥ 0.95× plaintext (no p50 target).
+    (MTLS, SHIPPED, "mTLS vs plaintext mesh channel", f64::INFINITY, f64::INFINITY, 0.95),
+    // Issue 18: metrics + tracing at 1% on vs off: ≤ 3% throughput and ≤ 2 µs p50.
+    (TRACED, TELEMETRY_OFF, "telemetry + tracing 1% vs telemetry off", f64::INFINITY, 2.0, 0.97),
+];
+
 /// The client's credentials for the mTLS variant (set by a `--mtls` client process).
 static CLIENT_CREDENTIALS: std::sync::OnceLock<Arc<mesh_tower::tls::Credentials>> = std::sync::OnceLock::new();
 
@@ -625,6 +641,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The pairs name variants by place in the list: a reordered list must not compare the wrong ones.
+    for (i, name) in [(FULL_POLICY, "full policy"), (MTLS, "mTLS"), (TRACED, "tracing 1%"), (TELEMETRY_OFF, "telemetry off")] {
+        anyhow::ensure!(VARIANTS[i].contains(name), "variant {i} is {:?}, not the {name} variant", VARIANTS[i]);
+    }
     if let Some(process) = args.child {
         return child(&args, process);
     }
@@ -689,25 +709,33 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    // mTLS against the same channel in plaintext, per round.
-    if let (Some(tls), Some(plain)) = (variants.iter().position(|(v, _)| *v == MTLS), variants.iter().position(|(v, _)| *v == SHIPPED)) {
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    // Pairs against their issues' targets, per round (the two variants ran back to back in it).
+    for (variant, against, what, max_p50, max_p50_us, min_rps) in PAIRED {
+        let (Some(a), Some(b)) = (variants.iter().position(|(v, _)| *v == variant), variants.iter().position(|(v, _)| *v == against))
+        else {
+            continue;
+        };
         println!();
-        println!("| concurrency | mTLS vs plaintext mesh channel: p50 | p99 | throughput | CPU/call |");
-        println!("|---|---|---|---|---|");
+        println!("| concurrency | {what}: p50 | p50 difference µs | p99 | throughput | CPU/call |");
+        println!("|---|---|---|---|---|---|");
         for &c in &args.concurrency {
             let at_c: Vec<&Round> = rounds.iter().filter(|r| r.concurrency == c).collect();
-            let m = |k: usize| median(at_c.iter().map(|r| r.metrics[tls][k] / r.metrics[plain][k]).collect());
-            println!("| {c} | {:.3} | {:.3} | {:.3} | {:.3} |", m(0), m(1), m(2), m(3));
-            println!(
-                "targets: concurrency {c}: mTLS throughput {:.3}× plaintext ≥ 0.95× {}",
-                m(2),
-                if m(2) >= 0.95 { "met" } else { "NOT met" }
-            );
+            let m = |k: usize| median(at_c.iter().map(|r| r.metrics[a][k] / r.metrics[b][k]).collect());
+            let us = median(at_c.iter().map(|r| r.metrics[a][0] - r.metrics[b][0]).collect());
+            println!("| {c} | {:.3} | {us:+.1} | {:.3} | {:.3} | {:.3} |", m(0), m(1), m(2), m(3));
+            let mut p50 = String::new();
+            if max_p50.is_finite() {
+                p50 += &format!("p50 {:.3}× ≤ {max_p50}× {}, ", m(0), verdict(m(0) <= max_p50));
+            }
+            if max_p50_us.is_finite() {
+                p50 += &format!("p50 {us:+.1} µs ≤ {max_p50_us} µs {}, ", verdict(us <= max_p50_us));
+            }
+            println!("targets: concurrency {c}: {what}: {p50}throughput {:.3}× ≥ {min_rps}× {}", m(2), verdict(m(2) >= min_rps));
         }
     }
     // The issue's targets for the mesh channel as shipped (static discovery, P2C-EWMA), judged on this run.
     println!();
-    let verdict = |met: bool| if met { "met" } else { "NOT met" };
     for (c, p50, rps) in verdicts {
         println!(
             "targets: concurrency {c}: p50 {p50:.3}× ≤ 1.05× {}, throughput {rps:.3}× ≥ 0.95× {}",
