@@ -68,7 +68,7 @@ impl fmt::Debug for BreakerLayer {
 impl BreakerLayer {
     /// At most `max_requests` calls in flight to `cluster`, each one turned away counted in `stats`.
     pub fn new(cluster: &str, max_requests: u32, stats: Arc<ClusterStats>) -> Self {
-        Self { gate: Gate::new(MaxRequests { cluster: cluster.into(), max_requests, stats }) }
+        Self { gate: Gate::max_requests(cluster, max_requests, stats) }
     }
 
     /// Calls in flight now.
@@ -94,6 +94,26 @@ pub struct Gate<C> {
 impl<C> Gate<C> {
     pub(crate) fn new(cap: C) -> Arc<Self> {
         Arc::new(Self { cap, in_flight: AtomicU32::new(0) })
+    }
+}
+
+impl Gate<MaxRequests> {
+    /// The breaker's gate: at most `max_requests` calls in flight to `cluster` (the balancer holds one when
+    /// its cluster sets `max_requests`: [`crate::balance::BalancerConfig::max_requests`]).
+    pub(crate) fn max_requests(cluster: &str, max_requests: u32, stats: Arc<ClusterStats>) -> Arc<Self> {
+        Self::new(MaxRequests { cluster: cluster.into(), max_requests, stats })
+    }
+}
+
+impl<C: Cap> Gate<C> {
+    /// A place for one call, or the error of a call over the cap (counted).
+    pub(crate) fn admit(self: &Arc<Self>) -> Result<Place, Error> {
+        let limit = self.cap.limit();
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(self.cap.refused(limit));
+        }
+        Ok(Place(self.clone()))
     }
 }
 
@@ -184,12 +204,10 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let gate = &self.gate;
-        let limit = gate.cap.limit();
-        if gate.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
-            gate.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Either::Left(std::future::ready(Err(gate.cap.refused(limit))));
-        }
-        let place = Place(gate.clone());
+        let place = match gate.admit() {
+            Ok(place) => place,
+            Err(error) => return Either::Left(std::future::ready(Err(error))),
+        };
         let timing = gate.cap.timed().then(|| (tokio::time::Instant::now(), gate.clone()));
         Either::Right(CappedFuture { call: self.inner.call(request), place: Some(place), timing })
     }

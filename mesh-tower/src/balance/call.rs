@@ -19,8 +19,13 @@ const MAX_RESENDS: u32 = 4;
 impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
     /// Sends one request: pick, send, re-pick when the connection was closed before the request was written,
     /// resend when the server refused it unprocessed ([`refused`]), wait when nothing is ready. The body is
-    /// recorded by the caller ([`super::Balancer::send_replay`]).
-    pub(super) async fn call_replay(self: Arc<Self>, request: http::Request<ReplayBody<B>>) -> Result<http::Response<ResponseBody>> {
+    /// recorded by the caller ([`super::Balancer::send_replay`]), which also gives the call its `place` under the
+    /// cluster's `max_requests`, held by the response body.
+    pub(super) async fn call_replay(
+        self: Arc<Self>,
+        request: http::Request<ReplayBody<B>>,
+        mut place: Option<crate::breaker::Place>,
+    ) -> Result<http::Response<ResponseBody>> {
         let hash = self.request_hash(&request);
         let decay = match self.config.lb {
             LbPolicy::P2cEwma { decay, .. } => Some(decay),
@@ -109,7 +114,10 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                             }
                             let pending = classify::pending(&parts);
                             counting.disarm();
-                            let body = ResponseBody::new(body, pending, addr, InFlight::started(handle));
+                            let mut body = ResponseBody::new(body, pending, addr, InFlight::started(handle));
+                            if let Some(place) = place.take() {
+                                body = body.holding(place);
+                            }
                             return Ok(http::Response::from_parts(parts, body));
                         }
                         Err(mut error) => {

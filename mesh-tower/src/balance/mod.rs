@@ -109,6 +109,9 @@ pub struct BalancerConfig {
     /// Envoy's `max_pending_requests`: most calls waiting for a ready endpoint at once; a call that would
     /// wait beyond it fails at once ([`crate::Error::PendingOverflow`]). `None`: no cap.
     pub max_pending_requests: Option<u32>,
+    /// Envoy's `max_requests` (gRPC A32): most calls in flight at once, each counted until its response body
+    /// ends; a call over it fails at once ([`crate::Error::Overflow`]). `None`: no cap.
+    pub max_requests: Option<u32>,
 }
 
 impl Default for BalancerConfig {
@@ -121,6 +124,7 @@ impl Default for BalancerConfig {
             tls: None,
             outlier_detection: None,
             max_pending_requests: None,
+            max_requests: None,
         }
     }
 }
@@ -254,9 +258,12 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             }
             None => (None, None),
         };
+        let stats: Arc<crate::stats::ClusterStats> = Arc::default();
+        let breaker = config.max_requests.map(|max| crate::breaker::Gate::max_requests(&target, max, stats.clone()));
         let state = Arc::new(State {
             trip,
-            stats: Arc::default(),
+            breaker,
+            stats,
             span: tracing::info_span!("balancer", target = %target, lb = config.lb.name()),
             tls: config.tls.clone().map(Arc::new),
             target,
@@ -370,12 +377,18 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
     pub fn send_replay(&self, request: http::Request<ReplayBody<B>>) -> ResponseFuture {
         // The call holds the state, which keeps the balancer running until the call ends.
         let state = self.inner.state.clone();
+        // Under the cluster's `max_requests`, the call holds a place until its response body ends.
+        let place = match state.breaker.as_ref().map(crate::breaker::Gate::admit) {
+            None => None,
+            Some(Ok(place)) => Some(place),
+            Some(Err(error)) => return ResponseFuture::new(Box::pin(std::future::ready(Err(error)))),
+        };
         let Some(metrics) = state.metrics.get() else {
-            return ResponseFuture::new(Box::pin(state.call_replay(request)));
+            return ResponseFuture::new(Box::pin(state.call_replay(request, place)));
         };
         let attempt = metrics.start(request.uri());
         ResponseFuture::new(Box::pin(async move {
-            match state.call_replay(request).await {
+            match state.call_replay(request, place).await {
                 Ok(response) => {
                     if let Some(delay) = response.extensions().get::<Delay>() {
                         attempt.delayed(delay);
@@ -472,6 +485,8 @@ struct State<B, C> {
     trip: Option<Arc<outlier::Trip>>,
     /// The cluster's counts.
     stats: Arc<crate::stats::ClusterStats>,
+    /// The cluster's `max_requests` ([`BalancerConfig::max_requests`]).
+    breaker: Option<Arc<crate::breaker::Gate<crate::breaker::MaxRequests>>>,
     /// Per-attempt metrics, when the channel records them ([`Balancer::with_metrics`]).
     metrics: std::sync::OnceLock<crate::telemetry::AttemptMetrics>,
     /// Calls waiting for a ready endpoint now (for `config.max_pending_requests`).

@@ -19,7 +19,6 @@ use crate::balance::{Balancer, BalancerConfig, EndpointStatus, RequestBody, Resp
 use tower::Layer;
 
 use crate::adaptive::AdaptiveLayer;
-use crate::breaker::BreakerLayer;
 use crate::connect::{Connect, TcpConnector};
 use crate::discover::dns::{DnsConfig, DnsQuery, HickoryResolver, dns};
 use crate::discover::{self, BoxDiscover};
@@ -334,26 +333,25 @@ impl<M: MakeConnect> NewCluster<M> {
         if max_pending != CircuitBreakers::default().max_pending_requests {
             config.max_pending_requests = Some(max_pending);
         }
+        // The breaker, in the balancer (Envoy's circuit breakers are the cluster's, below its filters): installed
+        // when the cluster sets `max_requests` below Envoy's default (1024), which is not enforced (DESIGN.md);
+        // it costs a call two shared atomics and no allocation.
+        let max_requests = target.breakers.max_requests;
+        if max_requests < CircuitBreakers::default().max_requests {
+            config.max_requests = Some(max_requests);
+        }
         let mut balancer = Balancer::with_connector(target.name.clone(), discover, config, connector);
         if let Some(metrics) = &self.metrics {
             balancer = balancer.with_metrics(metrics.cluster(&target.name));
         }
-        // Per-cluster layers go here, outermost first (the breaker, then the adaptive limit; outlier detection is in the balancer):
-        // a cluster with a policy to apply is layered; one without calls its balancer directly. The breaker is
-        // installed when the cluster sets `max_requests` below Envoy's default (1024): at the default it costs
-        // every call a box and two shared atomics, and a single client process rarely holds 1024 calls.
+        // Per-cluster layers go here, outermost first (the adaptive limit; the breaker and outlier detection are
+        // in the balancer): a cluster with a layer to apply is layered (one boxed future per call); one without
+        // calls its balancer directly.
         let stats = balancer.stats();
-        let max_requests = target.breakers.max_requests;
-        let breaker =
-            (max_requests < CircuitBreakers::default().max_requests).then(|| BreakerLayer::new(&target.name, max_requests, stats.clone()));
         let adaptive = target.adaptive.clone().map(|config| AdaptiveLayer::new(&target.name, config, stats.clone()));
-        // Each layer boxes its service (one boxed future per call each), so only what is configured is paid for.
         let mut service = ClusterService::balancer(balancer.clone());
         if let Some(adaptive) = adaptive {
             service = ClusterService::layered(adaptive.layer(service));
-        }
-        if let Some(breaker) = breaker {
-            service = ClusterService::layered(breaker.layer(service));
         }
         let budget = Budget::for_cluster(&target.breakers);
         let cluster = Cluster { service, inspect: Arc::new(balancer), budget, stats };
