@@ -73,7 +73,7 @@ impl BreakerLayer {
 
     /// Calls in flight now.
     pub fn in_flight(&self) -> u32 {
-        self.gate.in_flight.load(Ordering::Relaxed)
+        self.gate.in_flight()
     }
 }
 
@@ -113,7 +113,12 @@ impl<C: Cap> Gate<C> {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Err(self.cap.refused(limit));
         }
-        Ok(Place(self.clone()))
+        Ok(Place { count: self.clone(), also: None })
+    }
+
+    /// Calls in flight under it now.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 }
 
@@ -137,22 +142,34 @@ impl<S, C> fmt::Debug for Capped<S, C> {
 
 /// The count of calls in flight a [`Place`] is taken from (a gate's, whatever its cap).
 trait Count: Send + Sync {
-    fn in_flight(&self) -> &AtomicU32;
+    fn counter(&self) -> &AtomicU32;
 }
 
 impl<C: Send + Sync> Count for Gate<C> {
-    fn in_flight(&self) -> &AtomicU32 {
+    fn counter(&self) -> &AtomicU32 {
         &self.in_flight
     }
 }
 
 /// One call's place under a cap, given back when dropped: the response body holds it until it ends. The gate's
 /// own reference, not a box: taking a place allocates nothing.
-pub(crate) struct Place(Arc<dyn Count>);
+pub(crate) struct Place {
+    count: Arc<dyn Count>,
+    /// Another cap's place held with it (a call under both the adaptive limit and the breaker).
+    also: Option<Box<Place>>,
+}
+
+impl Place {
+    /// This place and `other`, held and given back together.
+    pub(crate) fn and(mut self, other: Place) -> Place {
+        self.also = Some(Box::new(other));
+        self
+    }
+}
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.in_flight().fetch_sub(1, Ordering::Relaxed);
+        self.count.counter().fetch_sub(1, Ordering::Relaxed);
     }
 }
 

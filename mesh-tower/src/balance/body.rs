@@ -102,9 +102,13 @@ impl ResponseBody {
         self.outcome
     }
 
-    /// This body, releasing `hold` when it ends or is dropped.
+    /// This body, releasing `hold` (and any place it holds already) when it ends or is dropped.
     pub(crate) fn holding(mut self, hold: crate::breaker::Place) -> Self {
-        self.hold = Some(hold);
+        // A body under two caps (the adaptive limit over the breaker) holds both places.
+        self.hold = Some(match self.hold.take() {
+            None => hold,
+            Some(held) => hold.and(held),
+        });
         self
     }
 

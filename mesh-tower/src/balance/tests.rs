@@ -351,6 +351,23 @@ async fn consecutive_failures_eject_an_endpoint_at_once_until_its_ejection_time_
     assert_eq!(balancer.stats().counts().ejections, 2);
 }
 
+/// A call under two caps (the adaptive limit over the breaker) holds both places until its body ends.
+#[tokio::test(start_paused = true)]
+async fn a_body_holds_every_place_it_is_given_until_it_ends() {
+    use crate::breaker::Gate;
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::Up { delay: Duration::ZERO });
+    let (balancer, _tx) = balancer(&net, &[1]);
+    until_state(&balancer, addr(1), ConnState::Ready).await;
+    let stats = Arc::default();
+    let (outer, inner) = (Gate::max_requests("a", 10, Arc::clone(&stats)), Gate::max_requests("a", 10, stats));
+    let response = balancer.clone().oneshot(http::Request::new(Empty::new())).await.unwrap();
+    let body = response.into_body().holding(inner.admit().unwrap()).holding(outer.admit().unwrap());
+    assert_eq!((outer.in_flight(), inner.in_flight()), (1, 1), "both places are held while the body is open");
+    body.collect().await.unwrap();
+    assert_eq!((outer.in_flight(), inner.in_flight()), (0, 0), "both are given back when it ends");
+}
+
 /// Ring hash's keys leave an endpoint at the failure that ejects it, as round robin's picks do: the pick passes
 /// over an endpoint ejected on the call path even while the snapshot still has it.
 #[tokio::test(start_paused = true)]
