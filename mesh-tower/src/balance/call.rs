@@ -19,13 +19,10 @@ const MAX_RESENDS: u32 = 4;
 impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
     /// Sends one request: pick, send, re-pick when the connection was closed before the request was written,
     /// resend when the server refused it unprocessed ([`refused`]), wait when nothing is ready. The body is
-    /// recorded by the caller ([`super::Balancer::send_replay`]), which also gives the call its `place` under the
-    /// cluster's `max_requests`, held by the response body.
-    pub(super) async fn call_replay(
-        self: Arc<Self>,
-        request: http::Request<ReplayBody<B>>,
-        mut place: Option<crate::breaker::Place>,
-    ) -> Result<http::Response<ResponseBody>> {
+    /// recorded by the caller ([`super::Balancer::send_replay`]). Under the cluster's `max_requests`, the call
+    /// takes its place at its first pick (gRPC A32: after the drop check, and a call waiting for a ready
+    /// endpoint is not yet counted), keeps it through re-picks and resends, and its response body holds it.
+    pub(super) async fn call_replay(self: Arc<Self>, request: http::Request<ReplayBody<B>>) -> Result<http::Response<ResponseBody>> {
         let hash = self.request_hash(&request);
         let decay = match self.config.lb {
             LbPolicy::P2cEwma { decay, .. } => Some(decay),
@@ -50,6 +47,8 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
         let mut delay = None;
         // The call's place among the calls waiting for an endpoint, held while it waits (given back at its pick).
         let mut pending = None;
+        // The call's place under `max_requests`, taken at its first pick.
+        let mut place = None;
         loop {
             // Pick under the snapshot's read lock, taking only the chosen handle: one reference-count
             // increment and decrement fewer per call than cloning the snapshot (shared atomics that every
@@ -79,6 +78,11 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
             let (all_failed, known) = match picked {
                 Ok(handle) => {
                     pending = None;
+                    if place.is_none()
+                        && let Some(gate) = &self.breaker
+                    {
+                        place = Some(gate.admit()?);
+                    }
                     if delay.is_none() {
                         delay = waiting.as_ref().map(|(_, _, started, kind)| Delay { kind: *kind, waited: started.elapsed() });
                     }

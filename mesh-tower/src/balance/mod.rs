@@ -377,18 +377,12 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
     pub fn send_replay(&self, request: http::Request<ReplayBody<B>>) -> ResponseFuture {
         // The call holds the state, which keeps the balancer running until the call ends.
         let state = self.inner.state.clone();
-        // Under the cluster's `max_requests`, the call holds a place until its response body ends.
-        let place = match state.breaker.as_ref().map(crate::breaker::Gate::admit) {
-            None => None,
-            Some(Ok(place)) => Some(place),
-            Some(Err(error)) => return ResponseFuture::new(Box::pin(std::future::ready(Err(error)))),
-        };
         let Some(metrics) = state.metrics.get() else {
-            return ResponseFuture::new(Box::pin(state.call_replay(request, place)));
+            return ResponseFuture::new(Box::pin(state.call_replay(request)));
         };
         let attempt = metrics.start(request.uri());
         ResponseFuture::new(Box::pin(async move {
-            match state.call_replay(request, place).await {
+            match state.call_replay(request).await {
                 Ok(response) => {
                     if let Some(delay) = response.extensions().get::<Delay>() {
                         attempt.delayed(delay);

@@ -72,6 +72,41 @@ async fn calls_beyond_max_pending_requests_fail_at_once_while_the_rest_wait() {
     assert_eq!(balancer.stats().counts().overflows, 1);
 }
 
+/// Envoy's `max_requests`, in the balancer (gRPC A32): a call takes its place at its pick, so calls waiting for
+/// a ready endpoint hold none, and each picked call holds one until its body ends.
+#[tokio::test(start_paused = true)]
+async fn max_requests_counts_calls_from_their_pick_until_their_body_ends() {
+    let net = FakeNet::default();
+    net.set(addr(1), Peer::SlowConnect { connect: Duration::from_millis(500) });
+    let (tx, source) = discover::channel();
+    tx.send(Change::reset([Endpoint::new(addr(1))]));
+    let config = BalancerConfig { max_requests: Some(1), ..BalancerConfig::default() };
+    let balancer = Balancer::with_connector("fake", source, config, net.clone());
+    let gate = balancer.inner.state.breaker.clone().expect("max_requests installs the gate");
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let balancer = balancer.clone();
+            tokio::spawn(async move { balancer.oneshot(http::Request::new(Empty::new())).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(gate.in_flight(), 0, "three calls wait for the endpoint and hold no place");
+    let mut answers = Vec::new();
+    let mut overflows = 0;
+    for call in waiting {
+        match call.await.unwrap() {
+            Ok(response) => answers.push(response),
+            Err(Error::Overflow { cluster, limit: 1 }) if cluster == "fake" => overflows += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert_eq!((answers.len(), overflows), (1, 2), "one is picked; the two picked after it, while it is open, overflow");
+    assert_eq!(gate.in_flight(), 1, "the answered call holds its place until its body ends");
+    answers.pop().unwrap().into_body().collect().await.unwrap();
+    assert_eq!(gate.in_flight(), 0);
+    assert_eq!(balancer.stats().counts().overflows, 2);
+}
+
 /// A pending place is given back when the call is picked, not when it ends: a call that waited and is now in
 /// flight for 10 s leaves the one place to the next call that has to wait.
 #[tokio::test(start_paused = true)]
