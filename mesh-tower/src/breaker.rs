@@ -58,6 +58,24 @@ impl Cap for MaxRequests {
     }
 }
 
+/// Envoy's `max_pending_requests`: the cap on calls waiting in a balancer for a ready endpoint.
+pub(crate) struct MaxPending {
+    cluster: Arc<str>,
+    max_pending: u32,
+    stats: Arc<ClusterStats>,
+}
+
+impl Cap for MaxPending {
+    fn limit(&self) -> u32 {
+        self.max_pending
+    }
+
+    fn refused(&self, limit: u32) -> Error {
+        crate::stats::count(&self.stats.overflows);
+        Error::PendingOverflow { cluster: self.cluster.to_string(), limit }
+    }
+}
+
 impl fmt::Debug for BreakerLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let cap = &self.gate.cap;
@@ -85,7 +103,8 @@ impl<S> Layer<S> for BreakerLayer {
     }
 }
 
-/// A cap and the calls in flight under it.
+/// A cap and the calls counted under it (in flight for the breaker and the adaptive limit, waiting for a
+/// ready endpoint for `max_pending_requests`).
 pub struct Gate<C> {
     pub(crate) cap: C,
     in_flight: AtomicU32,
@@ -102,6 +121,14 @@ impl Gate<MaxRequests> {
     /// its cluster sets `max_requests`: [`crate::balance::BalancerConfig::max_requests`]).
     pub(crate) fn max_requests(cluster: &str, max_requests: u32, stats: Arc<ClusterStats>) -> Arc<Self> {
         Self::new(MaxRequests { cluster: cluster.into(), max_requests, stats })
+    }
+}
+
+impl Gate<MaxPending> {
+    /// The gate of the calls waiting in `cluster`'s balancer
+    /// ([`crate::balance::BalancerConfig::max_pending_requests`]).
+    pub(crate) fn max_pending(cluster: &str, max_pending: u32, stats: Arc<ClusterStats>) -> Arc<Self> {
+        Self::new(MaxPending { cluster: cluster.into(), max_pending, stats })
     }
 }
 

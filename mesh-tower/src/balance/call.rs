@@ -160,13 +160,9 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
             }
             // Subscribe before re-reading the snapshot so no change is missed.
             if pending.is_none()
-                && let Some(limit) = self.config.max_pending_requests
+                && let Some(gate) = &self.pending
             {
-                let Some(place) = Pending::enter(&self, limit) else {
-                    crate::stats::count(&self.stats.overflows);
-                    return Err(Error::PendingOverflow { cluster: self.target.clone(), limit });
-                };
-                pending = Some(place);
+                pending = Some(gate.admit()?);
             }
             let Some((rx, deadline, started, kind)) = waiting.as_mut() else {
                 let started = tokio::time::Instant::now();
@@ -182,24 +178,6 @@ impl<B: RequestBody, C: Connect> State<ReplayBody<B>, C> {
                 return Err(Error::NoReadyEndpoint { target: self.target.clone(), waited: started.elapsed(), known });
             }
         }
-    }
-}
-
-/// A call's place among those waiting for a ready endpoint (Envoy's pending requests), given back when dropped.
-struct Pending<B, C>(Arc<State<B, C>>);
-
-impl<B, C> Pending<B, C> {
-    /// A place, if fewer than `limit` calls wait.
-    fn enter(state: &Arc<State<B, C>>, limit: u32) -> Option<Self> {
-        use std::sync::atomic::Ordering;
-        state.pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1)).ok()?;
-        Some(Self(state.clone()))
-    }
-}
-
-impl<B, C> Drop for Pending<B, C> {
-    fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -260,6 +260,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
         };
         let stats: Arc<crate::stats::ClusterStats> = Arc::default();
         let breaker = config.max_requests.map(|max| crate::breaker::Gate::max_requests(&target, max, stats.clone()));
+        let pending = config.max_pending_requests.map(|max| crate::breaker::Gate::max_pending(&target, max, stats.clone()));
         let state = Arc::new(State {
             trip,
             breaker,
@@ -281,7 +282,7 @@ impl<B: RequestBody, C: Connect> Balancer<B, C> {
             assignment: Mutex::default(),
             discovery: std::sync::OnceLock::new(),
             metrics: std::sync::OnceLock::new(),
-            pending: std::sync::atomic::AtomicU32::new(0),
+            pending,
         });
         let weak = Arc::downgrade(&state);
         let republish = state.republish.clone();
@@ -483,8 +484,8 @@ struct State<B, C> {
     breaker: Option<Arc<crate::breaker::Gate<crate::breaker::MaxRequests>>>,
     /// Per-attempt metrics, when the channel records them ([`Balancer::with_metrics`]).
     metrics: std::sync::OnceLock<crate::telemetry::AttemptMetrics>,
-    /// Calls waiting for a ready endpoint now (for `config.max_pending_requests`).
-    pending: std::sync::atomic::AtomicU32,
+    /// The cluster's `max_pending_requests` ([`BalancerConfig::max_pending_requests`]).
+    pending: Option<Arc<crate::breaker::Gate<crate::breaker::MaxPending>>>,
 }
 
 /// The detector's next event; never, without one.
