@@ -27,6 +27,7 @@ pub mod logging;
 pub mod model;
 pub mod outlier;
 pub mod policy;
+pub mod text;
 
 pub use error::{Error, Result};
 pub use grpc::GrpcCode;

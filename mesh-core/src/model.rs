@@ -227,9 +227,9 @@ impl StringMatch {
         match (self, value) {
             (Self::Present(want), v) => v.is_some() == *want,
             (_, None) => false,
-            (Self::Exact(s), Some(v)) => v == s,
-            (Self::Prefix(s), Some(v)) => v.starts_with(s.as_str()),
-            (Self::Suffix(s), Some(v)) => v.ends_with(s.as_str()),
+            (Self::Exact(s), Some(v)) => crate::text::eq(v, s),
+            (Self::Prefix(s), Some(v)) => crate::text::starts_with(v, s),
+            (Self::Suffix(s), Some(v)) => crate::text::ends_with(v, s),
             (Self::Contains(s), Some(v)) => v.contains(s.as_str()),
             (Self::Regex(r), Some(v)) => r.is_full_match(v),
             (Self::Range { start, end }, Some(v)) => v.parse::<i64>().is_ok_and(|n| (*start..*end).contains(&n)),
@@ -283,9 +283,9 @@ impl RouteMatch {
     /// a header up by lower-case name.
     pub fn matches<'a>(&self, path: &str, header: impl Fn(&str) -> Option<&'a str>) -> bool {
         let path_ok = match &self.path {
-            PathMatch::Prefix(p) if self.case_sensitive => path.starts_with(p.as_str()),
+            PathMatch::Prefix(p) if self.case_sensitive => crate::text::starts_with(path, p),
             PathMatch::Prefix(p) => path.len() >= p.len() && path.is_char_boundary(p.len()) && path[..p.len()].eq_ignore_ascii_case(p),
-            PathMatch::Exact(p) if self.case_sensitive => path == p,
+            PathMatch::Exact(p) if self.case_sensitive => crate::text::eq(path, p),
             PathMatch::Exact(p) => path.eq_ignore_ascii_case(p),
             PathMatch::Regex(r) => r.is_full_match(path),
         };

@@ -73,7 +73,11 @@ impl Owned {
     }
 
     fn is(&self, key: &Key<'_>) -> bool {
-        self.owner == key.owner && self.code == key.code && self.peer == key.peer && *self.path == *key.path && *self.route == *key.route
+        self.owner == key.owner
+            && self.code == key.code
+            && self.peer == key.peer
+            && mesh_core::text::eq(&self.path, key.path)
+            && mesh_core::text::eq(&self.route, key.route)
     }
 }
 
