@@ -38,6 +38,6 @@ mod tests {
                 assert_eq!(ends_with(a, b), a.ends_with(b), "ends_with({a:?}, {b:?})");
             }
         }
-        assert!(eq(&String::new(), &Box::<str>::from("")));
+        assert!(eq(String::new().as_str(), &Box::<str>::from("")));
     }
 }
